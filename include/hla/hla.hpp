@@ -4,5 +4,6 @@
 #include "hla/dtype.hpp"
 #include "hla/error.hpp"
 #include "hla/linear.hpp"
+#include "hla/softmax.hpp"
 #include "hla/tensor.hpp"
 #include "hla/threading.hpp"

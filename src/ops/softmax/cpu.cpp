@@ -1,0 +1,559 @@
+// hla — the softmax family on the CPU: FlashAttention's tiling with an online softmax in fp32.
+//
+// A task is one (sequence, query head, tile of BM queries); it walks the visible keys in blocks of BN,
+// keeping the running row max m, the running sum l and the unnormalised output in fp32, so memory
+// stays O(BM·D) per task whatever the sequence length. Inner loops run over a contiguous dimension
+// (keys of a transposed K block, or channels) so the compiler vectorizes them without -ffast-math.
+//
+// The backward recomputes the probabilities from the forward's log-sum-exp in two passes: one per key
+// tile (dK, dV and the forget-gate column sums, no write conflicts) and one per query tile (dQ).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "core/checks.hpp"
+#include "hla/threading.hpp"
+#include "ops/softmax/problem.hpp"
+
+namespace hla::softmax::cpu {
+
+namespace {
+
+// 64 × 64 tiles: S, P and the K/V blocks fit in L2 (4 × 64 × 256 × 4 B = 256 KiB at D = 256) and a task
+// is large enough to amortise its scheduling.
+constexpr int64_t BM = 64;
+constexpr int64_t BN = 64;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+void load_row(const void* base, DType dtype, int64_t offset, int64_t n, float* dst) {
+    switch (dtype) {
+        case DType::F32: {
+            const float* s = static_cast<const float*>(base) + offset;
+            for (int64_t i = 0; i < n; ++i) dst[i] = s[i];
+            break;
+        }
+        case DType::BF16: {
+            const bf16* s = static_cast<const bf16*>(base) + offset;
+            for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+            break;
+        }
+        default:
+            for (int64_t i = 0; i < n; ++i) dst[i] = float(load_as_double(base, dtype, offset + i));
+    }
+}
+
+void store_row(void* base, DType dtype, int64_t offset, int64_t n, const float* src) {
+    switch (dtype) {
+        case DType::F32: {
+            float* d = static_cast<float*>(base) + offset;
+            for (int64_t i = 0; i < n; ++i) d[i] = src[i];
+            break;
+        }
+        case DType::BF16: {
+            bf16* d = static_cast<bf16*>(base) + offset;
+            for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+            break;
+        }
+        default:
+            for (int64_t i = 0; i < n; ++i) store_from_double(base, dtype, offset + i, double(src[i]));
+    }
+}
+
+inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// Where a (sequence, query head)'s rows live. Forward and decode differ only in how key j is found.
+struct KeySource {
+    const TensorView* k;
+    const TensorView* v;
+    const TensorView* g;  // per key position, query-head indexed (may be undefined)
+    int64_t kvh, h;
+    // Forward: keys of (batch, start + j). Decode: cache rows through `cache_row`.
+    int64_t batch = 0, start = 0;
+    const DecodeProblem* dp = nullptr;
+    int64_t n = 0, slot = 0;
+    const int64_t* slot_of = nullptr;
+
+    // (batch-or-slot, row) of key j.
+    void locate(int64_t j, int64_t& b, int64_t& row) const {
+        if (!dp) {
+            b = batch;
+            row = start + j;
+        } else if (dp->paged()) {
+            const TensorView& bt = dp->args.block_table;
+            b = bt.ptr<int32_t>()[n * bt.stride[0] + (j / dp->page_size) * bt.stride[1]];
+            row = j % dp->page_size;
+        } else {
+            b = slot;
+            row = j;
+        }
+    }
+    int64_t k_off(int64_t j) const {
+        int64_t b, r;
+        locate(j, b, r);
+        return token_offset(*k, b, r, kvh);
+    }
+    int64_t v_off(int64_t j) const {
+        int64_t b, r;
+        locate(j, b, r);
+        return token_offset(*v, b, r, kvh);
+    }
+    double gate_log(int64_t j) const {
+        int64_t b, r;
+        locate(j, b, r);
+        return load_as_double(g->data, g->dtype, token_offset(*g, b, r, h));
+    }
+};
+
+// R_j = Σ_{s=j+1..anchor} g_s for j in [lo, anchor], so bias_ij = R_j − R_i for lo ≤ j ≤ i ≤ anchor.
+// Kept in fp64 so the difference is as accurate as the bias itself however far the anchor is.
+void anchored_gate_sums(const KeySource& src, int64_t lo, int64_t anchor, std::vector<double>& R) {
+    R.assign(size_t(anchor - lo + 1), 0.0);
+    double acc = 0;
+    for (int64_t j = anchor; j >= lo; --j) {
+        R[size_t(j - lo)] = acc;
+        acc += src.gate_log(j);
+    }
+}
+
+// Per-task scratch, allocated once per task.
+struct Scratch {
+    std::vector<float> q, kt, vb, s, acc, m, l;
+    std::vector<double> R;
+    explicit Scratch(int64_t D)
+        : q(size_t(BM * D)), kt(size_t(D * BN)), vb(size_t(BN * D)), s(size_t(BM * BN)), acc(size_t(BM * D)),
+          m(size_t(BM)), l(size_t(BM)) {}
+};
+
+// Loads BN keys [j0, j0 + nb) transposed (kt[d][c]) and the values row-major (vb[c][d]).
+void load_kv_block(const KeySource& src, int64_t j0, int64_t nb, int64_t D, Scratch& w, std::vector<float>& row) {
+    for (int64_t c = 0; c < nb; ++c) {
+        load_row(src.k->data, src.k->dtype, src.k_off(j0 + c), D, row.data());
+        for (int64_t d = 0; d < D; ++d) w.kt[size_t(d * BN + c)] = row[size_t(d)];
+        load_row(src.v->data, src.v->dtype, src.v_off(j0 + c), D, &w.vb[size_t(c * D)]);
+    }
+}
+
+// Attention of `mq` query rows (already in w.q, scaled by `scale`) at positions pos0 … pos0 + mq − 1
+// over `keys` keys. Leaves the normalised (ungated) output in w.acc and the log-sum-exp in lse_out.
+void attend_tile(const KeySource& src, int64_t keys, int64_t pos0, int64_t mq, int64_t D, bool causal,
+                 int64_t window, Scratch& w, float* lse_out) {
+    int64_t lo_first, hi_first, lo_last, hi_last;
+    visible_keys(causal, window, pos0, keys, lo_first, hi_first);
+    visible_keys(causal, window, pos0 + mq - 1, keys, lo_last, hi_last);
+    const int64_t lo = lo_first, hi = hi_last;
+    std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+    std::fill(w.m.begin(), w.m.end(), -kInf);
+    std::fill(w.l.begin(), w.l.end(), 0.0f);
+    const bool has_g = src.g && src.g->defined();
+    const int64_t anchor = pos0 + mq - 1;
+    if (has_g && hi > lo) anchored_gate_sums(src, lo, anchor, w.R);
+    std::vector<float> row(static_cast<size_t>(D));
+    for (int64_t j0 = lo; j0 < hi; j0 += BN) {
+        const int64_t nb = std::min(BN, hi - j0);
+        load_kv_block(src, j0, nb, D, w, row);
+        for (int64_t r = 0; r < mq; ++r) {
+            float* s = &w.s[size_t(r * BN)];
+            std::fill(s, s + BN, 0.0f);
+            const float* q = &w.q[size_t(r * D)];
+            for (int64_t d = 0; d < D; ++d) {
+                const float qd = q[d];
+                const float* kt = &w.kt[size_t(d * BN)];
+                for (int64_t c = 0; c < BN; ++c) s[c] += qd * kt[c];
+            }
+            const int64_t pos = pos0 + r;
+            int64_t rlo, rhi;
+            visible_keys(causal, window, pos, keys, rlo, rhi);
+            if (has_g) {
+                const double Ri = w.R[size_t(pos - lo)];
+                for (int64_t c = 0; c < nb; ++c) s[c] += float(w.R[size_t(j0 + c - lo)] - Ri);
+            }
+            float mx = -kInf;
+            for (int64_t c = 0; c < BN; ++c) {
+                const int64_t j = j0 + c;
+                if (c >= nb || j < rlo || j >= rhi) s[c] = -kInf;
+                mx = std::max(mx, s[c]);
+            }
+            const float m_new = std::max(w.m[size_t(r)], mx);
+            if (m_new == -kInf) continue;  // nothing visible yet: guards −inf − (−inf)
+            const float alpha = std::exp(w.m[size_t(r)] - m_new);
+            float sum = 0;
+            for (int64_t c = 0; c < BN; ++c) {
+                s[c] = std::exp(s[c] - m_new);
+                sum += s[c];
+            }
+            w.l[size_t(r)] = w.l[size_t(r)] * alpha + sum;
+            w.m[size_t(r)] = m_new;
+            float* acc = &w.acc[size_t(r * D)];
+            for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+            for (int64_t c = 0; c < nb; ++c) {
+                const float pc = s[c];
+                const float* vr = &w.vb[size_t(c * D)];
+                for (int64_t d = 0; d < D; ++d) acc[d] += pc * vr[d];
+            }
+        }
+    }
+    for (int64_t r = 0; r < mq; ++r) {
+        const float l = w.l[size_t(r)];
+        const float inv = l > 0 ? 1.0f / l : 0.0f;  // a row that sees no key writes o = 0
+        float* acc = &w.acc[size_t(r * D)];
+        for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
+        lse_out[r] = l > 0 ? w.m[size_t(r)] + std::log(l) : -kInf;
+    }
+}
+
+// Applies the output gate to w.acc rows and stores them.
+void store_output(const TensorView& o, const TensorView& gate, int64_t ob, int64_t ot0, int64_t gb, int64_t gt0,
+                  int64_t h, int64_t mq, int64_t D, Scratch& w) {
+    std::vector<float> z(static_cast<size_t>(D));
+    for (int64_t r = 0; r < mq; ++r) {
+        float* acc = &w.acc[size_t(r * D)];
+        if (gate.defined()) {
+            load_row(gate.data, gate.dtype, token_offset(gate, gb, gt0 + r, h), D, z.data());
+            for (int64_t d = 0; d < D; ++d) acc[d] *= sigmoidf(z[size_t(d)]);
+        }
+        store_row(o.data, o.dtype, token_offset(o, ob, ot0 + r, h), D, acc);
+    }
+}
+
+float* lse_ptr(const TensorView& lse, int64_t b, int64_t h, int64_t t) {
+    return lse.ptr<float>() + b * lse.stride[0] + h * lse.stride[1] + t * lse.stride[2];
+}
+
+// Tasks of a forward problem: (sequence, head, query tile).
+struct TileTask {
+    int64_t seq, h, t0;
+};
+
+std::vector<TileTask> query_tiles(const Problem& p, int64_t tile) {
+    std::vector<TileTask> tasks;
+    for (int64_t s = 0; s < p.N(); ++s)
+        for (int64_t h = 0; h < p.HQ; ++h)
+            for (int64_t t0 = 0; t0 < p.seqs[size_t(s)].len; t0 += tile) tasks.push_back({s, h, t0});
+    // Longest tasks first (late causal tiles see the most keys) so the dynamic schedule balances.
+    std::stable_sort(tasks.begin(), tasks.end(), [](const TileTask& a, const TileTask& b) { return a.t0 > b.t0; });
+    return tasks;
+}
+
+}  // namespace
+
+void forward(const Problem& p) {
+    const SoftmaxForwardArgs& a = p.args;
+    const std::vector<TileTask> tasks = query_tiles(p, BM);
+    parallel_for(int64_t(tasks.size()), [&](int64_t i) {
+        const TileTask& tk = tasks[size_t(i)];
+        const Sequence& sq = p.seqs[size_t(tk.seq)];
+        const int64_t mq = std::min(BM, sq.len - tk.t0);
+        Scratch w(p.D);
+        KeySource src{&a.k, &a.v, &a.g, tk.h / p.G, tk.h};
+        src.batch = sq.batch;
+        src.start = sq.start;
+        for (int64_t r = 0; r < mq; ++r) {
+            float* q = &w.q[size_t(r * p.D)];
+            load_row(a.q.data, a.q.dtype, token_offset(a.q, sq.batch, sq.start + tk.t0 + r, tk.h), p.D, q);
+            for (int64_t d = 0; d < p.D; ++d) q[d] *= float(p.scale);
+        }
+        float lse[BM];
+        attend_tile(src, sq.len, tk.t0, mq, p.D, p.cfg.causal, p.window, w, lse);
+        store_output(a.o, a.gate, sq.batch, sq.start + tk.t0, sq.batch, sq.start + tk.t0, tk.h, mq, p.D, w);
+        if (a.lse.defined())
+            for (int64_t r = 0; r < mq; ++r) *lse_ptr(a.lse, sq.batch, tk.h, sq.start + tk.t0 + r) = lse[r];
+    });
+}
+
+void decode(const DecodeProblem& p) {
+    const SoftmaxKVCacheArgs& a = p.args;
+    const std::vector<int64_t> lens = a.cache_seqlens.defined() ? detail::read_indices(a.cache_seqlens)
+                                                                : std::vector<int64_t>(size_t(p.N), p.capacity);
+    const std::vector<int64_t> slot_of =
+        a.cache_batch_idx.defined() ? detail::read_indices(a.cache_batch_idx) : std::vector<int64_t>();
+    auto source = [&](int64_t n, int64_t h, const TensorView* k, const TensorView* v) {
+        KeySource src{k, v, &a.g_cache, h / p.G, h};
+        src.dp = &p;
+        src.n = n;
+        src.slot = slot_of.empty() ? n : slot_of[size_t(n)];
+        return src;
+    };
+    // 1. Append the new tokens (and their gates) to the cache.
+    if (p.append) {
+        for (int64_t n = 0; n < p.N; ++n)
+            for (int64_t t = 0; t < p.TQ; ++t) {
+                const int64_t j = lens[size_t(n)] + t;
+                for (int64_t kvh = 0; kvh < p.HKV; ++kvh) {
+                    const KeySource s = source(n, kvh * p.G, &a.k_cache, &a.v_cache);
+                    std::vector<float> row(size_t(p.D));
+                    load_row(a.k.data, a.k.dtype, token_offset(a.k, n, t, kvh), p.D, row.data());
+                    store_row(a.k_cache.data, a.k_cache.dtype, s.k_off(j), p.D, row.data());
+                    load_row(a.v.data, a.v.dtype, token_offset(a.v, n, t, kvh), p.D, row.data());
+                    store_row(a.v_cache.data, a.v_cache.dtype, s.v_off(j), p.D, row.data());
+                }
+                if (a.g_cache.defined()) {
+                    int64_t b, r;
+                    source(n, 0, &a.k_cache, &a.v_cache).locate(j, b, r);
+                    for (int64_t h = 0; h < p.HQ; ++h)
+                        a.g_cache.ptr<float>()[token_offset(a.g_cache, b, r, h)] =
+                            float(load_as_double(a.g.data, a.g.dtype, token_offset(a.g, n, t, h)));
+                }
+            }
+    }
+    // 2. Attend: one task per (sequence, head, query tile).
+    struct Task {
+        int64_t n, h, t0;
+    };
+    std::vector<Task> tasks;
+    for (int64_t n = 0; n < p.N; ++n)
+        for (int64_t h = 0; h < p.HQ; ++h)
+            for (int64_t t0 = 0; t0 < p.TQ; t0 += BM) tasks.push_back({n, h, t0});
+    parallel_for(int64_t(tasks.size()), [&](int64_t i) {
+        const Task& tk = tasks[size_t(i)];
+        const int64_t Lk = lens[size_t(tk.n)] + (p.append ? p.TQ : 0);
+        const int64_t mq = std::min(BM, p.TQ - tk.t0);
+        Scratch w(p.D);
+        const KeySource src = source(tk.n, tk.h, &a.k_cache, &a.v_cache);
+        for (int64_t r = 0; r < mq; ++r) {
+            float* q = &w.q[size_t(r * p.D)];
+            load_row(a.q.data, a.q.dtype, token_offset(a.q, tk.n, tk.t0 + r, tk.h), p.D, q);
+            for (int64_t d = 0; d < p.D; ++d) q[d] *= float(p.scale);
+        }
+        float lse[BM];
+        attend_tile(src, Lk, Lk - p.TQ + tk.t0, mq, p.D, p.cfg.causal, p.window, w, lse);
+        store_output(a.o, a.gate, tk.n, tk.t0, tk.n, tk.t0, tk.h, mq, p.D, w);
+        if (a.lse.defined())
+            for (int64_t r = 0; r < mq; ++r) *lse_ptr(a.lse, tk.n, tk.h, tk.t0 + r) = lse[r];
+    });
+}
+
+// ---- backward -------------------------------------------------------------------------------------
+
+namespace {
+
+// Per-row quantities of the backward, precomputed once: dA = dO ⊙ σ(z) (the gradient of the ungated
+// output, fp32, [B, T, HQ, D] compact), delta = Σ_d dO ⊙ o (= Σ_d dA ⊙ a), and the lse.
+struct RowTerms {
+    int64_t T, HQ, D;
+    std::vector<float> dA, delta;
+    float* dA_row(int64_t b, int64_t t, int64_t h) { return &dA[size_t(((b * T + t) * HQ + h) * D)]; }
+    float& delta_at(int64_t b, int64_t t, int64_t h) { return delta[size_t((b * T + t) * HQ + h)]; }
+};
+
+// Recomputes one (query tile × key block) of the probabilities P = exp(S − lse) and
+// dS = P ⊙ (dP − delta), with dP = dA Vᵀ. Rows are queries [t0, t0 + mq), columns keys [j0, j0 + nb).
+struct BwdTile {
+    std::vector<float> q, dA, kt, vt, kb, p, ds, lse, delta;
+    explicit BwdTile(int64_t D)
+        : q(size_t(BM * D)), dA(size_t(BM * D)), kt(size_t(D * BN)), vt(size_t(D * BN)), kb(size_t(BN * D)),
+          p(size_t(BM * BN)), ds(size_t(BM * BN)), lse(size_t(BM)), delta(size_t(BM)) {}
+};
+
+void load_query_side(const Problem& p, RowTerms& rt, const Sequence& sq, int64_t h, int64_t t0, int64_t mq,
+                     BwdTile& w) {
+    const SoftmaxForwardArgs& a = p.args;
+    for (int64_t r = 0; r < mq; ++r) {
+        const int64_t tok = sq.start + t0 + r;
+        load_row(a.q.data, a.q.dtype, token_offset(a.q, sq.batch, tok, h), p.D, &w.q[size_t(r * p.D)]);
+        std::copy_n(rt.dA_row(sq.batch, tok, h), p.D, &w.dA[size_t(r * p.D)]);
+        w.lse[size_t(r)] = *lse_ptr(a.lse, sq.batch, h, tok);
+        w.delta[size_t(r)] = rt.delta_at(sq.batch, tok, h);
+    }
+}
+
+void load_key_side(const Problem& p, const Sequence& sq, int64_t kvh, int64_t j0, int64_t nb, BwdTile& w) {
+    const SoftmaxForwardArgs& a = p.args;
+    std::vector<float> row(size_t(p.D));
+    for (int64_t c = 0; c < nb; ++c) {
+        const int64_t tok = sq.start + j0 + c;
+        load_row(a.k.data, a.k.dtype, token_offset(a.k, sq.batch, tok, kvh), p.D, &w.kb[size_t(c * p.D)]);
+        for (int64_t d = 0; d < p.D; ++d) w.kt[size_t(d * BN + c)] = w.kb[size_t(c * p.D + d)];
+        load_row(a.v.data, a.v.dtype, token_offset(a.v, sq.batch, tok, kvh), p.D, row.data());
+        for (int64_t d = 0; d < p.D; ++d) w.vt[size_t(d * BN + c)] = row[size_t(d)];
+    }
+}
+
+// Fills w.p and w.ds for the tile. R (anchored gate sums over [Rlo, …]) gives the bias when g is set.
+void probabilities_and_ds(const Problem& p, int64_t t0, int64_t mq, int64_t j0, int64_t nb, const double* R,
+                          int64_t Rlo, BwdTile& w) {
+    const float scale = float(p.scale);
+    for (int64_t r = 0; r < mq; ++r) {
+        float* pr = &w.p[size_t(r * BN)];
+        float* dp = &w.ds[size_t(r * BN)];
+        std::fill(pr, pr + BN, 0.0f);
+        std::fill(dp, dp + BN, 0.0f);
+        const float* q = &w.q[size_t(r * p.D)];
+        const float* da = &w.dA[size_t(r * p.D)];
+        for (int64_t d = 0; d < p.D; ++d) {
+            const float qd = q[d] * scale, dad = da[d];
+            const float* kt = &w.kt[size_t(d * BN)];
+            const float* vt = &w.vt[size_t(d * BN)];
+            for (int64_t c = 0; c < BN; ++c) {
+                pr[c] += qd * kt[c];
+                dp[c] += dad * vt[c];
+            }
+        }
+        const int64_t pos = t0 + r;
+        int64_t rlo, rhi;
+        visible_keys(p.cfg.causal, p.window, pos, INT64_MAX, rlo, rhi);
+        const float lse = w.lse[size_t(r)];
+        const float delta = w.delta[size_t(r)];
+        const double Ri = R ? R[pos - Rlo] : 0.0;
+        for (int64_t c = 0; c < BN; ++c) {
+            const int64_t j = j0 + c;
+            float pc = 0;
+            if (c < nb && j >= rlo && j < rhi && lse != -kInf) {
+                const float bias = R ? float(R[j - Rlo] - Ri) : 0.0f;
+                pc = std::exp(pr[c] + bias - lse);
+            }
+            pr[c] = pc;
+            dp[c] = pc * (dp[c] - delta);
+        }
+    }
+}
+
+}  // namespace
+
+void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
+    const SoftmaxForwardArgs& a = p.args;
+    const int64_t D = p.D;
+    RowTerms rt{p.T, p.HQ, D, std::vector<float>(size_t(p.B * p.T * p.HQ * D), 0.0f),
+                std::vector<float>(size_t(p.B * p.T * p.HQ), 0.0f)};
+    // Row terms and the output-gate gradient dz = dO ⊙ o ⊙ (1 − σ(z)) (o is the gated output).
+    parallel_for(p.B * p.T, [&](int64_t bt) {
+        const int64_t b = bt / p.T, t = bt % p.T;
+        std::vector<float> o(static_cast<size_t>(D)), z(static_cast<size_t>(D)), dz(static_cast<size_t>(D));
+        for (int64_t h = 0; h < p.HQ; ++h) {
+            float* da = rt.dA_row(b, t, h);
+            load_row(d_o.data, d_o.dtype, token_offset(d_o, b, t, h), D, da);
+            load_row(a.o.data, a.o.dtype, token_offset(a.o, b, t, h), D, o.data());
+            float delta = 0;
+            for (int64_t d = 0; d < D; ++d) delta += da[d] * o[size_t(d)];
+            rt.delta_at(b, t, h) = delta;
+            if (a.gate.defined()) {
+                load_row(a.gate.data, a.gate.dtype, token_offset(a.gate, b, t, h), D, z.data());
+                for (int64_t d = 0; d < D; ++d) {
+                    const float sg = sigmoidf(z[size_t(d)]);
+                    dz[size_t(d)] = da[d] * o[size_t(d)] * (1 - sg);
+                    da[d] *= sg;
+                }
+                if (g.dgate.defined()) store_row(g.dgate.data, g.dgate.dtype, token_offset(g.dgate, b, t, h), D, dz.data());
+            }
+        }
+    });
+
+    // Pass 1, per (sequence, kv head, key tile): dK, dV and, per query head, the column sums of dS.
+    // With C_t = Σ_{s≤t} g_s, bias_ij = C_i − C_j, so dC_t = Σ_j dS_tj − Σ_i dS_it and dg_s = Σ_{t≥s} dC_t.
+    // The row sums vanish in exact arithmetic but are kept: they cancel the rounding of delta (computed
+    // from the stored o), which would otherwise accumulate along the suffix sum.
+    std::vector<float> colsum(g.dg.defined() ? size_t(p.B * p.T * p.HQ) : 0, 0.0f);
+    std::vector<float> rowsum(colsum.size(), 0.0f);
+    if (g.dk.defined() || g.dv.defined() || g.dg.defined()) {
+        std::vector<TileTask> tasks;
+        for (int64_t s = 0; s < p.N(); ++s)
+            for (int64_t kvh = 0; kvh < p.HKV; ++kvh)
+                for (int64_t j0 = 0; j0 < p.seqs[size_t(s)].len; j0 += BN) tasks.push_back({s, kvh, j0});
+        parallel_for(int64_t(tasks.size()), [&](int64_t ti) {
+            const TileTask& tk = tasks[size_t(ti)];
+            const Sequence& sq = p.seqs[size_t(tk.seq)];
+            const int64_t kvh = tk.h, j0 = tk.t0, nb = std::min(BN, sq.len - j0);
+            BwdTile w(D);
+            load_key_side(p, sq, kvh, j0, nb, w);
+            std::vector<float> dk(size_t(BN * D), 0.0f), dv(size_t(BN * D), 0.0f);
+            // Queries that can see a key of this tile: [j0, j0 + nb − 1 + window − 1] (causal), or all.
+            const int64_t q_lo = p.cfg.causal ? j0 : 0;
+            const int64_t q_hi = p.window > 0 ? std::min(sq.len, j0 + nb - 1 + p.window) : sq.len;
+            for (int64_t h = kvh * p.G; h < (kvh + 1) * p.G; ++h) {
+                std::vector<double> R;
+                KeySource src{&a.k, &a.v, &a.g, kvh, h};
+                src.batch = sq.batch;
+                src.start = sq.start;
+                const int64_t r_lo = std::min(q_lo, j0);
+                if (a.g.defined() && q_hi > q_lo) anchored_gate_sums(src, r_lo, q_hi - 1, R);
+                std::vector<float> cs(size_t(BN), 0.0f);
+                for (int64_t t0 = q_lo; t0 < q_hi; t0 += BM) {
+                    const int64_t mq = std::min(BM, q_hi - t0);
+                    load_query_side(p, rt, sq, h, t0, mq, w);
+                    probabilities_and_ds(p, t0, mq, j0, nb, a.g.defined() ? R.data() : nullptr, r_lo, w);
+                    for (int64_t r = 0; r < mq; ++r) {
+                        const float* pr = &w.p[size_t(r * BN)];
+                        const float* ds = &w.ds[size_t(r * BN)];
+                        const float* da = &w.dA[size_t(r * D)];
+                        const float* q = &w.q[size_t(r * D)];
+                        for (int64_t c = 0; c < nb; ++c) {
+                            const float pc = pr[c], dsc = ds[c] * float(p.scale);
+                            float* dvr = &dv[size_t(c * D)];
+                            float* dkr = &dk[size_t(c * D)];
+                            for (int64_t d = 0; d < D; ++d) {
+                                dvr[d] += pc * da[d];
+                                dkr[d] += dsc * q[d];
+                            }
+                            cs[size_t(c)] += ds[c];
+                        }
+                    }
+                }
+                if (g.dg.defined())
+                    for (int64_t c = 0; c < nb; ++c)
+                        colsum[size_t((sq.batch * p.T + sq.start + j0 + c) * p.HQ + h)] = cs[size_t(c)];
+            }
+            for (int64_t c = 0; c < nb; ++c) {
+                const int64_t tok = sq.start + j0 + c;
+                if (g.dk.defined()) store_row(g.dk.data, g.dk.dtype, token_offset(g.dk, sq.batch, tok, kvh), D, &dk[size_t(c * D)]);
+                if (g.dv.defined()) store_row(g.dv.data, g.dv.dtype, token_offset(g.dv, sq.batch, tok, kvh), D, &dv[size_t(c * D)]);
+            }
+        });
+    }
+
+    // Pass 2, per (sequence, query head, query tile): dQ = scale · dS K, and the row sums of dS.
+    if (g.dq.defined() || g.dg.defined()) {
+        const std::vector<TileTask> tasks = query_tiles(p, BM);
+        parallel_for(int64_t(tasks.size()), [&](int64_t ti) {
+            const TileTask& tk = tasks[size_t(ti)];
+            const Sequence& sq = p.seqs[size_t(tk.seq)];
+            const int64_t h = tk.h, kvh = h / p.G, t0 = tk.t0, mq = std::min(BM, sq.len - t0);
+            BwdTile w(D);
+            load_query_side(p, rt, sq, h, t0, mq, w);
+            int64_t lo, hi_first, lo_last, hi;
+            visible_keys(p.cfg.causal, p.window, t0, sq.len, lo, hi_first);
+            visible_keys(p.cfg.causal, p.window, t0 + mq - 1, sq.len, lo_last, hi);
+            std::vector<double> R;
+            KeySource src{&a.k, &a.v, &a.g, kvh, h};
+            src.batch = sq.batch;
+            src.start = sq.start;
+            if (a.g.defined() && hi > lo) anchored_gate_sums(src, lo, t0 + mq - 1, R);
+            std::vector<float> dq(size_t(BM * D), 0.0f);
+            std::vector<double> rs(size_t(BM), 0.0);
+            for (int64_t j0 = lo; j0 < hi; j0 += BN) {
+                const int64_t nb = std::min(BN, hi - j0);
+                load_key_side(p, sq, kvh, j0, nb, w);
+                probabilities_and_ds(p, t0, mq, j0, nb, a.g.defined() ? R.data() : nullptr, lo, w);
+                for (int64_t r = 0; r < mq; ++r) {
+                    float* dqr = &dq[size_t(r * D)];
+                    for (int64_t c = 0; c < nb; ++c) {
+                        const float dsc = w.ds[size_t(r * BN + c)] * float(p.scale);
+                        const float* kr = &w.kb[size_t(c * D)];
+                        for (int64_t d = 0; d < D; ++d) dqr[d] += dsc * kr[d];
+                        rs[size_t(r)] += w.ds[size_t(r * BN + c)];
+                    }
+                }
+            }
+            for (int64_t r = 0; r < mq; ++r) {
+                const int64_t tok = sq.start + t0 + r;
+                if (g.dq.defined()) store_row(g.dq.data, g.dq.dtype, token_offset(g.dq, sq.batch, tok, h), D, &dq[size_t(r * D)]);
+                if (g.dg.defined()) rowsum[size_t((sq.batch * p.T + tok) * p.HQ + h)] = float(rs[size_t(r)]);
+            }
+        });
+    }
+
+    // dg_s = Σ_{t ≥ s} (rowsum_t − colsum_t) within each sequence.
+    if (g.dg.defined()) {
+        parallel_for(p.N() * p.HQ, [&](int64_t i) {
+            const Sequence& sq = p.seqs[size_t(i / p.HQ)];
+            const int64_t h = i % p.HQ;
+            double acc = 0;
+            for (int64_t t = sq.len - 1; t >= 0; --t) {
+                const int64_t tok = sq.start + t;
+                const size_t at = size_t((sq.batch * p.T + tok) * p.HQ + h);
+                acc += double(rowsum[at]) - double(colsum[at]);
+                g.dg.ptr<float>()[token_offset(g.dg, sq.batch, tok, h)] = float(acc);
+            }
+        });
+    }
+}
+
+}  // namespace hla::softmax::cpu
