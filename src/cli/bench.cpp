@@ -1,0 +1,777 @@
+// hla bench — for each shape, op, dtype, backend and pass: the error against the fp64 reference
+// (on the first few heads, see BenchShape) and the median wall time of the full problem.
+#include "cli/bench.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cli/bench_inputs.hpp"
+#include "cli/fma_peak.hpp"
+#include "cli/token_loop.hpp"
+
+namespace hla::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+double seconds_between(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+// ---- work model ----------------------------------------------------------------------------------
+//
+// Flops of the chunked forward, counted per value head and chunk of C = 64 tokens (c tokens in a
+// last partial chunk), multiply-add = 2 flops, causal products counted as half:
+//   additive  2cKV (Q S0)  + c²K (Q Kᵀ, lower half)  + c²V (P V, lower half)  + 2cKV (state: Kᵀ V)
+//   delta     adds 2cKV (K S0)  + c²K (A = strictly lower K Kᵀ)  + c²V (triangular solve for Ũ)
+// Gate exponentials and the β/decay scalings are elementwise and not counted. This is the
+// algorithm's own work, not the token loop's (which does ~4–7 KV per token regardless of chunking).
+// Forward + backward: 3× the forward, the usual convention (the backward costs about two forwards
+// of matrix products); it is a convention, stated as such in bench/README.md.
+// Decode (T = 1), per value head: additive 2KV (k vᵀ) + 2KV (Sᵀ q); delta adds 2KV (Sᵀ k); a decay
+// adds KV. Decode is bound by the state's memory traffic (8KV bytes per head), reported as GB/s.
+constexpr int64_t kChunk = 64;
+
+double chunk_flops(const LinearConfig& cfg, double c, double K, double V) {
+    double f = 4 * c * K * V + c * c * (K + V);
+    if (cfg.update == Update::Delta) f += 2 * c * K * V + c * c * (K + V);
+    return f;
+}
+
+double forward_flops(const LinearConfig& cfg, int64_t B, int64_t T, int64_t HV, int64_t K, int64_t V) {
+    const int64_t full = T / kChunk, rest = T % kChunk;
+    const double per_head = double(full) * chunk_flops(cfg, double(kChunk), double(K), double(V)) +
+                            (rest ? chunk_flops(cfg, double(rest), double(K), double(V)) : 0.0);
+    return per_head * double(B * HV);
+}
+
+double decode_flops(const LinearConfig& cfg, int64_t N, int64_t HV, int64_t K, int64_t V) {
+    double per_head = 4.0 * double(K * V);
+    if (cfg.update == Update::Delta) per_head += 2.0 * double(K * V);
+    if (cfg.decay != Decay::None) per_head += double(K * V);
+    return per_head * double(N * HV);
+}
+
+// Bytes a forward must move at least: read every input once, write the output once.
+double input_bytes(const LinearConfig& cfg, int64_t B, int64_t T, int64_t H, int64_t HV, int64_t K, int64_t V,
+                   DType dt) {
+    const double e = double(dtype_size(dt));
+    double n = e * double(2 * B * T * H * K + B * T * HV * V);
+    if (cfg.decay == Decay::Fixed) n += 4.0 * double(HV);
+    if (cfg.decay == Decay::Scalar) n += e * double(B * T * HV);
+    if (cfg.decay == Decay::Vector) n += e * double(B * T * HV * K);
+    if (cfg.update == Update::Delta) n += e * double(B * T * HV);
+    return n;
+}
+
+// The H100's measured limits (TARGETS.md): the roofline floor a CUDA time is compared with.
+constexpr double kH100MatrixFlops = 790e12;  // bf16 dense, cuBLAS 8192³
+constexpr double kH100Bandwidth = 3.0e12;    // device-to-device copy, bytes read + written
+
+// ---- timing --------------------------------------------------------------------------------------
+
+struct TimingPlan {
+    int warmup = 1;
+    int samples = 5;
+    int calls_per_sample = 1;  // CUDA: many calls between two synchronisations
+    bool auto_stop = false;    // stop after 3 samples once 2 s are spent (default reps only)
+};
+
+struct Timing {
+    double ms = kNaN;  // median per call
+    int samples = 0;
+    int calls = 0;
+};
+
+Timing measure(const std::function<void()>& fn, bool cuda, TimingPlan plan) {
+    const auto sync = [cuda] {
+        if (cuda) cuda_synchronize();
+    };
+    // The first call pays page faults, the pool's wake-up and (CUDA) module loading.
+    Clock::time_point t0 = Clock::now();
+    for (int i = 0; i < plan.warmup; ++i) fn();
+    sync();
+    const double warm_s = seconds_between(t0, Clock::now()) / std::max(plan.warmup, 1);
+    if (cuda && plan.calls_per_sample == 0) {
+        // Enough calls per sample to make the clock's and the launch queue's edges negligible.
+        plan.calls_per_sample = int(std::clamp(2e-3 / std::max(warm_s, 1e-7), 1.0, 1000.0));
+    }
+    plan.calls_per_sample = std::max(plan.calls_per_sample, 1);
+    // A single call slower than 5 s (the fp64 reference on a full shape) is timed once.
+    if (plan.auto_stop && warm_s > 5.0) plan.samples = 1;
+    std::vector<double> samples;
+    double spent = 0;
+    for (int r = 0; r < plan.samples; ++r) {
+        t0 = Clock::now();
+        for (int i = 0; i < plan.calls_per_sample; ++i) fn();
+        sync();
+        const double s = seconds_between(t0, Clock::now());
+        samples.push_back(s / plan.calls_per_sample);
+        spent += s;
+        if (plan.auto_stop && r + 1 >= 3 && spent > 2.0) break;
+    }
+    std::sort(samples.begin(), samples.end());
+    const size_t n = samples.size();
+    Timing t;
+    t.ms = 1e3 * (n % 2 ? samples[n / 2] : 0.5 * (samples[n / 2 - 1] + samples[n / 2]));
+    t.samples = int(n);
+    t.calls = int(n) * plan.calls_per_sample;
+    return t;
+}
+
+// ---- records -------------------------------------------------------------------------------------
+
+struct Record {
+    std::string op, backend, dtype, pass;
+    int64_t B = 0, T = 0, H = 0, HV = 0, K = 0, V = 0;
+    bool has_err = false;
+    BenchShape err_shape;
+    int64_t err_steps = 0;  // decode: steps the error was accumulated over
+    ErrorStats err;
+    double ms = kNaN, flops = kNaN, gflops = kNaN, pct_peak = kNaN, floor_ms = kNaN, gbps = kNaN;
+    double loop_ms = kNaN, speedup = kNaN, loop_rel_err = kNaN;
+    int reps = 0, threads = 0;
+    double peak_gflops = kNaN;
+    std::string failure;  // set when the run threw
+};
+
+std::string err_shape_label(const Record& r) {
+    if (!r.has_err) return "-";
+    std::string s = r.err_shape.H == r.H ? "full" : "H=" + std::to_string(r.err_shape.H);
+    if (r.err_steps) s += "/" + std::to_string(r.err_steps) + "steps";
+    return s;
+}
+
+// ---- the gradients of a backward call ------------------------------------------------------------
+
+struct Grads {
+    Tensor dq, dk, dv, dg, dbeta;
+    LinearGrads views() const {
+        LinearGrads g;
+        g.dq = dq;
+        g.dk = dk;
+        g.dv = dv;
+        if (dg.defined()) g.dg = dg;
+        if (dbeta.defined()) g.dbeta = dbeta;
+        return g;
+    }
+};
+
+// dq, dk, dv in `dt`; dg, dbeta f32 (the API's contract); NaN-filled.
+Grads make_grads(const LinearConfig& cfg, const BenchShape& s, DType dt, Device dev) {
+    Grads g;
+    g.dq = Tensor({s.B, s.T, s.H, s.K}, dt, dev);
+    g.dk = Tensor({s.B, s.T, s.H, s.K}, dt, dev);
+    g.dv = Tensor({s.B, s.T, s.HV, s.V}, dt, dev);
+    switch (cfg.decay) {
+        case Decay::None: break;
+        case Decay::Fixed: g.dg = Tensor({s.HV}, DType::F32, dev); break;
+        case Decay::Scalar: g.dg = Tensor({s.B, s.T, s.HV}, DType::F32, dev); break;
+        case Decay::Vector: g.dg = Tensor({s.B, s.T, s.HV, s.K}, DType::F32, dev); break;
+    }
+    if (cfg.update == Update::Delta) g.dbeta = Tensor({s.B, s.T, s.HV}, DType::F32, dev);
+    for (const Tensor* t : {&g.dq, &g.dk, &g.dv, &g.dg, &g.dbeta})
+        if (t->defined()) poison(*t);
+    return g;
+}
+
+ErrorStats compare_grads(const Grads& out, const Grads& ref) {
+    ErrorStats e;
+    e.merge(compare(out.dq, ref.dq));
+    e.merge(compare(out.dk, ref.dk));
+    e.merge(compare(out.dv, ref.dv));
+    if (ref.dg.defined()) e.merge(compare(out.dg, ref.dg));
+    if (ref.dbeta.defined()) e.merge(compare(out.dbeta, ref.dbeta));
+    return e;
+}
+
+LinearConfig with_backend(LinearConfig cfg, Backend b) {
+    cfg.backend = b;
+    return cfg;
+}
+
+std::string cpu_model() {
+    std::ifstream f("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(f, line))
+        if (line.rfind("model name", 0) == 0) {
+            const size_t colon = line.find(':');
+            if (colon != std::string::npos) return line.substr(colon + 2);
+        }
+    return "unknown CPU";
+}
+
+// ---- the run -------------------------------------------------------------------------------------
+
+class Bench {
+public:
+    explicit Bench(const BenchOptions& o) : o_(o) {}
+
+    int run() {
+        if (o_.threads > 0) set_num_threads(o_.threads);
+        threads_ = num_threads();
+        if (o_.progress) std::fprintf(stderr, "hla bench: measuring the fp32 FMA peak on %d threads...\n", threads_);
+        peak_ = measure_fma_peak(threads_);
+        count_total();
+        run_sequence_passes();
+        run_decode();
+        if (o_.json)
+            print_json();
+        else
+            print_table();
+        for (const Record& r : records_)
+            if (!r.failure.empty() || (r.has_err && !r.err.finite)) return 1;
+        return 0;
+    }
+
+private:
+    bool wants(Pass p) const { return std::find(o_.passes.begin(), o_.passes.end(), p) != o_.passes.end(); }
+    bool has_cpu_backend() const {
+        for (Backend b : o_.backends)
+            if (b != Backend::Cuda) return true;
+        return false;
+    }
+
+    void count_total() {
+        const size_t per_shape = o_.ops.size() * o_.dtypes.size() * o_.backends.size();
+        const size_t seq_passes = size_t(wants(Pass::Fwd)) + size_t(wants(Pass::FwdBwd));
+        total_ = int(per_shape * (o_.B.size() * o_.T.size() * seq_passes + (wants(Pass::Decode) ? o_.decode_B.size() : 0)));
+    }
+
+    BenchShape full_shape(int64_t B, int64_t T) const { return {B, T, o_.H, o_.HV, o_.K, o_.V, o_.H}; }
+    BenchShape check_shape(int64_t B, int64_t T) const {
+        if (o_.check_full) return full_shape(B, T);
+        const int64_t h = std::min(o_.H, o_.check_heads);
+        return {B, T, h, h * (o_.HV / o_.H), o_.K, o_.V, o_.H};
+    }
+
+    Record start_record(const OpInfo& op, Backend b, DType dt, Pass pass, const BenchShape& s) {
+        Record r;
+        r.op = op.name;
+        r.backend = backend_name(b);
+        r.dtype = dtype_name(dt);
+        r.pass = pass_name(pass);
+        r.B = s.B;
+        r.T = s.T;
+        r.H = s.H;
+        r.HV = s.HV;
+        r.K = s.K;
+        r.V = s.V;
+        r.threads = threads_;
+        r.peak_gflops = peak_.gflops;
+        ++done_;
+        if (o_.progress) {
+            std::fprintf(stderr, "[%d/%d] %s %s %s %s B=%lld T=%lld ... ", done_, total_, r.op.c_str(), r.backend.c_str(),
+                         r.dtype.c_str(), r.pass.c_str(), (long long)s.B, (long long)s.T);
+            std::fflush(stderr);
+        }
+        return r;
+    }
+
+    void finish_record(Record r, Backend b) {
+        if (std::isfinite(r.ms) && std::isfinite(r.flops)) {
+            r.gflops = r.flops / (r.ms * 1e-3) * 1e-9;
+            if (b == Backend::Cuda)
+                r.pct_peak = 100.0 * r.floor_ms / r.ms;  // share of the H100 roofline reached
+            else
+                r.pct_peak = 100.0 * r.gflops / peak_.gflops;
+        }
+        if (std::isfinite(r.loop_ms) && std::isfinite(r.ms)) r.speedup = r.loop_ms / r.ms;
+        if (o_.progress) {
+            if (!r.failure.empty())
+                std::fprintf(stderr, "FAILED: %s\n", r.failure.c_str());
+            else
+                std::fprintf(stderr, "%.4g ms, rel_err %.2g\n", r.ms, r.err.rel);
+        }
+        records_.push_back(std::move(r));
+    }
+
+    TimingPlan sequence_plan(Backend b, const BenchShape& s) const {
+        TimingPlan p;
+        const bool cuda = b == Backend::Cuda;
+        p.warmup = cuda ? 3 : 1;
+        p.calls_per_sample = cuda ? 0 : 1;
+        if (o_.reps > 0) {
+            p.samples = o_.reps;
+        } else {
+            // 5 samples for B·T·HV = 4096·16, more for smaller problems (up to 30), so every
+            // measurement costs about the same; CUDA calls are short, so 20 samples of many calls.
+            const double work = double(s.B * s.T * s.HV) / (4096.0 * 16.0);
+            p.samples = cuda ? 20 : int(std::clamp(5.0 / std::max(work, 1e-9), 5.0, 30.0));
+            p.auto_stop = true;
+        }
+        return p;
+    }
+
+    // fwd and fwdbwd for every shape, op, dtype, backend.
+    void run_sequence_passes() {
+        const bool fwd = wants(Pass::Fwd), bwd = wants(Pass::FwdBwd);
+        if (!fwd && !bwd) return;
+        for (int64_t B : o_.B)
+            for (int64_t T : o_.T)
+                for (const OpInfo& op : o_.ops) run_sequence_op(op, full_shape(B, T), check_shape(B, T), fwd, bwd);
+    }
+
+    void run_sequence_op(const OpInfo& op, const BenchShape& full, const BenchShape& check, bool fwd, bool bwd) {
+        const LinearConfig cfg = op.config();
+        std::optional<OpInputs> full32, check32;
+        std::string input_failure;
+        try {
+            full32 = make_inputs(cfg, full, o_.seed);
+            check32 = make_inputs(cfg, check, o_.seed);
+        } catch (const std::exception& e) {
+            input_failure = e.what();
+        }
+
+        // The token-loop baseline, timed once per op and shape (fp32, whatever the dtype).
+        double loop_ms = kNaN, loop_err = kNaN;
+        std::optional<Tensor> ref_o_f32;  // the reference's fp32-input output, for the loop's check
+        if (fwd && has_cpu_backend() && input_failure.empty()) {
+            try {
+                loop_ms = time_token_loop(cfg, *full32, full);
+                Tensor o_loop({check.B, check.T, check.HV, check.V}, DType::F32);
+                poison(o_loop);
+                token_loop(loop_args(cfg, *check32, check, o_loop, nullptr));
+                ref_o_f32 = reference_forward(cfg, *check32, check);
+                loop_err = compare(o_loop, *ref_o_f32).rel;
+                if (!(loop_err < 1e-3))
+                    std::fprintf(stderr, "hla bench: warning: the token loop of %s disagrees with the reference (rel %g)\n",
+                                 op.name, loop_err);
+            } catch (const std::exception& e) {
+                std::fprintf(stderr, "hla bench: warning: token loop of %s: %s\n", op.name, e.what());
+            }
+        }
+
+        for (DType dt : o_.dtypes) {
+            std::optional<OpInputs> full_in, check_in;
+            std::optional<Tensor> ref_o, d_o_check, d_o_full;
+            std::optional<Grads> ref_grads;
+            for (Backend b : o_.backends) {
+                const bool cuda = b == Backend::Cuda;
+                const Device dev = cuda ? Device::CUDA : Device::CPU;
+                const LinearConfig bcfg = with_backend(cfg, b);
+                auto prepare = [&] {
+                    if (!input_failure.empty()) throw Error(input_failure);
+                    if (!full_in) {
+                        full_in = dt == DType::F32 ? *full32 : full32->to(dt);
+                        check_in = dt == DType::F32 ? *check32 : check32->to(dt);
+                    }
+                };
+                if (fwd) {
+                    Record r = start_record(op, b, dt, Pass::Fwd, full);
+                    try {
+                        prepare();
+                        if (!ref_o) ref_o = dt == DType::F32 && ref_o_f32 ? *ref_o_f32 : reference_forward(cfg, *check_in, check);
+                        // Error on the check shape.
+                        const OpInputs ci = cuda ? check_in->to(dev) : *check_in;
+                        Tensor o({check.B, check.T, check.HV, check.V}, dt, dev);
+                        poison(o);
+                        LinearForwardArgs a = ci.args();
+                        a.o = o;
+                        linear_forward(bcfg, a);
+                        r.err = compare(o, *ref_o);
+                        r.has_err = true;
+                        r.err_shape = check;
+                        // Speed on the full shape.
+                        const OpInputs fi = cuda ? full_in->to(dev) : *full_in;
+                        Tensor of({full.B, full.T, full.HV, full.V}, dt, dev);
+                        LinearForwardArgs af = fi.args();
+                        af.o = of;
+                        const Timing t = measure([&] { linear_forward(bcfg, af); }, cuda, sequence_plan(b, full));
+                        r.ms = t.ms;
+                        r.reps = t.samples;
+                        r.flops = forward_flops(cfg, full.B, full.T, full.HV, full.K, full.V);
+                        const double bytes = input_bytes(cfg, full.B, full.T, full.H, full.HV, full.K, full.V, dt) +
+                                             double(full.B * full.T * full.HV * full.V * int64_t(dtype_size(dt)));
+                        if (cuda) r.floor_ms = 1e3 * std::max(r.flops / kH100MatrixFlops, bytes / kH100Bandwidth);
+                        if (!cuda) {
+                            r.loop_ms = loop_ms;
+                            r.loop_rel_err = loop_err;
+                        }
+                    } catch (const std::exception& e) {
+                        r.failure = e.what();
+                    }
+                    finish_record(std::move(r), b);
+                }
+                if (bwd) {
+                    Record r = start_record(op, b, dt, Pass::FwdBwd, full);
+                    try {
+                        prepare();
+                        if (!d_o_check) {
+                            d_o_check = dt == DType::F32 ? make_output_grad(check, o_.seed) : make_output_grad(check, o_.seed).to(dt);
+                            d_o_full = dt == DType::F32 ? make_output_grad(full, o_.seed) : make_output_grad(full, o_.seed).to(dt);
+                        }
+                        if (!ref_grads) {
+                            ref_grads = make_grads(cfg, check, DType::F64, Device::CPU);
+                            linear_backward(with_backend(cfg, Backend::Reference), check_in->args(), *d_o_check, TensorView(),
+                                            ref_grads->views());
+                        }
+                        // Error of the gradients on the check shape.
+                        const OpInputs ci = cuda ? check_in->to(dev) : *check_in;
+                        const Tensor dco = cuda ? d_o_check->to(dev) : *d_o_check;
+                        const Grads g = make_grads(cfg, check, dt, dev);
+                        linear_backward(bcfg, ci.args(), dco, TensorView(), g.views());
+                        r.err = compare_grads(g, *ref_grads);
+                        r.has_err = true;
+                        r.err_shape = check;
+                        // Speed of forward + backward (a training step's share) on the full shape.
+                        const OpInputs fi = cuda ? full_in->to(dev) : *full_in;
+                        const Tensor dfo = cuda ? d_o_full->to(dev) : *d_o_full;
+                        Tensor of({full.B, full.T, full.HV, full.V}, dt, dev);
+                        const Grads gf = make_grads(cfg, full, dt, dev);
+                        LinearForwardArgs af = fi.args();
+                        af.o = of;
+                        const LinearGrads gv = gf.views();
+                        const Timing t = measure(
+                            [&] {
+                                linear_forward(bcfg, af);
+                                linear_backward(bcfg, af, dfo, TensorView(), gv);
+                            },
+                            cuda, sequence_plan(b, full));
+                        r.ms = t.ms;
+                        r.reps = t.samples;
+                        r.flops = 3.0 * forward_flops(cfg, full.B, full.T, full.HV, full.K, full.V);
+                        if (cuda) {
+                            const double in = input_bytes(cfg, full.B, full.T, full.H, full.HV, full.K, full.V, dt);
+                            const double out = double(full.B * full.T * full.HV * full.V * int64_t(dtype_size(dt)));
+                            // forward: inputs + o; backward: inputs + d_o again, gradients the size of the inputs.
+                            const double bytes = 3.0 * in + 2.0 * out;
+                            r.floor_ms = 1e3 * std::max(r.flops / kH100MatrixFlops, bytes / kH100Bandwidth);
+                        }
+                    } catch (const std::exception& e) {
+                        r.failure = e.what();
+                    }
+                    finish_record(std::move(r), b);
+                }
+            }
+        }
+    }
+
+    // The fp64 reference's output on `in` (CPU), as f64.
+    Tensor reference_forward(const LinearConfig& cfg, const OpInputs& in, const BenchShape& s) {
+        Tensor o({s.B, s.T, s.HV, s.V}, DType::F64);
+        poison(o);
+        LinearForwardArgs a = in.args();
+        a.o = o;
+        linear_forward(with_backend(cfg, Backend::Reference), a);
+        return o;
+    }
+
+    TokenLoopArgs loop_args(const LinearConfig& cfg, const OpInputs& in, const BenchShape& s, const Tensor& o,
+                            float* state) const {
+        TokenLoopArgs a;
+        a.q = in.q.ptr<float>();
+        a.k = in.k.ptr<float>();
+        a.v = in.v.ptr<float>();
+        a.g = in.g.defined() ? in.g.ptr<float>() : nullptr;
+        a.beta = in.beta.defined() ? in.beta.ptr<float>() : nullptr;
+        a.o = o.ptr<float>();
+        a.state = state;
+        a.B = s.B;
+        a.T = s.T;
+        a.H = s.H;
+        a.HV = s.HV;
+        a.K = s.K;
+        a.V = s.V;
+        a.scale = float(1.0 / std::sqrt(double(s.K)));
+        a.decay = cfg.decay;
+        a.update = cfg.update;
+        return a;
+    }
+
+    double time_token_loop(const LinearConfig& cfg, const OpInputs& in, const BenchShape& s) {
+        Tensor o({s.B, s.T, s.HV, s.V}, DType::F32);
+        const TokenLoopArgs a = loop_args(cfg, in, s, o, nullptr);
+        return measure([&] { token_loop(a); }, false, sequence_plan(Backend::Cpu, s)).ms;
+    }
+
+    // Decode: one token per sequence for N sequences, state preallocated, per-call time.
+    void run_decode() {
+        if (!wants(Pass::Decode)) return;
+        constexpr int64_t kErrSteps = 8;  // tokens the decode error accumulates over
+        for (int64_t N : o_.decode_B)
+            for (const OpInfo& op : o_.ops) {
+                const LinearConfig cfg = op.config();
+                const BenchShape step{N, 1, o_.H, o_.HV, o_.K, o_.V, o_.H};
+                BenchShape check = check_shape(N, kErrSteps);
+                const uint64_t seed = o_.seed + 1;
+                std::optional<OpInputs> step32, check32;
+                std::optional<Tensor> state0, check_state0;
+                std::string input_failure;
+                double loop_ms = kNaN;
+                try {
+                    step32 = make_inputs(cfg, step, seed);
+                    check32 = make_inputs(cfg, check, seed);
+                    // A state of a sequence already under way: magnitude of ~10 tokens of k vᵀ.
+                    state0 = make_state(step, 0.1, seed);
+                    check_state0 = make_state(check, 0.1, seed);
+                    if (has_cpu_backend()) {
+                        Tensor o({N, 1, o_.HV, o_.V}, DType::F32);
+                        Tensor state = state0->clone();
+                        const TokenLoopArgs a = loop_args(cfg, *step32, step, o, state.ptr<float>());
+                        loop_ms = measure([&] { token_loop(a); }, false, decode_plan(false)).ms;
+                    }
+                } catch (const std::exception& e) {
+                    input_failure = e.what();
+                }
+                for (DType dt : o_.dtypes) {
+                    std::optional<Tensor> ref_o, ref_state;
+                    for (Backend b : o_.backends) {
+                        const bool cuda = b == Backend::Cuda;
+                        const Device dev = cuda ? Device::CUDA : Device::CPU;
+                        const LinearConfig bcfg = with_backend(cfg, b);
+                        Record r = start_record(op, b, dt, Pass::Decode, step);
+                        try {
+                            if (!input_failure.empty()) throw Error(input_failure);
+                            const OpInputs check_in = dt == DType::F32 ? *check32 : check32->to(dt);
+                            if (!ref_o) {
+                                ref_o = Tensor({N, kErrSteps, check.HV, check.V}, DType::F64);
+                                ref_state = check_state0->clone();
+                                decode_steps(with_backend(cfg, Backend::Reference), check_in, *ref_o, *ref_state);
+                            }
+                            Tensor o({N, kErrSteps, check.HV, check.V}, dt, dev);
+                            Tensor state = check_state0->to(dev);
+                            decode_steps(bcfg, cuda ? check_in.to(dev) : check_in, o, state);
+                            r.err = compare(o, *ref_o);
+                            r.err.merge(compare(state, *ref_state));
+                            r.has_err = true;
+                            r.err_shape = check;
+                            r.err_steps = kErrSteps;
+
+                            const OpInputs si = dt == DType::F32 ? step32->to(dev) : step32->to(dt).to(dev);
+                            Tensor os({N, 1, o_.HV, o_.V}, dt, dev);
+                            Tensor st = state0->to(dev);
+                            LinearDecodeArgs a = si.decode_args();
+                            a.state = st;
+                            a.o = os;
+                            const Timing t = measure([&] { linear_decode(bcfg, a); }, cuda, decode_plan(cuda));
+                            r.ms = t.ms;
+                            r.reps = t.calls;
+                            r.flops = decode_flops(cfg, N, o_.HV, o_.K, o_.V);
+                            const double state_bytes = 8.0 * double(N * o_.HV * o_.K * o_.V);
+                            const double bytes = state_bytes + input_bytes(cfg, N, 1, o_.H, o_.HV, o_.K, o_.V, dt) +
+                                                 double(N * o_.HV * o_.V * int64_t(dtype_size(dt)));
+                            r.gbps = bytes / (r.ms * 1e-3) * 1e-9;
+                            if (cuda)
+                                r.floor_ms = 1e3 * std::max(r.flops / kH100MatrixFlops, bytes / kH100Bandwidth);
+                            else
+                                r.loop_ms = loop_ms;
+                        } catch (const std::exception& e) {
+                            r.failure = e.what();
+                        }
+                        finish_record(std::move(r), b);
+                    }
+                }
+            }
+    }
+
+    TimingPlan decode_plan(bool cuda) const {
+        TimingPlan p;
+        p.warmup = 20;
+        if (cuda) {
+            p.calls_per_sample = 20;
+            p.samples = std::max(o_.decode_calls / 20, 5);
+        } else {
+            p.calls_per_sample = 1;
+            p.samples = o_.decode_calls;
+        }
+        return p;
+    }
+
+    // Runs the decode step token by token over in's T tokens, writing o [N, T, HV, V].
+    static void decode_steps(const LinearConfig& cfg, const OpInputs& in, const Tensor& o, const Tensor& state) {
+        poison(o);
+        const int64_t T = in.q.size(1);
+        for (int64_t t = 0; t < T; ++t) {
+            LinearDecodeArgs a;
+            a.q = token_slice(in.q, t);
+            a.k = token_slice(in.k, t);
+            a.v = token_slice(in.v, t);
+            if (in.g.defined()) a.g = in.g.view().ndim == 1 ? in.g.view() : token_slice(in.g, t);
+            if (in.beta.defined()) a.beta = token_slice(in.beta, t);
+            a.state = state;
+            a.o = token_slice(o, t);
+            linear_decode(cfg, a);
+        }
+    }
+
+    // ---- output ----------------------------------------------------------------------------------
+
+    static std::string fmt(const char* f, double x) {
+        if (!std::isfinite(x)) return "-";
+        char buf[64];
+        std::snprintf(buf, sizeof buf, f, x);
+        return buf;
+    }
+
+    static std::string fmt_time(double ms) {
+        if (!std::isfinite(ms)) return "-";
+        char buf[64];
+        if (ms < 1.0)
+            std::snprintf(buf, sizeof buf, "%.1f us", ms * 1e3);
+        else if (ms < 1e4)
+            std::snprintf(buf, sizeof buf, "%.2f ms", ms);
+        else
+            std::snprintf(buf, sizeof buf, "%.2f s", ms * 1e-3);
+        return buf;
+    }
+
+    void print_table() const {
+        std::printf("hla bench: linear family, %s\n", cpu_model().c_str());
+        std::printf("threads: %d; fp32 FMA peak: %.1f GFLOP/s (measured with %d-float vectors: %d threads together %.1f, "
+                    "one thread %.1f)\n",
+                    threads_, peak_.gflops, peak_.vector_floats, peak_.threads, peak_.all_threads_gflops,
+                    peak_.one_thread_gflops);
+        std::printf("CUDA: %s\n", cuda_available() ? "available" : "not available");
+        std::printf("rel_err: ||out - ref|| / ||ref|| against the fp64 reference, on the shape in 'err on' "
+                    "(fwdbwd: worst of dq, dk, dv, dg, dbeta;\n"
+                    "  decode: outputs and state after 8 steps). GFLOP/s: the chunked algorithm's flops (C = 64; "
+                    "fwdbwd = 3x fwd; decode: per step).\n"
+                    "  %%peak: of the FMA peak (cpu, reference) or of the H100 roofline floor (cuda). x loop: speed-up "
+                    "over the fp32 token loop.\n\n");
+        const char* head = "%-16s %-9s %-5s %-6s %3s %6s %3s %3s %4s %4s %-10s %8s %8s %11s %8s %6s %6s\n";
+        std::printf(head, "op", "backend", "dtype", "pass", "B", "T", "H", "HV", "K", "V", "err on", "rel_err", "max_abs",
+                    "time", "GFLOP/s", "%peak", "x loop");
+        std::string group;
+        for (const Record& r : records_) {
+            // A blank line between shapes, and between the sequence passes and decode.
+            const std::string g = (r.pass == "decode" ? "d" : "s") + std::to_string(r.B) + "/" + std::to_string(r.T);
+            if (!group.empty() && g != group) std::printf("\n");
+            group = g;
+            if (!r.failure.empty()) {
+                std::printf("%-16s %-9s %-5s %-6s %3lld %6lld  FAILED: %s\n", r.op.c_str(), r.backend.c_str(), r.dtype.c_str(),
+                            r.pass.c_str(), (long long)r.B, (long long)r.T, r.failure.c_str());
+                continue;
+            }
+            std::printf("%-16s %-9s %-5s %-6s %3lld %6lld %3lld %3lld %4lld %4lld %-10s %8s %8s %11s %8s %6s %6s\n",
+                        r.op.c_str(), r.backend.c_str(), r.dtype.c_str(), r.pass.c_str(), (long long)r.B, (long long)r.T,
+                        (long long)r.H, (long long)r.HV, (long long)r.K, (long long)r.V, err_shape_label(r).c_str(),
+                        r.has_err ? (r.err.finite ? fmt("%.2e", r.err.rel).c_str() : "NaN/Inf") : "-",
+                        r.has_err && r.err.finite ? fmt("%.1e", r.err.max_abs).c_str() : "-", fmt_time(r.ms).c_str(),
+                        fmt("%.1f", r.gflops).c_str(), fmt("%.1f%%", r.pct_peak).c_str(), fmt("%.2f", r.speedup).c_str());
+        }
+        print_targets();
+    }
+
+    // TARGETS.md, CPU section: on the shapes it names (H = 16, K = V = 128), chunked forward ≥ 3× the
+    // token loop and ≥ 50% of the FMA peak; decode ≤ 47.2 / 2 µs per token for 16 heads (B = 1).
+    void print_targets() const {
+        bool header = false;
+        for (const Record& r : records_) {
+            if (r.backend != "cpu" || r.dtype != "f32" || !r.failure.empty() || r.H != 16 || r.HV != 16 || r.K != 128 ||
+                r.V != 128 || r.B != 1)
+                continue;
+            std::string line;
+            if (r.pass == "fwd" && r.T == 4096) {
+                const bool ok = r.speedup >= 3.0 && r.pct_peak >= 50.0;
+                line = fmt("%.2fx", r.speedup) + " the token loop (>= 3x), " + fmt("%.0f%%", r.pct_peak) +
+                       " of FMA peak (>= 50%): " + (ok ? "met" : "NOT met");
+            } else if (r.pass == "decode") {
+                const double us = r.ms * 1e3;
+                line = fmt("%.1f us", us) + " per token (<= 23.6 us, 2x faster than ggml's 47.2 us): " +
+                       (us <= 23.6 ? "met" : "NOT met");
+            } else {
+                continue;
+            }
+            if (!header) {
+                std::printf("\nTargets (TARGETS.md, CPU; set for 2 threads, this run has %d):\n", threads_);
+                header = true;
+            }
+            std::printf("  %-16s %-6s T=%-5lld %s\n", r.op.c_str(), r.pass.c_str(), (long long)r.T, line.c_str());
+        }
+    }
+
+    static std::string json_number(double x, const char* f = "%.6g") {
+        if (!std::isfinite(x)) return "null";
+        char buf[64];
+        std::snprintf(buf, sizeof buf, f, x);
+        return buf;
+    }
+
+    static std::string json_string(const std::string& s) {
+        std::string out = "\"";
+        for (const char c : s) {
+            if (c == '"' || c == '\\') {
+                out += '\\';
+                out += c;
+            } else if (static_cast<unsigned char>(c) < 0x20) {
+                char buf[8];
+                std::snprintf(buf, sizeof buf, "\\u%04x", c);
+                out += buf;
+            } else {
+                out += c;
+            }
+        }
+        return out + "\"";
+    }
+
+    void print_json() const {
+        std::printf("[\n");
+        for (size_t i = 0; i < records_.size(); ++i) {
+            const Record& r = records_[i];
+            std::string s = "  {";
+            auto field = [&s](const char* name, const std::string& value) {
+                if (s.size() > 3) s += ", ";
+                s += "\"";
+                s += name;
+                s += "\": " + value;
+            };
+            auto integer = [](int64_t x) { return std::to_string(x); };
+            field("op", json_string(r.op));
+            field("backend", json_string(r.backend));
+            field("dtype", json_string(r.dtype));
+            field("pass", json_string(r.pass));
+            field("B", integer(r.B));
+            field("T", integer(r.T));
+            field("H", integer(r.H));
+            field("HV", integer(r.HV));
+            field("K", integer(r.K));
+            field("V", integer(r.V));
+            field("rel_err", r.has_err ? json_number(r.err.rel) : "null");
+            field("max_abs_err", r.has_err ? json_number(r.err.max_abs) : "null");
+            field("finite", r.has_err ? (r.err.finite ? "true" : "false") : "null");
+            if (r.has_err) {
+                field("err_B", integer(r.err_shape.B));
+                field("err_T", integer(r.err_shape.T));
+                field("err_H", integer(r.err_shape.H));
+                field("err_HV", integer(r.err_shape.HV));
+                if (r.err_steps) field("err_decode_steps", integer(r.err_steps));
+            }
+            field("ms", json_number(r.ms));
+            field("gflops", json_number(r.gflops));
+            field("flops", json_number(r.flops, "%.0f"));
+            field("threads", integer(r.threads));
+            field("peak_gflops", json_number(r.peak_gflops));
+            field("peak_gflops_1thread", json_number(peak_.one_thread_gflops));
+            field("pct_peak", json_number(r.pct_peak, "%.4g"));
+            field("token_loop_ms", json_number(r.loop_ms));
+            field("speedup_vs_token_loop", json_number(r.speedup, "%.4g"));
+            if (std::isfinite(r.loop_rel_err)) field("token_loop_rel_err", json_number(r.loop_rel_err));
+            if (std::isfinite(r.floor_ms)) field("floor_ms", json_number(r.floor_ms));
+            if (std::isfinite(r.gbps)) field("gbps", json_number(r.gbps, "%.4g"));
+            field("reps", integer(r.reps));
+            if (!r.failure.empty()) field("error", json_string(r.failure));
+            std::printf("%s}%s\n", s.c_str(), i + 1 < records_.size() ? "," : "");
+        }
+        std::printf("]\n");
+    }
+
+    const BenchOptions& o_;
+    int threads_ = 1;
+    FmaPeak peak_;
+    std::vector<Record> records_;
+    int done_ = 0, total_ = 0;
+};
+
+}  // namespace
+
+int run_bench(const BenchOptions& options) { return Bench(options).run(); }
+
+}  // namespace hla::cli
