@@ -19,7 +19,8 @@ struct LinearCase {
     bool initial_state = false;          // generate an initial state
     double initial_state_scale = 1.0;    // its magnitude (large-state stress: e.g. 100)
     // Input ranges (DESIGN.md: each op's test states them).
-    double gate_min = -3.0, gate_max = -0.01;  // log decay, uniform (raw gate input when a gate activation is set)
+    double gate_min = -3.0, gate_max = -0.01;  // log decay, uniform (with a gate activation the raw gate
+                                               // input is N(0, 1) and A_log, dt_bias are uniform in [-1, 1])
     double beta_min = 0.0, beta_max = 1.0;     // β, uniform (logit when a beta activation is set)
     bool normalize_k = true;                   // k rows to unit norm (keeps the delta rule contractive) unless qk_l2norm
 };
@@ -29,7 +30,6 @@ struct LinearInputs {
     Tensor q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens;
     int64_t N = 0;  // number of sequences
     LinearForwardArgs args(const Tensor& o, const Tensor* final_state = nullptr) const;
-    Tensor to(Device device) const;  // not used; see move_to
     LinearInputs move_to(Device device) const;  // copies every defined tensor
 };
 
@@ -54,5 +54,21 @@ void expect_close(const std::string& what, const Tensor& out, const Tensor& ref6
                   double rel_floor = 1e-5);
 // Fixed-bound check for fp32 paths where no precision reference is needed.
 void expect_close_abs(const std::string& what, const Tensor& out, const Tensor& ref64, double rel_tol);
+
+// A tensor of N(0, scale²) entries (d_o, d_final_state, ...), reproducible from the seed.
+Tensor random_normal(const std::vector<int64_t>& shape, DType dtype, uint64_t seed, double scale = 1.0);
+
+// Every gradient the case has (dg only with a decay, dbeta only for delta, dA_log/ddt_bias only with a
+// gate activation, dinitial_state only with an initial state), NaN-filled. dq/dk/dv in the case dtype.
+struct LinearGradTensors {
+    Tensor dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dinitial_state;
+    LinearGrads views() const;
+    LinearGradTensors move_to(Device device) const;
+};
+LinearGradTensors poisoned_grads(const LinearCase& c, int64_t N, Device device = Device::CPU);
+
+// The reference run in precision P (fp32 arithmetic, state and outputs rounded to P every token):
+// the yardstick of the tolerance policy. args.o (and args.final_state) receive the result.
+void reference_forward_in_precision(const LinearConfig& cfg, const LinearForwardArgs& args, DType dtype);
 
 }  // namespace hla::test
