@@ -1,11 +1,13 @@
 # hla — the two commands of the quick start:
 #   make run    install missing Debian packages, configure, build, run the main job (hla bench)
-#   make test   the same set-up, then every test (ctest)
+#   make test   the same set-up, then every test (ctest, then the Python package's pytest)
 BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
+# The Python package builds against Debian's python3-torch, which lives in the system interpreter.
+PYTHON ?= /usr/bin/python3
 
-.PHONY: run test build configure deps clean bench-json
+.PHONY: run test build configure deps clean bench-json python-build python-test
 
 deps:
 	@scripts/install-deps.sh
@@ -23,6 +25,15 @@ run: build
 
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 1200
+	$(MAKE) --no-print-directory python-test
+
+# hla._C links the libhla.a just built (one translation unit against the torch headers, ~1 min).
+python-build: build
+	cd python && HLA_LIBRARY=$(abspath $(BUILD))/libhla.a $(PYTHON) setup.py -q build_ext --inplace
+
+python-test: python-build
+	cd python && $(PYTHON) -m pytest -q tests
 
 clean:
 	rm -rf $(BUILD)
+	rm -rf python/build python/hla/_C*.so
