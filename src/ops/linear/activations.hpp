@@ -7,18 +7,26 @@
 
 #include "hla/linear.hpp"
 
+// The scalar transforms are also compiled for the GPU (src/ops/linear/cuda), so one definition of the
+// math serves every backend.
+#if defined(__CUDACC__)
+#define HLA_HOST_DEVICE __host__ __device__
+#else
+#define HLA_HOST_DEVICE
+#endif
+
 namespace hla::linear {
 
 constexpr double kL2NormEps = 1e-6;
 
 template <class R>
-R softplus(R x) {
+HLA_HOST_DEVICE R softplus(R x) {
     // log(1 + e^x) without overflow for large x and without losing digits for very negative x
     return x > R(20) ? x : std::log1p(std::exp(x));
 }
 
 template <class R>
-R sigmoid(R x) {
+HLA_HOST_DEVICE R sigmoid(R x) {
     return x >= R(0) ? R(1) / (R(1) + std::exp(-x)) : std::exp(x) / (R(1) + std::exp(x));
 }
 
@@ -38,15 +46,21 @@ void l2norm_backward(const R* y, R norm, R* dy_to_dx, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dy_to_dx[i] = (dy_to_dx[i] - y[i] * dot) / norm;
 }
 
-// Log decay from the gate input x = g (+ dt_bias), with A = A_log.
+// Log decay from the gate input x = g (+ dt_bias), with A = A_log. The (activation, lower_bound) form
+// is what kernels call, with plain values instead of the config.
 template <class R>
-R gate_forward(const LinearConfig& c, R x, R a_log) {
-    switch (c.gate_activation) {
+HLA_HOST_DEVICE R gate_log_decay(GateActivation activation, R lower_bound, R x, R a_log) {
+    switch (activation) {
         case GateActivation::None: return x;
         case GateActivation::SoftplusDecay: return -std::exp(a_log) * softplus(x);
-        case GateActivation::BoundedSigmoid: return R(c.lower_bound) * sigmoid(std::exp(a_log) * x);
+        case GateActivation::BoundedSigmoid: return lower_bound * sigmoid(std::exp(a_log) * x);
     }
     return x;
+}
+
+template <class R>
+R gate_forward(const LinearConfig& c, R x, R a_log) {
+    return gate_log_decay(c.gate_activation, R(c.lower_bound), x, a_log);
 }
 
 // d(log decay)/dx and d(log decay)/dA_log for the gate input x = g + dt_bias.
@@ -75,13 +89,18 @@ void gate_derivatives(const LinearConfig& c, R x, R a_log, R* d_dx, R* d_dalog) 
 }
 
 template <class R>
-R beta_forward(const LinearConfig& c, R b) {
-    switch (c.beta_activation) {
+HLA_HOST_DEVICE R beta_value(BetaActivation activation, R b) {
+    switch (activation) {
         case BetaActivation::None: return b;
         case BetaActivation::Sigmoid: return sigmoid(b);
         case BetaActivation::Sigmoid2x: return R(2) * sigmoid(b);
     }
     return b;
+}
+
+template <class R>
+R beta_forward(const LinearConfig& c, R b) {
+    return beta_value(c.beta_activation, b);
 }
 
 template <class R>

@@ -1,0 +1,167 @@
+// hla — CUDA benchmark of the linear family: chunked forward and the decode step, H = 16, K = V = 128,
+// bf16 inputs, timed with CUDA events (median of 20 after 3 warm-ups), next to the roofline floor
+// max(flops / 790 TFLOP/s, bytes / 3.0 TB/s) of the algorithm's own counts (TARGETS.md).
+//
+// Counts, per (chunk of C = 64 tokens, value head), as the chunked algorithm does them (dense C×C
+// products counted in full):
+//   additive: Qg·S 2CKV, Q·Kᵀ 2C²K, P·V 2C²V, Kdᵀ·V 2CKV
+//   delta:    + K·Kᵀ 2C²K, W = T·K 2C²K, U = T·V 2C²V, W·S 2CKV
+// Bytes: q, k, v, gate, β read once and o written once (bf16); the decode step counts the fp32 state
+// read and written once.
+//
+// Usage: linear_cuda_bench [--quick]    (--quick: fewer iterations, for a smoke test)
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "hla/hla.hpp"
+
+using namespace hla;
+
+namespace {
+
+constexpr double kPeakFlops = 790e12;  // bf16 dense, measured (TARGETS.md)
+constexpr double kPeakBytes = 3.0e12;  // device copy, read + write
+
+Tensor device_tensor(const std::vector<int64_t>& shape, DType dtype, uint64_t seed, double lo, double hi,
+                     bool normal = false) {
+    Tensor host(shape, DType::F32);
+    std::mt19937_64 rng(seed);
+    std::uniform_real_distribution<float> u{float(lo), float(hi)};
+    std::normal_distribution<float> n{0.f, 1.f};
+    float* p = host.ptr<float>();
+    for (int64_t i = 0; i < host.numel(); ++i) p[i] = normal ? n(rng) : u(rng);
+    return (dtype == DType::F32 ? host : host.to(dtype)).to(Device::CUDA);
+}
+
+double median_ms(const std::function<void()>& fn, int iters) {
+    cudaEvent_t a, b;
+    cudaEventCreate(&a);
+    cudaEventCreate(&b);
+    for (int i = 0; i < 3; ++i) fn();
+    cudaDeviceSynchronize();
+    std::vector<double> t;
+    for (int i = 0; i < iters; ++i) {
+        cudaEventRecord(a);
+        fn();
+        cudaEventRecord(b);
+        cudaEventSynchronize(b);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, a, b);
+        t.push_back(ms);
+    }
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+struct Row {
+    std::string op, shape;
+    double ms, floor_ms, target_ms;
+};
+
+void print_row(const Row& r) {
+    std::printf("%-22s %-22s %9.4f ms  floor %8.4f ms  %5.1f%% of roofline  target %s\n", r.op.c_str(),
+                r.shape.c_str(), r.ms, r.floor_ms, 100.0 * r.floor_ms / r.ms,
+                r.target_ms > 0 ? (std::to_string(r.target_ms) + " ms").c_str() : "-");
+    std::fflush(stdout);
+}
+
+struct OpSpec {
+    const char* name;
+    LinearConfig cfg;
+    double target_b4, target_b1;  // TARGETS.md goals (2× the peer), ms
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+    const int iters = quick ? 5 : 20;
+    if (!cuda_available()) {
+        std::printf("linear_cuda_bench: no CUDA device, nothing to measure\n");
+        return 0;
+    }
+    cudaDeviceProp prop{};
+    cudaGetDeviceProperties(&prop, 0);
+    std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+    std::vector<Row> rows;
+
+    const int64_t H = 16, K = 128, V = 128;
+    LinearConfig gdn = gated_delta_rule_config(), kda = kda_config(), sgla = simple_gla_config();
+    gdn.qk_l2norm = kda.qk_l2norm = true;
+    const OpSpec ops[] = {{"gated_delta_rule", gdn, 0.46, 0.52}, {"kda", kda, 0.61, 0.73}, {"simple_gla", sgla, 0.26, 0.30}};
+    const std::pair<int64_t, int64_t> shapes[] = {{4, 4096}, {1, 16384}};
+    for (const auto& [B, T] : shapes) {
+        const Tensor q = device_tensor({B, T, H, K}, DType::BF16, 1, 0, 0, true);
+        const Tensor k = device_tensor({B, T, H, K}, DType::BF16, 2, 0, 0, true);
+        const Tensor v = device_tensor({B, T, H, V}, DType::BF16, 3, 0, 0, true);
+        const Tensor g_scalar = device_tensor({B, T, H}, DType::BF16, 4, -0.5, -0.01);
+        const Tensor g_vector = device_tensor({B, T, H, K}, DType::BF16, 5, -0.5, -0.01);
+        const Tensor beta = device_tensor({B, T, H}, DType::BF16, 6, 0, 1);
+        Tensor o({B, T, H, V}, DType::BF16, Device::CUDA);
+        Tensor fin({B, H, K, V}, DType::F32, Device::CUDA);
+        for (const OpSpec& op : ops) {
+            LinearForwardArgs a;
+            a.q = q;
+            a.k = k;
+            a.v = v;
+            a.o = o;
+            a.final_state = fin;
+            const bool delta = op.cfg.update == Update::Delta, vec = op.cfg.decay == Decay::Vector;
+            a.g = vec ? g_vector.view() : g_scalar.view();
+            if (delta) a.beta = beta;
+            const double ms = median_ms([&] { linear_forward(op.cfg, a); }, iters);
+            const double C = 64, chunks_heads = double(B) * (T / 64) * H;
+            double flops = 2 * C * K * V * 2 + 2 * C * C * K + 2 * C * C * V;
+            if (delta) flops += 2 * C * C * K * 2 + 2 * C * C * V + 2 * C * K * V;
+            flops *= chunks_heads;
+            const double bytes = double(B) * T * H * (2.0 * (2 * K + 2 * V) + (vec ? 2.0 * K : 2.0) + (delta ? 2.0 : 0.0)) +
+                                 double(B) * H * K * V * 4;
+            const double floor_ms = std::max(flops / kPeakFlops, bytes / kPeakBytes) * 1e3;
+            Row r{op.name, "B=" + std::to_string(B) + " T=" + std::to_string(T), ms, floor_ms,
+                  B == 4 ? op.target_b4 : op.target_b1};
+            print_row(r);
+            rows.push_back(r);
+        }
+    }
+
+    // Decode: Gated DeltaNet, one token per sequence, state slots = sequences.
+    for (int64_t B : {1, 64}) {
+        const Tensor q = device_tensor({B, 1, H, K}, DType::BF16, 11, 0, 0, true);
+        const Tensor k = device_tensor({B, 1, H, K}, DType::BF16, 12, 0, 0, true);
+        const Tensor v = device_tensor({B, 1, H, V}, DType::BF16, 13, 0, 0, true);
+        const Tensor g = device_tensor({B, 1, H}, DType::BF16, 14, -0.5, -0.01);
+        const Tensor beta = device_tensor({B, 1, H}, DType::BF16, 15, 0, 1);
+        const Tensor state = device_tensor({B, H, K, V}, DType::F32, 16, -1, 1);
+        Tensor o({B, 1, H, V}, DType::BF16, Device::CUDA);
+        LinearDecodeArgs d;
+        d.q = q;
+        d.k = k;
+        d.v = v;
+        d.g = g;
+        d.beta = beta;
+        d.state = state;
+        d.o = o;
+        const double ms = median_ms([&] { linear_decode(gdn, d); }, quick ? 20 : 200);
+        const double bytes = 2.0 * B * H * K * V * 4;
+        Row r{"gdn decode", "B=" + std::to_string(B) + " T=1", ms, bytes / kPeakBytes * 1e3, B == 1 ? 0.010 : 0};
+        print_row(r);
+        std::printf("  state traffic %.2f TB/s\n", bytes / (ms * 1e-3) / 1e12);
+        rows.push_back(r);
+    }
+
+    std::printf("\n| op | shape | ms | floor ms | %% roofline | target ms |\n|---|---|---|---|---|---|\n");
+    for (const Row& r : rows)
+        std::printf("| %s | %s | %.4f | %.4f | %.1f | %s |\n", r.op.c_str(), r.shape.c_str(), r.ms, r.floor_ms,
+                    100.0 * r.floor_ms / r.ms, r.target_ms > 0 ? std::to_string(r.target_ms).c_str() : "-");
+    return 0;
+}

@@ -1,0 +1,699 @@
+// hla — chunked forward of the linear family on CUDA (SPECS.md §1, "Chunked forward").
+//
+// Two kernels, one design for all seven cells (decay and update are template parameters):
+//
+//   chunk_prepare  one block per (chunk of 64 tokens, value head), all chunks in parallel. Everything
+//                  that does not depend on the state: the in-chunk cumulative log decay b, the decayed
+//                  copies Qg = sQ⊙γ and Kd = K⊙γ_C⊘γ, the masked decayed scores
+//                  P_ij = ⟨sq_i⊙γ_i, k_j⊘γ_j⟩ (j ≤ i), γ_C, and for the delta rule
+//                  A_ij = β_i⟨k_i⊙γ_i, k_j⊘γ_j⟩ (j < i), L = (I + A)^{-1}, W = L diag(β)(K⊙γ), U = L diag(β) V.
+//   chunk_scan     one block per (sequence, value head, V-tile) walking its chunks in order with the
+//                  state S (K × VT, fp32) in registers:
+//                      Ũ = U − W S (delta) or V (additive)
+//                      O = Qg S + P Ũ
+//                      S ← diag(γ_C) S + Kdᵀ Ũ
+//                  so the scan needs no knowledge of the decay: it is one kernel for every cell.
+//
+// Numerics: γ_i = exp(b_i) ≤ 1 and γ_C/γ_j = exp(b_C − b_j) ≤ 1 are always safe. The scores need
+// exp(b_i − b_j) per key channel for vector decay; they are factored around the first token r of each
+// 16-token row block: (q_i ⊙ exp(b_i − b_r)) · (k_j ⊙ exp(b_r − b_j)). Both factors are ≤ 1 for
+// j < r; inside the diagonal block exp(b_r − b_j) ≥ 1 grows with the block's decay span, so when any
+// channel decays by more than e^80 across the block (g = −1000 does), that block's scores are
+// computed entry by entry with exp(b_i − b_j) instead.
+//
+// Precision: the prepare kernel works in fp32 with tf32 tensor cores (3×tf32 for fp32 inputs);
+// the intermediates and the scan's matrix operands are stored in the input dtype; accumulation and
+// the state are fp32.
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "ops/linear/activations.hpp"
+#include "ops/linear/cuda/common.cuh"
+#include "ops/linear/problem.hpp"
+
+namespace hla::linear::cuda {
+
+constexpr int kChunk = 64;          // tokens per chunk
+constexpr int kSub = 16;            // row block of the factored scores
+constexpr float kSafeSpan = 80.f;   // e^80 · |k| stays far inside fp32
+
+// Per-chunk and per-sequence metadata, computed on the host from Problem::seqs.
+struct ChunkInfo {
+    int batch, start, len, seq;  // tokens [start, start + len) of batch row `batch`
+};
+struct SeqInfo {
+    int batch, start, len, first_chunk;
+};
+
+// One POD for both kernels: pointers, strides (elements) of [B, T, heads, D] views, options.
+struct FwdParams {
+    const void *q, *k, *v, *g, *beta, *A_log, *dt_bias, *h0;
+    void *o, *ht;
+    DType g_dtype, beta_dtype, o_dtype;
+    int64_t qs[3], ks[3], vs[3], gs[3], bs[3], os[3], h0s[4], hts[4];
+    int H, HV, G, K, V;
+    float scale;
+    bool qk_l2norm;
+    GateActivation gate_act;
+    float lower_bound;
+    BetaActivation beta_act;
+    const ChunkInfo* chunks;
+    const SeqInfo* seqs;
+    // Workspace, per (chunk, value head): Qg, Kd, W [64, K]; U [64, V]; P [64, 64] in the input dtype;
+    // gC [K] fp32.
+    void *Qg, *Kd, *W, *U, *P;
+    float* gC;
+};
+
+// ---- chunk_prepare ------------------------------------------------------------------------------
+
+constexpr int kPrepThreads = 256;
+
+template <int K>
+struct PrepLayout {
+    static constexpr int LD = K + 4;  // float row stride: tf32 fragment loads hit 32 distinct banks
+    static constexpr int LDA = kChunk + 4;
+    static constexpr int LDV = 128 + 4;  // βV rows, V ≤ 128
+};
+
+template <Decay D, Update Up, int K>
+constexpr size_t prep_smem_bytes() {
+    using L = PrepLayout<K>;
+    constexpr bool vec = D == Decay::Vector;
+    size_t f = 0;
+    f += 2 * kChunk * L::LD;                  // qs, ks
+    f += vec ? kChunk * L::LD : kChunk;       // bs (cumulative log decay)
+    f += vec ? kChunk * L::LD : 0;            // kc (decayed keys of the current row block)
+    f += 2 * kSub * L::LD;                    // qh, kh (and scratch of the inverse)
+    f += 2 * kChunk * L::LDA;                 // Am, Pm
+    f += kChunk;                              // β
+    f += Up == Update::Delta ? kChunk * L::LDV : 0;  // βV
+    return f * sizeof(float);
+}
+
+template <class E, Decay D, Update Up, int K>
+__global__ void __launch_bounds__(kPrepThreads) chunk_prepare_kernel(const FwdParams p) {
+    using L = PrepLayout<K>;
+    constexpr int LD = L::LD, LDA = L::LDA;
+    constexpr bool kVec = D == Decay::Vector;
+    constexpr bool kDelta = Up == Update::Delta;
+    constexpr bool kSplit = sizeof(E) == 4;
+    extern __shared__ float4 smem_f4[];
+    float* smem = reinterpret_cast<float*>(smem_f4);
+    float* qs = smem;
+    float* ks = qs + kChunk * LD;
+    float* bsm = ks + kChunk * LD;
+    float* kc = bsm + (kVec ? kChunk * LD : kChunk);
+    float* qh = kc + (kVec ? kChunk * LD : 0);
+    float* kh = qh + kSub * LD;
+    float* Am = kh + kSub * LD;
+    float* Pm = Am + kChunk * LDA;
+    float* betas = Pm + kChunk * LDA;
+    float* vb = betas + kChunk;  // delta only
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int chunk = blockIdx.x, hv = blockIdx.y, h = hv / p.G;
+    const ChunkInfo ci = p.chunks[chunk];
+    const int len = ci.len;
+
+    // ---- load q, k (zero past the end), normalise, scale ----
+    for (int idx = tid; idx < kChunk * K; idx += kPrepThreads) {
+        const int i = idx / K, c = idx % K;
+        float qv = 0.f, kv = 0.f;
+        if (i < len) {
+            const int64_t t = ci.start + i;
+            qv = to_f(static_cast<const E*>(p.q)[ci.batch * p.qs[0] + t * p.qs[1] + h * p.qs[2] + c]);
+            kv = to_f(static_cast<const E*>(p.k)[ci.batch * p.ks[0] + t * p.ks[1] + h * p.ks[2] + c]);
+        }
+        qs[i * LD + c] = qv;
+        ks[i * LD + c] = kv;
+    }
+    // β and the per-token gate
+    if (tid < kChunk) {
+        const int i = tid;
+        const int64_t t = ci.start + i;
+        if constexpr (kDelta) {
+            float b = 0.f;
+            if (i < len) b = beta_value(p.beta_act, load_any(p.beta, p.beta_dtype, ci.batch * p.bs[0] + t * p.bs[1] + hv * p.bs[2]));
+            betas[i] = b;
+        }
+        if constexpr (D == Decay::Scalar) {
+            float gl = 0.f;
+            if (i < len) {
+                const float x = load_any(p.g, p.g_dtype, ci.batch * p.gs[0] + t * p.gs[1] + hv * p.gs[2]);
+                gl = p.gate_act == GateActivation::None
+                         ? x
+                         : gate_log_decay(p.gate_act, p.lower_bound, x + static_cast<const float*>(p.dt_bias)[hv],
+                                          static_cast<const float*>(p.A_log)[hv]);
+            }
+            bsm[i] = gl;
+        } else if constexpr (D == Decay::Fixed) {
+            bsm[i] = float(min(i + 1, len)) * static_cast<const float*>(p.g)[hv];
+        } else if constexpr (D == Decay::None) {
+            bsm[i] = 0.f;
+        }
+    }
+    if constexpr (kVec) {
+        for (int idx = tid; idx < kChunk * K; idx += kPrepThreads) {
+            const int i = idx / K, c = idx % K;
+            float gl = 0.f;
+            if (i < len) {
+                const int64_t t = ci.start + i;
+                const float x = load_any(p.g, p.g_dtype, ci.batch * p.gs[0] + t * p.gs[1] + hv * p.gs[2] + c);
+                gl = p.gate_act == GateActivation::None
+                         ? x
+                         : gate_log_decay(p.gate_act, p.lower_bound, x + static_cast<const float*>(p.dt_bias)[hv * K + c],
+                                          static_cast<const float*>(p.A_log)[hv]);
+            }
+            bsm[i * LD + c] = gl;
+        }
+    }
+    __syncthreads();
+    // In-chunk cumulative sums (the fixed decay is already cumulative).
+    if constexpr (kVec) {
+        if (tid < K) {
+            float run = 0.f;
+            for (int i = 0; i < kChunk; ++i) {
+                run += bsm[i * LD + tid];
+                bsm[i * LD + tid] = run;
+            }
+        }
+    } else if constexpr (D == Decay::Scalar) {
+        if (warp == 0) {
+            // two tokens per lane, then a warp scan
+            float a = bsm[2 * lane], b = bsm[2 * lane + 1];
+            float s = a + b;
+            for (int off = 1; off < 32; off <<= 1) {
+                const float n = __shfl_up_sync(0xffffffffu, s, off);
+                if (lane >= off) s += n;
+            }
+            const float before = s - (a + b);
+            bsm[2 * lane] = before + a;
+            bsm[2 * lane + 1] = before + a + b;
+        }
+    }
+    // q/k L2 norm (one warp per row), then the scale on q.
+    for (int i = warp; i < kChunk; i += kPrepThreads / 32) {
+        float sq = 0.f, sk = 0.f;
+        for (int c = lane; c < K; c += 32) {
+            sq += qs[i * LD + c] * qs[i * LD + c];
+            sk += ks[i * LD + c] * ks[i * LD + c];
+        }
+        float fq = p.scale, fk = 1.f;
+        if (p.qk_l2norm) {
+            for (int off = 16; off > 0; off >>= 1) {
+                sq += __shfl_xor_sync(0xffffffffu, sq, off);
+                sk += __shfl_xor_sync(0xffffffffu, sk, off);
+            }
+            fq = p.scale * rsqrtf(sq + float(kL2NormEps));
+            fk = rsqrtf(sk + float(kL2NormEps));
+        }
+        for (int c = lane; c < K; c += 32) {
+            qs[i * LD + c] *= fq;
+            ks[i * LD + c] *= fk;
+        }
+    }
+    __syncthreads();
+
+    auto bval = [&](int i, int c) -> float {
+        if constexpr (kVec) return bsm[i * LD + c];
+        else return bsm[i];
+    };
+
+    // ---- scores P (and A for the delta rule) ----
+    if constexpr (!kVec) {
+        // exp(b_i − b_j) is a scalar per pair: multiply after the product.
+        const int which = warp >> 2, mt = warp & 3;  // which: 0 → P (rows of q), 1 → A (rows of k)
+        if (which == 0 || kDelta) {
+            float acc[1][8][4];
+            zero_acc(acc);
+            const float* arow = (which == 0 ? qs : ks) + mt * 16 * LD;
+            warp_gemm<float, 1, 8, kSplit>(acc, Tile<float>{arow, LD, 1}, Tile<float>{ks, 1, LD}, K);
+            float* out = which == 0 ? Pm : Am;
+            for_each_acc(acc, [&](int r, int j, float& x) {
+                const int i = mt * 16 + r;
+                float val = 0.f;
+                if (which == 0 ? j <= i : j < i) {
+                    val = x;
+                    if constexpr (D != Decay::None) val *= __expf(bsm[i] - bsm[j]);
+                    if (which == 1) val *= betas[i];
+                }
+                out[i * LDA + j] = val;
+            });
+        }
+        __syncthreads();
+    } else {
+        for (int blk = 0; blk < kChunk / kSub; ++blk) {
+            const int r0 = blk * kSub;
+            const int ncols = r0 + kSub;
+            // span of the diagonal block: does exp(b_r − b_j) stay below e^80 for every channel?
+            bool unsafe = false;
+            for (int c = tid; c < K; c += kPrepThreads) unsafe |= (bval(r0, c) - bval(r0 + kSub - 1, c)) > kSafeSpan;
+            unsafe = __syncthreads_or(unsafe);
+            for (int idx = tid; idx < kSub * K; idx += kPrepThreads) {
+                const int i = idx / K, c = idx % K;
+                const float f = __expf(bval(r0 + i, c) - bval(r0, c));
+                qh[i * LD + c] = qs[(r0 + i) * LD + c] * f;
+                kh[i * LD + c] = ks[(r0 + i) * LD + c] * f;
+            }
+            for (int idx = tid; idx < ncols * K; idx += kPrepThreads) {
+                const int j = idx / K, c = idx % K;
+                float val = 0.f;
+                if (j < r0 || !unsafe) val = ks[j * LD + c] * __expf(bval(r0, c) - bval(j, c));
+                kc[j * LD + c] = val;
+            }
+            __syncthreads();
+            const int which = warp >> 2, nq = warp & 3;  // n-quarter: columns 16·nq .. 16·nq + 15
+            if ((which == 0 || kDelta) && nq * 16 < ncols) {
+                float acc[1][2][4];
+                zero_acc(acc);
+                warp_gemm<float, 1, 2, kSplit>(acc, Tile<float>{which == 0 ? qh : kh, LD, 1},
+                                               Tile<float>{kc + nq * 16 * LD, 1, LD}, K);
+                float* out = which == 0 ? Pm : Am;
+                for_each_acc(acc, [&](int r, int cc, float& x) {
+                    const int i = r0 + r, j = nq * 16 + cc;
+                    float val = 0.f;
+                    if (which == 0 ? j <= i : j < i) val = which == 0 ? x : x * betas[i];
+                    out[i * LDA + j] = val;
+                });
+            }
+            // columns past the diagonal block are zero
+            for (int idx = tid; idx < kSub * (kChunk - ncols); idx += kPrepThreads) {
+                const int i = r0 + idx / (kChunk - ncols), j = ncols + idx % (kChunk - ncols);
+                Pm[i * LDA + j] = 0.f;
+                Am[i * LDA + j] = 0.f;
+            }
+            __syncthreads();
+            if (unsafe) {
+                // entry by entry: Σ_c x_ic k_jc exp(b_ic − b_jc), each factor ≤ 1
+                for (int pr = tid; pr < kSub * kSub; pr += kPrepThreads) {
+                    const int i = r0 + pr / kSub, j = r0 + pr % kSub;
+                    if (j > i) continue;
+                    float sp = 0.f, sa = 0.f;
+                    for (int c = 0; c < K; ++c) {
+                        const float e = __expf(bval(i, c) - bval(j, c)) * ks[j * LD + c];
+                        sp += qs[i * LD + c] * e;
+                        sa += ks[i * LD + c] * e;
+                    }
+                    Pm[i * LDA + j] = sp;
+                    if (j < i) Am[i * LDA + j] = kDelta ? sa * betas[i] : 0.f;
+                }
+                __syncthreads();
+            }
+        }
+    }
+
+    // ---- per-chunk outputs that need no inverse: Qg, Kd, γ_C, P ----
+    const size_t slot = size_t(chunk) * p.HV + hv;
+    E* Qg = static_cast<E*>(p.Qg) + slot * kChunk * K;
+    E* Kd = static_cast<E*>(p.Kd) + slot * kChunk * K;
+    E* Pg = static_cast<E*>(p.P) + slot * kChunk * kChunk;
+    for (int idx = tid; idx < kChunk * K; idx += kPrepThreads) {
+        const int i = idx / K, c = idx % K;
+        const float bi = bval(i, c), bl = bval(kChunk - 1, c);
+        Qg[idx] = from_f<E>(qs[i * LD + c] * __expf(bi));
+        Kd[idx] = from_f<E>(ks[i * LD + c] * __expf(bl - bi));
+    }
+    if (tid < K) p.gC[slot * K + tid] = __expf(bval(kChunk - 1, tid));
+    for (int idx = tid; idx < kChunk * kChunk; idx += kPrepThreads)
+        Pg[idx] = from_f<E>(Pm[(idx / kChunk) * LDA + idx % kChunk]);
+    if constexpr (kDelta) {
+        __syncthreads();  // qs and Pm are free from here on
+        // kb = diag(β)(K ⊙ γ) into the old q rows, and βV
+        float* kb = qs;
+        constexpr int LDV = L::LDV;
+        for (int idx = tid; idx < kChunk * K; idx += kPrepThreads) {
+            const int i = idx / K, c = idx % K;
+            kb[i * LD + c] = betas[i] * ks[i * LD + c] * __expf(bval(i, c));
+        }
+        const int V = p.V;
+        for (int idx = tid; idx < kChunk * V; idx += kPrepThreads) {
+            const int i = idx / V, c = idx % V;
+            float x = 0.f;
+            if (i < len) {
+                const int64_t t = ci.start + i;
+                x = betas[i] * to_f(static_cast<const E*>(p.v)[ci.batch * p.vs[0] + t * p.vs[1] + hv * p.vs[2] + c]);
+            }
+            vb[i * LDV + c] = x;
+        }
+        // L = (I + A)^{-1}, unit lower triangular, blockwise over 16×16 blocks. Pm becomes L.
+        float* Lm = Pm;
+        for (int idx = tid; idx < kChunk * kChunk; idx += kPrepThreads) Lm[(idx / kChunk) * LDA + idx % kChunk] = 0.f;
+        __syncthreads();
+        if (warp < 4 && lane < kSub) {
+            // diagonal block `warp`, column `lane`, by forward substitution
+            const int o = warp * kSub, c = lane;
+            float col[kSub];
+#pragma unroll
+            for (int i = 0; i < kSub; ++i) {
+                float x = i == c ? 1.f : 0.f;
+#pragma unroll
+                for (int j = 0; j < i; ++j) x -= (j >= c ? Am[(o + i) * LDA + o + j] * col[j] : 0.f);
+                col[i] = i < c ? 0.f : x;
+            }
+#pragma unroll
+            for (int i = 0; i < kSub; ++i) Lm[(o + i) * LDA + o + c] = col[i];
+        }
+        __syncthreads();
+        // L_IJ = −L_II Σ_{J ≤ M < I} A_IM L_MJ, row block by row block (X in the qh/kh scratch).
+        float* X = qh;
+        for (int I = 1; I < kChunk / kSub; ++I) {
+            for (int idx = tid; idx < I * kSub * kSub; idx += kPrepThreads) {
+                const int J = idx / (kSub * kSub), a = (idx / kSub) % kSub, b = idx % kSub;
+                float x = 0.f;
+                for (int m = J * kSub; m < I * kSub; ++m) x += Am[(I * kSub + a) * LDA + m] * Lm[m * LDA + J * kSub + b];
+                X[idx] = x;
+            }
+            __syncthreads();
+            for (int idx = tid; idx < I * kSub * kSub; idx += kPrepThreads) {
+                const int J = idx / (kSub * kSub), a = (idx / kSub) % kSub, b = idx % kSub;
+                float x = 0.f;
+                for (int m = 0; m <= a; ++m) x += Lm[(I * kSub + a) * LDA + I * kSub + m] * X[J * kSub * kSub + m * kSub + b];
+                Lm[(I * kSub + a) * LDA + J * kSub + b] = -x;
+            }
+            __syncthreads();
+        }
+        // W = L kb [64, K], U = L vb [64, V]: warp → (row tile, half of the columns)
+        E* Wg = static_cast<E*>(p.W) + slot * kChunk * K;
+        E* Ug = static_cast<E*>(p.U) + slot * size_t(kChunk) * V;
+        const int mt = warp & 3, half = warp >> 2;
+        {
+            constexpr int NT = K / 16;
+            float acc[1][NT][4];
+            zero_acc(acc);
+            warp_gemm<float, 1, NT, kSplit>(acc, Tile<float>{Lm + mt * 16 * LDA, LDA, 1},
+                                            Tile<float>{kb + half * (K / 2), LD, 1}, kChunk);
+            for_each_acc(acc, [&](int r, int c, float& x) { Wg[(mt * 16 + r) * K + half * (K / 2) + c] = from_f<E>(x); });
+        }
+        if (V == 128) {
+            float acc[1][8][4];
+            zero_acc(acc);
+            warp_gemm<float, 1, 8, kSplit>(acc, Tile<float>{Lm + mt * 16 * LDA, LDA, 1}, Tile<float>{vb + half * 64, LDV, 1},
+                                           kChunk);
+            for_each_acc(acc, [&](int r, int c, float& x) { Ug[(mt * 16 + r) * V + half * 64 + c] = from_f<E>(x); });
+        } else {
+            float acc[1][4][4];
+            zero_acc(acc);
+            warp_gemm<float, 1, 4, kSplit>(acc, Tile<float>{Lm + mt * 16 * LDA, LDA, 1}, Tile<float>{vb + half * 32, LDV, 1},
+                                           kChunk);
+            for_each_acc(acc, [&](int r, int c, float& x) { Ug[(mt * 16 + r) * V + half * 32 + c] = from_f<E>(x); });
+        }
+    }
+}
+
+// ---- chunk_scan ---------------------------------------------------------------------------------
+
+constexpr int kScanThreads = 128;
+
+template <class E, int K, int VT>
+struct ScanLayout {
+    static constexpr int PAD = sizeof(E) == 2 ? 8 : 4;
+    static constexpr int LDK = K + PAD;        // rows of Qg, Kd, W and of the transposed state
+    static constexpr int LDP = kChunk + PAD;   // rows of P
+    static constexpr int LDV = VT + PAD;       // rows of U (or V) and Ũ
+    static constexpr size_t elems = 3 * kChunk * LDK + kChunk * LDP + 2 * kChunk * LDV + VT * LDK;
+    static constexpr size_t bytes = elems * sizeof(E) + K * sizeof(float);
+};
+
+template <class E, Update Up, int K, int VT>
+__global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParams p) {
+    using L = ScanLayout<E, K, VT>;
+    constexpr int LDK = L::LDK, LDP = L::LDP, LDV = L::LDV;
+    constexpr bool kDelta = Up == Update::Delta;
+    constexpr bool kSplit = sizeof(E) == 4;
+    constexpr int NT = VT / 8;       // n-tiles of a V-tile
+    constexpr int SMT = K / 64;      // m-tiles of state rows per warp (4 warps × 16·SMT = K)
+    extern __shared__ float4 smem_f4[];
+    E* Qt = reinterpret_cast<E*>(smem_f4);
+    E* Kt = Qt + kChunk * LDK;
+    E* Wt = Kt + kChunk * LDK;
+    E* Pt = Wt + kChunk * LDK;
+    E* Ut = Pt + kChunk * LDP;
+    E* Unew = Ut + kChunk * LDV;
+    E* Sb = Unew + kChunk * LDV;  // state, transposed: Sb[v][key]
+    float* gc = reinterpret_cast<float*>(Sb + VT * LDK);
+
+    const int tid = threadIdx.x, warp = tid >> 5;
+    const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
+    const SeqInfo si = p.seqs[n];
+    const int nchunks = (si.len + kChunk - 1) / kChunk;
+
+    // The state block of this warp: keys [warp·16·SMT, +16·SMT), all VT columns.
+    float S[SMT][NT][4];
+    const int key0 = warp * 16 * SMT;
+    if (p.h0) {
+        const float* h0 = static_cast<const float*>(p.h0) + n * p.h0s[0] + hv * p.h0s[1];
+        for_each_acc(S, [&](int r, int c, float& x) { x = h0[(key0 + r) * p.h0s[2] + v0 + c]; });
+    } else {
+        zero_acc(S);
+    }
+    for_each_acc(S, [&](int r, int c, float& x) { Sb[c * LDK + key0 + r] = from_f<E>(x); });
+
+    for (int cidx = 0; cidx < nchunks; ++cidx) {
+        const int chunk = si.first_chunk + cidx;
+        const int len = min(kChunk, si.len - cidx * kChunk);
+        const size_t slot = size_t(chunk) * p.HV + hv;
+        // ---- stage the chunk's operands (16-byte copies; rows past the end are zero already) ----
+        {
+            constexpr int per_row = K * sizeof(E) / 16;
+            const uint4* srcs[3] = {static_cast<const uint4*>(p.Qg) + slot * kChunk * per_row,
+                                    static_cast<const uint4*>(p.Kd) + slot * kChunk * per_row,
+                                    kDelta ? static_cast<const uint4*>(p.W) + slot * kChunk * per_row : nullptr};
+            E* dsts[3] = {Qt, Kt, Wt};
+#pragma unroll
+            for (int m = 0; m < (kDelta ? 3 : 2); ++m)
+                for (int idx = tid; idx < kChunk * per_row; idx += kScanThreads) {
+                    const int r = idx / per_row, c = idx % per_row;
+                    *reinterpret_cast<uint4*>(dsts[m] + r * LDK + c * (16 / sizeof(E))) = srcs[m][idx];
+                }
+            constexpr int p_row = kChunk * sizeof(E) / 16;
+            const uint4* ps = static_cast<const uint4*>(p.P) + slot * kChunk * p_row;
+            for (int idx = tid; idx < kChunk * p_row; idx += kScanThreads) {
+                const int r = idx / p_row, c = idx % p_row;
+                *reinterpret_cast<uint4*>(Pt + r * LDP + c * (16 / sizeof(E))) = ps[idx];
+            }
+            if constexpr (kDelta) {
+                constexpr int u_row = VT * sizeof(E) / 16;
+                const uint4* us = static_cast<const uint4*>(p.U);
+                const size_t row0 = slot * kChunk;  // U rows are V wide
+                for (int idx = tid; idx < kChunk * u_row; idx += kScanThreads) {
+                    const int r = idx / u_row, c = idx % u_row;
+                    const size_t e = (row0 + r) * p.V + v0 + c * (16 / sizeof(E));
+                    *reinterpret_cast<uint4*>(Ut + r * LDV + c * (16 / sizeof(E))) = us[e / (16 / sizeof(E))];
+                }
+            } else {
+                const E* vsrc = static_cast<const E*>(p.v);
+                for (int idx = tid; idx < kChunk * VT; idx += kScanThreads) {
+                    const int r = idx / VT, c = idx % VT;
+                    E x = from_f<E>(0.f);
+                    if (r < len) {
+                        const int64_t t = si.start + int64_t(cidx) * kChunk + r;
+                        x = vsrc[si.batch * p.vs[0] + t * p.vs[1] + hv * p.vs[2] + v0 + c];
+                    }
+                    Ut[r * LDV + c] = x;
+                }
+            }
+            for (int c = tid; c < K; c += kScanThreads) gc[c] = p.gC[slot * K + c];
+        }
+        __syncthreads();
+        // ---- O = Qg S and Ũ = U − W S, rows [16·warp, +16) ----
+        float O[1][NT][4];
+        zero_acc(O);
+        const Tile<E> Sop{Sb, 1, LDK};  // (key, v) of the state
+        warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Qt + warp * 16 * LDK, LDK, 1}, Sop, K);
+        const E* Ueff = Ut;
+        if constexpr (kDelta) {
+            float WS[1][NT][4];
+            zero_acc(WS);
+            warp_gemm<E, 1, NT, kSplit>(WS, Tile<E>{Wt + warp * 16 * LDK, LDK, 1}, Sop, K);
+            for_each_acc(WS, [&](int r, int c, float& x) {
+                const int row = warp * 16 + r;
+                Unew[row * LDV + c] = from_f<E>(to_f(Ut[row * LDV + c]) - x);
+            });
+            Ueff = Unew;
+        }
+        __syncthreads();
+        // ---- O += P Ũ; write the rows that exist ----
+        warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Pt + warp * 16 * LDP, LDP, 1}, Tile<E>{Ueff, LDV, 1}, kChunk);
+        for_each_acc(O, [&](int r, int c, float& x) {
+            const int row = warp * 16 + r;
+            if (row < len) {
+                const int64_t t = si.start + int64_t(cidx) * kChunk + row;
+                store_any(p.o, p.o_dtype, si.batch * p.os[0] + t * p.os[1] + hv * p.os[2] + v0 + c, x);
+            }
+        });
+        // ---- S ← diag(γ_C) S + Kdᵀ Ũ ----
+        for_each_acc(S, [&](int r, int, float& x) { x *= gc[key0 + r]; });
+        warp_gemm<E, SMT, NT, kSplit>(S, Tile<E>{Kt + key0, 1, LDK}, Tile<E>{Ueff, LDV, 1}, kChunk);
+        __syncthreads();
+        for_each_acc(S, [&](int r, int c, float& x) { Sb[c * LDK + key0 + r] = from_f<E>(x); });
+    }
+    if (p.ht) {
+        float* ht = static_cast<float*>(p.ht) + n * p.hts[0] + hv * p.hts[1];
+        for_each_acc(S, [&](int r, int c, float& x) { ht[(key0 + r) * p.hts[2] + v0 + c] = x; });
+    }
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+template <class Kern>
+void set_smem(Kern kernel, size_t bytes, const char* op) {
+    // once per kernel instantiation; > 48 KiB of dynamic shared memory must be opted into
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), op,
+               "cudaFuncSetAttribute");
+}
+
+int sm_count();
+void* workspace_alloc(size_t bytes, const char* op);
+void workspace_free(void* ptr);
+
+template <class E, Decay D, Update Up, int K>
+void launch_prepare(const FwdParams& fp, int n_chunks, const char* op) {
+    constexpr size_t smem = prep_smem_bytes<D, Up, K>();
+    static_assert(smem <= 227 * 1024, "chunk_prepare: shared memory over the 227 KiB of an SM");
+    static const bool once = (set_smem(chunk_prepare_kernel<E, D, Up, K>, smem, op), true);
+    (void)once;
+    chunk_prepare_kernel<E, D, Up, K><<<dim3(n_chunks, fp.HV), kPrepThreads, smem>>>(fp);
+    check_cuda(cudaGetLastError(), op, "chunk_prepare launch");
+}
+
+template <class E, Update Up, int K, int VT>
+void launch_scan(const FwdParams& fp, int n_seqs, const char* op) {
+    constexpr size_t smem = ScanLayout<E, K, VT>::bytes;
+    static_assert(smem <= 227 * 1024, "chunk_scan: shared memory over the 227 KiB of an SM");
+    static const bool once = (set_smem(chunk_scan_kernel<E, Up, K, VT>, smem, op), true);
+    (void)once;
+    chunk_scan_kernel<E, Up, K, VT><<<dim3(n_seqs, fp.HV, fp.V / VT), kScanThreads, smem>>>(fp);
+    check_cuda(cudaGetLastError(), op, "chunk_scan launch");
+}
+
+// Run-time cell and sizes → template parameters, in one place.
+template <class E, int K>
+void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks) {
+    const bool delta = p.delta();
+    switch (p.cfg.decay) {
+        case Decay::None:
+            return delta ? launch_prepare<E, Decay::None, Update::Delta, K>(fp, n_chunks, p.op)
+                         : launch_prepare<E, Decay::None, Update::Additive, K>(fp, n_chunks, p.op);
+        case Decay::Fixed:
+            return delta ? launch_prepare<E, Decay::Fixed, Update::Delta, K>(fp, n_chunks, p.op)
+                         : launch_prepare<E, Decay::Fixed, Update::Additive, K>(fp, n_chunks, p.op);
+        case Decay::Scalar:
+            return delta ? launch_prepare<E, Decay::Scalar, Update::Delta, K>(fp, n_chunks, p.op)
+                         : launch_prepare<E, Decay::Scalar, Update::Additive, K>(fp, n_chunks, p.op);
+        case Decay::Vector:
+            return delta ? launch_prepare<E, Decay::Vector, Update::Delta, K>(fp, n_chunks, p.op)
+                         : launch_prepare<E, Decay::Vector, Update::Additive, K>(fp, n_chunks, p.op);
+    }
+}
+
+template <class E, int K>
+void launch_scan_cell(const Problem& p, const FwdParams& fp) {
+    const int n_seqs = int(p.N());
+    // A V-tile of 32 columns when that still gives two blocks per SM, else 16 (long single sequences).
+    const bool wide = int64_t(n_seqs) * p.HV * (p.V / 32) >= 2 * sm_count();
+    if (p.delta())
+        return wide ? launch_scan<E, Update::Delta, K, 32>(fp, n_seqs, p.op)
+                    : launch_scan<E, Update::Delta, K, 16>(fp, n_seqs, p.op);
+    return wide ? launch_scan<E, Update::Additive, K, 32>(fp, n_seqs, p.op)
+                : launch_scan<E, Update::Additive, K, 16>(fp, n_seqs, p.op);
+}
+
+inline void fill_strides(int64_t (&s)[3], const TensorView& x) {
+    for (int i = 0; i < 3; ++i) s[i] = x.defined() ? x.stride[i] : 0;
+}
+inline void fill_strides(int64_t (&s)[4], const TensorView& x) {
+    for (int i = 0; i < 4; ++i) s[i] = x.defined() ? x.stride[i] : 0;
+}
+
+template <class E>
+void forward_chunked(const Problem& p) {
+    const LinearForwardArgs& a = p.args;
+    FwdParams fp{};
+    fp.q = a.q.data;
+    fp.k = a.k.data;
+    fp.v = a.v.data;
+    fp.g = a.g.defined() ? a.g.data : nullptr;
+    fp.beta = a.beta.defined() ? a.beta.data : nullptr;
+    fp.A_log = a.A_log.defined() ? a.A_log.data : nullptr;
+    fp.dt_bias = a.dt_bias.defined() ? a.dt_bias.data : nullptr;
+    fp.h0 = a.initial_state.defined() ? a.initial_state.data : nullptr;
+    fp.o = a.o.data;
+    fp.ht = a.final_state.defined() ? a.final_state.data : nullptr;
+    fp.g_dtype = a.g.defined() ? a.g.dtype : DType::F32;
+    fp.beta_dtype = a.beta.defined() ? a.beta.dtype : DType::F32;
+    fp.o_dtype = a.o.dtype;
+    fill_strides(fp.qs, a.q);
+    fill_strides(fp.ks, a.k);
+    fill_strides(fp.vs, a.v);
+    fill_strides(fp.gs, a.g);
+    fill_strides(fp.bs, a.beta);
+    fill_strides(fp.os, a.o);
+    fill_strides(fp.h0s, a.initial_state);
+    fill_strides(fp.hts, a.final_state);
+    fp.H = int(p.H);
+    fp.HV = int(p.HV);
+    fp.G = int(p.G);
+    fp.K = int(p.K);
+    fp.V = int(p.V);
+    fp.scale = float(p.scale);
+    fp.qk_l2norm = p.cfg.qk_l2norm;
+    fp.gate_act = p.cfg.gate_activation;
+    fp.lower_bound = p.cfg.lower_bound;
+    fp.beta_act = p.cfg.beta_activation;
+
+    // Chunk table (host), then one workspace allocation holding the tables and the intermediates.
+    std::vector<ChunkInfo> chunks;
+    std::vector<SeqInfo> seqs;
+    for (size_t n = 0; n < p.seqs.size(); ++n) {
+        const Sequence& s = p.seqs[n];
+        seqs.push_back({int(s.batch), int(s.start), int(s.len), int(chunks.size())});
+        for (int64_t c = 0; c < s.len; c += kChunk)
+            chunks.push_back({int(s.batch), int(s.start + c), int(std::min<int64_t>(kChunk, s.len - c)), int(n)});
+    }
+    if (seqs.empty()) return;
+    const size_t n_chunks = chunks.size();
+    auto align = [](size_t x) { return (x + 255) & ~size_t(255); };
+    const size_t slots = n_chunks * size_t(p.HV);
+    const size_t b_tables = align(chunks.size() * sizeof(ChunkInfo)) + align(seqs.size() * sizeof(SeqInfo));
+    const size_t b_qk = align(slots * kChunk * p.K * sizeof(E));
+    const size_t b_u = p.delta() ? align(slots * kChunk * p.V * sizeof(E)) : 0;
+    const size_t b_w = p.delta() ? b_qk : 0;
+    const size_t b_p = align(slots * kChunk * kChunk * sizeof(E));
+    const size_t b_g = align(slots * p.K * sizeof(float));
+    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g;
+    char* ws = static_cast<char*>(workspace_alloc(total, p.op));
+    char* at = ws;
+    fp.chunks = reinterpret_cast<const ChunkInfo*>(at);
+    if (!chunks.empty())
+        check_cuda(cudaMemcpyAsync(at, chunks.data(), chunks.size() * sizeof(ChunkInfo), cudaMemcpyHostToDevice), p.op,
+                   "cudaMemcpyAsync(chunk table)");
+    at += align(chunks.size() * sizeof(ChunkInfo));
+    fp.seqs = reinterpret_cast<const SeqInfo*>(at);
+    check_cuda(cudaMemcpyAsync(at, seqs.data(), seqs.size() * sizeof(SeqInfo), cudaMemcpyHostToDevice), p.op,
+               "cudaMemcpyAsync(sequence table)");
+    at += align(seqs.size() * sizeof(SeqInfo));
+    fp.Qg = at;
+    at += b_qk;
+    fp.Kd = at;
+    at += b_qk;
+    fp.W = b_w ? at : nullptr;
+    at += b_w;
+    fp.U = b_u ? at : nullptr;
+    at += b_u;
+    fp.P = at;
+    at += b_p;
+    fp.gC = reinterpret_cast<float*>(at);
+
+    if (n_chunks > 0) {
+        if (p.K == 64) launch_prepare_cell<E, 64>(p, fp, int(n_chunks));
+        else launch_prepare_cell<E, 128>(p, fp, int(n_chunks));
+    }
+    if (p.K == 64) launch_scan_cell<E, 64>(p, fp);
+    else launch_scan_cell<E, 128>(p, fp);
+    workspace_free(ws);
+}
+
+}  // namespace hla::linear::cuda

@@ -1,0 +1,207 @@
+// hla — CUDA building blocks of the linear family: element types, loads and stores of any dtype, and
+// warp-level matrix products on tensor cores (mma.sync) over tiles in shared memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "hla/dtype.hpp"
+#include "hla/error.hpp"
+
+namespace hla::linear::cuda {
+
+inline void check_cuda(cudaError_t err, const char* op, const char* what) {
+    HLA_CHECK(err == cudaSuccess, op, ": CUDA error in ", what, ": ", cudaGetErrorString(err));
+}
+
+// ---- scalar loads and stores of a run-time dtype (gates, β, outputs: not on the hot path) ----------
+
+__device__ __forceinline__ float load_any(const void* p, DType t, int64_t i) {
+    switch (t) {
+        case DType::F32: return static_cast<const float*>(p)[i];
+        case DType::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+        case DType::F16: return __half2float(static_cast<const __half*>(p)[i]);
+        case DType::F64: return float(static_cast<const double*>(p)[i]);
+        case DType::I32: return float(static_cast<const int32_t*>(p)[i]);
+        case DType::I64: return float(static_cast<const int64_t*>(p)[i]);
+    }
+    return 0.f;
+}
+
+__device__ __forceinline__ void store_any(void* p, DType t, int64_t i, float x) {
+    switch (t) {
+        case DType::F32: static_cast<float*>(p)[i] = x; break;
+        case DType::BF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(x); break;
+        case DType::F16: static_cast<__half*>(p)[i] = __float2half(x); break;
+        case DType::F64: static_cast<double*>(p)[i] = double(x); break;
+        default: break;
+    }
+}
+
+__device__ __forceinline__ int64_t load_index(const void* p, DType t, int64_t i) {
+    return t == DType::I64 ? static_cast<const int64_t*>(p)[i] : int64_t(static_cast<const int32_t*>(p)[i]);
+}
+
+// ---- the compile-time element type E of q/k/v and of the intermediates ----------------------------
+
+template <class E>
+__device__ __forceinline__ float to_f(E x);
+template <>
+__device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+
+template <class E>
+__device__ __forceinline__ E from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+template <class E>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() { return DType::F32; }
+template <>
+constexpr DType dtype_of<__nv_bfloat16>() { return DType::BF16; }
+template <>
+constexpr DType dtype_of<__half>() { return DType::F16; }
+
+// ---- warp matrix products ----------------------------------------------------------------------
+//
+// A strided view of a tile in shared memory: element (r, c) = p[r * rs + c * cs]. Any layout (row-major,
+// transposed) is a pair of strides, so one product routine serves Qg·S, P·Ũ and Kdᵀ·Ũ alike.
+template <class S>
+struct Tile {
+    const S* p;
+    int rs, cs;
+    __device__ __forceinline__ S at(int r, int c) const { return p[r * rs + c * cs]; }
+    __device__ __forceinline__ Tile shifted(int r, int c) const { return Tile{p + r * rs + c * cs, rs, cs}; }
+};
+
+__device__ __forceinline__ uint32_t pack2(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+}
+__device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
+    return uint32_t(__half_as_ushort(lo)) | (uint32_t(__half_as_ushort(hi)) << 16);
+}
+
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// d += a·b for one m16n8k16 tile, 16-bit inputs, fp32 accumulation.
+__device__ __forceinline__ void mma16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __nv_bfloat16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __half) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// d += a·b for one m16n8k8 tile, tf32 inputs.
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// C[MT·16 × NT·8] += A[MT·16 × kdim] · B[kdim × NT·8] for one warp; A(m, k) and B(k, n) are tiles of
+// storage type S in shared memory. The accumulator fragment of tile (i, j) holds, for lane = 4g + t,
+// C(16i + g, 8j + 2t + {0, 1}) in c[i][j][0..1] and C(16i + g + 8, 8j + 2t + {0, 1}) in c[i][j][2..3].
+//
+// S = bf16 / fp16: mma m16n8k16. S = float: tf32 m16n8k8, and with kSplit the "3×tf32" scheme
+// (a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi), which keeps fp32 inputs at about fp32 accuracy.
+template <class S, int MT, int NT, bool kSplit = false>
+__device__ __forceinline__ void warp_gemm(float (&c)[MT][NT][4], Tile<S> A, Tile<S> B, int kdim) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    if constexpr (sizeof(S) == 2) {
+        for (int k0 = 0; k0 < kdim; k0 += 16) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                const int r = 16 * i + g;
+                a[i][0] = pack2(A.at(r, k0 + 2 * t), A.at(r, k0 + 2 * t + 1));
+                a[i][1] = pack2(A.at(r + 8, k0 + 2 * t), A.at(r + 8, k0 + 2 * t + 1));
+                a[i][2] = pack2(A.at(r, k0 + 2 * t + 8), A.at(r, k0 + 2 * t + 9));
+                a[i][3] = pack2(A.at(r + 8, k0 + 2 * t + 8), A.at(r + 8, k0 + 2 * t + 9));
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int n = 8 * j + g;
+                const uint32_t b[2] = {pack2(B.at(k0 + 2 * t, n), B.at(k0 + 2 * t + 1, n)),
+                                       pack2(B.at(k0 + 2 * t + 8, n), B.at(k0 + 2 * t + 9, n))};
+#pragma unroll
+                for (int i = 0; i < MT; ++i) mma16(c[i][j], a[i], b, S());
+            }
+        }
+    } else {
+        for (int k0 = 0; k0 < kdim; k0 += 8) {
+            uint32_t a[MT][4], al[MT][4];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                const int r = 16 * i + g;
+                const float x[4] = {A.at(r, k0 + t), A.at(r + 8, k0 + t), A.at(r, k0 + t + 4), A.at(r + 8, k0 + t + 4)};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    a[i][e] = to_tf32(x[e]);
+                    if constexpr (kSplit) al[i][e] = to_tf32(x[e] - __uint_as_float(a[i][e]));
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int n = 8 * j + g;
+                const float y[2] = {B.at(k0 + t, n), B.at(k0 + t + 4, n)};
+                const uint32_t b[2] = {to_tf32(y[0]), to_tf32(y[1])};
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    if constexpr (kSplit) {
+                        const uint32_t bl[2] = {to_tf32(y[0] - __uint_as_float(b[0])),
+                                                to_tf32(y[1] - __uint_as_float(b[1]))};
+                        mma_tf32(c[i][j], al[i], b);
+                        mma_tf32(c[i][j], a[i], bl);
+                    }
+                    mma_tf32(c[i][j], a[i], b);
+                }
+            }
+        }
+    }
+}
+
+// Visits the accumulator fragment: f(row, col, value&) for every element a lane holds.
+template <int MT, int NT, class F>
+__device__ __forceinline__ void for_each_acc(float (&c)[MT][NT][4], F&& f) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) f(16 * i + g + 8 * (e >> 1), 8 * j + 2 * t + (e & 1), c[i][j][e]);
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void zero_acc(float (&c)[MT][NT][4]) {
+    for_each_acc(c, [](int, int, float& x) { x = 0.f; });
+}
+
+}  // namespace hla::linear::cuda

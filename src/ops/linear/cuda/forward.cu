@@ -1,0 +1,62 @@
+// hla — the CUDA backend's entry points for the linear family: picks the dtype instantiation of the
+// chunked forward (fwd_<dtype>.cu) and owns the few runtime services the kernels share.
+#include <cstdint>
+
+#include "ops/linear/cuda/common.cuh"
+#include "ops/linear/problem.hpp"
+
+namespace hla::linear::cuda {
+
+template <class E>
+void forward_chunked(const Problem& p);  // chunk_fwd.cuh, instantiated in fwd_<dtype>.cu
+
+int sm_count() {
+    int dev = 0, n = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    return n > 0 ? n : 1;
+}
+
+// Stream-ordered allocation from the device's default pool. The pool keeps freed memory (release
+// threshold raised once) so that steady-state calls map nothing new: a forward's workspace is
+// O(tokens · heads · K) and is needed again by the next call.
+void* workspace_alloc(size_t bytes, const char* op) {
+    static const bool pool_ready = [] {
+        int dev = 0;
+        cudaGetDevice(&dev);
+        cudaMemPool_t pool;
+        if (cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess) {
+            uint64_t keep = UINT64_MAX;
+            cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+        }
+        return true;
+    }();
+    (void)pool_ready;
+    void* ptr = nullptr;
+    check_cuda(cudaMallocAsync(&ptr, bytes, 0), op, "cudaMallocAsync(workspace)");
+    return ptr;
+}
+
+void workspace_free(void* ptr) { cudaFreeAsync(ptr, 0); }
+
+void forward(const Problem& p) {
+    const LinearForwardArgs& a = p.args;
+    HLA_CHECK(a.k.dtype == a.q.dtype && a.v.dtype == a.q.dtype, p.op,
+              ": q/k/v: the CUDA backend needs one dtype for q, k and v, got q ", dtype_name(a.q.dtype), ", k ",
+              dtype_name(a.k.dtype), ", v ", dtype_name(a.v.dtype));
+    HLA_CHECK(p.K == 64 || p.K == 128, p.op, ": q: the CUDA chunked forward supports K in {64, 128}, got K = ", p.K);
+    HLA_CHECK(p.V == 64 || p.V == 128, p.op, ": v: the CUDA chunked forward supports V in {64, 128}, got V = ", p.V);
+    HLA_CHECK(p.T < (int64_t(1) << 31), p.op, ": q: T = ", p.T, " tokens exceeds the CUDA backend's 2^31 limit");
+    check_cuda(cudaSetDevice(a.q.device_index), p.op, "cudaSetDevice");
+    switch (a.q.dtype) {
+        case DType::BF16: return forward_chunked<__nv_bfloat16>(p);
+        case DType::F16: return forward_chunked<__half>(p);
+        default: return forward_chunked<float>(p);
+    }
+}
+
+void backward(const Problem& p, const TensorView&, const TensorView&, const LinearGrads&) {
+    detail::fail(p.op, ": backward is not implemented on CUDA yet (use CPU tensors, or Backend::Reference)");
+}
+
+}  // namespace hla::linear::cuda

@@ -1,0 +1,7 @@
+// hla — explicit instantiation of the chunked forward for bf16 inputs (one dtype per file so the
+// build runs them in parallel).
+#include "ops/linear/cuda/chunk_fwd.cuh"
+
+namespace hla::linear::cuda {
+template void forward_chunked<__nv_bfloat16>(const Problem& p);
+}  // namespace hla::linear::cuda

@@ -1,0 +1,369 @@
+// hla — the linear family on CUDA against the fp64 CPU reference (tolerance policy of DESIGN.md:
+// error ≤ 2 × error of the reference run in the same precision + a small floor).
+//
+// Input ranges: q ~ N(0, 1), k unit rows (or raw N(0, 1) with in-kernel L2 norm), v ~ N(0, 1), log
+// decay uniform in [gate_min, gate_max] (default [−3, −0.01]), β uniform in [beta_min, beta_max]
+// (default [0, 1]); stress cases push each to its edge.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "hla/hla.hpp"
+#include "ops/linear/problem.hpp"
+#include "support/linear_case.hpp"
+
+using namespace hla;
+using namespace hla::test;
+
+namespace {
+
+#define REQUIRE_GPU()                                                                                  \
+    do {                                                                                               \
+        if (!cuda_available()) GTEST_SKIP() << "no CUDA device visible to this process (or hla built " \
+                                               "without CUDA): the GPU tests need one";                \
+    } while (0)
+
+LinearCase make_case(const std::string& name, LinearConfig cfg, DType dtype, int64_t B, int64_t T, int64_t H,
+                     int64_t HV, int64_t K, int64_t V) {
+    LinearCase c;
+    c.name = name;
+    c.cfg = cfg;
+    c.dtype = dtype;
+    c.B = B;
+    c.T = T;
+    c.H = H;
+    c.HV = HV;
+    c.K = K;
+    c.V = V;
+    return c;
+}
+
+// A view of tokens [t0, t0 + n) of a [B, T, ...] tensor.
+TensorView token_slice(const TensorView& x, int64_t t0, int64_t n) {
+    if (!x.defined()) return x;
+    TensorView s = x;
+    s.data = static_cast<char*>(x.data) + t0 * x.stride[1] * int64_t(dtype_size(x.dtype));
+    s.shape[1] = n;
+    return s;
+}
+
+struct References {
+    Tensor o64, s64, o_p, s_p;  // fp64 reference and the reference run in the case's precision
+};
+
+References run_references(const LinearCase& c, const LinearInputs& cpu) {
+    References r;
+    r.o64 = Tensor({c.B, c.T, c.HV, c.V}, DType::F64);
+    r.s64 = poisoned_state(c, cpu.N);
+    LinearConfig rc = c.cfg;
+    rc.backend = Backend::Reference;
+    linear_forward(rc, cpu.args(r.o64, &r.s64));
+    r.o_p = poisoned_output(c);
+    r.s_p = poisoned_state(c, cpu.N);
+    reference_forward_in_precision(c.cfg, cpu.args(r.o_p, &r.s_p), c.dtype);
+    return r;
+}
+
+// The CUDA forward of a case (one call over all tokens) checked against the references.
+void check_forward(const LinearCase& c, uint64_t seed = 1) {
+    const LinearInputs cpu = make_inputs(c, seed);
+    const References ref = run_references(c, cpu);
+    const LinearInputs dev = cpu.move_to(Device::CUDA);
+    Tensor o = poisoned_output(c, Device::CUDA);
+    Tensor s = poisoned_state(c, cpu.N, Device::CUDA);
+    linear_forward(c.cfg, dev.args(o, &s));
+    cuda_synchronize();
+    expect_close(c.name + ": o", o.to(Device::CPU), ref.o64, ref.o_p);
+    expect_close(c.name + ": final_state", s.to(Device::CPU), ref.s64, ref.s_p);
+}
+
+struct Cell {
+    const char* name;
+    LinearConfig (*config)();
+};
+const Cell kCells[] = {{"linear_attn", linear_attn_config},   {"lightning_attn", lightning_attn_config},
+                       {"simple_gla", simple_gla_config},     {"gla", gla_config},
+                       {"delta_rule", delta_rule_config},     {"gated_delta_rule", gated_delta_rule_config},
+                       {"kda", kda_config}};
+
+std::string dtype_tag(DType d) { return dtype_name(d); }
+
+}  // namespace
+
+// Every cell in every input dtype: ragged T (3 chunks + 8 tokens), grouped value heads, initial state.
+TEST(LinearCuda, EveryCellEveryDtype) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells)
+        for (DType dt : {DType::BF16, DType::F16, DType::F32}) {
+            LinearCase c = make_case(std::string(cell.name) + "/" + dtype_tag(dt), cell.config(), dt, 2, 200, 2, 4, 64, 64);
+            c.initial_state = true;
+            check_forward(c);
+        }
+}
+
+TEST(LinearCuda, HeadDims) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells)
+        for (auto kv : {std::pair<int64_t, int64_t>{128, 128}, {64, 128}, {128, 64}}) {
+            LinearCase c = make_case(std::string(cell.name) + "/K" + std::to_string(kv.first) + "V" +
+                                         std::to_string(kv.second),
+                                     cell.config(), DType::BF16, 1, 130, 2, 2, kv.first, kv.second);
+            c.initial_state = true;
+            check_forward(c);
+        }
+}
+
+TEST(LinearCuda, SingleToken) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells) {
+        LinearCase c = make_case(std::string(cell.name) + "/T1", cell.config(), DType::BF16, 3, 1, 2, 2, 64, 64);
+        c.initial_state = true;
+        check_forward(c);
+    }
+}
+
+TEST(LinearCuda, VarlenWithEmptySequences) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells) {
+        LinearCase c = make_case(std::string(cell.name) + "/varlen", cell.config(), DType::BF16, 1, 200, 2, 4, 64, 64);
+        c.cu_seqlens = {0, 0, 70, 70, 133, 200, 200};
+        c.initial_state = true;
+        check_forward(c);
+    }
+}
+
+// g = −1000 everywhere (the state forgets every token), and long runs of strongly negative gates
+// (a 16-token block of the vector decay spans far more than e^80: the entry-by-entry path).
+TEST(LinearCuda, ExtremeGates) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells) {
+        const LinearConfig cfg = cell.config();
+        if (cfg.decay != Decay::Scalar && cfg.decay != Decay::Vector) continue;
+        for (auto range : {std::pair<double, double>{-1000, -1000}, {-40, 0}, {-1000, 0}}) {
+            LinearCase c = make_case(std::string(cell.name) + "/g[" + std::to_string(int(range.first)) + "," +
+                                         std::to_string(int(range.second)) + "]",
+                                     cfg, DType::F32, 2, 150, 2, 2, 64, 64);
+            c.gate_min = range.first;
+            c.gate_max = range.second;
+            c.initial_state = true;
+            check_forward(c);
+            c.dtype = DType::BF16;
+            c.name += "/bf16";
+            check_forward(c);
+        }
+    }
+}
+
+TEST(LinearCuda, BetaEdges) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells) {
+        const LinearConfig cfg = cell.config();
+        if (cfg.update != Update::Delta) continue;
+        for (double b : {0.0, 1.0}) {
+            LinearCase c = make_case(std::string(cell.name) + "/beta=" + std::to_string(int(b)), cfg, DType::BF16, 2,
+                                     100, 2, 2, 64, 64);
+            c.beta_min = c.beta_max = b;
+            c.initial_state = true;
+            check_forward(c);
+        }
+    }
+}
+
+TEST(LinearCuda, InKernelOptions) {
+    REQUIRE_GPU();
+    {
+        LinearConfig cfg = gated_delta_rule_config();
+        cfg.qk_l2norm = true;
+        cfg.gate_activation = GateActivation::SoftplusDecay;
+        cfg.beta_activation = BetaActivation::Sigmoid;
+        cfg.scale = 0.3;
+        check_forward(make_case("gdn/l2norm+softplus+sigmoid", cfg, DType::BF16, 2, 150, 2, 4, 128, 128));
+    }
+    {
+        LinearConfig cfg = kda_config();
+        cfg.qk_l2norm = true;
+        cfg.gate_activation = GateActivation::SoftplusDecay;
+        cfg.beta_activation = BetaActivation::Sigmoid2x;
+        check_forward(make_case("kda/l2norm+softplus+sigmoid2x", cfg, DType::BF16, 2, 150, 2, 2, 128, 128));
+    }
+    {
+        LinearConfig cfg = kda_config();
+        cfg.qk_l2norm = true;
+        cfg.gate_activation = GateActivation::BoundedSigmoid;
+        cfg.lower_bound = -5.f;
+        cfg.beta_activation = BetaActivation::Sigmoid;
+        LinearCase c = make_case("kda/bounded-sigmoid", cfg, DType::F16, 1, 150, 2, 2, 64, 64);
+        c.initial_state = true;
+        check_forward(c);
+    }
+    {
+        LinearConfig cfg = gated_delta_rule_config();
+        LinearCase c = make_case("gdn/large-initial-state", cfg, DType::BF16, 2, 100, 2, 2, 64, 64);
+        c.initial_state = true;
+        c.initial_state_scale = 100;
+        check_forward(c);
+    }
+}
+
+// Two calls over [0, T1) and [T1, T) with the final state handed over equal one call over [0, T).
+TEST(LinearCuda, StateHandOff) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells) {
+        LinearCase c = make_case(std::string(cell.name) + "/hand-off", cell.config(), DType::BF16, 2, 150, 2, 2, 64, 64);
+        c.initial_state = true;
+        const LinearInputs cpu = make_inputs(c, 7);
+        const References ref = run_references(c, cpu);
+        const LinearInputs dev = cpu.move_to(Device::CUDA);
+        Tensor o = poisoned_output(c, Device::CUDA);
+        Tensor mid = poisoned_state(c, cpu.N, Device::CUDA);
+        Tensor fin = poisoned_state(c, cpu.N, Device::CUDA);
+        const int64_t T1 = 77;
+        for (int part = 0; part < 2; ++part) {
+            const int64_t t0 = part == 0 ? 0 : T1, n = part == 0 ? T1 : c.T - T1;
+            LinearForwardArgs a = dev.args(o, part == 0 ? &mid : &fin);
+            a.q = token_slice(a.q, t0, n);
+            a.k = token_slice(a.k, t0, n);
+            a.v = token_slice(a.v, t0, n);
+            if (c.cfg.decay == Decay::Scalar || c.cfg.decay == Decay::Vector) a.g = token_slice(a.g, t0, n);
+            a.beta = token_slice(a.beta, t0, n);
+            a.o = token_slice(a.o, t0, n);
+            if (part == 1) a.initial_state = mid;
+            linear_forward(c.cfg, a);
+        }
+        cuda_synchronize();
+        expect_close(c.name + ": o", o.to(Device::CPU), ref.o64, ref.o_p);
+        expect_close(c.name + ": final_state", fin.to(Device::CPU), ref.s64, ref.s_p);
+    }
+}
+
+// Decode, token by token (and 3 tokens per call) from permuted state slots, equals the forward.
+TEST(LinearCuda, DecodeMatchesForward) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells)
+        for (int64_t K : {64, 128})
+            for (int64_t step : {1, 3}) {
+                LinearConfig cfg = cell.config();
+                if (cfg.update == Update::Delta && K == 128) {
+                    cfg.qk_l2norm = true;
+                    cfg.beta_activation = BetaActivation::Sigmoid;
+                }
+                if (cfg.decay == Decay::Vector && K == 128) cfg.gate_activation = GateActivation::SoftplusDecay;
+                LinearCase c = make_case(std::string(cell.name) + "/decode/K" + std::to_string(K) + "/step" +
+                                             std::to_string(step),
+                                         cfg, DType::BF16, 3, 12, 2, 4, K, 64);
+                c.initial_state = true;
+                const LinearInputs cpu = make_inputs(c, 11);
+                const References ref = run_references(c, cpu);
+                const LinearInputs dev = cpu.move_to(Device::CUDA);
+                // slots: sequence n lives in slot perm[n] of 5; the others must stay untouched
+                const std::vector<int32_t> perm = {3, 0, 4};
+                Tensor slots_cpu = Tensor::zeros({5, c.HV, K, c.V}, DType::F32);
+                const int64_t per = c.HV * K * c.V;
+                for (int64_t n = 0; n < 3; ++n)
+                    std::copy(cpu.initial_state.ptr<float>() + n * per, cpu.initial_state.ptr<float>() + (n + 1) * per,
+                              slots_cpu.ptr<float>() + perm[size_t(n)] * per);
+                for (int64_t i = 0; i < per; ++i) {
+                    slots_cpu.ptr<float>()[1 * per + i] = 42.f;
+                    slots_cpu.ptr<float>()[2 * per + i] = -7.f;
+                }
+                Tensor slots = slots_cpu.to(Device::CUDA);
+                Tensor idx_cpu({3}, DType::I32);
+                for (int n = 0; n < 3; ++n) idx_cpu.ptr<int32_t>()[n] = perm[size_t(n)];
+                Tensor idx = idx_cpu.to(Device::CUDA);
+                Tensor o = poisoned_output(c, Device::CUDA);
+                for (int64_t t0 = 0; t0 < c.T; t0 += step) {
+                    LinearDecodeArgs d;
+                    d.q = token_slice(dev.q, t0, step);
+                    d.k = token_slice(dev.k, t0, step);
+                    d.v = token_slice(dev.v, t0, step);
+                    d.g = (c.cfg.decay == Decay::Scalar || c.cfg.decay == Decay::Vector) ? token_slice(dev.g, t0, step)
+                                                                                           : dev.g.view();
+                    d.beta = token_slice(dev.beta, t0, step);
+                    d.A_log = dev.A_log;
+                    d.dt_bias = dev.dt_bias;
+                    d.state = slots;
+                    d.state_indices = idx;
+                    d.o = token_slice(o, t0, step);
+                    linear_decode(c.cfg, d);
+                }
+                cuda_synchronize();
+                expect_close(c.name + ": o", o.to(Device::CPU), ref.o64, ref.o_p);
+                const Tensor out_slots = slots.to(Device::CPU);
+                Tensor fin = Tensor({3, c.HV, K, c.V}, DType::F32);
+                for (int64_t n = 0; n < 3; ++n)
+                    std::copy(out_slots.ptr<float>() + perm[size_t(n)] * per,
+                              out_slots.ptr<float>() + (perm[size_t(n)] + 1) * per, fin.ptr<float>() + n * per);
+                expect_close(c.name + ": final_state", fin, ref.s64, ref.s_p);
+                for (int64_t i = 0; i < per; ++i) {
+                    ASSERT_EQ(out_slots.ptr<float>()[1 * per + i], 42.f) << c.name << ": unused slot 1 was written";
+                    ASSERT_EQ(out_slots.ptr<float>()[2 * per + i], -7.f) << c.name << ": unused slot 2 was written";
+                }
+            }
+}
+
+// A negative slot index skips its sequence: o untouched (still NaN), no state written.
+TEST(LinearCuda, DecodeSkipsNegativeSlots) {
+    REQUIRE_GPU();
+    LinearCase c = make_case("gdn/decode-skip", gated_delta_rule_config(), DType::BF16, 2, 1, 2, 2, 64, 64);
+    const LinearInputs dev = make_inputs(c, 3).move_to(Device::CUDA);
+    Tensor slots_cpu = Tensor::zeros({2, c.HV, c.K, c.V}, DType::F32);
+    Tensor slots = slots_cpu.to(Device::CUDA);
+    Tensor idx_cpu({2}, DType::I64);
+    idx_cpu.ptr<int64_t>()[0] = -1;
+    idx_cpu.ptr<int64_t>()[1] = 1;
+    Tensor idx = idx_cpu.to(Device::CUDA);
+    Tensor o = poisoned_output(c, Device::CUDA);
+    LinearDecodeArgs d;
+    d.q = dev.q;
+    d.k = dev.k;
+    d.v = dev.v;
+    d.g = dev.g;
+    d.beta = dev.beta;
+    d.state = slots;
+    d.state_indices = idx;
+    d.o = o;
+    linear_decode(c.cfg, d);
+    cuda_synchronize();
+    const Tensor oc = o.to(Device::CPU), sc = slots.to(Device::CPU);
+    const int64_t row = c.HV * c.V, per = c.HV * c.K * c.V;
+    for (int64_t i = 0; i < row; ++i) {
+        ASSERT_TRUE(std::isnan(load_as_double(oc.data(), oc.dtype(), i))) << "o of the skipped sequence was written";
+        ASSERT_TRUE(std::isfinite(load_as_double(oc.data(), oc.dtype(), row + i))) << "o of sequence 1 is not finite";
+    }
+    double slot0 = 0, slot1 = 0;
+    for (int64_t i = 0; i < per; ++i) {
+        slot0 += std::fabs(sc.ptr<float>()[i]);
+        slot1 += std::fabs(sc.ptr<float>()[per + i]);
+    }
+    EXPECT_EQ(slot0, 0.0) << "slot 0 belongs to no live sequence and must stay zero";
+    EXPECT_GT(slot1, 0.0) << "slot 1 must hold sequence 1's updated state";
+}
+
+TEST(LinearCuda, UnsupportedShapesAreClearErrors) {
+    REQUIRE_GPU();
+    LinearCase c = make_case("gdn/K32", gated_delta_rule_config(), DType::BF16, 1, 16, 1, 1, 32, 64);
+    const LinearInputs dev = make_inputs(c, 1).move_to(Device::CUDA);
+    Tensor o = poisoned_output(c, Device::CUDA);
+    try {
+        linear_forward(c.cfg, dev.args(o));
+        FAIL() << "K = 32 should be rejected on CUDA";
+    } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("K in {64, 128}"), std::string::npos) << e.what();
+    }
+}
+
+TEST(LinearCuda, BackwardNotImplementedIsAClearError) {
+    REQUIRE_GPU();
+    LinearCase c = make_case("gdn/backward", gated_delta_rule_config(), DType::BF16, 1, 16, 1, 1, 64, 64);
+    const LinearInputs dev = make_inputs(c, 1).move_to(Device::CUDA);
+    Tensor d_o = poisoned_output(c, Device::CUDA);
+    LinearGradTensors g = poisoned_grads(c, 1, Device::CUDA);
+    try {
+        linear_backward(c.cfg, dev.args(Tensor()), d_o, TensorView(), g.views());
+        FAIL() << "backward on CUDA should say it is not implemented";
+    } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("not implemented on CUDA"), std::string::npos) << e.what();
+    }
+}
