@@ -60,7 +60,7 @@ void check_absent(const char* op, const char* name, const TensorView& x, const c
 
 std::vector<int64_t> read_indices(const TensorView& x) {
     const int64_t n = x.numel();
-    std::vector<int64_t> out(size_t(n));
+    std::vector<int64_t> out(static_cast<size_t>(n));
     std::vector<char> host;
     const void* base = x.data;
     const size_t esize = dtype_size(x.dtype);

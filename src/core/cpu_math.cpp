@@ -1,0 +1,121 @@
+#include "core/cpu_math.hpp"
+
+#include <algorithm>
+
+namespace hla::cpu {
+
+namespace {
+
+// MR rows × NV vectors of columns, accumulated in registers over the whole P loop.
+// 6 × 2 vectors = 12 accumulators (+2 B loads, +1 broadcast) fits the 32 AVX-512 registers with room.
+template <int MR, int NV>
+inline void micro_kernel(int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col, const float* B,
+                         int64_t ldb, float beta, float* C, int64_t ldc) {
+    vf acc[MR][NV];
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+    for (int64_t p = 0; p < P; ++p) {
+        vf b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = load(B + p * ldb + v * kVec);
+        for (int r = 0; r < MR; ++r) {
+            const vf a = splat(A[r * a_row + p * a_col]);
+            for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+        }
+    }
+    const vf va = splat(alpha);
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) {
+            float* c = C + r * ldc + v * kVec;
+            store(c, beta == 0.0f ? va * acc[r][v] : load(c) + va * acc[r][v]);
+        }
+}
+
+template <int NV>
+inline void row_panel(int64_t M, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col,
+                      const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+    int64_t i = 0;
+    for (; i + 6 <= M; i += 6) micro_kernel<6, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc);
+    switch (M - i) {
+        case 5: micro_kernel<5, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc); break;
+        case 4: micro_kernel<4, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc); break;
+        case 3: micro_kernel<3, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc); break;
+        case 2: micro_kernel<2, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc); break;
+        case 1: micro_kernel<1, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc); break;
+        default: break;
+    }
+}
+
+}  // namespace
+
+void gemm(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col, const float* B,
+          int64_t ldb, float beta, float* C, int64_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (P <= 0) {
+        if (beta == 0.0f)
+            for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+        return;
+    }
+    int64_t j = 0;
+    for (; j + 2 * kVec <= N; j += 2 * kVec) row_panel<2>(M, P, alpha, A, a_row, a_col, B + j, ldb, beta, C + j, ldc);
+    for (; j + kVec <= N; j += kVec) row_panel<1>(M, P, alpha, A, a_row, a_col, B + j, ldb, beta, C + j, ldc);
+    if (j < N) {
+        // Column tail (N not a multiple of 16: small test shapes): plain loops.
+        for (int64_t i = 0; i < M; ++i)
+            for (int64_t jj = j; jj < N; ++jj) {
+                float s = 0;
+                for (int64_t p = 0; p < P; ++p) s += A[i * a_row + p * a_col] * B[p * ldb + jj];
+                C[i * ldc + jj] = beta == 0.0f ? alpha * s : C[i * ldc + jj] + alpha * s;
+            }
+    }
+}
+
+// exp(x) = 2^n · exp(r), n = round(x·log2 e), r = x − n·ln2 ∈ [−ln2/2, ln2/2], exp(r) by its degree-6
+// Taylor polynomial (truncation error < 3e-8 there); 2^n is built directly in the exponent bits.
+typedef int32_t vi __attribute__((vector_size(kVec * sizeof(int32_t))));
+
+static inline vf exp_vec(vf x) {
+    const vf lo = splat(-87.3f), hi = splat(88.0f);
+    const vi underflow = x < lo;
+    vf xc = x < lo ? lo : x;
+    xc = xc > hi ? hi : xc;
+    // round to nearest: adding 1.5·2^23 pushes the fraction out of the mantissa
+    const vf shifter = splat(12582912.0f);
+    const vf n = (xc * splat(1.44269504088896341f) + shifter) - shifter;
+    const vf r = (xc - n * splat(0.693145751953125f)) - n * splat(1.42860682030941723212e-6f);
+    vf p = splat(1.0f / 720);
+    p = p * r + splat(1.0f / 120);
+    p = p * r + splat(1.0f / 24);
+    p = p * r + splat(1.0f / 6);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf two_n;
+    std::memcpy(&two_n, &bits, sizeof(two_n));
+    const vf y = p * two_n;
+    return underflow ? splat(0.0f) : y;
+}
+
+void exp_inplace(float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + kVec <= n; i += kVec) store(x + i, exp_vec(load(x + i)));
+    if (i < n) {
+        float tail[kVec] = {};
+        std::memcpy(tail, x + i, size_t(n - i) * sizeof(float));
+        store(tail, exp_vec(load(tail)));
+        std::memcpy(x + i, tail, size_t(n - i) * sizeof(float));
+    }
+}
+
+float exp_scalar(float x) {
+    float v[kVec] = {x};
+    store(v, exp_vec(load(v)));
+    return v[0];
+}
+
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * ld + c];
+}
+
+}  // namespace hla::cpu

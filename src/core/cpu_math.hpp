@@ -1,0 +1,40 @@
+// hla — small dense kernels for the CPU backends: a register-blocked fp32 matrix product and a
+// vectorised exp. Written with GCC vector extensions so one source compiles to AVX-512 (16 floats a
+// register) with -march=native on the project's machines and to narrower registers elsewhere.
+//
+// The matrices here are chunk-sized (64 × 128 × 128): they live in L1/L2, so a register-blocked
+// micro-kernel without packing reaches most of the FMA peak; packing would cost more than it saves.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace hla::cpu {
+
+constexpr int kVec = 16;  // floats per vector register (AVX-512); the compiler splits it on narrower ISAs
+typedef float vf __attribute__((vector_size(kVec * sizeof(float))));
+typedef float vf_unaligned __attribute__((vector_size(kVec * sizeof(float)), aligned(4)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+inline void store(float* p, vf x) { *reinterpret_cast<vf_unaligned*>(p) = x; }
+// Broadcast. (Not `vf{} + x`: 0 + x is not an identity for x = −0, so the compiler keeps a scalar add.)
+static_assert(kVec == 16, "splat spells out 16 lanes");
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+// C[i, j] = beta·C[i, j] + alpha · Σ_p A[i·a_row + p·a_col] · B[p·ldb + j]
+//   i < M, j < N, p < P; B rows contiguous, A with arbitrary strides (so Aᵀ costs nothing);
+//   beta ∈ {0, 1}: 0 overwrites C (C may hold garbage), 1 accumulates.
+void gemm(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// y[i] = exp(x[i]) for x ≤ 88; |relative error| < 2e-7; x < −87.3 gives 0 (the true value underflows).
+void exp_inplace(float* x, int64_t n);
+
+// Scalar version with the same accuracy, for odd sizes.
+float exp_scalar(float x);
+
+// Copies a [rows, cols] block with row stride ld into a contiguous [cols, rows] block (transpose).
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst);
+
+}  // namespace hla::cpu

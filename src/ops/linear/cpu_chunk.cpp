@@ -1,0 +1,399 @@
+#include "ops/linear/cpu_chunk.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/cpu_math.hpp"
+
+namespace hla::linear::cpu {
+
+using hla::cpu::exp_inplace;
+using hla::cpu::gemm;
+using hla::cpu::transpose;
+
+Workspace::Workspace(int64_t K_, int64_t V_) : K(K_), V(V_) {
+    const int64_t C = kChunk, D = std::max(K, V);
+    for (auto* buf : {&eb, &ebar, &kg, &qg, &kbar, &dqg, &dkbar, &dkg, &tmp1, &tmp2, &blk_out}) buf->assign(C * K, 0.0f);
+    for (auto* buf : {&y, &x, &xt, &dx, &z, &dy}) buf->assign(C * V, 0.0f);
+    for (auto* buf : {&d, &a, &p, &gamma_lower, &dp, &da}) buf->assign(C * C, 0.0f);
+    s0t.assign(K * V, 0.0f);
+    dst.assign(K * V, 0.0f);
+    blk_x.assign(kBlock * K, 0.0f);
+    blk_yt.assign(C * K, 0.0f);
+    row.assign(std::max<int64_t>(D, C), 0.0f);
+    diag.assign(C, 0.0f);
+}
+
+namespace {
+
+// ---- decayed products ---------------------------------------------------------------------------
+// E_ij = ⟨x_i, y_j⟩_b over the lower triangle (diag: j ≤ i, else j < i), zero above.
+// apply:   out_i += Σ_j E_ij y_j ⊙ exp(b_i − b_j)      (∂/∂x of Σ dE ⊙ E, with dE as E)
+// apply_t: out_j += Σ_i E_ij x_i ⊙ exp(b_i − b_j)      (∂/∂y)
+
+// Scalar decay: Γ_ij = exp(b_i − b_j) on the lower triangle, so every product is a masked matmul.
+void scalar_gamma(const float* b, int L, float* gamma) {
+    for (int i = 0; i < L; ++i) {
+        float* g = gamma + i * kChunk;
+        for (int j = 0; j <= i; ++j) g[j] = b[i] - b[j];
+        exp_inplace(g, i + 1);
+        std::fill(g + i + 1, g + kChunk, 0.0f);
+    }
+}
+
+// E (ld kChunk) ← mask ⊙ Γ ⊙ E
+void mask_scale(float* E, const float* gamma, int L, bool diag) {
+    for (int i = 0; i < L; ++i) {
+        float* e = E + i * kChunk;
+        const float* g = gamma + i * kChunk;
+        const int end = diag ? i + 1 : i;
+        for (int j = 0; j < end; ++j) e[j] *= g[j];
+        std::fill(e + end, e + L, 0.0f);
+    }
+}
+
+template <bool kVector>
+struct Decayed;
+
+template <>
+struct Decayed<false> {
+    static void scores(const float* x, const float* y, int L, int64_t K, const float* /*b*/, bool diag, float* E,
+                       Workspace& w) {
+        transpose(y, L, K, K, w.blk_yt.data());  // [K, L]
+        gemm(L, L, K, 1.0f, x, K, 1, w.blk_yt.data(), L, 0.0f, E, kChunk);
+        mask_scale(E, w.gamma_lower.data(), L, diag);
+    }
+    // E is already masked and decayed by scores/mask_scale in the scalar case.
+    static void apply(const float* E, const float* y, int L, int64_t K, const float*, bool, float* out, Workspace&) {
+        gemm(L, K, L, 1.0f, E, kChunk, 1, y, K, 1.0f, out, K);
+    }
+    static void apply_t(const float* E, const float* x, int L, int64_t K, const float*, bool, float* out, Workspace&) {
+        gemm(L, K, L, 1.0f, E, 1, kChunk, x, K, 1.0f, out, K);
+    }
+    // For gradients dE arrive undecayed: decay them once so apply/apply_t are plain products.
+    static void prepare_grad(float* dE, int L, bool diag, Workspace& w) { mask_scale(dE, w.gamma_lower.data(), L, diag); }
+};
+
+template <>
+struct Decayed<true> {
+    // Diagonal block [i0, i1): E_ij = Σ_c x_ic y_jc exp(b_ic − b_jc), each factor ≤ 1 computed directly.
+    static void diag_block_scores(const float* x, const float* y, int64_t K, const float* b, int i0, int i1, bool diag,
+                                  float* E, Workspace& w) {
+        float* e = w.row.data();
+        for (int i = i0; i < i1; ++i) {
+            const int end = diag ? i + 1 : i;
+            for (int j = i0; j < end; ++j) {
+                for (int64_t c = 0; c < K; ++c) e[c] = b[i * K + c] - b[j * K + c];
+                exp_inplace(e, K);
+                float s = 0;
+                for (int64_t c = 0; c < K; ++c) s += x[i * K + c] * y[j * K + c] * e[c];
+                E[i * kChunk + j] = s;
+            }
+        }
+    }
+
+    // rows [i0, i1) of `src` ⊙ exp(±(b_rows − b_r)) into dst (ld K); sign +1: exp(b_i − b_r), −1: exp(b_r − b_i)
+    static void scale_rows(const float* src, const float* b, int64_t K, int i0, int i1, int r, float sign, float* dst) {
+        for (int i = i0; i < i1; ++i) {
+            float* d = dst + (i - i0) * K;
+            for (int64_t c = 0; c < K; ++c) d[c] = sign * (b[i * K + c] - b[r * K + c]);
+            exp_inplace(d, K);
+            for (int64_t c = 0; c < K; ++c) d[c] *= src[i * K + c];
+        }
+    }
+
+    static void scores(const float* x, const float* y, int L, int64_t K, const float* b, bool diag, float* E,
+                       Workspace& w) {
+        for (int i = 0; i < L; ++i) std::fill(E + i * kChunk, E + i * kChunk + L, 0.0f);
+        for (int i0 = 0; i0 < L; i0 += kBlock) {
+            const int i1 = std::min(L, i0 + kBlock);
+            diag_block_scores(x, y, K, b, i0, i1, diag, E, w);
+            if (i0 == 0) continue;
+            const int r = i0 - 1;
+            scale_rows(x, b, K, i0, i1, r, +1.0f, w.blk_x.data());    // x_I ⊙ exp(b_I − b_r)
+            scale_rows(y, b, K, 0, i0, r, -1.0f, w.blk_out.data());   // y_J ⊙ exp(b_r − b_J)
+            transpose(w.blk_out.data(), i0, K, K, w.blk_yt.data());   // [K, i0]
+            gemm(i1 - i0, i0, K, 1.0f, w.blk_x.data(), K, 1, w.blk_yt.data(), i0, 0.0f, E + i0 * kChunk, kChunk);
+        }
+    }
+
+    static void apply(const float* E, const float* y, int L, int64_t K, const float* b, bool diag, float* out,
+                      Workspace& w) {
+        float* e = w.row.data();
+        for (int i0 = 0; i0 < L; i0 += kBlock) {
+            const int i1 = std::min(L, i0 + kBlock);
+            for (int i = i0; i < i1; ++i) {
+                const int end = diag ? i + 1 : i;
+                for (int j = i0; j < end; ++j) {
+                    const float eij = E[i * kChunk + j];
+                    if (eij == 0.0f) continue;
+                    for (int64_t c = 0; c < K; ++c) e[c] = b[i * K + c] - b[j * K + c];
+                    exp_inplace(e, K);
+                    for (int64_t c = 0; c < K; ++c) out[i * K + c] += eij * y[j * K + c] * e[c];
+                }
+            }
+            if (i0 == 0) continue;
+            const int r = i0 - 1;
+            scale_rows(y, b, K, 0, i0, r, -1.0f, w.blk_out.data());  // y_J ⊙ exp(b_r − b_J)
+            gemm(i1 - i0, K, i0, 1.0f, E + i0 * kChunk, kChunk, 1, w.blk_out.data(), K, 0.0f, w.blk_x.data(), K);
+            for (int i = i0; i < i1; ++i) {
+                float* d = e;
+                for (int64_t c = 0; c < K; ++c) d[c] = b[i * K + c] - b[r * K + c];
+                exp_inplace(d, K);
+                for (int64_t c = 0; c < K; ++c) out[i * K + c] += w.blk_x[(i - i0) * K + c] * d[c];
+            }
+        }
+    }
+
+    static void apply_t(const float* E, const float* x, int L, int64_t K, const float* b, bool diag, float* out,
+                        Workspace& w) {
+        float* e = w.row.data();
+        for (int i0 = 0; i0 < L; i0 += kBlock) {
+            const int i1 = std::min(L, i0 + kBlock);
+            for (int i = i0; i < i1; ++i) {
+                const int end = diag ? i + 1 : i;
+                for (int j = i0; j < end; ++j) {
+                    const float eij = E[i * kChunk + j];
+                    if (eij == 0.0f) continue;
+                    for (int64_t c = 0; c < K; ++c) e[c] = b[i * K + c] - b[j * K + c];
+                    exp_inplace(e, K);
+                    for (int64_t c = 0; c < K; ++c) out[j * K + c] += eij * x[i * K + c] * e[c];
+                }
+            }
+            if (i0 == 0) continue;
+            const int r = i0 - 1;
+            scale_rows(x, b, K, i0, i1, r, +1.0f, w.blk_x.data());  // x_I ⊙ exp(b_I − b_r)
+            // [i0, K] = E[I, 0:i0]ᵀ · x̃_I
+            gemm(i0, K, i1 - i0, 1.0f, E + i0 * kChunk, 1, kChunk, w.blk_x.data(), K, 0.0f, w.blk_out.data(), K);
+            for (int j = 0; j < i0; ++j) {
+                float* d = e;
+                for (int64_t c = 0; c < K; ++c) d[c] = b[r * K + c] - b[j * K + c];
+                exp_inplace(d, K);
+                for (int64_t c = 0; c < K; ++c) out[j * K + c] += w.blk_out[j * K + c] * d[c];
+            }
+        }
+    }
+
+    static void prepare_grad(float* dE, int L, bool diag, Workspace&) {
+        for (int i = 0; i < L; ++i) std::fill(dE + i * kChunk + (diag ? i + 1 : i), dE + i * kChunk + L, 0.0f);
+    }
+};
+
+// eb ← exp(b) (≤ 1), and ebar ← exp(b_last − b) (≤ 1); sized [L, K] or [L].
+template <bool kVector>
+void decay_factors(const ChunkView& c, float* eb, float* ebar) {
+    const int64_t width = kVector ? c.K : 1;
+    const int L = c.L;
+    std::copy(c.b, c.b + L * width, eb);
+    exp_inplace(eb, L * width);
+    const float* last = c.b + (L - 1) * width;
+    for (int i = 0; i < L; ++i)
+        for (int64_t ch = 0; ch < width; ++ch) ebar[i * width + ch] = last[ch] - c.b[i * width + ch];
+    exp_inplace(ebar, L * width);
+}
+
+// out [L, K] = x ⊙ f, with f [L, K] (vector) or [L] broadcast over the row.
+template <bool kVector>
+void scale_by(const float* x, const float* f, int L, int64_t K, float* out) {
+    for (int i = 0; i < L; ++i)
+        for (int64_t c = 0; c < K; ++c) out[i * K + c] = x[i * K + c] * (kVector ? f[i * K + c] : f[i]);
+}
+
+// db (∂/∂b, [L, K] or [L]) += sign · x ⊙ dx
+template <bool kVector>
+void add_db(float* db, const float* x, const float* dx, int L, int64_t K, float sign) {
+    for (int i = 0; i < L; ++i) {
+        if (kVector) {
+            for (int64_t c = 0; c < K; ++c) db[i * K + c] += sign * x[i * K + c] * dx[i * K + c];
+        } else {
+            float s = 0;
+            for (int64_t c = 0; c < K; ++c) s += x[i * K + c] * dx[i * K + c];
+            db[i] += sign * s;
+        }
+    }
+}
+
+// The intra-chunk quantities both passes need: decay factors, K⊙γ, the scores, and X.
+template <bool kVector, bool kDelta>
+void chunk_common(const ChunkView& c, const float* S0, Workspace& w) {
+    const int L = c.L;
+    const int64_t K = c.K, V = c.V;
+    if constexpr (!kVector) scalar_gamma(c.b, L, w.gamma_lower.data());
+    decay_factors<kVector>(c, w.eb.data(), w.ebar.data());
+    scale_by<kVector>(c.k, w.ebar.data(), L, K, w.kbar.data());
+    scale_by<kVector>(c.q, w.eb.data(), L, K, w.qg.data());
+    Decayed<kVector>::scores(c.q, c.k, L, K, c.b, true, w.p.data(), w);
+    if constexpr (kDelta) {
+        scale_by<kVector>(c.k, w.eb.data(), L, K, w.kg.data());
+        // Y = V − (K ⊙ γ) S0
+        std::copy(c.v, c.v + L * V, w.y.data());
+        gemm(L, V, K, -1.0f, w.kg.data(), K, 1, S0, V, 1.0f, w.y.data(), V);
+        // D (strict), A = diag(β) D
+        Decayed<kVector>::scores(c.k, c.k, L, K, c.b, false, w.d.data(), w);
+        for (int i = 0; i < L; ++i)
+            for (int j = 0; j < i; ++j) w.a[i * kChunk + j] = c.beta[i] * w.d[i * kChunk + j];
+        // (I + A) X = diag(β) Y by forward substitution: X_i = β_i Y_i − Σ_{j<i} A_ij X_j
+        float* X = w.x.data();
+        for (int i = 0; i < L; ++i) {
+            float* xi = X + i * V;
+            for (int64_t e = 0; e < V; ++e) xi[e] = c.beta[i] * w.y[i * V + e];
+            for (int j = 0; j < i; ++j) {
+                const float aij = w.a[i * kChunk + j];
+                if (aij == 0.0f) continue;
+                const float* xj = X + j * V;
+                for (int64_t e = 0; e < V; ++e) xi[e] -= aij * xj[e];
+            }
+        }
+    } else {
+        std::copy(c.v, c.v + L * V, w.x.data());
+    }
+}
+
+}  // namespace
+
+template <bool kVector, bool kDelta>
+void chunk_forward(const ChunkView& c, float* S, float* o, Workspace& w) {
+    const int L = c.L;
+    const int64_t K = c.K, V = c.V;
+    chunk_common<kVector, kDelta>(c, S, w);
+    // O = (Q ⊙ γ) S0 + P X
+    gemm(L, V, K, 1.0f, w.qg.data(), K, 1, S, V, 0.0f, o, V);
+    gemm(L, V, L, 1.0f, w.p.data(), kChunk, 1, w.x.data(), V, 1.0f, o, V);
+    // S_C = diag(γ_last) S0 + (K ⊙ γ_last ⊘ γ)ᵀ X
+    const float* eb_last = w.eb.data() + (L - 1) * (kVector ? K : 1);
+    for (int64_t r = 0; r < K; ++r) {
+        const float f = kVector ? eb_last[r] : eb_last[0];
+        for (int64_t e = 0; e < V; ++e) S[r * V + e] *= f;
+    }
+    gemm(K, V, L, 1.0f, w.kbar.data(), 1, K, w.x.data(), V, 1.0f, S, V);
+}
+
+template <bool kVector, bool kDelta>
+void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float* dS, float* dq, float* dk, float* dv,
+                    float* db, float* dbeta, Workspace& w) {
+    const int L = c.L;
+    const int64_t K = c.K, V = c.V;
+    const int64_t width = kVector ? K : 1;
+    chunk_common<kVector, kDelta>(c, S0, w);
+    float* X = w.x.data();
+    std::fill(db, db + L * width, 0.0f);
+
+    // dX = Pᵀ dO + Kbar dS_C
+    gemm(L, V, L, 1.0f, w.p.data(), 1, kChunk, dO, V, 0.0f, w.dx.data(), V);
+    gemm(L, V, K, 1.0f, w.kbar.data(), K, 1, dS, V, 1.0f, w.dx.data(), V);
+    // dP = dO Xᵀ ; dQγ = dO S0ᵀ ; dKbar = X dS_Cᵀ
+    transpose(X, L, V, V, w.xt.data());
+    gemm(L, L, V, 1.0f, dO, V, 1, w.xt.data(), L, 0.0f, w.dp.data(), kChunk);
+    transpose(S0, K, V, V, w.s0t.data());
+    gemm(L, K, V, 1.0f, dO, V, 1, w.s0t.data(), K, 0.0f, w.dqg.data(), K);
+    transpose(dS, K, V, V, w.dst.data());
+    gemm(L, K, V, 1.0f, X, V, 1, w.dst.data(), K, 0.0f, w.dkbar.data(), K);
+
+    // dS0 = diag(γ_last) dS_C + Qγᵀ dO  (− Kγᵀ dY below); ∂b_last += γ_last ⊙ rowsum(S0 ⊙ dS_C)
+    const float* eb_last = w.eb.data() + (L - 1) * width;
+    float* db_last = db + (L - 1) * width;
+    for (int64_t r = 0; r < K; ++r) {
+        float s = 0;
+        for (int64_t e = 0; e < V; ++e) s += S0[r * V + e] * dS[r * V + e];
+        const float f = kVector ? eb_last[r] : eb_last[0];
+        if (kVector) db_last[r] += f * s; else db_last[0] += f * s;
+        for (int64_t e = 0; e < V; ++e) dS[r * V + e] *= f;
+    }
+    gemm(K, V, L, 1.0f, w.qg.data(), 1, K, dO, V, 1.0f, dS, V);
+
+    if constexpr (kDelta) {
+        // (I + A)ᵀ Z = dX by back substitution: Z_i = dX_i − Σ_{j>i} A_ji Z_j
+        float* Z = w.z.data();
+        for (int i = L - 1; i >= 0; --i) {
+            float* zi = Z + i * V;
+            for (int64_t e = 0; e < V; ++e) zi[e] = w.dx[i * V + e];
+            for (int j = i + 1; j < L; ++j) {
+                const float aji = w.a[j * kChunk + i];
+                if (aji == 0.0f) continue;
+                const float* zj = Z + j * V;
+                for (int64_t e = 0; e < V; ++e) zi[e] -= aji * zj[e];
+            }
+        }
+        // dA = −Z Xᵀ (strict lower part used); dβ_i = ⟨Z_i, Y_i⟩ + Σ_j dA_ij D_ij; dD = diag(β) dA
+        gemm(L, L, V, -1.0f, Z, V, 1, w.xt.data(), L, 0.0f, w.da.data(), kChunk);
+        for (int i = 0; i < L; ++i) {
+            float s = 0;
+            for (int64_t e = 0; e < V; ++e) s += Z[i * V + e] * w.y[i * V + e];
+            for (int j = 0; j < i; ++j) s += w.da[i * kChunk + j] * w.d[i * kChunk + j];
+            dbeta[i] = s;
+            for (int j = 0; j < i; ++j) w.da[i * kChunk + j] *= c.beta[i];
+            for (int64_t e = 0; e < V; ++e) w.dy[i * V + e] = c.beta[i] * Z[i * V + e];
+        }
+        std::copy(w.dy.begin(), w.dy.begin() + L * V, dv);
+        // Y = V − Kγ S0: dKγ = −dY S0ᵀ ; dS0 −= Kγᵀ dY
+        gemm(L, K, V, -1.0f, w.dy.data(), V, 1, w.s0t.data(), K, 0.0f, w.dkg.data(), K);
+        gemm(K, V, L, -1.0f, w.kg.data(), 1, K, w.dy.data(), V, 1.0f, dS, V);
+        // D = ⟨k, k⟩_b (strict)
+        Decayed<kVector>::prepare_grad(w.da.data(), L, false, w);
+        std::fill(w.tmp1.begin(), w.tmp1.begin() + L * K, 0.0f);
+        std::fill(w.tmp2.begin(), w.tmp2.begin() + L * K, 0.0f);
+        Decayed<kVector>::apply(w.da.data(), c.k, L, K, c.b, false, w.tmp1.data(), w);
+        Decayed<kVector>::apply_t(w.da.data(), c.k, L, K, c.b, false, w.tmp2.data(), w);
+        add_db<kVector>(db, c.k, w.tmp1.data(), L, K, +1.0f);
+        add_db<kVector>(db, c.k, w.tmp2.data(), L, K, -1.0f);
+        for (int64_t i = 0; i < L * K; ++i) dk[i] += w.tmp1[i] + w.tmp2[i];
+        // Kγ = K ⊙ γ
+        for (int i = 0; i < L; ++i)
+            for (int64_t ch = 0; ch < K; ++ch)
+                dk[i * K + ch] += w.dkg[i * K + ch] * (kVector ? w.eb[i * K + ch] : w.eb[i]);
+        add_db<kVector>(db, w.kg.data(), w.dkg.data(), L, K, +1.0f);
+    } else {
+        std::copy(w.dx.begin(), w.dx.begin() + L * V, dv);
+        std::fill(dbeta, dbeta + L, 0.0f);
+    }
+
+    // P = ⟨q, k⟩_b. Its diagonal (e_ii = 1) adds +dP_ii q_i⊙k_i and −dP_ii q_i⊙k_i to ∂b_i, which cancel
+    // exactly; taking it out of the decayed products keeps fp32 rounding noise out of dg.
+    for (int i = 0; i < L; ++i) w.diag[i] = w.dp[i * kChunk + i];
+    Decayed<kVector>::prepare_grad(w.dp.data(), L, false, w);
+    std::fill(w.tmp1.begin(), w.tmp1.begin() + L * K, 0.0f);
+    std::fill(w.tmp2.begin(), w.tmp2.begin() + L * K, 0.0f);
+    Decayed<kVector>::apply(w.dp.data(), c.k, L, K, c.b, false, w.tmp1.data(), w);
+    Decayed<kVector>::apply_t(w.dp.data(), c.q, L, K, c.b, false, w.tmp2.data(), w);
+    add_db<kVector>(db, c.q, w.tmp1.data(), L, K, +1.0f);
+    add_db<kVector>(db, c.k, w.tmp2.data(), L, K, -1.0f);
+    for (int i = 0; i < L; ++i) {
+        const float dpii = w.diag[i];
+        for (int64_t ch = 0; ch < K; ++ch) {
+            dq[i * K + ch] += w.tmp1[i * K + ch] + dpii * c.k[i * K + ch];
+            dk[i * K + ch] += w.tmp2[i * K + ch] + dpii * c.q[i * K + ch];
+        }
+    }
+    // Qγ = Q ⊙ γ
+    for (int i = 0; i < L; ++i)
+        for (int64_t ch = 0; ch < K; ++ch)
+            dq[i * K + ch] += w.dqg[i * K + ch] * (kVector ? w.eb[i * K + ch] : w.eb[i]);
+    add_db<kVector>(db, w.qg.data(), w.dqg.data(), L, K, +1.0f);
+    // Kbar = K ⊙ exp(b_last − b): ∂k += dKbar ⊙ ebar ; ∂b_j −= dKbar_j ⊙ Kbar_j ; ∂b_last += Σ_j dKbar_j ⊙ Kbar_j
+    for (int i = 0; i < L; ++i)
+        for (int64_t ch = 0; ch < K; ++ch)
+            dk[i * K + ch] += w.dkbar[i * K + ch] * (kVector ? w.ebar[i * K + ch] : w.ebar[i]);
+    // (the last token's two terms cancel exactly, so it is skipped)
+    for (int i = 0; i < L - 1; ++i) {
+        for (int64_t ch = 0; ch < K; ++ch) {
+            const float t = w.dkbar[i * K + ch] * w.kbar[i * K + ch];
+            db[i * width + (kVector ? ch : 0)] -= t;
+            db_last[kVector ? ch : 0] += t;
+        }
+    }
+}
+
+template void chunk_forward<false, false>(const ChunkView&, float*, float*, Workspace&);
+template void chunk_forward<false, true>(const ChunkView&, float*, float*, Workspace&);
+template void chunk_forward<true, false>(const ChunkView&, float*, float*, Workspace&);
+template void chunk_forward<true, true>(const ChunkView&, float*, float*, Workspace&);
+template void chunk_backward<false, false>(const ChunkView&, const float*, const float*, float*, float*, float*, float*,
+                                           float*, float*, Workspace&);
+template void chunk_backward<false, true>(const ChunkView&, const float*, const float*, float*, float*, float*, float*,
+                                          float*, float*, Workspace&);
+template void chunk_backward<true, false>(const ChunkView&, const float*, const float*, float*, float*, float*, float*,
+                                          float*, float*, Workspace&);
+template void chunk_backward<true, true>(const ChunkView&, const float*, const float*, float*, float*, float*, float*,
+                                         float*, float*, Workspace&);
+
+}  // namespace hla::linear::cpu

@@ -1,0 +1,58 @@
+// hla — the chunked algorithm of the linear family on the CPU (SPECS.md §1), one chunk at a time.
+//
+// One implementation for the whole family: the decay shape (kVector: per key channel; otherwise one
+// log decay per token, which also covers "none" (0) and "fixed" (γ_h)) and the update (kDelta) are
+// compile-time parameters. Within a chunk of L ≤ 64 tokens, with b_i the cumulative log decay and
+// ⟨x_i, y_j⟩_b = Σ_c x_ic y_jc exp(b_ic − b_jc) the decayed inner product:
+//
+//   P_ij = ⟨q_i, k_j⟩_b (j ≤ i)        D_ij = ⟨k_i, k_j⟩_b (j < i),  A = diag(β) D
+//   Y    = V − (K ⊙ γ) S_0             X solves (I + A) X = diag(β) Y   (delta; additive: X = V)
+//   O    = (Q ⊙ γ) S_0 + P X
+//   S_C  = diag(γ_L) S_0 + (K ⊙ γ_L ⊘ γ)ᵀ X
+//
+// Numerics: exp(b) and exp(−b) are never formed over a chunk (with g = −1000 they leave fp32).
+// Decayed products split the chunk into 16-token blocks: inside a diagonal block exp(b_i − b_j) ≤ 1
+// is computed per element; an off-diagonal block (J before I) is factored around r, the last token
+// before I, as [X_I ⊙ exp(b_I − b_r)] [Y_J ⊙ exp(b_r − b_J)]ᵀ with both factors ≤ 1, so it runs as a
+// matrix product without overflow.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace hla::linear::cpu {
+
+constexpr int kChunk = 64;
+constexpr int kBlock = 16;
+
+// One chunk's inputs after the per-token transforms, fp32, rows contiguous.
+struct ChunkView {
+    int L = 0;            // tokens in this chunk
+    int64_t K = 0, V = 0;
+    const float* q;       // [L, K] q̂ · scale
+    const float* k;       // [L, K]
+    const float* v;       // [L, V]
+    const float* b;       // cumulative log decay inside the chunk: [L, K] (vector) or [L]
+    const float* beta;    // [L]
+};
+
+// Scratch owned by one worker thread, sized for K, V and the chunk length once.
+struct Workspace {
+    Workspace(int64_t K, int64_t V);
+    int64_t K, V;
+    std::vector<float> eb, ebar, kg, qg, kbar, y, x, xt, d, a, p, gamma_lower, s0t, dst, dx, dp, z, da, dqg, dkbar, dkg, dy,
+        tmp1, tmp2, blk_x, blk_yt, blk_out, row, diag;
+};
+
+// Forward of one chunk: o [L, V] ← outputs; S [K, V] ← the state after the chunk (in place).
+template <bool kVector, bool kDelta>
+void chunk_forward(const ChunkView& c, float* S, float* o, Workspace& w);
+
+// Gradients of one chunk, given its start state S0 [K, V], dO [L, V] and dS [K, V] = ∂loss/∂S_C
+// (replaced by ∂loss/∂S_0). Accumulates into dq, dk [L, K]; writes dv [L, V], db (∂/∂b: [L, K] or
+// [L]) and dbeta [L].
+template <bool kVector, bool kDelta>
+void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float* dS, float* dq, float* dk, float* dv,
+                    float* db, float* dbeta, Workspace& w);
+
+}  // namespace hla::linear::cpu
