@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <random>
 #include <sstream>
@@ -50,6 +52,15 @@ Tensor nan_tensor(const std::vector<int64_t>& shape, DType dtype, Device device)
 Tensor moved(const Tensor& t, Device device) { return t.defined() ? t.to(device) : Tensor(); }
 
 Tensor on_cpu(const Tensor& t) { return t.device() == Device::CPU ? t : t.to(Device::CPU); }
+
+// HLA_TEST_VERBOSE=1 prints every comparison, passing or not: margins show before they are lost.
+bool verbose() {
+    static const bool on = [] {
+        const char* v = std::getenv("HLA_TEST_VERBOSE");
+        return v != nullptr && *v != '\0' && *v != '0';
+    }();
+    return on;
+}
 
 }  // namespace
 
@@ -181,6 +192,9 @@ void expect_close(const std::string& what, const Tensor& out, const Tensor& ref6
     const ErrorStats e = compare(out, ref64);
     const ErrorStats e_p = compare(ref_in_p, ref64);
     const double bound = 2 * e_p.rel_rms + rel_floor;
+    if (verbose())
+        std::printf("  %-60s %s (bound %.3g, reference in %s %s)\n", what.c_str(), e.str().c_str(), bound,
+                    dtype_name(ref_in_p.dtype()), e_p.str().c_str());
     EXPECT_TRUE(e.finite && e_p.finite && e.rel_rms <= bound)
         << what << ": error vs fp64 reference " << e.str() << "; reference run in "
         << dtype_name(ref_in_p.dtype()) << " storage: " << e_p.str() << "; bound 2 * " << e_p.rel_rms << " + "
@@ -189,6 +203,7 @@ void expect_close(const std::string& what, const Tensor& out, const Tensor& ref6
 
 void expect_close_abs(const std::string& what, const Tensor& out, const Tensor& ref64, double rel_tol) {
     const ErrorStats e = compare(out, ref64);
+    if (verbose()) std::printf("  %-60s %s (bound %.3g)\n", what.c_str(), e.str().c_str(), rel_tol);
     EXPECT_TRUE(e.finite && e.rel_rms <= rel_tol) << what << ": error vs fp64 reference " << e.str() << "; bound "
                                                   << rel_tol;
 }
