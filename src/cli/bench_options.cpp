@@ -57,6 +57,7 @@ void print_bench_usage(std::FILE* to) {
         "  --seed N            input seed (default: 20240611)\n"
         "Output:\n"
         "  --json              a JSON array of records on stdout instead of the table\n"
+        "  --json-out FILE     also write the JSON records to FILE (the table still goes to stdout)\n"
         "  --no-progress       no progress lines on stderr\n"
         "  --quick             tiny shapes (T=100,256 H=2 K=V=32, error on the full shape): a smoke test\n"
         "  -h, --help          this text\n"
@@ -125,7 +126,8 @@ bool parse_bench_options(const std::vector<std::string>& args, BenchOptions& o) 
     static const std::set<std::string> valued = {"--ops",     "--backends", "--passes",       "--dtype",
                                                  "--T",       "--B",        "--H",            "--HV",
                                                  "--K",       "--V",        "--threads",      "--reps",
-                                                 "--seed",    "--decode-calls", "--check-heads"};
+                                                 "--seed",    "--decode-calls", "--check-heads",
+                                                 "--json-out"};
     for (size_t i = 0; i < args.size(); ++i) {
         std::string a = args[i];
         if (a == "-h" || a == "--help") {
@@ -222,6 +224,10 @@ bool parse_bench_options(const std::vector<std::string>& args, BenchOptions& o) 
     if (values.count("--decode-calls"))
         o.decode_calls = int(parse_int("--decode-calls", values["--decode-calls"], 1, 100000000));
     if (values.count("--check-heads")) o.check_heads = parse_int("--check-heads", values["--check-heads"], 1, kMaxDim);
+    if (values.count("--json-out")) {
+        o.json_out = values["--json-out"];
+        if (o.json_out.empty()) throw UsageError("--json-out: expected a file name");
+    }
     if (values.count("--seed")) o.seed = uint64_t(parse_int("--seed", values["--seed"], 0, INT64_MAX));
     return true;
 }

@@ -43,6 +43,7 @@ struct BenchOptions {
     int reps = 0;              // 0: automatic (see bench.cpp)
     int decode_calls = 300;    // timed decode calls (median)
     bool json = false;
+    std::string json_out;      // also write the JSON records to this file (table on stdout)
     bool quick = false;
     bool progress = true;
     uint64_t seed = 20240611;

@@ -56,6 +56,9 @@ int main(int argc, char** argv) {
     }
     try {
         return run_bench(options);
+    } catch (const UsageError& e) {
+        std::fprintf(stderr, "hla bench: %s\n", e.what());
+        return 2;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "hla bench: %s\n", e.what());
         return 1;
