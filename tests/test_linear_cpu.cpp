@@ -2,7 +2,7 @@
 //
 // Every cell × {f32, bf16} × stress scenario (DESIGN.md "Numerics"): T = 1, T not a multiple of the
 // 64-token chunk, varlen with empty sequences, large initial states, g = −1000 and long runs of
-// strongly negative gates, β exactly 0 or 1, grouped heads, K ≠ V, in-kernel norm and activations,
+// strongly negative gates (also alternating with near-zero runs), β exactly 0 or 1, grouped heads, K ≠ V, in-kernel norm and activations,
 // q/k/v as strided slices of one fused projection, a strided initial state.
 //
 // Tolerances:
@@ -51,6 +51,7 @@ struct Scenario {
     bool binary_beta = false;     // β exactly 0 or 1, at random
     bool fused_qkv = false;       // q, k, v strided slices of one [B, T, 2·H·K + HV·V] buffer
     bool strided_state = false;   // initial_state a slice of a wider buffer (inner strides free)
+    bool gate_runs = false;       // alternating 24-token runs of log decay in [−20, −10] and [−0.05, 0)
 };
 
 std::vector<Scenario> scenarios() {
@@ -97,6 +98,14 @@ std::vector<Scenario> scenarios() {
              c.gate_max = -5;
              return c.cfg.decay != Decay::None;
          }},
+        {"gate_runs", [](LinearCase& c) {
+             // Runs that straddle the 16-token blocks and 64-token chunks: a block's decay relative to
+             // a reference point before a deep run underflows while the tokens after it still matter.
+             c.T = 200;
+             c.initial_state = true;
+             return per_token_decay(c.cfg);
+         },
+         false, false, false, true},
         {"beta_0_1", [](LinearCase& c) {
              c.T = 100;
              c.initial_state = true;
@@ -201,8 +210,23 @@ struct Prepared {
             std::mt19937_64 rng(seed_of(cc.name) + 1);
             for (int64_t i = 0; i < in.beta.numel(); ++i) store_from_double(in.beta.data(), in.beta.dtype(), i, double(rng() & 1));
         }
+        if (cc.scenario.gate_runs) make_gate_runs(seed_of(cc.name) + 4);
         if (cc.scenario.fused_qkv) make_fused();
         if (cc.scenario.strided_state) make_strided_state();
+    }
+
+    // Channel c of token t is in a deep run when (t / 24 + c) is even (vector decay: channels alternate).
+    void make_gate_runs(uint64_t seed) {
+        std::mt19937_64 rng(seed);
+        std::uniform_real_distribution<double> deep(-20.0, -10.0), shallow(-0.05, -0.001);
+        const int64_t W = c.cfg.decay == Decay::Vector ? c.K : 1;
+        for (int64_t b = 0; b < c.B; ++b)
+            for (int64_t t = 0; t < c.T; ++t)
+                for (int64_t h = 0; h < c.HV; ++h)
+                    for (int64_t w = 0; w < W; ++w) {
+                        const double g = (t / 24 + w) % 2 == 0 ? deep(rng) : shallow(rng);
+                        store_from_double(in.g.data(), in.g.dtype(), ((b * c.T + t) * c.HV + h) * W + w, g);
+                    }
     }
 
     // One projection output per token, [q heads | k heads | v heads], as a fused QKV matmul writes it.
