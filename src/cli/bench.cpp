@@ -82,6 +82,7 @@ struct TimingPlan {
     int samples = 5;
     int calls_per_sample = 1;  // CUDA: many calls between two synchronisations
     bool auto_stop = false;    // stop after 3 samples once 2 s are spent (default reps only)
+    int run_length = 1;        // interleaving: samples of one function in a row before the next
 };
 
 struct Timing {
@@ -90,15 +91,20 @@ struct Timing {
     int calls = 0;
 };
 
-Timing measure(const std::function<void()>& fn, bool cuda, TimingPlan plan) {
+// Times several functions with their samples interleaved (a, b, a, b, ...), so a comparison such as
+// "x loop" sees the same machine state on both sides even when other processes come and go.
+std::vector<Timing> measure_interleaved(const std::vector<std::function<void()>>& fns, bool cuda, TimingPlan plan) {
     const auto sync = [cuda] {
         if (cuda) cuda_synchronize();
     };
     // The first call pays page faults, the pool's wake-up and (CUDA) module loading.
-    Clock::time_point t0 = Clock::now();
-    for (int i = 0; i < plan.warmup; ++i) fn();
-    sync();
-    const double warm_s = seconds_between(t0, Clock::now()) / std::max(plan.warmup, 1);
+    double warm_s = 0;
+    for (const auto& fn : fns) {
+        const Clock::time_point t0 = Clock::now();
+        for (int i = 0; i < plan.warmup; ++i) fn();
+        sync();
+        warm_s = std::max(warm_s, seconds_between(t0, Clock::now()) / std::max(plan.warmup, 1));
+    }
     if (cuda && plan.calls_per_sample == 0) {
         // Enough calls per sample to make the clock's and the launch queue's edges negligible.
         plan.calls_per_sample = int(std::clamp(2e-3 / std::max(warm_s, 1e-7), 1.0, 1000.0));
@@ -106,24 +112,38 @@ Timing measure(const std::function<void()>& fn, bool cuda, TimingPlan plan) {
     plan.calls_per_sample = std::max(plan.calls_per_sample, 1);
     // A single call slower than 5 s (the fp64 reference on a full shape) is timed once.
     if (plan.auto_stop && warm_s > 5.0) plan.samples = 1;
-    std::vector<double> samples;
+    std::vector<std::vector<double>> samples(fns.size());
     double spent = 0;
-    for (int r = 0; r < plan.samples; ++r) {
-        t0 = Clock::now();
-        for (int i = 0; i < plan.calls_per_sample; ++i) fn();
-        sync();
-        const double s = seconds_between(t0, Clock::now());
-        samples.push_back(s / plan.calls_per_sample);
-        spent += s;
-        if (plan.auto_stop && r + 1 >= 3 && spent > 2.0) break;
+    const int run_length = std::max(plan.run_length, 1);
+    for (int r = 0; r < plan.samples; r += run_length) {
+        const int n = std::min(run_length, plan.samples - r);
+        for (size_t f = 0; f < fns.size(); ++f) {
+            for (int k = 0; k < n; ++k) {
+                const Clock::time_point t0 = Clock::now();
+                for (int i = 0; i < plan.calls_per_sample; ++i) fns[f]();
+                sync();
+                const double s = seconds_between(t0, Clock::now());
+                samples[f].push_back(s / plan.calls_per_sample);
+                spent += s;
+            }
+        }
+        if (plan.auto_stop && r + n >= 3 && spent > 2.0 * double(fns.size())) break;
     }
-    std::sort(samples.begin(), samples.end());
-    const size_t n = samples.size();
-    Timing t;
-    t.ms = 1e3 * (n % 2 ? samples[n / 2] : 0.5 * (samples[n / 2 - 1] + samples[n / 2]));
-    t.samples = int(n);
-    t.calls = int(n) * plan.calls_per_sample;
-    return t;
+    std::vector<Timing> out;
+    for (std::vector<double>& v : samples) {
+        std::sort(v.begin(), v.end());
+        const size_t n = v.size();
+        Timing t;
+        t.ms = 1e3 * (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
+        t.samples = int(n);
+        t.calls = int(n) * plan.calls_per_sample;
+        out.push_back(t);
+    }
+    return out;
+}
+
+Timing measure(const std::function<void()>& fn, bool cuda, TimingPlan plan) {
+    return measure_interleaved({fn}, cuda, plan)[0];
 }
 
 // ---- records -------------------------------------------------------------------------------------
@@ -340,12 +360,14 @@ private:
             input_failure = e.what();
         }
 
-        // The token-loop baseline, timed once per op and shape (fp32, whatever the dtype).
-        double loop_ms = kNaN, loop_err = kNaN;
+        // The token-loop baseline (fp32, whatever the dtype) is timed next to each CPU forward; here
+        // it is checked once against the reference, to show it computes the same thing.
+        double loop_err = kNaN;
         std::optional<Tensor> ref_o_f32;  // the reference's fp32-input output, for the loop's check
+        Tensor loop_out;                  // the loop's output on the full shape
         if (fwd && has_cpu_backend() && input_failure.empty()) {
             try {
-                loop_ms = time_token_loop(cfg, *full32, full);
+                loop_out = Tensor({full.B, full.T, full.HV, full.V}, DType::F32);
                 Tensor o_loop({check.B, check.T, check.HV, check.V}, DType::F32);
                 poison(o_loop);
                 token_loop(loop_args(cfg, *check32, check, o_loop, nullptr));
@@ -394,17 +416,24 @@ private:
                         Tensor of({full.B, full.T, full.HV, full.V}, dt, dev);
                         LinearForwardArgs af = fi.args();
                         af.o = of;
-                        const Timing t = measure([&] { linear_forward(bcfg, af); }, cuda, sequence_plan(b, full));
-                        r.ms = t.ms;
-                        r.reps = t.samples;
+                        const auto run = [&] { linear_forward(bcfg, af); };
+                        if (cuda || !loop_out.defined()) {
+                            const Timing t = measure(run, cuda, sequence_plan(b, full));
+                            r.ms = t.ms;
+                            r.reps = t.samples;
+                        } else {
+                            const TokenLoopArgs la = loop_args(cfg, *full32, full, loop_out, nullptr);
+                            const std::vector<Timing> t =
+                                measure_interleaved({run, [&] { token_loop(la); }}, false, sequence_plan(b, full));
+                            r.ms = t[0].ms;
+                            r.reps = t[0].samples;
+                            r.loop_ms = t[1].ms;
+                            r.loop_rel_err = loop_err;
+                        }
                         r.flops = forward_flops(cfg, full.B, full.T, full.HV, full.K, full.V);
                         const double bytes = input_bytes(cfg, full.B, full.T, full.H, full.HV, full.K, full.V, dt) +
                                              double(full.B * full.T * full.HV * full.V * int64_t(dtype_size(dt)));
                         if (cuda) r.floor_ms = 1e3 * std::max(r.flops / kH100MatrixFlops, bytes / kH100Bandwidth);
-                        if (!cuda) {
-                            r.loop_ms = loop_ms;
-                            r.loop_rel_err = loop_err;
-                        }
                     } catch (const std::exception& e) {
                         r.failure = e.what();
                     }
@@ -496,12 +525,6 @@ private:
         return a;
     }
 
-    double time_token_loop(const LinearConfig& cfg, const OpInputs& in, const BenchShape& s) {
-        Tensor o({s.B, s.T, s.HV, s.V}, DType::F32);
-        const TokenLoopArgs a = loop_args(cfg, in, s, o, nullptr);
-        return measure([&] { token_loop(a); }, false, sequence_plan(Backend::Cpu, s)).ms;
-    }
-
     // Decode: one token per sequence for N sequences, state preallocated, per-call time.
     void run_decode() {
         if (!wants(Pass::Decode)) return;
@@ -515,19 +538,12 @@ private:
                 std::optional<OpInputs> step32, check32;
                 std::optional<Tensor> state0, check_state0;
                 std::string input_failure;
-                double loop_ms = kNaN;
                 try {
                     step32 = make_inputs(cfg, step, seed);
                     check32 = make_inputs(cfg, check, seed);
                     // A state of a sequence already under way: magnitude of ~10 tokens of k vᵀ.
                     state0 = make_state(step, 0.1, seed);
                     check_state0 = make_state(check, 0.1, seed);
-                    if (has_cpu_backend()) {
-                        Tensor o({N, 1, o_.HV, o_.V}, DType::F32);
-                        Tensor state = state0->clone();
-                        const TokenLoopArgs a = loop_args(cfg, *step32, step, o, state.ptr<float>());
-                        loop_ms = measure([&] { token_loop(a); }, false, decode_plan(false)).ms;
-                    }
                 } catch (const std::exception& e) {
                     input_failure = e.what();
                 }
@@ -561,18 +577,28 @@ private:
                             LinearDecodeArgs a = si.decode_args();
                             a.state = st;
                             a.o = os;
-                            const Timing t = measure([&] { linear_decode(bcfg, a); }, cuda, decode_plan(cuda));
-                            r.ms = t.ms;
-                            r.reps = t.calls;
+                            const auto run = [&] { linear_decode(bcfg, a); };
+                            if (cuda) {
+                                const Timing t = measure(run, true, decode_plan(true));
+                                r.ms = t.ms;
+                                r.reps = t.calls;
+                            } else {
+                                // The token loop's decode step, from its own copy of the same state.
+                                Tensor loop_o({N, 1, o_.HV, o_.V}, DType::F32);
+                                Tensor loop_state = state0->clone();
+                                const TokenLoopArgs la = loop_args(cfg, *step32, step, loop_o, loop_state.ptr<float>());
+                                const std::vector<Timing> t =
+                                    measure_interleaved({run, [&] { token_loop(la); }}, false, decode_plan(false));
+                                r.ms = t[0].ms;
+                                r.reps = t[0].calls;
+                                r.loop_ms = t[1].ms;
+                            }
                             r.flops = decode_flops(cfg, N, o_.HV, o_.K, o_.V);
                             const double state_bytes = 8.0 * double(N * o_.HV * o_.K * o_.V);
                             const double bytes = state_bytes + input_bytes(cfg, N, 1, o_.H, o_.HV, o_.K, o_.V, dt) +
                                                  double(N * o_.HV * o_.V * int64_t(dtype_size(dt)));
                             r.gbps = bytes / (r.ms * 1e-3) * 1e-9;
-                            if (cuda)
-                                r.floor_ms = 1e3 * std::max(r.flops / kH100MatrixFlops, bytes / kH100Bandwidth);
-                            else
-                                r.loop_ms = loop_ms;
+                            if (cuda) r.floor_ms = 1e3 * std::max(r.flops / kH100MatrixFlops, bytes / kH100Bandwidth);
                         } catch (const std::exception& e) {
                             r.failure = e.what();
                         }
@@ -589,8 +615,11 @@ private:
             p.calls_per_sample = 20;
             p.samples = std::max(o_.decode_calls / 20, 5);
         } else {
+            // Runs of 30 calls: a decode step's state stays as warm in the cache as in back-to-back
+            // calls, while the interleaving with the token loop still shares any slow period.
             p.calls_per_sample = 1;
             p.samples = o_.decode_calls;
+            p.run_length = 30;
         }
         return p;
     }
