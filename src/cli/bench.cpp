@@ -547,6 +547,26 @@ private:
                 } catch (const std::exception& e) {
                     input_failure = e.what();
                 }
+                // The token loop as a decode step, checked once against the reference's 8 steps.
+                double loop_err = kNaN;
+                if (has_cpu_backend() && input_failure.empty()) {
+                    try {
+                        Tensor ref_o({N, kErrSteps, check.HV, check.V}, DType::F64);
+                        Tensor ref_state = check_state0->clone();
+                        decode_steps(with_backend(cfg, Backend::Reference), *check32, ref_o, ref_state);
+                        Tensor loop_o({N, kErrSteps, check.HV, check.V}, DType::F32);
+                        Tensor loop_state = check_state0->clone();
+                        token_loop(loop_args(cfg, *check32, check, loop_o, loop_state.ptr<float>()));
+                        ErrorStats e = compare(loop_o, ref_o);
+                        e.merge(compare(loop_state, ref_state));
+                        loop_err = e.rel;
+                        if (!(loop_err < 1e-3))
+                            std::fprintf(stderr, "hla bench: warning: the token loop's decode of %s disagrees with the reference (rel %g)\n",
+                                         op.name, loop_err);
+                    } catch (const std::exception& e) {
+                        std::fprintf(stderr, "hla bench: warning: token loop decode of %s: %s\n", op.name, e.what());
+                    }
+                }
                 for (DType dt : o_.dtypes) {
                     std::optional<Tensor> ref_o, ref_state;
                     for (Backend b : o_.backends) {
@@ -592,6 +612,7 @@ private:
                                 r.ms = t[0].ms;
                                 r.reps = t[0].calls;
                                 r.loop_ms = t[1].ms;
+                                r.loop_rel_err = loop_err;
                             }
                             r.flops = decode_flops(cfg, N, o_.HV, o_.K, o_.V);
                             const double state_bytes = 8.0 * double(N * o_.HV * o_.K * o_.V);
