@@ -19,7 +19,7 @@ import hla
 from hla import ops
 from reference import lightning_log_decay, recurrence, rel_rms
 
-FLOOR = 2e-6  # relative RMS floor: fp32 rounding of a handful of accumulations
+FLOOR = 1e-5  # relative RMS floor, the same as the C++ tests (tests/support/linear_case.hpp)
 # Gradients of per-layer parameters (A_log, dt_bias, a fixed decay) sum signed per-token terms over
 # every token and sequence; the cancellation in that sum amplifies fp32 rounding by the order the
 # terms are added, which a chunked backward legitimately changes. Measured: up to ~1e-5 for T = 70.

@@ -1,4 +1,5 @@
-// hla._C — the torch glue: torch tensors in, hla::TensorView out, one call into libhla.
+// hla._C — the torch glue: torch tensors in, hla::TensorView out, one call into libhla (the linear
+// family and the softmax family).
 //
 // Nothing here computes anything: outputs are allocated by the Python side (torch.empty) and passed
 // in, the way libhla's API expects (caller-allocated outputs). Errors from libhla (hla::Error, a
@@ -165,6 +166,80 @@ void linear_decode(int64_t decay, int64_t update, c10::optional<double> scale, b
     });
 }
 
+hla::SoftmaxConfig make_softmax_config(bool causal, int64_t window, c10::optional<double> scale, int64_t backend) {
+    hla::SoftmaxConfig c;
+    c.causal = causal;
+    c.window = window;
+    if (scale.has_value()) c.scale = *scale;
+    c.backend = static_cast<hla::Backend>(backend);
+    return c;
+}
+
+void softmax_forward(bool causal, int64_t window, c10::optional<double> scale, int64_t backend, const at::Tensor& q,
+                     const at::Tensor& k, const at::Tensor& v, const Opt& g, const Opt& gate, const Opt& cu_seqlens,
+                     const at::Tensor& o, const Opt& lse) {
+    call_hla([&] {
+        hla::SoftmaxForwardArgs a;
+        a.q = as_view("q", q);
+        a.k = as_view("k", k);
+        a.v = as_view("v", v);
+        a.g = as_view("g", g);
+        a.gate = as_view("gate", gate);
+        a.cu_seqlens = as_view("cu_seqlens", cu_seqlens);
+        a.o = as_view("o", o);
+        a.lse = as_view("lse", lse);
+        hla::softmax_attention_forward(make_softmax_config(causal, window, scale, backend), a);
+    });
+}
+
+void softmax_backward(bool causal, int64_t window, c10::optional<double> scale, int64_t backend, const at::Tensor& q,
+                      const at::Tensor& k, const at::Tensor& v, const Opt& g, const Opt& gate, const Opt& cu_seqlens,
+                      const at::Tensor& o, const at::Tensor& lse, const at::Tensor& d_o, const Opt& dq, const Opt& dk,
+                      const Opt& dv, const Opt& dg, const Opt& dgate) {
+    call_hla([&] {
+        hla::SoftmaxForwardArgs a;
+        a.q = as_view("q", q);
+        a.k = as_view("k", k);
+        a.v = as_view("v", v);
+        a.g = as_view("g", g);
+        a.gate = as_view("gate", gate);
+        a.cu_seqlens = as_view("cu_seqlens", cu_seqlens);
+        a.o = as_view("o", o);
+        a.lse = as_view("lse", lse);
+        hla::SoftmaxGrads gr;
+        gr.dq = as_view("dq", dq);
+        gr.dk = as_view("dk", dk);
+        gr.dv = as_view("dv", dv);
+        gr.dg = as_view("dg", dg);
+        gr.dgate = as_view("dgate", dgate);
+        hla::softmax_attention_backward(make_softmax_config(causal, window, scale, backend), a, as_view("d_o", d_o),
+                                        gr);
+    });
+}
+
+void softmax_kvcache(bool causal, int64_t window, c10::optional<double> scale, int64_t backend, const at::Tensor& q,
+                     const at::Tensor& k_cache, const at::Tensor& v_cache, const Opt& cache_seqlens, const Opt& k,
+                     const Opt& v, const Opt& cache_batch_idx, const Opt& block_table, const Opt& g_cache,
+                     const Opt& g, const Opt& gate, const at::Tensor& o, const Opt& lse) {
+    call_hla([&] {
+        hla::SoftmaxKVCacheArgs a;
+        a.q = as_view("q", q);
+        a.k_cache = as_view("k_cache", k_cache);
+        a.v_cache = as_view("v_cache", v_cache);
+        a.cache_seqlens = as_view("cache_seqlens", cache_seqlens);
+        a.k = as_view("k", k);
+        a.v = as_view("v", v);
+        a.cache_batch_idx = as_view("cache_batch_idx", cache_batch_idx);
+        a.block_table = as_view("block_table", block_table);
+        a.g_cache = as_view("g_cache", g_cache);
+        a.g = as_view("g", g);
+        a.gate = as_view("gate", gate);
+        a.o = as_view("o", o);
+        a.lse = as_view("lse", lse);
+        hla::softmax_attention_kvcache(make_softmax_config(causal, window, scale, backend), a);
+    });
+}
+
 at::Tensor lightning_attn_log_decay(int64_t num_heads, int64_t layer_idx, int64_t num_layers) {
     at::Tensor out = at::empty({std::max<int64_t>(num_heads, 0)}, at::TensorOptions().dtype(at::kFloat));
     call_hla([&] { hla::lightning_attn_log_decay(num_heads, layer_idx, num_layers, out.data_ptr<float>()); });
@@ -216,6 +291,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("beta_activation"), py::arg("backend"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"),
           py::arg("beta"), py::arg("A_log"), py::arg("dt_bias"), py::arg("state"), py::arg("state_indices"),
           py::arg("o"));
+    m.def("softmax_forward", &softmax_forward, "o (and lse) <- causal/windowed softmax attention (hla::softmax_attention_forward)",
+          py::arg("causal"), py::arg("window"), py::arg("scale"), py::arg("backend"), py::arg("q"), py::arg("k"),
+          py::arg("v"), py::arg("g"), py::arg("gate"), py::arg("cu_seqlens"), py::arg("o"), py::arg("lse"));
+    m.def("softmax_backward", &softmax_backward, "gradients of softmax_forward (hla::softmax_attention_backward)",
+          py::arg("causal"), py::arg("window"), py::arg("scale"), py::arg("backend"), py::arg("q"), py::arg("k"),
+          py::arg("v"), py::arg("g"), py::arg("gate"), py::arg("cu_seqlens"), py::arg("o"), py::arg("lse"),
+          py::arg("d_o"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dg"), py::arg("dgate"));
+    m.def("softmax_kvcache", &softmax_kvcache, "attention against a KV cache, appending k/v (hla::softmax_attention_kvcache)",
+          py::arg("causal"), py::arg("window"), py::arg("scale"), py::arg("backend"), py::arg("q"), py::arg("k_cache"),
+          py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("k"), py::arg("v"), py::arg("cache_batch_idx"),
+          py::arg("block_table"), py::arg("g_cache"), py::arg("g"), py::arg("gate"), py::arg("o"), py::arg("lse"));
     m.def("lightning_attn_log_decay", &lightning_attn_log_decay,
           "MiniMax Lightning per-head log decay [H] f32 (hla::lightning_attn_log_decay)", py::arg("num_heads"),
           py::arg("layer_idx"), py::arg("num_layers"));

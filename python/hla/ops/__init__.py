@@ -1,4 +1,5 @@
-"""flash-linear-attention-compatible ops backed by libhla (SPECS.md §3).
+"""flash-linear-attention-compatible ops backed by libhla (SPECS.md §3), and the softmax family
+under FlashAttention's names (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache).
 
 `from hla.ops import chunk_gated_delta_rule` replaces `from fla.ops.gated_delta_rule import ...`:
 same names, argument names, defaults, shapes ([B, T, H, D], states [N, HV, K, V] fp32) and return
@@ -23,6 +24,8 @@ import torch
 from .. import _C
 from ._linear import (Config, decode, get_backend, inner_contiguous, linear, make_config,  # noqa: F401
                       use_backend)
+from ._softmax import (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,  # noqa: F401
+                       softmax_attention)
 
 Tensor = torch.Tensor
 
@@ -31,7 +34,8 @@ __all__ = [
     "chunk_gated_delta_rule", "chunk_kda", "fused_recurrent_linear_attn", "fused_recurrent_lightning_attn",
     "fused_recurrent_simple_gla", "fused_recurrent_gla", "fused_recurrent_delta_rule",
     "fused_recurrent_gated_delta_rule", "fused_recurrent_kda", "lightning_attn_log_decay", "use_backend",
-    "get_backend", "decode", "make_config",
+    "get_backend", "decode", "make_config", "softmax_attention", "flash_attn_func", "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
 ]
 
 # fla options that only tune its Triton kernels: accepted and ignored so fla call sites work as is.
