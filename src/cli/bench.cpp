@@ -9,6 +9,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -236,9 +237,9 @@ public:
 
     int run() {
         // Open the JSON file first, so a bad path fails before minutes of measurement, not after.
-        std::FILE* json_file = nullptr;
+        std::unique_ptr<std::FILE, int (*)(std::FILE*)> json_file(nullptr, std::fclose);
         if (!o_.json_out.empty()) {
-            json_file = std::fopen(o_.json_out.c_str(), "w");
+            json_file.reset(std::fopen(o_.json_out.c_str(), "w"));
             if (!json_file) throw UsageError("--json-out: cannot write '" + o_.json_out + "'");
         }
         if (o_.threads > 0) set_num_threads(o_.threads);
@@ -252,10 +253,7 @@ public:
             print_json(stdout);
         else
             print_table();
-        if (json_file) {
-            print_json(json_file);
-            std::fclose(json_file);
-        }
+        if (json_file) print_json(json_file.get());
         for (const Record& r : records_)
             if (!r.failure.empty() || (r.has_err && !r.err.finite)) return 1;
         return 0;
