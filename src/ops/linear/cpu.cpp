@@ -22,8 +22,8 @@ namespace {
 // One chunk's transformed inputs, owned (ChunkView points into it).
 struct ChunkBuffers {
     ChunkBuffers(int64_t K, int64_t V)
-        : q(kChunk * K), k(kChunk * K), v(kChunk * V), b(kChunk * K), beta(kChunk), gate_in(kChunk * K) {}
-    std::vector<float> q, k, v, b, beta, gate_in;
+        : q(kChunk * K), k(kChunk * K), v(kChunk * V), g(kChunk * K), b(kChunk * K), beta(kChunk), gate_in(kChunk * K) {}
+    std::vector<float> q, k, v, g, b, beta, gate_in;
 };
 
 // Loads tokens [t0, t0 + L) of sequence `s`, value head hv, and forms the cumulative log decay.
@@ -32,9 +32,9 @@ ChunkView load_chunk(const InputViews& in, const Sequence& s, int64_t hv, int64_
     const int64_t K = in.K, V = in.V, width = vec ? K : 1;
     for (int i = 0; i < L; ++i) {
         load_token(in, s.batch, s.start + t0 + i, hv, cb.q.data() + i * K, cb.k.data() + i * K, cb.v.data() + i * V,
-                   cb.b.data() + i * width, cb.beta.data() + i, cb.gate_in.data() + i * width);
-        if (i > 0)
-            for (int64_t c = 0; c < width; ++c) cb.b[i * width + c] += cb.b[(i - 1) * width + c];
+                   cb.g.data() + i * width, cb.beta.data() + i, cb.gate_in.data() + i * width);
+        for (int64_t c = 0; c < width; ++c)
+            cb.b[i * width + c] = cb.g[i * width + c] + (i > 0 ? cb.b[(i - 1) * width + c] : 0.0f);
     }
     ChunkView c;
     c.L = L;
@@ -43,6 +43,7 @@ ChunkView load_chunk(const InputViews& in, const Sequence& s, int64_t hv, int64_
     c.q = cb.q.data();
     c.k = cb.k.data();
     c.v = cb.v.data();
+    c.g = cb.g.data();
     c.b = cb.b.data();
     c.beta = cb.beta.data();
     return c;
@@ -64,16 +65,21 @@ BackwardFn pick_backward(const LinearConfig& c) {
     return delta ? chunk_backward<false, true> : chunk_backward<false, false>;
 }
 
-void load_state(const TensorView& st, int64_t n, int64_t hv, int64_t HV, int64_t KV, float* S) {
+// States are [N, HV, K, V] f32 with a contiguous V dimension; the other strides are free (a state may be
+// a slice of a larger cache).
+void load_state(const TensorView& st, int64_t n, int64_t hv, int64_t K, int64_t V, float* S) {
     if (!st.defined()) {
-        std::fill(S, S + KV, 0.0f);
+        std::fill(S, S + K * V, 0.0f);
         return;
     }
-    std::memcpy(S, st.ptr<float>() + (n * HV + hv) * KV, size_t(KV) * sizeof(float));
+    const float* base = st.ptr<float>() + n * st.stride[0] + hv * st.stride[1];
+    for (int64_t r = 0; r < K; ++r) std::memcpy(S + r * V, base + r * st.stride[2], size_t(V) * sizeof(float));
 }
 
-void store_state(const TensorView& st, int64_t n, int64_t hv, int64_t HV, int64_t KV, const float* S) {
-    if (st.defined()) std::memcpy(st.ptr<float>() + (n * HV + hv) * KV, S, size_t(KV) * sizeof(float));
+void store_state(const TensorView& st, int64_t n, int64_t hv, int64_t K, int64_t V, const float* S) {
+    if (!st.defined()) return;
+    float* base = st.ptr<float>() + n * st.stride[0] + hv * st.stride[1];
+    for (int64_t r = 0; r < K; ++r) std::memcpy(base + r * st.stride[2], S + r * V, size_t(V) * sizeof(float));
 }
 
 int64_t num_chunks(int64_t len) { return (len + kChunk - 1) / kChunk; }
@@ -97,14 +103,14 @@ void forward(const Problem& p) {
             S.assign(KV, 0.0f);
             out.assign(kChunk * V, 0.0f);
         }
-        load_state(p.args.initial_state, n, hv, HV, KV, S.data());
+        load_state(p.args.initial_state, n, hv, K, V, S.data());
         for (int64_t t0 = 0; t0 < s.len; t0 += kChunk) {
             const int L = int(std::min<int64_t>(kChunk, s.len - t0));
             const ChunkView c = load_chunk(in, s, hv, t0, L, *cb);
             fwd(c, S.data(), out.data(), *ws);
             for (int i = 0; i < L; ++i) write_row(o, token_offset(o, s.batch, s.start + t0 + i, hv), out.data() + i * V, V);
         }
-        store_state(p.args.final_state, n, hv, HV, KV, S.data());
+        store_state(p.args.final_state, n, hv, K, V, S.data());
     });
 }
 
@@ -133,7 +139,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
         std::vector<float> out(kChunk * V), dO(kChunk * V), dv(kChunk * V), db(kChunk * K), dbeta(kChunk);
         for (int64_t hv = h * G; hv < (h + 1) * G; ++hv) {
             // Forward sweep: keep the state at the start of every chunk.
-            load_state(p.args.initial_state, n, hv, HV, KV, S.data());
+            load_state(p.args.initial_state, n, hv, K, V, S.data());
             for (int64_t ci = 0; ci < num_chunks(len); ++ci) {
                 std::copy(S.begin(), S.end(), states.begin() + ci * KV);
                 const int64_t t0 = ci * kChunk;
@@ -141,7 +147,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
                 fwd(load_chunk(in, s, hv, t0, L, cb), S.data(), out.data(), w);
             }
             // Backward sweep, last chunk first, carrying dS.
-            load_state(d_final_state, n, hv, HV, KV, dS.data());
+            load_state(d_final_state, n, hv, K, V, dS.data());
             for (int64_t ci = num_chunks(len) - 1; ci >= 0; --ci) {
                 const int64_t t0 = ci * kChunk;
                 const int L = int(std::min<int64_t>(kChunk, len - t0));
@@ -181,7 +187,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
                     }
                 }
             }
-            store_state(grads.dinitial_state, n, hv, HV, KV, dS.data());
+            store_state(grads.dinitial_state, n, hv, K, V, dS.data());
         }
         // dq, dk: through the scale and the in-kernel L2 norm, then out.
         std::vector<float> x(K);

@@ -21,6 +21,8 @@ Workspace::Workspace(int64_t K_, int64_t V_) : K(K_), V(V_) {
     blk_x.assign(kBlock * K, 0.0f);
     blk_yt.assign(C * K, 0.0f);
     row.assign(std::max<int64_t>(D, C), 0.0f);
+    row2.assign(std::max<int64_t>(D, C), 0.0f);
+    blk_y2.assign(C * K, 0.0f);
     diag.assign(C, 0.0f);
 }
 
@@ -31,13 +33,18 @@ namespace {
 // apply:   out_i += Σ_j E_ij y_j ⊙ exp(b_i − b_j)      (∂/∂x of Σ dE ⊙ E, with dE as E)
 // apply_t: out_j += Σ_i E_ij x_i ⊙ exp(b_i − b_j)      (∂/∂y)
 
-// Scalar decay: Γ_ij = exp(b_i − b_j) on the lower triangle, so every product is a masked matmul.
-void scalar_gamma(const float* b, int L, float* gamma) {
+// Scalar decay: Γ_ij = exp(b_i − b_j) = exp(Σ_{j<t≤i} g_t) on the lower triangle, so every product is
+// a masked matmul.
+void scalar_gamma(const float* g, int L, float* gamma) {
     for (int i = 0; i < L; ++i) {
-        float* g = gamma + i * kChunk;
-        for (int j = 0; j <= i; ++j) g[j] = b[i] - b[j];
-        exp_inplace(g, i + 1);
-        std::fill(g + i + 1, g + kChunk, 0.0f);
+        float* row = gamma + i * kChunk;
+        float acc = 0;
+        for (int j = i; j >= 0; --j) {
+            row[j] = acc;
+            acc += g[j];
+        }
+        exp_inplace(row, i + 1);
+        std::fill(row + i + 1, row + kChunk, 0.0f);
     }
 }
 
@@ -76,101 +83,106 @@ struct Decayed<false> {
 
 template <>
 struct Decayed<true> {
-    // Diagonal block [i0, i1): E_ij = Σ_c x_ic y_jc exp(b_ic − b_jc), each factor ≤ 1 computed directly.
-    static void diag_block_scores(const float* x, const float* y, int64_t K, const float* b, int i0, int i1, bool diag,
-                                  float* E, Workspace& w) {
-        float* e = w.row.data();
+    // acc[c] ← acc[c] + g[c]
+    static void accumulate(float* acc, const float* g, int64_t K) {
+        for (int64_t c = 0; c < K; ++c) acc[c] += g[c];
+    }
+
+    // Calls f(i, j, e) for the pairs of the diagonal block [i0, i1) (j ≤ i, or j < i without diag),
+    // with e[c] = exp(b_ic − b_jc) accumulated as Σ_{j<t≤i} g_tc.
+    template <class F>
+    static void for_diag_pairs(const float* g, int64_t K, int i0, int i1, bool diag, Workspace& w, F&& f) {
+        float* acc = w.row.data();
+        float* e = w.row2.data();
         for (int i = i0; i < i1; ++i) {
-            const int end = diag ? i + 1 : i;
-            for (int j = i0; j < end; ++j) {
-                for (int64_t c = 0; c < K; ++c) e[c] = b[i * K + c] - b[j * K + c];
-                exp_inplace(e, K);
-                float s = 0;
-                for (int64_t c = 0; c < K; ++c) s += x[i * K + c] * y[j * K + c] * e[c];
-                E[i * kChunk + j] = s;
+            std::fill(acc, acc + K, 0.0f);
+            for (int j = i; j >= i0; --j) {
+                if (j < i || diag) {
+                    std::copy(acc, acc + K, e);
+                    exp_inplace(e, K);
+                    f(i, j, e);
+                }
+                accumulate(acc, g + j * K, K);
             }
         }
     }
 
-    // rows [i0, i1) of `src` ⊙ exp(±(b_rows − b_r)) into dst (ld K); sign +1: exp(b_i − b_r), −1: exp(b_r − b_i)
-    static void scale_rows(const float* src, const float* b, int64_t K, int i0, int i1, int r, float sign, float* dst) {
+    // dst[i − i0] = src_i ⊙ exp(b_i − b_r) for i ∈ [i0, i1), r = i0 − 1   (Σ_{i0≤t≤i} g_t)
+    static void rows_after(const float* src, const float* g, int64_t K, int i0, int i1, float* dst, Workspace& w) {
+        float* acc = w.row.data();
+        std::fill(acc, acc + K, 0.0f);
         for (int i = i0; i < i1; ++i) {
+            accumulate(acc, g + i * K, K);
             float* d = dst + (i - i0) * K;
-            for (int64_t c = 0; c < K; ++c) d[c] = sign * (b[i * K + c] - b[r * K + c]);
+            std::copy(acc, acc + K, d);
             exp_inplace(d, K);
-            for (int64_t c = 0; c < K; ++c) d[c] *= src[i * K + c];
+            if (src)
+                for (int64_t c = 0; c < K; ++c) d[c] *= src[i * K + c];
         }
     }
 
-    static void scores(const float* x, const float* y, int L, int64_t K, const float* b, bool diag, float* E,
+    // dst[j] = src_j ⊙ exp(b_r − b_j) for j ∈ [0, r]   (Σ_{j<t≤r} g_t)
+    static void rows_before(const float* src, const float* g, int64_t K, int r, float* dst, Workspace& w) {
+        float* acc = w.row.data();
+        std::fill(acc, acc + K, 0.0f);
+        for (int j = r; j >= 0; --j) {
+            float* d = dst + j * K;
+            std::copy(acc, acc + K, d);
+            exp_inplace(d, K);
+            if (src)
+                for (int64_t c = 0; c < K; ++c) d[c] *= src[j * K + c];
+            accumulate(acc, g + j * K, K);
+        }
+    }
+
+    static void scores(const float* x, const float* y, int L, int64_t K, const float* g, bool diag, float* E,
                        Workspace& w) {
         for (int i = 0; i < L; ++i) std::fill(E + i * kChunk, E + i * kChunk + L, 0.0f);
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock);
-            diag_block_scores(x, y, K, b, i0, i1, diag, E, w);
+            for_diag_pairs(g, K, i0, i1, diag, w, [&](int i, int j, const float* e) {
+                float s = 0;
+                for (int64_t c = 0; c < K; ++c) s += x[i * K + c] * y[j * K + c] * e[c];
+                E[i * kChunk + j] = s;
+            });
             if (i0 == 0) continue;
-            const int r = i0 - 1;
-            scale_rows(x, b, K, i0, i1, r, +1.0f, w.blk_x.data());    // x_I ⊙ exp(b_I − b_r)
-            scale_rows(y, b, K, 0, i0, r, -1.0f, w.blk_out.data());   // y_J ⊙ exp(b_r − b_J)
+            rows_after(x, g, K, i0, i1, w.blk_x.data(), w);           // x_I ⊙ exp(b_I − b_r)
+            rows_before(y, g, K, i0 - 1, w.blk_out.data(), w);        // y_J ⊙ exp(b_r − b_J)
             transpose(w.blk_out.data(), i0, K, K, w.blk_yt.data());   // [K, i0]
             gemm(i1 - i0, i0, K, 1.0f, w.blk_x.data(), K, 1, w.blk_yt.data(), i0, 0.0f, E + i0 * kChunk, kChunk);
         }
     }
 
-    static void apply(const float* E, const float* y, int L, int64_t K, const float* b, bool diag, float* out,
+    static void apply(const float* E, const float* y, int L, int64_t K, const float* g, bool diag, float* out,
                       Workspace& w) {
-        float* e = w.row.data();
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock);
-            for (int i = i0; i < i1; ++i) {
-                const int end = diag ? i + 1 : i;
-                for (int j = i0; j < end; ++j) {
-                    const float eij = E[i * kChunk + j];
-                    if (eij == 0.0f) continue;
-                    for (int64_t c = 0; c < K; ++c) e[c] = b[i * K + c] - b[j * K + c];
-                    exp_inplace(e, K);
-                    for (int64_t c = 0; c < K; ++c) out[i * K + c] += eij * y[j * K + c] * e[c];
-                }
-            }
+            for_diag_pairs(g, K, i0, i1, diag, w, [&](int i, int j, const float* e) {
+                const float eij = E[i * kChunk + j];
+                for (int64_t c = 0; c < K; ++c) out[i * K + c] += eij * y[j * K + c] * e[c];
+            });
             if (i0 == 0) continue;
-            const int r = i0 - 1;
-            scale_rows(y, b, K, 0, i0, r, -1.0f, w.blk_out.data());  // y_J ⊙ exp(b_r − b_J)
+            rows_before(y, g, K, i0 - 1, w.blk_out.data(), w);  // y_J ⊙ exp(b_r − b_J)
             gemm(i1 - i0, K, i0, 1.0f, E + i0 * kChunk, kChunk, 1, w.blk_out.data(), K, 0.0f, w.blk_x.data(), K);
-            for (int i = i0; i < i1; ++i) {
-                float* d = e;
-                for (int64_t c = 0; c < K; ++c) d[c] = b[i * K + c] - b[r * K + c];
-                exp_inplace(d, K);
-                for (int64_t c = 0; c < K; ++c) out[i * K + c] += w.blk_x[(i - i0) * K + c] * d[c];
-            }
+            rows_after(nullptr, g, K, i0, i1, w.blk_y2.data(), w);  // exp(b_I − b_r)
+            for (int64_t t = 0; t < (i1 - i0) * K; ++t) out[i0 * K + t] += w.blk_x[t] * w.blk_y2[t];
         }
     }
 
-    static void apply_t(const float* E, const float* x, int L, int64_t K, const float* b, bool diag, float* out,
+    static void apply_t(const float* E, const float* x, int L, int64_t K, const float* g, bool diag, float* out,
                         Workspace& w) {
-        float* e = w.row.data();
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock);
-            for (int i = i0; i < i1; ++i) {
-                const int end = diag ? i + 1 : i;
-                for (int j = i0; j < end; ++j) {
-                    const float eij = E[i * kChunk + j];
-                    if (eij == 0.0f) continue;
-                    for (int64_t c = 0; c < K; ++c) e[c] = b[i * K + c] - b[j * K + c];
-                    exp_inplace(e, K);
-                    for (int64_t c = 0; c < K; ++c) out[j * K + c] += eij * x[i * K + c] * e[c];
-                }
-            }
+            for_diag_pairs(g, K, i0, i1, diag, w, [&](int i, int j, const float* e) {
+                const float eij = E[i * kChunk + j];
+                for (int64_t c = 0; c < K; ++c) out[j * K + c] += eij * x[i * K + c] * e[c];
+            });
             if (i0 == 0) continue;
-            const int r = i0 - 1;
-            scale_rows(x, b, K, i0, i1, r, +1.0f, w.blk_x.data());  // x_I ⊙ exp(b_I − b_r)
+            rows_after(x, g, K, i0, i1, w.blk_x.data(), w);  // x_I ⊙ exp(b_I − b_r)
             // [i0, K] = E[I, 0:i0]ᵀ · x̃_I
             gemm(i0, K, i1 - i0, 1.0f, E + i0 * kChunk, 1, kChunk, w.blk_x.data(), K, 0.0f, w.blk_out.data(), K);
-            for (int j = 0; j < i0; ++j) {
-                float* d = e;
-                for (int64_t c = 0; c < K; ++c) d[c] = b[r * K + c] - b[j * K + c];
-                exp_inplace(d, K);
-                for (int64_t c = 0; c < K; ++c) out[j * K + c] += w.blk_out[j * K + c] * d[c];
-            }
+            rows_before(nullptr, g, K, i0 - 1, w.blk_y2.data(), w);  // exp(b_r − b_J)
+            for (int64_t t = 0; t < i0 * K; ++t) out[t] += w.blk_out[t] * w.blk_y2[t];
         }
     }
 
@@ -179,16 +191,16 @@ struct Decayed<true> {
     }
 };
 
-// eb ← exp(b) (≤ 1), and ebar ← exp(b_last − b) (≤ 1); sized [L, K] or [L].
+// eb ← exp(b) (≤ 1), and ebar ← exp(b_last − b) = exp(Σ_{j<t<L} g_t) (≤ 1); sized [L, K] or [L].
 template <bool kVector>
 void decay_factors(const ChunkView& c, float* eb, float* ebar) {
     const int64_t width = kVector ? c.K : 1;
     const int L = c.L;
     std::copy(c.b, c.b + L * width, eb);
     exp_inplace(eb, L * width);
-    const float* last = c.b + (L - 1) * width;
-    for (int i = 0; i < L; ++i)
-        for (int64_t ch = 0; ch < width; ++ch) ebar[i * width + ch] = last[ch] - c.b[i * width + ch];
+    std::fill(ebar + (L - 1) * width, ebar + L * width, 0.0f);
+    for (int j = L - 2; j >= 0; --j)
+        for (int64_t ch = 0; ch < width; ++ch) ebar[j * width + ch] = ebar[(j + 1) * width + ch] + c.g[(j + 1) * width + ch];
     exp_inplace(ebar, L * width);
 }
 
@@ -218,18 +230,18 @@ template <bool kVector, bool kDelta>
 void chunk_common(const ChunkView& c, const float* S0, Workspace& w) {
     const int L = c.L;
     const int64_t K = c.K, V = c.V;
-    if constexpr (!kVector) scalar_gamma(c.b, L, w.gamma_lower.data());
+    if constexpr (!kVector) scalar_gamma(c.g, L, w.gamma_lower.data());
     decay_factors<kVector>(c, w.eb.data(), w.ebar.data());
     scale_by<kVector>(c.k, w.ebar.data(), L, K, w.kbar.data());
     scale_by<kVector>(c.q, w.eb.data(), L, K, w.qg.data());
-    Decayed<kVector>::scores(c.q, c.k, L, K, c.b, true, w.p.data(), w);
+    Decayed<kVector>::scores(c.q, c.k, L, K, c.g, true, w.p.data(), w);
     if constexpr (kDelta) {
         scale_by<kVector>(c.k, w.eb.data(), L, K, w.kg.data());
         // Y = V − (K ⊙ γ) S0
         std::copy(c.v, c.v + L * V, w.y.data());
         gemm(L, V, K, -1.0f, w.kg.data(), K, 1, S0, V, 1.0f, w.y.data(), V);
         // D (strict), A = diag(β) D
-        Decayed<kVector>::scores(c.k, c.k, L, K, c.b, false, w.d.data(), w);
+        Decayed<kVector>::scores(c.k, c.k, L, K, c.g, false, w.d.data(), w);
         for (int i = 0; i < L; ++i)
             for (int j = 0; j < i; ++j) w.a[i * kChunk + j] = c.beta[i] * w.d[i * kChunk + j];
         // (I + A) X = diag(β) Y by forward substitution: X_i = β_i Y_i − Σ_{j<i} A_ij X_j
@@ -332,8 +344,8 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
         Decayed<kVector>::prepare_grad(w.da.data(), L, false, w);
         std::fill(w.tmp1.begin(), w.tmp1.begin() + L * K, 0.0f);
         std::fill(w.tmp2.begin(), w.tmp2.begin() + L * K, 0.0f);
-        Decayed<kVector>::apply(w.da.data(), c.k, L, K, c.b, false, w.tmp1.data(), w);
-        Decayed<kVector>::apply_t(w.da.data(), c.k, L, K, c.b, false, w.tmp2.data(), w);
+        Decayed<kVector>::apply(w.da.data(), c.k, L, K, c.g, false, w.tmp1.data(), w);
+        Decayed<kVector>::apply_t(w.da.data(), c.k, L, K, c.g, false, w.tmp2.data(), w);
         add_db<kVector>(db, c.k, w.tmp1.data(), L, K, +1.0f);
         add_db<kVector>(db, c.k, w.tmp2.data(), L, K, -1.0f);
         for (int64_t i = 0; i < L * K; ++i) dk[i] += w.tmp1[i] + w.tmp2[i];
@@ -353,8 +365,8 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
     Decayed<kVector>::prepare_grad(w.dp.data(), L, false, w);
     std::fill(w.tmp1.begin(), w.tmp1.begin() + L * K, 0.0f);
     std::fill(w.tmp2.begin(), w.tmp2.begin() + L * K, 0.0f);
-    Decayed<kVector>::apply(w.dp.data(), c.k, L, K, c.b, false, w.tmp1.data(), w);
-    Decayed<kVector>::apply_t(w.dp.data(), c.q, L, K, c.b, false, w.tmp2.data(), w);
+    Decayed<kVector>::apply(w.dp.data(), c.k, L, K, c.g, false, w.tmp1.data(), w);
+    Decayed<kVector>::apply_t(w.dp.data(), c.q, L, K, c.g, false, w.tmp2.data(), w);
     add_db<kVector>(db, c.q, w.tmp1.data(), L, K, +1.0f);
     add_db<kVector>(db, c.k, w.tmp2.data(), L, K, -1.0f);
     for (int i = 0; i < L; ++i) {
