@@ -1,0 +1,241 @@
+// hla — the softmax family's CUDA forward: FlashAttention-2 tiling on tensor cores (mma.sync).
+//
+// A block owns BM query rows of one (sequence, query head); each warp owns 16 of them. K/V blocks of
+// BN keys stream through shared memory in two cp.async stages, walked from the diagonal downwards so
+// the masked blocks come first and the forget-gate sums can be carried as a running suffix sum.
+// Scores are kept in base 2 (scale · log2 e folded into one multiply) and P never leaves registers:
+// the score accumulators are re-packed in place as the A operand of P·V (see common.cuh).
+#pragma once
+
+#include "ops/softmax/cuda/common.cuh"
+
+namespace hla::softmax::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D_>
+struct FwdTraits {
+    static constexpr int D = D_;
+    // 8 warps × 16 rows for D ≤ 128; at D = 256 the 16 × 256 fp32 output accumulator alone is 128
+    // registers a thread, so 4 warps and 32-key blocks keep a thread under 255 registers.
+    static constexpr int NWARPS = D <= 128 ? 8 : 4;
+    static constexpr int THREADS = 32 * NWARPS;
+    static constexpr int BM = 16 * NWARPS;
+    static constexpr int BN = D <= 128 ? 64 : 32;
+    static constexpr int NB = BN / 8;  // 16×8 score blocks per warp row-strip
+    static constexpr int DB = D / 8;   // 16×8 output blocks per warp row-strip
+    // Q tile + two stages of K and V (b16), then the forget-gate sums (fp32).
+    static constexpr int SMEM = (BM * D + 4 * BN * D) * 2 + (BN + BM) * 4;
+    static_assert(D % 64 == 0, "the swizzle needs rows of at least 8 chunks");
+};
+
+template <int D, class T>
+__global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(const FwdParams p) {
+    using Tr = FwdTraits<D>;
+    constexpr int BM = Tr::BM, BN = Tr::BN, NB = Tr::NB, DB = Tr::DB, THREADS = Tr::THREADS;
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* sQ = reinterpret_cast<T*>(smem);
+    T* sK = sQ + BM * D;       // [2][BN][D]
+    T* sV = sK + 2 * BN * D;   // [2][BN][D]
+    float* sGk = reinterpret_cast<float*>(sV + 2 * BN * D);  // [BN] key-side gate sums
+    float* sRq = sGk + BN;                                    // [BM] query-side gate sums
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    // Heaviest (latest) query blocks first: under causal masking they see the most keys.
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, seq = blockIdx.z;
+    int64_t start = 0;
+    int len = p.T, batch = seq;
+    if (p.cu_seqlens) {
+        start = read_index(p.cu_seqlens, p.cu64, seq);
+        len = int(read_index(p.cu_seqlens, p.cu64, seq + 1) - start);
+        batch = 0;
+    }
+    const int q0 = m_block * BM;
+    if (q0 >= len) return;
+    const int kvh = h / p.G;
+    const int mrows = min(BM, len - q0);
+    const int q_last = q0 + mrows - 1;
+    const int kv_hi = p.causal ? min(len, q_last + 1) : len;
+    const int kv_lo = p.window > 0 ? max(0, q0 - p.window + 1) : 0;
+    const int n_hi = (kv_hi + BN - 1) / BN, n_lo = kv_lo / BN;
+    const bool has_g = p.g != nullptr;
+
+    const T* qb = static_cast<const T*>(p.q) + batch * p.q_s[0] + (start + q0) * p.q_s[1] + h * p.q_s[2];
+    const T* kb = static_cast<const T*>(p.k) + batch * p.k_s[0] + start * p.k_s[1] + kvh * p.k_s[2];
+    const T* vb = static_cast<const T*>(p.v) + batch * p.v_s[0] + start * p.v_s[1] + kvh * p.v_s[2];
+    auto g_at = [&](int t) {  // log forget gate of token t of this sequence and head
+        return load_any(p.g, batch * p.g_s[0] + (start + t) * p.g_s[1] + h * p.g_s[2], p.g_dtype);
+    };
+
+    load_tile_async<BM, D, THREADS>(sQ, qb, p.q_s[1], mrows);
+    if (n_hi > n_lo) {
+        const int j0 = (n_hi - 1) * BN;
+        load_tile_async<BN, D, THREADS>(sK, kb + j0 * p.k_s[1], p.k_s[1], kv_hi - j0);
+        load_tile_async<BN, D, THREADS>(sV, vb + j0 * p.v_s[1], p.v_s[1], kv_hi - j0);
+    }
+    cp_async_commit();
+    // Query-side sums R_i = Σ_{s=i+1..q_last} g_s (anchor q_last keeps them short and accurate).
+    float carry = 0;  // lane 0 of warp 0: Σ_{s=j0+BN..q_last} g_s for the current key block j0
+    if (has_g && threadIdx.x == 0) {
+        float run = 0;
+        for (int i = mrows - 1; i >= 0; --i) {
+            sRq[i] = run;
+            run += g_at(q0 + i);
+        }
+    }
+
+    float acc[DB][4];
+#pragma unroll
+    for (int i = 0; i < DB; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    const int r_lo = warp * 16 + lane / 4;  // local rows of this thread: r_lo and r_lo + 8
+    const int c_lo = 2 * (lane % 4);
+
+    int stage = 0;
+    for (int n = n_hi - 1; n >= n_lo; --n, stage ^= 1) {
+        const int j0 = n * BN;
+        cp_async_wait<0>();
+        __syncthreads();
+        if (n - 1 >= n_lo) {  // prefetch the next (lower) block into the other stage
+            const int jn = (n - 1) * BN;
+            load_tile_async<BN, D, THREADS>(sK + (stage ^ 1) * BN * D, kb + jn * p.k_s[1], p.k_s[1], BN);
+            load_tile_async<BN, D, THREADS>(sV + (stage ^ 1) * BN * D, vb + jn * p.v_s[1], p.v_s[1], BN);
+        }
+        cp_async_commit();
+        if (has_g) {
+            if (threadIdx.x == 0) {
+                // sGk[c] = Σ_{s=j0+c+1..q_last} g_s, gates past q_last counting as 0.
+                float run = carry;
+                for (int c = BN - 1; c >= 0; --c) {
+                    sGk[c] = run;
+                    const int j = j0 + c;
+                    if (j <= q_last) run += g_at(j);
+                }
+                carry = run;
+            }
+            __syncthreads();
+        }
+        const T* cK = sK + stage * BN * D;
+        const T* cV = sV + stage * BN * D;
+
+        // S = Q Kᵀ for this warp's 16 rows.
+        float s[NB][4];
+#pragma unroll
+        for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t a[4];
+            ldmatrix_x4(a, smem_addr(sQ + swz<D>(warp * 16 + (lane % 16), kk * 2 + lane / 16)));
+#pragma unroll
+            for (int nn = 0; nn < BN / 16; ++nn) {
+                uint32_t b[4];
+                ldmatrix_x4(b, smem_addr(cK + swz<D>(nn * 16 + (lane % 8) + (lane / 16) * 8, kk * 2 + (lane / 8) % 2)));
+                mma16816<T>(s[2 * nn], a, b[0], b[1]);
+                mma16816<T>(s[2 * nn + 1], a, b[2], b[3]);
+            }
+        }
+
+        // Scale, bias, mask (only blocks that touch a boundary pay for the mask).
+        const bool need_mask = (p.causal && j0 + BN - 1 > q0) || (p.window > 0 && j0 <= q_last - p.window) ||
+                               (j0 + BN > len);
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int rl = r_lo + (e >= 2 ? 8 : 0);
+                const int cl = nb * 8 + c_lo + (e & 1);
+                float x = s[nb][e] * p.scale_log2;
+                if (has_g) x += (sGk[cl] - sRq[min(rl, BM - 1)]) * kLog2e;
+                if (need_mask) {
+                    const int i = q0 + rl, j = j0 + cl;
+                    const bool visible = j < len && (!p.causal || j <= i) && (p.window <= 0 || j > i - p.window);
+                    if (!visible) x = -INFINITY;
+                }
+                s[nb][e] = x;
+            }
+
+        // Online softmax: rows r_lo (e = 0, 1) and r_lo + 8 (e = 2, 3); a row lives in one lane quad.
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float mx = row_max[hf];
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * hf], s[nb][2 * hf + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            // A row with nothing visible yet keeps max −inf; subtracting 0 instead avoids −inf − (−inf).
+            const float m_use = mx == -INFINITY ? 0.f : mx;
+            const float alpha = fast_exp2(row_max[hf] - m_use);
+            row_max[hf] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) {
+                s[nb][2 * hf] = fast_exp2(s[nb][2 * hf] - m_use);
+                s[nb][2 * hf + 1] = fast_exp2(s[nb][2 * hf + 1] - m_use);
+                sum += s[nb][2 * hf] + s[nb][2 * hf + 1];
+            }
+            row_sum[hf] = row_sum[hf] * alpha + sum;
+#pragma unroll
+            for (int db = 0; db < DB; ++db) {
+                acc[db][2 * hf] *= alpha;
+                acc[db][2 * hf + 1] *= alpha;
+            }
+        }
+
+        // O += P V.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            uint32_t a[4];
+            a[0] = Pack2<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = Pack2<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = Pack2<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = Pack2<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dn = 0; dn < D / 16; ++dn) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, smem_addr(cV + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn * 2 + lane / 16)));
+                mma16816<T>(acc[2 * dn], a, b[0], b[1]);
+                mma16816<T>(acc[2 * dn + 1], a, b[2], b[3]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: normalise, gate, store; lse in natural log.
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float l = row_sum[hf];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        const int rl = r_lo + 8 * hf;
+        const int i = q0 + rl;
+        if (i >= len) continue;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int64_t tok = start + i;
+        const int64_t ob = batch * p.o_s[0] + tok * p.o_s[1] + h * p.o_s[2];
+        const int64_t zb = batch * p.gate_s[0] + tok * p.gate_s[1] + h * p.gate_s[2];
+#pragma unroll
+        for (int db = 0; db < DB; ++db) {
+            const int d = db * 8 + c_lo;
+            float o0 = acc[db][2 * hf] * inv, o1 = acc[db][2 * hf + 1] * inv;
+            if (p.gate) {
+                o0 *= 1.f / (1.f + __expf(-load_any(p.gate, zb + d, p.gate_dtype)));
+                o1 *= 1.f / (1.f + __expf(-load_any(p.gate, zb + d + 1, p.gate_dtype)));
+            }
+            if (p.o_dtype == 2 && (ob & 1) == 0) {
+                *reinterpret_cast<float2*>(static_cast<float*>(p.o) + ob + d) = make_float2(o0, o1);
+            } else if (p.o_dtype == (std::is_same<T, __half>::value ? 1 : 0) && (ob & 1) == 0) {
+                *reinterpret_cast<uint32_t*>(static_cast<T*>(p.o) + ob + d) = Pack2<T>::pack(o0, o1);
+            } else {
+                store_any(p.o, ob + d, p.o_dtype, o0);
+                store_any(p.o, ob + d + 1, p.o_dtype, o1);
+            }
+        }
+        if (p.lse && lane % 4 == 0)
+            p.lse[batch * p.lse_s[0] + h * p.lse_s[1] + tok * p.lse_s[2]] =
+                l > 0.f ? row_max[hf] * kLn2 + logf(l) : -INFINITY;
+    }
+}
+
+}  // namespace hla::softmax::cuda

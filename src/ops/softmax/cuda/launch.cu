@@ -1,0 +1,297 @@
+// hla — the softmax family's CUDA entry points: turn a validated Problem into the POD parameter
+// structs and pick the kernel instantiation (head dim × dtype) in one place per pass.
+#include <cuda_runtime.h>
+
+#include <mutex>
+
+#include "core/checks.hpp"
+#include "ops/softmax/cuda/launchers.cuh"
+#include "ops/softmax/problem.hpp"
+
+namespace hla::softmax::cuda {
+
+namespace {
+
+// The kernels read and write bf16, f16 and f32; f64 (accepted on the CPU for finite differences) is not.
+void no_f64(const char* op, const TensorView& t) {
+    HLA_CHECK(!t.defined() || t.dtype != DType::F64, op, ": f64 tensors are not supported by the CUDA backend (use f32)");
+}
+
+// The kernels move K/V/Q rows with 16-byte copies: each row must start on a 16-byte boundary.
+void check_aligned(const char* op, const char* name, const TensorView& t) {
+    if (!t.defined()) return;
+    bool ok = reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
+    for (int i = 0; i + 1 < t.ndim; ++i) ok = ok && (t.stride[i] * int64_t(dtype_size(t.dtype))) % 16 == 0;
+    HLA_CHECK(ok, op, ": ", name, ": the CUDA backend needs 16-byte aligned rows (data pointer and every stride but ",
+              "the innermost a multiple of 16 bytes), got strides of shape ", t.shape_string());
+}
+
+int dtype_code(DType d) {
+    switch (d) {
+        case DType::BF16: return 0;
+        case DType::F16: return 1;
+        default: return 2;
+    }
+}
+
+void strides3(int64_t (&dst)[3], const TensorView& x) {
+    for (int i = 0; i < 3; ++i) dst[i] = x.defined() && x.ndim > i ? x.stride[i] : 0;
+}
+
+// Scratch that grows and is never returned: the first call of a size allocates, later calls reuse it,
+// so the steady state does no allocation. One per device, guarded for callers on several threads.
+struct Workspace {
+    std::mutex mu;
+    void* ptr = nullptr;
+    size_t bytes = 0;
+};
+void* workspace(const char* op, size_t bytes, int device) {
+    static Workspace ws[16];
+    Workspace& w = ws[device & 15];
+    std::lock_guard<std::mutex> lock(w.mu);
+    if (bytes > w.bytes) {
+        if (w.ptr) check(cudaFree(w.ptr), op, "cudaFree (workspace)");
+        check(cudaMalloc(&w.ptr, bytes), op, "cudaMalloc (workspace)");
+        w.bytes = bytes;
+    }
+    return w.ptr;
+}
+
+FwdParams forward_params(const Problem& p) {
+    const SoftmaxForwardArgs& a = p.args;
+    FwdParams f{};
+    f.q = a.q.data;
+    f.k = a.k.data;
+    f.v = a.v.data;
+    f.g = a.g.defined() ? a.g.data : nullptr;
+    f.gate = a.gate.defined() ? a.gate.data : nullptr;
+    f.o = a.o.data;
+    f.lse = a.lse.defined() ? a.lse.ptr<float>() : nullptr;
+    f.cu_seqlens = a.cu_seqlens.defined() ? a.cu_seqlens.data : nullptr;
+    f.cu64 = a.cu_seqlens.defined() && a.cu_seqlens.dtype == DType::I64;
+    f.B = int(p.B);
+    f.T = int(p.T);
+    f.HQ = int(p.HQ);
+    f.HKV = int(p.HKV);
+    f.G = int(p.G);
+    strides3(f.q_s, a.q);
+    strides3(f.k_s, a.k);
+    strides3(f.v_s, a.v);
+    strides3(f.o_s, a.o);
+    strides3(f.gate_s, a.gate);
+    strides3(f.g_s, a.g);
+    strides3(f.lse_s, a.lse);
+    f.o_dtype = dtype_code(a.o.dtype);
+    f.g_dtype = a.g.defined() ? dtype_code(a.g.dtype) : 2;
+    f.gate_dtype = a.gate.defined() ? dtype_code(a.gate.dtype) : 2;
+    f.scale_log2 = float(p.scale * 1.4426950408889634);
+    f.window = int(p.window);
+    f.causal = p.cfg.causal;
+    return f;
+}
+
+void run_forward_kernel(const Problem& p, const FwdParams& f) {
+    const bool bf16 = p.args.q.dtype == DType::BF16;
+    const int seqs = int(p.N());
+    if (p.max_len == 0 || seqs == 0) return;
+    switch (p.D) {
+        case 64: launch_forward_d<64>(f, bf16, int((p.max_len + FwdTraits<64>::BM - 1) / FwdTraits<64>::BM), int(p.HQ), seqs, p.op); break;
+        case 128: launch_forward_d<128>(f, bf16, int((p.max_len + FwdTraits<128>::BM - 1) / FwdTraits<128>::BM), int(p.HQ), seqs, p.op); break;
+        default: launch_forward_d<256>(f, bf16, int((p.max_len + FwdTraits<256>::BM - 1) / FwdTraits<256>::BM), int(p.HQ), seqs, p.op); break;
+    }
+}
+
+}  // namespace
+
+void forward(const Problem& p) {
+    check(cudaSetDevice(p.args.q.device_index), p.op, "cudaSetDevice");
+    for (const TensorView* t : {&p.args.o, &p.args.g, &p.args.gate}) no_f64(p.op, *t);
+    check_aligned(p.op, "q", p.args.q);
+    check_aligned(p.op, "k", p.args.k);
+    check_aligned(p.op, "v", p.args.v);
+    run_forward_kernel(p, forward_params(p));
+}
+
+// ---- backward ---------------------------------------------------------------------------------------
+
+void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
+    const char* op = p.op;
+    check(cudaSetDevice(p.args.q.device_index), op, "cudaSetDevice");
+    if (p.max_len == 0 || p.N() == 0) return;
+    BwdParams b{};
+    b.f = forward_params(p);
+    b.d_o = d_o.data;
+    strides3(b.do_s, d_o);
+    b.dq = g.dq.defined() ? g.dq.data : nullptr;
+    b.dk = g.dk.defined() ? g.dk.data : nullptr;
+    b.dv = g.dv.defined() ? g.dv.data : nullptr;
+    b.dgate = g.dgate.defined() ? g.dgate.data : nullptr;
+    b.dg = g.dg.defined() ? g.dg.ptr<float>() : nullptr;
+    strides3(b.dq_s, g.dq);
+    strides3(b.dk_s, g.dk);
+    strides3(b.dv_s, g.dv);
+    strides3(b.dgate_s, g.dgate);
+    strides3(b.dg_s, g.dg);
+    b.dq_dtype = g.dq.defined() ? dtype_code(g.dq.dtype) : 2;
+    b.dk_dtype = g.dk.defined() ? dtype_code(g.dk.dtype) : 2;
+    b.dv_dtype = g.dv.defined() ? dtype_code(g.dv.dtype) : 2;
+    b.dgate_dtype = g.dgate.defined() ? dtype_code(g.dgate.dtype) : 2;
+    b.do_dtype = dtype_code(d_o.dtype);
+    for (const TensorView* t : {&d_o, &g.dq, &g.dk, &g.dv, &g.dgate}) no_f64(op, *t);
+    for (const TensorView* t : {&p.args.o, &p.args.g, &p.args.gate}) no_f64(op, *t);
+    check_aligned(op, "q", p.args.q);
+    check_aligned(op, "k", p.args.k);
+    check_aligned(op, "v", p.args.v);
+    if (!p.args.gate.defined()) {
+        HLA_CHECK(d_o.dtype == p.args.q.dtype, op, ": d_o: the CUDA backend expects the dtype of q (",
+                  dtype_name(p.args.q.dtype), "), got ", dtype_name(d_o.dtype));
+        check_aligned(op, "d_o", d_o);
+    }
+    b.scale = float(p.scale);
+    // Workspace: dq_acc [B·T·HQ·D], delta, rowsum, colsum [B·T·HQ] fp32, dA [B·T·HQ·D] b16.
+    const size_t rows = size_t(p.B * p.T * p.HQ);
+    const size_t bytes = rows * size_t(p.D) * 4 + rows * 4 * 3 + rows * size_t(p.D) * 2 + 256;
+    char* ws = static_cast<char*>(workspace(op, bytes, p.args.q.device_index));
+    b.dq_acc = reinterpret_cast<float*>(ws);
+    b.delta = b.dq_acc + rows * p.D;
+    b.rowsum = b.delta + rows;
+    b.colsum = b.rowsum + rows;
+    b.dA = b.colsum + rows;
+    check(cudaMemsetAsync(b.dq_acc, 0, rows * size_t(p.D) * 4, 0), op, "memset");
+    check(cudaMemsetAsync(b.rowsum, 0, rows * 4, 0), op, "memset");
+    const bool bf16 = p.args.q.dtype == DType::BF16;
+    const int seqs = int(p.N());
+    const int D = int(p.D);
+
+    const dim3 row_grid(unsigned((p.B * p.T * p.HQ + 3) / 4));
+    if (bf16)
+        softmax_bwd_preprocess_kernel<__nv_bfloat16><<<row_grid, 128>>>(b, D);
+    else
+        softmax_bwd_preprocess_kernel<__half><<<row_grid, 128>>>(b, D);
+    check(cudaGetLastError(), op, "backward preprocess launch");
+    switch (D) {
+        case 64: launch_backward_d<64>(b, bf16, int((p.max_len + BwdTraits<64>::BN - 1) / BwdTraits<64>::BN), int(p.HKV), seqs, op); break;
+        case 128: launch_backward_d<128>(b, bf16, int((p.max_len + BwdTraits<128>::BN - 1) / BwdTraits<128>::BN), int(p.HKV), seqs, op); break;
+        default: launch_backward_d<256>(b, bf16, int((p.max_len + BwdTraits<256>::BN - 1) / BwdTraits<256>::BN), int(p.HKV), seqs, op); break;
+    }
+    softmax_bwd_postprocess_kernel<<<row_grid, 128>>>(b, D);
+    check(cudaGetLastError(), op, "backward postprocess launch");
+    if (b.dg) {
+        softmax_bwd_dg_kernel<<<dim3(unsigned(p.HQ), unsigned(seqs)), 32>>>(b);
+        check(cudaGetLastError(), op, "backward dg launch");
+    }
+}
+
+// ---- KV cache ---------------------------------------------------------------------------------------
+
+namespace {
+
+// Writes the new tokens' k, v (and gates) into the cache rows L_n … L_n + TQ − 1 (clamped).
+__global__ void softmax_cache_append_kernel(const DecodeParams p, const void* k, const void* v, const void* g,
+                                            int64_t k_s0, int64_t k_s1, int64_t k_s2, int64_t v_s0, int64_t v_s1,
+                                            int64_t v_s2, int64_t g_s0, int64_t g_s1, int64_t g_s2, int g_dtype, int D) {
+    const int n = blockIdx.x / p.TQ, t = blockIdx.x % p.TQ;
+    const int L = int(read_index(p.cache_seqlens, p.lens64, n));
+    const int j = L + t;
+    if (j >= p.capacity) return;
+    const int slot = p.cache_batch_idx ? int(read_index(p.cache_batch_idx, p.idx64, n)) : n;
+    const uint16_t* ks = static_cast<const uint16_t*>(k);
+    const uint16_t* vs = static_cast<const uint16_t*>(v);
+    uint16_t* kd = static_cast<uint16_t*>(const_cast<void*>(p.k_cache));
+    uint16_t* vd = static_cast<uint16_t*>(const_cast<void*>(p.v_cache));
+    const int64_t krow = cache_row(p, p.kc_s, n, slot, j), vrow = cache_row(p, p.vc_s, n, slot, j);
+    for (int e = threadIdx.x; e < p.HKV * D; e += blockDim.x) {
+        const int hk = e / D, d = e % D;
+        kd[krow + hk * p.kc_s[2] + d] = ks[n * k_s0 + t * k_s1 + hk * k_s2 + d];
+        vd[vrow + hk * p.vc_s[2] + d] = vs[n * v_s0 + t * v_s1 + hk * v_s2 + d];
+    }
+    if (g && p.g_cache) {
+        float* gd = const_cast<float*>(static_cast<const float*>(p.g_cache));
+        const int64_t grow = cache_row(p, p.gc_s, n, slot, j);
+        for (int h = threadIdx.x; h < p.HQ; h += blockDim.x)
+            gd[grow + h * p.gc_s[2]] = load_any(g, n * g_s0 + t * g_s1 + h * g_s2, g_dtype);
+    }
+}
+
+}  // namespace
+
+void decode(const DecodeProblem& p) {
+    const char* op = p.op;
+    const SoftmaxKVCacheArgs& a = p.args;
+    check(cudaSetDevice(a.q.device_index), op, "cudaSetDevice");
+    for (const TensorView* t : {&a.o, &a.g, &a.gate}) no_f64(op, *t);
+    check_aligned(op, "q", a.q);
+    check_aligned(op, "k_cache", a.k_cache);
+    check_aligned(op, "v_cache", a.v_cache);
+    if (p.N == 0 || p.TQ == 0) return;
+    DecodeParams d{};
+    d.q = a.q.data;
+    d.k_cache = a.k_cache.data;
+    d.v_cache = a.v_cache.data;
+    d.g_cache = a.g_cache.defined() ? a.g_cache.data : nullptr;
+    d.gate = a.gate.defined() ? a.gate.data : nullptr;
+    d.o = a.o.data;
+    d.lse = a.lse.defined() ? a.lse.ptr<float>() : nullptr;
+    d.cache_seqlens = a.cache_seqlens.defined() ? a.cache_seqlens.data : nullptr;
+    d.lens64 = a.cache_seqlens.defined() && a.cache_seqlens.dtype == DType::I64;
+    d.cache_batch_idx = a.cache_batch_idx.defined() ? a.cache_batch_idx.data : nullptr;
+    d.idx64 = a.cache_batch_idx.defined() && a.cache_batch_idx.dtype == DType::I64;
+    d.block_table = a.block_table.defined() ? a.block_table.ptr<int>() : nullptr;
+    d.bt_s0 = a.block_table.defined() ? a.block_table.stride[0] : 0;
+    HLA_CHECK(!a.block_table.defined() || a.block_table.stride[1] == 1, op,
+              ": block_table: the CUDA backend expects a contiguous innermost dimension");
+    d.N = int(p.N);
+    d.TQ = int(p.TQ);
+    d.HQ = int(p.HQ);
+    d.HKV = int(p.HKV);
+    d.G = int(p.G);
+    d.capacity = int(p.capacity);
+    d.page_size = int(p.page_size);
+    d.append = p.append;
+    strides3(d.q_s, a.q);
+    strides3(d.kc_s, a.k_cache);
+    strides3(d.vc_s, a.v_cache);
+    strides3(d.gc_s, a.g_cache);
+    strides3(d.gate_s, a.gate);
+    strides3(d.o_s, a.o);
+    strides3(d.lse_s, a.lse);
+    d.o_dtype = dtype_code(a.o.dtype);
+    d.gate_dtype = a.gate.defined() ? dtype_code(a.gate.dtype) : 2;
+    d.scale_log2 = float(p.scale * 1.4426950408889634);
+    d.window = int(p.window);
+    d.causal = p.cfg.causal;
+
+    // Enough blocks to fill the GPU twice over; each split keeps at least 256 keys so that the
+    // partials stay a small fraction of the cache traffic.
+    int sms = 132;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.q.device_index);
+    const int rows_per_block = p.D == 256 ? DecodeTraits<256>::ROWS : DecodeTraits<128>::ROWS;
+    const int row_tiles = int((p.G * p.TQ + rows_per_block - 1) / rows_per_block);
+    const int64_t blocks = p.N * p.HKV * row_tiles;
+    int splits = int(std::max<int64_t>(1, (2 * sms + blocks - 1) / blocks));
+    splits = int(std::min<int64_t>(splits, std::max<int64_t>(1, p.capacity / 256)));
+    d.splits = splits;
+    if (splits > 1) {
+        const size_t parts = size_t(p.N * p.HQ * p.TQ) * size_t(splits);
+        float* ws = static_cast<float*>(workspace(op, parts * size_t(p.D + 2) * 4, a.q.device_index));
+        d.part_o = ws;
+        d.part_ml = ws + parts * p.D;
+    }
+
+    if (p.append) {
+        softmax_cache_append_kernel<<<unsigned(p.N * p.TQ), 128>>>(
+            d, a.k.data, a.v.data, a.g.defined() ? a.g.data : nullptr, a.k.stride[0], a.k.stride[1], a.k.stride[2],
+            a.v.stride[0], a.v.stride[1], a.v.stride[2], a.g.defined() ? a.g.stride[0] : 0,
+            a.g.defined() ? a.g.stride[1] : 0, a.g.defined() ? a.g.stride[2] : 0,
+            a.g.defined() ? dtype_code(a.g.dtype) : 2, int(p.D));
+        check(cudaGetLastError(), op, "cache append launch");
+    }
+    const bool bf16 = a.q.dtype == DType::BF16;
+    switch (p.D) {
+        case 64: launch_decode_d<64>(d, bf16, op); break;
+        case 128: launch_decode_d<128>(d, bf16, op); break;
+        default: launch_decode_d<256>(d, bf16, op); break;
+    }
+}
+
+}  // namespace hla::softmax::cuda
