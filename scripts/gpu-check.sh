@@ -10,46 +10,47 @@ summary=()
 note() { summary+=("$1|$2"); }
 
 echo "== build ($BUILD)"
-cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DHLA_TESTS=ON > "$BUILD.configure.log" 2>&1 || { tail -30 "$BUILD.configure.log"; exit 1; }
-if cmake --build "$BUILD" -j16 > "$BUILD.build.log" 2>&1; then
+mkdir -p "$BUILD"
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DHLA_TESTS=ON > "$BUILD/gpu-check.configure.log" 2>&1 || { tail -30 "$BUILD/gpu-check.configure.log"; exit 1; }
+if cmake --build "$BUILD" -j16 > "$BUILD/gpu-check.build.log" 2>&1; then
     note build "all targets ok"
 else
     # Another family's breakage must not hide this one's results: build what this script needs.
-    grep -E "error" "$BUILD.build.log" | head -20
-    cmake --build "$BUILD" -j16 --target test_linear_cuda linear_cuda_bench > "$BUILD.build2.log" 2>&1 \
-        || { tail -40 "$BUILD.build2.log"; exit 1; }
-    note build "full build FAILED (see $BUILD.build.log); CUDA targets ok"
+    grep -E "error" "$BUILD/gpu-check.build.log" | head -20
+    cmake --build "$BUILD" -j16 --target test_linear_cuda linear_cuda_bench > "$BUILD/gpu-check.build2.log" 2>&1 \
+        || { tail -40 "$BUILD/gpu-check.build2.log"; exit 1; }
+    note build "full build FAILED (see $BUILD/gpu-check.build.log); CUDA targets ok"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
-echo "== CUDA tests"
-if (cd "$BUILD" && ctest -R '[Cc]uda' --output-on-failure --timeout 900 > ../"$BUILD.ctest.log" 2>&1); then
-    note "ctest -R cuda" "$(grep -E 'tests passed' "$BUILD.ctest.log")"
+echo "== CUDA tests (linear family)"
+if ctest --test-dir "$BUILD" -R 'LinearCuda' --output-on-failure --timeout 900 > "$BUILD/gpu-check.ctest.log" 2>&1; then
+    note "ctest LinearCuda" "$(grep -E 'tests passed' "$BUILD/gpu-check.ctest.log")"
 else
-    grep -E "Failure|error vs|FAILED|Failed|Expected" "$BUILD.ctest.log" | head -60
-    note "ctest -R cuda" "FAILED: $(grep -E 'tests passed' "$BUILD.ctest.log")"
+    grep -E "Failure|error vs|FAILED|Failed|Expected" "$BUILD/gpu-check.ctest.log" | head -60
+    note "ctest LinearCuda" "FAILED: $(grep -E 'tests passed' "$BUILD/gpu-check.ctest.log")"
 fi
-tail -5 "$BUILD.ctest.log"
+tail -5 "$BUILD/gpu-check.ctest.log"
 
 echo "== compute-sanitizer"
 SMALL='LinearCuda.SingleToken:LinearCuda.VarlenWithEmptySequences:LinearCuda.DecodeSkipsNegativeSlots'
 for tool in memcheck racecheck; do
     if command -v compute-sanitizer > /dev/null 2>&1 || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
         CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-        "$CS" --tool $tool --error-exitcode 9 "$BUILD/test_linear_cuda" --gtest_filter="$SMALL" > "$BUILD.$tool.log" 2>&1
+        "$CS" --tool $tool --error-exitcode 9 "$BUILD/test_linear_cuda" --gtest_filter="$SMALL" > "$BUILD/gpu-check.$tool.log" 2>&1
         rc=$?
-        tail -3 "$BUILD.$tool.log"
-        note "$tool" "$([ $rc = 0 ] && echo clean || echo "rc=$rc: $(grep -m1 -E 'ERROR|Error|hazard' "$BUILD.$tool.log")")"
+        tail -3 "$BUILD/gpu-check.$tool.log"
+        note "$tool" "$([ $rc = 0 ] && echo clean || echo "rc=$rc: $(grep -m1 -E 'ERROR|Error|hazard' "$BUILD/gpu-check.$tool.log")")"
     else
         note "$tool" "compute-sanitizer not found"
     fi
 done
 
 echo "== benchmark"
-"$BUILD/linear_cuda_bench" $QUICK | tee "$BUILD.bench.log"
+"$BUILD/linear_cuda_bench" $QUICK | tee "$BUILD/gpu-check.bench.log"
 
 echo "== peers (same process per framework)"
-python3 - <<'PY' 2>&1 | tee "$BUILD.peers.log" || true
+python3 - <<'PY' 2>&1 | tee "$BUILD/gpu-check.peers.log" || true
 import time
 try:
     import torch
@@ -87,5 +88,5 @@ PY
 echo
 echo "== summary"
 for s in "${summary[@]}"; do printf '%-16s %s\n' "${s%%|*}" "${s#*|}"; done
-grep -E "^\| " "$BUILD.bench.log" || true
-grep -E "^peer " "$BUILD.peers.log" || true
+grep -E "^\| " "$BUILD/gpu-check.bench.log" || true
+grep -E "^peer " "$BUILD/gpu-check.peers.log" || true
