@@ -5,11 +5,11 @@ Every public op in hla.ops is a named cell of one configuration (decay x update,
 module knows nothing about the cells. Outputs are allocated here (libhla takes caller-allocated
 outputs); all arithmetic happens in libhla.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.library.custom_op reads the annotations of the
+# op functions below as real types.
 import contextlib
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -145,7 +145,6 @@ def _library_ops():
     version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isdigit())
     if version < (2, 4) or os.environ.get("HLA_TORCH_LIBRARY", "1") == "0":
         return None
-    from typing import List
 
     def cfg_of(decay, update, scale, qk_l2norm, gate_activation, lower_bound, beta_activation, backend):
         return Config(decay, update, scale, qk_l2norm, gate_activation, lower_bound, beta_activation, backend)
