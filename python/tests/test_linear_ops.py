@@ -237,6 +237,7 @@ def test_fused_recurrent_matches_reference(name, case):
         assert torch.equal(h0, h0_before), "fused_recurrent modified initial_state"
 
 
+@pytest.mark.filterwarnings("ignore:Input #")  # fp32 inputs, on purpose (libhla takes no fp64)
 @pytest.mark.parametrize("name", ["linear_attn", "gla", "gated_delta_rule_gate", "kda_bounded"])
 def test_gradcheck_tiny(name):
     """torch.autograd.gradcheck on the op itself (fp32, so finite differences need loose bounds);
