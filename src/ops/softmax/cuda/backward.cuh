@@ -66,7 +66,7 @@ __global__ void softmax_bwd_preprocess_kernel(const BwdParams b, int D) {
 }
 
 // dq (its dtype) ← the fp32 accumulator.
-__global__ void softmax_bwd_postprocess_kernel(const BwdParams b, int D) {
+static __global__ void softmax_bwd_postprocess_kernel(const BwdParams b, int D) {
     const FwdParams& f = b.f;
     const int64_t row = int64_t(blockIdx.x) * 4 + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -80,7 +80,7 @@ __global__ void softmax_bwd_postprocess_kernel(const BwdParams b, int D) {
 
 // dg_s = Σ_{t ≥ s} (rowsum_t − colsum_t) within each sequence; one warp per (head, sequence), a
 // running suffix sum over 32-token chunks (warp scan inside a chunk, carry between chunks).
-__global__ void softmax_bwd_dg_kernel(const BwdParams b) {
+static __global__ void softmax_bwd_dg_kernel(const BwdParams b) {
     const FwdParams& f = b.f;
     const int h = blockIdx.x, seq = blockIdx.y, lane = threadIdx.x;
     int64_t start = 0;
