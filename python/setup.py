@@ -91,7 +91,8 @@ setup(
             "hla._C",
             ["hla/csrc/binding.cpp"],
             include_dirs=[str(ROOT / "include")],
-            extra_compile_args=["-O2", "-std=c++17"],
+            # torch 1.13's headers use std::iterator, deprecated in C++17: keep the build log readable
+            extra_compile_args=["-O2", "-std=c++17", "-Wno-deprecated-declarations"],
             libraries=["pthread"],
         )
     ],

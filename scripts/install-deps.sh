@@ -5,6 +5,8 @@ set -euo pipefail
 packages=(cmake make g++ libgtest-dev)
 # the Python package (python/): built and tested against Debian's torch
 packages+=(python3-torch python3-numpy python3-pytest python3-setuptools python3-dev)
+# Debian's torch links the generic libblas: OpenBLAS makes its CPU matmuls ~10x faster (tests, hla.mqar)
+packages+=(libopenblas0-pthread)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
