@@ -34,6 +34,28 @@ void exp_inplace(float* x, int64_t n);
 // Scalar version with the same accuracy, for odd sizes.
 float exp_scalar(float x);
 
+// Σ_i x[i]·y[i], vectorised.
+inline float dot(const float* x, const float* y, int64_t n) {
+    vf acc = vf{};
+    int64_t i = 0;
+    for (; i + kVec <= n; i += kVec) acc += load(x + i) * load(y + i);
+    float s = 0;
+    for (int l = 0; l < kVec; ++l) s += acc[l];
+    for (; i < n; ++i) s += x[i] * y[i];
+    return s;
+}
+
+// Σ_i x[i]·y[i]·z[i], vectorised (a plain loop would add in order: the compiler may not reassociate).
+inline float dot3(const float* x, const float* y, const float* z, int64_t n) {
+    vf acc = vf{};
+    int64_t i = 0;
+    for (; i + kVec <= n; i += kVec) acc += load(x + i) * load(y + i) * load(z + i);
+    float s = 0;
+    for (int l = 0; l < kVec; ++l) s += acc[l];
+    for (; i < n; ++i) s += x[i] * y[i] * z[i];
+    return s;
+}
+
 // Copies a [rows, cols] block with row stride ld into a contiguous [cols, rows] block (transpose).
 void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst);
 

@@ -13,7 +13,7 @@ using hla::cpu::transpose;
 
 Workspace::Workspace(int64_t K_, int64_t V_) : K(K_), V(V_) {
     const int64_t C = kChunk, D = std::max(K, V);
-    for (auto* buf : {&eb, &ebar, &kg, &qg, &kbar, &dqg, &dkbar, &dkg, &tmp1, &tmp2, &blk_out}) buf->assign(C * K, 0.0f);
+    for (auto* buf : {&eb, &ebar, &ea, &kg, &qg, &kbar, &dqg, &dkbar, &dkg, &tmp1, &tmp2, &blk_out}) buf->assign(C * K, 0.0f);
     for (auto* buf : {&y, &x, &xt, &dx, &z, &dy}) buf->assign(C * V, 0.0f);
     for (auto* buf : {&d, &a, &p, &gamma_lower, &dp, &da}) buf->assign(C * C, 0.0f);
     s0t.assign(K * V, 0.0f);
@@ -89,20 +89,17 @@ struct Decayed<true> {
     }
 
     // Calls f(i, j, e) for the pairs of the diagonal block [i0, i1) (j ≤ i, or j < i without diag),
-    // with e[c] = exp(b_ic − b_jc) accumulated as Σ_{j<t≤i} g_tc.
+    // with e[c] = exp(b_ic − b_jc) = Π_{j<t≤i} a_tc, a = exp(g) (w.ea): a product of at most 15 factors
+    // ≤ 1, as accurate as exp of the sum and without an exp per pair.
     template <class F>
-    static void for_diag_pairs(const float* g, int64_t K, int i0, int i1, bool diag, Workspace& w, F&& f) {
-        float* acc = w.row.data();
-        float* e = w.row2.data();
+    static void for_diag_pairs(int64_t K, int i0, int i1, bool diag, Workspace& w, F&& f) {
+        float* e = w.row.data();
+        const float* a = w.ea.data();
         for (int i = i0; i < i1; ++i) {
-            std::fill(acc, acc + K, 0.0f);
+            std::fill(e, e + K, 1.0f);
             for (int j = i; j >= i0; --j) {
-                if (j < i || diag) {
-                    std::copy(acc, acc + K, e);
-                    exp_inplace(e, K);
-                    f(i, j, e);
-                }
-                accumulate(acc, g + j * K, K);
+                if (j < i || diag) f(i, j, e);
+                for (int64_t c = 0; c < K; ++c) e[c] *= a[j * K + c];
             }
         }
     }
@@ -140,10 +137,8 @@ struct Decayed<true> {
         for (int i = 0; i < L; ++i) std::fill(E + i * kChunk, E + i * kChunk + L, 0.0f);
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock);
-            for_diag_pairs(g, K, i0, i1, diag, w, [&](int i, int j, const float* e) {
-                float s = 0;
-                for (int64_t c = 0; c < K; ++c) s += x[i * K + c] * y[j * K + c] * e[c];
-                E[i * kChunk + j] = s;
+            for_diag_pairs(K, i0, i1, diag, w, [&](int i, int j, const float* e) {
+                E[i * kChunk + j] = hla::cpu::dot3(x + i * K, y + j * K, e, K);
             });
             if (i0 == 0) continue;
             rows_after(x, g, K, i0, i1, w.blk_x.data(), w);           // x_I ⊙ exp(b_I − b_r)
@@ -157,7 +152,7 @@ struct Decayed<true> {
                       Workspace& w) {
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock);
-            for_diag_pairs(g, K, i0, i1, diag, w, [&](int i, int j, const float* e) {
+            for_diag_pairs(K, i0, i1, diag, w, [&](int i, int j, const float* e) {
                 const float eij = E[i * kChunk + j];
                 for (int64_t c = 0; c < K; ++c) out[i * K + c] += eij * y[j * K + c] * e[c];
             });
@@ -173,7 +168,7 @@ struct Decayed<true> {
                         Workspace& w) {
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock);
-            for_diag_pairs(g, K, i0, i1, diag, w, [&](int i, int j, const float* e) {
+            for_diag_pairs(K, i0, i1, diag, w, [&](int i, int j, const float* e) {
                 const float eij = E[i * kChunk + j];
                 for (int64_t c = 0; c < K; ++c) out[j * K + c] += eij * x[i * K + c] * e[c];
             });
@@ -218,9 +213,7 @@ void add_db(float* db, const float* x, const float* dx, int L, int64_t K, float 
         if (kVector) {
             for (int64_t c = 0; c < K; ++c) db[i * K + c] += sign * x[i * K + c] * dx[i * K + c];
         } else {
-            float s = 0;
-            for (int64_t c = 0; c < K; ++c) s += x[i * K + c] * dx[i * K + c];
-            db[i] += sign * s;
+            db[i] += sign * hla::cpu::dot(x + i * K, dx + i * K, K);
         }
     }
 }
@@ -230,7 +223,12 @@ template <bool kVector, bool kDelta>
 void chunk_common(const ChunkView& c, const float* S0, Workspace& w) {
     const int L = c.L;
     const int64_t K = c.K, V = c.V;
-    if constexpr (!kVector) scalar_gamma(c.g, L, w.gamma_lower.data());
+    if constexpr (kVector) {
+        std::copy(c.g, c.g + L * K, w.ea.data());
+        exp_inplace(w.ea.data(), L * K);
+    } else {
+        scalar_gamma(c.g, L, w.gamma_lower.data());
+    }
     decay_factors<kVector>(c, w.eb.data(), w.ebar.data());
     scale_by<kVector>(c.k, w.ebar.data(), L, K, w.kbar.data());
     scale_by<kVector>(c.q, w.eb.data(), L, K, w.qg.data());
@@ -305,8 +303,7 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
     const float* eb_last = w.eb.data() + (L - 1) * width;
     float* db_last = db + (L - 1) * width;
     for (int64_t r = 0; r < K; ++r) {
-        float s = 0;
-        for (int64_t e = 0; e < V; ++e) s += S0[r * V + e] * dS[r * V + e];
+        const float s = hla::cpu::dot(S0 + r * V, dS + r * V, V);
         const float f = kVector ? eb_last[r] : eb_last[0];
         if (kVector) db_last[r] += f * s; else db_last[0] += f * s;
         for (int64_t e = 0; e < V; ++e) dS[r * V + e] *= f;
@@ -329,8 +326,7 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
         // dA = −Z Xᵀ (strict lower part used); dβ_i = ⟨Z_i, Y_i⟩ + Σ_j dA_ij D_ij; dD = diag(β) dA
         gemm(L, L, V, -1.0f, Z, V, 1, w.xt.data(), L, 0.0f, w.da.data(), kChunk);
         for (int i = 0; i < L; ++i) {
-            float s = 0;
-            for (int64_t e = 0; e < V; ++e) s += Z[i * V + e] * w.y[i * V + e];
+            float s = hla::cpu::dot(Z + i * V, w.y.data() + i * V, V);
             for (int j = 0; j < i; ++j) s += w.da[i * kChunk + j] * w.d[i * kChunk + j];
             dbeta[i] = s;
             for (int j = 0; j < i; ++j) w.da[i * kChunk + j] *= c.beta[i];

@@ -15,7 +15,8 @@
 // is computed per element; an off-diagonal block (J before I) is factored around r, the last token
 // before I, as [X_I ⊙ exp(b_I − b_r)] [Y_J ⊙ exp(b_r − b_J)]ᵀ with both factors ≤ 1, so it runs as a
 // matrix product without overflow.
-// Every exponent b_i − b_j is formed as the sum Σ_{j<t≤i} g_t, accumulated from the nearer end, never
+// Every exponent b_i − b_j is formed as the sum Σ_{j<t≤i} g_t, accumulated from the nearer end (or,
+// inside a 16-token block, as the product of the per-token decays exp(g_t)), never
 // as the difference of two cumulative sums: after a run of deep gates b reaches −500, where a float
 // resolves only 3e-5, and exp(b_i − b_j) of two nearby shallow tokens would inherit that error.
 #pragma once
@@ -44,7 +45,7 @@ struct ChunkView {
 struct Workspace {
     Workspace(int64_t K, int64_t V);
     int64_t K, V;
-    std::vector<float> eb, ebar, kg, qg, kbar, y, x, xt, d, a, p, gamma_lower, s0t, dst, dx, dp, z, da, dqg, dkbar, dkg, dy,
+    std::vector<float> eb, ebar, ea, kg, qg, kbar, y, x, xt, d, a, p, gamma_lower, s0t, dst, dx, dp, z, da, dqg, dkbar, dkg, dy,
         tmp1, tmp2, blk_x, blk_yt, blk_out, blk_y2, row, row2, diag;
 };
 

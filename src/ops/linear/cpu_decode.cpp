@@ -7,6 +7,7 @@
 // Both read S once to form p and o, then update it in one read-modify-write pass.
 // No allocation: per-thread scratch is sized on first use and reused.
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "core/cpu_math.hpp"
@@ -21,37 +22,31 @@ using hla::cpu::vf;
 
 namespace {
 
-// out[0:V] = Σ_c w[c] · S[c, 0:V]   (V a multiple of kVec on the fast path)
-inline void weighted_row_sum(const float* S, const float* w, int64_t K, int64_t V, float* out) {
-    std::fill(out, out + V, 0.0f);
-    for (int64_t c = 0; c < K; ++c) {
-        const float wc = w[c];
-        const float* row = S + c * V;
-        int64_t e = 0;
-        for (; e + kVec <= V; e += kVec) hla::cpu::store(out + e, hla::cpu::load(out + e) + hla::cpu::splat(wc) * hla::cpu::load(row + e));
-        for (; e < V; ++e) out[e] += wc * row[e];
-    }
-}
-
-// Two weighted sums in one sweep over S (S is read once).
-inline void weighted_row_sum2(const float* S, const float* w1, const float* w2, int64_t K, int64_t V, float* out1,
-                              float* out2) {
-    std::fill(out1, out1 + V, 0.0f);
-    std::fill(out2, out2 + V, 0.0f);
-    for (int64_t c = 0; c < K; ++c) {
-        const vf a = hla::cpu::splat(w1[c]), b = hla::cpu::splat(w2[c]);
-        const float* row = S + c * V;
-        int64_t e = 0;
-        for (; e + kVec <= V; e += kVec) {
-            const vf r = hla::cpu::load(row + e);
-            hla::cpu::store(out1 + e, hla::cpu::load(out1 + e) + a * r);
-            hla::cpu::store(out2 + e, hla::cpu::load(out2 + e) + b * r);
+// out_m[0:V] = Σ_c w_m[c] · S[c, 0:V] for M weight vectors in one sweep over S (S is read once).
+// Columns go in panels of 4 vectors so the 4·M accumulators stay in registers across the c loop.
+template <int M>
+inline void weighted_row_sums(const float* S, const float* const* w, int64_t K, int64_t V, float* const* out) {
+    constexpr int P = 4;
+    int64_t e0 = 0;
+    for (; e0 + P * kVec <= V; e0 += P * kVec) {
+        vf acc[M][P] = {};
+        for (int64_t c = 0; c < K; ++c) {
+            const float* row = S + c * V + e0;
+            vf r[P];
+            for (int p = 0; p < P; ++p) r[p] = hla::cpu::load(row + p * kVec);
+            for (int m = 0; m < M; ++m) {
+                const vf wm = hla::cpu::splat(w[m][c]);
+                for (int p = 0; p < P; ++p) acc[m][p] += wm * r[p];
+            }
         }
-        for (; e < V; ++e) {
-            out1[e] += w1[c] * row[e];
-            out2[e] += w2[c] * row[e];
-        }
+        for (int m = 0; m < M; ++m)
+            for (int p = 0; p < P; ++p) hla::cpu::store(out[m] + e0 + p * kVec, acc[m][p]);
     }
+    // Column tail (V not a multiple of 64).
+    for (int m = 0; m < M; ++m) std::fill(out[m] + e0, out[m] + V, 0.0f);
+    for (int64_t c = 0; c < K; ++c)
+        for (int m = 0; m < M; ++m)
+            for (int64_t e = e0; e < V; ++e) out[m][e] += w[m][c] * S[c * V + e];
 }
 
 // S[c, :] ← a[c] · S[c, :] + k[c] · u
@@ -104,7 +99,12 @@ void decode(const DecodeProblem& p) {
         for (int64_t t = 0; t < p.T; ++t) {
             float beta;
             load_token(in, n, t, hv, w.q.data(), w.k.data(), w.v.data(), w.logd.data(), &beta);
-            for (int64_t c = 0; c < K; ++c) w.a[c] = hla::cpu::exp_scalar(vec ? w.logd[c] : w.logd[0]);
+            if (vec) {
+                std::copy(w.logd.begin(), w.logd.end(), w.a.begin());
+                hla::cpu::exp_inplace(w.a.data(), K);
+            } else {
+                std::fill(w.a.begin(), w.a.end(), std::exp(w.logd[0]));
+            }
             float qk = 0;
             for (int64_t c = 0; c < K; ++c) {
                 w.aq[c] = w.a[c] * w.q[c];
@@ -113,10 +113,14 @@ void decode(const DecodeProblem& p) {
             }
             float* u = w.v.data();  // additive: u = v
             if (delta) {
-                weighted_row_sum2(S, w.aq.data(), w.ak.data(), K, V, w.o.data(), w.p.data());
+                const float* weights[2] = {w.aq.data(), w.ak.data()};
+                float* sums[2] = {w.o.data(), w.p.data()};
+                weighted_row_sums<2>(S, weights, K, V, sums);
                 for (int64_t e = 0; e < V; ++e) u[e] = beta * (w.v[e] - w.p[e]);
             } else {
-                weighted_row_sum(S, w.aq.data(), K, V, w.o.data());
+                const float* weights[1] = {w.aq.data()};
+                float* sums[1] = {w.o.data()};
+                weighted_row_sums<1>(S, weights, K, V, sums);
             }
             for (int64_t e = 0; e < V; ++e) w.o[e] += qk * u[e];
             decay_and_update(S, w.a.data(), w.k.data(), u, K, V);
