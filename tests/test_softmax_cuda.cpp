@@ -173,9 +173,11 @@ void decode_case(bool paged, int64_t TQ, int64_t D, bool gates, int64_t window, 
     }
     auto run = [&](Device dev, Backend backend, Tensor& kc_d, Tensor& vc_d, Tensor& gc_d) {
         Tensor o = poisoned({N, TQ, HQ, D}, DType::F32, dev), lse = poisoned({N, HQ, TQ}, DType::F32, dev);
+        // Every device copy is a named Tensor: a view of a temporary would dangle before the call.
+        Tensor kn_d = kn.to(dev), vn_d = vn.to(dev), q_d = q.to(dev), lens_d = lens.to(dev);
         KVCacheOptions opt;
-        opt.k = kn.to(dev);
-        opt.v = vn.to(dev);
+        opt.k = kn_d;
+        opt.v = vn_d;
         opt.window = window;
         opt.backend = backend;
         opt.softmax_lse = lse;
@@ -189,7 +191,7 @@ void decode_case(bool paged, int64_t TQ, int64_t D, bool gates, int64_t window, 
             opt.g = gn_d;
             opt.gate = z_d;
         }
-        flash_attn_with_kvcache(q.to(dev), kc_d, vc_d, lens.to(dev), o, opt);
+        flash_attn_with_kvcache(q_d, kc_d, vc_d, lens_d, o, opt);
         return FwdOut{o.to(Device::CPU), lse.to(Device::CPU)};
     };
     Tensor kc_cpu = kc.clone(), vc_cpu = vc.clone(), gc_cpu = gc.clone();
