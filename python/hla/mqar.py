@@ -1,0 +1,268 @@
+"""Multi-query associative recall (MQAR, Zoology: Arora et al. 2023): does the mechanism recall?
+
+    python -m hla.mqar            CPU configuration (2 cores, well under 15 minutes)
+    python -m hla.mqar --gpu      larger models, more pairs and steps, on CUDA
+
+A sequence lists `pairs` key-value pairs (k1 v1 k2 v2 …); later, at random positions of the rest of
+the sequence, the keys appear again in random order and the model must emit the value that followed
+each key. Accuracy counts the queried positions whose argmax prediction is the right value.
+
+Every model is the same small pre-norm stack (token embedding, [mixer, SwiGLU MLP] × layers, LayerNorm,
+linear head); only the sequence mixer differs: softmax attention, linear attention, GLA, DeltaNet, Gated
+DeltaNet, KDA (all libhla, through hla.ops) and a 3:1 Gated DeltaNet : attention hybrid (4 layers).
+Each mixer has a short causal depthwise convolution on q, k, v, as the fla / Zoology layers do.
+
+State size (the x axis of the plot) is what a layer carries from token to token at the end of the
+sequence, summed over layers: H·K·V per linear layer, 2·T·d per attention layer (its KV cache).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+MIXERS = ["attention", "linear_attn", "gla", "deltanet", "gated_deltanet", "kda", "hybrid_gdn_attn"]
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+def mqar_batch(batch: int, seq_len: int, pairs: int, vocab: int, gen: torch.Generator):
+    """inputs [B, T] and targets [B, T] (−100 where nothing is asked). Keys are drawn from the lower
+    half of the vocabulary (token 0 excluded: it fills the gaps), values from the upper half."""
+    assert 4 * pairs <= seq_len, "need room for the pairs and their queries"
+    half = vocab // 2
+    keys = torch.stack([torch.randperm(half - 1, generator=gen)[:pairs] + 1 for _ in range(batch)])
+    values = torch.randint(half, vocab, (batch, pairs), generator=gen)
+    inputs = torch.zeros(batch, seq_len, dtype=torch.long)
+    targets = torch.full((batch, seq_len), -100, dtype=torch.long)
+    inputs[:, 0:2 * pairs:2] = keys
+    inputs[:, 1:2 * pairs:2] = values
+    # queries: each key once, at distinct random positions after the context
+    free = seq_len - 2 * pairs
+    for b in range(batch):
+        pos = torch.randperm(free, generator=gen)[:pairs] + 2 * pairs
+        order = torch.randperm(pairs, generator=gen)
+        inputs[b, pos] = keys[b, order]
+        targets[b, pos] = values[b, order]
+    return inputs, targets
+
+
+# ---- model -----------------------------------------------------------------------------------------
+
+class ShortConv(nn.Module):
+    """Causal depthwise conv (kernel 4) + SiLU over [B, T, C]."""
+
+    def __init__(self, channels: int, kernel: int = 4):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, 1, kernel) / math.sqrt(kernel))
+
+    def forward(self, x):
+        T = x.shape[1]
+        y = F.conv1d(x.transpose(1, 2), self.weight, padding=self.weight.shape[-1] - 1, groups=x.shape[-1])
+        return F.silu(y[..., :T]).transpose(1, 2)
+
+
+class Mixer(nn.Module):
+    """q, k, v projections with short convs, one hla op, output projection."""
+
+    def __init__(self, kind: str, d_model: int, head_dim: int):
+        super().__init__()
+        self.kind, self.H, self.D = kind, d_model // head_dim, head_dim
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.conv = ShortConv(3 * d_model)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        H, D = self.H, self.D
+        if kind in ("gla", "kda"):
+            self.gate = nn.Sequential(nn.Linear(d_model, 16, bias=False), nn.Linear(16, d_model, bias=True))
+        if kind == "gated_deltanet":
+            self.gate = nn.Linear(d_model, H, bias=False)
+        if kind in ("gated_deltanet", "kda"):
+            self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+            self.dt_bias = nn.Parameter(torch.zeros(H) if kind == "gated_deltanet" else torch.zeros(H, D))
+        if kind in ("deltanet", "gated_deltanet", "kda"):
+            self.beta = nn.Linear(d_model, H, bias=False)
+
+    def state_size(self, seq_len: int) -> int:
+        d = self.H * self.D
+        return 2 * seq_len * d if self.kind == "attention" else self.H * self.D * self.D
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        H, D = self.H, self.D
+        q, k, v = self.conv(self.qkv(x)).view(B, T, 3, H, D).unbind(2)
+        if self.kind == "attention":
+            o, _ = ops.softmax_attention(q, k, v, causal=True)
+        elif self.kind == "linear_attn":
+            o, _ = ops.linear(ops.make_config("none", "additive", qk_l2norm=True), q, k, v)
+        elif self.kind == "gla":
+            g = F.logsigmoid(self.gate(x)).view(B, T, H, D) / 16  # fla's gate_logit_normalizer
+            o, _ = ops.linear(ops.make_config("vector", "additive", qk_l2norm=True), q, k, v, g)
+        elif self.kind == "deltanet":
+            o, _ = ops.chunk_delta_rule(q, k, v, torch.sigmoid(self.beta(x)), use_qk_l2norm_in_kernel=True)
+        elif self.kind == "gated_deltanet":
+            o, _ = ops.chunk_gated_delta_rule(q, k, v, self.gate(x), self.beta(x), use_qk_l2norm_in_kernel=True,
+                                              use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+                                              use_beta_sigmoid_in_kernel=True)
+        elif self.kind == "kda":
+            o, _ = ops.chunk_kda(q, k, v, self.gate(x).view(B, T, H, D), self.beta(x), use_qk_l2norm_in_kernel=True,
+                                 use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+                                 use_beta_sigmoid_in_kernel=True)
+        else:
+            raise ValueError(self.kind)
+        return self.out(o.reshape(B, T, H * D))
+
+
+class Block(nn.Module):
+    def __init__(self, kind: str, d_model: int, head_dim: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.mixer = Mixer(kind, d_model, head_dim)
+        self.mlp_in = nn.Linear(d_model, 4 * d_model, bias=False)
+        self.mlp_out = nn.Linear(2 * d_model, d_model, bias=False)
+
+    def forward(self, x):
+        x = x + self.mixer(self.norm1(x))
+        a, b = self.mlp_in(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.mlp_out(F.silu(a) * b)
+
+
+class Model(nn.Module):
+    def __init__(self, kind: str, vocab: int, d_model: int, head_dim: int, layers: int = 2):
+        super().__init__()
+        kinds = ["gated_deltanet"] * 3 + ["attention"] if kind == "hybrid_gdn_attn" else [kind] * layers
+        self.embed = nn.Embedding(vocab, d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(k, d_model, head_dim) for k in kinds)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+
+    def state_size(self, seq_len: int) -> int:
+        return sum(b.mixer.state_size(seq_len) for b in self.blocks)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+def run(kind: str, d_model: int, args, device) -> dict:
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    model = Model(kind, args.vocab, d_model, args.head_dim).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    start = time.time()
+    for step in range(args.steps):
+        x, y = mqar_batch(args.batch, args.seq_len, args.pairs, args.vocab, gen)
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    train_s = time.time() - start
+    model.eval()
+    egen = torch.Generator().manual_seed(args.seed + 1000)
+    correct = total = 0
+    with torch.no_grad():
+        for _ in range(args.eval_batches):
+            x, y = mqar_batch(args.batch, args.seq_len, args.pairs, args.vocab, egen)
+            pred = model(x.to(device)).argmax(-1).cpu()
+            mask = y != -100
+            correct += int((pred[mask] == y[mask]).sum())
+            total += int(mask.sum())
+    return dict(mixer=kind, d_model=d_model, state_size=model.state_size(args.seq_len), accuracy=correct / total,
+                final_loss=float(loss), train_s=round(train_s, 1),
+                params=sum(p.numel() for p in model.parameters()))
+
+
+def table(results: List[dict]) -> str:
+    lines = ["| mixer | d_model | state size (floats) | accuracy | train s |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['mixer']} | {r['d_model']} | {r['state_size']:,} | {100 * r['accuracy']:.1f}% | "
+                     f"{r['train_s']} |")
+    return "\n".join(lines)
+
+
+def plot(results: List[dict], path: str, title: str) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (apt-get install python3-matplotlib): no plot written"
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for kind in MIXERS:
+        rs = sorted((r for r in results if r["mixer"] == kind), key=lambda r: r["state_size"])
+        if rs:
+            ax.plot([r["state_size"] for r in rs], [100 * r["accuracy"] for r in rs], "o-", label=kind)
+    ax.set_xscale("log")
+    ax.set_xlabel("state size (floats carried between tokens)")
+    ax.set_ylabel("MQAR accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m hla.mqar", description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", action="store_true", help="larger configuration on CUDA")
+    p.add_argument("--mixers", default=",".join(MIXERS))
+    p.add_argument("--d-models", default=None, help="comma-separated widths (default: 64 CPU, 64,128 GPU)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--pairs", type=int, default=None, help="key-value pairs (default 16 CPU, 64 GPU)")
+    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="mqar", help="writes OUT.json, OUT.md and OUT.png")
+    args = p.parse_args(argv)
+    gpu = args.gpu
+    device = torch.device("cuda" if gpu else "cpu")
+    args.pairs = args.pairs or (64 if gpu else 16)
+    args.vocab = args.vocab or (8192 if gpu else 256)
+    args.head_dim = args.head_dim or (32 if gpu else 32)
+    args.steps = args.steps or (4000 if gpu else 250)
+    args.batch = args.batch or (64 if gpu else 32)
+    d_models = [int(d) for d in (args.d_models or ("64,128" if gpu else "64")).split(",")]
+    results = []
+    for kind in args.mixers.split(","):
+        for d in d_models:
+            r = run(kind, d, args, device)
+            results.append(r)
+            print(f"{kind:>16}  d={d:<4} state={r['state_size']:>9,}  acc={100 * r['accuracy']:5.1f}%  "
+                  f"loss={r['final_loss']:.3f}  {r['train_s']}s", flush=True)
+    config = (f"T={args.seq_len}, {args.pairs} pairs, vocab {args.vocab}, head dim {args.head_dim}, "
+              f"{args.steps} steps x batch {args.batch}, lr {args.lr}, {'cuda' if gpu else 'cpu'} "
+              f"({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}")
+    md = f"MQAR accuracy — {config}\n\n{table(results)}\n"
+    print("\n" + md)
+    with open(args.out + ".json", "w") as f:
+        json.dump(dict(config=config, results=results), f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(md)
+    note = plot(results, args.out + ".png", "MQAR — " + config)
+    print(note or f"wrote {os.path.abspath(args.out)}.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()

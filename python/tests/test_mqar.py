@@ -1,0 +1,35 @@
+"""hla.mqar: the task generator asks exactly what the context answers, and every model of the
+benchmark runs end to end (a few steps on a tiny configuration; the real run is `python -m hla.mqar`)."""
+import json
+
+import torch
+
+from hla import mqar
+
+
+def test_batch_queries_each_key_once_with_its_value():
+    gen = torch.Generator().manual_seed(0)
+    pairs, T = 8, 64
+    x, y = mqar.mqar_batch(4, T, pairs, 128, gen)
+    for b in range(4):
+        keys, values = x[b, 0:2 * pairs:2], x[b, 1:2 * pairs:2]
+        answer = dict(zip(keys.tolist(), values.tolist()))
+        assert len(answer) == pairs and all(1 <= k < 64 for k in answer) and all(v >= 64 for v in values.tolist())
+        asked = (y[b] != -100).nonzero().flatten()
+        assert len(asked) == pairs and bool((asked >= 2 * pairs).all())
+        assert sorted(x[b, asked].tolist()) == sorted(answer)
+        assert all(answer[int(x[b, p])] == int(y[b, p]) for p in asked)
+        rest = torch.ones(T, dtype=torch.bool)
+        rest[:2 * pairs] = False
+        rest[asked] = False
+        assert bool((x[b, rest] == 0).all())
+
+
+def test_every_mixer_trains_a_few_steps(tmp_path):
+    out = tmp_path / "mqar"
+    mqar.main(["--seq-len", "32", "--pairs", "4", "--vocab", "64", "--steps", "3", "--batch", "4", "--head-dim", "16",
+               "--d-models", "32", "--eval-batches", "1", "--out", str(out)])
+    results = json.loads((tmp_path / "mqar.json").read_text())["results"]
+    assert [r["mixer"] for r in results] == mqar.MIXERS
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["state_size"] > 0 for r in results)
+    assert (tmp_path / "mqar.md").read_text().count("|") > 10
