@@ -207,7 +207,13 @@ def _library_ops():
     return linear_forward_op
 
 
-_LIBRARY_FORWARD = _library_ops()
+try:
+    _LIBRARY_FORWARD = _library_ops()
+except Exception as e:  # a torch whose custom-op API differs: keep the ops usable, say what is lost
+    import warnings
+    warnings.warn(f"hla: registering the linear ops with torch.library failed ({e!r}); using "
+                  "torch.autograd.Function instead (torch.compile will break its graph at hla ops)")
+    _LIBRARY_FORWARD = None
 
 
 def linear(cfg: Config, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: Optional[Tensor] = None,
