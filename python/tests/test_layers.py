@@ -269,3 +269,24 @@ def test_against_transformers_minimax():
     hf = mm.MiniMaxLightningAttention(cfg, 1)
     x = torch.randn(2, 9, HIDDEN)
     _hf_compare(hf, ours, x, position_embeddings=None, attention_mask=None)
+
+
+def test_against_transformers_qwen3_next_attention():
+    tf = pytest.importorskip("transformers")
+    from transformers.models.qwen3_next import modeling_qwen3_next as q3
+    cfg = tf.Qwen3NextConfig(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                             linear_value_head_dim=8, num_hidden_layers=2,
+                             layer_types=["linear_attention", "full_attention"])
+    cfg._attn_implementation = "eager"
+    ours = _randomize(GatedAttention.from_config(cfg, 1))
+    hf = q3.Qwen3NextAttention(cfg, 1)
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    T = 9
+    x = torch.randn(2, T, HIDDEN)
+    position_ids = torch.arange(T).expand(2, T)
+    cos_sin = q3.Qwen3NextRotaryEmbedding(config=cfg)(x, position_ids)
+    causal = torch.full((T, T), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        ref = hf(x, position_embeddings=cos_sin, attention_mask=causal)[0]
+        assert rel_rms(ours(x), ref) < 1e-4
