@@ -79,7 +79,7 @@ struct PrepLayout {
     static constexpr int LDV = 128 + 4;  // βV rows, V ≤ 128
     template <bool vec, bool delta>
     static constexpr int kc_floats() {
-        return std::max(vec ? kChunk * LD : 0, delta ? kChunk * LDV : 0);
+        return std::max(vec ? kChunk * LD : 0, kChunk * LDV);
     }
 };
 
@@ -98,7 +98,7 @@ constexpr size_t prep_smem_bytes() {
 }
 
 template <class In, class E, Decay D, Update Up, int K>
-__global__ void __launch_bounds__(kPrepThreads) chunk_prepare_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const FwdParams p) {
     using L = PrepLayout<K>;
     constexpr int LD = L::LD, LDA = L::LDA;
     constexpr bool kVec = D == Decay::Vector;
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kPrepThreads) chunk_prepare_kernel(const FwdPa
     // an fp32 ulp (0.002) would make every exp(b_i − b_j) of nearby tokens wrong by 0.2%.
     double* bsm = reinterpret_cast<double*>(ks + kChunk * LD);
     float* kc = reinterpret_cast<float*>(bsm + (kVec ? kChunk * LD : kChunk));
-    float* vb = kc;  // βV reuses the decayed-key rows once the scores are done (delta only)
+    float* vb = kc;  // V (βV) reuses the decayed-key rows once the scores are done
     float* qh = kc + L::template kc_floats<kVec, kDelta>();
     float* kh = qh + kSub * LD;
     float* Am = kh + kSub * LD;
@@ -125,17 +125,10 @@ __global__ void __launch_bounds__(kPrepThreads) chunk_prepare_kernel(const FwdPa
     const int len = ci.len;
 
     // ---- load q, k (zero past the end), normalise, scale ----
-    for (int idx = tid; idx < kChunk * K; idx += kPrepThreads) {
-        const int i = idx / K, c = idx % K;
-        float qv = 0.f, kv = 0.f;
-        if (i < len) {
-            const int64_t t = ci.start + i;
-            qv = to_f(static_cast<const In*>(p.q)[ci.batch * p.qs[0] + t * p.qs[1] + h * p.qs[2] + c]);
-            kv = to_f(static_cast<const In*>(p.k)[ci.batch * p.ks[0] + t * p.ks[1] + h * p.ks[2] + c]);
-        }
-        qs[i * LD + c] = qv;
-        ks[i * LD + c] = kv;
-    }
+    load_rows<In, kChunk, K, kPrepThreads>(
+        qs, LD, static_cast<const In*>(p.q) + ci.batch * p.qs[0] + int64_t(ci.start) * p.qs[1] + h * p.qs[2], p.qs[1], len);
+    load_rows<In, kChunk, K, kPrepThreads>(
+        ks, LD, static_cast<const In*>(p.k) + ci.batch * p.ks[0] + int64_t(ci.start) * p.ks[1] + h * p.ks[2], p.ks[1], len);
     // β and the per-token gate
     if (tid < kChunk) {
         const int i = tid;
@@ -162,12 +155,27 @@ __global__ void __launch_bounds__(kPrepThreads) chunk_prepare_kernel(const FwdPa
         }
     }
     if constexpr (kVec) {
+        // raw gate rows into the (still free) decayed-key rows, then the activation into fp64
+        float* graw = kc;
+        const int64_t goff = ci.batch * p.gs[0] + int64_t(ci.start) * p.gs[1] + hv * p.gs[2];
+        switch (p.g_dtype) {
+            case DType::BF16:
+                load_rows<__nv_bfloat16, kChunk, K, kPrepThreads>(graw, LD, static_cast<const __nv_bfloat16*>(p.g) + goff,
+                                                                  p.gs[1], len);
+                break;
+            case DType::F16:
+                load_rows<__half, kChunk, K, kPrepThreads>(graw, LD, static_cast<const __half*>(p.g) + goff, p.gs[1], len);
+                break;
+            default:
+                load_rows<float, kChunk, K, kPrepThreads>(graw, LD, static_cast<const float*>(p.g) + goff, p.gs[1], len);
+                break;
+        }
+        __syncthreads();
         for (int idx = tid; idx < kChunk * K; idx += kPrepThreads) {
             const int i = idx / K, c = idx % K;
             double gl = 0.0;
             if (i < len) {
-                const int64_t t = ci.start + i;
-                const float x = load_any(p.g, p.g_dtype, ci.batch * p.gs[0] + t * p.gs[1] + hv * p.gs[2] + c);
+                const float x = graw[i * LD + c];
                 gl = p.gate_act == GateActivation::None
                          ? x
                          : gate_log_decay(p.gate_act, p.lower_bound, x + static_cast<const float*>(p.dt_bias)[hv * K + c],
@@ -316,8 +324,17 @@ __global__ void __launch_bounds__(kPrepThreads) chunk_prepare_kernel(const FwdPa
         }
     }
 
-    // ---- per-chunk outputs that need no inverse: Qg, Kd, γ_C, P ----
+    // ---- V (into the decayed-key rows, free now) ----
+    const int V = p.V;
+    {
+        const In* vsrc = static_cast<const In*>(p.v) + ci.batch * p.vs[0] + int64_t(ci.start) * p.vs[1] + hv * p.vs[2];
+        if (V == 128) load_rows<In, kChunk, 128, kPrepThreads>(vb, L::LDV, vsrc, p.vs[1], len);
+        else load_rows<In, kChunk, 64, kPrepThreads>(vb, L::LDV, vsrc, p.vs[1], len);
+    }
+
+    // ---- per-chunk outputs that need no inverse: Qg, Kd, γ_C, P (and U = V for the additive update) ----
     const size_t slot = size_t(chunk) * p.HV + hv;
+    E* Ug = static_cast<E*>(p.U) + slot * size_t(kChunk) * V;
     E* Qg = static_cast<E*>(p.Qg) + slot * kChunk * K;
     E* Kd = static_cast<E*>(p.Kd) + slot * kChunk * K;
     E* Pg = static_cast<E*>(p.P) + slot * kChunk * kChunk;
@@ -330,7 +347,10 @@ __global__ void __launch_bounds__(kPrepThreads) chunk_prepare_kernel(const FwdPa
     if (tid < K) p.gC[slot * K + tid] = ex(float(bval(kChunk - 1, tid)));
     for (int idx = tid; idx < kChunk * kChunk; idx += kPrepThreads)
         Pg[idx] = from_f<E>(Pm[(idx / kChunk) * LDA + idx % kChunk]);
-    if constexpr (kDelta) {
+    if constexpr (!kDelta) {
+        __syncthreads();
+        for (int idx = tid; idx < kChunk * V; idx += kPrepThreads) Ug[idx] = from_f<E>(vb[(idx / V) * L::LDV + idx % V]);
+    } else {
         __syncthreads();  // qs and Pm are free from here on
         // kb = diag(β)(K ⊙ γ) into the old q rows, and βV into the old decayed-key rows
         float* kb = qs;
@@ -339,19 +359,10 @@ __global__ void __launch_bounds__(kPrepThreads) chunk_prepare_kernel(const FwdPa
             const int i = idx / K, c = idx % K;
             kb[i * LD + c] = betas[i] * ks[i * LD + c] * ex(float(bval(i, c)));
         }
-        const int V = p.V;
-        for (int idx = tid; idx < kChunk * V; idx += kPrepThreads) {
-            const int i = idx / V, c = idx % V;
-            float x = 0.f;
-            if (i < len) {
-                const int64_t t = ci.start + i;
-                x = betas[i] * to_f(static_cast<const In*>(p.v)[ci.batch * p.vs[0] + t * p.vs[1] + hv * p.vs[2] + c]);
-            }
-            vb[i * LDV + c] = x;
-        }
         // L = (I + A)^{-1}, unit lower triangular, blockwise over 16×16 blocks. Pm becomes L.
         float* Lm = Pm;
         for (int idx = tid; idx < kChunk * kChunk; idx += kPrepThreads) Lm[(idx / kChunk) * LDA + idx % kChunk] = 0.f;
+        for (int idx = tid; idx < kChunk * V; idx += kPrepThreads) vb[(idx / V) * LDV + idx % V] *= betas[idx / V];
         __syncthreads();
         if (warp < 4 && lane < kSub) {
             // diagonal block `warp`, column `lane`, by forward substitution
@@ -388,7 +399,6 @@ __global__ void __launch_bounds__(kPrepThreads) chunk_prepare_kernel(const FwdPa
         }
         // W = L kb [64, K], U = L vb [64, V]: warp → (row tile, half of the columns)
         E* Wg = static_cast<E*>(p.W) + slot * kChunk * K;
-        E* Ug = static_cast<E*>(p.U) + slot * size_t(kChunk) * V;
         const int mt = warp & 3, half = warp >> 2;
         {
             constexpr int NT = K / 16;
@@ -418,14 +428,18 @@ __global__ void __launch_bounds__(kPrepThreads) chunk_prepare_kernel(const FwdPa
 
 constexpr int kScanThreads = 128;
 
+// Shared memory of the scan: the operands read before the state update (Qg, W) are single-buffered
+// and refilled for chunk c+1 while chunk c finishes; those read by the state update (Kd, P, U, γ_C)
+// are double-buffered and fetched a whole chunk ahead. All copies are cp.async (no registers).
 template <class E, int K, int VT>
 struct ScanLayout {
     static constexpr int PAD = sizeof(E) == 2 ? 8 : 4;
     static constexpr int LDK = K + PAD;        // rows of Qg, Kd, W and of the transposed state
     static constexpr int LDP = kChunk + PAD;   // rows of P
-    static constexpr int LDV = VT + PAD;       // rows of U (or V) and Ũ
-    static constexpr size_t elems = 3 * kChunk * LDK + kChunk * LDP + 2 * kChunk * LDV + VT * LDK;
-    static constexpr size_t bytes = elems * sizeof(E) + K * sizeof(float);
+    static constexpr int LDV = VT + PAD;       // rows of U and Ũ
+    static constexpr size_t stage_b = kChunk * LDK + kChunk * LDP + kChunk * LDV;  // Kd, P, U
+    static constexpr size_t elems = 2 * kChunk * LDK + 2 * stage_b + kChunk * LDV + VT * LDK;
+    static constexpr size_t bytes = elems * sizeof(E) + 2 * K * sizeof(float);
 };
 
 template <class In, class E, Update Up, int K, int VT>
@@ -436,20 +450,46 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
     constexpr bool kSplit = sizeof(E) == 4;
     constexpr int NT = VT / 8;       // n-tiles of a V-tile
     constexpr int SMT = K / 64;      // m-tiles of state rows per warp (4 warps × 16·SMT = K)
+    constexpr int PER16 = 16 / sizeof(E);
     extern __shared__ float4 smem_f4[];
     E* Qt = reinterpret_cast<E*>(smem_f4);
-    E* Kt = Qt + kChunk * LDK;
-    E* Wt = Kt + kChunk * LDK;
-    E* Pt = Wt + kChunk * LDK;
-    E* Ut = Pt + kChunk * LDP;
-    E* Unew = Ut + kChunk * LDV;
-    E* Sb = Unew + kChunk * LDV;  // state, transposed: Sb[v][key]
-    float* gc = reinterpret_cast<float*>(Sb + VT * LDK);
+    E* Wt = Qt + kChunk * LDK;
+    E* stage = Wt + kChunk * LDK;          // 2 × (Kd, P, U)
+    E* Unew = stage + 2 * L::stage_b;
+    E* Sb = Unew + kChunk * LDV;           // state, transposed: Sb[v][key]
+    float* gcs = reinterpret_cast<float*>(Sb + VT * LDK);  // 2 × γ_C
+    auto Kt_of = [&](int b) { return stage + b * L::stage_b; };
+    auto Pt_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK; };
+    auto Ut_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK + kChunk * LDP; };
 
     const int tid = threadIdx.x, warp = tid >> 5;
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
     const SeqInfo si = p.seqs[n];
     const int nchunks = (si.len + kChunk - 1) / kChunk;
+
+    auto copy_rows = [&](E* dst, int ld, const E* src, int64_t src_ld, int cols) {
+        const int per_row = cols / PER16;
+        for (int idx = tid; idx < kChunk * per_row; idx += kScanThreads) {
+            const int r = idx / per_row, c = idx % per_row;
+            cp_async16(dst + r * ld + c * PER16, src + r * src_ld + c * PER16);
+        }
+    };
+    auto slot_of = [&](int cidx) { return size_t(si.first_chunk + cidx) * p.HV + hv; };
+    // Qg and W of chunk cidx
+    auto fetch_a = [&](int cidx) {
+        const size_t slot = slot_of(cidx);
+        copy_rows(Qt, LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K);
+        if constexpr (kDelta) copy_rows(Wt, LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K);
+    };
+    // Kd, P, U, γ_C of chunk cidx into buffer cidx % 2
+    auto fetch_b = [&](int cidx) {
+        const size_t slot = slot_of(cidx);
+        const int b = cidx & 1;
+        copy_rows(Kt_of(b), LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K);
+        copy_rows(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk);
+        copy_rows(Ut_of(b), LDV, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, VT);
+        for (int c = tid; c < K / 4; c += kScanThreads) cp_async16(gcs + b * K + 4 * c, p.gC + slot * K + 4 * c);
+    };
 
     // The state block of this warp: keys [warp·16·SMT, +16·SMT), all VT columns.
     float S[SMT][NT][4];
@@ -461,54 +501,25 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
         zero_acc(S);
     }
     for_each_acc(S, [&](int r, int c, float& x) { Sb[c * LDK + key0 + r] = from_f<E>(x); });
+    if (nchunks > 0) {
+        fetch_a(0);
+        fetch_b(0);
+        cp_async_commit();
+    }
 
     for (int cidx = 0; cidx < nchunks; ++cidx) {
-        const int chunk = si.first_chunk + cidx;
         const int len = min(kChunk, si.len - cidx * kChunk);
-        const size_t slot = size_t(chunk) * p.HV + hv;
-        // ---- stage the chunk's operands (16-byte copies; rows past the end are zero already) ----
-        {
-            constexpr int per_row = K * sizeof(E) / 16;
-            const uint4* srcs[3] = {static_cast<const uint4*>(p.Qg) + slot * kChunk * per_row,
-                                    static_cast<const uint4*>(p.Kd) + slot * kChunk * per_row,
-                                    kDelta ? static_cast<const uint4*>(p.W) + slot * kChunk * per_row : nullptr};
-            E* dsts[3] = {Qt, Kt, Wt};
-#pragma unroll
-            for (int m = 0; m < (kDelta ? 3 : 2); ++m)
-                for (int idx = tid; idx < kChunk * per_row; idx += kScanThreads) {
-                    const int r = idx / per_row, c = idx % per_row;
-                    *reinterpret_cast<uint4*>(dsts[m] + r * LDK + c * (16 / sizeof(E))) = srcs[m][idx];
-                }
-            constexpr int p_row = kChunk * sizeof(E) / 16;
-            const uint4* ps = static_cast<const uint4*>(p.P) + slot * kChunk * p_row;
-            for (int idx = tid; idx < kChunk * p_row; idx += kScanThreads) {
-                const int r = idx / p_row, c = idx % p_row;
-                *reinterpret_cast<uint4*>(Pt + r * LDP + c * (16 / sizeof(E))) = ps[idx];
-            }
-            if constexpr (kDelta) {
-                constexpr int u_row = VT * sizeof(E) / 16;
-                const uint4* us = static_cast<const uint4*>(p.U);
-                const size_t row0 = slot * kChunk;  // U rows are V wide
-                for (int idx = tid; idx < kChunk * u_row; idx += kScanThreads) {
-                    const int r = idx / u_row, c = idx % u_row;
-                    const size_t e = (row0 + r) * p.V + v0 + c * (16 / sizeof(E));
-                    *reinterpret_cast<uint4*>(Ut + r * LDV + c * (16 / sizeof(E))) = us[e / (16 / sizeof(E))];
-                }
-            } else {
-                const In* vsrc = static_cast<const In*>(p.v);
-                for (int idx = tid; idx < kChunk * VT; idx += kScanThreads) {
-                    const int r = idx / VT, c = idx % VT;
-                    E x = from_f<E>(0.f);
-                    if (r < len) {
-                        const int64_t t = si.start + int64_t(cidx) * kChunk + r;
-                        x = from_f<E>(to_f(vsrc[si.batch * p.vs[0] + t * p.vs[1] + hv * p.vs[2] + v0 + c]));
-                    }
-                    Ut[r * LDV + c] = x;
-                }
-            }
-            for (int c = tid; c < K; c += kScanThreads) gc[c] = p.gC[slot * K + c];
+        const int b = cidx & 1;
+        const E* Kt = Kt_of(b);
+        const E* Pt = Pt_of(b);
+        const E* Ut = Ut_of(b);
+        const float* gc = gcs + b * K;
+        cp_async_wait_all();
+        __syncthreads();  // chunk cidx's operands and the state Sb are in place
+        if (cidx + 1 < nchunks) {
+            fetch_b(cidx + 1);  // the other buffer: last read by chunk cidx − 1
+            cp_async_commit();
         }
-        __syncthreads();
         // ---- O = Qg S and Ũ = U − W S, rows [16·warp, +16) ----
         float O[1][NT][4];
         zero_acc(O);
@@ -525,7 +536,11 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
             });
             Ueff = Unew;
         }
-        __syncthreads();
+        __syncthreads();  // Ũ complete; Qg and W are free
+        if (cidx + 1 < nchunks) {
+            fetch_a(cidx + 1);
+            cp_async_commit();
+        }
         // ---- O += P Ũ; write the rows that exist ----
         warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Pt + warp * 16 * LDP, LDP, 1}, Tile<E>{Ueff, LDV, 1}, kChunk);
         for_each_acc(O, [&](int r, int c, float& x) {
@@ -538,7 +553,7 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
         // ---- S ← diag(γ_C) S + Kdᵀ Ũ ----
         for_each_acc(S, [&](int r, int, float& x) { x *= gc[key0 + r]; });
         warp_gemm<E, SMT, NT, kSplit>(S, Tile<E>{Kt + key0, 1, LDK}, Tile<E>{Ueff, LDV, 1}, kChunk);
-        __syncthreads();
+        __syncthreads();  // every read of Sb and Ũ is done
         for_each_acc(S, [&](int r, int c, float& x) { Sb[c * LDK + key0 + r] = from_f<E>(x); });
     }
     if (p.ht) {
@@ -603,8 +618,10 @@ void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks) {
 template <class In, class E, int K>
 void launch_scan_cell(const Problem& p, const FwdParams& fp) {
     const int n_seqs = int(p.N());
-    // A V-tile of 32 columns when that still gives two blocks per SM, else 16 (long single sequences).
-    const bool wide = int64_t(n_seqs) * p.HV * (p.V / 32) >= 2 * sm_count();
+    // Every block walks its whole sequence, so all blocks should be resident at once (two per SM fit
+    // the shared memory): V-tiles of 16 columns while that stays within one wave (long single
+    // sequences), else 32.
+    const bool wide = int64_t(n_seqs) * p.HV * (p.V / 16) > 2 * sm_count();
     if (p.delta())
         return wide ? launch_scan<In, E, Update::Delta, K, 32>(fp, n_seqs, p.op)
                     : launch_scan<In, E, Update::Delta, K, 16>(fp, n_seqs, p.op);
@@ -678,7 +695,7 @@ void forward_chunked(const Problem& p) {
     const size_t slots = n_chunks * size_t(p.HV);
     const size_t b_tables = align(chunks.size() * sizeof(ChunkInfo)) + align(seqs.size() * sizeof(SeqInfo));
     const size_t b_qk = align(slots * kChunk * p.K * sizeof(E));
-    const size_t b_u = p.delta() ? align(slots * kChunk * p.V * sizeof(E)) : 0;
+    const size_t b_u = align(slots * kChunk * p.V * sizeof(E));
     const size_t b_w = p.delta() ? b_qk : 0;
     const size_t b_p = align(slots * kChunk * kChunk * sizeof(E));
     const size_t b_g = align(slots * p.K * sizeof(float));
@@ -700,7 +717,7 @@ void forward_chunked(const Problem& p) {
     at += b_qk;
     fp.W = b_w ? at : nullptr;
     at += b_w;
-    fp.U = b_u ? at : nullptr;
+    fp.U = at;
     at += b_u;
     fp.P = at;
     at += b_p;

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "hla/dtype.hpp"
 #include "hla/error.hpp"
@@ -74,6 +75,72 @@ constexpr DType dtype_of<__nv_bfloat16>() { return DType::BF16; }
 template <>
 constexpr DType dtype_of<__half>() { return DType::F16; }
 
+// Element j of a 16-byte vector of In held as four 32-bit words (little-endian halves).
+template <class In>
+__device__ __forceinline__ float unpack_elem(const uint32_t (&w)[4], int j) {
+    if constexpr (sizeof(In) == 4) {
+        return __uint_as_float(w[j]);
+    } else {
+        const uint32_t word = w[j >> 1];
+        const unsigned short bits = (j & 1) ? (word >> 16) : (word & 0xffffu);
+        if constexpr (std::is_same_v<In, __nv_bfloat16>) return __uint_as_float(uint32_t(bits) << 16);
+        else return __half2float(__ushort_as_half(bits));
+    }
+}
+
+// ---- tile loads -------------------------------------------------------------------------------
+
+// dst[r · ld + c] = float(src[r · row_stride + c]) for r < valid rows (zero for r ≥ valid), c < COLS,
+// ROWS × COLS spread over THREADS threads. Every load of a thread is issued before any is used: the
+// rows of a chunk are independent global reads, and a load-convert-store loop would wait out one
+// memory latency per element. 16-byte loads when the rows allow them.
+template <class In, int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ void load_rows(float* dst, int ld, const In* src, int64_t row_stride, int valid) {
+    constexpr int VEC = 16 / sizeof(In);
+    static_assert(ROWS * COLS % (VEC * THREADS) == 0, "load_rows: the tile must split evenly into 16-byte pieces");
+    constexpr int NV = ROWS * COLS / VEC / THREADS;
+    const bool vec_ok = (reinterpret_cast<uintptr_t>(src) % 16 == 0) && (row_stride % VEC == 0);
+    if (vec_ok) {
+        uint4 r[NV];
+#pragma unroll
+        for (int i = 0; i < NV; ++i) {
+            const int v = threadIdx.x + i * THREADS;
+            const int row = v / (COLS / VEC), cv = v % (COLS / VEC);
+            r[i] = row < valid ? *reinterpret_cast<const uint4*>(src + row * row_stride + cv * VEC) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int i = 0; i < NV; ++i) {
+            const int v = threadIdx.x + i * THREADS;
+            const int row = v / (COLS / VEC), cv = v % (COLS / VEC);
+            const uint32_t w[4] = {r[i].x, r[i].y, r[i].z, r[i].w};
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) dst[row * ld + cv * VEC + j] = unpack_elem<In>(w, j);
+        }
+    } else {
+        constexpr int NE = ROWS * COLS / THREADS;
+        float r[NE];
+#pragma unroll
+        for (int i = 0; i < NE; ++i) {
+            const int e = threadIdx.x + i * THREADS;
+            const int row = e / COLS, c = e % COLS;
+            r[i] = row < valid ? to_f(src[row * row_stride + c]) : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < NE; ++i) {
+            const int e = threadIdx.x + i * THREADS;
+            dst[(e / COLS) * ld + e % COLS] = r[i];
+        }
+    }
+}
+
+// 16-byte asynchronous copy global → shared (Ampere+), and its group fences.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
 // ---- warp matrix products ----------------------------------------------------------------------
 //
 // A strided view of a tile in shared memory: element (r, c) = p[r * rs + c * cs]. Any layout (row-major,
@@ -97,6 +164,21 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
     uint32_t r;
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
     return r;
+}
+
+// Four 8×8 matrices of 16-bit elements from shared memory, lane l giving the address of row l % 8 of
+// matrix l / 8; .trans hands each thread the transposed fragment.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+    const uint32_t s = uint32_t(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+    const uint32_t s = uint32_t(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
 }
 
 // d += a·b for one m16n8k16 tile, 16-bit inputs, fp32 accumulation.
@@ -134,23 +216,59 @@ __device__ __forceinline__ void warp_gemm(float (&c)[MT][NT][4], Tile<S> A, Tile
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     if constexpr (sizeof(S) == 2) {
+        // ldmatrix when one of each operand's strides is 1 (every tile of the scan: rows 16-byte aligned
+        // by construction), element loads otherwise.
+        const bool a_rows = A.cs == 1, a_cols = A.rs == 1;
+        const bool b_kcont = B.rs == 1, b_ncont = B.cs == 1;
+        const bool fast = (a_rows || a_cols) && (b_kcont || b_ncont) && NT % 2 == 0;
+        const int mi = lane >> 3, r8 = lane & 7;
         for (int k0 = 0; k0 < kdim; k0 += 16) {
             uint32_t a[MT][4];
+            if (fast) {
 #pragma unroll
-            for (int i = 0; i < MT; ++i) {
-                const int r = 16 * i + g;
-                a[i][0] = pack2(A.at(r, k0 + 2 * t), A.at(r, k0 + 2 * t + 1));
-                a[i][1] = pack2(A.at(r + 8, k0 + 2 * t), A.at(r + 8, k0 + 2 * t + 1));
-                a[i][2] = pack2(A.at(r, k0 + 2 * t + 8), A.at(r, k0 + 2 * t + 9));
-                a[i][3] = pack2(A.at(r + 8, k0 + 2 * t + 8), A.at(r + 8, k0 + 2 * t + 9));
+                for (int i = 0; i < MT; ++i) {
+                    if (a_rows) ldmatrix_x4(a[i], &A.p[(16 * i + (mi & 1) * 8 + r8) * A.rs + k0 + (mi >> 1) * 8]);
+                    else ldmatrix_x4_trans(a[i], &A.p[16 * i + (mi & 1) * 8 + (k0 + (mi >> 1) * 8 + r8) * A.cs]);
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    const int r = 16 * i + g;
+                    a[i][0] = pack2(A.at(r, k0 + 2 * t), A.at(r, k0 + 2 * t + 1));
+                    a[i][1] = pack2(A.at(r + 8, k0 + 2 * t), A.at(r + 8, k0 + 2 * t + 1));
+                    a[i][2] = pack2(A.at(r, k0 + 2 * t + 8), A.at(r, k0 + 2 * t + 9));
+                    a[i][3] = pack2(A.at(r + 8, k0 + 2 * t + 8), A.at(r + 8, k0 + 2 * t + 9));
+                }
             }
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const int n = 8 * j + g;
-                const uint32_t b[2] = {pack2(B.at(k0 + 2 * t, n), B.at(k0 + 2 * t + 1, n)),
-                                       pack2(B.at(k0 + 2 * t + 8, n), B.at(k0 + 2 * t + 9, n))};
+            for (int j = 0; j < NT; j += 2) {
+                uint32_t b[2][2];
+                if (fast) {
+                    uint32_t x[4];
+                    if (b_kcont) {
+                        // stored [n][k]: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+                        ldmatrix_x4(x, &B.p[k0 + (mi & 1) * 8 + (8 * j + (mi >> 1) * 8 + r8) * B.cs]);
+                    } else {
+                        // stored [k][n]: the same four blocks, transposed on load
+                        ldmatrix_x4_trans(x, &B.p[(k0 + (mi & 1) * 8 + r8) * B.rs + 8 * j + (mi >> 1) * 8]);
+                    }
+                    b[0][0] = x[0];
+                    b[0][1] = x[1];
+                    b[1][0] = x[2];
+                    b[1][1] = x[3];
+                } else {
 #pragma unroll
-                for (int i = 0; i < MT; ++i) mma16(c[i][j], a[i], b, S());
+                    for (int jj = 0; jj < 2 && j + jj < NT; ++jj) {
+                        const int n = 8 * (j + jj) + g;
+                        b[jj][0] = pack2(B.at(k0 + 2 * t, n), B.at(k0 + 2 * t + 1, n));
+                        b[jj][1] = pack2(B.at(k0 + 2 * t + 8, n), B.at(k0 + 2 * t + 9, n));
+                    }
+                }
+#pragma unroll
+                for (int jj = 0; jj < 2; ++jj)
+                    if (j + jj < NT)
+#pragma unroll
+                        for (int i = 0; i < MT; ++i) mma16(c[i][j + jj], a[i], b[jj], S());
             }
         }
     } else {
