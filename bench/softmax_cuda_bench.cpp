@@ -70,15 +70,24 @@ struct Row {
 };
 std::vector<Row> rows;
 
-void bench_prefill(int64_t B, int64_t T, int64_t HQ, int64_t HKV, int64_t D, int64_t window, bool backward, int reps) {
+// gates: with the forget-gate bias and the sigmoid output gate (their cost over plain attention).
+void bench_prefill(int64_t B, int64_t T, int64_t HQ, int64_t HKV, int64_t D, int64_t window, bool backward, int reps,
+                   bool gates = false) {
     Tensor q = random_bf16({B, T, HQ, D}, 1), k = random_bf16({B, T, HKV, D}, 2), v = random_bf16({B, T, HKV, D}, 3);
     Tensor o({B, T, HQ, D}, DType::BF16, Device::CUDA), lse({B, HQ, T}, DType::F32, Device::CUDA);
+    Tensor g, z;
     FlashAttnOptions opt;
     opt.window = window;
     opt.softmax_lse = lse;
+    if (gates) {
+        g = random_bf16({B, T, HQ}, 8, 0.05f);  // log forget gates around 0 (sign irrelevant for timing)
+        z = random_bf16({B, T, HQ, D}, 9);
+        opt.g = g;
+        opt.gate = z;
+    }
     char shape[160];
-    std::snprintf(shape, sizeof shape, "B=%ld T=%ld HQ=%ld HKV=%ld D=%ld%s", long(B), long(T), long(HQ), long(HKV),
-                  long(D), window > 0 ? (" w=" + std::to_string(window)).c_str() : "");
+    std::snprintf(shape, sizeof shape, "B=%ld T=%ld HQ=%ld HKV=%ld D=%ld%s%s", long(B), long(T), long(HQ), long(HKV),
+                  long(D), window > 0 ? (" w=" + std::to_string(window)).c_str() : "", gates ? " +g+gate" : "");
     const double fl = attn_flops(B, HQ, T, D, window);
     const double fwd = median_ms([&] { flash_attn_func(q, k, v, o, opt); }, reps);
     rows.push_back({"forward", shape, fwd, fl / fwd / 1e9, "TFLOP/s"});
@@ -93,14 +102,23 @@ void bench_prefill(int64_t B, int64_t T, int64_t HQ, int64_t HKV, int64_t D, int
     a.v = v;
     a.o = o;
     a.lse = lse;
-    SoftmaxGrads g;
-    g.dq = dq;
-    g.dk = dk;
-    g.dv = dv;
+    SoftmaxGrads grads;
+    grads.dq = dq;
+    grads.dk = dk;
+    grads.dv = dv;
+    Tensor dg, dz;
+    if (gates) {
+        a.g = g;
+        a.gate = z;
+        dg = Tensor({B, T, HQ}, DType::F32, Device::CUDA);
+        dz = Tensor({B, T, HQ, D}, DType::BF16, Device::CUDA);
+        grads.dg = dg;
+        grads.dgate = dz;
+    }
     const double fb = median_ms(
         [&] {
             flash_attn_func(q, k, v, o, opt);
-            softmax_attention_backward(cfg, a, dout, g);
+            softmax_attention_backward(cfg, a, dout, grads);
         },
         reps);
     // forward + backward = 1 + 2.5 forwards of matmul work (FlashAttention's accounting).
@@ -137,6 +155,7 @@ int main(int argc, char** argv) {
     bench_prefill(4, 4096, 16, 16, 128, 0, true, reps);
     bench_prefill(1, 16384, 16, 16, 128, 0, true, reps);
     bench_prefill(1, 16384, 16, 16, 128, 1024, true, reps);
+    bench_prefill(4, 4096, 16, 16, 128, 0, true, reps, true);
     bench_prefill(2, 4096, 32, 8, 128, 0, false, reps);
     bench_prefill(4, 4096, 16, 16, 64, 0, false, reps);
     bench_prefill(2, 4096, 16, 16, 256, 0, true, reps);

@@ -25,8 +25,9 @@ struct BwdTraits {
     static constexpr int DW = D / DSPLIT;             // channels of dK, dV per warp
     static constexpr int NWARPS = KW * DSPLIT;
     static constexpr int THREADS = 32 * NWARPS;
-    // K, V, Q, dA tiles (b16) + dSᵀ [BN][BM] (b16) + lse, delta, query gate sums [BM] + key gate sums [BN].
-    static constexpr int SMEM = (4 * BN * D + BN * BM) * 2 + (3 * BM + BN) * 4;
+    // K, V tiles + two stages of Q, dA (b16) + dSᵀ [BN][BM] (b16) + two stages of lse, delta + query
+    // gate sums [BM] + key gate sums [BN] (fp32). 104 KiB at D = 128: two blocks per SM.
+    static constexpr int SMEM = (2 * BN * D + 4 * BM * D + BN * BM) * 2 + (5 * BM + BN) * 4;
 };
 
 // Row index of (batch, token, head) in the compact [B, T, HQ] workspaces.
@@ -117,13 +118,13 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
     extern __shared__ __align__(128) unsigned char smem[];
     T* sK = reinterpret_cast<T*>(smem);
     T* sV = sK + BN * D;
-    T* sQ = sV + BN * D;
-    T* sA = sQ + BM * D;       // dA (the gradient of the ungated output)
-    T* sS = sA + BM * D;       // dSᵀ [BN][BM], swizzled like a 64-channel tile
-    float* sLse = reinterpret_cast<float*>(sS + BN * BM);  // base 2
-    float* sDelta = sLse + BM;
-    float* sPq = sDelta + BM;  // P_i = Σ_{s=j0+1..i} g_s of the block's queries
-    float* sPk = sPq + BM;     // P_j of the block's keys
+    T* sQ2 = sV + BN * D;       // [2][BM][D]: query blocks double-buffered
+    T* sA2 = sQ2 + 2 * BM * D;  // [2][BM][D]: dA (the gradient of the ungated output)
+    T* sS = sA2 + 2 * BM * D;   // dSᵀ [BN][BM], swizzled like a 64-channel tile
+    float* sLse2 = reinterpret_cast<float*>(sS + BN * BM);  // [2][BM], natural log as stored
+    float* sDelta2 = sLse2 + 2 * BM;                          // [2][BM]
+    float* sPq = sDelta2 + 2 * BM;  // P_i = Σ_{s=j0+1..i} g_s of the block's queries
+    float* sPk = sPq + BM;          // P_j of the block's keys
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int kw = warp % Tr::KW, dw = warp / Tr::KW;
@@ -159,187 +160,206 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
     const int c_lo = 2 * (lane % 4);
     const float scale_log2 = f.scale_log2;
 
-    for (int h = kvh * f.G; h < (kvh + 1) * f.G; ++h) {
+    // The (query head, query block) pairs this key block meets, flattened so that the next pair's Q,
+    // dA, lse and delta stream in (cp.async) while the current one computes.
+    const int nq = (q_hi - q_lo + BM - 1) / BM;
+    const int n_iter = nq * f.G;
+    auto issue_loads = [&](int it, int buf) {
+        const int h = kvh * f.G + it / nq, t0 = q_lo + (it % nq) * BM, mq = min(BM, q_hi - t0);
+        const T* qb = static_cast<const T*>(f.q) + batch * f.q_s[0] + (start + t0) * f.q_s[1] + h * f.q_s[2];
+        load_tile_async<BM, D, THREADS>(sQ2 + buf * BM * D, qb, f.q_s[1], mq);
+        if (f.gate) {
+            const T* ab = static_cast<const T*>(b.dA) + ws_row(f, batch, start + t0, h) * D;
+            load_tile_async<BM, D, THREADS>(sA2 + buf * BM * D, ab, int64_t(f.HQ) * D, mq);
+        } else {
+            const T* ab = static_cast<const T*>(b.d_o) + batch * b.do_s[0] + (start + t0) * b.do_s[1] + h * b.do_s[2];
+            load_tile_async<BM, D, THREADS>(sA2 + buf * BM * D, ab, b.do_s[1], mq);
+        }
+        for (int r = threadIdx.x; r < BM; r += THREADS) {
+            const bool ok = r < mq;
+            cp_async4(sLse2 + buf * BM + r, f.lse + (ok ? batch * f.lse_s[0] + h * f.lse_s[1] + (start + t0 + r) * f.lse_s[2] : 0), ok);
+            cp_async4(sDelta2 + buf * BM + r, b.delta + (ok ? ws_row(f, batch, start + t0 + r, h) : 0), ok);
+        }
+    };
+    if (n_iter > 0) issue_loads(0, 0);
+    cp_async_commit();
+
+    float q_carry = 0.f;  // warp 0: P at the last query of the previous block
+    float colsum[2] = {0.f, 0.f};
+    for (int it = 0; it < n_iter; ++it) {
+        const int buf = it & 1;
+        const int h = kvh * f.G + it / nq, t0 = q_lo + (it % nq) * BM, mq = min(BM, q_hi - t0);
+        const T* sQ = sQ2 + buf * BM * D;
+        const T* sA = sA2 + buf * BM * D;
+        const float* sLse = sLse2 + buf * BM;
+        const float* sDelta = sDelta2 + buf * BM;
         auto g_at = [&](int t) { return load_any(f.g, batch * f.g_s[0] + (start + t) * f.g_s[1] + h * f.g_s[2], f.g_dtype); };
-        __syncthreads();  // the previous head's readers of sPk are done
-        if (has_g && threadIdx.x == 0) {
-            float run = 0.f;
-            for (int c = 0; c < BN; ++c) {
-                if (c > 0 && j0 + c < len) run += g_at(j0 + c);
-                sPk[c] = run;
+        // Every thread finished the previous iteration (end-of-iteration barrier), so the other buffer
+        // and the gate sums are free.
+        if (it + 1 < n_iter) issue_loads(it + 1, buf ^ 1);
+        cp_async_commit();
+        if (it % nq == 0) colsum[0] = colsum[1] = 0.f;
+        if (has_g && warp == 0) {
+            if (it % nq == 0) {  // P_j = Σ_{s=j0+1..j} g_s of this block's keys
+                float v[BN / 32];
+#pragma unroll
+                for (int e = 0; e < BN / 32; ++e) {
+                    const int c = lane * (BN / 32) + e;
+                    v[e] = c > 0 && j0 + c < len ? g_at(j0 + c) : 0.f;
+                }
+                warp_scan<BN / 32>(v, 0.f, sPk, /*suffix=*/false, /*exclusive=*/false);
+            }
+            // P_i for i in [t0, t0 + BM): continue the prefix from the key block start j0.
+            const float base = t0 == j0 || it % nq == 0 ? 0.f : q_carry;
+            float v[BM / 32];
+#pragma unroll
+            for (int e = 0; e < BM / 32; ++e) {
+                const int i = t0 + lane * (BM / 32) + e;
+                v[e] = i > j0 && i < len ? g_at(i) : 0.f;
+            }
+            q_carry = base + warp_scan<BM / 32>(v, base, sPq, /*suffix=*/false, /*exclusive=*/false);
+        }
+        cp_async_wait<1>();
+        __syncthreads();
+
+        // Sᵀ = K Qᵀ and dPᵀ = V dAᵀ for this warp's 16 keys × BM queries.
+        float st[BM / 8][4], dpt[BM / 8][4];
+#pragma unroll
+        for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t ak[4], av[4];
+            ldmatrix_x4(ak, smem_addr(sK + swz<D>(kw * 16 + (lane % 16), kk * 2 + lane / 16)));
+            ldmatrix_x4(av, smem_addr(sV + swz<D>(kw * 16 + (lane % 16), kk * 2 + lane / 16)));
+#pragma unroll
+            for (int nn = 0; nn < BM / 16; ++nn) {
+                uint32_t bq[4], ba[4];
+                const int row = nn * 16 + (lane % 8) + (lane / 16) * 8, ch = kk * 2 + (lane / 8) % 2;
+                ldmatrix_x4(bq, smem_addr(sQ + swz<D>(row, ch)));
+                ldmatrix_x4(ba, smem_addr(sA + swz<D>(row, ch)));
+                mma16816<T>(st[2 * nn], ak, bq[0], bq[1]);
+                mma16816<T>(st[2 * nn + 1], ak, bq[2], bq[3]);
+                mma16816<T>(dpt[2 * nn], av, ba[0], ba[1]);
+                mma16816<T>(dpt[2 * nn + 1], av, ba[2], ba[3]);
             }
         }
-        float q_carry = 0.f;  // thread 0: P at the last query of the previous block
-        float colsum[2] = {0.f, 0.f};
-        for (int t0 = q_lo; t0 < q_hi; t0 += BM) {
-            const int mq = min(BM, q_hi - t0);
-            __syncthreads();  // everyone is done with the previous query block's tiles
-            const T* qb = static_cast<const T*>(f.q) + batch * f.q_s[0] + (start + t0) * f.q_s[1] + h * f.q_s[2];
-            load_tile_async<BM, D, THREADS>(sQ, qb, f.q_s[1], mq);
-            if (f.gate) {
-                const T* ab = static_cast<const T*>(b.dA) + ws_row(f, batch, start + t0, h) * D;
-                load_tile_async<BM, D, THREADS>(sA, ab, int64_t(f.HQ) * D, mq);
-            } else {
-                const T* ab = static_cast<const T*>(b.d_o) + batch * b.do_s[0] + (start + t0) * b.do_s[1] + h * b.do_s[2];
-                load_tile_async<BM, D, THREADS>(sA, ab, b.do_s[1], mq);
-            }
-            cp_async_commit();
-            for (int r = threadIdx.x; r < BM; r += THREADS) {
-                const bool ok = r < mq;
-                const float lse = ok ? f.lse[batch * f.lse_s[0] + h * f.lse_s[1] + (start + t0 + r) * f.lse_s[2]] : INFINITY;
-                // A row that saw no key has lse = −inf and P = 0: +inf makes exp2(x − lse) vanish too.
-                sLse[r] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-                sDelta[r] = ok ? b.delta[ws_row(f, batch, start + t0 + r, h)] : 0.f;
-            }
-            if (has_g && threadIdx.x == 0) {
-                // P_i for i in [t0, t0 + BM): continue the prefix from the key block start j0.
-                float run = t0 == j0 ? 0.f : q_carry;
-                for (int r = 0; r < BM; ++r) {
-                    const int i = t0 + r;
-                    if (i > j0 && i < len) run += g_at(i);
-                    sPq[r] = run;
-                }
-                q_carry = run;
-            }
-            cp_async_wait<0>();
-            __syncthreads();
 
-            // Sᵀ = K Qᵀ and dPᵀ = V dAᵀ for this warp's 16 keys × BM queries.
-            float st[BM / 8][4], dpt[BM / 8][4];
+        // Pᵀ and dSᵀ; element e of block nb: key rk (+8 for e ≥ 2), query nb·8 + c_lo + (e & 1).
+        float rowpart[BM / 8][2];
 #pragma unroll
-            for (int i = 0; i < BM / 8; ++i)
+        for (int nb = 0; nb < BM / 8; ++nb) {
+            rowpart[nb][0] = rowpart[nb][1] = 0.f;
 #pragma unroll
-                for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                uint32_t ak[4], av[4];
-                ldmatrix_x4(ak, smem_addr(sK + swz<D>(kw * 16 + (lane % 16), kk * 2 + lane / 16)));
-                ldmatrix_x4(av, smem_addr(sV + swz<D>(kw * 16 + (lane % 16), kk * 2 + lane / 16)));
-#pragma unroll
-                for (int nn = 0; nn < BM / 16; ++nn) {
-                    uint32_t bq[4], ba[4];
-                    const int row = nn * 16 + (lane % 8) + (lane / 16) * 8, ch = kk * 2 + (lane / 8) % 2;
-                    ldmatrix_x4(bq, smem_addr(sQ + swz<D>(row, ch)));
-                    ldmatrix_x4(ba, smem_addr(sA + swz<D>(row, ch)));
-                    mma16816<T>(st[2 * nn], ak, bq[0], bq[1]);
-                    mma16816<T>(st[2 * nn + 1], ak, bq[2], bq[3]);
-                    mma16816<T>(dpt[2 * nn], av, ba[0], ba[1]);
-                    mma16816<T>(dpt[2 * nn + 1], av, ba[2], ba[3]);
-                }
-            }
-
-            // Pᵀ and dSᵀ; element e of block nb: key rk (+8 for e ≥ 2), query nb·8 + c_lo + (e & 1).
-            float rowpart[BM / 8][2];
-#pragma unroll
-            for (int nb = 0; nb < BM / 8; ++nb) {
-                rowpart[nb][0] = rowpart[nb][1] = 0.f;
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int kl = rk + (e >= 2 ? 8 : 0), ql = nb * 8 + c_lo + (e & 1);
-                    const int j = j0 + kl, i = t0 + ql;
-                    const bool visible = j < len && i < t0 + mq && (!f.causal || j <= i) &&
-                                         (f.window <= 0 || j > i - f.window);
-                    float x = st[nb][e] * scale_log2 - sLse[ql];
-                    if (has_g) x += (sPq[ql] - sPk[kl]) * kLog2e;
-                    const float pr = visible ? fast_exp2(x) : 0.f;
-                    const float ds = pr * (dpt[nb][e] - sDelta[ql]);
-                    st[nb][e] = pr;
-                    dpt[nb][e] = ds;
-                    colsum[e >> 1] += ds;
-                    rowpart[nb][e & 1] += ds;
-                }
-            }
-            // Row sums of dS (per query): over this warp's 16 keys, then atomically across warps.
-            if (has_g && b.dg && dw == 0) {
-#pragma unroll
-                for (int nb = 0; nb < BM / 8; ++nb)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        float x = rowpart[nb][c];
-                        x += __shfl_xor_sync(0xffffffff, x, 4);
-                        x += __shfl_xor_sync(0xffffffff, x, 8);
-                        x += __shfl_xor_sync(0xffffffff, x, 16);
-                        const int i = t0 + nb * 8 + c_lo + c;
-                        if (lane < 4 && i < t0 + mq) atomicAdd(&b.rowsum[ws_row(f, batch, start + i, h)], x);
-                    }
-            }
-            // dSᵀ to shared memory for dQ (b16, like the operands).
-            if (b.dq && dw == 0) {
-#pragma unroll
-                for (int nb = 0; nb < BM / 8; ++nb)
-#pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const int kl = rk + 8 * hf, ql = nb * 8 + c_lo;
-                        T* dst = sS + swz<BM>(kl, ql / 8) + (ql % 8);
-                        *reinterpret_cast<uint32_t*>(dst) = Pack2<T>::pack(dpt[nb][2 * hf], dpt[nb][2 * hf + 1]);
-                    }
-            }
-
-            // dV += Pᵀ dA and dK += dSᵀ Q over this warp's channels.
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-                uint32_t ap[4], as[4];
-                ap[0] = Pack2<T>::pack(st[2 * kk][0], st[2 * kk][1]);
-                ap[1] = Pack2<T>::pack(st[2 * kk][2], st[2 * kk][3]);
-                ap[2] = Pack2<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-                ap[3] = Pack2<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-                as[0] = Pack2<T>::pack(dpt[2 * kk][0], dpt[2 * kk][1]);
-                as[1] = Pack2<T>::pack(dpt[2 * kk][2], dpt[2 * kk][3]);
-                as[2] = Pack2<T>::pack(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-                as[3] = Pack2<T>::pack(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
-#pragma unroll
-                for (int dn = 0; dn < DW / 16; ++dn) {
-                    const int row = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-                    const int ch = (dw * DW) / 8 + dn * 2 + lane / 16;
-                    uint32_t ba[4], bq[4];
-                    ldmatrix_x4_trans(ba, smem_addr(sA + swz<D>(row, ch)));
-                    ldmatrix_x4_trans(bq, smem_addr(sQ + swz<D>(row, ch)));
-                    mma16816<T>(dv[2 * dn], ap, ba[0], ba[1]);
-                    mma16816<T>(dv[2 * dn + 1], ap, ba[2], ba[3]);
-                    mma16816<T>(dk[2 * dn], as, bq[0], bq[1]);
-                    mma16816<T>(dk[2 * dn + 1], as, bq[2], bq[3]);
-                }
-            }
-
-            // dQ[BM × D] += scale · dS K: warp (query group w % 4, channel half) in 32-channel chunks.
-            if (b.dq) {
-                __syncthreads();
-                constexpr int QG = BM / 16;                  // query groups
-                constexpr int DQW = D / (Tr::NWARPS / QG);   // channels per warp
-                const int qg = warp % QG, dq0 = (warp / QG) * DQW;
-#pragma unroll
-                for (int dc = 0; dc < DQW; dc += 32) {
-                    float qa[4][4];
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) qa[i][0] = qa[i][1] = qa[i][2] = qa[i][3] = 0.f;
-#pragma unroll
-                    for (int kk = 0; kk < BN / 16; ++kk) {
-                        uint32_t a[4];
-                        const int mi = lane / 8;
-                        ldmatrix_x4_trans(a, smem_addr(sS + swz<BM>(kk * 16 + (lane % 8) + (mi / 2) * 8, qg * 2 + (mi % 2))));
-#pragma unroll
-                        for (int dn = 0; dn < 2; ++dn) {
-                            uint32_t bk[4];
-                            ldmatrix_x4_trans(bk, smem_addr(sK + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
-                                                                        (dq0 + dc) / 8 + dn * 2 + lane / 16)));
-                            mma16816<T>(qa[2 * dn], a, bk[0], bk[1]);
-                            mma16816<T>(qa[2 * dn + 1], a, bk[2], bk[3]);
-                        }
-                    }
-#pragma unroll
-                    for (int nb = 0; nb < 4; ++nb)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int ql = qg * 16 + lane / 4 + (e >= 2 ? 8 : 0);
-                            const int d = dq0 + dc + nb * 8 + c_lo + (e & 1);
-                            if (t0 + ql < t0 + mq)
-                                atomicAdd(&b.dq_acc[ws_row(f, batch, start + t0 + ql, h) * D + d], b.scale * qa[nb][e]);
-                        }
-                }
+            for (int e = 0; e < 4; ++e) {
+                const int kl = rk + (e >= 2 ? 8 : 0), ql = nb * 8 + c_lo + (e & 1);
+                const int j = j0 + kl, i = t0 + ql;
+                const bool visible = j < len && i < t0 + mq && (!f.causal || j <= i) &&
+                                     (f.window <= 0 || j > i - f.window);
+                // A row that saw no key has lse = −inf and P = 0 (its mask below); +inf keeps x finite-or-−inf.
+                const float lse = sLse[ql];
+                float x = st[nb][e] * scale_log2 - (lse == -INFINITY ? INFINITY : lse * kLog2e);
+                if (has_g) x += (sPq[ql] - sPk[kl]) * kLog2e;
+                const float pr = visible ? fast_exp2(x) : 0.f;
+                const float ds = pr * (dpt[nb][e] - sDelta[ql]);
+                st[nb][e] = pr;
+                dpt[nb][e] = ds;
+                colsum[e >> 1] += ds;
+                rowpart[nb][e & 1] += ds;
             }
         }
-        // Column sums of dS (per key) of this head: reduce over the lane quad.
+        // Row sums of dS (per query): over this warp's 16 keys, then atomically across warps.
         if (has_g && b.dg && dw == 0) {
+#pragma unroll
+            for (int nb = 0; nb < BM / 8; ++nb)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    float x = rowpart[nb][c];
+                    x += __shfl_xor_sync(0xffffffff, x, 4);
+                    x += __shfl_xor_sync(0xffffffff, x, 8);
+                    x += __shfl_xor_sync(0xffffffff, x, 16);
+                    const int i = t0 + nb * 8 + c_lo + c;
+                    if (lane < 4 && i < t0 + mq) atomicAdd(&b.rowsum[ws_row(f, batch, start + i, h)], x);
+                }
+        }
+        // dSᵀ to shared memory for dQ (b16, like the operands).
+        if (b.dq && dw == 0) {
+#pragma unroll
+            for (int nb = 0; nb < BM / 8; ++nb)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int kl = rk + 8 * hf, ql = nb * 8 + c_lo;
+                    T* dst = sS + swz<BM>(kl, ql / 8) + (ql % 8);
+                    *reinterpret_cast<uint32_t*>(dst) = Pack2<T>::pack(dpt[nb][2 * hf], dpt[nb][2 * hf + 1]);
+                }
+        }
+
+        // dV += Pᵀ dA and dK += dSᵀ Q over this warp's channels.
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+            uint32_t ap[4], as[4];
+            ap[0] = Pack2<T>::pack(st[2 * kk][0], st[2 * kk][1]);
+            ap[1] = Pack2<T>::pack(st[2 * kk][2], st[2 * kk][3]);
+            ap[2] = Pack2<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+            ap[3] = Pack2<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+            as[0] = Pack2<T>::pack(dpt[2 * kk][0], dpt[2 * kk][1]);
+            as[1] = Pack2<T>::pack(dpt[2 * kk][2], dpt[2 * kk][3]);
+            as[2] = Pack2<T>::pack(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+            as[3] = Pack2<T>::pack(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+#pragma unroll
+            for (int dn = 0; dn < DW / 16; ++dn) {
+                const int row = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+                const int ch = (dw * DW) / 8 + dn * 2 + lane / 16;
+                uint32_t ba[4], bq[4];
+                ldmatrix_x4_trans(ba, smem_addr(sA + swz<D>(row, ch)));
+                ldmatrix_x4_trans(bq, smem_addr(sQ + swz<D>(row, ch)));
+                mma16816<T>(dv[2 * dn], ap, ba[0], ba[1]);
+                mma16816<T>(dv[2 * dn + 1], ap, ba[2], ba[3]);
+                mma16816<T>(dk[2 * dn], as, bq[0], bq[1]);
+                mma16816<T>(dk[2 * dn + 1], as, bq[2], bq[3]);
+            }
+        }
+
+        // dQ[BM × D] += scale · dS K: warp (query group w % 4, channel half) in 32-channel chunks.
+        if (b.dq) {
+            __syncthreads();
+            constexpr int QG = BM / 16;                  // query groups
+            constexpr int DQW = D / (Tr::NWARPS / QG);   // channels per warp
+            const int qg = warp % QG, dq0 = (warp / QG) * DQW;
+#pragma unroll
+            for (int dc = 0; dc < DQW; dc += 32) {
+                float qa[4][4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) qa[i][0] = qa[i][1] = qa[i][2] = qa[i][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; ++kk) {
+                    uint32_t a[4];
+                    const int mi = lane / 8;
+                    ldmatrix_x4_trans(a, smem_addr(sS + swz<BM>(kk * 16 + (lane % 8) + (mi / 2) * 8, qg * 2 + (mi % 2))));
+#pragma unroll
+                    for (int dn = 0; dn < 2; ++dn) {
+                        uint32_t bk[4];
+                        ldmatrix_x4_trans(bk, smem_addr(sK + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                                                    (dq0 + dc) / 8 + dn * 2 + lane / 16)));
+                        mma16816<T>(qa[2 * dn], a, bk[0], bk[1]);
+                        mma16816<T>(qa[2 * dn + 1], a, bk[2], bk[3]);
+                    }
+                }
+#pragma unroll
+                for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int ql = qg * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+                        const int d = dq0 + dc + nb * 8 + c_lo + (e & 1);
+                        if (t0 + ql < t0 + mq)
+                            atomicAdd(&b.dq_acc[ws_row(f, batch, start + t0 + ql, h) * D + d], b.scale * qa[nb][e]);
+                    }
+            }
+        }
+        __syncthreads();  // this iteration's buffers, dSᵀ and gate sums are free for the next
+        // Column sums of dS (per key) of this head, after its last query block: reduce over the quad.
+        if (has_g && b.dg && dw == 0 && it % nq == nq - 1) {
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
                 float x = colsum[hf];
@@ -350,6 +370,7 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
             }
         }
     }
+    cp_async_wait<0>();
 
     // Store dK (× scale) and dV.
 #pragma unroll

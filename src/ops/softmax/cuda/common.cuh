@@ -143,6 +143,11 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
                  "r"(valid ? 16 : 0));
 }
+// 4 bytes global → shared (scalars: lse, delta); `valid` false writes zeros.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                 "r"(valid ? 4 : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
@@ -164,7 +169,43 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* base, int64_t 
     }
 }
 
-__device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
+// 2^x on the special-function unit (one MUFU.EX2; flushes denormal results to 0, and 2^−inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Scan of 32·PER values held PER per lane (value c = lane·PER + e), in prefix (c ascending) or suffix
+// (c descending) order, written to out[c] as base + the inclusive or exclusive partial sum; returns
+// the total to every lane. The forget-gate sums use it so that a block's gates are loaded in parallel
+// rather than by one thread in a dependent chain.
+template <int PER>
+__device__ __forceinline__ float warp_scan(const float (&v)[PER], float base, float* out, bool suffix, bool exclusive) {
+    const int lane = threadIdx.x % 32;
+    float local = 0.f;
+#pragma unroll
+    for (int e = 0; e < PER; ++e) local += v[e];
+    float x = local;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const float y = suffix ? __shfl_down_sync(0xffffffff, x, o) : __shfl_up_sync(0xffffffff, x, o);
+        if (suffix ? lane + o < 32 : lane >= o) x += y;
+    }
+    float run = base + (x - local);
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        const int e = suffix ? PER - 1 - k : k;
+        if (exclusive) {
+            out[lane * PER + e] = run;
+            run += v[e];
+        } else {
+            run += v[e];
+            out[lane * PER + e] = run;
+        }
+    }
+    return __shfl_sync(0xffffffff, x, suffix ? 0 : 31);
+}
 
 __device__ __forceinline__ int64_t read_index(const void* p, bool is64, int i) {
     return is64 ? static_cast<const int64_t*>(p)[i] : int64_t(static_cast<const int32_t*>(p)[i]);

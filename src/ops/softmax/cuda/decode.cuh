@@ -16,10 +16,11 @@ namespace hla::softmax::cuda {
 
 template <int D>
 struct DecodeTraits {
-    static constexpr int ROWS = D == 256 ? 4 : 8;  // query rows per block (registers: ROWS × D/32 × 2)
-    static constexpr int DPL = D / 32;             // channels per lane
+    static constexpr int MAX_ROWS = D == 256 ? 4 : 8;  // query rows per block (registers: ROWS × D/32 × 2)
+    static constexpr int DPL = D / 32;                 // channels per lane
     static constexpr int WARPS = 4;
-    static constexpr int UNROLL = 4;               // keys per step
+    // Keys per step: 2 × UNROLL row loads in flight per lane before the first use (8 × 8 B at D = 128).
+    static constexpr int UNROLL = D == 256 ? 4 : 8;
 };
 
 // Cache element offset of token j of sequence n (head 0, channel 0) for the k/v strides `s`.
@@ -52,10 +53,35 @@ __device__ __forceinline__ void load_lane(float (&dst)[DPL], const T* src) {
     }
 }
 
-template <int D, class T>
+// The same access kept packed (two b16 per register): the K/V rows in flight then cost half the
+// registers, which buys resident warps, which is what a bandwidth-bound loop needs.
+template <int DPL>
+__device__ __forceinline__ void load_lane_raw(uint32_t (&dst)[DPL / 2], const void* src) {
+    if constexpr (DPL == 8) {
+        const uint4 u = *reinterpret_cast<const uint4*>(src);
+        dst[0] = u.x, dst[1] = u.y, dst[2] = u.z, dst[3] = u.w;
+    } else if constexpr (DPL == 4) {
+        const uint2 u = *reinterpret_cast<const uint2*>(src);
+        dst[0] = u.x, dst[1] = u.y;
+    } else {
+        dst[0] = *reinterpret_cast<const uint32_t*>(src);
+    }
+}
+
+template <class T> __device__ __forceinline__ float2 unpack2(uint32_t u);
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t u) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+}
+template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&u));
+}
+
+// ROWS: query rows a block serves (G · T_q rounded up to 1, 2, 4 or MAX_ROWS), a compile-time count
+// so that the per-row registers exist only for rows that are there.
+template <int D, class T, int ROWS>
 __global__ void __launch_bounds__(128) softmax_decode_kernel(const DecodeParams p) {
     using Tr = DecodeTraits<D>;
-    constexpr int ROWS = Tr::ROWS, DPL = Tr::DPL, U = Tr::UNROLL;
+    constexpr int DPL = Tr::DPL, U = Tr::UNROLL;
     __shared__ float s_ml[Tr::WARPS][ROWS][2];
     __shared__ float s_acc[Tr::WARPS][ROWS][D];
 
@@ -106,12 +132,12 @@ __global__ void __launch_bounds__(128) softmax_decode_kernel(const DecodeParams 
     const T* kc = static_cast<const T*>(p.k_cache) + kvh * p.kc_s[2] + lane * DPL;
     const T* vc = static_cast<const T*>(p.v_cache) + kvh * p.vc_s[2] + lane * DPL;
     for (int jb = w_hi - 1; jb >= w_lo; jb -= U) {
-        float kf[U][DPL], vf[U][DPL];
+        uint32_t kr[U][DPL / 2], vr[U][DPL / 2];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int j = max(jb - u, w_lo);  // out-of-range keys reload a valid row and are masked below
-            load_lane<DPL>(kf[u], kc + cache_row(p, p.kc_s, n, slot, j));
-            load_lane<DPL>(vf[u], vc + cache_row(p, p.vc_s, n, slot, j));
+            load_lane_raw<DPL>(kr[u], kc + cache_row(p, p.kc_s, n, slot, j));
+            load_lane_raw<DPL>(vr[u], vc + cache_row(p, p.vc_s, n, slot, j));
         }
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
@@ -121,7 +147,10 @@ __global__ void __launch_bounds__(128) softmax_decode_kernel(const DecodeParams 
             for (int u = 0; u < U; ++u) {
                 float d = 0.f;
 #pragma unroll
-                for (int i = 0; i < DPL; ++i) d += q[r][i] * kf[u][i];
+                for (int i = 0; i < DPL / 2; ++i) {
+                    const float2 kv = unpack2<T>(kr[u][i]);
+                    d += q[r][2 * i] * kv.x + q[r][2 * i + 1] * kv.y;
+                }
                 sc[u] = d;
             }
 #pragma unroll
@@ -152,11 +181,16 @@ __global__ void __launch_bounds__(128) softmax_decode_kernel(const DecodeParams 
             }
             l[r] = l[r] * alpha + sum;
 #pragma unroll
-            for (int i = 0; i < DPL; ++i) {
-                float a = acc[r][i] * alpha;
+            for (int i = 0; i < DPL / 2; ++i) {
+                float a0 = acc[r][2 * i] * alpha, a1 = acc[r][2 * i + 1] * alpha;
 #pragma unroll
-                for (int u = 0; u < U; ++u) a += sc[u] * vf[u][i];
-                acc[r][i] = a;
+                for (int u = 0; u < U; ++u) {
+                    const float2 vv = unpack2<T>(vr[u][i]);
+                    a0 += sc[u] * vv.x;
+                    a1 += sc[u] * vv.y;
+                }
+                acc[r][2 * i] = a0;
+                acc[r][2 * i + 1] = a1;
             }
         }
     }

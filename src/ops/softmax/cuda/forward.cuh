@@ -17,14 +17,18 @@ constexpr float kLn2 = 0.6931471805599453f;
 template <int D_>
 struct FwdTraits {
     static constexpr int D = D_;
-    // 8 warps × 16 rows for D ≤ 128; at D = 256 the 16 × 256 fp32 output accumulator alone is 128
-    // registers a thread, so 4 warps and 32-key blocks keep a thread under 255 registers.
-    static constexpr int NWARPS = D <= 128 ? 8 : 4;
+    // A warp owns MT m-tiles of 16 rows, so each K/V fragment read from shared memory feeds MT
+    // tensor-core ops (ldmatrix bandwidth, not the tensor cores, limits one-tile warps). At D = 256
+    // the 16 × 256 fp32 output accumulator alone is 128 registers a thread, so one tile and 32-key
+    // blocks keep a thread under 255 registers.
+    static constexpr int MT = D <= 128 ? 2 : 1;
+    static constexpr int NWARPS = 4;
     static constexpr int THREADS = 32 * NWARPS;
-    static constexpr int BM = 16 * NWARPS;
+    static constexpr int BM = 16 * MT * NWARPS;
+    // FlashAttention-2's 128 × 64 block at D ≤ 128 (a few spilled registers at D = 128, like its 255).
     static constexpr int BN = D <= 128 ? 64 : 32;
-    static constexpr int NB = BN / 8;  // 16×8 score blocks per warp row-strip
-    static constexpr int DB = D / 8;   // 16×8 output blocks per warp row-strip
+    static constexpr int NB = BN / 8;  // 16×8 score blocks per m-tile
+    static constexpr int DB = D / 8;   // 16×8 output blocks per m-tile
     // Q tile + two stages of K and V (b16), then the forget-gate sums (fp32).
     static constexpr int SMEM = (BM * D + 4 * BN * D) * 2 + (BN + BM) * 4;
     static_assert(D % 64 == 0, "the swizzle needs rows of at least 8 chunks");
@@ -33,7 +37,7 @@ struct FwdTraits {
 template <int D, class T>
 __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(const FwdParams p) {
     using Tr = FwdTraits<D>;
-    constexpr int BM = Tr::BM, BN = Tr::BN, NB = Tr::NB, DB = Tr::DB, THREADS = Tr::THREADS;
+    constexpr int BM = Tr::BM, BN = Tr::BN, NB = Tr::NB, DB = Tr::DB, THREADS = Tr::THREADS, MT = Tr::MT;
     extern __shared__ __align__(128) unsigned char smem[];
     T* sQ = reinterpret_cast<T*>(smem);
     T* sK = sQ + BM * D;       // [2][BN][D]
@@ -77,20 +81,26 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
     }
     cp_async_commit();
     // Query-side sums R_i = Σ_{s=i+1..q_last} g_s (anchor q_last keeps them short and accurate).
-    float carry = 0;  // lane 0 of warp 0: Σ_{s=j0+BN..q_last} g_s for the current key block j0
-    if (has_g && threadIdx.x == 0) {
-        float run = 0;
-        for (int i = mrows - 1; i >= 0; --i) {
-            sRq[i] = run;
-            run += g_at(q0 + i);
+    float carry = 0;  // warp 0: Σ_{s=j0+BN..q_last} g_s for the current key block j0
+    if (has_g && warp == 0) {
+        float v[BM / 32];
+#pragma unroll
+        for (int e = 0; e < BM / 32; ++e) {
+            const int r = lane * (BM / 32) + e;
+            v[e] = r < mrows ? g_at(q0 + r) : 0.f;
         }
+        warp_scan<BM / 32>(v, 0.f, sRq, /*suffix=*/true, /*exclusive=*/true);
     }
 
-    float acc[DB][4];
+    float acc[MT][DB][4];
 #pragma unroll
-    for (int i = 0; i < DB; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-    const int r_lo = warp * 16 + lane / 4;  // local rows of this thread: r_lo and r_lo + 8
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < DB; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+    float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) row_max[mt][0] = row_max[mt][1] = -INFINITY, row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    const int warp_row = warp * 16 * MT;  // local rows of m-tile mt: warp_row + 16 mt + lane / 4 (+ 8)
     const int c_lo = 2 * (lane % 4);
 
     int stage = 0;
@@ -105,35 +115,42 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
         }
         cp_async_commit();
         if (has_g) {
-            if (threadIdx.x == 0) {
+            if (warp == 0) {
                 // sGk[c] = Σ_{s=j0+c+1..q_last} g_s, gates past q_last counting as 0.
-                float run = carry;
-                for (int c = BN - 1; c >= 0; --c) {
-                    sGk[c] = run;
-                    const int j = j0 + c;
-                    if (j <= q_last) run += g_at(j);
+                float v[BN / 32];
+#pragma unroll
+                for (int e = 0; e < BN / 32; ++e) {
+                    const int j = j0 + lane * (BN / 32) + e;
+                    v[e] = j <= q_last ? g_at(j) : 0.f;
                 }
-                carry = run;
+                carry += warp_scan<BN / 32>(v, carry, sGk, /*suffix=*/true, /*exclusive=*/true);
             }
             __syncthreads();
         }
         const T* cK = sK + stage * BN * D;
         const T* cV = sV + stage * BN * D;
 
-        // S = Q Kᵀ for this warp's 16 rows.
-        float s[NB][4];
+        // S = Q Kᵀ for this warp's MT × 16 rows; each K fragment serves all MT m-tiles.
+        float s[MT][NB][4];
 #pragma unroll
-        for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < NB; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            uint32_t a[4];
-            ldmatrix_x4(a, smem_addr(sQ + swz<D>(warp * 16 + (lane % 16), kk * 2 + lane / 16)));
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldmatrix_x4(a[mt], smem_addr(sQ + swz<D>(warp_row + mt * 16 + (lane % 16), kk * 2 + lane / 16)));
 #pragma unroll
             for (int nn = 0; nn < BN / 16; ++nn) {
                 uint32_t b[4];
                 ldmatrix_x4(b, smem_addr(cK + swz<D>(nn * 16 + (lane % 8) + (lane / 16) * 8, kk * 2 + (lane / 8) % 2)));
-                mma16816<T>(s[2 * nn], a, b[0], b[1]);
-                mma16816<T>(s[2 * nn + 1], a, b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<T>(s[mt][2 * nn], a[mt], b[0], b[1]);
+                    mma16816<T>(s[mt][2 * nn + 1], a[mt], b[2], b[3]);
+                }
             }
         }
 
@@ -141,62 +158,73 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
         const bool need_mask = (p.causal && j0 + BN - 1 > q0) || (p.window > 0 && j0 <= q_last - p.window) ||
                                (j0 + BN > len);
 #pragma unroll
-        for (int nb = 0; nb < NB; ++nb)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int rl = r_lo + (e >= 2 ? 8 : 0);
-                const int cl = nb * 8 + c_lo + (e & 1);
-                float x = s[nb][e] * p.scale_log2;
-                if (has_g) x += (sGk[cl] - sRq[min(rl, BM - 1)]) * kLog2e;
-                if (need_mask) {
-                    const int i = q0 + rl, j = j0 + cl;
-                    const bool visible = j < len && (!p.causal || j <= i) && (p.window <= 0 || j > i - p.window);
-                    if (!visible) x = -INFINITY;
+            for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int rl = warp_row + mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+                    const int cl = nb * 8 + c_lo + (e & 1);
+                    float x = s[mt][nb][e] * p.scale_log2;
+                    if (has_g) x += (sGk[cl] - sRq[rl]) * kLog2e;
+                    if (need_mask) {
+                        const int i = q0 + rl, j = j0 + cl;
+                        const bool visible = j < len && (!p.causal || j <= i) && (p.window <= 0 || j > i - p.window);
+                        if (!visible) x = -INFINITY;
+                    }
+                    s[mt][nb][e] = x;
                 }
-                s[nb][e] = x;
+
+        // Online softmax: per m-tile, rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3); a row lives in
+        // one lane quad.
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                float mx = row_max[mt][hf];
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * hf], s[mt][nb][2 * hf + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                // A row with nothing visible yet keeps max −inf; subtracting 0 instead avoids −inf − (−inf).
+                const float m_use = mx == -INFINITY ? 0.f : mx;
+                const float alpha = fast_exp2(row_max[mt][hf] - m_use);
+                row_max[mt][hf] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+                    s[mt][nb][2 * hf] = fast_exp2(s[mt][nb][2 * hf] - m_use);
+                    s[mt][nb][2 * hf + 1] = fast_exp2(s[mt][nb][2 * hf + 1] - m_use);
+                    sum += s[mt][nb][2 * hf] + s[mt][nb][2 * hf + 1];
+                }
+                row_sum[mt][hf] = row_sum[mt][hf] * alpha + sum;
+#pragma unroll
+                for (int db = 0; db < DB; ++db) {
+                    acc[mt][db][2 * hf] *= alpha;
+                    acc[mt][db][2 * hf + 1] *= alpha;
+                }
             }
 
-        // Online softmax: rows r_lo (e = 0, 1) and r_lo + 8 (e = 2, 3); a row lives in one lane quad.
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            float mx = row_max[hf];
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * hf], s[nb][2 * hf + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            // A row with nothing visible yet keeps max −inf; subtracting 0 instead avoids −inf − (−inf).
-            const float m_use = mx == -INFINITY ? 0.f : mx;
-            const float alpha = fast_exp2(row_max[hf] - m_use);
-            row_max[hf] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-                s[nb][2 * hf] = fast_exp2(s[nb][2 * hf] - m_use);
-                s[nb][2 * hf + 1] = fast_exp2(s[nb][2 * hf + 1] - m_use);
-                sum += s[nb][2 * hf] + s[nb][2 * hf + 1];
-            }
-            row_sum[hf] = row_sum[hf] * alpha + sum;
-#pragma unroll
-            for (int db = 0; db < DB; ++db) {
-                acc[db][2 * hf] *= alpha;
-                acc[db][2 * hf + 1] *= alpha;
-            }
-        }
-
-        // O += P V.
+        // O += P V; each V fragment serves all MT m-tiles.
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            uint32_t a[4];
-            a[0] = Pack2<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = Pack2<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = Pack2<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = Pack2<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                a[mt][0] = Pack2<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = Pack2<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = Pack2<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = Pack2<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int dn = 0; dn < D / 16; ++dn) {
                 uint32_t b[4];
                 ldmatrix_x4_trans(b, smem_addr(cV + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn * 2 + lane / 16)));
-                mma16816<T>(acc[2 * dn], a, b[0], b[1]);
-                mma16816<T>(acc[2 * dn + 1], a, b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<T>(acc[mt][2 * dn], a[mt], b[0], b[1]);
+                    mma16816<T>(acc[mt][2 * dn + 1], a[mt], b[2], b[3]);
+                }
             }
         }
     }
@@ -204,38 +232,39 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
 
     // Epilogue: normalise, gate, store; lse in natural log.
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        float l = row_sum[hf];
-        l += __shfl_xor_sync(0xffffffff, l, 1);
-        l += __shfl_xor_sync(0xffffffff, l, 2);
-        const int rl = r_lo + 8 * hf;
-        const int i = q0 + rl;
-        if (i >= len) continue;
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int64_t tok = start + i;
-        const int64_t ob = batch * p.o_s[0] + tok * p.o_s[1] + h * p.o_s[2];
-        const int64_t zb = batch * p.gate_s[0] + tok * p.gate_s[1] + h * p.gate_s[2];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int db = 0; db < DB; ++db) {
-            const int d = db * 8 + c_lo;
-            float o0 = acc[db][2 * hf] * inv, o1 = acc[db][2 * hf + 1] * inv;
-            if (p.gate) {
-                o0 *= 1.f / (1.f + __expf(-load_any(p.gate, zb + d, p.gate_dtype)));
-                o1 *= 1.f / (1.f + __expf(-load_any(p.gate, zb + d + 1, p.gate_dtype)));
+        for (int hf = 0; hf < 2; ++hf) {
+            float l = row_sum[mt][hf];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            const int i = q0 + warp_row + mt * 16 + lane / 4 + 8 * hf;
+            if (i >= len) continue;
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int64_t tok = start + i;
+            const int64_t ob = batch * p.o_s[0] + tok * p.o_s[1] + h * p.o_s[2];
+            const int64_t zb = batch * p.gate_s[0] + tok * p.gate_s[1] + h * p.gate_s[2];
+#pragma unroll
+            for (int db = 0; db < DB; ++db) {
+                const int d = db * 8 + c_lo;
+                float o0 = acc[mt][db][2 * hf] * inv, o1 = acc[mt][db][2 * hf + 1] * inv;
+                if (p.gate) {
+                    o0 *= 1.f / (1.f + __expf(-load_any(p.gate, zb + d, p.gate_dtype)));
+                    o1 *= 1.f / (1.f + __expf(-load_any(p.gate, zb + d + 1, p.gate_dtype)));
+                }
+                if (p.o_dtype == 2 && (ob & 1) == 0) {
+                    *reinterpret_cast<float2*>(static_cast<float*>(p.o) + ob + d) = make_float2(o0, o1);
+                } else if (p.o_dtype == (std::is_same<T, __half>::value ? 1 : 0) && (ob & 1) == 0) {
+                    *reinterpret_cast<uint32_t*>(static_cast<T*>(p.o) + ob + d) = Pack2<T>::pack(o0, o1);
+                } else {
+                    store_any(p.o, ob + d, p.o_dtype, o0);
+                    store_any(p.o, ob + d + 1, p.o_dtype, o1);
+                }
             }
-            if (p.o_dtype == 2 && (ob & 1) == 0) {
-                *reinterpret_cast<float2*>(static_cast<float*>(p.o) + ob + d) = make_float2(o0, o1);
-            } else if (p.o_dtype == (std::is_same<T, __half>::value ? 1 : 0) && (ob & 1) == 0) {
-                *reinterpret_cast<uint32_t*>(static_cast<T*>(p.o) + ob + d) = Pack2<T>::pack(o0, o1);
-            } else {
-                store_any(p.o, ob + d, p.o_dtype, o0);
-                store_any(p.o, ob + d + 1, p.o_dtype, o1);
-            }
+            if (p.lse && lane % 4 == 0)
+                p.lse[batch * p.lse_s[0] + h * p.lse_s[1] + tok * p.lse_s[2]] =
+                    l > 0.f ? row_max[mt][hf] * kLn2 + logf(l) : -INFINITY;
         }
-        if (p.lse && lane % 4 == 0)
-            p.lse[batch * p.lse_s[0] + h * p.lse_s[1] + tok * p.lse_s[2]] =
-                l > 0.f ? row_max[hf] * kLn2 + logf(l) : -INFINITY;
-    }
 }
 
 }  // namespace hla::softmax::cuda

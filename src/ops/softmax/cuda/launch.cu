@@ -261,14 +261,15 @@ void decode(const DecodeProblem& p) {
     d.window = int(p.window);
     d.causal = p.cfg.causal;
 
-    // Enough blocks to fill the GPU twice over; each split keeps at least 256 keys so that the
-    // partials stay a small fraction of the cache traffic.
+    // Decode is latency-bound per warp: enough blocks for about 8 per SM (several resident at once, and
+    // a short tail), each split keeping at least 256 keys so that the partials stay a small fraction of
+    // the cache traffic.
     int sms = 132;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.q.device_index);
-    const int rows_per_block = p.D == 256 ? DecodeTraits<256>::ROWS : DecodeTraits<128>::ROWS;
+    const int rows_per_block = decode_rows_per_block(int(p.D), int(p.G * p.TQ));
     const int row_tiles = int((p.G * p.TQ + rows_per_block - 1) / rows_per_block);
     const int64_t blocks = p.N * p.HKV * row_tiles;
-    int splits = int(std::max<int64_t>(1, (2 * sms + blocks - 1) / blocks));
+    int splits = int(std::max<int64_t>(1, (8 * sms + blocks - 1) / blocks));
     splits = int(std::min<int64_t>(splits, std::max<int64_t>(1, p.capacity / 256)));
     d.splits = splits;
     if (splits > 1) {
