@@ -57,6 +57,41 @@ void lower_apply_t(int L, int64_t N, float alpha, const float* E, const float* x
     }
 }
 
+// (I + A) X = B in place (X holds B on entry), A strictly lower triangular (ld kChunk), X [L, N].
+// Blocked: the rows of block I first take −A[I, 0:i0] X[0:i0] as one matrix product, then the
+// 16 × 16 diagonal block is a short forward substitution.
+void solve_unit_lower(int L, int64_t N, const float* A, float* X) {
+    for (int i0 = 0; i0 < L; i0 += kBlock) {
+        const int i1 = std::min(L, i0 + kBlock);
+        if (i0 > 0) gemm(i1 - i0, N, i0, -1.0f, A + i0 * kChunk, kChunk, 1, X, N, 1.0f, X + i0 * N, N);
+        for (int i = i0 + 1; i < i1; ++i) {
+            float* xi = X + i * N;
+            for (int j = i0; j < i; ++j) {
+                const float aij = A[i * kChunk + j];
+                const float* xj = X + j * N;
+                for (int64_t e = 0; e < N; ++e) xi[e] -= aij * xj[e];
+            }
+        }
+    }
+}
+
+// (I + A)ᵀ Z = B in place (Z holds B on entry): the same, blocks from the last one backwards.
+void solve_unit_lower_t(int L, int64_t N, const float* A, float* Z) {
+    const int last0 = (L - 1) / kBlock * kBlock;
+    for (int j0 = last0; j0 >= 0; j0 -= kBlock) {
+        const int j1 = std::min(L, j0 + kBlock);
+        if (j1 < L) gemm(j1 - j0, N, L - j1, -1.0f, A + j1 * kChunk + j0, 1, kChunk, Z + j1 * N, N, 1.0f, Z + j0 * N, N);
+        for (int j = j1 - 2; j >= j0; --j) {
+            float* zj = Z + j * N;
+            for (int i = j + 1; i < j1; ++i) {
+                const float aij = A[i * kChunk + j];
+                const float* zi = Z + i * N;
+                for (int64_t e = 0; e < N; ++e) zj[e] -= aij * zi[e];
+            }
+        }
+    }
+}
+
 // ---- decayed products ---------------------------------------------------------------------------
 // E_ij = ⟨x_i, y_j⟩_b over the lower triangle (diag: j ≤ i, else j < i), zero above.
 // apply:   out_i += Σ_j E_ij y_j ⊙ exp(b_i − b_j)      (∂/∂x of Σ dE ⊙ E, with dE as E)
@@ -271,18 +306,11 @@ void chunk_common(const ChunkView& c, const float* S0, Workspace& w) {
         Decayed<kVector>::scores(c.k, c.k, L, K, c.g, false, w.d.data(), w);
         for (int i = 0; i < L; ++i)
             for (int j = 0; j < i; ++j) w.a[i * kChunk + j] = c.beta[i] * w.d[i * kChunk + j];
-        // (I + A) X = diag(β) Y by forward substitution: X_i = β_i Y_i − Σ_{j<i} A_ij X_j
+        // (I + A) X = diag(β) Y
         float* X = w.x.data();
-        for (int i = 0; i < L; ++i) {
-            float* xi = X + i * V;
-            for (int64_t e = 0; e < V; ++e) xi[e] = c.beta[i] * w.y[i * V + e];
-            for (int j = 0; j < i; ++j) {
-                const float aij = w.a[i * kChunk + j];
-                if (aij == 0.0f) continue;
-                const float* xj = X + j * V;
-                for (int64_t e = 0; e < V; ++e) xi[e] -= aij * xj[e];
-            }
-        }
+        for (int i = 0; i < L; ++i)
+            for (int64_t e = 0; e < V; ++e) X[i * V + e] = c.beta[i] * w.y[i * V + e];
+        solve_unit_lower(L, V, w.a.data(), X);
     } else {
         std::copy(c.v, c.v + L * V, w.x.data());
     }
@@ -340,18 +368,10 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
     gemm(K, V, L, 1.0f, w.qg.data(), 1, K, dO, V, 1.0f, dS, V);
 
     if constexpr (kDelta) {
-        // (I + A)ᵀ Z = dX by back substitution: Z_i = dX_i − Σ_{j>i} A_ji Z_j
+        // (I + A)ᵀ Z = dX
         float* Z = w.z.data();
-        for (int i = L - 1; i >= 0; --i) {
-            float* zi = Z + i * V;
-            for (int64_t e = 0; e < V; ++e) zi[e] = w.dx[i * V + e];
-            for (int j = i + 1; j < L; ++j) {
-                const float aji = w.a[j * kChunk + i];
-                if (aji == 0.0f) continue;
-                const float* zj = Z + j * V;
-                for (int64_t e = 0; e < V; ++e) zi[e] -= aji * zj[e];
-            }
-        }
+        std::copy(w.dx.begin(), w.dx.begin() + L * V, Z);
+        solve_unit_lower_t(L, V, w.a.data(), Z);
         // dA = −Z Xᵀ (strict lower part used); dβ_i = ⟨Z_i, Y_i⟩ + Σ_j dA_ij D_ij; dD = diag(β) dA
         lower_scores(L, V, Z, w.xt.data(), L, w.da.data());  // = −dA on and below the diagonal
         for (int i = 0; i < L; ++i)
