@@ -70,7 +70,9 @@ struct FwdParams {
 
 // ---- chunk_prepare ------------------------------------------------------------------------------
 
-constexpr int kPrepThreads = 256;
+// 16 warps: the block holds 150–220 KiB of shared memory (one block per SM), so its own warps are
+// all the latency hiding there is.
+constexpr int kPrepThreads = 512;
 
 template <int K>
 struct PrepLayout {
@@ -94,6 +96,7 @@ constexpr size_t prep_smem_bytes() {
     f += 2 * kSub * L::LD;                          // qh, kh (and scratch of the inverse)
     f += 2 * kChunk * L::LDA;                       // Am, Pm
     f += kChunk;                                    // β
+    f += 2 * kChunk;                                // per-token decay factors (scalar decays)
     return f * sizeof(float);
 }
 
@@ -118,6 +121,7 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
     float* Am = kh + kSub * LD;
     float* Pm = Am + kChunk * LDA;
     float* betas = Pm + kChunk * LDA;
+    float* rowf = betas + kChunk;  // e^{b_i}, e^{b_C − b_i} for decays that are one number per token
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int chunk = blockIdx.x, hv = blockIdx.y, h = hv / p.G;
@@ -244,15 +248,16 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
     // ---- scores P (and A for the delta rule) ----
     if constexpr (!kVec) {
         // exp(b_i − b_j) is a scalar per pair: multiply after the product.
-        const int which = warp >> 2, mt = warp & 3;  // which: 0 → P (rows of q), 1 → A (rows of k)
+        // warp → (which: 0 → P from rows of q, 1 → A from rows of k; row tile; half of the columns)
+        const int which = (warp >> 2) & 1, mt = warp & 3, nh = warp >> 3;
         if (which == 0 || kDelta) {
-            float acc[1][8][4];
+            float acc[1][4][4];
             zero_acc(acc);
             const float* arow = (which == 0 ? qs : ks) + mt * 16 * LD;
-            warp_gemm<float, 1, 8, kSplit>(acc, Tile<float>{arow, LD, 1}, Tile<float>{ks, 1, LD}, K);
+            warp_gemm<float, 1, 4, kSplit>(acc, Tile<float>{arow, LD, 1}, Tile<float>{ks + nh * 32 * LD, 1, LD}, K);
             float* out = which == 0 ? Pm : Am;
-            for_each_acc(acc, [&](int r, int j, float& x) {
-                const int i = mt * 16 + r;
+            for_each_acc(acc, [&](int r, int jj, float& x) {
+                const int i = mt * 16 + r, j = nh * 32 + jj;
                 float val = 0.f;
                 if (which == 0 ? j <= i : j < i) {
                     val = x;
@@ -284,15 +289,16 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
                 kc[j * LD + c] = val;
             }
             __syncthreads();
-            const int which = warp >> 2, nq = warp & 3;  // n-quarter: columns 16·nq .. 16·nq + 15
+            // warp → (which, 8 columns 16·nq + 8·nh .. + 7)
+            const int which = (warp >> 2) & 1, nq = warp & 3, nh = warp >> 3;
             if ((which == 0 || kDelta) && nq * 16 < ncols) {
-                float acc[1][2][4];
+                float acc[1][1][4];
                 zero_acc(acc);
-                warp_gemm<float, 1, 2, kSplit>(acc, Tile<float>{which == 0 ? qh : kh, LD, 1},
-                                               Tile<float>{kc + nq * 16 * LD, 1, LD}, K);
+                warp_gemm<float, 1, 1, kSplit>(acc, Tile<float>{which == 0 ? qh : kh, LD, 1},
+                                               Tile<float>{kc + (nq * 16 + nh * 8) * LD, 1, LD}, K);
                 float* out = which == 0 ? Pm : Am;
                 for_each_acc(acc, [&](int r, int cc, float& x) {
-                    const int i = r0 + r, j = nq * 16 + cc;
+                    const int i = r0 + r, j = nq * 16 + nh * 8 + cc;
                     float val = 0.f;
                     if (which == 0 ? j <= i : j < i) val = which == 0 ? x : x * betas[i];
                     out[i * LDA + j] = val;
@@ -338,27 +344,61 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
     E* Qg = static_cast<E*>(p.Qg) + slot * kChunk * K;
     E* Kd = static_cast<E*>(p.Kd) + slot * kChunk * K;
     E* Pg = static_cast<E*>(p.P) + slot * kChunk * kChunk;
-    for (int idx = tid; idx < kChunk * K; idx += kPrepThreads) {
-        const int i = idx / K, c = idx % K;
-        const double bi = bval(i, c), bl = bval(kChunk - 1, c);
-        Qg[idx] = from_f<E>(qs[i * LD + c] * ex(float(bi)));
-        Kd[idx] = from_f<E>(ks[i * LD + c] * ex(float(bl - bi)));
+    // Per-token factors where the decay is one number per token: 2 exps per row instead of per element.
+    if constexpr (!kVec) {
+        if (tid < kChunk) {
+            rowf[tid] = ex(float(bsm[tid]));
+            rowf[kChunk + tid] = ex(float(bsm[kChunk - 1] - bsm[tid]));
+        }
+        __syncthreads();
+    }
+    // Qg = q ⊙ γ, Kd = k ⊙ γ_C ⊘ γ, 16 bytes per store; for the delta rule kb = β k ⊙ γ replaces q in
+    // place (each element is read and rewritten by the same thread).
+    constexpr int VE = 16 / sizeof(E);
+    for (int u = tid; u < kChunk * K / VE; u += kPrepThreads) {
+        const int i = u / (K / VE), c0 = (u % (K / VE)) * VE;
+        float qv[VE], kv[VE];
+#pragma unroll
+        for (int j = 0; j < VE; ++j) {
+            const int c = c0 + j;
+            float fq, fk;
+            if constexpr (kVec) {
+                const double bi = bval(i, c);
+                fq = ex(float(bi));
+                fk = ex(float(bval(kChunk - 1, c) - bi));
+            } else {
+                fq = rowf[i];
+                fk = rowf[kChunk + i];
+            }
+            const float k_ic = ks[i * LD + c];
+            qv[j] = qs[i * LD + c] * fq;
+            kv[j] = k_ic * fk;
+            if constexpr (kDelta) qs[i * LD + c] = betas[i] * k_ic * fq;
+        }
+        store_vec<E>(Qg + i * K + c0, qv);
+        store_vec<E>(Kd + i * K + c0, kv);
     }
     if (tid < K) p.gC[slot * K + tid] = ex(float(bval(kChunk - 1, tid)));
-    for (int idx = tid; idx < kChunk * kChunk; idx += kPrepThreads)
-        Pg[idx] = from_f<E>(Pm[(idx / kChunk) * LDA + idx % kChunk]);
+    for (int u = tid; u < kChunk * kChunk / VE; u += kPrepThreads) {
+        const int i = u / (kChunk / VE), c0 = (u % (kChunk / VE)) * VE;
+        float pv[VE];
+#pragma unroll
+        for (int j = 0; j < VE; ++j) pv[j] = Pm[i * LDA + c0 + j];
+        store_vec<E>(Pg + i * kChunk + c0, pv);
+    }
     if constexpr (!kDelta) {
         __syncthreads();
-        for (int idx = tid; idx < kChunk * V; idx += kPrepThreads) Ug[idx] = from_f<E>(vb[(idx / V) * L::LDV + idx % V]);
+        for (int u = tid; u < kChunk * V / VE; u += kPrepThreads) {
+            const int i = u / (V / VE), c0 = (u % (V / VE)) * VE;
+            float uv[VE];
+#pragma unroll
+            for (int j = 0; j < VE; ++j) uv[j] = vb[i * L::LDV + c0 + j];
+            store_vec<E>(Ug + i * V + c0, uv);
+        }
     } else {
-        __syncthreads();  // qs and Pm are free from here on
-        // kb = diag(β)(K ⊙ γ) into the old q rows, and βV into the old decayed-key rows
+        __syncthreads();  // Pm is free from here on; qs holds kb = diag(β)(K ⊙ γ)
         float* kb = qs;
         constexpr int LDV = L::LDV;
-        for (int idx = tid; idx < kChunk * K; idx += kPrepThreads) {
-            const int i = idx / K, c = idx % K;
-            kb[i * LD + c] = betas[i] * ks[i * LD + c] * ex(float(bval(i, c)));
-        }
         // L = (I + A)^{-1}, unit lower triangular, blockwise over 16×16 blocks. Pm becomes L.
         float* Lm = Pm;
         for (int idx = tid; idx < kChunk * kChunk; idx += kPrepThreads) Lm[(idx / kChunk) * LDA + idx % kChunk] = 0.f;
@@ -397,29 +437,28 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
             }
             __syncthreads();
         }
-        // W = L kb [64, K], U = L vb [64, V]: warp → (row tile, half of the columns)
+        // W = L kb [64, K] on warps 0–7, U = L vb [64, V] on warps 8–15: warp → (row tile, half of the columns)
         E* Wg = static_cast<E*>(p.W) + slot * kChunk * K;
-        const int mt = warp & 3, half = warp >> 2;
-        {
+        const int mt = warp & 3, half = (warp >> 2) & 1;
+        if (warp < 8) {
             constexpr int NT = K / 16;
             float acc[1][NT][4];
             zero_acc(acc);
             warp_gemm<float, 1, NT, kSplit>(acc, Tile<float>{Lm + mt * 16 * LDA, LDA, 1},
                                             Tile<float>{kb + half * (K / 2), LD, 1}, kChunk);
-            for_each_acc(acc, [&](int r, int c, float& x) { Wg[(mt * 16 + r) * K + half * (K / 2) + c] = from_f<E>(x); });
-        }
-        if (V == 128) {
+            store_acc<E>(acc, Wg + mt * 16 * K + half * (K / 2), K);
+        } else if (V == 128) {
             float acc[1][8][4];
             zero_acc(acc);
             warp_gemm<float, 1, 8, kSplit>(acc, Tile<float>{Lm + mt * 16 * LDA, LDA, 1}, Tile<float>{vb + half * 64, LDV, 1},
                                            kChunk);
-            for_each_acc(acc, [&](int r, int c, float& x) { Ug[(mt * 16 + r) * V + half * 64 + c] = from_f<E>(x); });
+            store_acc<E>(acc, Ug + mt * 16 * V + half * 64, V);
         } else {
             float acc[1][4][4];
             zero_acc(acc);
             warp_gemm<float, 1, 4, kSplit>(acc, Tile<float>{Lm + mt * 16 * LDA, LDA, 1}, Tile<float>{vb + half * 32, LDV, 1},
                                            kChunk);
-            for_each_acc(acc, [&](int r, int c, float& x) { Ug[(mt * 16 + r) * V + half * 32 + c] = from_f<E>(x); });
+            store_acc<E>(acc, Ug + mt * 16 * V + half * 32, V);
         }
     }
 }

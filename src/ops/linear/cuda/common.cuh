@@ -160,6 +160,22 @@ __device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
     return uint32_t(__half_as_ushort(lo)) | (uint32_t(__half_as_ushort(hi)) << 16);
 }
 
+// 16 bytes of E from floats (VE = 16 / sizeof(E) of them) to a 16-byte-aligned address.
+template <class E>
+__device__ __forceinline__ void store_vec(E* dst, const float* v) {
+    if constexpr (sizeof(E) == 4) {
+        *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+        uint32_t w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const E lo = from_f<E>(v[2 * j]), hi = from_f<E>(v[2 * j + 1]);
+            w[j] = pack2(lo, hi);
+        }
+        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}
+
 __device__ __forceinline__ uint32_t to_tf32(float x) {
     uint32_t r;
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
@@ -315,6 +331,27 @@ __device__ __forceinline__ void for_each_acc(float (&c)[MT][NT][4], F&& f) {
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) f(16 * i + g + 8 * (e >> 1), 8 * j + 2 * t + (e & 1), c[i][j][e]);
+}
+
+// Writes an accumulator tile to row-major memory (element (r, c) at dst[r · ld + c]) as E, two
+// neighbouring columns per store.
+template <class E, int MT, int NT>
+__device__ __forceinline__ void store_acc(const float (&c)[MT][NT][4], E* dst, int ld) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                E* at = dst + (16 * i + g + 8 * h) * ld + 8 * j + 2 * t;
+                if constexpr (sizeof(E) == 4) {
+                    *reinterpret_cast<float2*>(at) = make_float2(c[i][j][2 * h], c[i][j][2 * h + 1]);
+                } else {
+                    *reinterpret_cast<uint32_t*>(at) = pack2(from_f<E>(c[i][j][2 * h]), from_f<E>(c[i][j][2 * h + 1]));
+                }
+            }
 }
 
 template <int MT, int NT>
