@@ -156,9 +156,6 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
                     read_row(d_o, token_offset(d_o, s.batch, s.start + t0 + i, hv), V, dO.data() + i * V);
                 bwd(c, states.data() + ci * KV, dO.data(), dS.data(), dq_acc.data() + t0 * K, dk_acc.data() + t0 * K,
                     dv.data(), db.data(), dbeta.data(), w);
-                // ∂/∂g_t = Σ_{i ≥ t} ∂/∂b_i (b is the in-chunk cumulative sum)
-                for (int i = L - 2; i >= 0; --i)
-                    for (int64_t ch = 0; ch < width; ++ch) db[i * width + ch] += db[(i + 1) * width + ch];
                 for (int i = 0; i < L; ++i) {
                     const int64_t t = s.start + t0 + i;
                     if (grads.dv.defined()) write_row(grads.dv, token_offset(grads.dv, s.batch, t, hv), dv.data() + i * V, V);

@@ -24,6 +24,10 @@ Workspace::Workspace(int64_t K_, int64_t V_) : K(K_), V(V_) {
     row2.assign(std::max<int64_t>(D, C), 0.0f);
     blk_y2.assign(C * K, 0.0f);
     diag.assign(C, 0.0f);
+    u.assign(C, 0.0f);
+    w.assign(C, 0.0f);
+    f.assign(C * C, 0.0f);
+    db.assign(C * K, 0.0f);
 }
 
 namespace {
@@ -335,15 +339,65 @@ void chunk_forward(const ChunkView& c, float* S, float* o, Workspace& w) {
     gemm(K, V, L, 1.0f, w.kbar.data(), 1, K, w.x.data(), V, 1.0f, S, V);
 }
 
+// dg for scalar decay, exactly. With b the in-chunk cumulative sum, dg_t = Σ_{i ≥ t} ∂/∂b_i; in that sum
+// every intra-chunk pair (i, j) with both ends at or after t appears twice with opposite signs. Adding
+// them and letting them cancel in fp32 leaves rounding noise where the true dg_t is 0 (a token whose
+// decay underflows), and in-kernel gates amplify it (dA_log = Σ dg · g, with g = −1000). So dg_t is
+// assembled from the terms that really depend on g_t, each of which carries the factor exp(g_t):
+//   dg_t = Σ_{i ≥ t} Σ_{j < t} F_ij + Σ_{i ≥ t} u_i + Σ_{j < t} w_j + c_last
+// with F = dE ⊙ E over the decayed products P and D, u_i = ⟨Qγ_i, dQγ_i⟩ + ⟨Kγ_i, dKγ_i⟩,
+// w_j = ⟨K̄_j, dK̄_j⟩ and c_last = γ_L ⟨S₀, dS_C⟩.
+struct ScalarDgTerms {
+    ScalarDgTerms(Workspace& ws, int L_) : L(L_), F(ws.f.data()), u(ws.u.data()), w(ws.w.data()) {
+        for (int i = 0; i < L; ++i) std::fill(F + i * kChunk, F + i * kChunk + L, 0.0f);
+        std::fill(u, u + L, 0.0f);
+        std::fill(w, w + L, 0.0f);
+    }
+    // F += dE ⊙ E on the strict lower triangle (E decayed, dE not yet).
+    void add_pairs(const float* dE, const float* E) {
+        for (int i = 0; i < L; ++i)
+            for (int j = 0; j < i; ++j) F[i * kChunk + j] += dE[i * kChunk + j] * E[i * kChunk + j];
+    }
+    void finish(float* dg) const {
+        std::fill(dg, dg + L, c_last);
+        for (int i = 0; i < L; ++i) {
+            float before = 0;  // Σ_{j < t} F_ij
+            for (int t = 0; t <= i; ++t) {
+                dg[t] += before;
+                before += F[i * kChunk + t];
+            }
+        }
+        float suffix = 0;
+        for (int t = L - 1; t >= 0; --t) {
+            suffix += u[t];
+            dg[t] += suffix;
+        }
+        float prefix = 0;
+        for (int t = 0; t < L; ++t) {
+            dg[t] += prefix;
+            prefix += w[t];
+        }
+    }
+    int L;
+    float* F;
+    float* u;
+    float* w;
+    float c_last = 0;
+};
+
 template <bool kVector, bool kDelta>
 void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float* dS, float* dq, float* dk, float* dv,
-                    float* db, float* dbeta, Workspace& w) {
+                    float* dg, float* dbeta, Workspace& w) {
     const int L = c.L;
     const int64_t K = c.K, V = c.V;
     const int64_t width = kVector ? K : 1;
     chunk_common<kVector, kDelta>(c, S0, w);
     float* X = w.x.data();
+    // Vector decay: ∂/∂b accumulates in db, and dg is its reverse cumulative sum at the end.
+    // Scalar decay: dg is assembled exactly from the terms that straddle each token (see scalar_dg).
+    float* db = w.db.data();
     std::fill(db, db + L * width, 0.0f);
+    ScalarDgTerms sdg(w, L);
 
     // dX = Pᵀ dO + Kbar dS_C
     lower_apply_t(L, V, 1.0f, w.p.data(), dO, 0.0f, w.dx.data());
@@ -362,7 +416,7 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
     for (int64_t r = 0; r < K; ++r) {
         const float s = hla::cpu::dot(S0 + r * V, dS + r * V, V);
         const float f = kVector ? eb_last[r] : eb_last[0];
-        if (kVector) db_last[r] += f * s; else db_last[0] += f * s;
+        if (kVector) db_last[r] += f * s; else sdg.c_last += f * s;
         for (int64_t e = 0; e < V; ++e) dS[r * V + e] *= f;
     }
     gemm(K, V, L, 1.0f, w.qg.data(), 1, K, dO, V, 1.0f, dS, V);
@@ -388,19 +442,23 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
         gemm(L, K, V, -1.0f, w.dy.data(), V, 1, w.s0t.data(), K, 0.0f, w.dkg.data(), K);
         gemm(K, V, L, -1.0f, w.kg.data(), 1, K, w.dy.data(), V, 1.0f, dS, V);
         // D = ⟨k, k⟩_b (strict)
+        if constexpr (!kVector) sdg.add_pairs(w.da.data(), w.d.data());
         Decayed<kVector>::prepare_grad(w.da.data(), L, false, w);
         std::fill(w.tmp1.begin(), w.tmp1.begin() + L * K, 0.0f);
         std::fill(w.tmp2.begin(), w.tmp2.begin() + L * K, 0.0f);
         Decayed<kVector>::apply(w.da.data(), c.k, L, K, c.g, false, w.tmp1.data(), w);
         Decayed<kVector>::apply_t(w.da.data(), c.k, L, K, c.g, false, w.tmp2.data(), w);
-        add_db<kVector>(db, c.k, w.tmp1.data(), L, K, +1.0f);
-        add_db<kVector>(db, c.k, w.tmp2.data(), L, K, -1.0f);
+        if constexpr (kVector) {
+            add_db<kVector>(db, c.k, w.tmp1.data(), L, K, +1.0f);
+            add_db<kVector>(db, c.k, w.tmp2.data(), L, K, -1.0f);
+        }
         for (int64_t i = 0; i < L * K; ++i) dk[i] += w.tmp1[i] + w.tmp2[i];
         // Kγ = K ⊙ γ
         for (int i = 0; i < L; ++i)
             for (int64_t ch = 0; ch < K; ++ch)
                 dk[i * K + ch] += w.dkg[i * K + ch] * (kVector ? w.eb[i * K + ch] : w.eb[i]);
-        add_db<kVector>(db, w.kg.data(), w.dkg.data(), L, K, +1.0f);
+        if constexpr (kVector) add_db<kVector>(db, w.kg.data(), w.dkg.data(), L, K, +1.0f);
+        else add_db<kVector>(sdg.u, w.kg.data(), w.dkg.data(), L, K, +1.0f);
     } else {
         std::copy(w.dx.begin(), w.dx.begin() + L * V, dv);
         std::fill(dbeta, dbeta + L, 0.0f);
@@ -409,13 +467,16 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
     // P = ⟨q, k⟩_b. Its diagonal (e_ii = 1) adds +dP_ii q_i⊙k_i and −dP_ii q_i⊙k_i to ∂b_i, which cancel
     // exactly; taking it out of the decayed products keeps fp32 rounding noise out of dg.
     for (int i = 0; i < L; ++i) w.diag[i] = w.dp[i * kChunk + i];
+    if constexpr (!kVector) sdg.add_pairs(w.dp.data(), w.p.data());
     Decayed<kVector>::prepare_grad(w.dp.data(), L, false, w);
     std::fill(w.tmp1.begin(), w.tmp1.begin() + L * K, 0.0f);
     std::fill(w.tmp2.begin(), w.tmp2.begin() + L * K, 0.0f);
     Decayed<kVector>::apply(w.dp.data(), c.k, L, K, c.g, false, w.tmp1.data(), w);
     Decayed<kVector>::apply_t(w.dp.data(), c.q, L, K, c.g, false, w.tmp2.data(), w);
-    add_db<kVector>(db, c.q, w.tmp1.data(), L, K, +1.0f);
-    add_db<kVector>(db, c.k, w.tmp2.data(), L, K, -1.0f);
+    if constexpr (kVector) {
+        add_db<kVector>(db, c.q, w.tmp1.data(), L, K, +1.0f);
+        add_db<kVector>(db, c.k, w.tmp2.data(), L, K, -1.0f);
+    }
     for (int i = 0; i < L; ++i) {
         const float dpii = w.diag[i];
         for (int64_t ch = 0; ch < K; ++ch) {
@@ -427,18 +488,27 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
     for (int i = 0; i < L; ++i)
         for (int64_t ch = 0; ch < K; ++ch)
             dq[i * K + ch] += w.dqg[i * K + ch] * (kVector ? w.eb[i * K + ch] : w.eb[i]);
-    add_db<kVector>(db, w.qg.data(), w.dqg.data(), L, K, +1.0f);
+    add_db<kVector>(kVector ? db : sdg.u, w.qg.data(), w.dqg.data(), L, K, +1.0f);
     // Kbar = K ⊙ exp(b_last − b): ∂k += dKbar ⊙ ebar ; ∂b_j −= dKbar_j ⊙ Kbar_j ; ∂b_last += Σ_j dKbar_j ⊙ Kbar_j
     for (int i = 0; i < L; ++i)
         for (int64_t ch = 0; ch < K; ++ch)
             dk[i * K + ch] += w.dkbar[i * K + ch] * (kVector ? w.ebar[i * K + ch] : w.ebar[i]);
-    // (the last token's two terms cancel exactly, so it is skipped)
-    for (int i = 0; i < L - 1; ++i) {
-        for (int64_t ch = 0; ch < K; ++ch) {
-            const float t = w.dkbar[i * K + ch] * w.kbar[i * K + ch];
-            db[i * width + (kVector ? ch : 0)] -= t;
-            db_last[kVector ? ch : 0] += t;
+    if constexpr (kVector) {
+        // (the last token's two terms cancel exactly, so it is skipped)
+        for (int i = 0; i < L - 1; ++i) {
+            for (int64_t ch = 0; ch < K; ++ch) {
+                const float t = w.dkbar[i * K + ch] * w.kbar[i * K + ch];
+                db[i * K + ch] -= t;
+                db_last[ch] += t;
+            }
         }
+        // ∂/∂g_t = Σ_{i ≥ t} ∂/∂b_i (b is the in-chunk cumulative sum)
+        std::copy(db, db + L * K, dg);
+        for (int i = L - 2; i >= 0; --i)
+            for (int64_t ch = 0; ch < K; ++ch) dg[i * K + ch] += dg[(i + 1) * K + ch];
+    } else {
+        add_db<false>(sdg.w, w.kbar.data(), w.dkbar.data(), L, K, +1.0f);
+        sdg.finish(dg);
     }
 }
 

@@ -46,7 +46,7 @@ struct Workspace {
     Workspace(int64_t K, int64_t V);
     int64_t K, V;
     std::vector<float> eb, ebar, ea, kg, qg, kbar, y, x, xt, d, a, p, gamma_lower, s0t, dst, dx, dp, z, da, dqg, dkbar, dkg, dy,
-        tmp1, tmp2, blk_x, blk_yt, blk_out, blk_y2, row, row2, diag;
+        tmp1, tmp2, blk_x, blk_yt, blk_out, blk_y2, row, row2, diag, u, w, f, db;
 };
 
 // Forward of one chunk: o [L, V] ← outputs; S [K, V] ← the state after the chunk (in place).
@@ -54,10 +54,10 @@ template <bool kVector, bool kDelta>
 void chunk_forward(const ChunkView& c, float* S, float* o, Workspace& w);
 
 // Gradients of one chunk, given its start state S0 [K, V], dO [L, V] and dS [K, V] = ∂loss/∂S_C
-// (replaced by ∂loss/∂S_0). Accumulates into dq, dk [L, K]; writes dv [L, V], db (∂/∂b: [L, K] or
-// [L]) and dbeta [L].
+// (replaced by ∂loss/∂S_0). Accumulates into dq, dk [L, K]; writes dv [L, V], dg (∂/∂ log decay of
+// each token: [L, K] or [L]) and dbeta [L].
 template <bool kVector, bool kDelta>
 void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float* dS, float* dq, float* dk, float* dv,
-                    float* db, float* dbeta, Workspace& w);
+                    float* dg, float* dbeta, Workspace& w);
 
 }  // namespace hla::linear::cpu
