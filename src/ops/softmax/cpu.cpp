@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/checks.hpp"
+#include "core/cpu_math.hpp"
 #include "hla/threading.hpp"
 #include "ops/softmax/problem.hpp"
 
@@ -151,15 +152,10 @@ void attend_tile(const KeySource& src, int64_t keys, int64_t pos0, int64_t mq, i
     for (int64_t j0 = lo; j0 < hi; j0 += BN) {
         const int64_t nb = std::min(BN, hi - j0);
         load_kv_block(src, j0, nb, D, w, row);
+        // S = Q Kᵀ for the tile (register-blocked GEMM from core/cpu_math).
+        ::hla::cpu::gemm(mq, nb, D, 1.0f, w.q.data(), D, 1, w.kt.data(), BN, 0.0f, w.s.data(), BN);
         for (int64_t r = 0; r < mq; ++r) {
             float* s = &w.s[size_t(r * BN)];
-            std::fill(s, s + BN, 0.0f);
-            const float* q = &w.q[size_t(r * D)];
-            for (int64_t d = 0; d < D; ++d) {
-                const float qd = q[d];
-                const float* kt = &w.kt[size_t(d * BN)];
-                for (int64_t c = 0; c < BN; ++c) s[c] += qd * kt[c];
-            }
             const int64_t pos = pos0 + r;
             int64_t rlo, rhi;
             visible_keys(causal, window, pos, keys, rlo, rhi);
@@ -168,29 +164,28 @@ void attend_tile(const KeySource& src, int64_t keys, int64_t pos0, int64_t mq, i
                 for (int64_t c = 0; c < nb; ++c) s[c] += float(w.R[size_t(j0 + c - lo)] - Ri);
             }
             float mx = -kInf;
-            for (int64_t c = 0; c < BN; ++c) {
+            for (int64_t c = 0; c < nb; ++c) {
                 const int64_t j = j0 + c;
-                if (c >= nb || j < rlo || j >= rhi) s[c] = -kInf;
+                if (j < rlo || j >= rhi) s[c] = -kInf;
                 mx = std::max(mx, s[c]);
             }
             const float m_new = std::max(w.m[size_t(r)], mx);
-            if (m_new == -kInf) continue;  // nothing visible yet: guards −inf − (−inf)
-            const float alpha = std::exp(w.m[size_t(r)] - m_new);
-            float sum = 0;
-            for (int64_t c = 0; c < BN; ++c) {
-                s[c] = std::exp(s[c] - m_new);
-                sum += s[c];
+            if (m_new == -kInf) {  // nothing visible yet: guards −inf − (−inf); P = 0 for the product
+                std::fill(s, s + nb, 0.0f);
+                continue;
             }
+            const float alpha = ::hla::cpu::exp_scalar(w.m[size_t(r)] - m_new);
+            for (int64_t c = 0; c < nb; ++c) s[c] -= m_new;
+            ::hla::cpu::exp_inplace(s, nb);
+            float sum = 0;
+            for (int64_t c = 0; c < nb; ++c) sum += s[c];
             w.l[size_t(r)] = w.l[size_t(r)] * alpha + sum;
             w.m[size_t(r)] = m_new;
             float* acc = &w.acc[size_t(r * D)];
             for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
-            for (int64_t c = 0; c < nb; ++c) {
-                const float pc = s[c];
-                const float* vr = &w.vb[size_t(c * D)];
-                for (int64_t d = 0; d < D; ++d) acc[d] += pc * vr[d];
-            }
         }
+        // O += P V.
+        ::hla::cpu::gemm(mq, D, nb, 1.0f, w.s.data(), BN, 1, w.vb.data(), D, 1.0f, w.acc.data(), D);
     }
     for (int64_t r = 0; r < mq; ++r) {
         const float l = w.l[size_t(r)];
@@ -371,39 +366,29 @@ void load_key_side(const Problem& p, const Sequence& sq, int64_t kvh, int64_t j0
 // Fills w.p and w.ds for the tile. R (anchored gate sums over [Rlo, …]) gives the bias when g is set.
 void probabilities_and_ds(const Problem& p, int64_t t0, int64_t mq, int64_t j0, int64_t nb, const double* R,
                           int64_t Rlo, BwdTile& w) {
-    const float scale = float(p.scale);
+    // Scores (scaled) and dP = dA Vᵀ for the tile.
+    ::hla::cpu::gemm(mq, nb, p.D, float(p.scale), w.q.data(), p.D, 1, w.kt.data(), BN, 0.0f, w.p.data(), BN);
+    ::hla::cpu::gemm(mq, nb, p.D, 1.0f, w.dA.data(), p.D, 1, w.vt.data(), BN, 0.0f, w.ds.data(), BN);
     for (int64_t r = 0; r < mq; ++r) {
         float* pr = &w.p[size_t(r * BN)];
         float* dp = &w.ds[size_t(r * BN)];
-        std::fill(pr, pr + BN, 0.0f);
-        std::fill(dp, dp + BN, 0.0f);
-        const float* q = &w.q[size_t(r * p.D)];
-        const float* da = &w.dA[size_t(r * p.D)];
-        for (int64_t d = 0; d < p.D; ++d) {
-            const float qd = q[d] * scale, dad = da[d];
-            const float* kt = &w.kt[size_t(d * BN)];
-            const float* vt = &w.vt[size_t(d * BN)];
-            for (int64_t c = 0; c < BN; ++c) {
-                pr[c] += qd * kt[c];
-                dp[c] += dad * vt[c];
-            }
-        }
         const int64_t pos = t0 + r;
         int64_t rlo, rhi;
         visible_keys(p.cfg.causal, p.window, pos, INT64_MAX, rlo, rhi);
         const float lse = w.lse[size_t(r)];
         const float delta = w.delta[size_t(r)];
         const double Ri = R ? R[pos - Rlo] : 0.0;
-        for (int64_t c = 0; c < BN; ++c) {
+        for (int64_t c = 0; c < nb; ++c) {
             const int64_t j = j0 + c;
-            float pc = 0;
-            if (c < nb && j >= rlo && j < rhi && lse != -kInf) {
+            if (j >= rlo && j < rhi && lse != -kInf) {
                 const float bias = R ? float(R[j - Rlo] - Ri) : 0.0f;
-                pc = std::exp(pr[c] + bias - lse);
+                pr[c] = pr[c] + bias - lse;
+            } else {
+                pr[c] = -kInf;  // exp → 0
             }
-            pr[c] = pc;
-            dp[c] = pc * (dp[c] - delta);
         }
+        ::hla::cpu::exp_inplace(pr, nb);
+        for (int64_t c = 0; c < nb; ++c) dp[c] = pr[c] * (dp[c] - delta);
     }
 }
 
@@ -470,22 +455,12 @@ void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
                     const int64_t mq = std::min(BM, q_hi - t0);
                     load_query_side(p, rt, sq, h, t0, mq, w);
                     probabilities_and_ds(p, t0, mq, j0, nb, a.g.defined() ? R.data() : nullptr, r_lo, w);
-                    for (int64_t r = 0; r < mq; ++r) {
-                        const float* pr = &w.p[size_t(r * BN)];
-                        const float* ds = &w.ds[size_t(r * BN)];
-                        const float* da = &w.dA[size_t(r * D)];
-                        const float* q = &w.q[size_t(r * D)];
-                        for (int64_t c = 0; c < nb; ++c) {
-                            const float pc = pr[c], dsc = ds[c] * float(p.scale);
-                            float* dvr = &dv[size_t(c * D)];
-                            float* dkr = &dk[size_t(c * D)];
-                            for (int64_t d = 0; d < D; ++d) {
-                                dvr[d] += pc * da[d];
-                                dkr[d] += dsc * q[d];
-                            }
-                            cs[size_t(c)] += ds[c];
-                        }
-                    }
+                    // dV += Pᵀ dA, dK += scale · dSᵀ Q (Aᵀ by strides), and the column sums of dS.
+                    ::hla::cpu::gemm(nb, D, mq, 1.0f, w.p.data(), 1, BN, w.dA.data(), D, 1.0f, dv.data(), D);
+                    ::hla::cpu::gemm(nb, D, mq, float(p.scale), w.ds.data(), 1, BN, w.q.data(), D, 1.0f, dk.data(), D);
+                    if (g.dg.defined())
+                        for (int64_t r = 0; r < mq; ++r)
+                            for (int64_t c = 0; c < nb; ++c) cs[size_t(c)] += w.ds[size_t(r * BN + c)];
                 }
                 if (g.dg.defined())
                     for (int64_t c = 0; c < nb; ++c)
@@ -522,15 +497,9 @@ void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
                 const int64_t nb = std::min(BN, hi - j0);
                 load_key_side(p, sq, kvh, j0, nb, w);
                 probabilities_and_ds(p, t0, mq, j0, nb, a.g.defined() ? R.data() : nullptr, lo, w);
-                for (int64_t r = 0; r < mq; ++r) {
-                    float* dqr = &dq[size_t(r * D)];
-                    for (int64_t c = 0; c < nb; ++c) {
-                        const float dsc = w.ds[size_t(r * BN + c)] * float(p.scale);
-                        const float* kr = &w.kb[size_t(c * D)];
-                        for (int64_t d = 0; d < D; ++d) dqr[d] += dsc * kr[d];
-                        rs[size_t(r)] += w.ds[size_t(r * BN + c)];
-                    }
-                }
+                ::hla::cpu::gemm(mq, D, nb, float(p.scale), w.ds.data(), BN, 1, w.kb.data(), D, 1.0f, dq.data(), D);
+                for (int64_t r = 0; r < mq; ++r)
+                    for (int64_t c = 0; c < nb; ++c) rs[size_t(r)] += w.ds[size_t(r * BN + c)];
             }
             for (int64_t r = 0; r < mq; ++r) {
                 const int64_t tok = sq.start + t0 + r;
