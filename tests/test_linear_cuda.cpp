@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -113,6 +114,23 @@ TEST(LinearCuda, HeadDims) {
             c.initial_state = true;
             check_forward(c);
         }
+}
+
+// The scan's V-tile width is a heuristic of the shape; force each width (fp32 has no 64-wide tile and
+// falls back to 32) so every instantiation is checked.
+TEST(LinearCuda, ScanTileWidths) {
+    REQUIRE_GPU();
+    for (const char* vt : {"16", "32", "64"}) {
+        setenv("HLA_CUDA_SCAN_VT", vt, 1);
+        for (const Cell& cell : kCells)
+            for (DType dt : {DType::BF16, DType::F32}) {
+                LinearCase c = make_case(std::string(cell.name) + "/VT" + vt + "/" + dtype_tag(dt), cell.config(), dt, 2,
+                                         150, 2, 2, 128, 128);
+                c.initial_state = true;
+                check_forward(c);
+            }
+    }
+    unsetenv("HLA_CUDA_SCAN_VT");
 }
 
 TEST(LinearCuda, SingleToken) {

@@ -611,6 +611,7 @@ void set_smem(Kern kernel, size_t bytes, const char* op) {
 }
 
 int sm_count();
+int scan_tile_override();  // HLA_CUDA_SCAN_VT, 0 when unset
 void* workspace_alloc(size_t bytes, const char* op);
 void workspace_free(void* ptr);
 
@@ -654,18 +655,29 @@ void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks) {
     }
 }
 
+template <class In, class E, Update Up, int K>
+void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt) {
+    const int n_seqs = int(p.N());
+    // 64-column tiles only for 16-bit operands: in fp32 they would need 256 KiB of shared memory.
+    if constexpr (sizeof(E) == 2)
+        if (vt == 64) return launch_scan<In, E, Up, K, 64>(fp, n_seqs, p.op);
+    if (vt >= 32) return launch_scan<In, E, Up, K, 32>(fp, n_seqs, p.op);
+    return launch_scan<In, E, Up, K, 16>(fp, n_seqs, p.op);
+}
+
 template <class In, class E, int K>
 void launch_scan_cell(const Problem& p, const FwdParams& fp) {
-    const int n_seqs = int(p.N());
     // Every block walks its whole sequence, so all blocks should be resident at once (two per SM fit
     // the shared memory): V-tiles of 16 columns while that stays within one wave (long single
-    // sequences), else 32.
-    const bool wide = int64_t(n_seqs) * p.HV * (p.V / 16) > 2 * sm_count();
-    if (p.delta())
-        return wide ? launch_scan<In, E, Update::Delta, K, 32>(fp, n_seqs, p.op)
-                    : launch_scan<In, E, Update::Delta, K, 16>(fp, n_seqs, p.op);
-    return wide ? launch_scan<In, E, Update::Additive, K, 32>(fp, n_seqs, p.op)
-                : launch_scan<In, E, Update::Additive, K, 16>(fp, n_seqs, p.op);
+    // sequences), else 32. Each V-tile block re-reads the chunk's Qg, Kd, W and P, so narrower tiles
+    // cost L2 bandwidth (the scan is L2-bound at 32 columns: ncu 83% of L2 throughput).
+    // HLA_CUDA_SCAN_VT = 16 | 32 | 64 overrides the choice (tests and tuning).
+    int vt = int64_t(p.N()) * p.HV * (p.V / 16) > 2 * sm_count() ? 32 : 16;
+    const int forced = scan_tile_override();
+    if (forced == 16 || forced == 32 || forced == 64) vt = forced;
+    vt = std::min<int>(vt, int(p.V));
+    if (p.delta()) return launch_scan_vt<In, E, Update::Delta, K>(p, fp, vt);
+    return launch_scan_vt<In, E, Update::Additive, K>(p, fp, vt);
 }
 
 inline void fill_strides(int64_t (&s)[3], const TensorView& x) {

@@ -1,6 +1,7 @@
 // hla — the CUDA backend's entry points for the linear family: picks the dtype instantiation of the
 // chunked forward (fwd_<dtype>.cu) and owns the few runtime services the kernels share.
 #include <cstdint>
+#include <cstdlib>
 
 #include "ops/linear/cuda/common.cuh"
 #include "ops/linear/problem.hpp"
@@ -15,6 +16,11 @@ int sm_count() {
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
     return n > 0 ? n : 1;
+}
+
+int scan_tile_override() {
+    const char* v = std::getenv("HLA_CUDA_SCAN_VT");
+    return v ? std::atoi(v) : 0;
 }
 
 // Stream-ordered allocation from the device's default pool. The pool keeps freed memory (release
