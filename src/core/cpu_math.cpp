@@ -7,7 +7,7 @@ namespace hla::cpu {
 namespace {
 
 // MR rows × NV vectors of columns, accumulated in registers over the whole P loop.
-// 6 × 2 vectors = 12 accumulators (+2 B loads, +1 broadcast) fits the 32 AVX-512 registers with room.
+// 8 × 2 vectors = 16 accumulators (+2 B loads, +1 broadcast) fits the 32 AVX-512 registers.
 template <int MR, int NV>
 inline void micro_kernel(int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col, const float* B,
                          int64_t ldb, float beta, float* C, int64_t ldc) {
@@ -33,14 +33,19 @@ inline void micro_kernel(int64_t P, float alpha, const float* A, int64_t a_row, 
 template <int NV>
 inline void row_panel(int64_t M, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col,
                       const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+    // 8 rows: the 16-row causal blocks and the 64/128-row chunk products split without a remainder.
     int64_t i = 0;
-    for (; i + 6 <= M; i += 6) micro_kernel<6, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc);
+    for (; i + 8 <= M; i += 8) micro_kernel<8, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc);
+    const float* a = A + i * a_row;
+    float* c = C + i * ldc;
     switch (M - i) {
-        case 5: micro_kernel<5, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc); break;
-        case 4: micro_kernel<4, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc); break;
-        case 3: micro_kernel<3, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc); break;
-        case 2: micro_kernel<2, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc); break;
-        case 1: micro_kernel<1, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc); break;
+        case 7: micro_kernel<7, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
+        case 6: micro_kernel<6, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
+        case 5: micro_kernel<5, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
+        case 4: micro_kernel<4, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
+        case 3: micro_kernel<3, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
+        case 2: micro_kernel<2, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
+        case 1: micro_kernel<1, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
         default: break;
     }
 }

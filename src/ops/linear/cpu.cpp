@@ -2,8 +2,9 @@
 // and the decode step. The per-chunk math lives in cpu_chunk.cpp; this file moves data: it loads
 // chunks through the per-token transforms, carries the state across chunks and writes results.
 //
-// Parallelism: forward and decode run one task per (sequence, value head); backward runs one task
-// per (sequence, query/key head) because the G value heads of a group all add into the same dq/dk.
+// Parallelism: forward runs one task per (sequence, group of consecutive value heads), decode one per
+// (sequence, value head); backward runs one task per (sequence, query/key head) because the G value
+// heads of a group all add into the same dq/dk.
 // Backward memory: the state at the start of every chunk of the task's sequence, T/64 · K · V fp32
 // per task in flight (4 MiB for T = 4096, K = V = 128), recomputed by a forward sweep.
 #include <algorithm>
@@ -86,31 +87,43 @@ int64_t num_chunks(int64_t len) { return (len + kChunk - 1) / kChunk; }
 
 }  // namespace
 
+// Consecutive value heads handled by one forward task. A head's rows are H·K floats apart, so one head
+// alone touches a new page on every token; a few neighbouring heads share those pages. Small enough to
+// leave every thread several tasks, at most 8 (8 states of K·V fp32 stay in L2 at K = V = 128).
+int64_t heads_per_task(int64_t N, int64_t HV) {
+    const int64_t per = N * HV / (2 * int64_t(num_threads()));
+    return std::clamp<int64_t>(per, 1, 8);
+}
+
 void forward(const Problem& p) {
     const InputViews in = input_views(p);
     const ForwardFn fwd = pick_forward(p.cfg);
     const int64_t K = p.K, V = p.V, HV = p.HV, KV = K * V;
+    const int64_t group = heads_per_task(p.N(), HV), groups = (HV + group - 1) / group;
     const TensorView& o = p.args.o;
-    parallel_for(p.N() * HV, [&](int64_t task) {
-        const int64_t n = task / HV, hv = task % HV;
+    parallel_for(p.N() * groups, [&](int64_t task) {
+        const int64_t n = task / groups, hv0 = task % groups * group, hv1 = std::min(HV, hv0 + group);
         const Sequence& s = p.seqs[size_t(n)];
         thread_local std::unique_ptr<Workspace> ws;
         thread_local std::unique_ptr<ChunkBuffers> cb;
-        thread_local std::vector<float> S, out;
+        thread_local std::vector<float> states, out;
         if (!ws || ws->K != K || ws->V != V) {
             ws = std::make_unique<Workspace>(K, V);
             cb = std::make_unique<ChunkBuffers>(K, V);
-            S.assign(KV, 0.0f);
             out.assign(kChunk * V, 0.0f);
         }
-        load_state(p.args.initial_state, n, hv, K, V, S.data());
+        states.resize(size_t(group * KV));
+        for (int64_t hv = hv0; hv < hv1; ++hv) load_state(p.args.initial_state, n, hv, K, V, states.data() + (hv - hv0) * KV);
         for (int64_t t0 = 0; t0 < s.len; t0 += kChunk) {
             const int L = int(std::min<int64_t>(kChunk, s.len - t0));
-            const ChunkView c = load_chunk(in, s, hv, t0, L, *cb);
-            fwd(c, S.data(), out.data(), *ws);
-            for (int i = 0; i < L; ++i) write_row(o, token_offset(o, s.batch, s.start + t0 + i, hv), out.data() + i * V, V);
+            for (int64_t hv = hv0; hv < hv1; ++hv) {
+                const ChunkView c = load_chunk(in, s, hv, t0, L, *cb);
+                fwd(c, states.data() + (hv - hv0) * KV, out.data(), *ws);
+                for (int i = 0; i < L; ++i)
+                    write_row(o, token_offset(o, s.batch, s.start + t0 + i, hv), out.data() + i * V, V);
+            }
         }
-        store_state(p.args.final_state, n, hv, K, V, S.data());
+        for (int64_t hv = hv0; hv < hv1; ++hv) store_state(p.args.final_state, n, hv, K, V, states.data() + (hv - hv0) * KV);
     });
 }
 
