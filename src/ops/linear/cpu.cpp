@@ -149,7 +149,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
         ChunkBuffers cb(K, V);
         std::vector<float> states(size_t(std::max<int64_t>(num_chunks(len), 1) * KV)), S(KV), dS(KV);
         std::vector<float> dq_acc(size_t(len * K), 0.0f), dk_acc(size_t(len * K), 0.0f);
-        std::vector<float> out(kChunk * V), dO(kChunk * V), dv(kChunk * V), db(kChunk * K), dbeta(kChunk);
+        std::vector<float> dO(kChunk * V), dv(kChunk * V), db(kChunk * K), dbeta(kChunk);
         for (int64_t hv = h * G; hv < (h + 1) * G; ++hv) {
             // Forward sweep: keep the state at the start of every chunk.
             load_state(p.args.initial_state, n, hv, K, V, S.data());
@@ -157,7 +157,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
                 std::copy(S.begin(), S.end(), states.begin() + ci * KV);
                 const int64_t t0 = ci * kChunk;
                 const int L = int(std::min<int64_t>(kChunk, len - t0));
-                fwd(load_chunk(in, s, hv, t0, L, cb), S.data(), out.data(), w);
+                fwd(load_chunk(in, s, hv, t0, L, cb), S.data(), nullptr, w);
             }
             // Backward sweep, last chunk first, carrying dS.
             load_state(d_final_state, n, hv, K, V, dS.data());

@@ -288,7 +288,7 @@ void add_db(float* db, const float* x, const float* dx, int L, int64_t K, float 
 
 // The intra-chunk quantities both passes need: decay factors, K⊙γ, the scores, and X.
 template <bool kVector, bool kDelta>
-void chunk_common(const ChunkView& c, const float* S0, Workspace& w) {
+void chunk_common(const ChunkView& c, const float* S0, Workspace& w, bool with_output) {
     const int L = c.L;
     const int64_t K = c.K, V = c.V;
     if constexpr (kVector) {
@@ -299,8 +299,10 @@ void chunk_common(const ChunkView& c, const float* S0, Workspace& w) {
     }
     decay_factors<kVector>(c, w.eb.data(), w.ebar.data());
     scale_by<kVector>(c.k, w.ebar.data(), L, K, w.kbar.data());
-    scale_by<kVector>(c.q, w.eb.data(), L, K, w.qg.data());
-    Decayed<kVector>::scores(c.q, c.k, L, K, c.g, true, w.p.data(), w);
+    if (with_output) {
+        scale_by<kVector>(c.q, w.eb.data(), L, K, w.qg.data());
+        Decayed<kVector>::scores(c.q, c.k, L, K, c.g, true, w.p.data(), w);
+    }
     if constexpr (kDelta) {
         scale_by<kVector>(c.k, w.eb.data(), L, K, w.kg.data());
         // Y = V − (K ⊙ γ) S0
@@ -326,10 +328,12 @@ template <bool kVector, bool kDelta>
 void chunk_forward(const ChunkView& c, float* S, float* o, Workspace& w) {
     const int L = c.L;
     const int64_t K = c.K, V = c.V;
-    chunk_common<kVector, kDelta>(c, S, w);
-    // O = (Q ⊙ γ) S0 + P X
-    gemm(L, V, K, 1.0f, w.qg.data(), K, 1, S, V, 0.0f, o, V);
-    lower_apply(L, V, 1.0f, w.p.data(), w.x.data(), 1.0f, o);
+    chunk_common<kVector, kDelta>(c, S, w, o != nullptr);
+    if (o) {
+        // O = (Q ⊙ γ) S0 + P X
+        gemm(L, V, K, 1.0f, w.qg.data(), K, 1, S, V, 0.0f, o, V);
+        lower_apply(L, V, 1.0f, w.p.data(), w.x.data(), 1.0f, o);
+    }
     // S_C = diag(γ_last) S0 + (K ⊙ γ_last ⊘ γ)ᵀ X
     const float* eb_last = w.eb.data() + (L - 1) * (kVector ? K : 1);
     for (int64_t r = 0; r < K; ++r) {
@@ -391,7 +395,7 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
     const int L = c.L;
     const int64_t K = c.K, V = c.V;
     const int64_t width = kVector ? K : 1;
-    chunk_common<kVector, kDelta>(c, S0, w);
+    chunk_common<kVector, kDelta>(c, S0, w, true);
     float* X = w.x.data();
     // Vector decay: ∂/∂b accumulates in db, and dg is its reverse cumulative sum at the end.
     // Scalar decay: dg is assembled exactly from the terms that straddle each token (see scalar_dg).

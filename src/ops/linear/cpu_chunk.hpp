@@ -50,6 +50,7 @@ struct Workspace {
 };
 
 // Forward of one chunk: o [L, V] ← outputs; S [K, V] ← the state after the chunk (in place).
+// With o == nullptr only the state advances (the backward's forward sweep).
 template <bool kVector, bool kDelta>
 void chunk_forward(const ChunkView& c, float* S, float* o, Workspace& w);
 
