@@ -13,7 +13,7 @@ using hla::cpu::transpose;
 
 Workspace::Workspace(int64_t K_, int64_t V_) : K(K_), V(V_) {
     const int64_t C = kChunk, D = std::max(K, V);
-    for (auto* buf : {&eb, &ebar, &ea, &kg, &qg, &kbar, &dqg, &dkbar, &dkg, &tmp1, &tmp2, &blk_out}) buf->assign(C * K, 0.0f);
+    for (auto* buf : {&eb, &ebar, &ea, &kt, &kg, &qg, &kbar, &dqg, &dkbar, &dkg, &tmp1, &tmp2, &blk_out}) buf->assign(C * K, 0.0f);
     for (auto* buf : {&y, &x, &xt, &dx, &z, &dy}) buf->assign(C * V, 0.0f);
     for (auto* buf : {&d, &a, &p, &gamma_lower, &dp, &da}) buf->assign(C * C, 0.0f);
     s0t.assign(K * V, 0.0f);
@@ -132,10 +132,10 @@ struct Decayed;
 
 template <>
 struct Decayed<false> {
-    static void scores(const float* x, const float* y, int L, int64_t K, const float* /*b*/, bool diag, float* E,
-                       Workspace& w) {
-        transpose(y, L, K, K, w.blk_yt.data());  // [K, L]
-        lower_scores(L, K, x, w.blk_yt.data(), L, E);
+    // yt: y transposed [K, L] (the callers' y is always the chunk's k, transposed once per chunk).
+    static void scores(const float* x, const float* /*y*/, const float* yt, int L, int64_t K, const float* /*g*/,
+                       bool diag, float* E, Workspace& w) {
+        lower_scores(L, K, x, yt, L, E);
         mask_scale(E, w.gamma_lower.data(), L, diag);
     }
     // E is already masked and decayed by scores/mask_scale in the scalar case.
@@ -200,8 +200,8 @@ struct Decayed<true> {
         }
     }
 
-    static void scores(const float* x, const float* y, int L, int64_t K, const float* g, bool diag, float* E,
-                       Workspace& w) {
+    static void scores(const float* x, const float* y, const float* /*yt*/, int L, int64_t K, const float* g, bool diag,
+                       float* E, Workspace& w) {
         for (int i = 0; i < L; ++i) std::fill(E + i * kChunk, E + i * kChunk + L, 0.0f);
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock);
@@ -296,12 +296,13 @@ void chunk_common(const ChunkView& c, const float* S0, Workspace& w, bool with_o
         exp_inplace(w.ea.data(), L * K);
     } else {
         scalar_gamma(c.g, L, w.gamma_lower.data());
+        transpose(c.k, L, K, K, w.kt.data());
     }
     decay_factors<kVector>(c, w.eb.data(), w.ebar.data());
     scale_by<kVector>(c.k, w.ebar.data(), L, K, w.kbar.data());
     if (with_output) {
         scale_by<kVector>(c.q, w.eb.data(), L, K, w.qg.data());
-        Decayed<kVector>::scores(c.q, c.k, L, K, c.g, true, w.p.data(), w);
+        Decayed<kVector>::scores(c.q, c.k, w.kt.data(), L, K, c.g, true, w.p.data(), w);
     }
     if constexpr (kDelta) {
         scale_by<kVector>(c.k, w.eb.data(), L, K, w.kg.data());
@@ -309,7 +310,7 @@ void chunk_common(const ChunkView& c, const float* S0, Workspace& w, bool with_o
         std::copy(c.v, c.v + L * V, w.y.data());
         gemm(L, V, K, -1.0f, w.kg.data(), K, 1, S0, V, 1.0f, w.y.data(), V);
         // D (strict), A = diag(β) D
-        Decayed<kVector>::scores(c.k, c.k, L, K, c.g, false, w.d.data(), w);
+        Decayed<kVector>::scores(c.k, c.k, w.kt.data(), L, K, c.g, false, w.d.data(), w);
         for (int i = 0; i < L; ++i)
             for (int j = 0; j < i; ++j) w.a[i * kChunk + j] = c.beta[i] * w.d[i * kChunk + j];
         // (I + A) X = diag(β) Y
