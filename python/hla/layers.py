@@ -208,7 +208,7 @@ class GatedDeltaNet(nn.Module):
         state = cache.recurrent_state if cache is not None else None
         if state is not None and not _wants_grad(self, hidden_states):
             cfg = ops.make_config("scalar", "delta", None, True, "softplus_decay", None, "sigmoid")
-            o = ops.decode(cfg, q, k, v, a, b, self.A_log, self.dt_bias, state)
+            o = ops.decode(cfg, q, k, v, a, b, self.A_log.float(), self.dt_bias.float(), state)
         else:
             o, state = ops.chunk_gated_delta_rule(q, k, v, a, b, initial_state=state,
                                                   output_final_state=cache is not None,
@@ -282,7 +282,7 @@ class KimiDeltaAttention(nn.Module):
         if state is not None and not _wants_grad(self, hidden_states):
             gate = "softplus_decay" if self.lower_bound is None else "bounded_sigmoid"
             cfg = ops.make_config("vector", "delta", None, True, gate, self.lower_bound, "sigmoid")
-            o = ops.decode(cfg, q, k, v, f, beta, A_log, dt_bias, state)
+            o = ops.decode(cfg, q, k, v, f, beta, A_log.float(), dt_bias.float(), state)
         else:
             o, state = ops.chunk_kda(q, k, v, f, beta, initial_state=state, output_final_state=cache is not None,
                                      use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,

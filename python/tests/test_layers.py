@@ -290,3 +290,19 @@ def test_against_transformers_qwen3_next_attention():
     with torch.no_grad():
         ref = hf(x, position_embeddings=cos_sin, attention_mask=causal)[0]
         assert rel_rms(ours(x), ref) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "kimi_delta", "lightning", "gated_attention"])
+def test_bf16_layer_prefill_and_decode(name):
+    """A layer cast to bf16 (A_log/dt_bias included) runs prefill and cached decode; outputs stay
+    within bf16 rounding of the fp32 layer."""
+    layer = make_layers()[name]
+    x = torch.randn(1, 12, HIDDEN, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = layer(x)
+        half = copy.deepcopy(layer).to(torch.bfloat16)
+        cache = LayerCache()
+        out = torch.cat([half(x[:, :8].bfloat16(), cache=cache)] +
+                        [half(x[:, t:t + 1].bfloat16(), cache=cache) for t in range(8, 12)], dim=1)
+    assert out.dtype == torch.bfloat16
+    assert rel_rms(out, ref) < 0.05

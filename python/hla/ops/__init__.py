@@ -82,7 +82,7 @@ def _beta_activation(use_beta_sigmoid_in_kernel: bool, allow_neg_eigval: bool, o
 def _gate_params(op: str, decay: str, v: Tensor, k: Tensor, A_log: Optional[Tensor], dt_bias: Optional[Tensor],
                  lower_bound: Optional[float]):
     """A_log [HV] and dt_bias ([HV] scalar decay, [HV, K] vector decay; fla passes KDA's flat [HV*K])
-    as libhla wants them. A missing one is the identity of its formula (A_log = 0, dt_bias = 0)."""
+    as libhla wants them, fp32. A missing one is the identity of its formula (A_log = 0, dt_bias = 0)."""
     HV, K = v.shape[2], k.shape[3]
     if A_log is None:
         if lower_bound is None:
@@ -92,7 +92,8 @@ def _gate_params(op: str, decay: str, v: Tensor, k: Tensor, A_log: Optional[Tens
         dt_bias = torch.zeros((HV,) if decay == "scalar" else (HV, K), dtype=torch.float32, device=v.device)
     elif decay == "vector" and dt_bias.dim() == 1 and dt_bias.shape[0] == HV * K:
         dt_bias = dt_bias.view(HV, K)
-    return A_log, dt_bias
+    # libhla takes the gate parameters in fp32 (as HF keeps them); a model cast to bf16 still works
+    return A_log.float(), dt_bias.float()
 
 
 def _run(op: str, cfg: Config, q, k, v, g, beta, A_log, dt_bias, initial_state, output_final_state, cu_seqlens,
