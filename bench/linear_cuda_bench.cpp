@@ -1,4 +1,5 @@
-// hla — CUDA benchmark of the linear family: chunked forward and the decode step, H = 16, K = V = 128,
+// hla — CUDA benchmark of the linear family: chunked forward, forward + backward (delta cells) and the
+// decode step, H = 16, K = V = 128,
 // bf16 inputs, timed with CUDA events (median of 20 after 3 warm-ups), next to the roofline floor
 // max(flops / 790 TFLOP/s, bytes / 3.0 TB/s) of the algorithm's own counts (TARGETS.md).
 //
@@ -131,6 +132,52 @@ int main(int argc, char** argv) {
                   B == 4 ? op.target_b4 : op.target_b1};
             print_row(r);
             rows.push_back(r);
+        }
+    }
+
+    // Forward + backward (all gradients of the inputs given: dq, dk, dv, dg, dβ), B = 4, T = 4096. The
+    // backward is the first, exactness-first CUDA version (fp32 block-wide loops, no tensor cores): no
+    // roofline column until it is a tuned kernel.
+    {
+        const int64_t B = 4, T = 4096;
+        const Tensor q = device_tensor({B, T, H, K}, DType::BF16, 21, 0, 0, true);
+        const Tensor k = device_tensor({B, T, H, K}, DType::BF16, 22, 0, 0, true);
+        const Tensor v = device_tensor({B, T, H, V}, DType::BF16, 23, 0, 0, true);
+        const Tensor g_scalar = device_tensor({B, T, H}, DType::BF16, 24, -0.5, -0.01);
+        const Tensor g_vector = device_tensor({B, T, H, K}, DType::BF16, 25, -0.5, -0.01);
+        const Tensor beta = device_tensor({B, T, H}, DType::BF16, 26, 0, 1);
+        const Tensor d_o = device_tensor({B, T, H, V}, DType::BF16, 27, 0, 0, true);
+        Tensor o({B, T, H, V}, DType::BF16, Device::CUDA);
+        Tensor dq({B, T, H, K}, DType::BF16, Device::CUDA), dk({B, T, H, K}, DType::BF16, Device::CUDA);
+        Tensor dv({B, T, H, V}, DType::BF16, Device::CUDA), dbeta({B, T, H}, DType::F32, Device::CUDA);
+        Tensor dg_scalar({B, T, H}, DType::F32, Device::CUDA), dg_vector({B, T, H, K}, DType::F32, Device::CUDA);
+        std::printf("\n");
+        for (const OpSpec& op : ops) {
+            if (op.cfg.update != Update::Delta) continue;
+            const bool vec = op.cfg.decay == Decay::Vector;
+            LinearForwardArgs a;
+            a.q = q;
+            a.k = k;
+            a.v = v;
+            a.o = o;
+            a.g = vec ? g_vector.view() : g_scalar.view();
+            a.beta = beta;
+            LinearGrads gr;
+            gr.dq = dq;
+            gr.dk = dk;
+            gr.dv = dv;
+            gr.dg = vec ? dg_vector.view() : dg_scalar.view();
+            gr.dbeta = dbeta;
+            const double ms_bwd = median_ms([&] { linear_backward(op.cfg, a, d_o, TensorView(), gr); }, quick ? 3 : 5);
+            const double ms_both = median_ms(
+                [&] {
+                    linear_forward(op.cfg, a);
+                    linear_backward(op.cfg, a, d_o, TensorView(), gr);
+                },
+                quick ? 3 : 5);
+            std::printf("%-22s B=%lld T=%lld  backward %9.3f ms  forward + backward %9.3f ms\n", op.name,
+                        (long long)B, (long long)T, ms_bwd, ms_both);
+            std::fflush(stdout);
         }
     }
 

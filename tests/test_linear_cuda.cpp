@@ -1,5 +1,6 @@
 // hla — the linear family on CUDA against the fp64 CPU reference (tolerance policy of DESIGN.md:
-// error ≤ 2 × error of the reference run in the same precision + a small floor).
+// error ≤ 2 × error of the reference run in the same precision + a small floor; the backward with the
+// CPU backward's tolerances, stated at check_backward).
 //
 // Input ranges: q ~ N(0, 1), k unit rows (or raw N(0, 1) with in-kernel L2 norm), v ~ N(0, 1), log
 // decay uniform in [gate_min, gate_max] (default [−3, −0.01]), β uniform in [beta_min, beta_max]
@@ -9,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "hla/hla.hpp"
@@ -372,16 +374,174 @@ TEST(LinearCuda, UnsupportedShapesAreClearErrors) {
     }
 }
 
-TEST(LinearCuda, BackwardNotImplementedIsAClearError) {
-    REQUIRE_GPU();
-    LinearCase c = make_case("gdn/backward", gated_delta_rule_config(), DType::BF16, 1, 16, 1, 1, 64, 64);
-    const LinearInputs dev = make_inputs(c, 1).move_to(Device::CUDA);
-    Tensor d_o = poisoned_output(c, Device::CUDA);
-    LinearGradTensors g = poisoned_grads(c, 1, Device::CUDA);
-    try {
-        linear_backward(c.cfg, dev.args(Tensor()), d_o, TensorView(), g.views());
-        FAIL() << "backward on CUDA should say it is not implemented";
-    } catch (const Error& e) {
-        EXPECT_NE(std::string(e.what()).find("not implemented on CUDA"), std::string::npos) << e.what();
+// ---- backward ----------------------------------------------------------------------------------
+//
+// The CUDA gradients against the fp64 reference backward (Backend::Reference) on CPU copies of the same
+// inputs, with the CPU backward's tolerances (test_linear_cpu.cpp): f32 relative RMS ≤ 2e-4 per
+// gradient; bf16 ≤ 4·e_P + 4e-3, e_P the forward's reference-in-bf16 error on the same inputs. With an
+// initial state the final state is an output too, so d_final_state is given and dinitial_state checked.
+
+namespace {
+
+void check_backward(const LinearCase& c, uint64_t seed = 1) {
+    SCOPED_TRACE(c.name);
+    const LinearInputs cpu = make_inputs(c, seed);
+    const Tensor d_o = random_normal({c.B, c.T, c.HV, c.V}, c.dtype, seed + 2);
+    const Tensor d_fs = c.initial_state ? random_normal({cpu.N, c.HV, c.K, c.V}, DType::F32, seed + 3) : Tensor();
+
+    LinearCase c64 = c;
+    c64.dtype = DType::F64;  // the reference's dq, dk, dv in fp64
+    const LinearGradTensors ref = poisoned_grads(c64, cpu.N);
+    LinearConfig rc = c.cfg;
+    rc.backend = Backend::Reference;
+    linear_backward(rc, cpu.args(Tensor()), d_o, d_fs, ref.views());
+
+    const LinearInputs dev = cpu.move_to(Device::CUDA);
+    const LinearGradTensors got = poisoned_grads(c, cpu.N, Device::CUDA);
+    const Tensor d_o_dev = d_o.to(Device::CUDA);
+    const Tensor d_fs_dev = d_fs.defined() ? d_fs.to(Device::CUDA) : Tensor();
+    linear_backward(c.cfg, dev.args(Tensor()), d_o_dev, d_fs_dev, got.views());
+    cuda_synchronize();
+
+    double tol = 2e-4;
+    if (c.dtype != DType::F32) {
+        const References fwd = run_references(c, cpu);
+        tol = 4 * compare(fwd.o_p, fwd.o64).rel_rms + 4e-3;
     }
+    const std::vector<std::pair<const char*, Tensor LinearGradTensors::*>> grads = {
+        {"dq", &LinearGradTensors::dq},         {"dk", &LinearGradTensors::dk},
+        {"dv", &LinearGradTensors::dv},         {"dg", &LinearGradTensors::dg},
+        {"dbeta", &LinearGradTensors::dbeta},   {"dA_log", &LinearGradTensors::dA_log},
+        {"ddt_bias", &LinearGradTensors::ddt_bias}, {"dinitial_state", &LinearGradTensors::dinitial_state}};
+    for (const auto& [name, member] : grads) {
+        ASSERT_EQ((ref.*member).defined(), (got.*member).defined()) << name;
+        if ((ref.*member).defined())
+            expect_close_abs(c.name + ": " + name, (got.*member).to(Device::CPU), ref.*member, tol);
+    }
+}
+
+bool per_token_decay(const LinearConfig& c) { return c.decay == Decay::Scalar || c.decay == Decay::Vector; }
+
+// Every cell in f32 and bf16, K = V = 64, two q/k heads, through `setup` (which returns false where the
+// scenario does not apply to the cell).
+template <class Setup>
+void backward_every_cell(const std::string& scenario, Setup&& setup) {
+    for (const Cell& cell : kCells)
+        for (DType dt : {DType::F32, DType::BF16}) {
+            LinearCase c = make_case(std::string(cell.name) + "/" + scenario + "/" + dtype_tag(dt), cell.config(), dt, 2,
+                                     100, 2, 2, 64, 64);
+            if (!setup(c)) continue;
+            check_backward(c);
+        }
+}
+
+}  // namespace
+
+TEST(LinearCuda, BackwardSingleToken) {
+    REQUIRE_GPU();
+    backward_every_cell("T1", [](LinearCase& c) {
+        c.B = 3;
+        c.T = 1;
+        c.initial_state = true;
+        return true;
+    });
+}
+
+// T = 100: one full chunk and a ragged one; grouped value heads (HV = 2H); initial state and d_final_state.
+TEST(LinearCuda, BackwardRaggedGrouped) {
+    REQUIRE_GPU();
+    backward_every_cell("T100-grouped", [](LinearCase& c) {
+        c.HV = 4;
+        c.initial_state = true;
+        return true;
+    });
+}
+
+TEST(LinearCuda, BackwardVarlenWithEmptySequences) {
+    REQUIRE_GPU();
+    backward_every_cell("varlen", [](LinearCase& c) {
+        c.B = 1;
+        c.T = 200;
+        c.HV = 4;
+        c.cu_seqlens = {0, 0, 70, 70, 133, 200, 200};
+        c.initial_state = true;
+        return true;
+    });
+}
+
+TEST(LinearCuda, BackwardQkL2Norm) {
+    REQUIRE_GPU();
+    backward_every_cell("l2norm", [](LinearCase& c) {
+        c.cfg.qk_l2norm = true;
+        c.cfg.scale = 0.3;
+        return true;
+    });
+}
+
+// In-kernel gates: softplus(g + dt_bias)·(−exp(A_log)) for scalar and vector decay (dA_log, ddt_bias),
+// β = sigmoid(logit); and the bounded sigmoid gate with β = 2·sigmoid.
+TEST(LinearCuda, BackwardInKernelGates) {
+    REQUIRE_GPU();
+    backward_every_cell("softplus-gate", [](LinearCase& c) {
+        c.initial_state = true;
+        c.cfg.gate_activation = GateActivation::SoftplusDecay;
+        if (c.cfg.update == Update::Delta) {
+            c.cfg.beta_activation = BetaActivation::Sigmoid;
+            c.beta_min = -4;
+            c.beta_max = 4;
+        }
+        return per_token_decay(c.cfg);
+    });
+    backward_every_cell("bounded-gate", [](LinearCase& c) {
+        c.cfg.qk_l2norm = true;
+        c.cfg.gate_activation = GateActivation::BoundedSigmoid;
+        c.cfg.lower_bound = -5.0f;
+        if (c.cfg.update == Update::Delta) {
+            c.cfg.beta_activation = BetaActivation::Sigmoid2x;
+            c.beta_min = -4;
+            c.beta_max = 4;
+        }
+        return per_token_decay(c.cfg);
+    });
+}
+
+// g = −1000 on every token (every decay underflows), and strongly negative gates whose cumulative decay
+// over a chunk reaches e^-1280.
+TEST(LinearCuda, BackwardExtremeGates) {
+    REQUIRE_GPU();
+    backward_every_cell("g-1000", [](LinearCase& c) {
+        c.initial_state = true;
+        c.gate_min = c.gate_max = -1000;
+        return c.cfg.decay != Decay::None;
+    });
+    backward_every_cell("g[-20,-5]", [](LinearCase& c) {
+        c.T = 130;
+        c.initial_state = true;
+        c.gate_min = -20;
+        c.gate_max = -5;
+        return c.cfg.decay != Decay::None;
+    });
+}
+
+TEST(LinearCuda, BackwardBetaEdges) {
+    REQUIRE_GPU();
+    for (double b : {0.0, 1.0})
+        backward_every_cell("beta=" + std::to_string(int(b)), [b](LinearCase& c) {
+            c.beta_min = c.beta_max = b;
+            c.initial_state = true;
+            return c.cfg.update == Update::Delta;
+        });
+}
+
+TEST(LinearCuda, BackwardHeadDims) {
+    REQUIRE_GPU();
+    for (auto kv : {std::pair<int64_t, int64_t>{128, 128}, {64, 128}, {128, 64}})
+        backward_every_cell("K" + std::to_string(kv.first) + "V" + std::to_string(kv.second), [kv](LinearCase& c) {
+            c.B = 1;
+            c.T = 130;
+            c.K = kv.first;
+            c.V = kv.second;
+            c.initial_state = true;
+            return true;
+        });
 }

@@ -63,10 +63,11 @@ R gate_forward(const LinearConfig& c, R x, R a_log) {
     return gate_log_decay(c.gate_activation, R(c.lower_bound), x, a_log);
 }
 
-// d(log decay)/dx and d(log decay)/dA_log for the gate input x = g + dt_bias.
+// d(log decay)/dx and d(log decay)/dA_log for the gate input x = g + dt_bias. The (activation,
+// lower_bound) form is what kernels call.
 template <class R>
-void gate_derivatives(const LinearConfig& c, R x, R a_log, R* d_dx, R* d_dalog) {
-    switch (c.gate_activation) {
+HLA_HOST_DEVICE void gate_derivatives(GateActivation activation, R lower_bound, R x, R a_log, R* d_dx, R* d_dalog) {
+    switch (activation) {
         case GateActivation::None:
             *d_dx = 1;
             *d_dalog = 0;
@@ -80,12 +81,17 @@ void gate_derivatives(const LinearConfig& c, R x, R a_log, R* d_dx, R* d_dalog) 
         case GateActivation::BoundedSigmoid: {
             const R ea = std::exp(a_log);
             const R s = sigmoid(ea * x);
-            const R ds = R(c.lower_bound) * s * (R(1) - s);
+            const R ds = lower_bound * s * (R(1) - s);
             *d_dx = ds * ea;
             *d_dalog = ds * ea * x;
             return;
         }
     }
+}
+
+template <class R>
+void gate_derivatives(const LinearConfig& c, R x, R a_log, R* d_dx, R* d_dalog) {
+    gate_derivatives(c.gate_activation, R(c.lower_bound), x, a_log, d_dx, d_dalog);
 }
 
 template <class R>
@@ -104,13 +110,18 @@ R beta_forward(const LinearConfig& c, R b) {
 }
 
 template <class R>
-R beta_derivative(const LinearConfig& c, R b) {
-    switch (c.beta_activation) {
+HLA_HOST_DEVICE R beta_derivative(BetaActivation activation, R b) {
+    switch (activation) {
         case BetaActivation::None: return 1;
         case BetaActivation::Sigmoid: { const R s = sigmoid(b); return s * (R(1) - s); }
         case BetaActivation::Sigmoid2x: { const R s = sigmoid(b); return R(2) * s * (R(1) - s); }
     }
     return 1;
+}
+
+template <class R>
+R beta_derivative(const LinearConfig& c, R b) {
+    return beta_derivative(c.beta_activation, b);
 }
 
 }  // namespace hla::linear

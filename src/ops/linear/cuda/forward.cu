@@ -1,5 +1,6 @@
 // hla — the CUDA backend's entry points for the linear family: picks the dtype instantiation of the
-// chunked forward (fwd_<dtype>.cu) and owns the few runtime services the kernels share.
+// chunked forward (fwd_<dtype>.cu) and owns the few runtime services the kernels share. The backward's
+// entry point is in backward.cu.
 #include <cstdint>
 #include <cstdlib>
 
@@ -59,10 +60,6 @@ void forward(const Problem& p) {
         case DType::F16: return forward_chunked<__half>(p);
         default: return forward_chunked<float>(p);
     }
-}
-
-void backward(const Problem& p, const TensorView&, const TensorView&, const LinearGrads&) {
-    detail::fail(p.op, ": backward is not implemented on CUDA yet (use CPU tensors, or Backend::Reference)");
 }
 
 }  // namespace hla::linear::cuda

@@ -1,0 +1,7 @@
+// hla — explicit instantiation of the chunked backward for one <vector decay, delta update> pair (one
+// per file so the build runs them in parallel; "scalar" covers no, fixed and per-token scalar decay).
+#include "ops/linear/cuda/chunk_bwd.cuh"
+
+namespace hla::linear::cuda {
+template void launch_backward<true, true>(const bwd::Params&, int, const char*);
+}  // namespace hla::linear::cuda
