@@ -233,7 +233,7 @@ def plot(results: List[dict], path: str, title: str) -> Optional[str]:
     ax.set_ylim(0, 100)
     ax.set_title(textwrap.fill(title, 90), fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return None
