@@ -41,6 +41,9 @@ def _build_libhla():
     configure = [
         "cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DHLA_TESTS=OFF",
         f"-DHLA_CUDA={want_cuda}", f"-DCMAKE_CXX_FLAGS=-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        # nvcc's host compiler needs the same ABI: a template such as hla::detail::fail instantiated in a
+        # .cu file with the other ABI is an ODR clash (seen: a crash formatting every CUDA-side error).
+        f"-DCMAKE_CUDA_FLAGS=-Xcompiler=-D_GLIBCXX_USE_CXX11_ABI={abi}",
     ]
     if want_cuda == "ON" and _cuda_home():
         configure.append(f"-DCMAKE_CUDA_COMPILER={_cuda_home() / 'bin' / 'nvcc'}")
