@@ -1,7 +1,7 @@
 """Multi-query associative recall (MQAR, Zoology: Arora et al. 2023): does the mechanism recall?
 
     python -m hla.mqar            CPU configuration (2 cores, well under 15 minutes)
-    python -m hla.mqar --gpu      larger models, more pairs and steps, on CUDA
+    python -m hla.mqar --gpu      larger models (head dim 64), more pairs and steps, on CUDA
 
 A sequence lists `pairs` key-value pairs (k1 v1 k2 v2 …); later, at random positions of the rest of
 the sequence, the keys appear again in random order and the model must emit the value that followed
@@ -114,7 +114,11 @@ class Mixer(nn.Module):
         H, D = self.H, self.D
         q, k, v = self.conv(self.qkv(x)).view(B, T, 3, H, D).unbind(2)
         if self.kind == "attention":
-            o, _ = ops.softmax_attention(q, k, v, causal=True)
+            if q.is_cuda:  # libhla's CUDA flash attention takes bf16 / fp16 (head dims 64, 128, 256)
+                o, _ = ops.softmax_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+                o = o.float()
+            else:
+                o, _ = ops.softmax_attention(q, k, v, causal=True)
         elif self.kind == "linear_attn":
             o, _ = ops.linear(ops.make_config("none", "additive", qk_l2norm=True), q, k, v)
         elif self.kind == "gla":
@@ -259,7 +263,7 @@ def main(argv=None):
     device = torch.device("cuda" if gpu else "cpu")
     args.pairs = args.pairs or (64 if gpu else 16)
     args.vocab = args.vocab or (8192 if gpu else 256)
-    args.head_dim = args.head_dim or (32 if gpu else 32)
+    args.head_dim = args.head_dim or (64 if gpu else 32)
     args.steps = args.steps or (4000 if gpu else 800)
     args.batch = args.batch or (64 if gpu else 16)
     d_models = [int(d) for d in (args.d_models or ("64,128" if gpu else "64")).split(",")]
