@@ -62,6 +62,16 @@ def _uses_cuda_runtime(lib):
     return any(line.split()[-1].startswith("cuda") for line in symbols.splitlines() if line.strip())
 
 
+def _uses_cxx11_abi(lib):
+    """Whether the static library was compiled with libstdc++'s new (C++11) ABI: its std::string-taking
+    symbols then carry the __cxx11 tag. None when that cannot be told."""
+    try:
+        symbols = subprocess.run(["nm", str(lib)], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return "__cxx11" in symbols
+
+
 class BuildHla(BuildExtension):
     """Finds or builds libhla only when the extension is really built (not for egg_info & co)."""
 
@@ -70,6 +80,11 @@ class BuildHla(BuildExtension):
         lib = Path(lib).resolve() if lib else _build_libhla()
         if not lib.exists():
             sys.exit(f"hla setup: libhla not found at {lib}")
+        abi = bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+        if _uses_cxx11_abi(lib) not in (None, abi):
+            # mixing the two libstdc++ ABIs breaks hla::Error messages and any std::string crossing
+            sys.exit(f"hla setup: {lib} was built with _GLIBCXX_USE_CXX11_ABI={int(not abi)} but this torch uses "
+                     f"{int(abi)}; unset HLA_LIBRARY so setup.py builds a matching libhla")
         for ext in self.extensions:
             ext.extra_objects.append(str(lib))
             # relink when libhla or its public headers change (setuptools only watches `depends`)
