@@ -63,13 +63,16 @@ def _uses_cuda_runtime(lib):
 
 
 def _uses_cxx11_abi(lib):
-    """Whether the static library was compiled with libstdc++'s new (C++11) ABI: its std::string-taking
-    symbols then carry the __cxx11 tag. None when that cannot be told."""
+    """Whether the static library was compiled with libstdc++'s new (C++11) ABI, read off a function
+    that returns std::string (hla::TensorView::shape_string carries [abi:cxx11] under the new ABI).
+    None when that cannot be told."""
     try:
-        symbols = subprocess.run(["nm", str(lib)], capture_output=True, text=True, check=True).stdout
+        symbols = subprocess.run(["nm", "-C", "--defined-only", str(lib)], capture_output=True, text=True,
+                                 check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    return "__cxx11" in symbols
+    lines = [line for line in symbols.splitlines() if "TensorView::shape_string" in line]
+    return None if not lines else any("[abi:cxx11]" in line for line in lines)
 
 
 class BuildHla(BuildExtension):
