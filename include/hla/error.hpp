@@ -6,9 +6,12 @@
 // The Python layer turns it into ValueError with the same message.
 #pragma once
 
-#include <sstream>
+#include <charconv>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <type_traits>
 
 namespace hla {
 
@@ -19,11 +22,37 @@ public:
 
 namespace detail {
 
+// Message parts are appended without iostreams: no locale, no stream state, so building an error
+// can never fail for reasons of its own (and the library needs no <sstream> in its headers).
+template <class T>
+void append_part(std::string& s, const T& x) {
+    if constexpr (std::is_same_v<T, bool>) {
+        s += x ? "true" : "false";
+    } else if constexpr (std::is_same_v<T, char>) {
+        s += x;
+    } else if constexpr (std::is_integral_v<T> || std::is_enum_v<T>) {
+        char buf[24];
+        const auto r = std::is_unsigned_v<T> ? std::to_chars(buf, buf + sizeof buf, static_cast<unsigned long long>(x))
+                                             : std::to_chars(buf, buf + sizeof buf, static_cast<long long>(x));
+        s.append(buf, r.ptr);
+    } else if constexpr (std::is_floating_point_v<T>) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%g", double(x));
+        s += buf;
+    } else if constexpr (std::is_convertible_v<const T&, const char*>) {  // string literals, C strings
+        const char* p = x;
+        s += p ? p : "(null)";
+    } else {
+        static_assert(std::is_convertible_v<const T&, std::string_view>, "hla::detail::fail: unsupported part");
+        s += std::string_view(x);
+    }
+}
+
 template <class... Parts>
 [[noreturn]] void fail(const Parts&... parts) {
-    std::ostringstream os;
-    (os << ... << parts);
-    throw Error(os.str());
+    std::string message;
+    (append_part(message, parts), ...);
+    throw Error(message);
 }
 
 }  // namespace detail
