@@ -4,7 +4,31 @@
 
 #include "core/cuda_memory.hpp"
 
+namespace hla {
+
+const char* backend_name(Backend b) {
+    switch (b) {
+        case Backend::Auto: return "auto";
+        case Backend::Reference: return "reference";
+        case Backend::Cpu: return "cpu";
+        case Backend::Cuda: return "cuda";
+    }
+    return "?";
+}
+
+}  // namespace hla
+
 namespace hla::detail {
+
+Backend resolve_backend(const char* op, Backend requested, Device dev) {
+    if (requested == Backend::Auto) return dev == Device::CUDA ? Backend::Cuda : Backend::Cpu;
+    if (requested == Backend::Cuda)
+        HLA_CHECK(dev == Device::CUDA, op, ": backend: cuda needs CUDA tensors, got tensors on ", device_name(dev));
+    else
+        HLA_CHECK(dev == Device::CPU, op, ": backend: ", backend_name(requested), " needs CPU tensors, got tensors on ",
+                  device_name(dev));
+    return requested;
+}
 
 std::string dims_string(std::initializer_list<Dim> dims) {
     std::ostringstream os;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "hla/error.hpp"
+#include "hla/linear.hpp"  // Backend
 #include "hla/tensor.hpp"
 
 namespace hla::detail {
@@ -32,6 +33,9 @@ void check_absent(const char* op, const char* name, const TensorView& x, const c
 void check_same_device(const char* op, const char* name, const TensorView& x, Device device, int device_index);
 
 std::string dtypes_string(std::initializer_list<DType> dtypes);
+
+// The backend a call runs on: Auto follows the tensors' device; an explicit choice must match it.
+Backend resolve_backend(const char* op, Backend requested, Device device);
 
 // Reads cu_seqlens (i32 or i64, CPU or CUDA) into host offsets and checks 0 = cu[0] ≤ … ≤ cu[N] = total.
 std::vector<int64_t> read_cu_seqlens(const char* op, const TensorView& cu, int64_t total);

@@ -11,16 +11,6 @@ using detail::check_absent;
 using detail::check_tensor;
 using detail::Dim;
 
-const char* backend_name(Backend b) {
-    switch (b) {
-        case Backend::Auto: return "auto";
-        case Backend::Reference: return "reference";
-        case Backend::Cpu: return "cpu";
-        case Backend::Cuda: return "cuda";
-    }
-    return "?";
-}
-
 static LinearConfig cell(Decay d, Update u) {
     LinearConfig c;
     c.decay = d;
@@ -106,16 +96,6 @@ static double resolve_scale(const char* op, const LinearConfig& c, int64_t K) {
     return *c.scale;
 }
 
-static Backend resolve_backend(const char* op, Backend requested, Device dev) {
-    if (requested == Backend::Auto) return dev == Device::CUDA ? Backend::Cuda : Backend::Cpu;
-    if (requested == Backend::Cuda)
-        HLA_CHECK(dev == Device::CUDA, op, ": backend: cuda needs CUDA tensors, got tensors on ", device_name(dev));
-    else
-        HLA_CHECK(dev == Device::CPU, op, ": backend: ", backend_name(requested), " needs CPU tensors, got tensors on ",
-                  device_name(dev));
-    return requested;
-}
-
 Problem make_forward_problem(const char* op, const LinearConfig& cfg, const LinearForwardArgs& a) {
     Problem p;
     p.op = op;
@@ -144,7 +124,7 @@ Problem make_forward_problem(const char* op, const LinearConfig& cfg, const Line
     check_tensor(op, "o", a.o, {{"B", p.B}, {"T", p.T}, {"HV", p.HV}, {"V", p.V}}, kOutputDtypes, dev, dev_i);
     check_gates(op, cfg, a.g, a.beta, a.A_log, a.dt_bias, "B", p.B, p.T, p.HV, p.K, dev, dev_i);
     p.scale = resolve_scale(op, cfg, p.K);
-    p.cfg.backend = resolve_backend(op, cfg.backend, dev);
+    p.cfg.backend = detail::resolve_backend(op, cfg.backend, dev);
 
     if (a.cu_seqlens.defined()) {
         HLA_CHECK(p.B == 1, op, ": cu_seqlens: variable-length packing needs B == 1, got B = ", p.B);
@@ -241,7 +221,7 @@ DecodeProblem make_decode_problem(const char* op, const LinearConfig& cfg, const
                   " slots are needed, got S = ", p.slots);
     }
     p.scale = resolve_scale(op, cfg, p.K);
-    p.cfg.backend = resolve_backend(op, cfg.backend, dev);
+    p.cfg.backend = detail::resolve_backend(op, cfg.backend, dev);
     return p;
 }
 

@@ -20,26 +20,6 @@ static const std::initializer_list<DType> kOutputDtypes = {DType::F32, DType::BF
 static const std::initializer_list<DType> kF32 = {DType::F32};
 static const std::initializer_list<DType> kIndex = {DType::I32, DType::I64};
 
-static const char* backend_label(Backend b) {
-    switch (b) {
-        case Backend::Auto: return "auto";
-        case Backend::Reference: return "reference";
-        case Backend::Cpu: return "cpu";
-        case Backend::Cuda: return "cuda";
-    }
-    return "?";
-}
-
-static Backend resolve_backend(const char* op, Backend requested, Device dev) {
-    if (requested == Backend::Auto) return dev == Device::CUDA ? Backend::Cuda : Backend::Cpu;
-    if (requested == Backend::Cuda)
-        HLA_CHECK(dev == Device::CUDA, op, ": backend: cuda needs CUDA tensors, got tensors on ", device_name(dev));
-    else
-        HLA_CHECK(dev == Device::CPU, op, ": backend: ", backend_label(requested), " needs CPU tensors, got tensors on ",
-                  device_name(dev));
-    return requested;
-}
-
 // Head counts, head dim, scale, window: the checks forward and decode share.
 static void check_heads_and_options(const char* op, const SoftmaxConfig& cfg, const TensorView& q, const TensorView& k,
                                     int64_t HQ, int64_t HKV, int64_t D, Backend backend, bool has_g, double& scale) {
@@ -83,7 +63,7 @@ Problem make_forward_problem(const char* op, const SoftmaxConfig& cfg, const Sof
     p.HQ = a.q.shape[2];
     p.D = a.q.shape[3];
     p.HKV = a.k.shape[2];
-    p.cfg.backend = resolve_backend(op, cfg.backend, dev);
+    p.cfg.backend = detail::resolve_backend(op, cfg.backend, dev);
     check_heads_and_options(op, cfg, a.q, a.k, p.HQ, p.HKV, p.D, p.cfg.backend, a.g.defined(), p.scale);
     p.G = p.HQ / p.HKV;
     p.window = cfg.window;
@@ -148,7 +128,7 @@ DecodeProblem make_decode_problem(const char* op, const SoftmaxConfig& cfg, cons
     p.D = a.q.shape[3];
     p.HKV = a.k_cache.shape[2];
     p.slots = a.k_cache.shape[0];
-    p.cfg.backend = resolve_backend(op, cfg.backend, dev);
+    p.cfg.backend = detail::resolve_backend(op, cfg.backend, dev);
     check_heads_and_options(op, cfg, a.q, a.k_cache, p.HQ, p.HKV, p.D, p.cfg.backend,
                             a.g_cache.defined() || a.g.defined(), p.scale);
     p.G = p.HQ / p.HKV;
