@@ -22,7 +22,8 @@ Workspace::Workspace(int64_t K_, int64_t V_) : K(K_), V(V_) {
     blk_yt.assign(C * K, 0.0f);
     row.assign(std::max<int64_t>(D, C), 0.0f);
     row2.assign(std::max<int64_t>(D, C), 0.0f);
-    blk_y2.assign(C * K, 0.0f);
+    after.assign(C * K, 0.0f);
+    before.assign((C / kBlock) * C * K, 0.0f);
     diag.assign(C, 0.0f);
     u.assign(C, 0.0f);
     w.assign(C, 0.0f);
@@ -200,8 +201,25 @@ struct Decayed<true> {
         }
     }
 
-    static void scores(const float* x, const float* y, const float* /*yt*/, int L, int64_t K, const float* g, bool diag,
-                       float* E, Workspace& w) {
+    // The off-diagonal factors of every 16-token block I ≥ 1 (r = i0 − 1, the token before it), computed
+    // once per chunk and shared by all decayed products of the chunk:
+    //   w.after  [L, K]:          row i of block I holds exp(b_i − b_r)
+    //   w.before [I][i0, K]:      row j < i0 holds exp(b_r − b_j)
+    static void prepare(const float* g, int L, int64_t K, Workspace& w) {
+        for (int i0 = kBlock; i0 < L; i0 += kBlock) {
+            rows_after(nullptr, g, K, i0, std::min(L, i0 + kBlock), w.after.data() + i0 * K, w);
+            rows_before(nullptr, g, K, i0 - 1, before(w, i0, K), w);
+        }
+    }
+    static float* before(Workspace& w, int i0, int64_t K) { return w.before.data() + (i0 / kBlock) * kChunk * K; }
+
+    // dst[t] = src[t] ⊙ f[t] over n rows of K
+    static void mul_rows(const float* src, const float* f, int n, int64_t K, float* dst) {
+        for (int64_t t = 0; t < n * K; ++t) dst[t] = src[t] * f[t];
+    }
+
+    static void scores(const float* x, const float* y, const float* /*yt*/, int L, int64_t K, const float* /*g*/,
+                       bool diag, float* E, Workspace& w) {
         for (int i = 0; i < L; ++i) std::fill(E + i * kChunk, E + i * kChunk + L, 0.0f);
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock);
@@ -209,14 +227,14 @@ struct Decayed<true> {
                 E[i * kChunk + j] = hla::cpu::dot3(x + i * K, y + j * K, e, K);
             });
             if (i0 == 0) continue;
-            rows_after(x, g, K, i0, i1, w.blk_x.data(), w);           // x_I ⊙ exp(b_I − b_r)
-            rows_before(y, g, K, i0 - 1, w.blk_out.data(), w);        // y_J ⊙ exp(b_r − b_J)
+            mul_rows(x + i0 * K, w.after.data() + i0 * K, i1 - i0, K, w.blk_x.data());  // x_I ⊙ exp(b_I − b_r)
+            mul_rows(y, before(w, i0, K), i0, K, w.blk_out.data());                    // y_J ⊙ exp(b_r − b_J)
             transpose(w.blk_out.data(), i0, K, K, w.blk_yt.data());   // [K, i0]
             gemm(i1 - i0, i0, K, 1.0f, w.blk_x.data(), K, 1, w.blk_yt.data(), i0, 0.0f, E + i0 * kChunk, kChunk);
         }
     }
 
-    static void apply(const float* E, const float* y, int L, int64_t K, const float* g, bool diag, float* out,
+    static void apply(const float* E, const float* y, int L, int64_t K, const float* /*g*/, bool diag, float* out,
                       Workspace& w) {
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock);
@@ -225,14 +243,14 @@ struct Decayed<true> {
                 for (int64_t c = 0; c < K; ++c) out[i * K + c] += eij * y[j * K + c] * e[c];
             });
             if (i0 == 0) continue;
-            rows_before(y, g, K, i0 - 1, w.blk_out.data(), w);  // y_J ⊙ exp(b_r − b_J)
+            mul_rows(y, before(w, i0, K), i0, K, w.blk_out.data());  // y_J ⊙ exp(b_r − b_J)
             gemm(i1 - i0, K, i0, 1.0f, E + i0 * kChunk, kChunk, 1, w.blk_out.data(), K, 0.0f, w.blk_x.data(), K);
-            rows_after(nullptr, g, K, i0, i1, w.blk_y2.data(), w);  // exp(b_I − b_r)
-            for (int64_t t = 0; t < (i1 - i0) * K; ++t) out[i0 * K + t] += w.blk_x[t] * w.blk_y2[t];
+            const float* after = w.after.data() + i0 * K;  // exp(b_I − b_r)
+            for (int64_t t = 0; t < (i1 - i0) * K; ++t) out[i0 * K + t] += w.blk_x[t] * after[t];
         }
     }
 
-    static void apply_t(const float* E, const float* x, int L, int64_t K, const float* g, bool diag, float* out,
+    static void apply_t(const float* E, const float* x, int L, int64_t K, const float* /*g*/, bool diag, float* out,
                         Workspace& w) {
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock);
@@ -241,11 +259,11 @@ struct Decayed<true> {
                 for (int64_t c = 0; c < K; ++c) out[j * K + c] += eij * x[i * K + c] * e[c];
             });
             if (i0 == 0) continue;
-            rows_after(x, g, K, i0, i1, w.blk_x.data(), w);  // x_I ⊙ exp(b_I − b_r)
+            mul_rows(x + i0 * K, w.after.data() + i0 * K, i1 - i0, K, w.blk_x.data());  // x_I ⊙ exp(b_I − b_r)
             // [i0, K] = E[I, 0:i0]ᵀ · x̃_I
             gemm(i0, K, i1 - i0, 1.0f, E + i0 * kChunk, 1, kChunk, w.blk_x.data(), K, 0.0f, w.blk_out.data(), K);
-            rows_before(nullptr, g, K, i0 - 1, w.blk_y2.data(), w);  // exp(b_r − b_J)
-            for (int64_t t = 0; t < i0 * K; ++t) out[t] += w.blk_out[t] * w.blk_y2[t];
+            const float* before_r = before(w, i0, K);  // exp(b_r − b_J)
+            for (int64_t t = 0; t < i0 * K; ++t) out[t] += w.blk_out[t] * before_r[t];
         }
     }
 
@@ -294,6 +312,7 @@ void chunk_common(const ChunkView& c, const float* S0, Workspace& w, bool with_o
     if constexpr (kVector) {
         std::copy(c.g, c.g + L * K, w.ea.data());
         exp_inplace(w.ea.data(), L * K);
+        Decayed<true>::prepare(c.g, L, K, w);
     } else {
         scalar_gamma(c.g, L, w.gamma_lower.data());
         transpose(c.k, L, K, K, w.kt.data());

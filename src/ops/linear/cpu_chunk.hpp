@@ -46,7 +46,7 @@ struct Workspace {
     Workspace(int64_t K, int64_t V);
     int64_t K, V;
     std::vector<float> eb, ebar, ea, kt, kg, qg, kbar, y, x, xt, d, a, p, gamma_lower, s0t, dst, dx, dp, z, da, dqg, dkbar, dkg, dy,
-        tmp1, tmp2, blk_x, blk_yt, blk_out, blk_y2, row, row2, diag, u, w, f, db;
+        tmp1, tmp2, blk_x, blk_yt, blk_out, after, before, row, row2, diag, u, w, f, db;
 };
 
 // Forward of one chunk: o [L, V] ← outputs; S [K, V] ← the state after the chunk (in place).
