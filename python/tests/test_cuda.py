@@ -6,6 +6,7 @@ forward by the policy (2 × the fp32 reference's error + 1e-5), gradients 2e-4 r
 bf16 outputs within a few bf16 ulps.
 """
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -22,13 +23,16 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and hla.cuda_avai
                                 reason="needs a CUDA GPU and hla built with its CUDA backend")
 
 DEV = "cuda"
+# The CUDA chunked forward takes head dims K, V ∈ {64, 128} (others are a clear error), so the CPU
+# suite's cases run here with K = V = 64.
+CUDA_CASES = [dataclasses.replace(c, K=64, V=64) for c in CASES]
 
 
 def _to(x, device):
     return {key: t.to(device) for key, t in x.items()}
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("name", list(OPS))
 def test_linear_ops_cuda_forward_and_gradients(name, case):
     x = make_inputs(case, OPS[name])
@@ -59,7 +63,7 @@ def test_linear_ops_cuda_forward_and_gradients(name, case):
 
 @pytest.mark.parametrize("name", ["simple_gla", "gated_delta_rule", "kda_gate", "lightning_attn"])
 def test_fused_recurrent_decode_cuda(name):
-    case = CASES[1]
+    case = CUDA_CASES[1]
     x = make_inputs(case, OPS[name], seed=3)
     with torch.no_grad():
         o, ht = call_hla(name, _to(x, DEV), None, recurrent=True)
@@ -68,7 +72,7 @@ def test_fused_recurrent_decode_cuda(name):
 
 
 def test_bf16_linear_cuda():
-    case = CASES[2]
+    case = CUDA_CASES[2]
     x = make_inputs(case, OPS["gated_delta_rule"])
     xh = {key: (t.to(torch.bfloat16) if key != "initial_state" else t) for key, t in x.items()}
     o, ht = call_hla("gated_delta_rule", _to(xh, DEV), None)
@@ -99,7 +103,7 @@ def test_flash_attn_cuda(dtype):
 @pytest.mark.parametrize("name", ["gated_deltanet", "kimi_delta", "lightning"])
 def test_linear_layers_cuda(name):
     """fp32 layer on CUDA: the HF-formula composition's output, and cached decode == full forward."""
-    layer = make_layers()[name]
+    layer = make_layers(head_dim=64, attn_head_dim=64)[name]
     x = torch.randn(2, 16, layer_hidden(layer), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = REFS[name](copy.deepcopy(layer).double(), x.double())
@@ -113,7 +117,7 @@ def test_linear_layers_cuda(name):
 
 
 def test_gated_attention_cuda_bf16():
-    layer = make_layers()["gated_attention"]
+    layer = make_layers(head_dim=64, attn_head_dim=64)["gated_attention"]
     x = torch.randn(2, 16, layer_hidden(layer), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = layer(x)  # CPU fp32

@@ -38,14 +38,16 @@ def _randomize(layer: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return layer
 
 
-def make_layers():
+def make_layers(head_dim=8, attn_head_dim=16):
+    """The layers under test; the CUDA tests pass head dims its kernels take (64 / 128)."""
+    d = head_dim
     return {
-        "gated_deltanet": _randomize(GatedDeltaNet(HIDDEN, num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8)),
-        "kimi_delta": _randomize(KimiDeltaAttention(HIDDEN, num_heads=2, head_dim=8)),
-        "kimi_delta_bounded": _randomize(KimiDeltaAttention(HIDDEN, num_heads=2, head_dim=8, lower_bound=-4.0)),
-        "lightning": _randomize(LightningAttention(HIDDEN, num_heads=2, head_dim=8, layer_idx=1, num_layers=4)),
+        "gated_deltanet": _randomize(GatedDeltaNet(HIDDEN, num_k_heads=2, num_v_heads=4, head_k_dim=d, head_v_dim=d)),
+        "kimi_delta": _randomize(KimiDeltaAttention(HIDDEN, num_heads=2, head_dim=d)),
+        "kimi_delta_bounded": _randomize(KimiDeltaAttention(HIDDEN, num_heads=2, head_dim=d, lower_bound=-4.0)),
+        "lightning": _randomize(LightningAttention(HIDDEN, num_heads=2, head_dim=d, layer_idx=1, num_layers=4)),
         "gated_attention": _randomize(GatedAttention(HIDDEN, num_attention_heads=4, num_key_value_heads=2,
-                                                     head_dim=16)),
+                                                     head_dim=attn_head_dim)),
     }
 
 
