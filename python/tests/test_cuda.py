@@ -51,14 +51,20 @@ def test_linear_ops_cuda_forward_and_gradients(name, case):
     w_o = torch.randn(o.shape, generator=gen, dtype=torch.float64)
     w_h = torch.randn(ht.shape, generator=gen, dtype=torch.float64)
     ((o * w_o.float().to(DEV)).sum() + (ht * w_h.float().to(DEV)).sum()).backward()
-    rl, ro, rht = refs[torch.float64]
-    ((ro * w_o).sum() + (rht * w_h).sum()).backward()
+    # Gradients by the same policy as the CPU suite: 2 × the fp32 recurrence's error plus a floor (2e-4,
+    # the C++ CUDA tests' fp32 gradient bound). The fp32 term matters where a gradient lives below fp32's
+    # range (dinitial_state behind a g = −1000 token is ~e^-500 in fp64 and 0 in any fp32 computation).
+    for dtype in (torch.float64, torch.float32):
+        rl, ro, rht = refs[dtype]
+        ((ro * w_o.to(dtype)).sum() + (rht * w_h.to(dtype)).sum()).backward()
+    rl64, rl32 = refs[torch.float64][0], refs[torch.float32][0]
     for key, leaf in leaves.items():
         tol = 2e-4
         if key == "A_log" and OPS[name]["decay"] == "vector" and case.gates == "extreme":
             tol = 1e-3  # docs/design.md: vector-decay dA_log with raw gate inputs near 1000
-        err = rel_rms(leaf.grad.cpu(), rl[key].grad)
-        assert err <= tol, f"{name}/{case.name}: d{key} rel RMS {err:.3e} > {tol:g}"
+        err = rel_rms(leaf.grad.cpu(), rl64[key].grad)
+        err32 = rel_rms(rl32[key].grad, rl64[key].grad)
+        assert err <= 2 * err32 + tol, f"{name}/{case.name}: d{key} rel RMS {err:.3e} > 2 * {err32:.3e} + {tol:g}"
 
 
 @pytest.mark.parametrize("name", ["simple_gla", "gated_delta_rule", "kda_gate", "lightning_attn"])
