@@ -87,6 +87,23 @@ void call_hla(Fn&& fn) {
 
 using Opt = c10::optional<at::Tensor>;
 
+// The forward's inputs as the C++ API takes them; shared by the forward and the backward binding.
+hla::LinearForwardArgs linear_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Opt& g,
+                                     const Opt& beta, const Opt& A_log, const Opt& dt_bias, const Opt& initial_state,
+                                     const Opt& cu_seqlens) {
+    hla::LinearForwardArgs a;
+    a.q = as_view("q", q);
+    a.k = as_view("k", k);
+    a.v = as_view("v", v);
+    a.g = as_view("g", g);
+    a.beta = as_view("beta", beta);
+    a.A_log = as_view("A_log", A_log);
+    a.dt_bias = as_view("dt_bias", dt_bias);
+    a.initial_state = as_view("initial_state", initial_state);
+    a.cu_seqlens = as_view("cu_seqlens", cu_seqlens);
+    return a;
+}
+
 void linear_forward(int64_t decay, int64_t update, c10::optional<double> scale, bool qk_l2norm, int64_t gate_activation,
                     double lower_bound, int64_t beta_activation, int64_t backend, const at::Tensor& q,
                     const at::Tensor& k, const at::Tensor& v, const Opt& g, const Opt& beta, const Opt& A_log,
@@ -95,16 +112,7 @@ void linear_forward(int64_t decay, int64_t update, c10::optional<double> scale, 
     call_hla([&] {
         const hla::LinearConfig cfg =
             make_config(decay, update, scale, qk_l2norm, gate_activation, lower_bound, beta_activation, backend);
-        hla::LinearForwardArgs a;
-        a.q = as_view("q", q);
-        a.k = as_view("k", k);
-        a.v = as_view("v", v);
-        a.g = as_view("g", g);
-        a.beta = as_view("beta", beta);
-        a.A_log = as_view("A_log", A_log);
-        a.dt_bias = as_view("dt_bias", dt_bias);
-        a.initial_state = as_view("initial_state", initial_state);
-        a.cu_seqlens = as_view("cu_seqlens", cu_seqlens);
+        hla::LinearForwardArgs a = linear_inputs(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens);
         a.o = as_view("o", o);
         a.final_state = as_view("final_state", final_state);
         hla::linear_forward(cfg, a);
@@ -121,16 +129,7 @@ void linear_backward(int64_t decay, int64_t update, c10::optional<double> scale,
     call_hla([&] {
         const hla::LinearConfig cfg =
             make_config(decay, update, scale, qk_l2norm, gate_activation, lower_bound, beta_activation, backend);
-        hla::LinearForwardArgs a;
-        a.q = as_view("q", q);
-        a.k = as_view("k", k);
-        a.v = as_view("v", v);
-        a.g = as_view("g", g);
-        a.beta = as_view("beta", beta);
-        a.A_log = as_view("A_log", A_log);
-        a.dt_bias = as_view("dt_bias", dt_bias);
-        a.initial_state = as_view("initial_state", initial_state);
-        a.cu_seqlens = as_view("cu_seqlens", cu_seqlens);
+        hla::LinearForwardArgs a = linear_inputs(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens);
         hla::LinearGrads gr;
         gr.dq = as_view("dq", dq);
         gr.dk = as_view("dk", dk);
@@ -175,19 +174,26 @@ hla::SoftmaxConfig make_softmax_config(bool causal, int64_t window, c10::optiona
     return c;
 }
 
+// The forward's inputs and outputs (the backward needs o and lse too).
+hla::SoftmaxForwardArgs softmax_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Opt& g,
+                                     const Opt& gate, const Opt& cu_seqlens, const at::Tensor& o, const Opt& lse) {
+    hla::SoftmaxForwardArgs a;
+    a.q = as_view("q", q);
+    a.k = as_view("k", k);
+    a.v = as_view("v", v);
+    a.g = as_view("g", g);
+    a.gate = as_view("gate", gate);
+    a.cu_seqlens = as_view("cu_seqlens", cu_seqlens);
+    a.o = as_view("o", o);
+    a.lse = as_view("lse", lse);
+    return a;
+}
+
 void softmax_forward(bool causal, int64_t window, c10::optional<double> scale, int64_t backend, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const Opt& g, const Opt& gate, const Opt& cu_seqlens,
                      const at::Tensor& o, const Opt& lse) {
     call_hla([&] {
-        hla::SoftmaxForwardArgs a;
-        a.q = as_view("q", q);
-        a.k = as_view("k", k);
-        a.v = as_view("v", v);
-        a.g = as_view("g", g);
-        a.gate = as_view("gate", gate);
-        a.cu_seqlens = as_view("cu_seqlens", cu_seqlens);
-        a.o = as_view("o", o);
-        a.lse = as_view("lse", lse);
+        const hla::SoftmaxForwardArgs a = softmax_args(q, k, v, g, gate, cu_seqlens, o, lse);
         hla::softmax_attention_forward(make_softmax_config(causal, window, scale, backend), a);
     });
 }
@@ -197,15 +203,7 @@ void softmax_backward(bool causal, int64_t window, c10::optional<double> scale, 
                       const at::Tensor& o, const at::Tensor& lse, const at::Tensor& d_o, const Opt& dq, const Opt& dk,
                       const Opt& dv, const Opt& dg, const Opt& dgate) {
     call_hla([&] {
-        hla::SoftmaxForwardArgs a;
-        a.q = as_view("q", q);
-        a.k = as_view("k", k);
-        a.v = as_view("v", v);
-        a.g = as_view("g", g);
-        a.gate = as_view("gate", gate);
-        a.cu_seqlens = as_view("cu_seqlens", cu_seqlens);
-        a.o = as_view("o", o);
-        a.lse = as_view("lse", lse);
+        const hla::SoftmaxForwardArgs a = softmax_args(q, k, v, g, gate, cu_seqlens, o, lse);
         hla::SoftmaxGrads gr;
         gr.dq = as_view("dq", dq);
         gr.dk = as_view("dk", dk);
