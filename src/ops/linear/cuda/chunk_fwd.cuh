@@ -680,13 +680,6 @@ void launch_scan_cell(const Problem& p, const FwdParams& fp) {
     return launch_scan_vt<In, E, Update::Additive, K>(p, fp, vt);
 }
 
-inline void fill_strides(int64_t (&s)[3], const TensorView& x) {
-    for (int i = 0; i < 3; ++i) s[i] = x.defined() ? x.stride[i] : 0;
-}
-inline void fill_strides(int64_t (&s)[4], const TensorView& x) {
-    for (int i = 0; i < 4; ++i) s[i] = x.defined() ? x.stride[i] : 0;
-}
-
 // The dtype of the intermediates and of the scan's matrix operands: that of the inputs, except fp16,
 // whose 5-bit exponent cannot hold the factored scores and whose six roundings per output (Qg, Kd,
 // W, U, P, S) measured 2.2× the error of the fp16 reference run (tolerance policy: 2×): fp16 inputs

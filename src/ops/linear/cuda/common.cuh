@@ -11,6 +11,7 @@
 
 #include "hla/dtype.hpp"
 #include "hla/error.hpp"
+#include "hla/tensor.hpp"
 
 namespace hla::linear::cuda {
 
@@ -357,6 +358,12 @@ __device__ __forceinline__ void store_acc(const float (&c)[MT][NT][4], E* dst, i
 template <int MT, int NT>
 __device__ __forceinline__ void zero_acc(float (&c)[MT][NT][4]) {
     for_each_acc(c, [](int, int, float& x) { x = 0.f; });
+}
+
+// The leading strides of a view into a kernel's params (0 for an absent optional tensor). Host side.
+template <int N>
+inline void fill_strides(int64_t (&s)[N], const TensorView& x) {
+    for (int i = 0; i < N; ++i) s[i] = x.defined() ? x.stride[i] : 0;
 }
 
 }  // namespace hla::linear::cuda

@@ -162,15 +162,12 @@ void decode(const DecodeProblem& p) {
     dp.o_dtype = a.o.dtype;
     dp.idx_dtype = a.state_indices.defined() ? a.state_indices.dtype : DType::I32;
     dp.idx_stride = a.state_indices.defined() ? a.state_indices.stride[0] : 1;
-    auto strides = [](int64_t (&s)[3], const TensorView& x) {
-        for (int i = 0; i < 3; ++i) s[i] = x.defined() ? x.stride[i] : 0;
-    };
-    strides(dp.qs, a.q);
-    strides(dp.ks, a.k);
-    strides(dp.vs, a.v);
-    strides(dp.gs, a.g);
-    strides(dp.bs, a.beta);
-    strides(dp.os, a.o);
+    fill_strides(dp.qs, a.q);
+    fill_strides(dp.ks, a.k);
+    fill_strides(dp.vs, a.v);
+    fill_strides(dp.gs, a.g);
+    fill_strides(dp.bs, a.beta);
+    fill_strides(dp.os, a.o);
     dp.T = int(p.T);
     dp.H = int(p.H);
     dp.HV = int(p.HV);
