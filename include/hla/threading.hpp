@@ -2,7 +2,7 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
+#include <type_traits>
 
 namespace hla {
 
@@ -10,8 +10,24 @@ namespace hla {
 int num_threads();
 void set_num_threads(int n);
 
+namespace detail {
+// A non-owning reference to a callable: parallel_for never copies or allocates, so a decode step can
+// use the pool on every token without touching the heap.
+struct TaskRef {
+    void* object;
+    void (*call)(void* object, int64_t i);
+};
+void parallel_for(int64_t n, TaskRef task);
+}  // namespace detail
+
 // Runs fn(i) for i in [0, n) on the pool and returns when all are done. Tasks are handed out
-// dynamically, so uneven tasks (ragged sequences) balance. Nested calls run inline.
-void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
+// dynamically, so uneven tasks (ragged sequences) balance. Nested calls run inline. The first
+// exception thrown by a task is rethrown here.
+template <class F>
+void parallel_for(int64_t n, F&& fn) {
+    using Fn = std::remove_reference_t<F>;
+    detail::parallel_for(n, detail::TaskRef{const_cast<void*>(static_cast<const void*>(&fn)),
+                                            [](void* f, int64_t i) { (*static_cast<Fn*>(f))(i); }});
+}
 
 }  // namespace hla

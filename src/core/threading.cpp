@@ -29,16 +29,16 @@ public:
         for (int i = 0; i + 1 < n; ++i) workers_.emplace_back([this] { worker_loop(); });
     }
 
-    void run(int64_t n, const std::function<void(int64_t)>& fn) {
+    void run(int64_t n, detail::TaskRef fn) {
         if (n <= 0) return;
         if (in_task_ || workers_.empty() || n == 1) {
-            for (int64_t i = 0; i < n; ++i) fn(i);
+            for (int64_t i = 0; i < n; ++i) fn.call(fn.object, i);
             return;
         }
         std::lock_guard<std::mutex> one_job_at_a_time(run_mutex_);
         {
             std::lock_guard<std::mutex> lk(mutex_);
-            fn_ = &fn;
+            fn_ = fn;
             total_ = n;
             next_.store(0);
             done_.store(0);
@@ -67,7 +67,7 @@ private:
         int64_t i;
         while ((i = next_.fetch_add(1)) < total_) {
             try {
-                (*fn_)(i);
+                fn_.call(fn_.object, i);
             } catch (...) {
                 std::lock_guard<std::mutex> lk(mutex_);
                 if (!error_) error_ = std::current_exception();
@@ -124,7 +124,7 @@ private:
     std::atomic<int64_t> next_{0}, done_{0}, active_{0};
     bool closed_ = true;
     int64_t total_ = 0;
-    const std::function<void(int64_t)>* fn_ = nullptr;
+    detail::TaskRef fn_{nullptr, nullptr};
     std::exception_ptr error_;
     std::atomic<bool> stop_{false};
     static thread_local bool in_task_;
@@ -154,6 +154,8 @@ void set_num_threads(int n) {
     if (n != pool().size()) pool().resize(n);
 }
 
-void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) { pool().run(n, fn); }
+namespace detail {
+void parallel_for(int64_t n, TaskRef task) { pool().run(n, task); }
+}  // namespace detail
 
 }  // namespace hla
