@@ -4,7 +4,10 @@
 //
 //   delta:    o = (a⊙q)ᵀS + (q·k) u  with  p = (a⊙k)ᵀS, u = β (v − p);  S ← diag(a) S + k uᵀ
 //   additive: o = (a⊙q)ᵀS + (q·k) v;                                    S ← diag(a) S + k vᵀ
-// Both read S once to form p and o, then update it in one read-modify-write pass.
+// The state goes through in panels of 64 columns. The delta rule sweeps a panel twice (p and o, then
+// the update, which needs all of p's panel): the panel, K rows × 64 floats = 32 KiB at K = 128, is
+// still in L1 for the second sweep, so S crosses L2 once in each direction per token, which is what
+// bounds this step. The additive update needs one sweep.
 // No allocation: per-thread scratch is sized on first use and reused.
 #include <algorithm>
 #include <cmath>
@@ -22,50 +25,68 @@ using hla::cpu::vf;
 
 namespace {
 
-// out_m[0:V] = Σ_c w_m[c] · S[c, 0:V] for M weight vectors in one sweep over S (S is read once).
-// Columns go in panels of 4 vectors so the 4·M accumulators stay in registers across the c loop.
-template <int M>
-inline void weighted_row_sums(const float* S, const float* const* w, int64_t K, int64_t V, float* const* out) {
-    constexpr int P = 4;
+// One token on one head's state S [K, V]: o ← (a⊙q)ᵀS + (q·k) u, S ← diag(a) S + k uᵀ, with
+// u = β (v − (a⊙k)ᵀS) for the delta rule and u = v for the additive update.
+template <bool kDelta>
+void step_state(float* S, const float* a, const float* k, const float* aq, const float* ak, const float* v, float beta,
+                float qk, int64_t K, int64_t V, float* o) {
+    using hla::cpu::load;
+    using hla::cpu::splat;
+    using hla::cpu::store;
+    constexpr int P = 4;  // vectors per panel: 64 columns
     int64_t e0 = 0;
     for (; e0 + P * kVec <= V; e0 += P * kVec) {
-        vf acc[M][P] = {};
-        for (int64_t c = 0; c < K; ++c) {
-            const float* row = S + c * V + e0;
-            vf r[P];
-            for (int p = 0; p < P; ++p) r[p] = hla::cpu::load(row + p * kVec);
-            for (int m = 0; m < M; ++m) {
-                const vf wm = hla::cpu::splat(w[m][c]);
-                for (int p = 0; p < P; ++p) acc[m][p] += wm * r[p];
+        vf acc_o[P] = {}, u[P];
+        if constexpr (kDelta) {
+            vf acc_p[P] = {};
+            for (int64_t c = 0; c < K; ++c) {
+                const float* row = S + c * V + e0;
+                const vf wq = splat(aq[c]), wk = splat(ak[c]);
+                for (int j = 0; j < P; ++j) {
+                    const vf r = load(row + j * kVec);
+                    acc_o[j] += wq * r;
+                    acc_p[j] += wk * r;
+                }
+            }
+            for (int j = 0; j < P; ++j) u[j] = splat(beta) * (load(v + e0 + j * kVec) - acc_p[j]);
+            for (int64_t c = 0; c < K; ++c) {
+                float* row = S + c * V + e0;
+                const vf ac = splat(a[c]), kc = splat(k[c]);
+                for (int j = 0; j < P; ++j) store(row + j * kVec, ac * load(row + j * kVec) + kc * u[j]);
+            }
+        } else {
+            for (int j = 0; j < P; ++j) u[j] = load(v + e0 + j * kVec);
+            for (int64_t c = 0; c < K; ++c) {
+                float* row = S + c * V + e0;
+                const vf wq = splat(aq[c]), ac = splat(a[c]), kc = splat(k[c]);
+                for (int j = 0; j < P; ++j) {
+                    const vf r = load(row + j * kVec);
+                    acc_o[j] += wq * r;
+                    store(row + j * kVec, ac * r + kc * u[j]);
+                }
             }
         }
-        for (int m = 0; m < M; ++m)
-            for (int p = 0; p < P; ++p) hla::cpu::store(out[m] + e0 + p * kVec, acc[m][p]);
+        for (int j = 0; j < P; ++j) store(o + e0 + j * kVec, acc_o[j] + splat(qk) * u[j]);
     }
-    // Column tail (V not a multiple of 64).
-    for (int m = 0; m < M; ++m) std::fill(out[m] + e0, out[m] + V, 0.0f);
-    for (int64_t c = 0; c < K; ++c)
-        for (int m = 0; m < M; ++m)
-            for (int64_t e = e0; e < V; ++e) out[m][e] += w[m][c] * S[c * V + e];
-}
-
-// S[c, :] ← a[c] · S[c, :] + k[c] · u
-inline void decay_and_update(float* S, const float* a, const float* k, const float* u, int64_t K, int64_t V) {
-    for (int64_t c = 0; c < K; ++c) {
-        const vf ac = hla::cpu::splat(a[c]), kc = hla::cpu::splat(k[c]);
-        float* row = S + c * V;
-        int64_t e = 0;
-        for (; e + kVec <= V; e += kVec) hla::cpu::store(row + e, ac * hla::cpu::load(row + e) + kc * hla::cpu::load(u + e));
-        for (; e < V; ++e) row[e] = a[c] * row[e] + k[c] * u[e];
+    // Column tail (V not a multiple of 64): the same, one column at a time.
+    for (int64_t e = e0; e < V; ++e) {
+        float oe = 0, pe = 0;
+        for (int64_t c = 0; c < K; ++c) {
+            oe += aq[c] * S[c * V + e];
+            pe += ak[c] * S[c * V + e];
+        }
+        const float ue = kDelta ? beta * (v[e] - pe) : v[e];
+        for (int64_t c = 0; c < K; ++c) S[c * V + e] = a[c] * S[c * V + e] + k[c] * ue;
+        o[e] = oe + qk * ue;
     }
 }
 
 struct DecodeScratch {
-    std::vector<float> q, k, v, logd, a, aq, ak, p, o;
+    std::vector<float> q, k, v, logd, a, aq, ak, o;
     void size(int64_t K, int64_t V) {
         if (int64_t(q.size()) == K && int64_t(v.size()) == V) return;
         for (auto* b : {&q, &k, &logd, &a, &aq, &ak}) b->assign(size_t(K), 0.0f);
-        for (auto* b : {&v, &p, &o}) b->assign(size_t(V), 0.0f);
+        for (auto* b : {&v, &o}) b->assign(size_t(V), 0.0f);
     }
 };
 
@@ -111,19 +132,10 @@ void decode(const DecodeProblem& p) {
                 w.ak[c] = w.a[c] * w.k[c];
                 qk += w.q[c] * w.k[c];
             }
-            float* u = w.v.data();  // additive: u = v
-            if (delta) {
-                const float* weights[2] = {w.aq.data(), w.ak.data()};
-                float* sums[2] = {w.o.data(), w.p.data()};
-                weighted_row_sums<2>(S, weights, K, V, sums);
-                for (int64_t e = 0; e < V; ++e) u[e] = beta * (w.v[e] - w.p[e]);
-            } else {
-                const float* weights[1] = {w.aq.data()};
-                float* sums[1] = {w.o.data()};
-                weighted_row_sums<1>(S, weights, K, V, sums);
-            }
-            for (int64_t e = 0; e < V; ++e) w.o[e] += qk * u[e];
-            decay_and_update(S, w.a.data(), w.k.data(), u, K, V);
+            if (delta)
+                step_state<true>(S, w.a.data(), w.k.data(), w.aq.data(), w.ak.data(), w.v.data(), beta, qk, K, V, w.o.data());
+            else
+                step_state<false>(S, w.a.data(), w.k.data(), w.aq.data(), w.ak.data(), w.v.data(), beta, qk, K, V, w.o.data());
             write_row(o, token_offset(o, n, t, hv), w.o.data(), V);
         }
     });
