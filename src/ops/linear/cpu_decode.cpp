@@ -8,7 +8,7 @@
 // the update, which needs all of p's panel): the panel, K rows × 64 floats = 32 KiB at K = 128, is
 // still in L1 for the second sweep, so S crosses L2 once in each direction per token, which is what
 // bounds this step. The additive update needs one sweep.
-// No allocation: per-thread scratch is sized on first use and reused.
+// No allocation: the scratch lives on the stack (see DecodeScratch).
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -81,12 +81,28 @@ void step_state(float* S, const float* a, const float* k, const float* aq, const
     }
 }
 
+// Per-token scratch: q̂, k̂, log decay, a, a⊙q, a⊙k ([K] each), v and o ([V] each). On the stack for
+// head dims up to 512 (16 KiB), so a decode step never touches the heap; larger heads fall back to a
+// per-thread buffer that grows once.
 struct DecodeScratch {
-    std::vector<float> q, k, v, logd, a, aq, ak, o;
-    void size(int64_t K, int64_t V) {
-        if (int64_t(q.size()) == K && int64_t(v.size()) == V) return;
-        for (auto* b : {&q, &k, &logd, &a, &aq, &ak}) b->assign(size_t(K), 0.0f);
-        for (auto* b : {&v, &o}) b->assign(size_t(V), 0.0f);
+    static constexpr int64_t kStackFloats = 6 * 512 + 2 * 512;
+    float stack[kStackFloats];
+    float *q, *k, *logd, *a, *aq, *ak, *v, *o;
+
+    DecodeScratch(int64_t K, int64_t V) {
+        const int64_t need = 6 * K + 2 * V;
+        float* base = stack;
+        if (need > kStackFloats) {
+            thread_local std::vector<float> large;
+            if (int64_t(large.size()) < need) large.resize(size_t(need));
+            base = large.data();
+        }
+        for (float** part : {&q, &k, &logd, &a, &aq, &ak}) {
+            *part = base;
+            base += K;
+        }
+        v = base;
+        o = base + V;
     }
 };
 
@@ -115,16 +131,15 @@ void decode(const DecodeProblem& p) {
         const int64_t slot = slot_of(p.args.state_indices, n);
         if (slot < 0) return;
         float* S = p.args.state.ptr<float>() + (slot * HV + hv) * KV;
-        thread_local DecodeScratch w;
-        w.size(K, V);
+        DecodeScratch w(K, V);
         for (int64_t t = 0; t < p.T; ++t) {
             float beta;
-            load_token(in, n, t, hv, w.q.data(), w.k.data(), w.v.data(), w.logd.data(), &beta);
+            load_token(in, n, t, hv, w.q, w.k, w.v, w.logd, &beta);
             if (vec) {
-                std::copy(w.logd.begin(), w.logd.end(), w.a.begin());
-                hla::cpu::exp_inplace(w.a.data(), K);
+                std::copy(w.logd, w.logd + K, w.a);
+                hla::cpu::exp_inplace(w.a, K);
             } else {
-                std::fill(w.a.begin(), w.a.end(), std::exp(w.logd[0]));
+                std::fill(w.a, w.a + K, std::exp(w.logd[0]));
             }
             float qk = 0;
             for (int64_t c = 0; c < K; ++c) {
@@ -133,10 +148,10 @@ void decode(const DecodeProblem& p) {
                 qk += w.q[c] * w.k[c];
             }
             if (delta)
-                step_state<true>(S, w.a.data(), w.k.data(), w.aq.data(), w.ak.data(), w.v.data(), beta, qk, K, V, w.o.data());
+                step_state<true>(S, w.a, w.k, w.aq, w.ak, w.v, beta, qk, K, V, w.o);
             else
-                step_state<false>(S, w.a.data(), w.k.data(), w.aq.data(), w.ak.data(), w.v.data(), beta, qk, K, V, w.o.data());
-            write_row(o, token_offset(o, n, t, hv), w.o.data(), V);
+                step_state<false>(S, w.a, w.k, w.aq, w.ak, w.v, beta, qk, K, V, w.o);
+            write_row(o, token_offset(o, n, t, hv), w.o, V);
         }
     });
 }
