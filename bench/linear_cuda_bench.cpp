@@ -22,9 +22,11 @@
 #include <string>
 #include <vector>
 
+#include "cuda_timing.hpp"
 #include "hla/hla.hpp"
 
 using namespace hla;
+using hla::bench::median_ms;
 
 namespace {
 
@@ -40,28 +42,6 @@ Tensor device_tensor(const std::vector<int64_t>& shape, DType dtype, uint64_t se
     float* p = host.ptr<float>();
     for (int64_t i = 0; i < host.numel(); ++i) p[i] = normal ? n(rng) : u(rng);
     return (dtype == DType::F32 ? host : host.to(dtype)).to(Device::CUDA);
-}
-
-double median_ms(const std::function<void()>& fn, int iters) {
-    cudaEvent_t a, b;
-    cudaEventCreate(&a);
-    cudaEventCreate(&b);
-    for (int i = 0; i < 3; ++i) fn();
-    cudaDeviceSynchronize();
-    std::vector<double> t;
-    for (int i = 0; i < iters; ++i) {
-        cudaEventRecord(a);
-        fn();
-        cudaEventRecord(b);
-        cudaEventSynchronize(b);
-        float ms = 0;
-        cudaEventElapsedTime(&ms, a, b);
-        t.push_back(ms);
-    }
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
 }
 
 struct Row {

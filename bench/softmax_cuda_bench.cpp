@@ -13,9 +13,11 @@
 #include <string>
 #include <vector>
 
+#include "cuda_timing.hpp"
 #include "hla/hla.hpp"
 
 using namespace hla;
+using hla::bench::median_ms;
 
 namespace {
 
@@ -29,28 +31,6 @@ Tensor random_bf16(const std::vector<int64_t>& shape, uint64_t seed, float scale
         p[i] = float_to_bf16(scale * (float(x >> 40) / float(1ull << 24) * 2.0f - 1.0f));
     }
     return h.to(Device::CUDA);
-}
-
-double median_ms(const std::function<void()>& fn, int reps) {
-    for (int i = 0; i < 3; ++i) fn();
-    cudaDeviceSynchronize();
-    std::vector<float> t;
-    cudaEvent_t a, b;
-    cudaEventCreate(&a);
-    cudaEventCreate(&b);
-    for (int i = 0; i < reps; ++i) {
-        cudaEventRecord(a);
-        fn();
-        cudaEventRecord(b);
-        cudaEventSynchronize(b);
-        float ms = 0;
-        cudaEventElapsedTime(&ms, a, b);
-        t.push_back(ms);
-    }
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
 }
 
 // Attention flops (two matmuls, 2 flops a multiply-add) over the visible (query, key) pairs.
