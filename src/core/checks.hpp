@@ -37,6 +37,17 @@ std::string dtypes_string(std::initializer_list<DType> dtypes);
 // The backend a call runs on: Auto follows the tensors' device; an explicit choice must match it.
 Backend resolve_backend(const char* op, Backend requested, Device device);
 
+// Runs the implementation of the backend a validated call resolved to (one place for the choice, so a
+// new backend is added here and in each family's three functions, not in every entry point).
+template <class Reference, class Cpu, class Cuda>
+void on_backend(Backend backend, Reference&& reference, Cpu&& cpu, Cuda&& cuda) {
+    switch (backend) {
+        case Backend::Reference: reference(); return;
+        case Backend::Cuda: cuda(); return;
+        default: cpu(); return;
+    }
+}
+
 // Reads cu_seqlens (i32 or i64, CPU or CUDA) into host offsets and checks 0 = cu[0] ≤ … ≤ cu[N] = total.
 std::vector<int64_t> read_cu_seqlens(const char* op, const TensorView& cu, int64_t total);
 

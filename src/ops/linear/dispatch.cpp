@@ -240,11 +240,10 @@ void decode(const DecodeProblem& p) { no_cuda(p.op); }
 
 static void run_forward(const char* op, const LinearConfig& cfg, const LinearForwardArgs& args) {
     const linear::Problem p = linear::make_forward_problem(op, cfg, args);
-    switch (p.cfg.backend) {
-        case Backend::Reference: linear::reference::forward(p); break;
-        case Backend::Cuda: linear::cuda::forward(p); break;
-        default: linear::cpu::forward(p); break;
-    }
+    detail::on_backend(p.cfg.backend,
+                       [&] { linear::reference::forward(p); },
+                       [&] { linear::cpu::forward(p); },
+                       [&] { linear::cuda::forward(p); });
 }
 
 void linear_forward(const LinearConfig& config, const LinearForwardArgs& args) {
@@ -258,20 +257,18 @@ void linear_backward(const LinearConfig& config, const LinearForwardArgs& args, 
     if (!a.o.defined()) a.o = d_o;  // only its shape is checked; backward never writes o
     const linear::Problem p = linear::make_forward_problem("linear_backward", config, a);
     linear::check_backward_args(p, d_o, d_final_state, grads);
-    switch (p.cfg.backend) {
-        case Backend::Reference: linear::reference::backward(p, d_o, d_final_state, grads); break;
-        case Backend::Cuda: linear::cuda::backward(p, d_o, d_final_state, grads); break;
-        default: linear::cpu::backward(p, d_o, d_final_state, grads); break;
-    }
+    detail::on_backend(p.cfg.backend,
+                       [&] { linear::reference::backward(p, d_o, d_final_state, grads); },
+                       [&] { linear::cpu::backward(p, d_o, d_final_state, grads); },
+                       [&] { linear::cuda::backward(p, d_o, d_final_state, grads); });
 }
 
 void linear_decode(const LinearConfig& config, const LinearDecodeArgs& args) {
     const linear::DecodeProblem p = linear::make_decode_problem("linear_decode", config, args);
-    switch (p.cfg.backend) {
-        case Backend::Reference: linear::reference::decode(p); break;
-        case Backend::Cuda: linear::cuda::decode(p); break;
-        default: linear::cpu::decode(p); break;
-    }
+    detail::on_backend(p.cfg.backend,
+                       [&] { linear::reference::decode(p); },
+                       [&] { linear::cpu::decode(p); },
+                       [&] { linear::cuda::decode(p); });
 }
 
 static LinearForwardArgs named_args(TensorView q, TensorView k, TensorView v, TensorView o, const LinearOptions& opt) {

@@ -238,11 +238,10 @@ void decode(const DecodeProblem& p) { no_cuda(p.op); }
 
 static void run_forward(const char* op, const SoftmaxConfig& cfg, const SoftmaxForwardArgs& args) {
     const softmax::Problem p = softmax::make_forward_problem(op, cfg, args);
-    switch (p.cfg.backend) {
-        case Backend::Reference: softmax::reference::forward(p); break;
-        case Backend::Cuda: softmax::cuda::forward(p); break;
-        default: softmax::cpu::forward(p); break;
-    }
+    detail::on_backend(p.cfg.backend,
+                       [&] { softmax::reference::forward(p); },
+                       [&] { softmax::cpu::forward(p); },
+                       [&] { softmax::cuda::forward(p); });
 }
 
 void softmax_attention_forward(const SoftmaxConfig& config, const SoftmaxForwardArgs& args) {
@@ -255,20 +254,18 @@ void softmax_attention_backward(const SoftmaxConfig& config, const SoftmaxForwar
     HLA_CHECK(args.o.defined(), op, ": o: required, the output written by the forward");
     const softmax::Problem p = softmax::make_forward_problem(op, config, args);
     softmax::check_backward_args(p, d_o, grads);
-    switch (p.cfg.backend) {
-        case Backend::Reference: softmax::reference::backward(p, d_o, grads); break;
-        case Backend::Cuda: softmax::cuda::backward(p, d_o, grads); break;
-        default: softmax::cpu::backward(p, d_o, grads); break;
-    }
+    detail::on_backend(p.cfg.backend,
+                       [&] { softmax::reference::backward(p, d_o, grads); },
+                       [&] { softmax::cpu::backward(p, d_o, grads); },
+                       [&] { softmax::cuda::backward(p, d_o, grads); });
 }
 
 static void run_kvcache(const char* op, const SoftmaxConfig& cfg, const SoftmaxKVCacheArgs& args) {
     const softmax::DecodeProblem p = softmax::make_decode_problem(op, cfg, args);
-    switch (p.cfg.backend) {
-        case Backend::Reference: softmax::reference::decode(p); break;
-        case Backend::Cuda: softmax::cuda::decode(p); break;
-        default: softmax::cpu::decode(p); break;
-    }
+    detail::on_backend(p.cfg.backend,
+                       [&] { softmax::reference::decode(p); },
+                       [&] { softmax::cpu::decode(p); },
+                       [&] { softmax::cuda::decode(p); });
 }
 
 void softmax_attention_kvcache(const SoftmaxConfig& config, const SoftmaxKVCacheArgs& args) {
