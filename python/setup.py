@@ -75,6 +75,19 @@ def _uses_cxx11_abi(lib):
     return None if not lines else any("[abi:cxx11]" in line for line in lines)
 
 
+def _loaded_libstdcxx():
+    """Path of the libstdc++ this torch runs with (the one mapped into this very process), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/libstdc++.so" in path:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 class BuildHla(BuildExtension):
     """Finds or builds libhla only when the extension is really built (not for egg_info & co)."""
 
@@ -99,6 +112,14 @@ class BuildHla(BuildExtension):
                     sys.exit("hla setup: libhla was built with CUDA but no CUDA toolkit was found (set CUDA_HOME)")
                 ext.extra_objects.append(str(cuda / "lib64" / "libcudart_static.a"))
                 ext.libraries += ["dl", "rt"]
+            # Link the C++ runtime that torch itself uses, by path. Some toolchains (seen: the GPU
+            # machine's /opt/gcc 13) ship only a static libstdc++ on their link path; the extension then
+            # carries a private copy of libstdc++ whose locale and exception state is never set up, and
+            # the first hla::Error crashed the interpreter. Named first, the shared library resolves
+            # every libstdc++ symbol, so nothing is taken from a static archive.
+            libstdcxx = _loaded_libstdcxx()
+            if libstdcxx:
+                ext.extra_link_args.append(libstdcxx)
         super().build_extensions()
 
 

@@ -4,6 +4,10 @@
     hla.layers   GatedDeltaNet, KimiDeltaAttention, LightningAttention, GatedAttention (nn.Module,
                  Hugging Face parameter names, recurrent / KV caches for generation)
 """
+# torch first: _C links libc10 / libtorch by name, and only an imported torch puts them in the process
+# (`python -m hla.mqar` or a script whose first import is hla failed with "libc10.so: cannot open").
+import torch  # noqa: F401
+
 try:
     from . import _C
 except ImportError as e:  # pragma: no cover - only reached by a broken install
