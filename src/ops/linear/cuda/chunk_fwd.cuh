@@ -31,42 +31,12 @@
 #include <vector>
 
 #include "ops/linear/activations.hpp"
+#include "ops/linear/cuda/chunk_prepare_mma.cuh"
 #include "ops/linear/cuda/common.cuh"
+#include "ops/linear/cuda/fwd_params.cuh"
 #include "ops/linear/problem.hpp"
 
 namespace hla::linear::cuda {
-
-constexpr int kChunk = 64;          // tokens per chunk
-constexpr int kSub = 16;            // row block of the factored scores
-constexpr float kSafeSpan = 80.f;   // e^80 · |k| stays far inside fp32
-
-// Per-chunk and per-sequence metadata, computed on the host from Problem::seqs.
-struct ChunkInfo {
-    int batch, start, len, seq;  // tokens [start, start + len) of batch row `batch`
-};
-struct SeqInfo {
-    int batch, start, len, first_chunk;
-};
-
-// One POD for both kernels: pointers, strides (elements) of [B, T, heads, D] views, options.
-struct FwdParams {
-    const void *q, *k, *v, *g, *beta, *A_log, *dt_bias, *h0;
-    void *o, *ht;
-    DType g_dtype, beta_dtype, o_dtype;
-    int64_t qs[3], ks[3], vs[3], gs[3], bs[3], os[3], h0s[4], hts[4];
-    int H, HV, G, K, V;
-    float scale;
-    bool qk_l2norm;
-    GateActivation gate_act;
-    float lower_bound;
-    BetaActivation beta_act;
-    const ChunkInfo* chunks;
-    const SeqInfo* seqs;
-    // Workspace, per (chunk, value head): Qg, Kd, W [64, K]; U [64, V]; P [64, 64] in the input dtype;
-    // gC [K] fp32.
-    void *Qg, *Kd, *W, *U, *P;
-    float* gC;
-};
 
 // ---- chunk_prepare ------------------------------------------------------------------------------
 
@@ -465,8 +435,9 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
 
 // ---- chunk_scan ---------------------------------------------------------------------------------
 
-constexpr int kScanThreads = 128;
-
+// Warps of a scan block: 4 (each owns 16 output rows and K/4 state rows, all VT columns) or 8 (the
+// same split over each half of the VT columns). 8 warps let a 64-column tile keep as many warps per
+// SM in flight as two 32-column blocks, while reading the chunk's Qg, Kd, W and P half as often.
 // Shared memory of the scan: the operands read before the state update (Qg, W) are single-buffered
 // and refilled for chunk c+1 while chunk c finishes; those read by the state update (Kd, P, U, γ_C)
 // are double-buffered and fetched a whole chunk ahead. All copies are cp.async (no registers).
@@ -481,14 +452,18 @@ struct ScanLayout {
     static constexpr size_t bytes = elems * sizeof(E) + 2 * K * sizeof(float);
 };
 
-template <class In, class E, Update Up, int K, int VT>
-__global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParams p) {
+template <class In, class E, Update Up, int K, int VT, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams p) {
+    constexpr int kScanThreads = 32 * WARPS;
+    constexpr int NH = WARPS / 4;    // column groups
+    static_assert(WARPS == 4 || WARPS == 8, "chunk_scan: 4 or 8 warps");
     using L = ScanLayout<E, K, VT>;
     constexpr int LDK = L::LDK, LDP = L::LDP, LDV = L::LDV;
     constexpr bool kDelta = Up == Update::Delta;
     constexpr bool kSplit = sizeof(E) == 4;
-    constexpr int NT = VT / 8;       // n-tiles of a V-tile
-    constexpr int SMT = K / 64;      // m-tiles of state rows per warp (4 warps × 16·SMT = K)
+    constexpr int NT = VT / 8 / NH;  // n-tiles of a warp's share of the V-tile
+    static_assert(NT % 2 == 0, "chunk_scan: a warp's columns must pair up for ldmatrix.x4 (VT / (8·NH) even)");
+    constexpr int SMT = K / 64;      // m-tiles of state rows per warp (4 row groups × 16·SMT = K)
     constexpr int PER16 = 16 / sizeof(E);
     extern __shared__ float4 smem_f4[];
     E* Qt = reinterpret_cast<E*>(smem_f4);
@@ -502,6 +477,7 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
     auto Ut_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK + kChunk * LDP; };
 
     const int tid = threadIdx.x, warp = tid >> 5;
+    const int mw = warp & 3, cw0 = (warp >> 2) * (VT / NH);  // row group; first column of the warp's share
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
     const SeqInfo si = p.seqs[n];
     const int nchunks = (si.len + kChunk - 1) / kChunk;
@@ -530,16 +506,16 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
         for (int c = tid; c < K / 4; c += kScanThreads) cp_async16(gcs + b * K + 4 * c, p.gC + slot * K + 4 * c);
     };
 
-    // The state block of this warp: keys [warp·16·SMT, +16·SMT), all VT columns.
+    // The state block of this warp: keys [mw·16·SMT, +16·SMT), columns [cw0, cw0 + VT/NH).
     float S[SMT][NT][4];
-    const int key0 = warp * 16 * SMT;
+    const int key0 = mw * 16 * SMT;
     if (p.h0) {
         const float* h0 = static_cast<const float*>(p.h0) + n * p.h0s[0] + hv * p.h0s[1];
-        for_each_acc(S, [&](int r, int c, float& x) { x = h0[(key0 + r) * p.h0s[2] + v0 + c]; });
+        for_each_acc(S, [&](int r, int c, float& x) { x = h0[(key0 + r) * p.h0s[2] + v0 + cw0 + c]; });
     } else {
         zero_acc(S);
     }
-    for_each_acc(S, [&](int r, int c, float& x) { Sb[c * LDK + key0 + r] = from_f<E>(x); });
+    for_each_acc(S, [&](int r, int c, float& x) { Sb[(cw0 + c) * LDK + key0 + r] = from_f<E>(x); });
     if (nchunks > 0) {
         fetch_a(0);
         fetch_b(0);
@@ -559,19 +535,19 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
             fetch_b(cidx + 1);  // the other buffer: last read by chunk cidx − 1
             cp_async_commit();
         }
-        // ---- O = Qg S and Ũ = U − W S, rows [16·warp, +16) ----
+        // ---- O = Qg S and Ũ = U − W S, rows [16·mw, +16), the warp's columns ----
         float O[1][NT][4];
         zero_acc(O);
-        const Tile<E> Sop{Sb, 1, LDK};  // (key, v) of the state
-        warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Qt + warp * 16 * LDK, LDK, 1}, Sop, K);
+        const Tile<E> Sop{Sb + cw0 * LDK, 1, LDK};  // (key, v) of the state
+        warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Qt + mw * 16 * LDK, LDK, 1}, Sop, K);
         const E* Ueff = Ut;
         if constexpr (kDelta) {
             float WS[1][NT][4];
             zero_acc(WS);
-            warp_gemm<E, 1, NT, kSplit>(WS, Tile<E>{Wt + warp * 16 * LDK, LDK, 1}, Sop, K);
+            warp_gemm<E, 1, NT, kSplit>(WS, Tile<E>{Wt + mw * 16 * LDK, LDK, 1}, Sop, K);
             for_each_acc(WS, [&](int r, int c, float& x) {
-                const int row = warp * 16 + r;
-                Unew[row * LDV + c] = from_f<E>(to_f(Ut[row * LDV + c]) - x);
+                const int row = mw * 16 + r;
+                Unew[row * LDV + cw0 + c] = from_f<E>(to_f(Ut[row * LDV + cw0 + c]) - x);
             });
             Ueff = Unew;
         }
@@ -581,23 +557,23 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
             cp_async_commit();
         }
         // ---- O += P Ũ; write the rows that exist ----
-        warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Pt + warp * 16 * LDP, LDP, 1}, Tile<E>{Ueff, LDV, 1}, kChunk);
+        warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Pt + mw * 16 * LDP, LDP, 1}, Tile<E>{Ueff + cw0, LDV, 1}, kChunk);
         for_each_acc(O, [&](int r, int c, float& x) {
-            const int row = warp * 16 + r;
+            const int row = mw * 16 + r;
             if (row < len) {
                 const int64_t t = si.start + int64_t(cidx) * kChunk + row;
-                store_any(p.o, p.o_dtype, si.batch * p.os[0] + t * p.os[1] + hv * p.os[2] + v0 + c, x);
+                store_any(p.o, p.o_dtype, si.batch * p.os[0] + t * p.os[1] + hv * p.os[2] + v0 + cw0 + c, x);
             }
         });
         // ---- S ← diag(γ_C) S + Kdᵀ Ũ ----
         for_each_acc(S, [&](int r, int, float& x) { x *= gc[key0 + r]; });
-        warp_gemm<E, SMT, NT, kSplit>(S, Tile<E>{Kt + key0, 1, LDK}, Tile<E>{Ueff, LDV, 1}, kChunk);
+        warp_gemm<E, SMT, NT, kSplit>(S, Tile<E>{Kt + key0, 1, LDK}, Tile<E>{Ueff + cw0, LDV, 1}, kChunk);
         __syncthreads();  // every read of Sb and Ũ is done
-        for_each_acc(S, [&](int r, int c, float& x) { Sb[c * LDK + key0 + r] = from_f<E>(x); });
+        for_each_acc(S, [&](int r, int c, float& x) { Sb[(cw0 + c) * LDK + key0 + r] = from_f<E>(x); });
     }
     if (p.ht) {
         float* ht = static_cast<float*>(p.ht) + n * p.hts[0] + hv * p.hts[1];
-        for_each_acc(S, [&](int r, int c, float& x) { ht[(key0 + r) * p.hts[2] + v0 + c] = x; });
+        for_each_acc(S, [&](int r, int c, float& x) { ht[(key0 + r) * p.hts[2] + v0 + cw0 + c] = x; });
     }
 }
 
@@ -611,12 +587,13 @@ void set_smem(Kern kernel, size_t bytes, const char* op) {
 }
 
 int sm_count();
-int scan_tile_override();  // HLA_CUDA_SCAN_VT, 0 when unset
+int scan_tile_override();   // HLA_CUDA_SCAN_VT, 0 when unset
+int scan_warps_override();  // HLA_CUDA_SCAN_WARPS, 0 when unset
 void* workspace_alloc(size_t bytes, const char* op);
 void workspace_free(void* ptr);
 
 template <class In, class E, Decay D, Update Up, int K>
-void launch_prepare(const FwdParams& fp, int n_chunks, const char* op) {
+void launch_prepare_fp32(const FwdParams& fp, int n_chunks, const char* op) {
     constexpr size_t smem = prep_smem_bytes<D, Up, K>();
     static_assert(smem <= 227 * 1024, "chunk_prepare: shared memory over the 227 KiB of an SM");
     static const bool once = (set_smem(chunk_prepare_kernel<In, E, D, Up, K>, smem, op), true);
@@ -625,13 +602,23 @@ void launch_prepare(const FwdParams& fp, int n_chunks, const char* op) {
     check_cuda(cudaGetLastError(), op, "chunk_prepare launch");
 }
 
-template <class In, class E, Update Up, int K, int VT>
+template <class In, class E, Decay D, Update Up, int K>
+void launch_prepare(const FwdParams& fp, int n_chunks, const char* op) {
+    // bf16 inputs and intermediates: the tensor-core kernel of chunk_prepare_mma.cuh
+    if constexpr (std::is_same_v<In, __nv_bfloat16> && std::is_same_v<E, In>) {
+        return launch_prepare_mma<D, Up, K>(fp, n_chunks, op);
+    } else {
+        launch_prepare_fp32<In, E, D, Up, K>(fp, n_chunks, op);
+    }
+}
+
+template <class In, class E, Update Up, int K, int VT, int WARPS = 4>
 void launch_scan(const FwdParams& fp, int n_seqs, const char* op) {
     constexpr size_t smem = ScanLayout<E, K, VT>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan: shared memory over the 227 KiB of an SM");
-    static const bool once = (set_smem(chunk_scan_kernel<In, E, Up, K, VT>, smem, op), true);
+    static const bool once = (set_smem(chunk_scan_kernel<In, E, Up, K, VT, WARPS>, smem, op), true);
     (void)once;
-    chunk_scan_kernel<In, E, Up, K, VT><<<dim3(n_seqs, fp.HV, fp.V / VT), kScanThreads, smem>>>(fp);
+    chunk_scan_kernel<In, E, Up, K, VT, WARPS><<<dim3(n_seqs, fp.HV, fp.V / VT), 32 * WARPS, smem>>>(fp);
     check_cuda(cudaGetLastError(), op, "chunk_scan launch");
 }
 
@@ -656,11 +643,15 @@ void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks) {
 }
 
 template <class In, class E, Update Up, int K>
-void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt) {
+void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt, int warps) {
     const int n_seqs = int(p.N());
-    // 64-column tiles only for 16-bit operands: in fp32 they would need 256 KiB of shared memory.
-    if constexpr (sizeof(E) == 2)
-        if (vt == 64) return launch_scan<In, E, Up, K, 64>(fp, n_seqs, p.op);
+    // 64-column tiles and 8-warp blocks only for 16-bit operands: in fp32 64 columns would need
+    // 256 KiB of shared memory.
+    if constexpr (sizeof(E) == 2) {
+        if (vt == 64) return warps == 8 ? launch_scan<In, E, Up, K, 64, 8>(fp, n_seqs, p.op)
+                                        : launch_scan<In, E, Up, K, 64, 4>(fp, n_seqs, p.op);
+        if (vt == 32 && warps == 8) return launch_scan<In, E, Up, K, 32, 8>(fp, n_seqs, p.op);
+    }
     if (vt >= 32) return launch_scan<In, E, Up, K, 32>(fp, n_seqs, p.op);
     return launch_scan<In, E, Up, K, 16>(fp, n_seqs, p.op);
 }
@@ -676,8 +667,9 @@ void launch_scan_cell(const Problem& p, const FwdParams& fp) {
     const int forced = scan_tile_override();
     if (forced == 16 || forced == 32 || forced == 64) vt = forced;
     vt = std::min<int>(vt, int(p.V));
-    if (p.delta()) return launch_scan_vt<In, E, Update::Delta, K>(p, fp, vt);
-    return launch_scan_vt<In, E, Update::Additive, K>(p, fp, vt);
+    const int warps = scan_warps_override() == 8 ? 8 : 4;
+    if (p.delta()) return launch_scan_vt<In, E, Update::Delta, K>(p, fp, vt, warps);
+    return launch_scan_vt<In, E, Update::Additive, K>(p, fp, vt, warps);
 }
 
 // The dtype of the intermediates and of the scan's matrix operands: that of the inputs, except fp16,

@@ -1,0 +1,491 @@
+// hla — chunk_prepare for bf16 inputs on 16-bit tensor cores (SPECS.md §1, "Chunked forward").
+//
+// The same outputs as the fp32 chunk_prepare_kernel (chunk_fwd.cuh) — per (chunk of 64 tokens, value
+// head): Qg = sQ⊙γ, Kd = K⊙γ_C⊘γ, the masked scores P, γ_C, and for the delta rule
+// W = L diag(β)(K⊙γ), U = L diag(β) V with L = (I + A)^{-1} — built for speed instead of generality:
+//
+// - 4 warps, warp w owns the rows [16w, 16w + 16) of the chunk: its row block of P, A, W and U, its
+//   share of Qg and Kd, and (inverse) column block w of L. Most phases need no block barrier at all.
+// - q, k, v stay in shared memory as the raw bf16 inputs (cp.async, 52 KiB with v), the L2 norms,
+//   the scale and β are applied to the fp32 products instead of the operands: one rounding fewer
+//   than normalising in place, and half the shared memory of fp32 tiles (2 blocks per SM, not 1).
+// - Products are mma.sync m16n8k16 bf16 with fp32 accumulation. With one decay number per token the
+//   operands come straight from shared memory (ldmatrix) and exp(b_i − b_j) multiplies the fp32 result.
+//   With vector decay the decay sits inside the dot product, so each operand fragment is formed in
+//   registers: raw element × exp(exponent) in fp32, rounded once to bf16.
+// - The inverse: 16×16 diagonal blocks by forward substitution (one lane per column), then each warp
+//   finishes its column block of L with tf32 mma: L_IJ = −L_II · A_I,[J,I) · L_[J,I),J.
+//
+// Vector-decay numerics (the factoring that keeps g = −1000 safe). b_i is the in-chunk cumulative
+// log decay, kept per row block I (reference row r_I = 16I) as Δ_i = b_i − b_{r_I} in fp32, with the
+// block references R_I = b_{r_I} summed in fp64 and only their differences rounded. Every exponent is
+// then a difference of nearby values or one that underflows harmlessly to 0:
+//   scores, row block I, column block J < I:  (q_i e^{Δ_i}) · (k_j e^{(R_I − R_J) − Δ_j})   both ≤ 1
+//   column block J = I (the diagonal):         (q_i e^{Δ_i}) · (k_j e^{−Δ_j})   the second ≤ e^{span}
+//   Qg: q e^{R_I + Δ_i},   Kd: k e^{(b_C − R_I) − Δ_i},   K⊙γ for W: k e^{R_I + Δ_i}.
+// When a block's decay span exceeds e^80 in any channel (g = −1000 does), its diagonal scores are
+// computed entry by entry with e^{Δ_i − Δ_j} ≤ 1 instead (slow, exact, only for such chunks).
+#pragma once
+
+#include <algorithm>
+
+#include "ops/linear/activations.hpp"
+#include "ops/linear/cuda/common.cuh"
+#include "ops/linear/cuda/fwd_params.cuh"
+
+namespace hla::linear::cuda {
+
+constexpr int kPrepMmaThreads = 128;  // 4 warps: one per 16-row block of the chunk
+
+template <Decay D, Update Up, int K>
+struct PrepMmaLayout {
+    static constexpr bool kVec = D == Decay::Vector, kDelta = Up == Update::Delta;
+    static constexpr int LDH = K + 8;        // bf16 rows of q, k: 16-byte pad, ldmatrix and fragment loads conflict-free
+    static constexpr int LDV = 128 + 8;      // bf16 rows of v (V ≤ 128)
+    static constexpr int LDF = K + 8;        // fp32 rows of Δ: float2 fragment loads conflict-free per half-warp
+    static constexpr int LDA = kChunk + 4;   // fp32 rows of A and L
+    static constexpr size_t q_off = 0;
+    static constexpr size_t k_off = q_off + size_t(kChunk) * LDH * 2;
+    static constexpr size_t v_off = k_off + size_t(kChunk) * LDH * 2;
+    static constexpr size_t v_bytes = kDelta ? size_t(kChunk) * LDV * 2 : 0;  // additive: U = V is copied, not staged
+    // Δ (vector decay) until the scores are done, then A and L (delta rule) in the same bytes
+    static constexpr size_t f_off = v_off + v_bytes;
+    static constexpr size_t f_bytes =
+        std::max(kVec ? size_t(kChunk) * LDF * 4 : size_t(0), kDelta ? 2 * size_t(kChunk) * LDA * 4 : size_t(0));
+    // vector: per channel the 6 differences R_I − R_J (I > J), the 4 b_C − R_I and the 4 R_I (fp32);
+    // one decay number per token: b_i in fp64
+    static constexpr size_t t_off = f_off + f_bytes;
+    static constexpr size_t t_bytes = kVec ? size_t(14) * K * 4 : size_t(kChunk) * 8;
+    static constexpr size_t r_off = t_off + t_bytes;  // per row: β, rq, rk, e^{b_i}, e^{b_C − b_i}
+    static constexpr size_t bytes = r_off + 5 * kChunk * 4 + 16;
+};
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ float2 load_bf16x2(const __nv_bfloat16* p) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+
+// 16-byte asynchronous copy that writes zeros instead when `valid` is false (nothing is read then).
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
+    const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
+}
+
+// The chunk's rows of a bf16 [.., D] view into shared memory (row stride ld), rows ≥ valid zero:
+// asynchronous 16-byte copies when every row is 16-byte aligned, element copies otherwise.
+template <int COLS>
+__device__ __forceinline__ void stage_rows_bf16(__nv_bfloat16* dst, int ld, const __nv_bfloat16* src, int64_t row_stride,
+                                                int valid) {
+    constexpr int PR = COLS / 8;
+    if ((reinterpret_cast<uintptr_t>(src) % 16 == 0) && (row_stride % 8 == 0)) {
+        for (int idx = threadIdx.x; idx < kChunk * PR; idx += kPrepMmaThreads) {
+            const int r = idx / PR, c = idx % PR;
+            const bool in = r < valid;
+            cp_async16_zfill(dst + r * ld + c * 8, src + (in ? r : 0) * row_stride + c * 8, in);
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < kChunk * COLS; idx += kPrepMmaThreads) {
+            const int r = idx / COLS, c = idx % COLS;
+            dst[r * ld + c] = r < valid ? src[r * row_stride + c] : __float2bfloat16(0.f);
+        }
+    }
+}
+
+template <Decay D, Update Up, int K>
+__global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(const FwdParams p) {
+    using E = __nv_bfloat16;
+    using L = PrepMmaLayout<D, Up, K>;
+    constexpr bool kVec = L::kVec, kDelta = L::kDelta;
+    constexpr int LDH = L::LDH, LDV = L::LDV, LDF = L::LDF, LDA = L::LDA;
+    extern __shared__ float4 smem_f4[];
+    char* sm = reinterpret_cast<char*>(smem_f4);
+    E* qs = reinterpret_cast<E*>(sm + L::q_off);  // raw q; for the delta rule K⊙γ (normalised) once the scores are done
+    E* ks = reinterpret_cast<E*>(sm + L::k_off);
+    E* vs = reinterpret_cast<E*>(sm + L::v_off);
+    float* Fs = reinterpret_cast<float*>(sm + L::f_off);  // Δ [64][LDF]
+    float* As = Fs;                                       // A [64][LDA], strictly lower, β_i and norms applied
+    float* Ls = Fs + kChunk * LDA;                        // L = (I + A)^{-1} [64][LDA]
+    float* Dt = reinterpret_cast<float*>(sm + L::t_off);  // vector: R_I − R_J at [(I(I−1)/2 + J)·K + c]
+    float* Et = Dt + 6 * K;                               //         b_C − R_I at [I·K + c]
+    float* Rt = Et + 4 * K;                               //         R_I at [I·K + c]
+    double* bsm = reinterpret_cast<double*>(sm + L::t_off);  // scalar decays: b_i
+    float* betas = reinterpret_cast<float*>(sm + L::r_off);
+    float* rq = betas + kChunk;  // s / ‖q_i‖ (or s)
+    float* rk = rq + kChunk;     // 1 / ‖k_i‖ (or 1)
+    float* eq = rk + kChunk;     // e^{b_i}          (scalar decays)
+    float* ek = eq + kChunk;     // e^{b_C − b_i}    (scalar decays)
+    int* wide = reinterpret_cast<int*>(ek + kChunk);  // bit I: row block I spans more than e^80 (vector decay)
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int chunk = blockIdx.x, hv = blockIdx.y, h = hv / p.G;
+    const ChunkInfo ci = p.chunks[chunk];
+    const int len = ci.len;
+    const int r0 = 16 * warp;
+    const size_t slot = size_t(chunk) * p.HV + hv;
+    const int V = p.V;
+
+    if (tid == 0) *wide = 0;
+    // ---- q, k (and v) → shared memory, asynchronously ----
+    const E* qsrc = static_cast<const E*>(p.q) + ci.batch * p.qs[0] + int64_t(ci.start) * p.qs[1] + h * p.qs[2];
+    const E* ksrc = static_cast<const E*>(p.k) + ci.batch * p.ks[0] + int64_t(ci.start) * p.ks[1] + h * p.ks[2];
+    const E* vsrc = static_cast<const E*>(p.v) + ci.batch * p.vs[0] + int64_t(ci.start) * p.vs[1] + hv * p.vs[2];
+    stage_rows_bf16<K>(qs, LDH, qsrc, p.qs[1], len);
+    stage_rows_bf16<K>(ks, LDH, ksrc, p.ks[1], len);
+    if constexpr (kDelta) {
+        if (V == 128) stage_rows_bf16<128>(vs, LDV, vsrc, p.vs[1], len);
+        else stage_rows_bf16<64>(vs, LDV, vsrc, p.vs[1], len);
+    }
+    cp_async_commit();
+
+    // ---- gates and β (overlapping the copies) ----
+    if constexpr (kDelta) {
+        if (tid >= kChunk) {
+            const int i = tid - kChunk;
+            float b = 0.f;
+            if (i < len)
+                b = beta_value(p.beta_act,
+                               load_any(p.beta, p.beta_dtype, ci.batch * p.bs[0] + (ci.start + int64_t(i)) * p.bs[1] + hv * p.bs[2]));
+            betas[i] = b;
+        }
+    }
+    if constexpr (kVec) {
+        // raw gate rows as fp32 into Δ's rows; the activation and the sums follow once they are in
+        const int64_t goff = ci.batch * p.gs[0] + int64_t(ci.start) * p.gs[1] + hv * p.gs[2];
+        switch (p.g_dtype) {
+            case DType::BF16:
+                load_rows<__nv_bfloat16, kChunk, K, kPrepMmaThreads>(Fs, LDF, static_cast<const __nv_bfloat16*>(p.g) + goff,
+                                                                     p.gs[1], len);
+                break;
+            case DType::F16:
+                load_rows<__half, kChunk, K, kPrepMmaThreads>(Fs, LDF, static_cast<const __half*>(p.g) + goff, p.gs[1], len);
+                break;
+            default:
+                load_rows<float, kChunk, K, kPrepMmaThreads>(Fs, LDF, static_cast<const float*>(p.g) + goff, p.gs[1], len);
+                break;
+        }
+    } else if (warp == 0) {
+        // one decay number per token: two tokens per lane, an fp64 warp scan (g = −1000 sums reach
+        // −6.4·10^4, where fp32 would put 0.4% errors into e^{b_i − b_j} of neighbouring tokens)
+        double a[2] = {0.0, 0.0};
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int i = 2 * lane + e;
+            if (i >= len) continue;
+            if constexpr (D == Decay::Scalar) {
+                const float x = load_any(p.g, p.g_dtype, ci.batch * p.gs[0] + (ci.start + int64_t(i)) * p.gs[1] + hv * p.gs[2]);
+                a[e] = p.gate_act == GateActivation::None
+                           ? x
+                           : gate_log_decay(p.gate_act, p.lower_bound, x + static_cast<const float*>(p.dt_bias)[hv],
+                                            static_cast<const float*>(p.A_log)[hv]);
+            } else if constexpr (D == Decay::Fixed) {
+                a[e] = static_cast<const float*>(p.g)[hv];
+            }
+        }
+        double s = a[0] + a[1];
+        for (int off = 1; off < 32; off <<= 1) {
+            const double n = __shfl_up_sync(0xffffffffu, s, off);
+            if (lane >= off) s += n;
+        }
+        const double b0 = s - a[1], b1 = s;
+        const double bC = __shfl_sync(0xffffffffu, b1, 31);
+        bsm[2 * lane] = b0;
+        bsm[2 * lane + 1] = b1;
+        eq[2 * lane] = __expf(float(b0));
+        eq[2 * lane + 1] = __expf(float(b1));
+        ek[2 * lane] = __expf(float(bC - b0));
+        ek[2 * lane + 1] = __expf(float(bC - b1));
+        for (int c = lane; c < K; c += 32) p.gC[slot * K + c] = __expf(float(bC));
+    }
+    cp_async_wait_all();
+    __syncthreads();
+
+    // ---- vector decay: per channel (one thread each) the activation and the fp64 in-chunk sums ----
+    if constexpr (kVec) {
+        if (tid < K) {
+            const int c = tid;
+            float dtb = 0.f, alog = 0.f;
+            if (p.gate_act != GateActivation::None) {
+                dtb = static_cast<const float*>(p.dt_bias)[hv * K + c];
+                alog = static_cast<const float*>(p.A_log)[hv];
+            }
+            double run = 0.0, R[4];
+            int wide_bits = 0;
+#pragma unroll
+            for (int I = 0; I < 4; ++I) {
+                for (int ii = 0; ii < 16; ++ii) {
+                    const int i = 16 * I + ii;
+                    double gl = 0.0;
+                    if (i < len) {
+                        const float x = Fs[i * LDF + c];
+                        gl = p.gate_act == GateActivation::None ? x : gate_log_decay(p.gate_act, p.lower_bound, x + dtb, alog);
+                    }
+                    run += gl;
+                    if (ii == 0) R[I] = run;
+                    const float d = float(run - R[I]);
+                    Fs[i * LDF + c] = d;
+                    if (ii == 15 && d < -kSafeSpan) wide_bits |= 1 << I;
+                }
+            }
+#pragma unroll
+            for (int I = 0; I < 4; ++I) {
+#pragma unroll
+                for (int J = 0; J < I; ++J) Dt[(I * (I - 1) / 2 + J) * K + c] = float(R[I] - R[J]);
+                Et[I * K + c] = float(run - R[I]);
+                Rt[I * K + c] = float(R[I]);
+            }
+            p.gC[slot * K + c] = __expf(float(run));
+            if (wide_bits) atomicOr(wide, wide_bits);
+        }
+    }
+    // ---- L2 norms (and the scale) of this warp's rows ----
+    for (int rr = 0; rr < 16; ++rr) {
+        const int i = r0 + rr;
+        float sq = 0.f, sk = 0.f;
+#pragma unroll
+        for (int c = 2 * lane; c < K; c += 64) {
+            const float2 a = load_bf16x2(qs + i * LDH + c), b = load_bf16x2(ks + i * LDH + c);
+            sq += a.x * a.x + a.y * a.y;
+            sk += b.x * b.x + b.y * b.y;
+        }
+        float fq = p.scale, fk = 1.f;
+        if (p.qk_l2norm) {
+            for (int off = 16; off > 0; off >>= 1) {
+                sq += __shfl_xor_sync(0xffffffffu, sq, off);
+                sk += __shfl_xor_sync(0xffffffffu, sk, off);
+            }
+            fq = p.scale * rsqrtf(sq + float(kL2NormEps));
+            fk = rsqrtf(sk + float(kL2NormEps));
+        }
+        if (lane == 0) {
+            rq[i] = fq;
+            rk[i] = fk;
+        }
+    }
+    __syncthreads();
+
+    // ---- scores of this warp's rows: P (j ≤ i) and A (j < i), 64 columns, fp32 accumulators ----
+    float accP[1][8][4], accA[1][8][4];
+    zero_acc(accP);
+    zero_acc(accA);
+    if constexpr (!kVec) {
+        const Tile<E> Bk{ks, 1, LDH};  // B(channel, token j) = k_j
+        warp_gemm<E, 1, 8>(accP, Tile<E>{qs + r0 * LDH, LDH, 1}, Bk, K);
+        if constexpr (kDelta) warp_gemm<E, 1, 8>(accA, Tile<E>{ks + r0 * LDH, LDH, 1}, Bk, K);
+    } else {
+        const bool wide_diag = (*wide >> warp) & 1;
+        const float* Drow = Dt + (warp * (warp - 1) / 2) * K;  // R_warp − R_J at Drow[J·K + c]
+        for (int kk = 0; kk < K; kk += 16) {
+            // A fragments: rows r0 + g (+8), channels kk + 2t (+8): q e^{Δ_i}, k e^{Δ_i}
+            uint32_t aq[4], ak[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = r0 + g + 8 * (e & 1), c = kk + 2 * t + 8 * (e >> 1);
+                const float2 d = *reinterpret_cast<const float2*>(Fs + i * LDF + c);
+                const float f0 = __expf(d.x), f1 = __expf(d.y);
+                const float2 qv = load_bf16x2(qs + i * LDH + c);
+                aq[e] = pack_bf16(qv.x * f0, qv.y * f1);
+                if constexpr (kDelta) {
+                    const float2 kv = load_bf16x2(ks + i * LDH + c);
+                    ak[e] = pack_bf16(kv.x * f0, kv.y * f1);
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                const int J = nt >> 1;
+                if (J > warp || (J == warp && wide_diag)) continue;  // warp-uniform
+                // B fragment: channels kk + 2t (+8), token j = 8nt + g: k_j e^{(R_I − R_J) − Δ_j}
+                const int j = 8 * nt + g;
+                uint32_t b[2];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int c = kk + 2 * t + 8 * hh;
+                    const float2 d = *reinterpret_cast<const float2*>(Fs + j * LDF + c);
+                    float2 off = make_float2(0.f, 0.f);
+                    if (J < warp) off = *reinterpret_cast<const float2*>(Drow + J * K + c);
+                    const float2 kv = load_bf16x2(ks + j * LDH + c);
+                    b[hh] = pack_bf16(kv.x * __expf(off.x - d.x), kv.y * __expf(off.y - d.y));
+                }
+                mma16(accP[0][nt], aq, b, E());
+                if constexpr (kDelta) mma16(accA[0][nt], ak, b, E());
+            }
+        }
+        if (wide_diag) {
+            // the diagonal block entry by entry: Σ_c x_ic k_jc e^{Δ_ic − Δ_jc}, every factor ≤ 1
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                if ((nt >> 1) != warp) continue;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = r0 + g + 8 * (e >> 1), j = 8 * nt + 2 * t + (e & 1);
+                    if (j > i) continue;
+                    float sp = 0.f, sa = 0.f;
+                    for (int c = 0; c < K; ++c) {
+                        const float kj = __bfloat162float(ks[j * LDH + c]) * __expf(Fs[i * LDF + c] - Fs[j * LDF + c]);
+                        sp += __bfloat162float(qs[i * LDH + c]) * kj;
+                        sa += __bfloat162float(ks[i * LDH + c]) * kj;
+                    }
+                    accP[0][nt][e] += sp;
+                    accA[0][nt][e] += sa;
+                }
+            }
+        }
+    }
+    // norms, β and (one number per token) the decay on the fp32 results; the causal masks
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = r0 + g + 8 * (e >> 1), j = 8 * nt + 2 * t + (e & 1);
+            float dec = 1.f;
+            if constexpr (D == Decay::Scalar || D == Decay::Fixed) dec = j <= i ? __expf(float(bsm[i] - bsm[j])) : 0.f;
+            const float rkj = rk[j];
+            accP[0][nt][e] = j <= i ? accP[0][nt][e] * rq[i] * rkj * dec : 0.f;
+            if constexpr (kDelta) accA[0][nt][e] = j < i ? accA[0][nt][e] * betas[i] * rk[i] * rkj * dec : 0.f;
+        }
+    store_acc<E>(accP, static_cast<E*>(p.P) + slot * kChunk * kChunk + r0 * kChunk, kChunk);
+    __syncwarp();  // every lane's reads of q rows r0.. are done before K⊙γ overwrites them
+
+    // ---- Qg = sq̂ ⊙ γ, Kd = k̂ ⊙ γ_C ⊘ γ (and K⊙γ into q's rows for W) for this warp's rows, 8 channels per lane ----
+    {
+        constexpr int LPR = K / 8, RPI = 32 / LPR;
+        E* Qg = static_cast<E*>(p.Qg) + slot * kChunk * K;
+        E* Kd = static_cast<E*>(p.Kd) + slot * kChunk * K;
+        for (int it = 0; it < 16 / RPI; ++it) {
+            const int i = r0 + it * RPI + lane / LPR, c0 = 8 * (lane % LPR);
+            const uint4 qraw = *reinterpret_cast<const uint4*>(qs + i * LDH + c0);
+            const uint4 kraw = *reinterpret_cast<const uint4*>(ks + i * LDH + c0);
+            const uint32_t qw[4] = {qraw.x, qraw.y, qraw.z, qraw.w}, kw[4] = {kraw.x, kraw.y, kraw.z, kraw.w};
+            float qo[8], ko[8], kg[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                float fq, fk;
+                if constexpr (kVec) {
+                    const float d = Fs[i * LDF + c0 + e];
+                    fq = __expf(Rt[warp * K + c0 + e] + d);
+                    fk = __expf(Et[warp * K + c0 + e] - d);
+                } else {
+                    fq = eq[i];
+                    fk = ek[i];
+                }
+                if constexpr (D == Decay::None) fq = fk = 1.f;
+                const float qe = unpack_elem<E>(qw, e), ke = unpack_elem<E>(kw, e) * rk[i];
+                qo[e] = qe * rq[i] * fq;
+                ko[e] = ke * fk;
+                kg[e] = ke * fq;
+            }
+            store_vec<E>(Qg + i * K + c0, qo);
+            store_vec<E>(Kd + i * K + c0, ko);
+            if constexpr (kDelta) store_vec<E>(qs + i * LDH + c0, kg);
+        }
+    }
+    if constexpr (!kDelta) {
+        // additive update: U = V, this warp's rows (zero past the end), 16 bytes per copy
+        E* Ug = static_cast<E*>(p.U) + slot * size_t(kChunk) * V;
+        const bool vec_ok = (reinterpret_cast<uintptr_t>(vsrc) % 16 == 0) && (p.vs[1] % 8 == 0);
+        const int per_row = V / 8;
+        for (int idx = lane; idx < 16 * per_row; idx += 32) {
+            const int i = r0 + idx / per_row, c0 = 8 * (idx % per_row);
+            if (vec_ok) {
+                const uint4 x = i < len ? *reinterpret_cast<const uint4*>(vsrc + i * p.vs[1] + c0) : make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4*>(Ug + i * V + c0) = x;
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) Ug[i * V + c0 + e] = i < len ? vsrc[i * p.vs[1] + c0 + e] : __float2bfloat16(0.f);
+            }
+        }
+        return;
+    } else {
+        __syncthreads();  // Δ is dead (A and L take its bytes); K⊙γ is complete
+        for_each_acc(accA, [&](int r, int c, float& x) { As[(r0 + r) * LDA + c] = x; });
+        __syncthreads();
+        // ---- L_II = (I + A_II)^{-1}, forward substitution, lane c < 16 → column c ----
+        if (lane < 16) {
+            const int o = r0, c = lane;
+            float col[16];
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                float x = i == c ? 1.f : 0.f;
+#pragma unroll
+                for (int j = 0; j < i; ++j) x -= (j >= c ? As[(o + i) * LDA + o + j] * col[j] : 0.f);
+                col[i] = i < c ? 0.f : x;
+            }
+#pragma unroll
+            for (int i = 0; i < 16; ++i) Ls[(o + i) * LDA + o + c] = col[i];
+        }
+        __syncthreads();
+        // ---- column block J = warp: L_IJ = −L_II · (A_I,[J,I) · L_[J,I),J) for I = J+1..3 (tf32) ----
+        {
+            const int J = warp;
+            float* X = Ls + 16 * J * LDA;  // scratch: the unused upper block (J, I) of L
+            for (int I = J + 1; I < 4; ++I) {
+                float x[1][2][4];
+                zero_acc(x);
+                warp_gemm<float, 1, 2>(x, Tile<float>{As + 16 * I * LDA + 16 * J, LDA, 1},
+                                       Tile<float>{Ls + 16 * J * LDA + 16 * J, LDA, 1}, 16 * (I - J));
+                for_each_acc(x, [&](int r, int c, float& v) { X[r * LDA + 16 * I + c] = v; });
+                __syncwarp();
+                float y[1][2][4];
+                zero_acc(y);
+                warp_gemm<float, 1, 2>(y, Tile<float>{Ls + 16 * I * LDA + 16 * I, LDA, 1}, Tile<float>{X + 16 * I, LDA, 1}, 16);
+                for_each_acc(y, [&](int r, int c, float& v) { Ls[(16 * I + r) * LDA + 16 * J + c] = -v; });
+                __syncwarp();
+            }
+        }
+        __syncthreads();
+        // ---- W = L diag(β) (K⊙γ), U = L diag(β) V for this warp's rows; L diag(β) rounded once to bf16 ----
+        uint32_t a[4][4];
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            if (s > warp) break;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = r0 + g + 8 * (e & 1), j = 16 * s + 2 * t + 8 * (e >> 1);
+                const float2 l = *reinterpret_cast<const float2*>(Ls + i * LDA + j);
+                a[s][e] = pack_bf16(l.x * betas[j], l.y * betas[j + 1]);
+            }
+        }
+        const int mi = lane >> 3, r8 = lane & 7;
+        // 64 output columns of X·(rows of src): src row-major [token][column], ldmatrix.trans for B
+        auto product64 = [&](const E* src, int ld, int col0, E* dst, int dst_ld) {
+            float acc[1][8][4];
+            zero_acc(acc);
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                if (s > warp) break;
+#pragma unroll
+                for (int np = 0; np < 4; ++np) {
+                    uint32_t x[4];
+                    ldmatrix_x4_trans(x, src + (16 * s + (mi & 1) * 8 + r8) * ld + col0 + 16 * np + (mi >> 1) * 8);
+                    const uint32_t b0[2] = {x[0], x[1]}, b1[2] = {x[2], x[3]};
+                    mma16(acc[0][2 * np], a[s], b0, E());
+                    mma16(acc[0][2 * np + 1], a[s], b1, E());
+                }
+            }
+            store_acc<E>(acc, dst + r0 * dst_ld + col0, dst_ld);
+        };
+        E* Wg = static_cast<E*>(p.W) + slot * kChunk * K;
+        E* Ug = static_cast<E*>(p.U) + slot * size_t(kChunk) * V;
+        for (int c0 = 0; c0 < K; c0 += 64) product64(qs, LDH, c0, Wg, K);
+        for (int c0 = 0; c0 < V; c0 += 64) product64(vs, LDV, c0, Ug, V);
+    }
+}
+
+template <Decay D, Update Up, int K>
+void launch_prepare_mma(const FwdParams& fp, int n_chunks, const char* op) {
+    constexpr size_t smem = PrepMmaLayout<D, Up, K>::bytes;
+    static_assert(2 * smem <= 227 * 1024, "chunk_prepare_mma: two blocks must fit an SM's shared memory");
+    static const bool once = (check_cuda(cudaFuncSetAttribute(chunk_prepare_mma_kernel<D, Up, K>,
+                                                              cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+                                         op, "cudaFuncSetAttribute"),
+                              true);
+    (void)once;
+    chunk_prepare_mma_kernel<D, Up, K><<<dim3(n_chunks, fp.HV), kPrepMmaThreads, smem>>>(fp);
+    check_cuda(cudaGetLastError(), op, "chunk_prepare_mma launch");
+}
+
+}  // namespace hla::linear::cuda
