@@ -3,7 +3,8 @@
 // flops / peak tensor rate and bytes / HBM bandwidth. bench/softmax_sdpa.py times PyTorch SDPA on the
 // same shapes in the same device call.
 //
-// Usage: softmax_cuda_bench [--quick]
+// Usage: softmax_cuda_bench [--quick | --profile]
+//   --profile: one untimed call of each kernel on the issue-4 shapes, for a profiler (ncu) to catch.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -124,6 +125,7 @@ void bench_decode(int64_t N, int64_t L, int64_t HQ, int64_t HKV, int64_t D, int6
 
 int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+    const bool profile = argc > 1 && std::strcmp(argv[1], "--profile") == 0;
     if (!cuda_available()) {
         std::printf("softmax_cuda_bench: no CUDA device\n");
         return 0;
@@ -131,6 +133,13 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop{};
     cudaGetDeviceProperties(&prop, 0);
     std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+    if (profile) {
+        // median_ms with one repetition: a warm-up call and one timed call of each kernel.
+        bench_prefill(4, 4096, 16, 16, 128, 0, true, 1);
+        bench_decode(64, 4096, 32, 8, 128, 1, 1);
+        bench_decode(64, 4096, 32, 8, 128, 4, 1);
+        return 0;
+    }
     const int reps = quick ? 5 : 20;
     bench_prefill(4, 4096, 16, 16, 128, 0, true, reps);
     bench_prefill(1, 16384, 16, 16, 128, 0, true, reps);

@@ -32,9 +32,14 @@ struct FwdTraits {
     // Q tile + two stages of K and V (b16), then the forget-gate sums (fp32).
     static constexpr int SMEM = (BM * D + 4 * BN * D) * 2 + (BN + BM) * 4;
     static_assert(D % 64 == 0, "the swizzle needs rows of at least 8 chunks");
+    // K/V tile copies: thread tid moves 16-byte chunk tid % (D/8) of rows tid / (D/8) + k · RSTEP.
+    static constexpr int RSTEP = THREADS / (D / 8);
+    static_assert(THREADS % (D / 8) == 0 && BN % RSTEP == 0, "whole rows per copy round");
 };
 
-template <int D, class T>
+// GATED: with the forget-gate bias. A compile-time choice, so that plain attention carries none of its
+// registers or shared-memory reads through the inner loop.
+template <int D, class T, bool GATED>
 __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(const FwdParams p) {
     using Tr = FwdTraits<D>;
     constexpr int BM = Tr::BM, BN = Tr::BN, NB = Tr::NB, DB = Tr::DB, THREADS = Tr::THREADS, MT = Tr::MT;
@@ -64,7 +69,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
     const int kv_hi = p.causal ? min(len, q_last + 1) : len;
     const int kv_lo = p.window > 0 ? max(0, q0 - p.window + 1) : 0;
     const int n_hi = (kv_hi + BN - 1) / BN, n_lo = kv_lo / BN;
-    const bool has_g = p.g != nullptr;
+    constexpr bool has_g = GATED;
 
     const T* qb = static_cast<const T*>(p.q) + batch * p.q_s[0] + (start + q0) * p.q_s[1] + h * p.q_s[2];
     const T* kb = static_cast<const T*>(p.k) + batch * p.k_s[0] + start * p.k_s[1] + kvh * p.k_s[2];
@@ -73,11 +78,33 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
         return load_any(p.g, batch * p.g_s[0] + (start + t) * p.g_s[1] + h * p.g_s[2], p.g_dtype);
     };
 
+    // This thread's share of every K/V tile copy is the same 16-byte chunk of the same rows of each
+    // key block: the offsets are computed once, and a block only moves the base pointers (the
+    // generic row loop cost about a fifth of the loop's issue slots in address arithmetic).
+    const int cp_row = threadIdx.x / (D / 8), cp_chunk = threadIdx.x % (D / 8);
+    const T* k_thr = kb + cp_row * p.k_s[1] + cp_chunk * 8;
+    const T* v_thr = vb + cp_row * p.v_s[1] + cp_chunk * 8;
+    const int64_t k_step = Tr::RSTEP * p.k_s[1], v_step = Tr::RSTEP * p.v_s[1];
+    auto load_kv = [&](int st, int j0, int valid) {
+        T* dk = sK + st * BN * D;
+        T* dv = sV + st * BN * D;
+        const T* ks = k_thr + j0 * p.k_s[1];
+        const T* vs = v_thr + j0 * p.v_s[1];
+#pragma unroll
+        for (int i = 0; i < BN / Tr::RSTEP; ++i) {
+            const int r = cp_row + i * Tr::RSTEP;
+            const bool ok = r < valid;
+            cp_async16(dk + swz<D>(r, cp_chunk), ok ? ks : kb, ok);
+            cp_async16(dv + swz<D>(r, cp_chunk), ok ? vs : vb, ok);
+            ks += k_step;
+            vs += v_step;
+        }
+    };
+
     load_tile_async<BM, D, THREADS>(sQ, qb, p.q_s[1], mrows);
     if (n_hi > n_lo) {
         const int j0 = (n_hi - 1) * BN;
-        load_tile_async<BN, D, THREADS>(sK, kb + j0 * p.k_s[1], p.k_s[1], kv_hi - j0);
-        load_tile_async<BN, D, THREADS>(sV, vb + j0 * p.v_s[1], p.v_s[1], kv_hi - j0);
+        load_kv(0, j0, kv_hi - j0);
     }
     cp_async_commit();
     // Query-side sums R_i = Σ_{s=i+1..q_last} g_s (anchor q_last keeps them short and accurate).
@@ -109,9 +136,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
         cp_async_wait<0>();
         __syncthreads();
         if (n - 1 >= n_lo) {  // prefetch the next (lower) block into the other stage
-            const int jn = (n - 1) * BN;
-            load_tile_async<BN, D, THREADS>(sK + (stage ^ 1) * BN * D, kb + jn * p.k_s[1], p.k_s[1], BN);
-            load_tile_async<BN, D, THREADS>(sV + (stage ^ 1) * BN * D, vb + jn * p.v_s[1], p.v_s[1], BN);
+            load_kv(stage ^ 1, (n - 1) * BN, BN);
         }
         cp_async_commit();
         if (has_g) {

@@ -261,17 +261,35 @@ void decode(const DecodeProblem& p) {
     d.window = int(p.window);
     d.causal = p.cfg.causal;
 
-    // Decode is latency-bound per warp: enough blocks for about 8 per SM (several resident at once, and
-    // a short tail), each split keeping at least 256 keys so that the partials stay a small fraction of
-    // the cache traffic.
+    // Splits: the cache of one (sequence, kv head) is cut into `splits` key ranges so that the grid
+    // fills the GPU. At least two waves of resident blocks (a block's start — its first copies in
+    // flight — then overlaps another's work), then among up to twice that many the count whose last
+    // wave is fullest (equal blocks: the tail wave idles the rest), each split keeping at least 256
+    // keys so that the partials stay a small fraction of the cache traffic.
     int sms = 132;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.q.device_index);
-    const int rows_per_block = decode_rows_per_block(int(p.D), int(p.G * p.TQ));
-    const int row_tiles = int((p.G * p.TQ + rows_per_block - 1) / rows_per_block);
-    const int64_t blocks = p.N * p.HKV * row_tiles;
-    int splits = int(std::max<int64_t>(1, (8 * sms + blocks - 1) / blocks));
-    splits = int(std::min<int64_t>(splits, std::max<int64_t>(1, p.capacity / 256)));
-    d.splits = splits;
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.q.device_index), op, "SM count");
+    const bool bf16 = a.q.dtype == DType::BF16;
+    const int rows = int(p.G * p.TQ);
+    const bool gates = a.g_cache.defined();
+    int per_sm = 1;
+    switch (p.D) {
+        case 64: per_sm = decode_blocks_per_sm<64>(rows, gates, bf16, op); break;
+        case 128: per_sm = decode_blocks_per_sm<128>(rows, gates, bf16, op); break;
+        default: per_sm = decode_blocks_per_sm<256>(rows, gates, bf16, op); break;
+    }
+    const int64_t slots = int64_t(sms) * per_sm;
+    const int tile_rows = 16 * decode_row_tiles_per_block(int(p.D), rows);
+    const int64_t blocks = p.N * p.HKV * ((rows + tile_rows - 1) / tile_rows);
+    const int64_t max_splits = std::max<int64_t>(1, p.capacity / 256);
+    const int64_t lo = std::min(max_splits, std::max<int64_t>(1, (2 * slots + blocks - 1) / blocks));
+    int64_t splits = lo;
+    double best = 0;
+    for (int64_t s = lo; s <= std::min(2 * lo, max_splits); ++s) {
+        const int64_t total = blocks * s;
+        const double fill = double(total) / double((total + slots - 1) / slots * slots);
+        if (fill > best + 1e-9) best = fill, splits = s;
+    }
+    d.splits = int(splits);
     if (splits > 1) {
         const size_t parts = size_t(p.N * p.HQ * p.TQ) * size_t(splits);
         float* ws = static_cast<float*>(workspace(op, parts * size_t(p.D + 2) * 4, a.q.device_index));
@@ -287,7 +305,6 @@ void decode(const DecodeProblem& p) {
             a.g.defined() ? dtype_code(a.g.dtype) : 2, int(p.D));
         check(cudaGetLastError(), op, "cache append launch");
     }
-    const bool bf16 = a.q.dtype == DType::BF16;
     switch (p.D) {
         case 64: launch_decode_d<64>(d, bf16, op); break;
         case 128: launch_decode_d<128>(d, bf16, op); break;

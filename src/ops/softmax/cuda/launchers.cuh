@@ -2,6 +2,9 @@
 // (softmax_d64.cu, softmax_d128.cu, softmax_d256.cu) so that the heavy templates build in parallel.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
+
 #include "core/checks.hpp"
 #include "ops/softmax/cuda/backward.cuh"
 #include "ops/softmax/cuda/decode.cuh"
@@ -21,27 +24,25 @@ void launch_backward_d(const BwdParams& bp, bool bf16, int n_blocks, int kv_head
 template <int D>
 void launch_decode_d(const DecodeParams& dp, bool bf16, const char* op);
 
-// Query rows one decode block serves: the G · T_q rows of a kv head, rounded up to 1, 2, 4 or the most
-// a block holds (8, or 4 at D = 256); more rows take several row tiles.
-inline int decode_rows_per_block(int D, int rows) {
-    const int max_rows = D == 256 ? 4 : 8;
-    return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : max_rows;
-}
+// m16 row tiles one decode block serves: one for up to 16 query rows (G · T_q), else the most a block
+// holds (2, or 1 at D = 256) and several row tiles.
+inline int decode_row_tiles_per_block(int D, int rows) { return rows <= 16 || D == 256 ? 1 : 2; }
+
+// Decode blocks resident per SM for these query rows and options (the occupancy calculator's answer
+// for the kernel that will run); the split heuristic sizes its waves with it.
+template <int D>
+int decode_blocks_per_sm(int rows, bool gates, bool bf16, const char* op);
 
 #ifdef HLA_SOFTMAX_INSTANTIATE
 template <int D>
 void launch_forward_d(const FwdParams& fp, bool bf16, int m_blocks, int heads, int seqs, const char* op) {
     using Tr = FwdTraits<D>;
     const dim3 grid(m_blocks, heads, seqs);
-    if (bf16) {
-        auto kernel = softmax_fwd_kernel<D, __nv_bfloat16>;
-        check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM), op, "smem attribute");
-        kernel<<<grid, Tr::THREADS, Tr::SMEM>>>(fp);
-    } else {
-        auto kernel = softmax_fwd_kernel<D, __half>;
-        check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM), op, "smem attribute");
-        kernel<<<grid, Tr::THREADS, Tr::SMEM>>>(fp);
-    }
+    const bool gated = fp.g != nullptr;
+    auto kernel = bf16 ? (gated ? softmax_fwd_kernel<D, __nv_bfloat16, true> : softmax_fwd_kernel<D, __nv_bfloat16, false>)
+                       : (gated ? softmax_fwd_kernel<D, __half, true> : softmax_fwd_kernel<D, __half, false>);
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM), op, "smem attribute");
+    kernel<<<grid, Tr::THREADS, Tr::SMEM>>>(fp);
     check(cudaGetLastError(), op, "forward launch");
 }
 
@@ -61,28 +62,59 @@ void launch_backward_d(const BwdParams& bp, bool bf16, int n_blocks, int kv_head
     check(cudaGetLastError(), op, "backward launch");
 }
 
-template <int D, int ROWS>
-void launch_decode_rows(const DecodeParams& dp, bool bf16, const char* op) {
-    const int row_tiles = (dp.G * dp.TQ + ROWS - 1) / ROWS;
+// The decode kernel for (D, T, MT) with its dynamic shared-memory limit raised to the largest size it
+// takes (with forget gates); set on every call since the limit is per device.
+template <int D, class T, int MT>
+auto decode_kernel(const char* op) {
+    auto kernel = softmax_decode_kernel<D, T, MT>;
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DecodeTraits<D>::smem(MT, true)),
+          op, "decode smem attribute");
+    return kernel;
+}
+
+template <int D, int MT>
+void launch_decode_mt(const DecodeParams& dp, bool bf16, const char* op) {
+    using Tr = DecodeTraits<D>;
+    const int row_tiles = (dp.G * dp.TQ + 16 * MT - 1) / (16 * MT);
     const dim3 grid(unsigned(dp.splits * row_tiles), unsigned(dp.HKV), unsigned(dp.N));
+    const int smem = Tr::smem(MT, dp.g_cache != nullptr);
     if (bf16)
-        softmax_decode_kernel<D, __nv_bfloat16, ROWS><<<grid, 128>>>(dp);
+        decode_kernel<D, __nv_bfloat16, MT>(op)<<<grid, Tr::THREADS, smem>>>(dp);
     else
-        softmax_decode_kernel<D, __half, ROWS><<<grid, 128>>>(dp);
+        decode_kernel<D, __half, MT>(op)<<<grid, Tr::THREADS, smem>>>(dp);
     check(cudaGetLastError(), op, "decode launch");
 }
 
 template <int D>
-void launch_decode_d(const DecodeParams& dp, bool bf16, const char* op) {
-    const int rows = decode_rows_per_block(D, dp.G * dp.TQ);
-    if (rows == 1)
-        launch_decode_rows<D, 1>(dp, bf16, op);
-    else if (rows == 2)
-        launch_decode_rows<D, 2>(dp, bf16, op);
-    else if (rows == 4)
-        launch_decode_rows<D, 4>(dp, bf16, op);
+int decode_blocks_per_sm(int rows, bool gates, bool bf16, const char* op) {
+    using Tr = DecodeTraits<D>;
+    const int mt = decode_row_tiles_per_block(D, rows);
+    // Per (row tiles, gates, dtype) the occupancy query, a host call, is answered once per process.
+    static std::atomic<int> cached[2][2][2] = {};
+    std::atomic<int>& c = cached[mt - 1][gates][bf16];
+    int blocks = c.load(std::memory_order_relaxed);
+    if (blocks > 0) return blocks;
+    const int smem = Tr::smem(mt, gates);
+    cudaError_t e;
+    if (mt == 1)
+        e = bf16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, __nv_bfloat16, 1>(op), Tr::THREADS, smem)
+                 : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, __half, 1>(op), Tr::THREADS, smem);
     else
-        launch_decode_rows<D, DecodeTraits<D>::MAX_ROWS>(dp, bf16, op);
+        e = bf16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, __nv_bfloat16, Tr::MAX_MT>(op),
+                                                                 Tr::THREADS, smem)
+                 : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, __half, Tr::MAX_MT>(op), Tr::THREADS, smem);
+    check(e, op, "decode occupancy query");
+    blocks = std::max(blocks, 1);
+    c.store(blocks, std::memory_order_relaxed);
+    return blocks;
+}
+
+template <int D>
+void launch_decode_d(const DecodeParams& dp, bool bf16, const char* op) {
+    if (decode_row_tiles_per_block(D, dp.G * dp.TQ) == 1)
+        launch_decode_mt<D, 1>(dp, bf16, op);
+    else
+        launch_decode_mt<D, DecodeTraits<D>::MAX_MT>(dp, bf16, op);
     if (dp.splits > 1) {
         softmax_decode_combine_kernel<D><<<unsigned(dp.N * dp.HQ * dp.TQ), D>>>(dp);
         check(cudaGetLastError(), op, "decode combine launch");
@@ -92,6 +124,7 @@ void launch_decode_d(const DecodeParams& dp, bool bf16, const char* op) {
 template void launch_forward_d<HLA_SOFTMAX_INSTANTIATE>(const FwdParams&, bool, int, int, int, const char*);
 template void launch_backward_d<HLA_SOFTMAX_INSTANTIATE>(const BwdParams&, bool, int, int, int, const char*);
 template void launch_decode_d<HLA_SOFTMAX_INSTANTIATE>(const DecodeParams&, bool, const char*);
+template int decode_blocks_per_sm<HLA_SOFTMAX_INSTANTIATE>(int, bool, bool, const char*);
 #endif
 
 }  // namespace hla::softmax::cuda
