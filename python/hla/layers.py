@@ -253,14 +253,27 @@ class KimiDeltaAttention(nn.Module):
         self.g_b_proj = nn.Linear(head_dim, proj, bias=False)
         self.o_norm = RMSNormGated(head_dim, eps=rms_norm_eps, activation="sigmoid")
         self.o_proj = nn.Linear(proj, hidden_size, bias=False)
+        self._register_load_state_dict_pre_hook(self._from_transformers_layout)
+
+    def _from_transformers_layout(self, state_dict, prefix, *args):
+        """Also loads transformers' own KimiLinearDeltaAttention layout: one depthwise `conv1d` over
+        the concatenated q, k, v channels, and the gate parameters under `forget_gate.`."""
+        fused = state_dict.pop(prefix + "conv1d.weight", None)
+        if fused is not None:
+            for name, part in zip(("q_conv1d", "k_conv1d", "v_conv1d"), fused.chunk(3, dim=0)):
+                state_dict[prefix + name + ".weight"] = part
+        for name in ("f_a_proj.weight", "f_b_proj.weight", "dt_bias", "A_log"):
+            value = state_dict.pop(prefix + "forget_gate." + name, None)
+            if value is not None:
+                state_dict[prefix + name] = value
 
     @classmethod
     def from_config(cls, config, layer_idx: Optional[int] = None) -> "KimiDeltaAttention":
         """From a Kimi Linear config: its `linear_attn_config` dict (num_heads, head_dim,
         short_conv_kernel_size) or transformers' flattened linear_* fields."""
         lin = _cfg(config, "linear_attn_config", default={}) or {}
-        num_heads = lin.get("num_heads") or _cfg(config, "linear_num_key_heads")
-        head_dim = lin.get("head_dim") or _cfg(config, "linear_key_head_dim")
+        num_heads = lin.get("num_heads") or _cfg(config, "linear_num_heads", "linear_num_key_heads")
+        head_dim = lin.get("head_dim") or _cfg(config, "linear_head_dim", "linear_key_head_dim")
         conv = lin.get("short_conv_kernel_size") or _cfg(config, "linear_conv_kernel_dim", default=4)
         lower = lin.get("lower_bound") if lin.get("safe_gate") else None
         return cls(_cfg(config, "hidden_size"), num_heads, head_dim, conv, _cfg(config, "rms_norm_eps", default=1e-5),

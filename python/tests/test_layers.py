@@ -294,6 +294,20 @@ def test_against_transformers_qwen3_next_attention():
         assert rel_rms(ours(x), ref) < 1e-4
 
 
+def test_against_transformers_kimi_linear():
+    tf = pytest.importorskip("transformers")
+    kl = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+    cfg = tf.KimiLinearConfig(hidden_size=HIDDEN, linear_num_heads=2, linear_head_dim=8, linear_conv_kernel_dim=4,
+                              num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+    # transformers' layout (one fused conv1d, gate under forget_gate.) loads into hla's checkpoint layout
+    hf = _randomize(kl.KimiLinearDeltaAttention(cfg, 0))
+    ours = KimiDeltaAttention.from_config(cfg, 0)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    x = torch.randn(2, 9, HIDDEN)
+    with torch.no_grad():
+        assert rel_rms(ours(x), hf(x)) < 1e-4
+
+
 @pytest.mark.parametrize("name", ["gated_deltanet", "kimi_delta", "lightning", "gated_attention"])
 def test_bf16_layer_prefill_and_decode(name):
     """A layer cast to bf16 (A_log/dt_bias included) runs prefill and cached decode; outputs stay
