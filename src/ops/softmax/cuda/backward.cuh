@@ -28,6 +28,9 @@ struct BwdTraits {
     // K, V tiles + two stages of Q, dA (b16) + dSᵀ [BN][BM] (b16) + two stages of lse, delta + query
     // gate sums [BM] + key gate sums [BN] (fp32). 104 KiB at D = 128: two blocks per SM.
     static constexpr int SMEM = (2 * BN * D + 4 * BM * D + BN * BM) * 2 + (5 * BM + BN) * 4;
+    // Epilogue staging of dK and dV (fp32, rows padded by 8 floats) over the tiles.
+    static constexpr int OUT_STRIDE = D + 8;
+    static_assert(2 * BN * OUT_STRIDE * 4 <= SMEM, "dK/dV staging must fit in the tiles");
 };
 
 // Row index of (batch, token, head) in the compact [B, T, HQ] workspaces.
@@ -110,7 +113,9 @@ static __global__ void softmax_bwd_dg_kernel(const BwdParams b) {
     }
 }
 
-template <int D, class T>
+// GATED: with the forget-gate bias and its gradient sums. A compile-time choice, so that plain
+// attention carries none of that code through the inner loop.
+template <int D, class T, bool GATED>
 __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(const BwdParams b) {
     using Tr = BwdTraits<D>;
     constexpr int BN = Tr::BN, BM = Tr::BM, DW = Tr::DW, THREADS = Tr::THREADS;
@@ -139,7 +144,7 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
     const int j0 = n_block * BN;
     if (j0 >= len) return;
     const int nkeys = min(BN, len - j0);
-    const bool has_g = f.g != nullptr;
+    constexpr bool has_g = GATED;
     // Queries that can see a key of this block.
     const int q_lo = f.causal ? j0 : 0;
     const int q_hi = f.window > 0 ? min(len, j0 + nkeys - 1 + f.window) : len;
@@ -247,26 +252,44 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
         }
 
         // Pᵀ and dSᵀ; element e of block nb: key rk (+8 for e ≥ 2), query nb·8 + c_lo + (e & 1).
+#pragma unroll
+        for (int nb = 0; nb < BM / 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int ql = nb * 8 + c_lo + (e & 1);
+                // A row that saw no key has lse = −inf and P = 0 (its mask below); +inf keeps x finite-or-−inf.
+                const float lse = sLse[ql];
+                float x = st[nb][e] * scale_log2 - (lse == -INFINITY ? INFINITY : lse * kLog2e);
+                if constexpr (GATED) x += (sPq[ql] - sPk[rk + (e >= 2 ? 8 : 0)]) * kLog2e;
+                st[nb][e] = fast_exp2(x);
+            }
+        // Mask: one uniform branch around the tile, taken only by pairs of blocks that touch a
+        // boundary (a test per score inside the unrolled loop compiles to a branch per score). The
+        // select also clears the inf an invisible score may have produced.
+        const bool need_mask = mq < BM || j0 + BN > len || (f.causal && j0 + BN - 1 > t0) ||
+                               (f.window > 0 && t0 + mq - 1 - f.window >= j0);
+        if (need_mask) {
+#pragma unroll
+            for (int nb = 0; nb < BM / 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int j = j0 + rk + (e >= 2 ? 8 : 0), i = t0 + nb * 8 + c_lo + (e & 1);
+                    const bool visible = j < len && i < t0 + mq && (!f.causal || j <= i) && (f.window <= 0 || j > i - f.window);
+                    st[nb][e] = visible ? st[nb][e] : 0.f;
+                }
+        }
         float rowpart[BM / 8][2];
 #pragma unroll
         for (int nb = 0; nb < BM / 8; ++nb) {
             rowpart[nb][0] = rowpart[nb][1] = 0.f;
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int kl = rk + (e >= 2 ? 8 : 0), ql = nb * 8 + c_lo + (e & 1);
-                const int j = j0 + kl, i = t0 + ql;
-                const bool visible = j < len && i < t0 + mq && (!f.causal || j <= i) &&
-                                     (f.window <= 0 || j > i - f.window);
-                // A row that saw no key has lse = −inf and P = 0 (its mask below); +inf keeps x finite-or-−inf.
-                const float lse = sLse[ql];
-                float x = st[nb][e] * scale_log2 - (lse == -INFINITY ? INFINITY : lse * kLog2e);
-                if (has_g) x += (sPq[ql] - sPk[kl]) * kLog2e;
-                const float pr = visible ? fast_exp2(x) : 0.f;
-                const float ds = pr * (dpt[nb][e] - sDelta[ql]);
-                st[nb][e] = pr;
+                const float ds = st[nb][e] * (dpt[nb][e] - sDelta[nb * 8 + c_lo + (e & 1)]);
                 dpt[nb][e] = ds;
-                colsum[e >> 1] += ds;
-                rowpart[nb][e & 1] += ds;
+                if constexpr (GATED) {
+                    colsum[e >> 1] += ds;
+                    rowpart[nb][e & 1] += ds;
+                }
             }
         }
         // Row sums of dS (per query): over this warp's 16 keys, then atomically across warps.
@@ -372,19 +395,40 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
     }
     cp_async_wait<0>();
 
-    // Store dK (× scale) and dV.
+    __syncthreads();  // the tiles become the staging area of dK and dV
+
+    // Store dK (× scale) and dV through shared memory: one short store loop of 8 channels a step
+    // instead of an unrolled, dtype-branching store per accumulator.
+    constexpr int OS = Tr::OUT_STRIDE;
+    float* sdK = reinterpret_cast<float*>(smem);
+    float* sdV = sdK + BN * OS;
 #pragma unroll
     for (int db = 0; db < DW / 8; ++db)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int kl = rk + (e >= 2 ? 8 : 0);
-            const int j = j0 + kl;
-            if (j >= len) continue;
-            const int d = dw * DW + db * 8 + c_lo + (e & 1);
-            const int64_t tok = start + j;
-            if (b.dk) store_any(b.dk, batch * b.dk_s[0] + tok * b.dk_s[1] + kvh * b.dk_s[2] + d, b.dk_dtype, dk[db][e] * b.scale);
-            if (b.dv) store_any(b.dv, batch * b.dv_s[0] + tok * b.dv_s[1] + kvh * b.dv_s[2] + d, b.dv_dtype, dv[db][e]);
+        for (int hf = 0; hf < 2; ++hf) {
+            const int at = (rk + 8 * hf) * OS + dw * DW + db * 8 + c_lo;
+            *reinterpret_cast<float2*>(sdK + at) = make_float2(dk[db][2 * hf] * b.scale, dk[db][2 * hf + 1] * b.scale);
+            *reinterpret_cast<float2*>(sdV + at) = make_float2(dv[db][2 * hf], dv[db][2 * hf + 1]);
         }
+    __syncthreads();
+    const int native = std::is_same<T, __half>::value ? 1 : 0;
+    auto store8 = [&](void* dst, int dtype, int64_t at, const float* src) {
+        T* d16 = static_cast<T*>(dst) + at;
+        if (dtype == native && reinterpret_cast<uintptr_t>(d16) % 16 == 0) {
+            const float4 lo = *reinterpret_cast<const float4*>(src), hi = *reinterpret_cast<const float4*>(src + 4);
+            *reinterpret_cast<uint4*>(d16) = make_uint4(Pack2<T>::pack(lo.x, lo.y), Pack2<T>::pack(lo.z, lo.w),
+                                                        Pack2<T>::pack(hi.x, hi.y), Pack2<T>::pack(hi.z, hi.w));
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) store_any(dst, at + i, dtype, src[i]);
+        }
+    };
+    for (int e = threadIdx.x; e < nkeys * (D / 8); e += THREADS) {
+        const int r = e / (D / 8), c = (e % (D / 8)) * 8;
+        const int64_t tok = start + j0 + r;
+        if (b.dk) store8(b.dk, b.dk_dtype, batch * b.dk_s[0] + tok * b.dk_s[1] + kvh * b.dk_s[2] + c, sdK + r * OS + c);
+        if (b.dv) store8(b.dv, b.dv_dtype, batch * b.dv_s[0] + tok * b.dv_s[1] + kvh * b.dv_s[2] + c, sdV + r * OS + c);
+    }
 }
 
 }  // namespace hla::softmax::cuda

@@ -35,11 +35,16 @@ struct FwdTraits {
     // K/V tile copies: thread tid moves 16-byte chunk tid % (D/8) of rows tid / (D/8) + k · RSTEP.
     static constexpr int RSTEP = THREADS / (D / 8);
     static_assert(THREADS % (D / 8) == 0 && BN % RSTEP == 0, "whole rows per copy round");
+    // Epilogue staging: the BM × D output in fp32, rows padded by 8 floats, over the Q/K/V tiles.
+    static constexpr int OUT_STRIDE = D + 8;
+    static_assert(BM * OUT_STRIDE * 4 <= (BM * D + 4 * BN * D) * 2, "output staging must fit in the tiles");
 };
 
-// GATED: with the forget-gate bias. A compile-time choice, so that plain attention carries none of its
-// registers or shared-memory reads through the inner loop.
-template <int D, class T, bool GATED>
+// FAST: plain attention (no forget gate) with a positive scale, the common case. Its row maxima are
+// taken on the raw scores and the scale folds into the exponent's FFMA (one instruction per score
+// instead of a multiply and a subtract), and it carries none of the forget-gate registers. The other
+// instantiation applies the scale and the bias first and tests for the gate at run time.
+template <int D, class T, bool FAST>
 __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(const FwdParams p) {
     using Tr = FwdTraits<D>;
     constexpr int BM = Tr::BM, BN = Tr::BN, NB = Tr::NB, DB = Tr::DB, THREADS = Tr::THREADS, MT = Tr::MT;
@@ -69,7 +74,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
     const int kv_hi = p.causal ? min(len, q_last + 1) : len;
     const int kv_lo = p.window > 0 ? max(0, q0 - p.window + 1) : 0;
     const int n_hi = (kv_hi + BN - 1) / BN, n_lo = kv_lo / BN;
-    constexpr bool has_g = GATED;
+    const bool has_g = !FAST && p.g != nullptr;
 
     const T* qb = static_cast<const T*>(p.q) + batch * p.q_s[0] + (start + q0) * p.q_s[1] + h * p.q_s[2];
     const T* kb = static_cast<const T*>(p.k) + batch * p.k_s[0] + start * p.k_s[1] + kvh * p.k_s[2];
@@ -80,24 +85,32 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
 
     // This thread's share of every K/V tile copy is the same 16-byte chunk of the same rows of each
     // key block: the offsets are computed once, and a block only moves the base pointers (the
-    // generic row loop cost about a fifth of the loop's issue slots in address arithmetic).
+    // generic row loop cost about a fifth of the loop's issue slots in address arithmetic). Only the
+    // first (top) block can be partial; the prefetches in the loop copy whole blocks unpredicated.
     const int cp_row = threadIdx.x / (D / 8), cp_chunk = threadIdx.x % (D / 8);
     const T* k_thr = kb + cp_row * p.k_s[1] + cp_chunk * 8;
     const T* v_thr = vb + cp_row * p.v_s[1] + cp_chunk * 8;
-    const int64_t k_step = Tr::RSTEP * p.k_s[1], v_step = Tr::RSTEP * p.v_s[1];
     auto load_kv = [&](int st, int j0, int valid) {
         T* dk = sK + st * BN * D;
         T* dv = sV + st * BN * D;
-        const T* ks = k_thr + j0 * p.k_s[1];
-        const T* vs = v_thr + j0 * p.v_s[1];
 #pragma unroll
         for (int i = 0; i < BN / Tr::RSTEP; ++i) {
             const int r = cp_row + i * Tr::RSTEP;
             const bool ok = r < valid;
-            cp_async16(dk + swz<D>(r, cp_chunk), ok ? ks : kb, ok);
-            cp_async16(dv + swz<D>(r, cp_chunk), ok ? vs : vb, ok);
-            ks += k_step;
-            vs += v_step;
+            cp_async16(dk + swz<D>(r, cp_chunk), ok ? k_thr + int64_t(j0 + i * Tr::RSTEP) * p.k_s[1] : kb, ok);
+            cp_async16(dv + swz<D>(r, cp_chunk), ok ? v_thr + int64_t(j0 + i * Tr::RSTEP) * p.v_s[1] : vb, ok);
+        }
+    };
+    auto load_kv_full = [&](int st, int j0) {
+        T* dk = sK + st * BN * D;
+        T* dv = sV + st * BN * D;
+        const T* ks = k_thr + int64_t(j0) * p.k_s[1];
+        const T* vs = v_thr + int64_t(j0) * p.v_s[1];
+#pragma unroll
+        for (int i = 0; i < BN / Tr::RSTEP; ++i) {
+            const int r = cp_row + i * Tr::RSTEP;
+            cp_async16(dk + swz<D>(r, cp_chunk), ks + int64_t(i * Tr::RSTEP) * p.k_s[1], true);
+            cp_async16(dv + swz<D>(r, cp_chunk), vs + int64_t(i * Tr::RSTEP) * p.v_s[1], true);
         }
     };
 
@@ -124,6 +137,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int i = 0; i < DB; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+    // Row maxima in the base-2 exponent domain (scores · scale · log2 e), row sums of 2^(x − max).
     float row_max[MT][2], row_sum[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) row_max[mt][0] = row_max[mt][1] = -INFINITY, row_sum[mt][0] = row_sum[mt][1] = 0.f;
@@ -135,9 +149,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
         const int j0 = n * BN;
         cp_async_wait<0>();
         __syncthreads();
-        if (n - 1 >= n_lo) {  // prefetch the next (lower) block into the other stage
-            load_kv(stage ^ 1, (n - 1) * BN, BN);
-        }
+        if (n - 1 >= n_lo) load_kv_full(stage ^ 1, (n - 1) * BN);  // prefetch the next (lower) block
         cp_async_commit();
         if (has_g) {
             if (warp == 0) {
@@ -179,26 +191,39 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
             }
         }
 
-        // Scale, bias, mask (only blocks that touch a boundary pay for the mask).
+        // Generic path: scale and bias now (the max is taken in the exponent domain).
+        if constexpr (!FAST) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float x = s[mt][nb][e] * p.scale_log2;
+                        if (has_g) {
+                            const int rl = warp_row + mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+                            x += (sGk[nb * 8 + c_lo + (e & 1)] - sRq[rl]) * kLog2e;
+                        }
+                        s[mt][nb][e] = x;
+                    }
+        }
+        // Mask: one uniform branch around the whole tile (a test per score compiled to a branch per
+        // score, a fifth of the loop's stall samples); only blocks that touch a boundary take it.
         const bool need_mask = (p.causal && j0 + BN - 1 > q0) || (p.window > 0 && j0 <= q_last - p.window) ||
                                (j0 + BN > len);
+        if (need_mask) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int nb = 0; nb < NB; ++nb)
+                for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int rl = warp_row + mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
-                    const int cl = nb * 8 + c_lo + (e & 1);
-                    float x = s[mt][nb][e] * p.scale_log2;
-                    if (has_g) x += (sGk[cl] - sRq[rl]) * kLog2e;
-                    if (need_mask) {
-                        const int i = q0 + rl, j = j0 + cl;
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = q0 + warp_row + mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+                        const int j = j0 + nb * 8 + c_lo + (e & 1);
                         const bool visible = j < len && (!p.causal || j <= i) && (p.window <= 0 || j > i - p.window);
-                        if (!visible) x = -INFINITY;
+                        s[mt][nb][e] = visible ? s[mt][nb][e] : -INFINITY;
                     }
-                    s[mt][nb][e] = x;
-                }
+        }
 
         // Online softmax: per m-tile, rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3); a row lives in
         // one lane quad.
@@ -206,22 +231,26 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
-                float mx = row_max[mt][hf];
+                float mx = -INFINITY;
 #pragma unroll
                 for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * hf], s[mt][nb][2 * hf + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                if constexpr (FAST) mx *= p.scale_log2;  // scale > 0 keeps the arg max; −inf stays −inf
+                mx = fmaxf(mx, row_max[mt][hf]);
                 // A row with nothing visible yet keeps max −inf; subtracting 0 instead avoids −inf − (−inf).
                 const float m_use = mx == -INFINITY ? 0.f : mx;
                 const float alpha = fast_exp2(row_max[mt][hf] - m_use);
                 row_max[mt][hf] = mx;
                 float sum = 0.f;
 #pragma unroll
-                for (int nb = 0; nb < NB; ++nb) {
-                    s[mt][nb][2 * hf] = fast_exp2(s[mt][nb][2 * hf] - m_use);
-                    s[mt][nb][2 * hf + 1] = fast_exp2(s[mt][nb][2 * hf + 1] - m_use);
-                    sum += s[mt][nb][2 * hf] + s[mt][nb][2 * hf + 1];
-                }
+                for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+                    for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
+                        const float x = FAST ? fmaf(s[mt][nb][e], p.scale_log2, -m_use) : s[mt][nb][e] - m_use;
+                        s[mt][nb][e] = fast_exp2(x);
+                        sum += s[mt][nb][e];
+                    }
                 row_sum[mt][hf] = row_sum[mt][hf] * alpha + sum;
 #pragma unroll
                 for (int db = 0; db < DB; ++db) {
@@ -254,8 +283,14 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
         }
     }
     cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the Q/K/V tiles: they become the output staging area
 
-    // Epilogue: normalise, gate, store; lse in natural log.
+    // Epilogue, in two steps so that the store code is one short loop rather than an unrolled
+    // branchy store per accumulator (which was a sixth of the stall samples, mostly instruction
+    // fetch): normalised rows go to shared memory (fp32, rows padded by 8 floats so that the 8 rows
+    // of a fragment store hit distinct banks), then each thread writes 8 channels of a row at a time.
+    constexpr int OS = Tr::OUT_STRIDE;
+    float* sO = reinterpret_cast<float*>(smem);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -263,33 +298,39 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
             float l = row_sum[mt][hf];
             l += __shfl_xor_sync(0xffffffff, l, 1);
             l += __shfl_xor_sync(0xffffffff, l, 2);
-            const int i = q0 + warp_row + mt * 16 + lane / 4 + 8 * hf;
-            if (i >= len) continue;
+            const int r = warp_row + mt * 16 + lane / 4 + 8 * hf;
             const float inv = l > 0.f ? 1.f / l : 0.f;
-            const int64_t tok = start + i;
-            const int64_t ob = batch * p.o_s[0] + tok * p.o_s[1] + h * p.o_s[2];
-            const int64_t zb = batch * p.gate_s[0] + tok * p.gate_s[1] + h * p.gate_s[2];
 #pragma unroll
-            for (int db = 0; db < DB; ++db) {
-                const int d = db * 8 + c_lo;
-                float o0 = acc[mt][db][2 * hf] * inv, o1 = acc[mt][db][2 * hf + 1] * inv;
-                if (p.gate) {
-                    o0 *= 1.f / (1.f + __expf(-load_any(p.gate, zb + d, p.gate_dtype)));
-                    o1 *= 1.f / (1.f + __expf(-load_any(p.gate, zb + d + 1, p.gate_dtype)));
-                }
-                if (p.o_dtype == 2 && (ob & 1) == 0) {
-                    *reinterpret_cast<float2*>(static_cast<float*>(p.o) + ob + d) = make_float2(o0, o1);
-                } else if (p.o_dtype == (std::is_same<T, __half>::value ? 1 : 0) && (ob & 1) == 0) {
-                    *reinterpret_cast<uint32_t*>(static_cast<T*>(p.o) + ob + d) = Pack2<T>::pack(o0, o1);
-                } else {
-                    store_any(p.o, ob + d, p.o_dtype, o0);
-                    store_any(p.o, ob + d + 1, p.o_dtype, o1);
-                }
-            }
-            if (p.lse && lane % 4 == 0)
-                p.lse[batch * p.lse_s[0] + h * p.lse_s[1] + tok * p.lse_s[2]] =
+            for (int db = 0; db < DB; ++db)
+                *reinterpret_cast<float2*>(sO + r * OS + db * 8 + c_lo) =
+                    make_float2(acc[mt][db][2 * hf] * inv, acc[mt][db][2 * hf + 1] * inv);
+            if (p.lse && lane % 4 == 0 && r < mrows)
+                p.lse[batch * p.lse_s[0] + h * p.lse_s[1] + (start + q0 + r) * p.lse_s[2]] =
                     l > 0.f ? row_max[mt][hf] * kLn2 + logf(l) : -INFINITY;
         }
+    __syncthreads();
+    const int o_native = std::is_same<T, __half>::value ? 1 : 0;
+    for (int e = threadIdx.x; e < mrows * (D / 8); e += THREADS) {
+        const int r = e / (D / 8), c = (e % (D / 8)) * 8;
+        const float4 lo = *reinterpret_cast<const float4*>(sO + r * OS + c);
+        const float4 hi = *reinterpret_cast<const float4*>(sO + r * OS + c + 4);
+        float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        const int64_t tok = start + q0 + r;
+        if (p.gate) {
+            const int64_t zb = batch * p.gate_s[0] + tok * p.gate_s[1] + h * p.gate_s[2] + c;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[i] *= 1.f / (1.f + __expf(-load_any(p.gate, zb + i, p.gate_dtype)));
+        }
+        const int64_t ob = batch * p.o_s[0] + tok * p.o_s[1] + h * p.o_s[2] + c;
+        T* o16 = static_cast<T*>(p.o) + ob;
+        if (p.o_dtype == o_native && reinterpret_cast<uintptr_t>(o16) % 16 == 0) {
+            *reinterpret_cast<uint4*>(o16) = make_uint4(Pack2<T>::pack(v[0], v[1]), Pack2<T>::pack(v[2], v[3]),
+                                                        Pack2<T>::pack(v[4], v[5]), Pack2<T>::pack(v[6], v[7]));
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) store_any(p.o, ob + i, p.o_dtype, v[i]);
+        }
+    }
 }
 
 }  // namespace hla::softmax::cuda

@@ -38,9 +38,9 @@ template <int D>
 void launch_forward_d(const FwdParams& fp, bool bf16, int m_blocks, int heads, int seqs, const char* op) {
     using Tr = FwdTraits<D>;
     const dim3 grid(m_blocks, heads, seqs);
-    const bool gated = fp.g != nullptr;
-    auto kernel = bf16 ? (gated ? softmax_fwd_kernel<D, __nv_bfloat16, true> : softmax_fwd_kernel<D, __nv_bfloat16, false>)
-                       : (gated ? softmax_fwd_kernel<D, __half, true> : softmax_fwd_kernel<D, __half, false>);
+    const bool fast = fp.g == nullptr && fp.scale_log2 > 0.f;
+    auto kernel = bf16 ? (fast ? softmax_fwd_kernel<D, __nv_bfloat16, true> : softmax_fwd_kernel<D, __nv_bfloat16, false>)
+                       : (fast ? softmax_fwd_kernel<D, __half, true> : softmax_fwd_kernel<D, __half, false>);
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM), op, "smem attribute");
     kernel<<<grid, Tr::THREADS, Tr::SMEM>>>(fp);
     check(cudaGetLastError(), op, "forward launch");
@@ -50,15 +50,11 @@ template <int D>
 void launch_backward_d(const BwdParams& bp, bool bf16, int n_blocks, int kv_heads, int seqs, const char* op) {
     using Tr = BwdTraits<D>;
     const dim3 grid(n_blocks, kv_heads, seqs);
-    if (bf16) {
-        auto kernel = softmax_bwd_kernel<D, __nv_bfloat16>;
-        check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM), op, "smem attribute");
-        kernel<<<grid, Tr::THREADS, Tr::SMEM>>>(bp);
-    } else {
-        auto kernel = softmax_bwd_kernel<D, __half>;
-        check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM), op, "smem attribute");
-        kernel<<<grid, Tr::THREADS, Tr::SMEM>>>(bp);
-    }
+    const bool gated = bp.f.g != nullptr;
+    auto kernel = bf16 ? (gated ? softmax_bwd_kernel<D, __nv_bfloat16, true> : softmax_bwd_kernel<D, __nv_bfloat16, false>)
+                       : (gated ? softmax_bwd_kernel<D, __half, true> : softmax_bwd_kernel<D, __half, false>);
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM), op, "smem attribute");
+    kernel<<<grid, Tr::THREADS, Tr::SMEM>>>(bp);
     check(cudaGetLastError(), op, "backward launch");
 }
 
