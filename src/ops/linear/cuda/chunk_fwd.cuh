@@ -21,9 +21,10 @@
 // channel decays by more than e^80 across the block (g = −1000 does), that block's scores are
 // computed entry by entry with exp(b_i − b_j) instead.
 //
-// Precision: the prepare kernel works in fp32 with tf32 tensor cores (3×tf32 for fp32 inputs);
-// the intermediates and the scan's matrix operands are stored in the input dtype; accumulation and
-// the state are fp32.
+// Precision: for fp32 and fp16 inputs the prepare kernel below works in fp32 with tf32 tensor cores
+// (3×tf32 for fp32 inputs); bf16 inputs take chunk_prepare_mma (chunk_prepare_mma.cuh: bf16 tensor
+// cores, fp32 accumulation, a tf32 inverse). The intermediates and the scan's matrix operands are
+// stored in the input dtype (fp32 for fp16 inputs); accumulation and the state are fp32.
 #pragma once
 
 #include <algorithm>
@@ -438,17 +439,22 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
 // Warps of a scan block: 4 (each owns 16 output rows and K/4 state rows, all VT columns) or 8 (the
 // same split over each half of the VT columns). 8 warps let a 64-column tile keep as many warps per
 // SM in flight as two 32-column blocks, while reading the chunk's Qg, Kd, W and P half as often.
-// Shared memory of the scan: the operands read before the state update (Qg, W) are single-buffered
-// and refilled for chunk c+1 while chunk c finishes; those read by the state update (Kd, P, U, γ_C)
-// are double-buffered and fetched a whole chunk ahead. All copies are cp.async (no registers).
-template <class E, int K, int VT>
+//
+// Shared memory of the scan: the operands read by the state update (Kd, P, U, γ_C) are double-buffered
+// and fetched a whole chunk ahead. Those read before it (Qg, W) are double-buffered too with 16-bit
+// operands (the next chunk's copies then start with the current chunk's first product: the per-chunk
+// chain no longer waits out an L2 round trip for them); in fp32 they are single-buffered and refilled
+// for chunk c+1 while chunk c finishes, as two buffers would not fit. All copies are cp.async.
+template <class E, int K, int VT, bool kDelta>
 struct ScanLayout {
     static constexpr int PAD = sizeof(E) == 2 ? 8 : 4;
     static constexpr int LDK = K + PAD;        // rows of Qg, Kd, W and of the transposed state
     static constexpr int LDP = kChunk + PAD;   // rows of P
     static constexpr int LDV = VT + PAD;       // rows of U and Ũ
+    static constexpr int NA = sizeof(E) == 2 ? 2 : 1;                               // buffers of (Qg, W)
+    static constexpr size_t stage_a = (kDelta ? 2 : 1) * kChunk * LDK;              // Qg (, W)
     static constexpr size_t stage_b = kChunk * LDK + kChunk * LDP + kChunk * LDV;  // Kd, P, U
-    static constexpr size_t elems = 2 * kChunk * LDK + 2 * stage_b + kChunk * LDV + VT * LDK;
+    static constexpr size_t elems = NA * stage_a + 2 * stage_b + kChunk * LDV + VT * LDK;
     static constexpr size_t bytes = elems * sizeof(E) + 2 * K * sizeof(float);
 };
 
@@ -457,21 +463,22 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
     constexpr int kScanThreads = 32 * WARPS;
     constexpr int NH = WARPS / 4;    // column groups
     static_assert(WARPS == 4 || WARPS == 8, "chunk_scan: 4 or 8 warps");
-    using L = ScanLayout<E, K, VT>;
-    constexpr int LDK = L::LDK, LDP = L::LDP, LDV = L::LDV;
     constexpr bool kDelta = Up == Update::Delta;
+    using L = ScanLayout<E, K, VT, kDelta>;
+    constexpr int LDK = L::LDK, LDP = L::LDP, LDV = L::LDV;
     constexpr bool kSplit = sizeof(E) == 4;
     constexpr int NT = VT / 8 / NH;  // n-tiles of a warp's share of the V-tile
     static_assert(NT % 2 == 0, "chunk_scan: a warp's columns must pair up for ldmatrix.x4 (VT / (8·NH) even)");
     constexpr int SMT = K / 64;      // m-tiles of state rows per warp (4 row groups × 16·SMT = K)
     constexpr int PER16 = 16 / sizeof(E);
     extern __shared__ float4 smem_f4[];
-    E* Qt = reinterpret_cast<E*>(smem_f4);
-    E* Wt = Qt + kChunk * LDK;
-    E* stage = Wt + kChunk * LDK;          // 2 × (Kd, P, U)
+    E* stage_qw = reinterpret_cast<E*>(smem_f4);  // NA × (Qg, W)
+    E* stage = stage_qw + L::NA * L::stage_a;      // 2 × (Kd, P, U)
     E* Unew = stage + 2 * L::stage_b;
     E* Sb = Unew + kChunk * LDV;           // state, transposed: Sb[v][key]
     float* gcs = reinterpret_cast<float*>(Sb + VT * LDK);  // 2 × γ_C
+    auto Qt_of = [&](int b) { return stage_qw + (L::NA == 2 ? b : 0) * L::stage_a; };
+    auto Wt_of = [&](int b) { return stage_qw + (L::NA == 2 ? b : 0) * L::stage_a + kChunk * LDK; };
     auto Kt_of = [&](int b) { return stage + b * L::stage_b; };
     auto Pt_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK; };
     auto Ut_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK + kChunk * LDP; };
@@ -490,11 +497,11 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
         }
     };
     auto slot_of = [&](int cidx) { return size_t(si.first_chunk + cidx) * p.HV + hv; };
-    // Qg and W of chunk cidx
+    // Qg and W of chunk cidx (into buffer cidx % 2 when there are two)
     auto fetch_a = [&](int cidx) {
         const size_t slot = slot_of(cidx);
-        copy_rows(Qt, LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K);
-        if constexpr (kDelta) copy_rows(Wt, LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K);
+        copy_rows(Qt_of(cidx & 1), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K);
+        if constexpr (kDelta) copy_rows(Wt_of(cidx & 1), LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K);
     };
     // Kd, P, U, γ_C of chunk cidx into buffer cidx % 2
     auto fetch_b = [&](int cidx) {
@@ -522,17 +529,26 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
         cp_async_commit();
     }
 
+    // o in the 16-bit operand dtype with every row 4-byte aligned: two columns per store
+    bool o_pairs = false;
+    if constexpr (sizeof(E) == 2)
+        o_pairs = p.o_dtype == dtype_of<E>() && reinterpret_cast<uintptr_t>(p.o) % 4 == 0 && p.os[0] % 2 == 0 &&
+                  p.os[1] % 2 == 0 && p.os[2] % 2 == 0;
+
     for (int cidx = 0; cidx < nchunks; ++cidx) {
         const int len = min(kChunk, si.len - cidx * kChunk);
         const int b = cidx & 1;
         const E* Kt = Kt_of(b);
         const E* Pt = Pt_of(b);
         const E* Ut = Ut_of(b);
+        const E* Qt = Qt_of(b);
+        const E* Wt = Wt_of(b);
         const float* gc = gcs + b * K;
         cp_async_wait_all();
         __syncthreads();  // chunk cidx's operands and the state Sb are in place
         if (cidx + 1 < nchunks) {
             fetch_b(cidx + 1);  // the other buffer: last read by chunk cidx − 1
+            if constexpr (L::NA == 2) fetch_a(cidx + 1);
             cp_async_commit();
         }
         // ---- O = Qg S and Ũ = U − W S, rows [16·mw, +16), the warp's columns ----
@@ -552,19 +568,42 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
             Ueff = Unew;
         }
         __syncthreads();  // Ũ complete; Qg and W are free
-        if (cidx + 1 < nchunks) {
-            fetch_a(cidx + 1);
-            cp_async_commit();
+        if constexpr (L::NA == 1) {
+            if (cidx + 1 < nchunks) {
+                fetch_a(cidx + 1);
+                cp_async_commit();
+            }
         }
         // ---- O += P Ũ; write the rows that exist ----
         warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Pt + mw * 16 * LDP, LDP, 1}, Tile<E>{Ueff + cw0, LDV, 1}, kChunk);
-        for_each_acc(O, [&](int r, int c, float& x) {
-            const int row = mw * 16 + r;
-            if (row < len) {
-                const int64_t t = si.start + int64_t(cidx) * kChunk + row;
-                store_any(p.o, p.o_dtype, si.batch * p.os[0] + t * p.os[1] + hv * p.os[2] + v0 + cw0 + c, x);
+        if constexpr (sizeof(E) == 2) {
+            if (o_pairs) {
+                // the fragment's two neighbouring columns as one 4-byte store
+                const int lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int row = mw * 16 + g + 8 * hh;
+                        if (row < len) {
+                            const int64_t t = si.start + int64_t(cidx) * kChunk + row;
+                            E* at = static_cast<E*>(p.o) + si.batch * p.os[0] + t * p.os[1] + hv * p.os[2] + v0 + cw0 +
+                                    8 * j + 2 * t4;
+                            *reinterpret_cast<uint32_t*>(at) =
+                                pack2(from_f<E>(O[0][j][2 * hh]), from_f<E>(O[0][j][2 * hh + 1]));
+                        }
+                    }
             }
-        });
+        }
+        if (!o_pairs) {
+            for_each_acc(O, [&](int r, int c, float& x) {
+                const int row = mw * 16 + r;
+                if (row < len) {
+                    const int64_t t = si.start + int64_t(cidx) * kChunk + row;
+                    store_any(p.o, p.o_dtype, si.batch * p.os[0] + t * p.os[1] + hv * p.os[2] + v0 + cw0 + c, x);
+                }
+            });
+        }
         // ---- S ← diag(γ_C) S + Kdᵀ Ũ ----
         for_each_acc(S, [&](int r, int, float& x) { x *= gc[key0 + r]; });
         warp_gemm<E, SMT, NT, kSplit>(S, Tile<E>{Kt + key0, 1, LDK}, Tile<E>{Ueff + cw0, LDV, 1}, kChunk);
@@ -587,8 +626,7 @@ void set_smem(Kern kernel, size_t bytes, const char* op) {
 }
 
 int sm_count();
-int scan_tile_override();   // HLA_CUDA_SCAN_VT, 0 when unset
-int scan_warps_override();  // HLA_CUDA_SCAN_WARPS, 0 when unset
+int scan_tile_override();  // HLA_CUDA_SCAN_VT, 0 when unset
 void* workspace_alloc(size_t bytes, const char* op);
 void workspace_free(void* ptr);
 
@@ -614,7 +652,7 @@ void launch_prepare(const FwdParams& fp, int n_chunks, const char* op) {
 
 template <class In, class E, Update Up, int K, int VT, int WARPS = 4>
 void launch_scan(const FwdParams& fp, int n_seqs, const char* op) {
-    constexpr size_t smem = ScanLayout<E, K, VT>::bytes;
+    constexpr size_t smem = ScanLayout<E, K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan: shared memory over the 227 KiB of an SM");
     static const bool once = (set_smem(chunk_scan_kernel<In, E, Up, K, VT, WARPS>, smem, op), true);
     (void)once;
@@ -643,33 +681,44 @@ void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks) {
 }
 
 template <class In, class E, Update Up, int K>
-void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt, int warps) {
+void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt) {
     const int n_seqs = int(p.N());
-    // 64-column tiles and 8-warp blocks only for 16-bit operands: in fp32 64 columns would need
-    // 256 KiB of shared memory.
+    // 16-bit operands: 8 warps for 32- and 64-column tiles (two warps per 16 rows), 4 for 16 columns.
+    // fp32 operands: 4 warps, at most 32 columns (64 would need 256 KiB of shared memory).
     if constexpr (sizeof(E) == 2) {
-        if (vt == 64) return warps == 8 ? launch_scan<In, E, Up, K, 64, 8>(fp, n_seqs, p.op)
-                                        : launch_scan<In, E, Up, K, 64, 4>(fp, n_seqs, p.op);
-        if (vt == 32 && warps == 8) return launch_scan<In, E, Up, K, 32, 8>(fp, n_seqs, p.op);
+        if (vt == 64) return launch_scan<In, E, Up, K, 64, 8>(fp, n_seqs, p.op);
+        if (vt == 32) return launch_scan<In, E, Up, K, 32, 8>(fp, n_seqs, p.op);
+    } else {
+        if (vt >= 32) return launch_scan<In, E, Up, K, 32, 4>(fp, n_seqs, p.op);
     }
-    if (vt >= 32) return launch_scan<In, E, Up, K, 32>(fp, n_seqs, p.op);
-    return launch_scan<In, E, Up, K, 16>(fp, n_seqs, p.op);
+    return launch_scan<In, E, Up, K, 16, 4>(fp, n_seqs, p.op);
 }
 
 template <class In, class E, int K>
 void launch_scan_cell(const Problem& p, const FwdParams& fp) {
-    // Every block walks its whole sequence, so all blocks should be resident at once (two per SM fit
-    // the shared memory): V-tiles of 16 columns while that stays within one wave (long single
-    // sequences), else 32. Each V-tile block re-reads the chunk's Qg, Kd, W and P, so narrower tiles
-    // cost L2 bandwidth (the scan is L2-bound at 32 columns: ncu 83% of L2 throughput).
+    // Every block walks its whole sequence. Each V-tile block re-reads the chunk's Qg, Kd, W and P, so
+    // narrow tiles cost L2 bandwidth (ncu: 83% of L2 throughput at 32 columns, B=4 T=4096), while too
+    // few blocks leave SMs idle: the scan's time is one chunk's latency times the chunks in a sequence.
+    // 16-bit operands (one block per SM, 136–169 KiB): the widest tile of 64, 32, 16 columns that
+    // still gives 90% of the SMs a block (B=4, H=16: 64; B=1: 16). fp32 (two blocks per SM): 16
+    // columns while that stays within one wave, else 32.
     // HLA_CUDA_SCAN_VT = 16 | 32 | 64 overrides the choice (tests and tuning).
-    int vt = int64_t(p.N()) * p.HV * (p.V / 16) > 2 * sm_count() ? 32 : 16;
+    const int64_t chains = int64_t(p.N()) * p.HV;
+    int vt = 16;
+    if constexpr (sizeof(E) == 2) {
+        for (int w : {64, 32})
+            if (w <= p.V && chains * (p.V / w) * 10 >= 9 * int64_t(sm_count())) {
+                vt = w;
+                break;
+            }
+    } else {
+        vt = chains * (p.V / 16) > 2 * sm_count() ? 32 : 16;
+    }
     const int forced = scan_tile_override();
     if (forced == 16 || forced == 32 || forced == 64) vt = forced;
     vt = std::min<int>(vt, int(p.V));
-    const int warps = scan_warps_override() == 8 ? 8 : 4;
-    if (p.delta()) return launch_scan_vt<In, E, Update::Delta, K>(p, fp, vt, warps);
-    return launch_scan_vt<In, E, Update::Additive, K>(p, fp, vt, warps);
+    if (p.delta()) return launch_scan_vt<In, E, Update::Delta, K>(p, fp, vt);
+    return launch_scan_vt<In, E, Update::Additive, K>(p, fp, vt);
 }
 
 // The dtype of the intermediates and of the scan's matrix operands: that of the inputs, except fp16,

@@ -6,9 +6,11 @@
 //
 // - 4 warps, warp w owns the rows [16w, 16w + 16) of the chunk: its row block of P, A, W and U, its
 //   share of Qg and Kd, and (inverse) column block w of L. Most phases need no block barrier at all.
-// - q, k, v stay in shared memory as the raw bf16 inputs (cp.async, 52 KiB with v), the L2 norms,
-//   the scale and β are applied to the fp32 products instead of the operands: one rounding fewer
-//   than normalising in place, and half the shared memory of fp32 tiles (2 blocks per SM, not 1).
+// - q and k stay in shared memory as the raw bf16 inputs (cp.async); the L2 norms, the scale and β
+//   are applied to the fp32 products instead of the operands: one rounding fewer than normalising in
+//   place, and a quarter of the shared memory of the fp32 kernel. v (delta rule) is fetched into k's
+//   bytes once Qg, Kd and K⊙γ are formed, while the inverse runs. At most 74 KiB per block: 3 blocks
+//   (12 warps) per SM for every cell.
 // - Products are mma.sync m16n8k16 bf16 with fp32 accumulation. With one decay number per token the
 //   operands come straight from shared memory (ldmatrix) and exp(b_i − b_j) multiplies the fp32 result.
 //   With vector decay the decay sits inside the dot product, so each operand fragment is formed in
@@ -17,9 +19,10 @@
 //   finishes its column block of L with tf32 mma: L_IJ = −L_II · A_I,[J,I) · L_[J,I),J.
 //
 // Vector-decay numerics (the factoring that keeps g = −1000 safe). b_i is the in-chunk cumulative
-// log decay, kept per row block I (reference row r_I = 16I) as Δ_i = b_i − b_{r_I} in fp32, with the
-// block references R_I = b_{r_I} summed in fp64 and only their differences rounded. Every exponent is
-// then a difference of nearby values or one that underflows harmlessly to 0:
+// log decay, kept per row block I (reference row r_I = 16I) as Δ_i = b_i − b_{r_I} in fp32. The block
+// references R_I = b_{r_I} are summed in fp64 and stored as R_0 and the block sums S_I = R_{I+1} − R_I,
+// so every exponent below is a sum of one-signed terms, a difference of nearby values, or one that
+// underflows harmlessly to 0:
 //   scores, row block I, column block J < I:  (q_i e^{Δ_i}) · (k_j e^{(R_I − R_J) − Δ_j})   both ≤ 1
 //   column block J = I (the diagonal):         (q_i e^{Δ_i}) · (k_j e^{−Δ_j})   the second ≤ e^{span}
 //   Qg: q e^{R_I + Δ_i},   Kd: k e^{(b_C − R_I) − Δ_i},   K⊙γ for W: k e^{R_I + Δ_i}.
@@ -45,19 +48,22 @@ struct PrepMmaLayout {
     static constexpr int LDF = K + 8;        // fp32 rows of Δ: float2 fragment loads conflict-free per half-warp
     static constexpr int LDA = kChunk + 4;   // fp32 rows of A and L
     static constexpr size_t q_off = 0;
+    // raw k until Qg, Kd and K⊙γ are formed, then v (delta rule: U = L diag(β) V) in the same bytes;
+    // the additive update copies U = V without staging it
     static constexpr size_t k_off = q_off + size_t(kChunk) * LDH * 2;
-    static constexpr size_t v_off = k_off + size_t(kChunk) * LDH * 2;
-    static constexpr size_t v_bytes = kDelta ? size_t(kChunk) * LDV * 2 : 0;  // additive: U = V is copied, not staged
+    static constexpr size_t k_bytes = std::max(size_t(kChunk) * LDH * 2, kDelta ? size_t(kChunk) * LDV * 2 : size_t(0));
     // Δ (vector decay) until the scores are done, then A and L (delta rule) in the same bytes
-    static constexpr size_t f_off = v_off + v_bytes;
+    static constexpr size_t f_off = k_off + k_bytes;
     static constexpr size_t f_bytes =
         std::max(kVec ? size_t(kChunk) * LDF * 4 : size_t(0), kDelta ? 2 * size_t(kChunk) * LDA * 4 : size_t(0));
-    // vector: per channel the 6 differences R_I − R_J (I > J), the 4 b_C − R_I and the 4 R_I (fp32);
-    // one decay number per token: b_i in fp64
+    // vector: per channel R_0 and the block sums S_I = R_{I+1} − R_I (S_3 = b_C − R_3), fp32 from the
+    // fp64 sums; one decay number per token: b_i in fp64
     static constexpr size_t t_off = f_off + f_bytes;
-    static constexpr size_t t_bytes = kVec ? size_t(14) * K * 4 : size_t(kChunk) * 8;
+    static constexpr size_t t_bytes = kVec ? size_t(5) * K * 4 : size_t(kChunk) * 8;
     static constexpr size_t r_off = t_off + t_bytes;  // per row: β, rq, rk, e^{b_i}, e^{b_C − b_i}
     static constexpr size_t bytes = r_off + 5 * kChunk * 4 + 16;
+    // 3 blocks per SM fit the shared memory of every cell at K = 128 (≤ 74 KiB each)
+    static constexpr int kMinBlocks = 3;
 };
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -96,7 +102,8 @@ __device__ __forceinline__ void stage_rows_bf16(__nv_bfloat16* dst, int ld, cons
 }
 
 template <Decay D, Update Up, int K>
-__global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMinBlocks)
+    chunk_prepare_mma_kernel(const FwdParams p) {
     using E = __nv_bfloat16;
     using L = PrepMmaLayout<D, Up, K>;
     constexpr bool kVec = L::kVec, kDelta = L::kDelta;
@@ -105,13 +112,14 @@ __global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(c
     char* sm = reinterpret_cast<char*>(smem_f4);
     E* qs = reinterpret_cast<E*>(sm + L::q_off);  // raw q; for the delta rule K⊙γ (normalised) once the scores are done
     E* ks = reinterpret_cast<E*>(sm + L::k_off);
-    E* vs = reinterpret_cast<E*>(sm + L::v_off);
+    E* vs = ks;  // v [64][LDV] once k is dead (delta rule)
     float* Fs = reinterpret_cast<float*>(sm + L::f_off);  // Δ [64][LDF]
     float* As = Fs;                                       // A [64][LDA], strictly lower, β_i and norms applied
     float* Ls = Fs + kChunk * LDA;                        // L = (I + A)^{-1} [64][LDA]
-    float* Dt = reinterpret_cast<float*>(sm + L::t_off);  // vector: R_I − R_J at [(I(I−1)/2 + J)·K + c]
-    float* Et = Dt + 6 * K;                               //         b_C − R_I at [I·K + c]
-    float* Rt = Et + 4 * K;                               //         R_I at [I·K + c]
+    // vector decay: R_0 at St[c], S_I at St[(I + 1)·K + c]. Every exponent needed is a sum of these of
+    // one sign (g ≤ 0), so it stays accurate however large the sums: R_I − R_J = S_J + … + S_{I−1},
+    // b_C − R_I = S_I + … + S_3, R_I = R_0 + S_0 + … + S_{I−1}.
+    float* St = reinterpret_cast<float*>(sm + L::t_off);
     double* bsm = reinterpret_cast<double*>(sm + L::t_off);  // scalar decays: b_i
     float* betas = reinterpret_cast<float*>(sm + L::r_off);
     float* rq = betas + kChunk;  // s / ‖q_i‖ (or s)
@@ -136,10 +144,6 @@ __global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(c
     const E* vsrc = static_cast<const E*>(p.v) + ci.batch * p.vs[0] + int64_t(ci.start) * p.vs[1] + hv * p.vs[2];
     stage_rows_bf16<K>(qs, LDH, qsrc, p.qs[1], len);
     stage_rows_bf16<K>(ks, LDH, ksrc, p.ks[1], len);
-    if constexpr (kDelta) {
-        if (V == 128) stage_rows_bf16<128>(vs, LDV, vsrc, p.vs[1], len);
-        else stage_rows_bf16<64>(vs, LDV, vsrc, p.vs[1], len);
-    }
     cp_async_commit();
 
     // ---- gates and β (overlapping the copies) ----
@@ -217,6 +221,8 @@ __global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(c
             int wide_bits = 0;
 #pragma unroll
             for (int I = 0; I < 4; ++I) {
+                // Not unrolled: 64 inlined copies of the gate activation grew the KDA kernel (K = 128) from
+                // 260 to 387 KiB of machine code, and KDA B=4 T=4096 ran 1.08 ms instead of 0.74 (H100).
                 for (int ii = 0; ii < 16; ++ii) {
                     const int i = 16 * I + ii;
                     double gl = 0.0;
@@ -231,13 +237,9 @@ __global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(c
                     if (ii == 15 && d < -kSafeSpan) wide_bits |= 1 << I;
                 }
             }
+            St[c] = float(R[0]);
 #pragma unroll
-            for (int I = 0; I < 4; ++I) {
-#pragma unroll
-                for (int J = 0; J < I; ++J) Dt[(I * (I - 1) / 2 + J) * K + c] = float(R[I] - R[J]);
-                Et[I * K + c] = float(run - R[I]);
-                Rt[I * K + c] = float(R[I]);
-            }
+            for (int I = 0; I < 4; ++I) St[(I + 1) * K + c] = float((I < 3 ? R[I + 1] : run) - R[I]);
             p.gC[slot * K + c] = __expf(float(run));
             if (wide_bits) atomicOr(wide, wide_bits);
         }
@@ -278,7 +280,6 @@ __global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(c
         if constexpr (kDelta) warp_gemm<E, 1, 8>(accA, Tile<E>{ks + r0 * LDH, LDH, 1}, Bk, K);
     } else {
         const bool wide_diag = (*wide >> warp) & 1;
-        const float* Drow = Dt + (warp * (warp - 1) / 2) * K;  // R_warp − R_J at Drow[J·K + c]
         for (int kk = 0; kk < K; kk += 16) {
             // A fragments: rows r0 + g (+8), channels kk + 2t (+8): q e^{Δ_i}, k e^{Δ_i}
             uint32_t aq[4], ak[4];
@@ -294,24 +295,34 @@ __global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(c
                     ak[e] = pack_bf16(kv.x * f0, kv.y * f1);
                 }
             }
+            // column blocks J = warp, warp − 1, …, 0, carrying off = R_warp − R_J = S_J + … + S_{warp−1}
+            float2 off[2] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                const int J = nt >> 1;
-                if (J > warp || (J == warp && wide_diag)) continue;  // warp-uniform
-                // B fragment: channels kk + 2t (+8), token j = 8nt + g: k_j e^{(R_I − R_J) − Δ_j}
-                const int j = 8 * nt + g;
-                uint32_t b[2];
+            for (int J = 3; J >= 0; --J) {
+                if (J > warp) continue;  // warp-uniform
+                if (J < warp)
 #pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    const int c = kk + 2 * t + 8 * hh;
-                    const float2 d = *reinterpret_cast<const float2*>(Fs + j * LDF + c);
-                    float2 off = make_float2(0.f, 0.f);
-                    if (J < warp) off = *reinterpret_cast<const float2*>(Drow + J * K + c);
-                    const float2 kv = load_bf16x2(ks + j * LDH + c);
-                    b[hh] = pack_bf16(kv.x * __expf(off.x - d.x), kv.y * __expf(off.y - d.y));
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const float2 sj = *reinterpret_cast<const float2*>(St + (J + 1) * K + kk + 2 * t + 8 * hh);
+                        off[hh].x += sj.x;
+                        off[hh].y += sj.y;
+                    }
+                if (J == warp && wide_diag) continue;
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    // B fragment: channels kk + 2t (+8), token j = 8nt + g: k_j e^{(R_I − R_J) − Δ_j}
+                    const int nt = 2 * J + half, j = 8 * nt + g;
+                    uint32_t b[2];
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int c = kk + 2 * t + 8 * hh;
+                        const float2 d = *reinterpret_cast<const float2*>(Fs + j * LDF + c);
+                        const float2 kv = load_bf16x2(ks + j * LDH + c);
+                        b[hh] = pack_bf16(kv.x * __expf(off[hh].x - d.x), kv.y * __expf(off[hh].y - d.y));
+                    }
+                    mma16(accP[0][nt], aq, b, E());
+                    if constexpr (kDelta) mma16(accA[0][nt], ak, b, E());
                 }
-                mma16(accP[0][nt], aq, b, E());
-                if constexpr (kDelta) mma16(accA[0][nt], ak, b, E());
             }
         }
         if (wide_diag) {
@@ -355,6 +366,22 @@ __global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(c
         constexpr int LPR = K / 8, RPI = 32 / LPR;
         E* Qg = static_cast<E*>(p.Qg) + slot * kChunk * K;
         E* Kd = static_cast<E*>(p.Kd) + slot * kChunk * K;
+        // vector decay: this block's R_I and b_C − R_I for the lane's 8 channels
+        float Rb[8], Eb[8];
+        if constexpr (kVec) {
+            const int c0 = 8 * (lane % LPR);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                float r = St[c0 + e], x = 0.f;
+                for (int I = 0; I < 4; ++I) {
+                    const float s = St[(I + 1) * K + c0 + e];
+                    if (I < warp) r += s;
+                    else x += s;
+                }
+                Rb[e] = r;
+                Eb[e] = x;
+            }
+        }
         for (int it = 0; it < 16 / RPI; ++it) {
             const int i = r0 + it * RPI + lane / LPR, c0 = 8 * (lane % LPR);
             const uint4 qraw = *reinterpret_cast<const uint4*>(qs + i * LDH + c0);
@@ -366,8 +393,8 @@ __global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(c
                 float fq, fk;
                 if constexpr (kVec) {
                     const float d = Fs[i * LDF + c0 + e];
-                    fq = __expf(Rt[warp * K + c0 + e] + d);
-                    fk = __expf(Et[warp * K + c0 + e] - d);
+                    fq = __expf(Rb[e] + d);
+                    fk = __expf(Eb[e] - d);
                 } else {
                     fq = eq[i];
                     fk = ek[i];
@@ -400,7 +427,11 @@ __global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(c
         }
         return;
     } else {
-        __syncthreads();  // Δ is dead (A and L take its bytes); K⊙γ is complete
+        __syncthreads();  // Δ and raw k are dead (A, L and v take their bytes); K⊙γ is complete
+        // v arrives while the inverse runs
+        if (V == 128) stage_rows_bf16<128>(vs, LDV, vsrc, p.vs[1], len);
+        else stage_rows_bf16<64>(vs, LDV, vsrc, p.vs[1], len);
+        cp_async_commit();
         for_each_acc(accA, [&](int r, int c, float& x) { As[(r0 + r) * LDA + c] = x; });
         __syncthreads();
         // ---- L_II = (I + A_II)^{-1}, forward substitution, lane c < 16 → column c ----
@@ -436,7 +467,8 @@ __global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(c
                 __syncwarp();
             }
         }
-        __syncthreads();
+        cp_async_wait_all();
+        __syncthreads();  // L and v complete
         // ---- W = L diag(β) (K⊙γ), U = L diag(β) V for this warp's rows; L diag(β) rounded once to bf16 ----
         uint32_t a[4][4];
 #pragma unroll
@@ -478,7 +510,8 @@ __global__ void __launch_bounds__(kPrepMmaThreads, 2) chunk_prepare_mma_kernel(c
 template <Decay D, Update Up, int K>
 void launch_prepare_mma(const FwdParams& fp, int n_chunks, const char* op) {
     constexpr size_t smem = PrepMmaLayout<D, Up, K>::bytes;
-    static_assert(2 * smem <= 227 * 1024, "chunk_prepare_mma: two blocks must fit an SM's shared memory");
+    static_assert(PrepMmaLayout<D, Up, K>::kMinBlocks * (smem + 1024) <= 228 * 1024,
+                  "chunk_prepare_mma: the blocks per SM of the launch bounds must fit its shared memory");
     static const bool once = (check_cuda(cudaFuncSetAttribute(chunk_prepare_mma_kernel<D, Up, K>,
                                                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                                          op, "cudaFuncSetAttribute"),
