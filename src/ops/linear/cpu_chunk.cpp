@@ -29,6 +29,10 @@ Workspace::Workspace(int64_t K_, int64_t V_) : K(K_), V(V_) {
     w.assign(C, 0.0f);
     f.assign(C * C, 0.0f);
     db.assign(C * K, 0.0f);
+    within_block.assign(C * K, 0.0f);
+    within_block_inv.assign(C * K, 0.0f);
+    diag_block.assign(kBlock * kBlock, 0.0f);
+    block_as_product.assign(C / kBlock, 0);
 }
 
 namespace {
@@ -210,6 +214,43 @@ struct Decayed<true> {
             rows_after(nullptr, g, K, i0, std::min(L, i0 + kBlock), w.after.data() + i0 * K, w);
             rows_before(nullptr, g, K, i0 - 1, before(w, i0, K), w);
         }
+        for (int i0 = 0; i0 < L; i0 += kBlock) prepare_diagonal_block(i0, std::min(L, i0 + kBlock), K, w);
+    }
+
+    // A diagonal block whose decays are shallow, Π_{block} exp(g_tc) ≥ kMinBlockDecay in every channel,
+    // is computed as a matrix product like the off-diagonal blocks, factored around its first token:
+    // exp(b_i − b_j) = W_i / W_j with W_i = Π_{i0≤t≤i} exp(g_t) ≤ 1 (w.within_block). 1/W_j ≥ 1 is
+    // then bounded by 1/kMinBlockDecay, so nothing overflows; W is a product of per-token decays, not
+    // the exp of a sum, so W_i / W_j carries the same few-ulp relative error as the per-pair products
+    // however deep the block's decays are. A deeper block (a gate near −1000, say) keeps the per-pair
+    // products of for_diag_pairs.
+    static constexpr float kMinBlockDecay = 1e-20f;
+
+    static void prepare_diagonal_block(int i0, int i1, int64_t K, Workspace& w) {
+        const float* a = w.ea.data();
+        float* W = w.within_block.data();
+        float* W_inv = w.within_block_inv.data();
+        std::copy(a + i0 * K, a + (i0 + 1) * K, W + i0 * K);
+        for (int i = i0 + 1; i < i1; ++i)
+            for (int64_t c = 0; c < K; ++c) W[i * K + c] = W[(i - 1) * K + c] * a[i * K + c];
+        const float* last = W + (i1 - 1) * K;
+        bool shallow = true;
+        for (int64_t c = 0; c < K; ++c) shallow &= last[c] >= kMinBlockDecay;
+        w.block_as_product[size_t(i0 / kBlock)] = shallow;
+        if (shallow)
+            for (int64_t t = i0 * K; t < i1 * K; ++t) W_inv[t] = 1.0f / W[t];
+    }
+
+    static bool as_product(const Workspace& w, int i0) { return w.block_as_product[size_t(i0 / kBlock)] != 0; }
+
+    // w.diag_block [n, n] (ld kBlock) ← E's diagonal block [i0, i1) with the excluded pairs (j > i, and
+    // j = i without diag) set to zero, whatever E holds there.
+    static const float* masked_diagonal_block(const float* E, int i0, int i1, bool diag, Workspace& w) {
+        float* D = w.diag_block.data();
+        for (int i = i0; i < i1; ++i)
+            for (int j = i0; j < i1; ++j)
+                D[(i - i0) * kBlock + (j - i0)] = (j < i || (diag && j == i)) ? E[i * kChunk + j] : 0.0f;
+        return D;
     }
     static float* before(Workspace& w, int i0, int64_t K) { return w.before.data() + (i0 / kBlock) * kChunk * K; }
 
@@ -222,10 +263,19 @@ struct Decayed<true> {
                        bool diag, float* E, Workspace& w) {
         for (int i = 0; i < L; ++i) std::fill(E + i * kChunk, E + i * kChunk + L, 0.0f);
         for (int i0 = 0; i0 < L; i0 += kBlock) {
-            const int i1 = std::min(L, i0 + kBlock);
-            for_diag_pairs(K, i0, i1, diag, w, [&](int i, int j, const float* e) {
-                E[i * kChunk + j] = hla::cpu::dot3(x + i * K, y + j * K, e, K);
-            });
+            const int i1 = std::min(L, i0 + kBlock), n = i1 - i0;
+            if (as_product(w, i0)) {
+                // E_II = [x_I ⊙ W_I] [y_I ⊘ W_I]ᵀ, then the excluded pairs are cleared
+                mul_rows(x + i0 * K, w.within_block.data() + i0 * K, n, K, w.blk_x.data());
+                mul_rows(y + i0 * K, w.within_block_inv.data() + i0 * K, n, K, w.blk_out.data());
+                transpose(w.blk_out.data(), n, K, K, w.blk_yt.data());
+                gemm(n, n, K, 1.0f, w.blk_x.data(), K, 1, w.blk_yt.data(), n, 0.0f, E + i0 * kChunk + i0, kChunk);
+                for (int i = i0; i < i1; ++i) std::fill(E + i * kChunk + (diag ? i + 1 : i), E + i * kChunk + i1, 0.0f);
+            } else {
+                for_diag_pairs(K, i0, i1, diag, w, [&](int i, int j, const float* e) {
+                    E[i * kChunk + j] = hla::cpu::dot3(x + i * K, y + j * K, e, K);
+                });
+            }
             if (i0 == 0) continue;
             mul_rows(x + i0 * K, w.after.data() + i0 * K, i1 - i0, K, w.blk_x.data());  // x_I ⊙ exp(b_I − b_r)
             mul_rows(y, before(w, i0, K), i0, K, w.blk_out.data());                    // y_J ⊙ exp(b_r − b_J)
@@ -237,11 +287,20 @@ struct Decayed<true> {
     static void apply(const float* E, const float* y, int L, int64_t K, const float* /*g*/, bool diag, float* out,
                       Workspace& w) {
         for (int i0 = 0; i0 < L; i0 += kBlock) {
-            const int i1 = std::min(L, i0 + kBlock);
-            for_diag_pairs(K, i0, i1, diag, w, [&](int i, int j, const float* e) {
-                const float eij = E[i * kChunk + j];
-                for (int64_t c = 0; c < K; ++c) out[i * K + c] += eij * y[j * K + c] * e[c];
-            });
+            const int i1 = std::min(L, i0 + kBlock), n = i1 - i0;
+            if (as_product(w, i0)) {
+                // out_I += W_I ⊙ (E_II [y_I ⊘ W_I])
+                const float* D = masked_diagonal_block(E, i0, i1, diag, w);
+                mul_rows(y + i0 * K, w.within_block_inv.data() + i0 * K, n, K, w.blk_out.data());
+                gemm(n, K, n, 1.0f, D, kBlock, 1, w.blk_out.data(), K, 0.0f, w.blk_x.data(), K);
+                const float* W = w.within_block.data() + i0 * K;
+                for (int64_t t = 0; t < n * K; ++t) out[i0 * K + t] += w.blk_x[t] * W[t];
+            } else {
+                for_diag_pairs(K, i0, i1, diag, w, [&](int i, int j, const float* e) {
+                    const float eij = E[i * kChunk + j];
+                    for (int64_t c = 0; c < K; ++c) out[i * K + c] += eij * y[j * K + c] * e[c];
+                });
+            }
             if (i0 == 0) continue;
             mul_rows(y, before(w, i0, K), i0, K, w.blk_out.data());  // y_J ⊙ exp(b_r − b_J)
             gemm(i1 - i0, K, i0, 1.0f, E + i0 * kChunk, kChunk, 1, w.blk_out.data(), K, 0.0f, w.blk_x.data(), K);
@@ -253,11 +312,20 @@ struct Decayed<true> {
     static void apply_t(const float* E, const float* x, int L, int64_t K, const float* /*g*/, bool diag, float* out,
                         Workspace& w) {
         for (int i0 = 0; i0 < L; i0 += kBlock) {
-            const int i1 = std::min(L, i0 + kBlock);
-            for_diag_pairs(K, i0, i1, diag, w, [&](int i, int j, const float* e) {
-                const float eij = E[i * kChunk + j];
-                for (int64_t c = 0; c < K; ++c) out[j * K + c] += eij * x[i * K + c] * e[c];
-            });
+            const int i1 = std::min(L, i0 + kBlock), n = i1 - i0;
+            if (as_product(w, i0)) {
+                // out_I += (E_IIᵀ [x_I ⊙ W_I]) ⊘ W_I
+                const float* D = masked_diagonal_block(E, i0, i1, diag, w);
+                mul_rows(x + i0 * K, w.within_block.data() + i0 * K, n, K, w.blk_x.data());
+                gemm(n, K, n, 1.0f, D, 1, kBlock, w.blk_x.data(), K, 0.0f, w.blk_out.data(), K);
+                const float* W_inv = w.within_block_inv.data() + i0 * K;
+                for (int64_t t = 0; t < n * K; ++t) out[i0 * K + t] += w.blk_out[t] * W_inv[t];
+            } else {
+                for_diag_pairs(K, i0, i1, diag, w, [&](int i, int j, const float* e) {
+                    const float eij = E[i * kChunk + j];
+                    for (int64_t c = 0; c < K; ++c) out[j * K + c] += eij * x[i * K + c] * e[c];
+                });
+            }
             if (i0 == 0) continue;
             mul_rows(x + i0 * K, w.after.data() + i0 * K, i1 - i0, K, w.blk_x.data());  // x_I ⊙ exp(b_I − b_r)
             // [i0, K] = E[I, 0:i0]ᵀ · x̃_I
