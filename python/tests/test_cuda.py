@@ -138,3 +138,36 @@ def test_gated_attention_cuda_bf16():
 
 def layer_hidden(layer):
     return next(m for m in layer.modules() if isinstance(m, torch.nn.Linear)).in_features
+
+
+@pytest.mark.parametrize("mixer", ["deltanet", "gated_deltanet", "gla"])
+def test_cuda_matches_cpu_at_the_mqar_shape(mixer):
+    """The `hla.mqar --gpu` layer shape (B = 64, T = 256, H = 2, K = V = 64, fp32, q/k/v strided slices
+    of one projection, in-kernel L2 norm and gates): the CUDA forward and every gradient equal the CPU
+    backend's, which learns the task (bench/results/mqar_gpu.md)."""
+    B, T, H, D = 64, 256, 2, 64
+    gen = torch.Generator().manual_seed(0)
+    raw = dict(x=torch.randn(B, T, 3, H, D, generator=gen), beta=torch.randn(B, T, H, generator=gen),
+               gate=0.1 * torch.randn(B, T, H, generator=gen), gvec=-0.1 * torch.rand(B, T, H, D, generator=gen),
+               A_log=torch.zeros(H), dt_bias=torch.full((H,), -4.6))
+    d_o = torch.randn(B, T, H, D, generator=gen)
+
+    def run(device):
+        t = {key: v.to(device).requires_grad_(True) for key, v in raw.items()}
+        q, k, v = t["x"].unbind(2)
+        if mixer == "deltanet":
+            o, _ = ops.chunk_delta_rule(q, k, v, torch.sigmoid(t["beta"]), use_qk_l2norm_in_kernel=True)
+        elif mixer == "gated_deltanet":
+            o, _ = ops.chunk_gated_delta_rule(q, k, v, t["gate"], t["beta"], use_qk_l2norm_in_kernel=True,
+                                              use_gate_in_kernel=True, A_log=t["A_log"], dt_bias=t["dt_bias"],
+                                              use_beta_sigmoid_in_kernel=True)
+        else:
+            o, _ = ops.linear(ops.make_config("vector", "additive", qk_l2norm=True), q, k, v, t["gvec"])
+        (o * d_o.to(device)).sum().backward()
+        return {"o": o.detach().cpu(), **{key: v.grad.cpu() for key, v in t.items() if v.grad is not None}}
+
+    cuda, cpu = run(DEV), run("cpu")
+    assert cuda.keys() == cpu.keys()
+    for key in cpu:
+        assert torch.isfinite(cuda[key]).all(), key
+        assert rel_rms(cuda[key], cpu[key]) < 1e-5, f"{mixer}: {key} rel RMS {rel_rms(cuda[key], cpu[key]):.2e}"
