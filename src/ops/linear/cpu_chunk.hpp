@@ -11,10 +11,11 @@
 //   S_C  = diag(γ_L) S_0 + (K ⊙ γ_L ⊘ γ)ᵀ X
 //
 // Numerics: exp(b) and exp(−b) are never formed over a chunk (with g = −1000 they leave fp32).
-// Decayed products split the chunk into 16-token blocks: inside a diagonal block exp(b_i − b_j) ≤ 1
-// is computed per element; an off-diagonal block (J before I) is factored around r, the last token
-// before I, as [X_I ⊙ exp(b_I − b_r)] [Y_J ⊙ exp(b_r − b_J)]ᵀ with both factors ≤ 1, so it runs as a
-// matrix product without overflow.
+// Decayed products split the chunk into 16-token blocks: an off-diagonal block (J before I) is factored
+// around r, the last token before I, as [X_I ⊙ exp(b_I − b_r)] [Y_J ⊙ exp(b_r − b_J)]ᵀ with both
+// factors ≤ 1, so it runs as a matrix product without overflow; a diagonal block is a matrix product
+// with within-block decay products when its decays are shallow, else exp(b_i − b_j) ≤ 1 is computed
+// per element (cpu_chunk.cpp, Decayed<true>).
 // Every exponent b_i − b_j is formed as the sum Σ_{j<t≤i} g_t, accumulated from the nearer end (or,
 // inside a 16-token block, as the product of the per-token decays exp(g_t)), never
 // as the difference of two cumulative sums: after a run of deep gates b reaches −500, where a float
