@@ -133,18 +133,7 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
         // raw gate rows into the (still free) decayed-key rows, then the activation into fp64
         float* graw = kc;
         const int64_t goff = ci.batch * p.gs[0] + int64_t(ci.start) * p.gs[1] + hv * p.gs[2];
-        switch (p.g_dtype) {
-            case DType::BF16:
-                load_rows<__nv_bfloat16, kChunk, K, kPrepThreads>(graw, LD, static_cast<const __nv_bfloat16*>(p.g) + goff,
-                                                                  p.gs[1], len);
-                break;
-            case DType::F16:
-                load_rows<__half, kChunk, K, kPrepThreads>(graw, LD, static_cast<const __half*>(p.g) + goff, p.gs[1], len);
-                break;
-            default:
-                load_rows<float, kChunk, K, kPrepThreads>(graw, LD, static_cast<const float*>(p.g) + goff, p.gs[1], len);
-                break;
-        }
+        load_rows_any<kChunk, K, kPrepThreads>(graw, LD, p.g, p.g_dtype, goff, p.gs[1], len);
         __syncthreads();
         for (int idx = tid; idx < kChunk * K; idx += kPrepThreads) {
             const int i = idx / K, c = idx % K;

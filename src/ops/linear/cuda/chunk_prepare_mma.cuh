@@ -160,18 +160,7 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
     if constexpr (kVec) {
         // raw gate rows as fp32 into Δ's rows; the activation and the sums follow once they are in
         const int64_t goff = ci.batch * p.gs[0] + int64_t(ci.start) * p.gs[1] + hv * p.gs[2];
-        switch (p.g_dtype) {
-            case DType::BF16:
-                load_rows<__nv_bfloat16, kChunk, K, kPrepMmaThreads>(Fs, LDF, static_cast<const __nv_bfloat16*>(p.g) + goff,
-                                                                     p.gs[1], len);
-                break;
-            case DType::F16:
-                load_rows<__half, kChunk, K, kPrepMmaThreads>(Fs, LDF, static_cast<const __half*>(p.g) + goff, p.gs[1], len);
-                break;
-            default:
-                load_rows<float, kChunk, K, kPrepMmaThreads>(Fs, LDF, static_cast<const float*>(p.g) + goff, p.gs[1], len);
-                break;
-        }
+        load_rows_any<kChunk, K, kPrepMmaThreads>(Fs, LDF, p.g, p.g_dtype, goff, p.gs[1], len);
     } else if (warp == 0) {
         // one decay number per token: two tokens per lane, an fp64 warp scan (g = −1000 sums reach
         // −6.4·10^4, where fp32 would put 0.4% errors into e^{b_i − b_j} of neighbouring tokens)

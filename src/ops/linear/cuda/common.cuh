@@ -134,6 +134,25 @@ __device__ __forceinline__ void load_rows(float* dst, int ld, const In* src, int
     }
 }
 
+// load_rows for a tensor whose dtype is known only at run time (the gate may come in any float dtype
+// whatever the q/k/v dtype is): `offset` elements into `src`.
+template <int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ void load_rows_any(float* dst, int ld, const void* src, DType dtype, int64_t offset,
+                                              int64_t row_stride, int valid) {
+    switch (dtype) {
+        case DType::BF16:
+            load_rows<__nv_bfloat16, ROWS, COLS, THREADS>(dst, ld, static_cast<const __nv_bfloat16*>(src) + offset,
+                                                          row_stride, valid);
+            break;
+        case DType::F16:
+            load_rows<__half, ROWS, COLS, THREADS>(dst, ld, static_cast<const __half*>(src) + offset, row_stride, valid);
+            break;
+        default:
+            load_rows<float, ROWS, COLS, THREADS>(dst, ld, static_cast<const float*>(src) + offset, row_stride, valid);
+            break;
+    }
+}
+
 // 16-byte asynchronous copy global → shared (Ampere+), and its group fences.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
