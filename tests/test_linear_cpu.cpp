@@ -107,13 +107,13 @@ std::vector<Scenario> scenarios() {
          },
          false, false, false, true},
         {"block_decay_threshold", [](LinearCase& c) {
-             // 16 tokens of log decay in [−3.05, −2.45] sum to −44 on average, and in the deepest of the
+             // 16 tokens of log decay in [−3.1, −2.5] sum to −45 on average, and in the deepest of the
              // case's 16 channels to about ln(1e-20) = −46: some diagonal blocks are matrix products
              // with 1/W near 1e20, their neighbours take the per-pair products (vector decay).
              c.T = 130;
              c.initial_state = true;
-             c.gate_min = -3.05;
-             c.gate_max = -2.45;
+             c.gate_min = -3.1;
+             c.gate_max = -2.5;
              return per_token_decay(c.cfg);
          }},
         {"beta_0_1", [](LinearCase& c) {
