@@ -22,7 +22,6 @@ Workspace::Workspace(int64_t K_, int64_t V_) : K(K_), V(V_) {
     blk_yt.assign(C * K, 0.0f);
     row.assign(std::max<int64_t>(D, C), 0.0f);
     row2.assign(std::max<int64_t>(D, C), 0.0f);
-    after.assign(C * K, 0.0f);
     before.assign((C / kBlock) * C * K, 0.0f);
     diag.assign(C, 0.0f);
     u.assign(C, 0.0f);
@@ -156,11 +155,6 @@ struct Decayed<false> {
 
 template <>
 struct Decayed<true> {
-    // acc[c] ← acc[c] + g[c]
-    static void accumulate(float* acc, const float* g, int64_t K) {
-        for (int64_t c = 0; c < K; ++c) acc[c] += g[c];
-    }
-
     // Calls f(i, j, e) for the pairs of the diagonal block [i0, i1) (j ≤ i, or j < i without diag),
     // with e[c] = exp(b_ic − b_jc) = Π_{j<t≤i} a_tc, a = exp(g) (w.ea): a product of at most 15 factors
     // ≤ 1, as accurate as exp of the sum and without an exp per pair.
@@ -177,44 +171,22 @@ struct Decayed<true> {
         }
     }
 
-    // dst[i − i0] = src_i ⊙ exp(b_i − b_r) for i ∈ [i0, i1), r = i0 − 1   (Σ_{i0≤t≤i} g_t)
-    static void rows_after(const float* src, const float* g, int64_t K, int i0, int i1, float* dst, Workspace& w) {
-        float* acc = w.row.data();
-        std::fill(acc, acc + K, 0.0f);
-        for (int i = i0; i < i1; ++i) {
-            accumulate(acc, g + i * K, K);
-            float* d = dst + (i - i0) * K;
-            std::copy(acc, acc + K, d);
-            exp_inplace(d, K);
-            if (src)
-                for (int64_t c = 0; c < K; ++c) d[c] *= src[i * K + c];
-        }
-    }
-
-    // dst[j] = src_j ⊙ exp(b_r − b_j) for j ∈ [0, r]   (Σ_{j<t≤r} g_t)
-    static void rows_before(const float* src, const float* g, int64_t K, int r, float* dst, Workspace& w) {
-        float* acc = w.row.data();
-        std::fill(acc, acc + K, 0.0f);
-        for (int j = r; j >= 0; --j) {
-            float* d = dst + j * K;
-            std::copy(acc, acc + K, d);
-            exp_inplace(d, K);
-            if (src)
-                for (int64_t c = 0; c < K; ++c) d[c] *= src[j * K + c];
-            accumulate(acc, g + j * K, K);
-        }
-    }
-
-    // The off-diagonal factors of every 16-token block I ≥ 1 (r = i0 − 1, the token before it), computed
-    // once per chunk and shared by all decayed products of the chunk:
-    //   w.after  [L, K]:          row i of block I holds exp(b_i − b_r)
-    //   w.before [I][i0, K]:      row j < i0 holds exp(b_r − b_j)
-    static void prepare(const float* g, int L, int64_t K, Workspace& w) {
-        for (int i0 = kBlock; i0 < L; i0 += kBlock) {
-            rows_after(nullptr, g, K, i0, std::min(L, i0 + kBlock), w.after.data() + i0 * K, w);
-            rows_before(nullptr, g, K, i0 - 1, before(w, i0, K), w);
-        }
+    // Every decay factor of the chunk's products, as running products of the per-token decays
+    // a = exp(g) (w.ea): exp(Σ_{j<t≤i} g_t) = Π_{j<t≤i} a_t, factors ≤ 1 whose product keeps a few ulps
+    // of relative error (or underflows to 0 where the true factor does), with one exp per token and
+    // channel instead of one per factor. Per 16-token block I (r = i0 − 1, the token before it):
+    //   w.within_block [L, K]:   row i of block I holds Π_{i0≤t≤i} a_t = exp(b_i − b_r) — the
+    //                            off-diagonal "after" factor and the diagonal blocks' W
+    //   w.before [I][i0, K]:     row j < i0 holds Π_{j<t≤r} a_t = exp(b_r − b_j)
+    static void prepare(int L, int64_t K, Workspace& w) {
+        const float* a = w.ea.data();
         for (int i0 = 0; i0 < L; i0 += kBlock) prepare_diagonal_block(i0, std::min(L, i0 + kBlock), K, w);
+        for (int i0 = kBlock; i0 < L; i0 += kBlock) {
+            float* d = before(w, i0, K);
+            std::fill(d + (i0 - 1) * K, d + i0 * K, 1.0f);
+            for (int j = i0 - 2; j >= 0; --j)
+                for (int64_t c = 0; c < K; ++c) d[j * K + c] = d[(j + 1) * K + c] * a[(j + 1) * K + c];
+        }
     }
 
     // A diagonal block whose decays are shallow, Π_{block} exp(g_tc) ≥ kMinBlockDecay in every channel,
@@ -277,7 +249,7 @@ struct Decayed<true> {
                 });
             }
             if (i0 == 0) continue;
-            mul_rows(x + i0 * K, w.after.data() + i0 * K, i1 - i0, K, w.blk_x.data());  // x_I ⊙ exp(b_I − b_r)
+            mul_rows(x + i0 * K, w.within_block.data() + i0 * K, i1 - i0, K, w.blk_x.data());  // x_I ⊙ exp(b_I − b_r)
             mul_rows(y, before(w, i0, K), i0, K, w.blk_out.data());                    // y_J ⊙ exp(b_r − b_J)
             transpose(w.blk_out.data(), i0, K, K, w.blk_yt.data());   // [K, i0]
             gemm(i1 - i0, i0, K, 1.0f, w.blk_x.data(), K, 1, w.blk_yt.data(), i0, 0.0f, E + i0 * kChunk, kChunk);
@@ -304,7 +276,7 @@ struct Decayed<true> {
             if (i0 == 0) continue;
             mul_rows(y, before(w, i0, K), i0, K, w.blk_out.data());  // y_J ⊙ exp(b_r − b_J)
             gemm(i1 - i0, K, i0, 1.0f, E + i0 * kChunk, kChunk, 1, w.blk_out.data(), K, 0.0f, w.blk_x.data(), K);
-            const float* after = w.after.data() + i0 * K;  // exp(b_I − b_r)
+            const float* after = w.within_block.data() + i0 * K;  // exp(b_I − b_r)
             for (int64_t t = 0; t < (i1 - i0) * K; ++t) out[i0 * K + t] += w.blk_x[t] * after[t];
         }
     }
@@ -327,7 +299,7 @@ struct Decayed<true> {
                 });
             }
             if (i0 == 0) continue;
-            mul_rows(x + i0 * K, w.after.data() + i0 * K, i1 - i0, K, w.blk_x.data());  // x_I ⊙ exp(b_I − b_r)
+            mul_rows(x + i0 * K, w.within_block.data() + i0 * K, i1 - i0, K, w.blk_x.data());  // x_I ⊙ exp(b_I − b_r)
             // [i0, K] = E[I, 0:i0]ᵀ · x̃_I
             gemm(i0, K, i1 - i0, 1.0f, E + i0 * kChunk, 1, kChunk, w.blk_x.data(), K, 0.0f, w.blk_out.data(), K);
             const float* before_r = before(w, i0, K);  // exp(b_r − b_J)
@@ -341,16 +313,27 @@ struct Decayed<true> {
 };
 
 // eb ← exp(b) (≤ 1), and ebar ← exp(b_last − b) = exp(Σ_{j<t<L} g_t) (≤ 1); sized [L, K] or [L].
+// Vector decay: running products of w.ea (see Decayed<true>::prepare); one decay per token: exps of
+// the same-sign sums (L of them).
 template <bool kVector>
-void decay_factors(const ChunkView& c, float* eb, float* ebar) {
-    const int64_t width = kVector ? c.K : 1;
+void decay_factors(const ChunkView& c, Workspace& w) {
     const int L = c.L;
-    std::copy(c.b, c.b + L * width, eb);
-    exp_inplace(eb, L * width);
-    std::fill(ebar + (L - 1) * width, ebar + L * width, 0.0f);
-    for (int j = L - 2; j >= 0; --j)
-        for (int64_t ch = 0; ch < width; ++ch) ebar[j * width + ch] = ebar[(j + 1) * width + ch] + c.g[(j + 1) * width + ch];
-    exp_inplace(ebar, L * width);
+    float* eb = w.eb.data();
+    float* ebar = w.ebar.data();
+    if constexpr (kVector) {
+        const int64_t K = c.K;
+        const float* a = w.ea.data();
+        std::copy(a, a + K, eb);
+        for (int64_t t = K; t < L * K; ++t) eb[t] = eb[t - K] * a[t];
+        std::fill(ebar + (L - 1) * K, ebar + L * K, 1.0f);
+        for (int64_t t = (L - 1) * K - 1; t >= 0; --t) ebar[t] = ebar[t + K] * a[t + K];
+    } else {
+        std::copy(c.b, c.b + L, eb);
+        exp_inplace(eb, L);
+        ebar[L - 1] = 0.0f;
+        for (int j = L - 2; j >= 0; --j) ebar[j] = ebar[j + 1] + c.g[j + 1];
+        exp_inplace(ebar, L);
+    }
 }
 
 // out [L, K] = x ⊙ f, with f [L, K] (vector) or [L] broadcast over the row.
@@ -380,12 +363,12 @@ void chunk_common(const ChunkView& c, const float* S0, Workspace& w, bool with_o
     if constexpr (kVector) {
         std::copy(c.g, c.g + L * K, w.ea.data());
         exp_inplace(w.ea.data(), L * K);
-        Decayed<true>::prepare(c.g, L, K, w);
+        Decayed<true>::prepare(L, K, w);
     } else {
         scalar_gamma(c.g, L, w.gamma_lower.data());
         transpose(c.k, L, K, K, w.kt.data());
     }
-    decay_factors<kVector>(c, w.eb.data(), w.ebar.data());
+    decay_factors<kVector>(c, w);
     scale_by<kVector>(c.k, w.ebar.data(), L, K, w.kbar.data());
     if (with_output) {
         scale_by<kVector>(c.q, w.eb.data(), L, K, w.qg.data());

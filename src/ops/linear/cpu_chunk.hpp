@@ -16,10 +16,11 @@
 // factors ≤ 1, so it runs as a matrix product without overflow; a diagonal block is a matrix product
 // with within-block decay products when its decays are shallow, else exp(b_i − b_j) ≤ 1 is computed
 // per element (cpu_chunk.cpp, Decayed<true>).
-// Every exponent b_i − b_j is formed as the sum Σ_{j<t≤i} g_t, accumulated from the nearer end (or,
-// inside a 16-token block, as the product of the per-token decays exp(g_t)), never
-// as the difference of two cumulative sums: after a run of deep gates b reaches −500, where a float
-// resolves only 3e-5, and exp(b_i − b_j) of two nearby shallow tokens would inherit that error.
+// Every decay factor exp(b_i − b_j) is formed from the gates between j and i alone, never from the
+// difference of two cumulative sums: after a run of deep gates b reaches −500, where a float resolves
+// only 3e-5, and exp(b_i − b_j) of two nearby shallow tokens would inherit that error. One decay per
+// token: exp of the sum Σ_{j<t≤i} g_t accumulated from the nearer end; vector decay: running products
+// of the per-token decays exp(g_t), one exp per token and channel.
 #pragma once
 
 #include <cstdint>
@@ -47,7 +48,7 @@ struct Workspace {
     Workspace(int64_t K, int64_t V);
     int64_t K, V;
     std::vector<float> eb, ebar, ea, kt, kg, qg, kbar, y, x, xt, d, a, p, gamma_lower, s0t, dst, dx, dp, z, da, dqg, dkbar, dkg, dy,
-        tmp1, tmp2, blk_x, blk_yt, blk_out, after, before, row, row2, diag, u, w, f, db;
+        tmp1, tmp2, blk_x, blk_yt, blk_out, before, row, row2, diag, u, w, f, db;
     // Vector decay, diagonal blocks: within_block [L, K] holds Π_{i0≤t≤i} exp(g_t) for row i of the block
     // starting at i0, within_block_inv its reciprocal; block_as_product[I] says whether block I is
     // shallow enough to be computed as a matrix product with them (cpu_chunk.cpp, Decayed<true>).
