@@ -2,6 +2,7 @@
 // available, with scalar edges) and gemm, on sizes that hit every edge of their tiling.
 #include <gtest/gtest.h>
 
+#include <cfloat>
 #include <random>
 #include <vector>
 
@@ -51,6 +52,20 @@ TEST(CpuMath, GemmMatchesTripleLoopWithStridesAndAccumulation) {
             }
         }
     }
+}
+
+TEST(CpuMath, FlushSubnormalsIsScopedToTheGuard) {
+#if !defined(__SSE__)
+    GTEST_SKIP() << "subnormal flushing is set through the x86 MXCSR only";
+#else
+    volatile float tiny = FLT_MIN, half = 0.5f;  // volatile: computed at run time, under the thread's mode
+    EXPECT_GT(tiny * half, 0.0f) << "subnormal results are kept by default";
+    {
+        const hla::cpu::FlushSubnormals flush;
+        EXPECT_EQ(tiny * half, 0.0f) << "flushed inside the guard";
+    }
+    EXPECT_GT(tiny * half, 0.0f) << "the previous mode is restored";
+#endif
 }
 
 }  // namespace

@@ -4,6 +4,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace hla::cpu {
 
@@ -173,5 +176,15 @@ void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* 
     for (int64_t r = r0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * ld + c];
 }
+
+#if defined(__SSE__)
+// MXCSR bit 15: flush-to-zero (subnormal results), bit 6: denormals-are-zero (subnormal inputs).
+constexpr unsigned kFlushBits = 0x8040;
+FlushSubnormals::FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushBits); }
+FlushSubnormals::~FlushSubnormals() { _mm_setcsr(saved_); }
+#else
+FlushSubnormals::FlushSubnormals() = default;
+FlushSubnormals::~FlushSubnormals() = default;
+#endif
 
 }  // namespace hla::cpu

@@ -59,4 +59,20 @@ inline float dot3(const float* x, const float* y, const float* z, int64_t n) {
 // Copies a [rows, cols] block with row stride ld into a contiguous [cols, rows] block (transpose).
 void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst);
 
+// While alive, the calling thread flushes subnormal floats to zero (x86: MXCSR flush-to-zero and
+// denormals-are-zero; elsewhere nothing), and restores its previous mode on exit. The running products
+// of per-token decays pass through the subnormal range on their way to 0 under deep gates, and some
+// x86 cores take a ~100-cycle microcode assist per subnormal result; values below FLT_MIN (1.2e-38)
+// become 0, as exp_inplace already makes them.
+class FlushSubnormals {
+public:
+    FlushSubnormals();
+    ~FlushSubnormals();
+    FlushSubnormals(const FlushSubnormals&) = delete;
+    FlushSubnormals& operator=(const FlushSubnormals&) = delete;
+
+private:
+    unsigned saved_ = 0;
+};
+
 }  // namespace hla::cpu

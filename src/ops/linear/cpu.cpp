@@ -102,6 +102,7 @@ void forward(const Problem& p) {
     const int64_t group = heads_per_task(p.N(), HV), groups = (HV + group - 1) / group;
     const TensorView& o = p.args.o;
     parallel_for(p.N() * groups, [&](int64_t task) {
+        const hla::cpu::FlushSubnormals flush;
         const int64_t n = task / groups, hv0 = task % groups * group, hv1 = std::min(HV, hv0 + group);
         const Sequence& s = p.seqs[size_t(n)];
         thread_local std::unique_ptr<Workspace> ws;
@@ -142,6 +143,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
         part_dt(size_t(N * HV * width), 0.0);
 
     parallel_for(N * H, [&](int64_t task) {
+        const hla::cpu::FlushSubnormals flush;
         const int64_t n = task / H, h = task % H;
         const Sequence& s = p.seqs[size_t(n)];
         const int64_t len = s.len;
