@@ -7,6 +7,16 @@
 #include "ops/linear/cuda/common.cuh"
 #include "ops/linear/problem.hpp"
 
+#ifndef HLA_CUDA_LINEAR_BF16
+#define HLA_CUDA_LINEAR_BF16 1
+#endif
+#ifndef HLA_CUDA_LINEAR_F16
+#define HLA_CUDA_LINEAR_F16 1
+#endif
+#ifndef HLA_CUDA_LINEAR_F32
+#define HLA_CUDA_LINEAR_F32 1
+#endif
+
 namespace hla::linear::cuda {
 
 template <class E>
@@ -55,11 +65,22 @@ void forward(const Problem& p) {
     HLA_CHECK(p.V == 64 || p.V == 128, p.op, ": v: the CUDA chunked forward supports V in {64, 128}, got V = ", p.V);
     HLA_CHECK(p.T < (int64_t(1) << 31), p.op, ": q: T = ", p.T, " tokens exceeds the CUDA backend's 2^31 limit");
     check_cuda(cudaSetDevice(a.q.device_index), p.op, "cudaSetDevice");
+    // The input dtypes this build compiled the chunked forward for (CMake HLA_CUDA_LINEAR_DTYPES, all
+    // three by default; a bf16-only build skips two of the three slowest files to compile).
     switch (a.q.dtype) {
+#if HLA_CUDA_LINEAR_BF16
         case DType::BF16: return forward_chunked<__nv_bfloat16>(p);
+#endif
+#if HLA_CUDA_LINEAR_F16
         case DType::F16: return forward_chunked<__half>(p);
-        default: return forward_chunked<float>(p);
+#endif
+#if HLA_CUDA_LINEAR_F32
+        case DType::F32: return forward_chunked<float>(p);
+#endif
+        default: break;
     }
+    detail::fail(p.op, ": q: the CUDA chunked forward for ", dtype_name(a.q.dtype), " inputs is not compiled into this ",
+                 "build (CMake HLA_CUDA_LINEAR_DTYPES leaves it out)");
 }
 
 }  // namespace hla::linear::cuda

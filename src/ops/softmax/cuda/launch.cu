@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <mutex>
+#include <type_traits>
 
 #include "core/checks.hpp"
 #include "ops/softmax/cuda/launchers.cuh"
@@ -24,6 +25,44 @@ void check_aligned(const char* op, const char* name, const TensorView& t) {
     for (int i = 0; i + 1 < t.ndim; ++i) ok = ok && (t.stride[i] * int64_t(dtype_size(t.dtype))) % 16 == 0;
     HLA_CHECK(ok, op, ": ", name, ": the CUDA backend needs 16-byte aligned rows (data pointer and every stride but ",
               "the innermost a multiple of 16 bytes), got strides of shape ", t.shape_string());
+}
+
+// The head dims this build compiled kernels for (CMake HLA_CUDA_SOFTMAX_HEAD_DIMS, all three by
+// default): a build for one model can skip the others' instantiations, the slowest files to compile.
+#ifndef HLA_CUDA_SOFTMAX_D64
+#define HLA_CUDA_SOFTMAX_D64 1
+#endif
+#ifndef HLA_CUDA_SOFTMAX_D128
+#define HLA_CUDA_SOFTMAX_D128 1
+#endif
+#ifndef HLA_CUDA_SOFTMAX_D256
+#define HLA_CUDA_SOFTMAX_D256 1
+#endif
+
+void require_built_head_dim(int64_t D, const char* op) {
+    const bool built = (D == 64 && HLA_CUDA_SOFTMAX_D64) || (D == 128 && HLA_CUDA_SOFTMAX_D128) ||
+                       (D == 256 && HLA_CUDA_SOFTMAX_D256);
+    HLA_CHECK(built, op, ": q: head dim D = ", D, " is not compiled into this build's CUDA kernels (CMake ",
+              "HLA_CUDA_SOFTMAX_HEAD_DIMS leaves it out; the CUDA backend takes 64, 128 and 256)");
+}
+
+// f(std::integral_constant<int, D>{}) for the head dim D: the one switch from a run-time head dim to
+// the kernel instantiations, for every pass.
+template <class F>
+void with_head_dim(int64_t D, const char* op, F&& f) {
+    require_built_head_dim(D, op);
+    switch (D) {
+#if HLA_CUDA_SOFTMAX_D64
+        case 64: f(std::integral_constant<int, 64>{}); break;
+#endif
+#if HLA_CUDA_SOFTMAX_D128
+        case 128: f(std::integral_constant<int, 128>{}); break;
+#endif
+#if HLA_CUDA_SOFTMAX_D256
+        case 256: f(std::integral_constant<int, 256>{}); break;
+#endif
+        default: break;  // not reached: require_built_head_dim threw
+    }
 }
 
 int dtype_code(DType d) {
@@ -94,16 +133,16 @@ void run_forward_kernel(const Problem& p, const FwdParams& f) {
     const bool bf16 = p.args.q.dtype == DType::BF16;
     const int seqs = int(p.N());
     if (p.max_len == 0 || seqs == 0) return;
-    switch (p.D) {
-        case 64: launch_forward_d<64>(f, bf16, int((p.max_len + FwdTraits<64>::BM - 1) / FwdTraits<64>::BM), int(p.HQ), seqs, p.op); break;
-        case 128: launch_forward_d<128>(f, bf16, int((p.max_len + FwdTraits<128>::BM - 1) / FwdTraits<128>::BM), int(p.HQ), seqs, p.op); break;
-        default: launch_forward_d<256>(f, bf16, int((p.max_len + FwdTraits<256>::BM - 1) / FwdTraits<256>::BM), int(p.HQ), seqs, p.op); break;
-    }
+    with_head_dim(p.D, p.op, [&](auto d) {
+        constexpr int D = decltype(d)::value;
+        launch_forward_d<D>(f, bf16, int((p.max_len + FwdTraits<D>::BM - 1) / FwdTraits<D>::BM), int(p.HQ), seqs, p.op);
+    });
 }
 
 }  // namespace
 
 void forward(const Problem& p) {
+    require_built_head_dim(p.D, p.op);
     check(cudaSetDevice(p.args.q.device_index), p.op, "cudaSetDevice");
     for (const TensorView* t : {&p.args.o, &p.args.g, &p.args.gate}) no_f64(p.op, *t);
     check_aligned(p.op, "q", p.args.q);
@@ -116,6 +155,7 @@ void forward(const Problem& p) {
 
 void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
     const char* op = p.op;
+    require_built_head_dim(p.D, op);
     check(cudaSetDevice(p.args.q.device_index), op, "cudaSetDevice");
     if (p.max_len == 0 || p.N() == 0) return;
     BwdParams b{};
@@ -169,11 +209,10 @@ void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
     else
         softmax_bwd_preprocess_kernel<__half><<<row_grid, 128>>>(b, D);
     check(cudaGetLastError(), op, "backward preprocess launch");
-    switch (D) {
-        case 64: launch_backward_d<64>(b, bf16, int((p.max_len + BwdTraits<64>::BN - 1) / BwdTraits<64>::BN), int(p.HKV), seqs, op); break;
-        case 128: launch_backward_d<128>(b, bf16, int((p.max_len + BwdTraits<128>::BN - 1) / BwdTraits<128>::BN), int(p.HKV), seqs, op); break;
-        default: launch_backward_d<256>(b, bf16, int((p.max_len + BwdTraits<256>::BN - 1) / BwdTraits<256>::BN), int(p.HKV), seqs, op); break;
-    }
+    with_head_dim(D, op, [&](auto d) {
+        constexpr int kD = decltype(d)::value;
+        launch_backward_d<kD>(b, bf16, int((p.max_len + BwdTraits<kD>::BN - 1) / BwdTraits<kD>::BN), int(p.HKV), seqs, op);
+    });
     softmax_bwd_postprocess_kernel<<<row_grid, 128>>>(b, D);
     check(cudaGetLastError(), op, "backward postprocess launch");
     if (b.dg) {
@@ -218,6 +257,7 @@ __global__ void softmax_cache_append_kernel(const DecodeParams p, const void* k,
 void decode(const DecodeProblem& p) {
     const char* op = p.op;
     const SoftmaxKVCacheArgs& a = p.args;
+    require_built_head_dim(p.D, op);
     check(cudaSetDevice(a.q.device_index), op, "cudaSetDevice");
     for (const TensorView* t : {&a.o, &a.g, &a.gate}) no_f64(op, *t);
     check_aligned(op, "q", a.q);
@@ -272,11 +312,7 @@ void decode(const DecodeProblem& p) {
     const int rows = int(p.G * p.TQ);
     const bool gates = a.g_cache.defined();
     int per_sm = 1;
-    switch (p.D) {
-        case 64: per_sm = decode_blocks_per_sm<64>(rows, gates, bf16, op); break;
-        case 128: per_sm = decode_blocks_per_sm<128>(rows, gates, bf16, op); break;
-        default: per_sm = decode_blocks_per_sm<256>(rows, gates, bf16, op); break;
-    }
+    with_head_dim(p.D, op, [&](auto d) { per_sm = decode_blocks_per_sm<decltype(d)::value>(rows, gates, bf16, op); });
     const int64_t slots = int64_t(sms) * per_sm;
     const int tile_rows = 16 * decode_row_tiles_per_block(int(p.D), rows);
     const int64_t blocks = p.N * p.HKV * ((rows + tile_rows - 1) / tile_rows);
@@ -305,11 +341,7 @@ void decode(const DecodeProblem& p) {
             a.g.defined() ? dtype_code(a.g.dtype) : 2, int(p.D));
         check(cudaGetLastError(), op, "cache append launch");
     }
-    switch (p.D) {
-        case 64: launch_decode_d<64>(d, bf16, op); break;
-        case 128: launch_decode_d<128>(d, bf16, op); break;
-        default: launch_decode_d<256>(d, bf16, op); break;
-    }
+    with_head_dim(p.D, op, [&](auto dim) { launch_decode_d<decltype(dim)::value>(d, bf16, op); });
 }
 
 }  // namespace hla::softmax::cuda
