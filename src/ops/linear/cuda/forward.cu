@@ -66,7 +66,7 @@ void forward(const Problem& p) {
     HLA_CHECK(p.T < (int64_t(1) << 31), p.op, ": q: T = ", p.T, " tokens exceeds the CUDA backend's 2^31 limit");
     check_cuda(cudaSetDevice(a.q.device_index), p.op, "cudaSetDevice");
     // The input dtypes this build compiled the chunked forward for (CMake HLA_CUDA_LINEAR_DTYPES, all
-    // three by default; a bf16-only build skips two of the three slowest files to compile).
+    // three by default; a bf16-only build leaves out fwd_f16.cu and fwd_f32.cu).
     switch (a.q.dtype) {
 #if HLA_CUDA_LINEAR_BF16
         case DType::BF16: return forward_chunked<__nv_bfloat16>(p);

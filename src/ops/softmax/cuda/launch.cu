@@ -28,7 +28,7 @@ void check_aligned(const char* op, const char* name, const TensorView& t) {
 }
 
 // The head dims this build compiled kernels for (CMake HLA_CUDA_SOFTMAX_HEAD_DIMS, all three by
-// default): a build for one model can skip the others' instantiations, the slowest files to compile.
+// default): a build for one model can leave the other softmax_d<D>.cu instantiations out.
 #ifndef HLA_CUDA_SOFTMAX_D64
 #define HLA_CUDA_SOFTMAX_D64 1
 #endif
