@@ -175,14 +175,16 @@ class Model(nn.Module):
 
 # ---- training --------------------------------------------------------------------------------------
 
-def run(kind: str, d_model: int, args, device) -> dict:
+def train(kind: str, d_model: int, args, device, steps: int):
+    """The model after `steps` training steps (of a schedule of args.steps), and the loss of each step.
+    The initialisation and the batches depend on args.seed only, not on the device."""
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     model = Model(kind, args.vocab, d_model, args.head_dim).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    start = time.time()
-    for step in range(args.steps):
+    losses = []
+    for step in range(steps):
         x, y = mqar_batch(args.batch, args.seq_len, args.pairs, args.vocab, gen)
         x, y = x.to(device), y.to(device)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
@@ -191,6 +193,23 @@ def run(kind: str, d_model: int, args, device) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        losses.append(loss.item())
+    return model, losses
+
+
+def compare_devices(kind: str, d_model: int, args, steps: int) -> List[tuple]:
+    """(step, CPU loss, CUDA loss) for the same initialisation and batches: equal up to fp32 rounding
+    growth when hla's CUDA and CPU backends train alike (softmax attention runs in bf16 on CUDA, so its
+    mixers drift further)."""
+    _, cpu = train(kind, d_model, args, torch.device("cpu"), steps)
+    _, cuda = train(kind, d_model, args, torch.device("cuda"), steps)
+    return list(zip(range(steps), cpu, cuda))
+
+
+def run(kind: str, d_model: int, args, device) -> dict:
+    start = time.time()
+    model, losses = train(kind, d_model, args, device, args.steps)
+    loss = losses[-1]
     train_s = time.time() - start
     model.eval()
     egen = torch.Generator().manual_seed(args.seed + 1000)
@@ -203,7 +222,7 @@ def run(kind: str, d_model: int, args, device) -> dict:
             correct += int((pred[mask] == y[mask]).sum())
             total += int(mask.sum())
     return dict(mixer=kind, d_model=d_model, state_size=model.state_size(args.seq_len), accuracy=correct / total,
-                final_loss=float(loss), train_s=round(train_s, 1),
+                final_loss=loss, train_s=round(train_s, 1),
                 params=sum(p.numel() for p in model.parameters()))
 
 
@@ -258,6 +277,9 @@ def main(argv=None):
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="mqar", help="writes OUT.json, OUT.md and OUT.png")
+    p.add_argument("--compare-devices", type=int, default=0, metavar="STEPS",
+                   help="instead of the benchmark: train STEPS steps from one initialisation on the CPU and on "
+                        "CUDA and print both losses per step (a check that the CUDA backend trains like the CPU)")
     args = p.parse_args(argv)
     gpu = args.gpu
     device = torch.device("cuda" if gpu else "cpu")
@@ -267,6 +289,17 @@ def main(argv=None):
     args.steps = args.steps or (4000 if gpu else 800)
     args.batch = args.batch or (64 if gpu else 16)
     d_models = [int(d) for d in (args.d_models or ("64,128" if gpu else "64")).split(",")]
+    if args.compare_devices:
+        if not torch.cuda.is_available():
+            raise SystemExit("hla.mqar --compare-devices: needs a CUDA GPU")
+        for kind in args.mixers.split(","):
+            for d in d_models:
+                rows = compare_devices(kind, d, args, args.compare_devices)
+                worst = max(abs(b - a) / abs(a) for _, a, b in rows)
+                print(f"{kind} d={d}: largest relative loss difference CUDA vs CPU {worst:.2e}")
+                for step, a, b in rows:
+                    print(f"  step {step:4d}  cpu {a:.6f}  cuda {b:.6f}  rel {abs(b - a) / abs(a):.2e}")
+        return
     results = []
     for kind in args.mixers.split(","):
         for d in d_models:

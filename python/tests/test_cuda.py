@@ -171,3 +171,13 @@ def test_cuda_matches_cpu_at_the_mqar_shape(mixer):
     for key in cpu:
         assert torch.isfinite(cuda[key]).all(), key
         assert rel_rms(cuda[key], cpu[key]) < 1e-5, f"{mixer}: {key} rel RMS {rel_rms(cuda[key], cpu[key]):.2e}"
+
+
+@pytest.mark.parametrize("mixer", ["deltanet", "gated_deltanet", "linear_attn"])
+def test_mqar_trains_alike_on_cuda_and_cpu(mixer):
+    """Ten training steps of the MQAR model from one initialisation: the CUDA losses follow the CPU
+    ones (fp32 on both; bench/results/mqar_gpu.md, where the delta-rule models did not learn on CUDA)."""
+    from hla import mqar
+    args = mqar.argparse.Namespace(seed=0, vocab=256, head_dim=64, lr=3e-3, steps=100, batch=8, seq_len=128, pairs=16)
+    for step, cpu, cuda in mqar.compare_devices(mixer, 128, args, 10):
+        assert abs(cuda - cpu) <= 1e-3 * abs(cpu), f"{mixer} step {step}: cpu {cpu:.6f} cuda {cuda:.6f}"
