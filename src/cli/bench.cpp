@@ -249,6 +249,7 @@ public:
         count_total();
         run_sequence_passes();
         run_decode();
+        run_softmax();
         if (o_.json)
             print_json(stdout);
         else
@@ -271,6 +272,12 @@ private:
         const size_t per_shape = o_.ops.size() * o_.dtypes.size() * o_.backends.size();
         const size_t seq_passes = size_t(wants(Pass::Fwd)) + size_t(wants(Pass::FwdBwd));
         total_ = int(per_shape * (o_.B.size() * o_.T.size() * seq_passes + (wants(Pass::Decode) ? o_.decode_B.size() : 0)));
+        if (o_.softmax) {
+            size_t runs = 0;
+            for (DType dt : o_.dtypes)
+                for (Backend b : o_.backends) runs += softmax_runs(b, dt);
+            total_ += int(runs * (o_.B.size() * o_.T.size() * seq_passes + (wants(Pass::Decode) ? o_.decode_B.size() : 0)));
+        }
     }
 
     BenchShape full_shape(int64_t B, int64_t T) const { return {B, T, o_.H, o_.HV, o_.K, o_.V, o_.H}; }
@@ -281,8 +288,11 @@ private:
     }
 
     Record start_record(const OpInfo& op, Backend b, DType dt, Pass pass, const BenchShape& s) {
+        return start_record(op.name, b, dt, pass, s);
+    }
+    Record start_record(const char* op_name, Backend b, DType dt, Pass pass, const BenchShape& s) {
         Record r;
-        r.op = op.name;
+        r.op = op_name;
         r.backend = backend_name(b);
         r.dtype = dtype_name(dt);
         r.pass = pass_name(pass);
@@ -627,6 +637,221 @@ private:
             }
     }
 
+    // ---- the softmax family: causal flash attention, HQ = HKV = H, head dim D = K --------------------
+
+    // The CUDA kernels take bf16 / f16 and D ∈ {64, 128, 256}; other combinations are the CPU's only.
+    bool softmax_runs(Backend b, DType dt) const {
+        return b != Backend::Cuda || (dt != DType::F32 && (o_.K == 64 || o_.K == 128 || o_.K == 256));
+    }
+
+    // Two products of 2·D flops per visible (query, key) pair; causal: T(T + 1)/2 pairs per head.
+    static double causal_attention_flops(int64_t B, int64_t T, int64_t H, int64_t D) {
+        return 4.0 * double(D) * double(B * H) * 0.5 * double(T) * double(T + 1);
+    }
+
+    static BenchShape attention_shape(BenchShape s) {
+        s.HV = s.H;
+        s.V = s.K;
+        return s;
+    }
+
+    void run_softmax() {
+        if (!o_.softmax) return;
+        const bool fwd = wants(Pass::Fwd), bwd = wants(Pass::FwdBwd);
+        if (fwd || bwd)
+            for (int64_t B : o_.B)
+                for (int64_t T : o_.T)
+                    run_softmax_sequence(attention_shape(full_shape(B, T)), attention_shape(check_shape(B, T)), fwd, bwd);
+        if (wants(Pass::Decode))
+            for (int64_t N : o_.decode_B) run_softmax_decode(N);
+    }
+
+    // Forward (o and lse) and, with grads, the backward into dq, dk, dv, all of dtype `dt` on `dev`.
+    static void attention_step(const SoftmaxConfig& cfg, const OpInputs& in, const Tensor& o, const Tensor& lse,
+                               const Tensor* d_o, const Grads* grads) {
+        SoftmaxForwardArgs a;
+        a.q = in.q;
+        a.k = in.k;
+        a.v = in.v;
+        a.o = o;
+        a.lse = lse;
+        softmax_attention_forward(cfg, a);
+        if (d_o) {
+            SoftmaxGrads g;
+            g.dq = grads->dq;
+            g.dk = grads->dk;
+            g.dv = grads->dv;
+            softmax_attention_backward(cfg, a, *d_o, g);
+        }
+    }
+
+    static Grads attention_grads(const BenchShape& s, DType dt, Device dev) {
+        Grads g;
+        g.dq = Tensor({s.B, s.T, s.H, s.K}, dt, dev);
+        g.dk = Tensor({s.B, s.T, s.HV, s.K}, dt, dev);
+        g.dv = Tensor({s.B, s.T, s.HV, s.K}, dt, dev);
+        for (const Tensor* t : {&g.dq, &g.dk, &g.dv}) poison(*t);
+        return g;
+    }
+
+    void run_softmax_sequence(const BenchShape& full, const BenchShape& check, bool fwd, bool bwd) {
+        std::optional<OpInputs> full32, check32;
+        std::optional<Tensor> d_o_full32, d_o_check32;
+        std::string input_failure;
+        try {
+            full32 = make_attention_inputs(full, o_.seed);
+            check32 = make_attention_inputs(check, o_.seed);
+            d_o_full32 = make_output_grad(full, o_.seed);
+            d_o_check32 = make_output_grad(check, o_.seed);
+        } catch (const std::exception& e) {
+            input_failure = e.what();
+        }
+        SoftmaxConfig ref_cfg;
+        ref_cfg.backend = Backend::Reference;
+        for (DType dt : o_.dtypes) {
+            // The fp64 reference on the check shape, from the inputs rounded to dt, once per dtype.
+            std::optional<OpInputs> full_in, check_in;
+            std::optional<Tensor> ref_o, d_o_full, d_o_check;
+            std::optional<Grads> ref_grads;
+            const auto prepare = [&](bool with_grads) {
+                if (!input_failure.empty()) throw Error(input_failure);
+                if (!full_in) {
+                    full_in = dt == DType::F32 ? *full32 : full32->to(dt);
+                    check_in = dt == DType::F32 ? *check32 : check32->to(dt);
+                    d_o_full = dt == DType::F32 ? *d_o_full32 : d_o_full32->to(dt);
+                    d_o_check = dt == DType::F32 ? *d_o_check32 : d_o_check32->to(dt);
+                }
+                if (!ref_o) {
+                    ref_o = Tensor({check.B, check.T, check.H, check.K}, DType::F64);
+                    const Tensor lse({check.B, check.H, check.T}, DType::F32);
+                    attention_step(ref_cfg, *check_in, *ref_o, lse, nullptr, nullptr);
+                }
+                if (with_grads && !ref_grads) {
+                    ref_grads = attention_grads(check, DType::F64, Device::CPU);
+                    const Tensor o({check.B, check.T, check.H, check.K}, DType::F64);
+                    const Tensor lse({check.B, check.H, check.T}, DType::F32);
+                    attention_step(ref_cfg, *check_in, o, lse, &*d_o_check, &*ref_grads);
+                }
+            };
+            for (Backend b : o_.backends) {
+                if (!softmax_runs(b, dt)) continue;
+                const bool cuda = b == Backend::Cuda;
+                const Device dev = cuda ? Device::CUDA : Device::CPU;
+                SoftmaxConfig cfg;
+                cfg.backend = b;
+                const double fwd_flops = causal_attention_flops(full.B, full.T, full.H, full.K);
+                for (const bool with_bwd : {false, true}) {
+                    if (with_bwd ? !bwd : !fwd) continue;
+                    Record r = start_record(kSoftmaxOpName, b, dt, with_bwd ? Pass::FwdBwd : Pass::Fwd, full);
+                    try {
+                        prepare(with_bwd);
+                        // Error on the check shape.
+                        const OpInputs ci = cuda ? check_in->to(dev) : *check_in;
+                        const Tensor o({check.B, check.T, check.H, check.K}, dt, dev);
+                        const Tensor lse({check.B, check.H, check.T}, DType::F32, dev);
+                        poison(o);
+                        const Tensor dco = cuda ? d_o_check->to(dev) : *d_o_check;
+                        const Grads g = attention_grads(check, dt, dev);
+                        attention_step(cfg, ci, o, lse, with_bwd ? &dco : nullptr, with_bwd ? &g : nullptr);
+                        r.err = compare(o, *ref_o);
+                        if (with_bwd) r.err = compare_grads(g, *ref_grads);
+                        r.has_err = true;
+                        r.err_shape = check;
+                        // Speed on the full shape.
+                        const OpInputs fi = cuda ? full_in->to(dev) : *full_in;
+                        const Tensor fo({full.B, full.T, full.H, full.K}, dt, dev);
+                        const Tensor flse({full.B, full.H, full.T}, DType::F32, dev);
+                        const Tensor dfo = cuda ? d_o_full->to(dev) : *d_o_full;
+                        const Grads fg = attention_grads(full, dt, dev);
+                        const Timing t = measure(
+                            [&] { attention_step(cfg, fi, fo, flse, with_bwd ? &dfo : nullptr, with_bwd ? &fg : nullptr); },
+                            cuda, sequence_plan(b, full));
+                        r.ms = t.ms;
+                        r.reps = t.samples;
+                        // FlashAttention's convention: the backward costs 2.5 forwards.
+                        r.flops = with_bwd ? 3.5 * fwd_flops : fwd_flops;
+                        if (cuda) r.floor_ms = 1e3 * r.flops / kH100MatrixFlops;
+                    } catch (const std::exception& e) {
+                        r.failure = e.what();
+                    }
+                    finish_record(std::move(r), b);
+                }
+            }
+        }
+    }
+
+    // One query token per sequence against a full cache of max(--T) tokens (the T column).
+    void run_softmax_decode(int64_t N) {
+        const int64_t L = *std::max_element(o_.T.begin(), o_.T.end());
+        const BenchShape cache = attention_shape(BenchShape{N, L, o_.H, o_.H, o_.K, o_.K, o_.H});
+        const BenchShape step = attention_shape(BenchShape{N, 1, o_.H, o_.H, o_.K, o_.K, o_.H});
+        const uint64_t seed = o_.seed + 2;
+        std::optional<OpInputs> cache32, q32;
+        std::string input_failure;
+        try {
+            cache32 = make_attention_inputs(cache, seed);
+            q32 = make_attention_inputs(step, seed + 1);
+        } catch (const std::exception& e) {
+            input_failure = e.what();
+        }
+        Tensor seqlens({N}, DType::I32);
+        std::fill(seqlens.ptr<int32_t>(), seqlens.ptr<int32_t>() + N, int32_t(L));
+        const auto decode = [&](const SoftmaxConfig& cfg, const OpInputs& kv, const OpInputs& q, const Tensor& lens,
+                                const Tensor& o) {
+            SoftmaxKVCacheArgs a;
+            a.q = q.q;
+            a.k_cache = kv.k;
+            a.v_cache = kv.v;
+            a.cache_seqlens = lens;
+            a.o = o;
+            softmax_attention_kvcache(cfg, a);
+        };
+        for (DType dt : o_.dtypes) {
+            std::optional<Tensor> ref_o;
+            for (Backend b : o_.backends) {
+                if (!softmax_runs(b, dt)) continue;
+                const bool cuda = b == Backend::Cuda;
+                const Device dev = cuda ? Device::CUDA : Device::CPU;
+                BenchShape shown = step;
+                shown.T = L;
+                Record r = start_record(kSoftmaxOpName, b, dt, Pass::Decode, shown);
+                try {
+                    if (!input_failure.empty()) throw Error(input_failure);
+                    const OpInputs kv = dt == DType::F32 ? *cache32 : cache32->to(dt);
+                    const OpInputs q = dt == DType::F32 ? *q32 : q32->to(dt);
+                    if (!ref_o) {
+                        ref_o = Tensor({N, 1, o_.H, o_.K}, DType::F64);
+                        SoftmaxConfig rc;
+                        rc.backend = Backend::Reference;
+                        decode(rc, kv, q, seqlens, *ref_o);
+                    }
+                    SoftmaxConfig cfg;
+                    cfg.backend = b;
+                    const OpInputs kv_dev = cuda ? kv.to(dev) : kv, q_dev = cuda ? q.to(dev) : q;
+                    const Tensor lens = cuda ? seqlens.to(dev) : seqlens;
+                    const Tensor o({N, 1, o_.H, o_.K}, dt, dev);
+                    poison(o);
+                    decode(cfg, kv_dev, q_dev, lens, o);
+                    r.err = compare(o, *ref_o);
+                    r.has_err = true;
+                    r.err_shape = shown;
+                    TimingPlan plan = decode_plan(cuda);
+                    plan.auto_stop = true;  // a call reads the whole cache (milliseconds on a CPU): ~2 s is enough
+                    const Timing t = measure([&] { decode(cfg, kv_dev, q_dev, lens, o); }, cuda, plan);
+                    r.ms = t.ms;
+                    r.reps = t.calls;
+                    r.flops = 4.0 * double(N * o_.H * L * o_.K);
+                    const double bytes = 2.0 * double(N * L * o_.H * o_.K) * double(dtype_size(dt));  // K and V
+                    r.gbps = bytes / (r.ms * 1e-3) * 1e-9;
+                    if (cuda) r.floor_ms = 1e3 * std::max(r.flops / kH100MatrixFlops, bytes / kH100Bandwidth);
+                } catch (const std::exception& e) {
+                    r.failure = e.what();
+                }
+                finish_record(std::move(r), b);
+            }
+        }
+    }
+
     TimingPlan decode_plan(bool cuda) const {
         TimingPlan p;
         p.warmup = 20;
@@ -693,7 +918,10 @@ private:
                     "  decode: outputs and state after 8 steps). GFLOP/s: the chunked algorithm's flops (C = 64; "
                     "fwdbwd = 3x fwd; decode: per step).\n"
                     "  %%peak: of the FMA peak (cpu, reference) or of the H100 roofline floor (cuda). x loop: speed-up "
-                    "over the fp32 token loop.\n\n");
+                    "over the fp32 token loop.\n"
+                    "  softmax_attn: causal, HQ = HKV = H, head dim K; GFLOP/s counts 4K per visible (query, key) pair, "
+                    "fwdbwd = 3.5x fwd;\n"
+                    "  its decode rows: one query token per sequence against a cache of T tokens.\n\n");
         const char* head = "%-16s %-9s %-5s %-6s %3s %6s %3s %3s %4s %4s %-10s %8s %8s %11s %8s %6s %6s\n";
         std::printf(head, "op", "backend", "dtype", "pass", "B", "T", "H", "HV", "K", "V", "err on", "rel_err", "max_abs",
                     "time", "GFLOP/s", "%peak", "x loop");

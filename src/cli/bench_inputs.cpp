@@ -104,6 +104,15 @@ OpInputs OpInputs::to(DType dt) const {
     return r;
 }
 
+OpInputs make_attention_inputs(const BenchShape& s, uint64_t seed) {
+    const int64_t rows = s.B * s.T, HV_full = s.H_full * (s.HV / s.H);
+    OpInputs in;
+    in.q = gaussian_tensor({s.B, s.T, s.H, s.K}, rows, s.H, s.H_full, s.K, stream_of(seed, kQ));
+    in.k = gaussian_tensor({s.B, s.T, s.HV, s.K}, rows, s.HV, HV_full, s.K, stream_of(seed, kK));
+    in.v = gaussian_tensor({s.B, s.T, s.HV, s.K}, rows, s.HV, HV_full, s.K, stream_of(seed, kV));
+    return in;
+}
+
 OpInputs make_inputs(const LinearConfig& cfg, const BenchShape& s, uint64_t seed) {
     const int64_t G = s.HV / s.H;
     const int64_t HV_full = s.H_full * G;

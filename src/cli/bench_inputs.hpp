@@ -34,6 +34,9 @@ struct OpInputs {
 // f32 inputs of `shape` for the op `cfg`.
 OpInputs make_inputs(const LinearConfig& cfg, const BenchShape& shape, uint64_t seed);
 
+// Softmax attention: N(0, 1) q [B, T, H, K] and k, v [B, T, HV, K] (g, beta undefined).
+OpInputs make_attention_inputs(const BenchShape& shape, uint64_t seed);
+
 // N(0, 1) tensors: the output gradient [B, T, HV, V] and a recurrent state [B, HV, K, V] (scaled).
 Tensor make_output_grad(const BenchShape& shape, uint64_t seed);
 Tensor make_state(const BenchShape& shape, double scale, uint64_t seed);

@@ -31,12 +31,16 @@ void print_bench_usage(std::FILE* to) {
     std::fputs(
         "usage: hla bench [options]\n"
         "\n"
-        "For every linear-family op and backend on this machine: the error against the fp64 reference\n"
-        "and the speed (forward, forward+backward, per-token decode), as a table or JSON.\n"
+        "For every linear-family op, causal softmax attention and every backend on this machine: the\n"
+        "error against the fp64 reference and the speed (forward, forward+backward, per-token decode),\n"
+        "as a table or JSON.\n"
         "\n"
         "Selection:\n"
         "  --ops LIST          comma-separated (default: all): linear_attn, lightning_attn, simple_gla,\n"
-        "                      gla, delta_rule, gated_delta_rule, kda\n"
+        "                      gla, delta_rule, gated_delta_rule, kda, softmax_attn (causal flash attention\n"
+        "                      with HQ = HKV = H and head dim D = K; its decode rows attend over a cache of\n"
+        "                      max(--T) tokens, shown in the T column; CUDA runs it for bf16/f16 and\n"
+        "                      D in {64, 128, 256})\n"
         "  --backends LIST     cpu, cuda, reference (default: cpu, plus cuda when a GPU is usable; the\n"
         "                      fp64 reference is slow and runs only when named)\n"
         "  --passes LIST       fwd, fwdbwd, decode (default: all three)\n"
@@ -177,7 +181,16 @@ bool parse_bench_options(const std::vector<std::string>& args, BenchOptions& o) 
 
     std::vector<std::pair<std::string, OpInfo>> op_table;
     for (const OpInfo& op : linear_ops()) op_table.push_back({op.name, op});
-    o.ops = values.count("--ops") ? parse_names("--ops", values["--ops"], op_table) : linear_ops();
+    op_table.push_back({kSoftmaxOpName, OpInfo{kSoftmaxOpName, nullptr}});  // the softmax family: no LinearConfig
+    if (values.count("--ops")) {
+        o.ops = parse_names("--ops", values["--ops"], op_table);
+        o.softmax = std::any_of(o.ops.begin(), o.ops.end(), [](const OpInfo& op) { return op.config == nullptr; });
+        o.ops.erase(std::remove_if(o.ops.begin(), o.ops.end(), [](const OpInfo& op) { return op.config == nullptr; }),
+                    o.ops.end());
+    } else {
+        o.ops = linear_ops();
+        o.softmax = true;
+    }
 
     const std::vector<std::pair<std::string, Backend>> backend_table = {
         {"cpu", Backend::Cpu}, {"cuda", Backend::Cuda}, {"reference", Backend::Reference}};

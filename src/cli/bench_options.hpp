@@ -27,9 +27,11 @@ struct OpInfo {
     LinearConfig (*config)();
 };
 const std::vector<OpInfo>& linear_ops();  // linear_attn … kda, in the family's order
+inline constexpr const char* kSoftmaxOpName = "softmax_attn";
 
 struct BenchOptions {
-    std::vector<OpInfo> ops;
+    std::vector<OpInfo> ops;         // linear-family cells
+    bool softmax = true;             // softmax_attn: causal flash attention, HQ = HKV = H, D = K
     std::vector<Backend> backends;
     std::vector<DType> dtypes;
     std::vector<Pass> passes;
