@@ -179,15 +179,8 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
             sq += qs[i * LD + c] * qs[i * LD + c];
             sk += ks[i * LD + c] * ks[i * LD + c];
         }
-        float fq = p.scale, fk = 1.f;
-        if (p.qk_l2norm) {
-            for (int off = 16; off > 0; off >>= 1) {
-                sq += __shfl_xor_sync(0xffffffffu, sq, off);
-                sk += __shfl_xor_sync(0xffffffffu, sk, off);
-            }
-            fq = p.scale * rsqrtf(sq + float(kL2NormEps));
-            fk = rsqrtf(sk + float(kL2NormEps));
-        }
+        const float2 f = qk_row_factors(sq, sk, p.scale, p.qk_l2norm);
+        const float fq = f.x, fk = f.y;
         for (int c = lane; c < K; c += 32) {
             qs[i * LD + c] *= fq;
             ks[i * LD + c] *= fk;

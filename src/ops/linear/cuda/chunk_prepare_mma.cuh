@@ -243,15 +243,8 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
             sq += a.x * a.x + a.y * a.y;
             sk += b.x * b.x + b.y * b.y;
         }
-        float fq = p.scale, fk = 1.f;
-        if (p.qk_l2norm) {
-            for (int off = 16; off > 0; off >>= 1) {
-                sq += __shfl_xor_sync(0xffffffffu, sq, off);
-                sk += __shfl_xor_sync(0xffffffffu, sk, off);
-            }
-            fq = p.scale * rsqrtf(sq + float(kL2NormEps));
-            fk = rsqrtf(sk + float(kL2NormEps));
-        }
+        const float2 f = qk_row_factors(sq, sk, p.scale, p.qk_l2norm);
+        const float fq = f.x, fk = f.y;
         if (lane == 0) {
             rq[i] = fq;
             rk[i] = fk;

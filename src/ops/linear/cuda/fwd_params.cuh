@@ -1,11 +1,13 @@
 // hla — what the chunked forward's kernels share (chunk_fwd.cuh, chunk_prepare_mma.cuh): the chunk
-// size, the per-chunk and per-sequence tables and the one parameter struct of every launch.
+// size, the per-chunk and per-sequence tables, the one parameter struct of every launch, and the
+// q/k row factors both prepare kernels apply.
 #pragma once
 
 #include <cstdint>
 
 #include "hla/dtype.hpp"
 #include "hla/linear.hpp"
+#include "ops/linear/activations.hpp"
 
 namespace hla::linear::cuda {
 
@@ -40,5 +42,17 @@ struct FwdParams {
     void *Qg, *Kd, *W, *U, *P;
     float* gC;
 };
+
+// The factors a token's q and k rows are multiplied by, from one warp's per-lane partial sums of
+// squares: scale / ‖q‖ and 1 / ‖k‖ with the in-kernel L2 norm (every lane gets the sums), else scale
+// and 1.
+__device__ __forceinline__ float2 qk_row_factors(float sq, float sk, float scale, bool qk_l2norm) {
+    if (!qk_l2norm) return make_float2(scale, 1.f);
+    for (int off = 16; off > 0; off >>= 1) {
+        sq += __shfl_xor_sync(0xffffffffu, sq, off);
+        sk += __shfl_xor_sync(0xffffffffu, sk, off);
+    }
+    return make_float2(scale * rsqrtf(sq + float(kL2NormEps)), rsqrtf(sk + float(kL2NormEps)));
+}
 
 }  // namespace hla::linear::cuda
