@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# hla — one run on a GPU machine: build, the CUDA tests, compute-sanitizer (memcheck + racecheck) on
-# small tests, the linear-family benchmark, and PyTorch SDPA / flash-linear-attention where importable.
+# hla — one run on a GPU machine: build, the CUDA tests, compute-sanitizer (memcheck, racecheck and
+# initcheck) on small forward, decode and backward tests, the linear-family benchmark, and PyTorch SDPA / flash-linear-attention where importable.
 # Prints a short summary table last.   Usage: scripts/gpu-check.sh [--quick]
 set -u
 cd "$(dirname "$0")/.."
@@ -33,8 +33,12 @@ fi
 tail -5 "$BUILD/gpu-check.ctest.log"
 
 echo "== compute-sanitizer"
+# initcheck: the workspaces come from a stream-ordered pool kept between calls, so a read of scratch
+# before it is written would see an earlier call's data (zeros in a fresh process, which is all a
+# single test sees).
 SMALL='LinearCuda.SingleToken:LinearCuda.VarlenWithEmptySequences:LinearCuda.DecodeSkipsNegativeSlots'
-for tool in memcheck racecheck; do
+SMALL+=':LinearCuda.BackwardSingleToken:LinearCuda.BackwardVarlenWithEmptySequences'
+for tool in memcheck racecheck initcheck; do
     if command -v compute-sanitizer > /dev/null 2>&1 || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
         CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
         "$CS" --tool $tool --error-exitcode 9 "$BUILD/test_linear_cuda" --gtest_filter="$SMALL" > "$BUILD/gpu-check.$tool.log" 2>&1
