@@ -125,9 +125,26 @@ struct Scratch {
           m(size_t(BM)), l(size_t(BM)) {}
 };
 
+// Keys ahead of the one being copied whose K and V rows load_kv_block prefetches: a head's rows lie
+// HKV·D elements apart (a new page every key in a cache), a stride the hardware prefetchers do not
+// follow, so without it every row waits out a memory latency.
+constexpr int64_t kPrefetchKeys = 8;
+
+void prefetch_key(const KeySource& src, int64_t j, int64_t D) {
+    const auto row = [D](const TensorView* t, int64_t offset) {
+        const int64_t esize = int64_t(dtype_size(t->dtype));
+        const char* p = static_cast<const char*>(t->data) + offset * esize;
+        for (int64_t at = 0; at < D * esize; at += 64) __builtin_prefetch(p + at);
+    };
+    row(src.k, src.k_off(j));
+    row(src.v, src.v_off(j));
+}
+
 // Loads BN keys [j0, j0 + nb) transposed (kt[d][c]) and the values row-major (vb[c][d]).
 void load_kv_block(const KeySource& src, int64_t j0, int64_t nb, int64_t D, Scratch& w, std::vector<float>& row) {
+    for (int64_t c = 0; c < std::min(nb, kPrefetchKeys); ++c) prefetch_key(src, j0 + c, D);
     for (int64_t c = 0; c < nb; ++c) {
+        if (c + kPrefetchKeys < nb) prefetch_key(src, j0 + c + kPrefetchKeys, D);
         load_row(src.k->data, src.k->dtype, src.k_off(j0 + c), D, row.data());
         for (int64_t d = 0; d < D; ++d) w.kt[size_t(d * BN + c)] = row[size_t(d)];
         load_row(src.v->data, src.v->dtype, src.v_off(j0 + c), D, &w.vb[size_t(c * D)]);
