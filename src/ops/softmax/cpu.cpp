@@ -125,19 +125,20 @@ struct Scratch {
           m(size_t(BM)), l(size_t(BM)) {}
 };
 
-// Keys ahead of the one being copied whose K and V rows load_kv_block prefetches: a head's rows lie
-// HKV·D elements apart (a new page every key in a cache), a stride the hardware prefetchers do not
+// Keys ahead of the one being copied whose K and V rows the tile loaders prefetch: a head's rows lie
+// HKV·D elements apart (a new page every key in a KV cache), a stride the hardware prefetchers do not
 // follow, so without it every row waits out a memory latency.
 constexpr int64_t kPrefetchKeys = 8;
 
+void prefetch_row(const TensorView& t, int64_t offset, int64_t n) {
+    const int64_t esize = int64_t(dtype_size(t.dtype));
+    const char* p = static_cast<const char*>(t.data) + offset * esize;
+    for (int64_t at = 0; at < n * esize; at += 64) __builtin_prefetch(p + at);
+}
+
 void prefetch_key(const KeySource& src, int64_t j, int64_t D) {
-    const auto row = [D](const TensorView* t, int64_t offset) {
-        const int64_t esize = int64_t(dtype_size(t->dtype));
-        const char* p = static_cast<const char*>(t->data) + offset * esize;
-        for (int64_t at = 0; at < D * esize; at += 64) __builtin_prefetch(p + at);
-    };
-    row(src.k, src.k_off(j));
-    row(src.v, src.v_off(j));
+    prefetch_row(*src.k, src.k_off(j), D);
+    prefetch_row(*src.v, src.v_off(j), D);
 }
 
 // Loads BN keys [j0, j0 + nb) transposed (kt[d][c]) and the values row-major (vb[c][d]).
@@ -371,7 +372,14 @@ void load_query_side(const Problem& p, RowTerms& rt, const Sequence& sq, int64_t
 void load_key_side(const Problem& p, const Sequence& sq, int64_t kvh, int64_t j0, int64_t nb, BwdTile& w) {
     const SoftmaxForwardArgs& a = p.args;
     std::vector<float> row(size_t(p.D));
+    const auto prefetch = [&](int64_t c) {
+        const int64_t tok = sq.start + j0 + c;
+        prefetch_row(a.k, token_offset(a.k, sq.batch, tok, kvh), p.D);
+        prefetch_row(a.v, token_offset(a.v, sq.batch, tok, kvh), p.D);
+    };
+    for (int64_t c = 0; c < std::min(nb, kPrefetchKeys); ++c) prefetch(c);
     for (int64_t c = 0; c < nb; ++c) {
+        if (c + kPrefetchKeys < nb) prefetch(c + kPrefetchKeys);
         const int64_t tok = sq.start + j0 + c;
         load_row(a.k.data, a.k.dtype, token_offset(a.k, sq.batch, tok, kvh), p.D, &w.kb[size_t(c * p.D)]);
         for (int64_t d = 0; d < p.D; ++d) w.kt[size_t(d * BN + c)] = w.kb[size_t(c * p.D + d)];
