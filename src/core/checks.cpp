@@ -82,6 +82,11 @@ void check_absent(const char* op, const char* name, const TensorView& x, const c
     HLA_CHECK(!x.defined(), op, ": ", name, ": not expected (", why, "), got a tensor of shape ", x.shape_string());
 }
 
+int64_t read_host_index(const TensorView& x, int64_t i) {
+    const int64_t at = i * x.stride[0];
+    return x.dtype == DType::I32 ? int64_t(x.ptr<int32_t>()[at]) : x.ptr<int64_t>()[at];
+}
+
 std::vector<int64_t> read_indices(const TensorView& x) {
     const int64_t n = x.numel();
     std::vector<int64_t> out(static_cast<size_t>(n));

@@ -53,5 +53,7 @@ std::vector<int64_t> read_cu_seqlens(const char* op, const TensorView& cu, int64
 
 // Copies a small device or host integer tensor to the host as int64.
 std::vector<int64_t> read_indices(const TensorView& x);
+// Element i of a 1-D i32 / i64 tensor in host memory (no copy, no allocation: for per-token paths).
+int64_t read_host_index(const TensorView& x, int64_t i);
 
 }  // namespace hla::detail

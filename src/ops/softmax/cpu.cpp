@@ -9,6 +9,7 @@
 // tile (dK, dV and the forget-gate column sums, no write conflicts) and one per query tile (dQ).
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "core/checks.hpp"
@@ -25,6 +26,7 @@ namespace {
 constexpr int64_t BM = 64;
 constexpr int64_t BN = 64;
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kMaxD = 256;  // the head dims the CPU backend takes (dispatch checks D ≤ 256)
 
 void load_row(const void* base, DType dtype, int64_t offset, int64_t n, float* dst) {
     switch (dtype) {
@@ -118,10 +120,11 @@ void anchored_gate_sums(const KeySource& src, int64_t lo, int64_t anchor, std::v
 
 // Per-task scratch, allocated once per task.
 struct Scratch {
+    int64_t D;
     std::vector<float> q, kt, vb, s, acc, m, l;
     std::vector<double> R;
-    explicit Scratch(int64_t D)
-        : q(size_t(BM * D)), kt(size_t(D * BN)), vb(size_t(BN * D)), s(size_t(BM * BN)), acc(size_t(BM * D)),
+    explicit Scratch(int64_t D_)
+        : D(D_), q(size_t(BM * D)), kt(size_t(D * BN)), vb(size_t(BN * D)), s(size_t(BM * BN)), acc(size_t(BM * D)),
           m(size_t(BM)), l(size_t(BM)) {}
 };
 
@@ -142,11 +145,11 @@ void prefetch_key(const KeySource& src, int64_t j, int64_t D) {
 }
 
 // Loads BN keys [j0, j0 + nb) transposed (kt[d][c]) and the values row-major (vb[c][d]).
-void load_kv_block(const KeySource& src, int64_t j0, int64_t nb, int64_t D, Scratch& w, std::vector<float>& row) {
+void load_kv_block(const KeySource& src, int64_t j0, int64_t nb, int64_t D, Scratch& w, float* row) {
     for (int64_t c = 0; c < std::min(nb, kPrefetchKeys); ++c) prefetch_key(src, j0 + c, D);
     for (int64_t c = 0; c < nb; ++c) {
         if (c + kPrefetchKeys < nb) prefetch_key(src, j0 + c + kPrefetchKeys, D);
-        load_row(src.k->data, src.k->dtype, src.k_off(j0 + c), D, row.data());
+        load_row(src.k->data, src.k->dtype, src.k_off(j0 + c), D, row);
         for (int64_t d = 0; d < D; ++d) w.kt[size_t(d * BN + c)] = row[size_t(d)];
         load_row(src.v->data, src.v->dtype, src.v_off(j0 + c), D, &w.vb[size_t(c * D)]);
     }
@@ -166,7 +169,7 @@ void attend_tile(const KeySource& src, int64_t keys, int64_t pos0, int64_t mq, i
     const bool has_g = src.g && src.g->defined();
     const int64_t anchor = pos0 + mq - 1;
     if (has_g && hi > lo) anchored_gate_sums(src, lo, anchor, w.R);
-    std::vector<float> row(static_cast<size_t>(D));
+    float row[kMaxD];
     for (int64_t j0 = lo; j0 < hi; j0 += BN) {
         const int64_t nb = std::min(BN, hi - j0);
         load_kv_block(src, j0, nb, D, w, row);
@@ -217,12 +220,12 @@ void attend_tile(const KeySource& src, int64_t keys, int64_t pos0, int64_t mq, i
 // Applies the output gate to w.acc rows and stores them.
 void store_output(const TensorView& o, const TensorView& gate, int64_t ob, int64_t ot0, int64_t gb, int64_t gt0,
                   int64_t h, int64_t mq, int64_t D, Scratch& w) {
-    std::vector<float> z(static_cast<size_t>(D));
+    float z[kMaxD];
     for (int64_t r = 0; r < mq; ++r) {
         float* acc = &w.acc[size_t(r * D)];
         if (gate.defined()) {
-            load_row(gate.data, gate.dtype, token_offset(gate, gb, gt0 + r, h), D, z.data());
-            for (int64_t d = 0; d < D; ++d) acc[d] *= sigmoidf(z[size_t(d)]);
+            load_row(gate.data, gate.dtype, token_offset(gate, gb, gt0 + r, h), D, z);
+            for (int64_t d = 0; d < D; ++d) acc[d] *= sigmoidf(z[d]);
         }
         store_row(o.data, o.dtype, token_offset(o, ob, ot0 + r, h), D, acc);
     }
@@ -273,31 +276,33 @@ void forward(const Problem& p) {
     });
 }
 
+// The decode step runs once per generated token: nothing here touches the heap after a thread's first
+// call (tests/test_decode_no_alloc.cpp). Lengths and slots are read where they lie, the tasks are
+// numbered instead of listed, and each pool thread keeps its scratch.
 void decode(const DecodeProblem& p) {
     const SoftmaxKVCacheArgs& a = p.args;
-    const std::vector<int64_t> lens = a.cache_seqlens.defined() ? detail::read_indices(a.cache_seqlens)
-                                                                : std::vector<int64_t>(size_t(p.N), p.capacity);
-    const std::vector<int64_t> slot_of =
-        a.cache_batch_idx.defined() ? detail::read_indices(a.cache_batch_idx) : std::vector<int64_t>();
+    const auto length = [&](int64_t n) {
+        return a.cache_seqlens.defined() ? detail::read_host_index(a.cache_seqlens, n) : p.capacity;
+    };
     auto source = [&](int64_t n, int64_t h, const TensorView* k, const TensorView* v) {
         KeySource src{k, v, &a.g_cache, h / p.G, h};
         src.dp = &p;
         src.n = n;
-        src.slot = slot_of.empty() ? n : slot_of[size_t(n)];
+        src.slot = a.cache_batch_idx.defined() ? detail::read_host_index(a.cache_batch_idx, n) : n;
         return src;
     };
     // 1. Append the new tokens (and their gates) to the cache.
     if (p.append) {
+        float row[kMaxD];
         for (int64_t n = 0; n < p.N; ++n)
             for (int64_t t = 0; t < p.TQ; ++t) {
-                const int64_t j = lens[size_t(n)] + t;
+                const int64_t j = length(n) + t;
                 for (int64_t kvh = 0; kvh < p.HKV; ++kvh) {
                     const KeySource s = source(n, kvh * p.G, &a.k_cache, &a.v_cache);
-                    std::vector<float> row(size_t(p.D));
-                    load_row(a.k.data, a.k.dtype, token_offset(a.k, n, t, kvh), p.D, row.data());
-                    store_row(a.k_cache.data, a.k_cache.dtype, s.k_off(j), p.D, row.data());
-                    load_row(a.v.data, a.v.dtype, token_offset(a.v, n, t, kvh), p.D, row.data());
-                    store_row(a.v_cache.data, a.v_cache.dtype, s.v_off(j), p.D, row.data());
+                    load_row(a.k.data, a.k.dtype, token_offset(a.k, n, t, kvh), p.D, row);
+                    store_row(a.k_cache.data, a.k_cache.dtype, s.k_off(j), p.D, row);
+                    load_row(a.v.data, a.v.dtype, token_offset(a.v, n, t, kvh), p.D, row);
+                    store_row(a.v_cache.data, a.v_cache.dtype, s.v_off(j), p.D, row);
                 }
                 if (a.g_cache.defined()) {
                     int64_t b, r;
@@ -308,30 +313,28 @@ void decode(const DecodeProblem& p) {
                 }
             }
     }
-    // 2. Attend: one task per (sequence, head, query tile).
-    struct Task {
-        int64_t n, h, t0;
-    };
-    std::vector<Task> tasks;
-    for (int64_t n = 0; n < p.N; ++n)
-        for (int64_t h = 0; h < p.HQ; ++h)
-            for (int64_t t0 = 0; t0 < p.TQ; t0 += BM) tasks.push_back({n, h, t0});
-    parallel_for(int64_t(tasks.size()), [&](int64_t i) {
-        const Task& tk = tasks[size_t(i)];
-        const int64_t Lk = lens[size_t(tk.n)] + (p.append ? p.TQ : 0);
-        const int64_t mq = std::min(BM, p.TQ - tk.t0);
-        Scratch w(p.D);
-        const KeySource src = source(tk.n, tk.h, &a.k_cache, &a.v_cache);
+    // 2. Attend: one task per (sequence, head, query tile), numbered n-major.
+    const int64_t tiles = (p.TQ + BM - 1) / BM;
+    parallel_for(p.N * p.HQ * tiles, [&](int64_t i) {
+        const int64_t n = i / (p.HQ * tiles), h = i / tiles % p.HQ, t0 = i % tiles * BM;
+        const int64_t Lk = length(n) + (p.append ? p.TQ : 0);
+        const int64_t mq = std::min(BM, p.TQ - t0);
+        thread_local std::unique_ptr<Scratch> scratch;
+        if (!scratch || scratch->D != p.D) scratch = std::make_unique<Scratch>(p.D);
+        Scratch& w = *scratch;
+        // the gate sums span at most the capacity: reserved once, not grown token by token
+        if (a.g_cache.defined()) w.R.reserve(size_t(p.capacity) + 1);
+        const KeySource src = source(n, h, &a.k_cache, &a.v_cache);
         for (int64_t r = 0; r < mq; ++r) {
             float* q = &w.q[size_t(r * p.D)];
-            load_row(a.q.data, a.q.dtype, token_offset(a.q, tk.n, tk.t0 + r, tk.h), p.D, q);
+            load_row(a.q.data, a.q.dtype, token_offset(a.q, n, t0 + r, h), p.D, q);
             for (int64_t d = 0; d < p.D; ++d) q[d] *= float(p.scale);
         }
         float lse[BM];
-        attend_tile(src, Lk, Lk - p.TQ + tk.t0, mq, p.D, p.cfg.causal, p.window, w, lse);
-        store_output(a.o, a.gate, tk.n, tk.t0, tk.n, tk.t0, tk.h, mq, p.D, w);
+        attend_tile(src, Lk, Lk - p.TQ + t0, mq, p.D, p.cfg.causal, p.window, w, lse);
+        store_output(a.o, a.gate, n, t0, n, t0, h, mq, p.D, w);
         if (a.lse.defined())
-            for (int64_t r = 0; r < mq; ++r) *lse_ptr(a.lse, tk.n, tk.h, tk.t0 + r) = lse[r];
+            for (int64_t r = 0; r < mq; ++r) *lse_ptr(a.lse, n, h, t0 + r) = lse[r];
     });
 }
 

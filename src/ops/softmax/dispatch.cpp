@@ -179,23 +179,23 @@ DecodeProblem make_decode_problem(const char* op, const SoftmaxConfig& cfg, cons
         // Values are checked where they already are on the host; on CUDA reading them would be a
         // synchronisation per decode step, so the kernels clamp instead (documented in the header).
         if (dev == Device::CPU) {
-            const std::vector<int64_t> lens = detail::read_indices(a.cache_seqlens);
             for (int64_t n = 0; n < p.N; ++n) {
-                const int64_t need = lens[size_t(n)] + (p.append ? p.TQ : 0);
-                HLA_CHECK(lens[size_t(n)] >= 0, op, ": cache_seqlens: expected non-negative lengths, got ",
-                          lens[size_t(n)], " for sequence ", n);
+                const int64_t len = detail::read_host_index(a.cache_seqlens, n);
+                const int64_t need = len + (p.append ? p.TQ : 0);
+                HLA_CHECK(len >= 0, op, ": cache_seqlens: expected non-negative lengths, got ", len, " for sequence ", n);
                 HLA_CHECK(need <= p.capacity, op, ": k_cache: cache too short: sequence ", n, " needs ", need,
-                          " tokens (cache_seqlens ", lens[size_t(n)], p.append ? " + new tokens " : "",
+                          " tokens (cache_seqlens ", len, p.append ? " + new tokens " : "",
                           p.append ? std::to_string(p.TQ) : std::string(), ") but the cache holds ", p.capacity);
             }
         }
     }
     if (dev == Device::CPU) {
         if (a.cache_batch_idx.defined()) {
-            const std::vector<int64_t> idx = detail::read_indices(a.cache_batch_idx);
-            for (int64_t n = 0; n < p.N; ++n)
-                HLA_CHECK(idx[size_t(n)] >= 0 && idx[size_t(n)] < p.slots, op, ": cache_batch_idx: entry ", n, " = ",
-                          idx[size_t(n)], " is outside [0, S = ", p.slots, ")");
+            for (int64_t n = 0; n < p.N; ++n) {
+                const int64_t slot = detail::read_host_index(a.cache_batch_idx, n);
+                HLA_CHECK(slot >= 0 && slot < p.slots, op, ": cache_batch_idx: entry ", n, " = ", slot,
+                          " is outside [0, S = ", p.slots, ")");
+            }
         }
         if (a.block_table.defined()) {
             const int32_t* bt = a.block_table.ptr<int32_t>();
