@@ -324,15 +324,7 @@ TEST_P(LinearCpu, BackwardMatchesReference) {
         const ForwardResults fwd = reference_forward(pr);
         tol = 4 * compare(fwd.o_p, fwd.o64).rel_rms + 4e-3;
     }
-    const std::vector<std::pair<const char*, Tensor LinearGradTensors::*>> grads = {
-        {"dq", &LinearGradTensors::dq},         {"dk", &LinearGradTensors::dk},
-        {"dv", &LinearGradTensors::dv},         {"dg", &LinearGradTensors::dg},
-        {"dbeta", &LinearGradTensors::dbeta},   {"dA_log", &LinearGradTensors::dA_log},
-        {"ddt_bias", &LinearGradTensors::ddt_bias}, {"dinitial_state", &LinearGradTensors::dinitial_state}};
-    for (const auto& [name, member] : grads) {
-        ASSERT_EQ((ref.*member).defined(), (got.*member).defined()) << name;
-        if ((ref.*member).defined()) expect_close_abs(c.name + " " + name, got.*member, ref.*member, tol);
-    }
+    expect_grads_close(c.name, got, ref, tol);
 }
 
 INSTANTIATE_TEST_SUITE_P(CellsDtypesScenarios, LinearCpu, ::testing::ValuesIn(cpu_cases()),

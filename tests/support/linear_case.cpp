@@ -223,6 +223,20 @@ LinearGradTensors LinearGradTensors::move_to(Device device) const {
                              moved(ddt_bias, device), moved(dinitial_state, device)};
 }
 
+void expect_grads_close(const std::string& what, const LinearGradTensors& got, const LinearGradTensors& ref64,
+                        double rel_tol) {
+    const std::vector<std::pair<const char*, Tensor LinearGradTensors::*>> grads = {
+        {"dq", &LinearGradTensors::dq},         {"dk", &LinearGradTensors::dk},
+        {"dv", &LinearGradTensors::dv},         {"dg", &LinearGradTensors::dg},
+        {"dbeta", &LinearGradTensors::dbeta},   {"dA_log", &LinearGradTensors::dA_log},
+        {"ddt_bias", &LinearGradTensors::ddt_bias}, {"dinitial_state", &LinearGradTensors::dinitial_state}};
+    for (const auto& [name, member] : grads) {
+        ASSERT_EQ((ref64.*member).defined(), (got.*member).defined()) << what << ": " << name;
+        if ((ref64.*member).defined())
+            expect_close_abs(what + ": " + name, (got.*member).to(Device::CPU), ref64.*member, rel_tol);
+    }
+}
+
 LinearGradTensors poisoned_grads(const LinearCase& c, int64_t N, Device device) {
     LinearGradTensors g;
     g.dq = nan_tensor({c.B, c.T, c.H, c.K}, c.dtype, device);

@@ -67,6 +67,11 @@ struct LinearGradTensors {
 };
 LinearGradTensors poisoned_grads(const LinearCase& c, int64_t N, Device device = Device::CPU);
 
+// Every gradient of `got` (any device) against `ref64` by expect_close_abs at rel_tol; the two must
+// define the same gradients.
+void expect_grads_close(const std::string& what, const LinearGradTensors& got, const LinearGradTensors& ref64,
+                        double rel_tol);
+
 // The reference run in precision P (fp32 arithmetic, state and outputs rounded to P every token):
 // the yardstick of the tolerance policy. args.o (and args.final_state) receive the result.
 void reference_forward_in_precision(const LinearConfig& cfg, const LinearForwardArgs& args, DType dtype);
