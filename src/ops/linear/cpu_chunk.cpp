@@ -460,6 +460,24 @@ struct ScalarDgTerms {
     float c_last = 0;
 };
 
+// Backward of the strictly lower decayed products E_ij = ⟨x_i, y_j⟩_b (E = D or P without its
+// diagonal), given dE (masked and decayed here, in place): w.tmp1 ← ∂/∂x, w.tmp2 ← ∂/∂y, and their
+// share of ∂/∂b — into db for vector decay, into the exact dg terms for one decay per token.
+template <bool kVector>
+void decayed_product_grad(float* dE, const float* E, const float* x, const float* y, int L, int64_t K, float* db,
+                          ScalarDgTerms& sdg, Workspace& w) {
+    if constexpr (!kVector) sdg.add_pairs(dE, E);
+    Decayed<kVector>::prepare_grad(dE, L, false, w);
+    std::fill(w.tmp1.begin(), w.tmp1.begin() + L * K, 0.0f);
+    std::fill(w.tmp2.begin(), w.tmp2.begin() + L * K, 0.0f);
+    Decayed<kVector>::apply(dE, y, L, K, nullptr, false, w.tmp1.data(), w);
+    Decayed<kVector>::apply_t(dE, x, L, K, nullptr, false, w.tmp2.data(), w);
+    if constexpr (kVector) {
+        add_db<kVector>(db, x, w.tmp1.data(), L, K, +1.0f);
+        add_db<kVector>(db, y, w.tmp2.data(), L, K, -1.0f);
+    }
+}
+
 template <bool kVector, bool kDelta>
 void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float* dS, float* dq, float* dk, float* dv,
                     float* dg, float* dbeta, Workspace& w) {
@@ -517,16 +535,7 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
         gemm(L, K, V, -1.0f, w.dy.data(), V, 1, w.s0t.data(), K, 0.0f, w.dkg.data(), K);
         gemm(K, V, L, -1.0f, w.kg.data(), 1, K, w.dy.data(), V, 1.0f, dS, V);
         // D = ⟨k, k⟩_b (strict)
-        if constexpr (!kVector) sdg.add_pairs(w.da.data(), w.d.data());
-        Decayed<kVector>::prepare_grad(w.da.data(), L, false, w);
-        std::fill(w.tmp1.begin(), w.tmp1.begin() + L * K, 0.0f);
-        std::fill(w.tmp2.begin(), w.tmp2.begin() + L * K, 0.0f);
-        Decayed<kVector>::apply(w.da.data(), c.k, L, K, c.g, false, w.tmp1.data(), w);
-        Decayed<kVector>::apply_t(w.da.data(), c.k, L, K, c.g, false, w.tmp2.data(), w);
-        if constexpr (kVector) {
-            add_db<kVector>(db, c.k, w.tmp1.data(), L, K, +1.0f);
-            add_db<kVector>(db, c.k, w.tmp2.data(), L, K, -1.0f);
-        }
+        decayed_product_grad<kVector>(w.da.data(), w.d.data(), c.k, c.k, L, K, db, sdg, w);
         for (int64_t i = 0; i < L * K; ++i) dk[i] += w.tmp1[i] + w.tmp2[i];
         // Kγ = K ⊙ γ
         for (int i = 0; i < L; ++i)
@@ -542,16 +551,7 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
     // P = ⟨q, k⟩_b. Its diagonal (e_ii = 1) adds +dP_ii q_i⊙k_i and −dP_ii q_i⊙k_i to ∂b_i, which cancel
     // exactly; taking it out of the decayed products keeps fp32 rounding noise out of dg.
     for (int i = 0; i < L; ++i) w.diag[i] = w.dp[i * kChunk + i];
-    if constexpr (!kVector) sdg.add_pairs(w.dp.data(), w.p.data());
-    Decayed<kVector>::prepare_grad(w.dp.data(), L, false, w);
-    std::fill(w.tmp1.begin(), w.tmp1.begin() + L * K, 0.0f);
-    std::fill(w.tmp2.begin(), w.tmp2.begin() + L * K, 0.0f);
-    Decayed<kVector>::apply(w.dp.data(), c.k, L, K, c.g, false, w.tmp1.data(), w);
-    Decayed<kVector>::apply_t(w.dp.data(), c.q, L, K, c.g, false, w.tmp2.data(), w);
-    if constexpr (kVector) {
-        add_db<kVector>(db, c.q, w.tmp1.data(), L, K, +1.0f);
-        add_db<kVector>(db, c.k, w.tmp2.data(), L, K, -1.0f);
-    }
+    decayed_product_grad<kVector>(w.dp.data(), w.p.data(), c.q, c.k, L, K, db, sdg, w);
     for (int i = 0; i < L; ++i) {
         const float dpii = w.diag[i];
         for (int64_t ch = 0; ch < K; ++ch) {
