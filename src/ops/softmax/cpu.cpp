@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "core/checks.hpp"
@@ -276,9 +277,58 @@ void forward(const Problem& p) {
     });
 }
 
-// The decode step runs once per generated token: nothing here touches the heap after a thread's first
-// call (tests/test_decode_no_alloc.cpp). Lengths and slots are read where they lie, the tasks are
-// numbered instead of listed, and each pool thread keeps its scratch.
+namespace {
+
+// Scratch of the decode jobs, kept between calls. prepare() runs on the calling thread before the jobs
+// and tops the pool up to one scratch per job, so only a call that needs more (or larger) scratch
+// than any before it allocates, whichever pool threads run the jobs. Concurrent calls share the pool
+// under its lock; a job that finds it empty (more concurrent jobs than ever prepared) makes its own.
+class DecodeScratchPool {
+public:
+    void prepare(int jobs, int64_t D, int64_t gate_keys) {
+        const std::lock_guard<std::mutex> lock(mutex_);
+        if (D != D_) {
+            free_.clear();
+            D_ = D;
+        }
+        if (free_.capacity() < size_t(2 * jobs)) free_.reserve(size_t(2 * jobs));
+        while (free_.size() < size_t(jobs)) free_.push_back(std::make_unique<Scratch>(D));
+        for (auto& s : free_) s->R.reserve(size_t(gate_keys));
+    }
+    std::unique_ptr<Scratch> take(int64_t D, int64_t gate_keys) {
+        {
+            const std::lock_guard<std::mutex> lock(mutex_);
+            if (!free_.empty() && free_.back()->D == D) {
+                std::unique_ptr<Scratch> s = std::move(free_.back());
+                free_.pop_back();
+                return s;
+            }
+        }
+        auto s = std::make_unique<Scratch>(D);
+        s->R.reserve(size_t(gate_keys));
+        return s;
+    }
+    void give(std::unique_ptr<Scratch> s) {
+        const std::lock_guard<std::mutex> lock(mutex_);
+        if (s->D == D_) free_.push_back(std::move(s));
+    }
+
+private:
+    std::mutex mutex_;
+    int64_t D_ = 0;
+    std::vector<std::unique_ptr<Scratch>> free_;
+};
+
+DecodeScratchPool& decode_scratch() {
+    static DecodeScratchPool pool;
+    return pool;
+}
+
+}  // namespace
+
+// The decode step runs once per generated token: after the first call of a shape it touches the heap
+// no more (tests/test_decode_no_alloc.cpp). Lengths and slots are read where they lie, the tasks are
+// numbered instead of listed, and the scratch comes from DecodeScratchPool.
 void decode(const DecodeProblem& p) {
     const SoftmaxKVCacheArgs& a = p.args;
     const auto length = [&](int64_t n) {
@@ -313,28 +363,32 @@ void decode(const DecodeProblem& p) {
                 }
             }
     }
-    // 2. Attend: one task per (sequence, head, query tile), numbered n-major.
-    const int64_t tiles = (p.TQ + BM - 1) / BM;
-    parallel_for(p.N * p.HQ * tiles, [&](int64_t i) {
-        const int64_t n = i / (p.HQ * tiles), h = i / tiles % p.HQ, t0 = i % tiles * BM;
-        const int64_t Lk = length(n) + (p.append ? p.TQ : 0);
-        const int64_t mq = std::min(BM, p.TQ - t0);
-        thread_local std::unique_ptr<Scratch> scratch;
-        if (!scratch || scratch->D != p.D) scratch = std::make_unique<Scratch>(p.D);
+    // 2. Attend: tasks (sequence, head, query tile), numbered n-major and dealt round-robin to one job
+    // per worker, so each job takes one scratch from the pool for all its tasks.
+    const int64_t tiles = (p.TQ + BM - 1) / BM, tasks = p.N * p.HQ * tiles;
+    const int64_t jobs = std::min<int64_t>(tasks, num_threads());
+    const int64_t gate_keys = a.g_cache.defined() ? p.capacity + 1 : 0;
+    decode_scratch().prepare(int(jobs), p.D, gate_keys);
+    parallel_for(jobs, [&](int64_t job) {
+        std::unique_ptr<Scratch> scratch = decode_scratch().take(p.D, gate_keys);
         Scratch& w = *scratch;
-        // the gate sums span at most the capacity: reserved once, not grown token by token
-        if (a.g_cache.defined()) w.R.reserve(size_t(p.capacity) + 1);
-        const KeySource src = source(n, h, &a.k_cache, &a.v_cache);
-        for (int64_t r = 0; r < mq; ++r) {
-            float* q = &w.q[size_t(r * p.D)];
-            load_row(a.q.data, a.q.dtype, token_offset(a.q, n, t0 + r, h), p.D, q);
-            for (int64_t d = 0; d < p.D; ++d) q[d] *= float(p.scale);
+        for (int64_t i = job; i < tasks; i += jobs) {
+            const int64_t n = i / (p.HQ * tiles), h = i / tiles % p.HQ, t0 = i % tiles * BM;
+            const int64_t Lk = length(n) + (p.append ? p.TQ : 0);
+            const int64_t mq = std::min(BM, p.TQ - t0);
+            const KeySource src = source(n, h, &a.k_cache, &a.v_cache);
+            for (int64_t r = 0; r < mq; ++r) {
+                float* q = &w.q[size_t(r * p.D)];
+                load_row(a.q.data, a.q.dtype, token_offset(a.q, n, t0 + r, h), p.D, q);
+                for (int64_t d = 0; d < p.D; ++d) q[d] *= float(p.scale);
+            }
+            float lse[BM];
+            attend_tile(src, Lk, Lk - p.TQ + t0, mq, p.D, p.cfg.causal, p.window, w, lse);
+            store_output(a.o, a.gate, n, t0, n, t0, h, mq, p.D, w);
+            if (a.lse.defined())
+                for (int64_t r = 0; r < mq; ++r) *lse_ptr(a.lse, n, h, t0 + r) = lse[r];
         }
-        float lse[BM];
-        attend_tile(src, Lk, Lk - p.TQ + t0, mq, p.D, p.cfg.causal, p.window, w, lse);
-        store_output(a.o, a.gate, n, t0, n, t0, h, mq, p.D, w);
-        if (a.lse.defined())
-            for (int64_t r = 0; r < mq; ++r) *lse_ptr(a.lse, n, h, t0 + r) = lse[r];
+        decode_scratch().give(std::move(scratch));
     });
 }
 
