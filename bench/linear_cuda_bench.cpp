@@ -1,5 +1,5 @@
-// hla — CUDA benchmark of the linear family: chunked forward, forward + backward (delta cells) and the
-// decode step, H = 16, K = V = 128,
+// hla — CUDA benchmark of the linear family: chunked forward, forward + backward and the decode step,
+// H = 16, K = V = 128,
 // bf16 inputs, timed with CUDA events (median of 20 after 3 warm-ups), next to the roofline floor
 // max(flops / 790 TFLOP/s, bytes / 3.0 TB/s) of the algorithm's own counts (TARGETS.md).
 //
@@ -10,7 +10,8 @@
 // Bytes: q, k, v, gate, β read once and o written once (bf16); the decode step counts the fp32 state
 // read and written once.
 //
-// Usage: linear_cuda_bench [--quick]    (--quick: fewer iterations, for a smoke test)
+// Usage: linear_cuda_bench [--quick] [--fwdbwd]   (--quick: fewer iterations, for a smoke test;
+//        --fwdbwd: the forward + backward rows only, e.g. under a profiler)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -65,7 +66,11 @@ struct OpSpec {
 }  // namespace
 
 int main(int argc, char** argv) {
-    const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+    bool quick = false, fwdbwd_only = false;
+    for (int i = 1; i < argc; ++i) {
+        quick |= std::strcmp(argv[i], "--quick") == 0;
+        fwdbwd_only |= std::strcmp(argv[i], "--fwdbwd") == 0;
+    }
     const int iters = quick ? 5 : 20;
     if (!cuda_available()) {
         std::printf("linear_cuda_bench: no CUDA device, nothing to measure\n");
@@ -82,6 +87,7 @@ int main(int argc, char** argv) {
     const OpSpec ops[] = {{"gated_delta_rule", gdn, 0.46, 0.52}, {"kda", kda, 0.61, 0.73}, {"simple_gla", sgla, 0.26, 0.30}};
     const std::pair<int64_t, int64_t> shapes[] = {{4, 4096}, {1, 16384}};
     for (const auto& [B, T] : shapes) {
+        if (fwdbwd_only) break;
         const Tensor q = device_tensor({B, T, H, K}, DType::BF16, 1, 0, 0, true);
         const Tensor k = device_tensor({B, T, H, K}, DType::BF16, 2, 0, 0, true);
         const Tensor v = device_tensor({B, T, H, V}, DType::BF16, 3, 0, 0, true);
@@ -115,9 +121,12 @@ int main(int argc, char** argv) {
         }
     }
 
-    // Forward + backward (all gradients of the inputs given: dq, dk, dv, dg, dβ), B = 4, T = 4096. The
-    // backward is the first, exactness-first CUDA version (fp32 block-wide loops, no tensor cores): no
-    // roofline column until it is a tuned kernel.
+    // Forward + backward (all gradients of the inputs given: dq, dk, dv, dg, dβ), B = 4, T = 4096, every
+    // op. Targets: 1.5× the peer's forward + backward (TARGETS.md: chunk_delta_rule 2.838 ms for Gated
+    // DeltaNet, chunk_gla 3.775 ms for the gated-linear-attention ops). Roofline floor of the pair: the
+    // forward's products counted three times (the backward is twice the forward's products, the usual
+    // count for attention-like layers) over 790 TFLOP/s, against the forward's bytes plus the backward's
+    // own (q, k, v, gate, β, dO read once; dq, dk, dv in bf16 and dg, dβ in fp32 written once).
     {
         const int64_t B = 4, T = 4096;
         const Tensor q = device_tensor({B, T, H, K}, DType::BF16, 21, 0, 0, true);
@@ -133,36 +142,50 @@ int main(int argc, char** argv) {
         Tensor dg_scalar({B, T, H}, DType::F32, Device::CUDA), dg_vector({B, T, H, K}, DType::F32, Device::CUDA);
         std::printf("\n");
         for (const OpSpec& op : ops) {
-            if (op.cfg.update != Update::Delta) continue;
-            const bool vec = op.cfg.decay == Decay::Vector;
+            const bool delta = op.cfg.update == Update::Delta, vec = op.cfg.decay == Decay::Vector;
             LinearForwardArgs a;
             a.q = q;
             a.k = k;
             a.v = v;
             a.o = o;
             a.g = vec ? g_vector.view() : g_scalar.view();
-            a.beta = beta;
+            if (delta) a.beta = beta;
             LinearGrads gr;
             gr.dq = dq;
             gr.dk = dk;
             gr.dv = dv;
             gr.dg = vec ? dg_vector.view() : dg_scalar.view();
-            gr.dbeta = dbeta;
-            const double ms_bwd = median_ms([&] { linear_backward(op.cfg, a, d_o, TensorView(), gr); }, quick ? 3 : 5);
+            if (delta) gr.dbeta = dbeta;
+            const double ms_bwd = median_ms([&] { linear_backward(op.cfg, a, d_o, TensorView(), gr); }, quick ? 3 : 10);
             const double ms_both = median_ms(
                 [&] {
                     linear_forward(op.cfg, a);
                     linear_backward(op.cfg, a, d_o, TensorView(), gr);
                 },
-                quick ? 3 : 5);
-            std::printf("%-22s B=%lld T=%lld  backward %9.3f ms  forward + backward %9.3f ms\n", op.name,
-                        (long long)B, (long long)T, ms_bwd, ms_both);
+                quick ? 3 : 10);
+            const double C = 64, chunks_heads = double(B) * (T / 64) * H;
+            double flops = 2 * C * K * V * 2 + 2 * C * C * K + 2 * C * C * V;
+            if (delta) flops += 2 * C * C * K * 2 + 2 * C * C * V + 2 * C * K * V;
+            flops *= 3 * chunks_heads;
+            const double tok_heads = double(B) * T * H;
+            const double in_bytes = 2.0 * (2 * K + V) + (vec ? 2.0 * K : 2.0) + (delta ? 2.0 : 0.0);
+            const double bytes = tok_heads * (in_bytes + 2.0 * V                                   // forward: inputs, o
+                                              + in_bytes + 2.0 * V                                 // backward: inputs, dO
+                                              + 2.0 * (2 * K + V) + (vec ? 4.0 * K : 4.0) + (delta ? 4.0 : 0.0));
+            const double floor_ms = std::max(flops / kPeakFlops, bytes / kPeakBytes) * 1e3;
+            const double peer = delta ? 2.838 : 3.775;
+            std::printf("%-22s B=%lld T=%lld  backward %9.3f ms  forward + backward %9.3f ms  (peer %.3f ms: %.2fx)\n",
+                        op.name, (long long)B, (long long)T, ms_bwd, ms_both, peer, peer / ms_both);
             std::fflush(stdout);
+            Row r{std::string(op.name) + " fwd+bwd", "B=4 T=4096", ms_both, floor_ms, peer / 1.5};
+            print_row(r);
+            rows.push_back(r);
         }
     }
 
     // Decode: Gated DeltaNet, one token per sequence, state slots = sequences.
     for (int64_t B : {1, 64}) {
+        if (fwdbwd_only) break;
         const Tensor q = device_tensor({B, 1, H, K}, DType::BF16, 11, 0, 0, true);
         const Tensor k = device_tensor({B, 1, H, K}, DType::BF16, 12, 0, 0, true);
         const Tensor v = device_tensor({B, 1, H, V}, DType::BF16, 13, 0, 0, true);

@@ -536,3 +536,51 @@ TEST(LinearCuda, BackwardHeadDims) {
             return true;
         });
 }
+
+// Many chunks per sequence: the recomputed chunk-start states, the reverse state-gradient scan and the
+// per-chunk kernel's work items (chunk × head) across a long sequence, grouped value heads.
+TEST(LinearCuda, BackwardManyChunks) {
+    REQUIRE_GPU();
+    backward_every_cell("T1000", [](LinearCase& c) {
+        c.B = 1;
+        c.T = 1000;
+        c.HV = 4;
+        c.initial_state = true;
+        return true;
+    });
+}
+
+// Varlen sequences of many chunks each (ragged ends, an empty one); and B = 3 rows of several chunks
+// in fp16 (the fp32-operand scan, fed a dO that is not in the operand dtype).
+TEST(LinearCuda, BackwardVarlenManyChunks) {
+    REQUIRE_GPU();
+    backward_every_cell("varlen-long", [](LinearCase& c) {
+        c.B = 1;
+        c.T = 900;
+        c.cu_seqlens = {0, 300, 300, 651, 900};
+        c.initial_state = true;
+        return true;
+    });
+    for (const Cell& cell : kCells) {
+        LinearCase c = make_case(std::string(cell.name) + "/B3-T260/f16", cell.config(), DType::F16, 3, 260, 2, 4, 64, 64);
+        c.initial_state = true;
+        check_backward(c);
+    }
+}
+
+// The state-gradient scan's V-tile follows the forward scan's (HLA_CUDA_SCAN_VT forces it): every
+// width, K = V = 128, both 16-bit and fp32 operands.
+TEST(LinearCuda, BackwardScanTileWidths) {
+    REQUIRE_GPU();
+    for (const char* vt : {"16", "32", "64"}) {
+        setenv("HLA_CUDA_SCAN_VT", vt, 1);
+        backward_every_cell(std::string("VT") + vt, [](LinearCase& c) {
+            c.B = 1;
+            c.T = 200;
+            c.K = c.V = 128;
+            c.initial_state = true;
+            return true;
+        });
+    }
+    unsetenv("HLA_CUDA_SCAN_VT");
+}

@@ -1,10 +1,21 @@
-// hla — the CUDA backend's backward entry point for the linear family: validates what the kernel
-// needs, lays out one workspace allocation and launches the chunked backward (chunk_bwd.cuh,
-// instantiated per <vector decay, delta update> in bwd_<cell>.cu).
-#include <vector>
+// hla — the CUDA backend's backward entry point for the linear family: validates what the kernels
+// need, lays out the workspace and runs the three stages of chunk_bwd.cuh: the forward's prepare and
+// scan recompute the chunk-start states (forward_recompute, fwd_<dtype>.cu), the state-gradient scan
+// (chunk_bwd_scan.cuh, bwd_scan_<dtype>.cu), and the per-chunk gradients (bwd_<cell>.cu).
+#include <algorithm>
 
 #include "ops/linear/cuda/chunk_bwd.cuh"
-#include "ops/linear/cuda/chunk_fwd.cuh"
+#include "ops/linear/cuda/chunk_bwd_scan.cuh"
+
+#ifndef HLA_CUDA_LINEAR_BF16
+#define HLA_CUDA_LINEAR_BF16 1
+#endif
+#ifndef HLA_CUDA_LINEAR_F16
+#define HLA_CUDA_LINEAR_F16 1
+#endif
+#ifndef HLA_CUDA_LINEAR_F32
+#define HLA_CUDA_LINEAR_F32 1
+#endif
 
 namespace hla::linear::cuda {
 
@@ -27,13 +38,45 @@ __global__ void params_finish_kernel(const double* acc, int HV, int W, float* dg
 
 }  // namespace bwd
 
+// Stages 1 and 2 are compiled in their own files (fwd_<dtype>.cu, bwd_scan_<dtype>.cu).
+extern template void* forward_recompute<__nv_bfloat16>(const Problem&, void*, FwdParams*);
+extern template void* forward_recompute<__half>(const Problem&, void*, FwdParams*);
+extern template void* forward_recompute<float>(const Problem&, void*, FwdParams*);
+extern template void dstate_scan<__nv_bfloat16>(const Problem&, const FwdParams&, const DScanParams&);
+extern template void dstate_scan<float>(const Problem&, const FwdParams&, const DScanParams&);
+
+extern template int backward_blocks<false, false>();
+extern template int backward_blocks<false, true>();
+extern template int backward_blocks<true, false>();
+extern template int backward_blocks<true, true>();
 extern template void launch_backward<false, false>(const bwd::Params&, int, const char*);
 extern template void launch_backward<false, true>(const bwd::Params&, int, const char*);
 extern template void launch_backward<true, false>(const bwd::Params&, int, const char*);
 extern template void launch_backward<true, true>(const bwd::Params&, int, const char*);
 
+namespace {
+
+// Stages 1 and 2 for input dtype In, whose operand dtype is E (Intermediate<In>, chunk_fwd.cuh).
+// Returns the forward's workspace, which holds the chunk table (*chunks) and which the caller frees
+// after stage 3.
+template <class In>
+void* states_and_gradients(const Problem& p, void* states, const DScanParams& d, const ChunkInfo** chunks) {
+    FwdParams fp{};
+    void* fwd_ws = forward_recompute<In>(p, states, &fp);
+    dstate_scan<Intermediate<In>>(p, fp, d);
+    *chunks = fp.chunks;
+    return fwd_ws;
+}
+
+}  // namespace
+
 void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final_state, const LinearGrads& grads) {
     const LinearForwardArgs& a = p.args;
+    HLA_CHECK(a.k.dtype == a.q.dtype && a.v.dtype == a.q.dtype, p.op,
+              ": q/k/v: the CUDA backend needs one dtype for q, k and v, got q ", dtype_name(a.q.dtype), ", k ",
+              dtype_name(a.k.dtype), ", v ", dtype_name(a.v.dtype));
+    HLA_CHECK(p.K == 64 || p.K == 128, p.op, ": q: the CUDA chunked backward supports K in {64, 128}, got K = ", p.K);
+    HLA_CHECK(p.V == 64 || p.V == 128, p.op, ": v: the CUDA chunked backward supports V in {64, 128}, got V = ", p.V);
     HLA_CHECK(p.T < (int64_t(1) << 31) && p.B * p.T < (int64_t(1) << 31), p.op, ": q: B·T = ", p.B * p.T,
               " tokens exceeds the CUDA backend's 2^31 limit");
     check_cuda(cudaSetDevice(a.q.device_index), p.op, "cudaSetDevice");
@@ -46,9 +89,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     bp.beta = a.beta.defined() ? a.beta.data : nullptr;
     bp.A_log = a.A_log.defined() ? a.A_log.data : nullptr;
     bp.dt_bias = a.dt_bias.defined() ? a.dt_bias.data : nullptr;
-    bp.h0 = a.initial_state.defined() ? a.initial_state.data : nullptr;
     bp.d_o = d_o.data;
-    bp.dht = d_final_state.defined() ? d_final_state.data : nullptr;
     bp.q_dt = a.q.dtype;
     bp.k_dt = a.k.dtype;
     bp.v_dt = a.v.dtype;
@@ -61,8 +102,6 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     fill_strides(bp.gs, a.g);
     fill_strides(bp.bs, a.beta);
     fill_strides(bp.dos, d_o);
-    fill_strides(bp.h0s, a.initial_state);
-    fill_strides(bp.dhts, d_final_state);
     bp.alog_s = a.A_log.defined() ? a.A_log.stride[0] : 0;
     bp.dtb_s = a.dt_bias.defined() ? a.dt_bias.stride[0] : 0;
     bp.dq = grads.dq.defined() ? grads.dq.data : nullptr;
@@ -71,7 +110,6 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     const bool per_token = p.cfg.decay == Decay::Scalar || vec;
     bp.dg = grads.dg.defined() && per_token ? grads.dg.ptr<float>() : nullptr;
     bp.dbeta = grads.dbeta.defined() ? grads.dbeta.ptr<float>() : nullptr;
-    bp.dh0 = grads.dinitial_state.defined() ? grads.dinitial_state.ptr<float>() : nullptr;
     bp.dq_dt = grads.dq.defined() ? grads.dq.dtype : DType::F32;
     bp.dk_dt = grads.dk.defined() ? grads.dk.dtype : DType::F32;
     bp.dv_dt = grads.dv.defined() ? grads.dv.dtype : DType::F32;
@@ -80,7 +118,6 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     fill_strides(bp.dvs, grads.dv);
     if (per_token) fill_strides(bp.dgs, grads.dg);
     fill_strides(bp.dbs, grads.dbeta);
-    fill_strides(bp.dh0s, grads.dinitial_state);
     bp.B = int(p.B);
     bp.T = int(p.T);
     bp.H = int(p.H);
@@ -96,41 +133,68 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     bp.lower_bound = p.cfg.lower_bound;
     bp.beta_act = p.cfg.beta_activation;
 
-    std::vector<bwd::SeqInfo> seqs;
+    if (p.seqs.empty()) return;
     int64_t n_chunks = 0;
-    for (const Sequence& s : p.seqs) {
-        seqs.push_back({int(s.batch), int(s.start), int(s.len), int(n_chunks)});
-        n_chunks += (s.len + bwd::kC - 1) / bwd::kC;
-    }
-    if (seqs.empty()) return;
-    const int64_t N = int64_t(seqs.size());
+    for (const Sequence& sq : p.seqs) n_chunks += (sq.len + kChunk - 1) / kChunk;
+    const DType in = a.q.dtype;
+    const DType st = in == DType::BF16 ? DType::BF16 : DType::F32;  // the scan's operand dtype
+    const int blocks = int(std::min<int64_t>(
+        std::max<int64_t>(1, n_chunks * p.H),
+        int64_t(sm_count()) * (vec ? (p.delta() ? backward_blocks<true, true>() : backward_blocks<true, false>())
+                                   : (p.delta() ? backward_blocks<false, true>() : backward_blocks<false, false>()))));
     bp.scratch_floats = bwd::layout(nullptr, bp.K, bp.V, bp.W, nullptr);
     auto align = [](size_t x) { return (x + 255) & ~size_t(255); };
-    const size_t b_seqs = align(seqs.size() * sizeof(bwd::SeqInfo));
     const size_t b_params = align(size_t(p.HV) * (2 + bp.W) * sizeof(double));
-    const size_t b_scratch = align(size_t(N * p.H * bp.scratch_floats) * sizeof(float));
-    const size_t b_states = align(size_t(n_chunks * p.H * p.K * p.V) * sizeof(float));
-    const size_t b_acc = align(size_t(p.H * p.B * p.T * p.K) * sizeof(float));
-    char* ws = static_cast<char*>(workspace_alloc(b_seqs + b_params + b_scratch + b_states + 2 * b_acc, p.op));
+    const size_t b_scratch = align(size_t(blocks) * size_t(bp.scratch_floats) * sizeof(float));
+    const size_t b_states = align(size_t(n_chunks * p.HV * p.K * p.V) * dtype_size(st));
+    char* ws = static_cast<char*>(workspace_alloc(b_params + b_scratch + 2 * b_states, p.op));
     char* at = ws;
-    bp.seqs = reinterpret_cast<const bwd::SeqInfo*>(at);
-    check_cuda(cudaMemcpyAsync(at, seqs.data(), seqs.size() * sizeof(bwd::SeqInfo), cudaMemcpyHostToDevice), p.op,
-               "cudaMemcpyAsync(sequence table)");
-    at += b_seqs;
     bp.params_acc = reinterpret_cast<double*>(at);
     check_cuda(cudaMemsetAsync(at, 0, b_params), p.op, "cudaMemsetAsync(parameter sums)");
     at += b_params;
     bp.scratch = reinterpret_cast<float*>(at);
     at += b_scratch;
-    bp.states = reinterpret_cast<float*>(at);
+    void* states = at;
     at += b_states;
-    bp.dq_acc = reinterpret_cast<float*>(at);
-    at += b_acc;
-    bp.dk_acc = reinterpret_cast<float*>(at);
+    void* dstates = at;
+    bp.states = states;
+    bp.dstates = dstates;
+    bp.st_dt = st;
 
-    const bool delta = p.delta();
-    if (vec) delta ? launch_backward<true, true>(bp, int(N), p.op) : launch_backward<true, false>(bp, int(N), p.op);
-    else delta ? launch_backward<false, true>(bp, int(N), p.op) : launch_backward<false, false>(bp, int(N), p.op);
+    DScanParams dp{};
+    dp.d_o = d_o.data;
+    dp.do_dt = d_o.dtype;
+    fill_strides(dp.dos, d_o);
+    dp.dht = d_final_state.defined() ? d_final_state.ptr<float>() : nullptr;
+    fill_strides(dp.dhts, d_final_state);
+    dp.dh0 = grads.dinitial_state.defined() ? grads.dinitial_state.ptr<float>() : nullptr;
+    fill_strides(dp.dh0s, grads.dinitial_state);
+    dp.dstates = dstates;
+
+    // stages 1 and 2 (the input dtypes this build compiled the chunked forward for)
+    void* fwd_ws = nullptr;
+    switch (in) {
+#if HLA_CUDA_LINEAR_BF16
+        case DType::BF16: fwd_ws = states_and_gradients<__nv_bfloat16>(p, states, dp, &bp.chunks); break;
+#endif
+#if HLA_CUDA_LINEAR_F16
+        case DType::F16: fwd_ws = states_and_gradients<__half>(p, states, dp, &bp.chunks); break;
+#endif
+#if HLA_CUDA_LINEAR_F32
+        case DType::F32: fwd_ws = states_and_gradients<float>(p, states, dp, &bp.chunks); break;
+#endif
+        default:
+            workspace_free(ws);
+            detail::fail(p.op, ": q: the CUDA chunked backward for ", dtype_name(in), " inputs is not compiled into ",
+                         "this build (CMake HLA_CUDA_LINEAR_DTYPES leaves it out)");
+    }
+
+    // stage 3: every gradient of every chunk
+    bp.n_chunks = int(n_chunks);
+    if (n_chunks > 0) {
+        if (vec) p.delta() ? launch_backward<true, true>(bp, blocks, p.op) : launch_backward<true, false>(bp, blocks, p.op);
+        else p.delta() ? launch_backward<false, true>(bp, blocks, p.op) : launch_backward<false, false>(bp, blocks, p.op);
+    }
 
     float* dgamma = p.cfg.decay == Decay::Fixed && grads.dg.defined() ? grads.dg.ptr<float>() : nullptr;
     float* dalog = grads.dA_log.defined() ? grads.dA_log.ptr<float>() : nullptr;
@@ -141,6 +205,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
             ddt, ddt ? grads.ddt_bias.stride[0] : 0);
         check_cuda(cudaGetLastError(), p.op, "params_finish launch");
     }
+    workspace_free(fwd_ws);
     workspace_free(ws);
 }
 

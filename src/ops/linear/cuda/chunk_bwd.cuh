@@ -1,23 +1,27 @@
 // hla — chunked backward of the linear family on CUDA (SPECS.md §1, "Chunked backward").
 //
-// The algorithm is the CPU backend's (cpu.cpp, cpu_chunk.cpp; docs/design.md), run by one thread block
-// per (sequence, query/key head):
-//   for each value head of the group (G = HV / H of them, one after the other):
-//     forward sweep   the state at the start of every 64-token chunk, into the workspace;
-//     backward sweep  chunks last to first, carrying dS = ∂loss/∂S; per chunk the intra-chunk matrices
-//                     (scores P, D, A, the solve X) are recomputed and differentiated;
-//   dq, dk accumulate over the group (fp32, in the workspace), then pass through the scale and the
-//   in-kernel L2 norm backward. Per-head parameter gradients (fixed γ, A_log, dt_bias) add into fp64
-//   accumulators with atomics and are written by a small second kernel.
-// One block per (sequence, q/k head) rather than per value head: the G heads of a group add into the
-// same dq/dk rows, and a block that owns them needs no atomics there.
+// Three stages, each parallel over what is independent (backward.cu runs them):
+//   1. states     the forward's prepare and scan (chunk_fwd.cuh) recompute the state at the start of
+//                 every 64-token chunk (in the scan's operand dtype), parallel over (sequence, value
+//                 head, V-tile), sequential over chunks; prepare's per-chunk operands are kept.
+//   2. dS scan    ∂loss/∂S at the end of every chunk, last chunk first (chunk_bwd_scan.cuh), parallel
+//                 over (sequence, value head, V-tile): dS ← diag(γ_C) dS + Qgᵀ dO − Wᵀ dX with
+//                 dX = Pᵀ dO + Kd dS; the last dS is dh0.
+//   3. per chunk  this file: every gradient of one chunk from its start state S0 and end gradient dS_C,
+//                 one work item per (chunk, query/key head), all chunks in parallel. The item walks
+//                 the G = HV / H value heads of its group, so dq and dk (which the group shares) add up
+//                 in the item's scratch without atomics, then pass through the scale and the in-kernel
+//                 L2 norm backward. Per-head parameter gradients (fixed γ, A_log, dt_bias) are summed
+//                 per chunk in the block and added into fp64 accumulators with one atomic per chunk
+//                 (and channel), written by a small second kernel.
 //
-// This first version favours being exact over being fast: fp32 throughout, every per-chunk matrix in a
-// per-block global-memory workspace (L2-resident), block-wide loops for the small products, inputs of
-// any dtype read element by element. It keeps the CPU backend's numerics (cpu_chunk.hpp): no exp(b) or
-// exp(−b) over a chunk; vector-decay products factored around the token before each 16-row block with
-// both factors ≤ 1, and inside a diagonal block the products of per-token decays; every exponent a
-// same-sign sum of gates; the exact scalar-decay dg from the terms that straddle each token.
+// The per-chunk math is the CPU backend's (cpu.cpp, cpu_chunk.cpp; docs/design.md), in fp32 with
+// block-wide loops over a per-block global-memory scratch (a grid of resident blocks takes the items
+// in turn), inputs of any dtype read element by element. It keeps the CPU backend's numerics
+// (cpu_chunk.hpp): no exp(b) or exp(−b) over a chunk; vector-decay products factored around the token
+// before each 16-row block with both factors ≤ 1, and inside a diagonal block the products of
+// per-token decays; every exponent a same-sign sum of gates; the exact scalar-decay dg from the terms
+// that straddle each token.
 #pragma once
 
 #include <algorithm>
@@ -25,6 +29,7 @@
 
 #include "ops/linear/activations.hpp"
 #include "ops/linear/cuda/common.cuh"
+#include "ops/linear/cuda/fwd_params.cuh"
 #include "ops/linear/problem.hpp"
 
 namespace hla::linear::cuda {
@@ -35,21 +40,21 @@ constexpr int kC = 64;      // tokens per chunk (and the leading dimension of th
 constexpr int kBlk = 16;    // row block of the factored vector-decay products
 constexpr int kThreads = 256;
 
-struct SeqInfo {
-    int batch, start, len, first_chunk;
-};
-
 struct Params {
     // inputs
-    const void *q, *k, *v, *g, *beta, *A_log, *dt_bias, *h0, *d_o, *dht;
+    const void *q, *k, *v, *g, *beta, *A_log, *dt_bias, *d_o;
     DType q_dt, k_dt, v_dt, g_dt, beta_dt, do_dt;
-    int64_t qs[3], ks[3], vs[3], gs[3], bs[3], dos[3], h0s[3], dhts[3];
+    int64_t qs[3], ks[3], vs[3], gs[3], bs[3], dos[3];
     int64_t alog_s, dtb_s;
+    // stages 1 and 2: per (chunk, value head) [K, V] in st_dt, the state at the chunk's start and
+    // ∂loss/∂(state at its end)
+    const void *states, *dstates;
+    DType st_dt;
     // outputs (null when not requested)
     void *dq, *dk, *dv;
-    float *dg, *dbeta, *dh0;
+    float *dg, *dbeta;
     DType dq_dt, dk_dt, dv_dt;
-    int64_t dqs[3], dks[3], dvs[3], dgs[3], dbs[3], dh0s[3];
+    int64_t dqs[3], dks[3], dvs[3], dgs[3], dbs[3];
     // sizes and options
     int B, T, H, HV, G, K, V, W;  // W: log decays per token (K for vector decay, else 1)
     Decay decay;
@@ -58,13 +63,11 @@ struct Params {
     GateActivation gate_act;
     float lower_bound;
     BetaActivation beta_act;
-    // workspace
-    const SeqInfo* seqs;
-    float* scratch;       // per block: scratch_floats
+    // work and workspace
+    const ChunkInfo* chunks;
+    int n_chunks;
+    float* scratch;       // per resident block: scratch_floats
     int64_t scratch_floats;
-    float* states;        // [chunk, H, K, V]: the state at the start of every chunk
-    float* dq_acc;        // [H, B·T, K]
-    float* dk_acc;
     double* params_acc;   // [HV] fixed γ, [HV] A_log, [HV, W] dt_bias
 };
 
@@ -74,8 +77,8 @@ struct Ws {
     float *ea, *eb, *ebar, *kg, *qg, *kbar, *dqg, *dkbar, *dkg, *tmp1, *tmp2, *db, *blk_x, *blk_out, *blk_y2;
     float *y, *x, *dx, *z, *dy;
     float *d, *a, *p, *gam, *dp, *da, *f;
-    float *S, *dS;
-    float *diag, *u, *w, *dbeta, *dg, *rowred, *c_last;
+    float *S, *dS, *dqa, *dka;
+    float *diag, *u, *w, *dbeta, *dg, *rowred, *c_last, *red;
 };
 
 // Lays the scratch out (or, with base == nullptr, counts it).
@@ -98,10 +101,12 @@ __host__ __device__ inline int64_t layout(float* base, int K, int V, int W, Ws* 
     take(w.d, CC); take(w.a, CC); take(w.p, CC); take(w.gam, CC); take(w.dp, CC); take(w.da, CC); take(w.f, CC);
     take(w.S, int64_t(K) * V);
     take(w.dS, int64_t(K) * V);
+    take(w.dqa, CK); take(w.dka, CK);
     take(w.diag, kC); take(w.u, kC); take(w.w, kC); take(w.dbeta, kC);
     take(w.dg, CW);
     take(w.rowred, K);
     take(w.c_last, 1);
+    take(w.red, 2 * W + 1);
     return at;
 }
 
@@ -302,9 +307,9 @@ struct Decayed<true> {
 
 // ---- one chunk --------------------------------------------------------------------------------
 
-// Decay factors, K̄, and (with_output) Qγ and P; for the delta rule Kγ, Y, D, A and X; else X = V.
+// Decay factors, K̄, Qγ and P; for the delta rule Kγ, Y, D, A and X; else X = V.
 template <bool kVec, bool kDelta>
-__device__ void chunk_common(const Ws& w, const float* S0, int L, int K, int V, bool with_output) {
+__device__ void chunk_common(const Ws& w, const float* S0, int L, int K, int V) {
     constexpr int one = 1;
     const int W = kVec ? K : one;
     if constexpr (kVec) {
@@ -329,10 +334,8 @@ __device__ void chunk_common(const Ws& w, const float* S0, int L, int K, int V, 
     }
     __syncthreads();
     scale_by<kVec>(w.k, w.ebar, L, K, w.kbar);
-    if (with_output) {
-        scale_by<kVec>(w.q, w.eb, L, K, w.qg);
-        Decayed<kVec>::scores(w, w.q, w.k, L, K, true, w.p);
-    }
+    scale_by<kVec>(w.q, w.eb, L, K, w.qg);
+    Decayed<kVec>::scores(w, w.q, w.k, L, K, true, w.p);
     if constexpr (kDelta) {
         scale_by<kVec>(w.k, w.eb, L, K, w.kg);
         // Y = V − Kγ S0
@@ -352,22 +355,14 @@ __device__ void chunk_common(const Ws& w, const float* S0, int L, int K, int V, 
     }
 }
 
-// S ← diag(γ_last) S + K̄ᵀ X (after chunk_common).
-template <bool kVec>
-__device__ void advance_state(const Ws& w, float* S, int L, int K, int V) {
-    const float* eb_last = w.eb + (L - 1) * (kVec ? K : 1);
-    for (int idx = threadIdx.x; idx < K * V; idx += blockDim.x) S[idx] *= kVec ? eb_last[idx / V] : eb_last[0];
-    __syncthreads();
-    gemm(K, V, L, 1.f, w.kbar, 1, K, w.x, V, 1, 1.f, S, V);
-}
-
-// Gradients of one chunk from its start state S0, w.dO and w.dS (replaced by ∂/∂S0). Adds into dq, dk
-// ([L, K], row stride K); leaves dv in w.dy (delta) or w.dx (additive), dβ in w.dbeta, dg in w.dg.
+// Gradients of one chunk from its start state S0, w.dO and w.dS = ∂loss/∂(state at the chunk's end)
+// (read only: ∂/∂S0 is the dS scan's). Adds into dq, dk ([L, K], row stride K); leaves dv in w.dy
+// (delta) or w.dx (additive), dβ in w.dbeta, dg in w.dg.
 template <bool kVec, bool kDelta>
 __device__ void chunk_backward(const Ws& w, const float* S0, int L, int K, int V, float* dq, float* dk) {
     const int W = kVec ? K : 1;
-    chunk_common<kVec, kDelta>(w, S0, L, K, V, true);
-    float* dS = w.dS;
+    chunk_common<kVec, kDelta>(w, S0, L, K, V);
+    const float* dS = w.dS;
     for (int idx = threadIdx.x; idx < L * W; idx += blockDim.x) w.db[idx] = 0.f;
     if constexpr (!kVec) {
         // the exact scalar dg's terms (cpu_chunk.cpp, ScalarDgTerms)
@@ -384,7 +379,7 @@ __device__ void chunk_backward(const Ws& w, const float* S0, int L, int K, int V
     gemm(L, K, V, 1.f, w.dO, V, 1, S0, 1, V, 0.f, w.dqg, K);
     gemm(L, K, V, 1.f, w.x, V, 1, dS, 1, V, 0.f, w.dkbar, K);
 
-    // dS0 = diag(γ_last) dS_C + Qγᵀ dO (− Kγᵀ dY below); ∂b_last += γ_last ⊙ rowsum(S0 ⊙ dS_C)
+    // the state's decay over the chunk, S_C = diag(γ_last) S0 + …: ∂b_last += γ_last ⊙ rowsum(S0 ⊙ dS_C)
     const float* eb_last = w.eb + (L - 1) * W;
     float* db_last = w.db + (L - 1) * W;
     for (int r = threadIdx.x; r < K; r += blockDim.x) {
@@ -393,7 +388,6 @@ __device__ void chunk_backward(const Ws& w, const float* S0, int L, int K, int V
         const float f = kVec ? eb_last[r] : eb_last[0];
         if constexpr (kVec) db_last[r] += f * s;
         else w.rowred[r] = f * s;
-        for (int e = 0; e < V; ++e) dS[r * V + e] *= f;
     }
     __syncthreads();
     if constexpr (!kVec) {
@@ -403,7 +397,6 @@ __device__ void chunk_backward(const Ws& w, const float* S0, int L, int K, int V
             w.c_last[0] = s;
         }
     }
-    gemm(K, V, L, 1.f, w.qg, 1, K, w.dO, V, 1, 1.f, dS, V);
 
     if constexpr (kDelta) {
         // (I + A)ᵀ Z = dX
@@ -421,9 +414,8 @@ __device__ void chunk_backward(const Ws& w, const float* S0, int L, int K, int V
         }
         for (int idx = threadIdx.x; idx < L * V; idx += blockDim.x) w.dy[idx] = w.beta[idx / V] * w.z[idx];
         __syncthreads();
-        // Y = V − Kγ S0: dKγ = −dY S0ᵀ; dS0 −= Kγᵀ dY
+        // Y = V − Kγ S0: dKγ = −dY S0ᵀ
         gemm(L, K, V, -1.f, w.dy, V, 1, S0, 1, V, 0.f, w.dkg, K);
-        gemm(K, V, L, -1.f, w.kg, 1, K, w.dy, V, 1, 1.f, dS, V);
         // D = ⟨k, k⟩_b (strict)
         if constexpr (!kVec) {
             for (int idx = threadIdx.x; idx < L * L; idx += blockDim.x) {
@@ -520,16 +512,16 @@ __device__ void chunk_backward(const Ws& w, const float* S0, int L, int K, int V
 
 __device__ inline int64_t tok(const int64_t (&s)[3], int b, int64_t t, int h) { return b * s[0] + t * s[1] + h * s[2]; }
 
-// Loads tokens [t0, t0 + L) of sequence si, value head hv, through the per-token transforms.
-__device__ inline void load_chunk(const Params& p, const Ws& w, const SeqInfo& si, int hv, int t0, int L) {
-    const int K = p.K, V = p.V, W = p.W, h = hv / p.G;
+// Loads the chunk's tokens of value head hv through the per-token transforms.
+__device__ inline void load_chunk(const Params& p, const Ws& w, const ChunkInfo& ci, int hv) {
+    const int K = p.K, V = p.V, W = p.W, h = hv / p.G, L = ci.len;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     for (int i = warp; i < L; i += warps) {
-        const int64_t t = si.start + t0 + i;
+        const int64_t t = ci.start + i;
         for (int which = 0; which < 2; ++which) {
             const void* src = which == 0 ? p.q : p.k;
             const DType dt = which == 0 ? p.q_dt : p.k_dt;
-            const int64_t off = which == 0 ? tok(p.qs, si.batch, t, h) : tok(p.ks, si.batch, t, h);
+            const int64_t off = which == 0 ? tok(p.qs, ci.batch, t, h) : tok(p.ks, ci.batch, t, h);
             float* dst = (which == 0 ? w.q : w.k) + i * K;
             float ss = 0.f;
             for (int c = lane; c < K; c += 32) {
@@ -547,18 +539,20 @@ __device__ inline void load_chunk(const Params& p, const Ws& w, const SeqInfo& s
     }
     for (int idx = threadIdx.x; idx < L * V; idx += blockDim.x) {
         const int i = idx / V, e = idx % V;
-        w.v[idx] = load_any(p.v, p.v_dt, tok(p.vs, si.batch, si.start + t0 + i, hv) + e);
+        const int64_t t = ci.start + i;
+        w.v[idx] = load_any(p.v, p.v_dt, tok(p.vs, ci.batch, t, hv) + e);
+        w.dO[idx] = load_any(p.d_o, p.do_dt, tok(p.dos, ci.batch, t, hv) + e);
     }
     const bool gated = p.gate_act != GateActivation::None;
     for (int idx = threadIdx.x; idx < L * W; idx += blockDim.x) {
         const int i = idx / W, c = idx % W;
-        const int64_t t = si.start + t0 + i;
+        const int64_t t = ci.start + i;
         float x = 0.f;
         switch (p.decay) {
             case Decay::None: break;
             case Decay::Fixed: x = load_any(p.g, p.g_dt, hv * p.gs[0]); break;
             default: {
-                x = load_any(p.g, p.g_dt, tok(p.gs, si.batch, t, hv) + c);
+                x = load_any(p.g, p.g_dt, tok(p.gs, ci.batch, t, hv) + c);
                 if (gated) {
                     x += static_cast<const float*>(p.dt_bias)[hv * p.dtb_s + c];
                     w.gate_in[idx] = x;
@@ -570,7 +564,7 @@ __device__ inline void load_chunk(const Params& p, const Ws& w, const SeqInfo& s
         w.g[idx] = x;
     }
     for (int i = threadIdx.x; i < L; i += blockDim.x)
-        w.beta[i] = p.beta ? beta_value(p.beta_act, load_any(p.beta, p.beta_dt, tok(p.bs, si.batch, si.start + t0 + i, hv)))
+        w.beta[i] = p.beta ? beta_value(p.beta_act, load_any(p.beta, p.beta_dt, tok(p.bs, ci.batch, ci.start + i, hv)))
                            : 1.f;
     __syncthreads();
     for (int ch = threadIdx.x; ch < W; ch += blockDim.x) {
@@ -583,127 +577,137 @@ __device__ inline void load_chunk(const Params& p, const Ws& w, const SeqInfo& s
     __syncthreads();
 }
 
-// state [K, V] rows from a strided [N, HV, K, V] tensor (or zeros), and back
-__device__ inline void read_state(const float* src, const int64_t (&s)[3], int n, int hv, int K, int V, float* S) {
-    for (int idx = threadIdx.x; idx < K * V; idx += blockDim.x)
-        S[idx] = src ? src[n * s[0] + hv * s[1] + (idx / V) * s[2] + idx % V] : 0.f;
-    __syncthreads();
+// The chunk's start state and end-state gradient (stages 1 and 2) as fp32.
+__device__ inline void load_states(const Params& p, const Ws& w, int chunk, int hv) {
+    const int64_t KV = int64_t(p.K) * p.V, at = (int64_t(chunk) * p.HV + hv) * KV;
+    for (int64_t idx = threadIdx.x; idx < KV; idx += blockDim.x) {
+        w.S[idx] = load_any(p.states, p.st_dt, at + idx);
+        w.dS[idx] = load_any(p.dstates, p.st_dt, at + idx);
+    }
+}
+
+// dv, dβ and dg of the chunk for value head hv; the per-head parameter gradients summed over the
+// chunk into w.red and added to the fp64 accumulators (one atomic per chunk and channel).
+template <bool kDelta>
+__device__ void store_value_head_grads(const Params& p, const Ws& w, const ChunkInfo& ci, int hv) {
+    const int L = ci.len, V = p.V, W = p.W;
+    const float* dv = kDelta ? w.dy : w.dx;
+    if (p.dv)
+        for (int idx = threadIdx.x; idx < L * V; idx += blockDim.x)
+            store_any(p.dv, p.dv_dt, tok(p.dvs, ci.batch, ci.start + idx / V, hv) + idx % V, dv[idx]);
+    if (kDelta && p.dbeta)
+        for (int i = threadIdx.x; i < L; i += blockDim.x) {
+            const int64_t t = ci.start + i;
+            const float raw = load_any(p.beta, p.beta_dt, tok(p.bs, ci.batch, t, hv));
+            p.dbeta[tok(p.dbs, ci.batch, t, hv)] = w.dbeta[i] * beta_derivative(p.beta_act, raw);
+        }
+    if (p.decay != Decay::None) {
+        const bool gated = p.gate_act != GateActivation::None && p.decay != Decay::Fixed;
+        // one thread per channel walks the chunk's tokens: dg out, and the channel's sums
+        for (int ch = threadIdx.x; ch < W; ch += blockDim.x) {
+            float s_dx = 0.f, s_alog = 0.f;
+            for (int i = 0; i < L; ++i) {
+                float dgi = w.dg[i * W + ch];
+                if (gated) {
+                    float d_dx = 1.f, d_dalog = 0.f;
+                    gate_derivatives(p.gate_act, p.lower_bound, w.gate_in[i * W + ch],
+                                     static_cast<const float*>(p.A_log)[hv * p.alog_s], &d_dx, &d_dalog);
+                    s_alog += dgi * d_dalog;
+                    dgi *= d_dx;
+                }
+                s_dx += dgi;
+                if (p.dg && p.decay != Decay::Fixed) p.dg[tok(p.dgs, ci.batch, ci.start + i, hv) + ch] = dgi;
+            }
+            w.red[ch] = s_dx;
+            w.red[W + ch] = s_alog;
+        }
+        __syncthreads();
+        if (p.decay == Decay::Fixed) {
+            if (threadIdx.x == 0) atomicAdd(p.params_acc + hv, double(w.red[0]));
+        } else if (gated) {
+            for (int ch = threadIdx.x; ch < W; ch += blockDim.x)
+                atomicAdd(p.params_acc + 2 * p.HV + int64_t(hv) * W + ch, double(w.red[ch]));
+            if (threadIdx.x == 0) {
+                double a = 0.0;
+                for (int ch = 0; ch < W; ++ch) a += double(w.red[W + ch]);
+                atomicAdd(p.params_acc + p.HV + hv, a);
+            }
+        }
+    }
+    __syncthreads();  // the chunk's scratch is the next value head's
 }
 
 template <bool kVec, bool kDelta>
 __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(const Params p) {
-    const int n = blockIdx.x, h = blockIdx.y;
-    const SeqInfo si = p.seqs[n];
-    const int K = p.K, V = p.V, W = p.W;
-    const int64_t KV = int64_t(K) * V;
+    const int K = p.K;
     Ws w;
-    layout(p.scratch + (int64_t(n) * p.H + h) * p.scratch_floats, K, V, W, &w);
-    const int nchunks = (si.len + kC - 1) / kC;
-    const int64_t acc_row0 = (int64_t(h) * p.B * p.T + int64_t(si.batch) * p.T + si.start) * K;
-    float* dq_acc = p.dq_acc + acc_row0;
-    float* dk_acc = p.dk_acc + acc_row0;
-    for (int64_t idx = threadIdx.x; idx < int64_t(si.len) * K; idx += blockDim.x) dq_acc[idx] = dk_acc[idx] = 0.f;
-    __syncthreads();
-    const bool gated = p.gate_act != GateActivation::None;
-
-    for (int hv = h * p.G; hv < (h + 1) * p.G; ++hv) {
-        // forward sweep: the state at the start of every chunk
-        read_state(static_cast<const float*>(p.h0), p.h0s, n, hv, K, V, w.S);
-        for (int ci = 0; ci < nchunks; ++ci) {
-            float* slot = p.states + (int64_t(si.first_chunk + ci) * p.H + h) * KV;
-            for (int64_t idx = threadIdx.x; idx < KV; idx += blockDim.x) slot[idx] = w.S[idx];
-            const int L = min(kC, si.len - ci * kC);
-            load_chunk(p, w, si, hv, ci * kC, L);
-            chunk_common<kVec, kDelta>(w, w.S, L, K, V, false);
-            advance_state<kVec>(w, w.S, L, K, V);
-        }
-        // backward sweep, last chunk first, carrying dS
-        read_state(static_cast<const float*>(p.dht), p.dhts, n, hv, K, V, w.dS);
-        for (int ci = nchunks - 1; ci >= 0; --ci) {
-            const int t0 = ci * kC, L = min(kC, si.len - t0);
-            const float* S0 = p.states + (int64_t(si.first_chunk + ci) * p.H + h) * KV;
-            load_chunk(p, w, si, hv, t0, L);
-            for (int idx = threadIdx.x; idx < L * V; idx += blockDim.x)
-                w.dO[idx] = load_any(p.d_o, p.do_dt, tok(p.dos, si.batch, si.start + t0 + idx / V, hv) + idx % V);
-            __syncthreads();
-            chunk_backward<kVec, kDelta>(w, S0, L, K, V, dq_acc + int64_t(t0) * K, dk_acc + int64_t(t0) * K);
-            const float* dv = kDelta ? w.dy : w.dx;
-            if (p.dv)
-                for (int idx = threadIdx.x; idx < L * V; idx += blockDim.x)
-                    store_any(p.dv, p.dv_dt, tok(p.dvs, si.batch, si.start + t0 + idx / V, hv) + idx % V, dv[idx]);
-            if (kDelta && p.dbeta)
-                for (int i = threadIdx.x; i < L; i += blockDim.x) {
-                    const int64_t t = si.start + t0 + i;
-                    const float raw = load_any(p.beta, p.beta_dt, tok(p.bs, si.batch, t, hv));
-                    p.dbeta[tok(p.dbs, si.batch, t, hv)] = w.dbeta[i] * beta_derivative(p.beta_act, raw);
-                }
-            if (p.decay != Decay::None)
-                for (int idx = threadIdx.x; idx < L * W; idx += blockDim.x) {
-                    const int i = idx / W, ch = idx % W;
-                    float dgi = w.dg[idx];
-                    if (p.decay == Decay::Fixed) {
-                        atomicAdd(p.params_acc + hv, double(dgi));
-                        continue;
-                    }
-                    if (gated) {
-                        float d_dx = 1.f, d_dalog = 0.f;
-                        gate_derivatives(p.gate_act, p.lower_bound, w.gate_in[idx],
-                                         static_cast<const float*>(p.A_log)[hv * p.alog_s], &d_dx, &d_dalog);
-                        atomicAdd(p.params_acc + p.HV + hv, double(dgi) * double(d_dalog));
-                        dgi *= d_dx;
-                        atomicAdd(p.params_acc + 2 * p.HV + int64_t(hv) * W + ch, double(dgi));
-                    }
-                    if (p.dg) p.dg[tok(p.dgs, si.batch, si.start + t0 + i, hv) + ch] = dgi;
-                }
-            __syncthreads();
-        }
-        if (p.dh0)
-            for (int idx = threadIdx.x; idx < KV; idx += blockDim.x)
-                p.dh0[n * p.dh0s[0] + hv * p.dh0s[1] + (idx / V) * p.dh0s[2] + idx % V] = w.dS[idx];
+    layout(p.scratch + int64_t(blockIdx.x) * p.scratch_floats, K, p.V, p.W, &w);
+    const int64_t items = int64_t(p.n_chunks) * p.H;
+    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+        const int chunk = int(item / p.H), h = int(item % p.H);
+        const ChunkInfo ci = p.chunks[chunk];
+        const int L = ci.len;
+        for (int idx = threadIdx.x; idx < L * K; idx += blockDim.x) w.dqa[idx] = w.dka[idx] = 0.f;
         __syncthreads();
-    }
+        for (int hv = h * p.G; hv < (h + 1) * p.G; ++hv) {
+            load_chunk(p, w, ci, hv);
+            load_states(p, w, chunk, hv);
+            __syncthreads();
+            chunk_backward<kVec, kDelta>(w, w.S, L, K, p.V, w.dqa, w.dka);
+            store_value_head_grads<kDelta>(p, w, ci, hv);
+        }
 
-    // dq, dk through the scale and the in-kernel L2 norm: dx = (dy − y⟨y, dy⟩) / ‖x‖, one warp per token
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    for (int i = warp; i < si.len; i += warps) {
-        const int64_t t = si.start + i;
-        for (int which = 0; which < 2; ++which) {
-            float* d = (which == 0 ? dq_acc : dk_acc) + int64_t(i) * K;
-            void* out = which == 0 ? p.dq : p.dk;
-            const float f = which == 0 ? p.scale : 1.f;
-            if (p.qk_l2norm) {
-                const void* src = which == 0 ? p.q : p.k;
-                const DType dt = which == 0 ? p.q_dt : p.k_dt;
-                const int64_t off = which == 0 ? tok(p.qs, si.batch, t, h) : tok(p.ks, si.batch, t, h);
-                float ss = 0.f;
-                for (int c = lane; c < K; c += 32) {
-                    const float x = load_any(src, dt, off + c);
-                    ss += x * x;
+        // dq, dk through the scale and the in-kernel L2 norm: dx = (dy − y⟨y, dy⟩) / ‖x‖, one warp per token
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+        for (int i = warp; i < L; i += warps) {
+            const int64_t t = ci.start + i;
+            for (int which = 0; which < 2; ++which) {
+                float* d = (which == 0 ? w.dqa : w.dka) + int64_t(i) * K;
+                void* out = which == 0 ? p.dq : p.dk;
+                const float f = which == 0 ? p.scale : 1.f;
+                if (p.qk_l2norm) {
+                    const void* src = which == 0 ? p.q : p.k;
+                    const DType dt = which == 0 ? p.q_dt : p.k_dt;
+                    const int64_t off = which == 0 ? tok(p.qs, ci.batch, t, h) : tok(p.ks, ci.batch, t, h);
+                    float ss = 0.f;
+                    for (int c = lane; c < K; c += 32) {
+                        const float x = load_any(src, dt, off + c);
+                        ss += x * x;
+                    }
+                    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+                    const float norm = sqrtf(ss + float(kL2NormEps));
+                    float dot = 0.f;
+                    for (int c = lane; c < K; c += 32) dot += load_any(src, dt, off + c) / norm * d[c] * f;
+                    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                    for (int c = lane; c < K; c += 32) d[c] = (d[c] * f - load_any(src, dt, off + c) / norm * dot) / norm;
+                } else {
+                    for (int c = lane; c < K; c += 32) d[c] *= f;
                 }
-                for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-                const float norm = sqrtf(ss + float(kL2NormEps));
-                float dot = 0.f;
-                for (int c = lane; c < K; c += 32) dot += load_any(src, dt, off + c) / norm * d[c] * f;
-                for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                for (int c = lane; c < K; c += 32) d[c] = (d[c] * f - load_any(src, dt, off + c) / norm * dot) / norm;
-            } else {
-                for (int c = lane; c < K; c += 32) d[c] *= f;
-            }
-            __syncwarp();
-            if (out) {
-                const DType odt = which == 0 ? p.dq_dt : p.dk_dt;
-                const int64_t ooff = which == 0 ? tok(p.dqs, si.batch, t, h) : tok(p.dks, si.batch, t, h);
-                for (int c = lane; c < K; c += 32) store_any(out, odt, ooff + c, d[c]);
+                __syncwarp();
+                if (out) {
+                    const DType odt = which == 0 ? p.dq_dt : p.dk_dt;
+                    const int64_t ooff = which == 0 ? tok(p.dqs, ci.batch, t, h) : tok(p.dks, ci.batch, t, h);
+                    for (int c = lane; c < K; c += 32) store_any(out, odt, ooff + c, d[c]);
+                }
             }
         }
+        __syncthreads();  // the scratch is the next item's
     }
 }
 
 }  // namespace bwd
 
+// Resident blocks of the per-chunk kernel (each owns a scratch): as many as fit on the device.
 template <bool kVec, bool kDelta>
-void launch_backward(const bwd::Params& p, int n_seqs, const char* op) {
-    bwd::chunk_bwd_kernel<kVec, kDelta><<<dim3(n_seqs, p.H), bwd::kThreads>>>(p);
+int backward_blocks() {
+    int per_sm = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, bwd::chunk_bwd_kernel<kVec, kDelta>, bwd::kThreads, 0);
+    return std::max(1, per_sm);
+}
+
+template <bool kVec, bool kDelta>
+void launch_backward(const bwd::Params& p, int blocks, const char* op) {
+    bwd::chunk_bwd_kernel<kVec, kDelta><<<blocks, bwd::kThreads>>>(p);
     check_cuda(cudaGetLastError(), op, "chunk_bwd launch");
 }
 

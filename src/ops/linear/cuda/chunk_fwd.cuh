@@ -514,7 +514,7 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
     // o in the 16-bit operand dtype with every row 4-byte aligned: two columns per store
     bool o_pairs = false;
     if constexpr (sizeof(E) == 2)
-        o_pairs = p.o_dtype == dtype_of<E>() && reinterpret_cast<uintptr_t>(p.o) % 4 == 0 && p.os[0] % 2 == 0 &&
+        o_pairs = p.o && p.o_dtype == dtype_of<E>() && reinterpret_cast<uintptr_t>(p.o) % 4 == 0 && p.os[0] % 2 == 0 &&
                   p.os[1] % 2 == 0 && p.os[2] % 2 == 0;
 
     for (int cidx = 0; cidx < nchunks; ++cidx) {
@@ -533,11 +533,14 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
             if constexpr (L::NA == 2) fetch_a(cidx + 1);
             cp_async_commit();
         }
+        // the backward's recompute keeps the chunk's start state (as the products below see it)
+        if (p.states)
+            store_acc<E>(S, static_cast<E*>(p.states) + slot_of(cidx) * K * p.V + size_t(key0) * p.V + v0 + cw0, p.V);
         // ---- O = Qg S and Ũ = U − W S, rows [16·mw, +16), the warp's columns ----
         float O[1][NT][4];
         zero_acc(O);
         const Tile<E> Sop{Sb + cw0 * LDK, 1, LDK};  // (key, v) of the state
-        warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Qt + mw * 16 * LDK, LDK, 1}, Sop, K);
+        if (p.o) warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Qt + mw * 16 * LDK, LDK, 1}, Sop, K);
         const E* Ueff = Ut;
         if constexpr (kDelta) {
             float WS[1][NT][4];
@@ -557,7 +560,7 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
             }
         }
         // ---- O += P Ũ; write the rows that exist ----
-        warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Pt + mw * 16 * LDP, LDP, 1}, Tile<E>{Ueff + cw0, LDV, 1}, kChunk);
+        if (p.o) warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Pt + mw * 16 * LDP, LDP, 1}, Tile<E>{Ueff + cw0, LDV, 1}, kChunk);
         if constexpr (sizeof(E) == 2) {
             if (o_pairs) {
                 // the fragment's two neighbouring columns as one 4-byte store
@@ -577,7 +580,7 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
                     }
             }
         }
-        if (!o_pairs) {
+        if (!o_pairs && p.o) {
             for_each_acc(O, [&](int r, int c, float& x) {
                 const int row = mw * 16 + r;
                 if (row < len) {
@@ -710,8 +713,12 @@ void launch_scan_cell(const Problem& p, const FwdParams& fp) {
 template <class In>
 using Intermediate = std::conditional_t<std::is_same_v<In, __half>, float, In>;
 
+// The chunked forward. With `states` (the backward's recompute), o and the final state are not
+// written, the chunk-start states are, and with `keep` the workspace (prepare's per-chunk operands,
+// which the backward's state-gradient scan reads too) is handed back with the parameters pointing into
+// it instead of freed: the caller frees it (workspace_free) after its own kernels.
 template <class In>
-void forward_chunked(const Problem& p) {
+void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     using E = Intermediate<In>;
     const LinearForwardArgs& a = p.args;
     FwdParams fp{};
@@ -723,8 +730,9 @@ void forward_chunked(const Problem& p) {
     fp.A_log = a.A_log.defined() ? a.A_log.data : nullptr;
     fp.dt_bias = a.dt_bias.defined() ? a.dt_bias.data : nullptr;
     fp.h0 = a.initial_state.defined() ? a.initial_state.data : nullptr;
-    fp.o = a.o.data;
-    fp.ht = a.final_state.defined() ? a.final_state.data : nullptr;
+    fp.o = states ? nullptr : a.o.data;
+    fp.ht = a.final_state.defined() && !states ? a.final_state.data : nullptr;
+    fp.states = states;
     fp.g_dtype = a.g.defined() ? a.g.dtype : DType::F32;
     fp.beta_dtype = a.beta.defined() ? a.beta.dtype : DType::F32;
     fp.o_dtype = a.o.dtype;
@@ -756,7 +764,7 @@ void forward_chunked(const Problem& p) {
         for (int64_t c = 0; c < s.len; c += kChunk)
             chunks.push_back({int(s.batch), int(s.start + c), int(std::min<int64_t>(kChunk, s.len - c)), int(n)});
     }
-    if (seqs.empty()) return;
+    if (seqs.empty()) return nullptr;
     const size_t n_chunks = chunks.size();
     auto align = [](size_t x) { return (x + 255) & ~size_t(255); };
     const size_t slots = n_chunks * size_t(p.HV);
@@ -796,7 +804,22 @@ void forward_chunked(const Problem& p) {
     }
     if (p.K == 64) launch_scan_cell<In, E, 64>(p, fp);
     else launch_scan_cell<In, E, 128>(p, fp);
+    if (keep) {
+        *keep = fp;
+        return ws;
+    }
     workspace_free(ws);
+    return nullptr;
+}
+
+template <class In>
+void forward_chunked(const Problem& p) {
+    forward_chunked_impl<In>(p, nullptr, nullptr);
+}
+
+template <class In>
+void* forward_recompute(const Problem& p, void* states, FwdParams* keep) {
+    return forward_chunked_impl<In>(p, states, keep);
 }
 
 }  // namespace hla::linear::cuda

@@ -4,4 +4,5 @@
 
 namespace hla::linear::cuda {
 template void forward_chunked<__nv_bfloat16>(const Problem& p);
+template void* forward_recompute<__nv_bfloat16>(const Problem& p, void* states, FwdParams* keep);
 }  // namespace hla::linear::cuda

@@ -41,6 +41,9 @@ struct FwdParams {
     // gC [K] fp32.
     void *Qg, *Kd, *W, *U, *P;
     float* gC;
+    // Backward recompute only (null in the forward): the state at the start of every chunk, [chunk, HV,
+    // K, V] in the operand dtype E, as the scan's products use it. With it, o may be null (not written).
+    void* states;
 };
 
 // The factors a token's q and k rows are multiplied by, from one warp's per-lane partial sums of
