@@ -4,10 +4,13 @@
 // every query head of the group and every query block that can see them. Warps own 16 keys (and, at
 // D = 256, one half of the channels). Per query block:
 //   Sᵀ = K Qᵀ,  Pᵀ = exp2(Sᵀ·scale·log2e + bias − lse),  dPᵀ = V dAᵀ,  dSᵀ = Pᵀ ⊙ (dPᵀ − delta)
-//   dV += Pᵀ dA,  dK += dSᵀ Q,  dQ += dS K (through shared memory, added atomically in fp32).
+//   dV += Pᵀ dA,  dK += dSᵀ Q,  dQ += dS K.
 // Working transposed (keys as rows) lets Pᵀ and dSᵀ feed the dV/dK products straight from registers.
-// Pre-pass: delta = Σ dO ⊙ o and the output-gate terms; post-passes: dQ to its dtype, and the
-// forget-gate gradient as a suffix sum of (row sums − column sums) of dS.
+// dQ goes through shared memory once more: each warp stages its 16 query rows in fp32 and the copy
+// engine adds each staged row into the fp32 dQ accumulator (cp.reduce.async.bulk), one instruction a
+// row instead of an atomic per element.
+// Pre-pass: delta = Σ dO ⊙ o, lse in base 2 and the output-gate terms; post-passes: dQ to its dtype,
+// and the forget-gate gradient as a suffix sum of (row sums − column sums) of dS.
 #pragma once
 
 #include "ops/softmax/cuda/common.cuh"
@@ -18,19 +21,36 @@ namespace hla::softmax::cuda {
 template <int D_>
 struct BwdTraits {
     static constexpr int D = D_;
-    static constexpr int BN = 64;                     // keys per block
+    // 128 keys a block at D ≤ 128 (FlashAttention-2's block): each query block's Q and dA tiles are
+    // copied in once per 128 keys and dQ is reduced once per 128 keys. At D = 256 the tiles of 128
+    // keys do not fit next to the query buffers, so 64 keys and channel halves.
+    static constexpr int BN = D <= 128 ? 128 : 64;    // keys per block
     static constexpr int BM = 64;                     // queries per step
     static constexpr int KW = BN / 16;                // key groups (warps along keys)
     static constexpr int DSPLIT = D <= 128 ? 1 : 2;   // channel halves at D = 256 (dK+dV = 128 regs)
     static constexpr int DW = D / DSPLIT;             // channels of dK, dV per warp
     static constexpr int NWARPS = KW * DSPLIT;
     static constexpr int THREADS = 32 * NWARPS;
-    // K, V tiles + two stages of Q, dA (b16) + dSᵀ [BN][BM] (b16) + two stages of lse, delta + query
-    // gate sums [BM] + key gate sums [BN] (fp32). 104 KiB at D = 128: two blocks per SM.
-    static constexpr int SMEM = (2 * BN * D + 4 * BM * D + BN * BM) * 2 + (5 * BM + BN) * 4;
+    // dQ = dS K: warp w owns the 16 queries (w % QG) and DQW channels from (w / QG)·DQW, computed in
+    // chunks of DQC channels, each staged (fp32, rows padded by 8 floats: the 8 rows of a fragment
+    // store hit distinct banks) and reduced row by row into global memory.
+    static constexpr int QG = BM / 16;
+    static constexpr int DQW = D / (NWARPS / QG);
+    static constexpr int DQC = D == 256 ? 32 : DQW;  // D = 256: the staging must stay small to fit
+    static constexpr int DQ_STRIDE = DQC + 8;
+    static constexpr int DQ_STAGE = 16 * DQ_STRIDE;  // floats a warp
+    // K, V tiles + two stages of Q, dA (b16) + dSᵀ [BN][BM] (b16) + dQ staging (fp32) + two stages of
+    // lse, delta + query gate sums [BM] + key gate sums [BN] (fp32). 186 KiB at D = 128.
+    static constexpr int TILES = (2 * BN * D + 4 * BM * D + BN * BM) * 2;
+    static constexpr int SMEM = TILES + NWARPS * DQ_STAGE * 4 + (5 * BM + BN) * 4;
+    static_assert(SMEM <= 227 * 1024, "shared memory per block");
+    static_assert(NWARPS % QG == 0 && DQW % DQC == 0 && DQC % 16 == 0, "dQ warp tiling");
     // Epilogue staging of dK and dV (fp32, rows padded by 8 floats) over the tiles.
     static constexpr int OUT_STRIDE = D + 8;
-    static_assert(2 * BN * OUT_STRIDE * 4 <= SMEM, "dK/dV staging must fit in the tiles");
+    static_assert(2 * BN * OUT_STRIDE * 4 <= TILES, "dK/dV staging must fit in the tiles");
+    // Q/dA tile copies: thread tid moves 16-byte chunk tid % (D/8) of rows tid / (D/8) + k · RSTEP.
+    static constexpr int RSTEP = THREADS / (D / 8);
+    static_assert(RSTEP % 8 == 0 && BM % RSTEP == 0, "whole rows per copy round, swizzle phase kept");
 };
 
 // Row index of (batch, token, head) in the compact [B, T, HQ] workspaces.
@@ -38,48 +58,85 @@ __device__ __forceinline__ int64_t ws_row(const FwdParams& f, int batch, int64_t
     return (int64_t(batch) * f.T + tok) * f.HQ + h;
 }
 
-// delta = Σ_d dO ⊙ o (o as the forward stored it, gated); with a gate also dA = dO ⊙ σ(z) (stored in
-// q's dtype, the operand of the tensor-core products) and dz = dO ⊙ o ⊙ (1 − σ(z)). One warp per row.
+// Per row: delta = Σ_d dO ⊙ o (o as the forward stored it, gated) and lse2 = lse · log2 e (+inf for a
+// row that saw no key, so that its probabilities come out 0); with a gate also dA = dO ⊙ σ(z)
+// (stored in q's dtype, the operand of the tensor-core products) and dz = dO ⊙ o ⊙ (1 − σ(z)).
+// D/8 threads a row, 8 channels each, 16-byte loads where the dtype and alignment allow.
 template <class T>
 __global__ void softmax_bwd_preprocess_kernel(const BwdParams b, int D) {
     const FwdParams& f = b.f;
-    const int64_t row = int64_t(blockIdx.x) * 4 + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (row >= int64_t(f.B) * f.T * f.HQ) return;
-    const int h = int(row % f.HQ);
-    const int64_t bt = row / f.HQ;
-    const int t = int(bt % f.T), bb = int(bt / f.T);
-    const int64_t ob = bb * f.o_s[0] + t * f.o_s[1] + h * f.o_s[2];
-    const int64_t db = bb * b.do_s[0] + t * b.do_s[1] + h * b.do_s[2];
-    const int64_t zb = bb * f.gate_s[0] + t * f.gate_s[1] + h * f.gate_s[2];
-    const int64_t gb = bb * b.dgate_s[0] + t * b.dgate_s[1] + h * b.dgate_s[2];
+    const int tpr = D / 8;  // threads per row (8, 16 or 32: within a warp)
+    const int64_t row = int64_t(blockIdx.x) * (blockDim.x / tpr) + threadIdx.x / tpr;
+    const int d0 = (threadIdx.x % tpr) * 8;
+    const bool live = row < int64_t(f.B) * f.T * f.HQ;
     float delta = 0.f;
-    for (int d = lane; d < D; d += 32) {
-        const float dout = load_any(b.d_o, db + d, b.do_dtype);
-        const float o = load_any(f.o, ob + d, f.o_dtype);
-        delta += dout * o;
+    if (live) {
+        const int h = int(row % f.HQ);
+        const int64_t bt = row / f.HQ;
+        const int t = int(bt % f.T), bb = int(bt / f.T);
+        const int64_t ob = bb * f.o_s[0] + t * f.o_s[1] + h * f.o_s[2] + d0;
+        const int64_t db = bb * b.do_s[0] + t * b.do_s[1] + h * b.do_s[2] + d0;
+        const int native = std::is_same<T, __half>::value ? 1 : 0;
+        float dout[8], o[8];
+        const T* o16 = static_cast<const T*>(f.o) + ob;
+        const T* d16 = static_cast<const T*>(b.d_o) + db;
+        if (f.o_dtype == native && b.do_dtype == native && reinterpret_cast<uintptr_t>(o16) % 16 == 0 &&
+            reinterpret_cast<uintptr_t>(d16) % 16 == 0) {
+            const uint4 ov = *reinterpret_cast<const uint4*>(o16), dv = *reinterpret_cast<const uint4*>(d16);
+            const T* op = reinterpret_cast<const T*>(&ov);
+            const T* dp = reinterpret_cast<const T*>(&dv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) o[i] = float(op[i]), dout[i] = float(dp[i]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) o[i] = load_any(f.o, ob + i, f.o_dtype), dout[i] = load_any(b.d_o, db + i, b.do_dtype);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) delta += dout[i] * o[i];
         if (f.gate) {
-            const float sg = 1.f / (1.f + __expf(-load_any(f.gate, zb + d, f.gate_dtype)));
-            static_cast<T*>(b.dA)[row * D + d] = T(dout * sg);
-            if (b.dgate) store_any(b.dgate, gb + d, b.dgate_dtype, dout * o * (1.f - sg));
+            const int64_t zb = bb * f.gate_s[0] + t * f.gate_s[1] + h * f.gate_s[2] + d0;
+            const int64_t gb = bb * b.dgate_s[0] + t * b.dgate_s[1] + h * b.dgate_s[2] + d0;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const float sg = 1.f / (1.f + __expf(-load_any(f.gate, zb + i, f.gate_dtype)));
+                static_cast<T*>(b.dA)[row * D + d0 + i] = T(dout[i] * sg);
+                if (b.dgate) store_any(b.dgate, gb + i, b.dgate_dtype, dout[i] * o[i] * (1.f - sg));
+            }
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) delta += __shfl_xor_sync(0xffffffff, delta, o);
-    if (lane == 0) b.delta[row] = delta;
+    for (int o = tpr / 2; o > 0; o >>= 1) delta += __shfl_xor_sync(0xffffffff, delta, o);
+    if (live && d0 == 0) {
+        b.delta[row] = delta;
+        const int h = int(row % f.HQ);
+        const int64_t bt = row / f.HQ;
+        const float lse = f.lse[(bt / f.T) * f.lse_s[0] + h * f.lse_s[1] + (bt % f.T) * f.lse_s[2]];
+        b.lse2[row] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+    }
 }
 
-// dq (its dtype) ← the fp32 accumulator.
-static __global__ void softmax_bwd_postprocess_kernel(const BwdParams b, int D) {
+// dq (its dtype) ← the fp32 accumulator; D/8 threads a row, 8 channels each.
+template <class T>
+__global__ void softmax_bwd_postprocess_kernel(const BwdParams b, int D) {
     const FwdParams& f = b.f;
-    const int64_t row = int64_t(blockIdx.x) * 4 + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
+    const int tpr = D / 8;
+    const int64_t row = int64_t(blockIdx.x) * (blockDim.x / tpr) + threadIdx.x / tpr;
+    const int d0 = (threadIdx.x % tpr) * 8;
     if (!b.dq || row >= int64_t(f.B) * f.T * f.HQ) return;
     const int h = int(row % f.HQ);
     const int64_t bt = row / f.HQ;
     const int t = int(bt % f.T), bb = int(bt / f.T);
-    const int64_t qb = bb * b.dq_s[0] + t * b.dq_s[1] + h * b.dq_s[2];
-    for (int d = lane; d < D; d += 32) store_any(b.dq, qb + d, b.dq_dtype, b.dq_acc[row * D + d]);
+    const int64_t qb = bb * b.dq_s[0] + t * b.dq_s[1] + h * b.dq_s[2] + d0;
+    const float* src = b.dq_acc + row * D + d0;
+    const float4 lo = *reinterpret_cast<const float4*>(src), hi = *reinterpret_cast<const float4*>(src + 4);
+    const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    T* d16 = static_cast<T*>(b.dq) + qb;
+    if (b.dq_dtype == (std::is_same<T, __half>::value ? 1 : 0) && reinterpret_cast<uintptr_t>(d16) % 16 == 0) {
+        *reinterpret_cast<uint4*>(d16) = make_uint4(Pack2<T>::pack(v[0], v[1]), Pack2<T>::pack(v[2], v[3]),
+                                                    Pack2<T>::pack(v[4], v[5]), Pack2<T>::pack(v[6], v[7]));
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) store_any(b.dq, qb + i, b.dq_dtype, v[i]);
+    }
 }
 
 // dg_s = Σ_{t ≥ s} (rowsum_t − colsum_t) within each sequence; one warp per (head, sequence), a
@@ -113,10 +170,11 @@ static __global__ void softmax_bwd_dg_kernel(const BwdParams b) {
     }
 }
 
+
 // GATED: with the forget-gate bias and its gradient sums. A compile-time choice, so that plain
 // attention carries none of that code through the inner loop.
 template <int D, class T, bool GATED>
-__global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(const BwdParams b) {
+__global__ void __launch_bounds__(BwdTraits<D>::THREADS, 1) softmax_bwd_kernel(const BwdParams b) {
     using Tr = BwdTraits<D>;
     constexpr int BN = Tr::BN, BM = Tr::BM, DW = Tr::DW, THREADS = Tr::THREADS;
     const FwdParams& f = b.f;
@@ -126,14 +184,17 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
     T* sQ2 = sV + BN * D;       // [2][BM][D]: query blocks double-buffered
     T* sA2 = sQ2 + 2 * BM * D;  // [2][BM][D]: dA (the gradient of the ungated output)
     T* sS = sA2 + 2 * BM * D;   // dSᵀ [BN][BM], swizzled like a 64-channel tile
-    float* sLse2 = reinterpret_cast<float*>(sS + BN * BM);  // [2][BM], natural log as stored
-    float* sDelta2 = sLse2 + 2 * BM;                          // [2][BM]
+    float* sDq = reinterpret_cast<float*>(smem + Tr::TILES);  // [NWARPS][16][DQ_STRIDE] dQ staging
+    float* sLse2 = sDq + Tr::NWARPS * Tr::DQ_STAGE;           // [2][BM], base 2
+    float* sDelta2 = sLse2 + 2 * BM;                           // [2][BM]
     float* sPq = sDelta2 + 2 * BM;  // P_i = Σ_{s=j0+1..i} g_s of the block's queries
     float* sPk = sPq + BM;          // P_j of the block's keys
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int kw = warp % Tr::KW, dw = warp / Tr::KW;
-    const int n_block = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
+    // Key blocks in the slowest grid dimension, lowest first: under causal masking they meet the
+    // most query blocks, so the longest blocks start first and the last wave is short ones.
+    const int kvh = blockIdx.x, seq = blockIdx.y, n_block = blockIdx.z;
     int64_t start = 0;
     int len = f.T, batch = seq;
     if (f.cu_seqlens) {
@@ -165,6 +226,25 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
     const int c_lo = 2 * (lane % 4);
     const float scale_log2 = f.scale_log2;
 
+    // Per-lane ldmatrix offsets (bytes, within a tile). The swizzle XORs the chunk with row % 8 and
+    // every fragment row offset below is a multiple of 8, so a fragment at (row r0 + 16·i, chunk
+    // c0 | C), with C even and its bits disjoint from c0's, sits at base(r0, c0) XOR 16·C + 16·i rows:
+    // one base a lane and compile-time offsets, instead of the swizzle recomputed per load.
+    const int r_a = lane % 16, c_a = lane / 16;                          // A operand, non-transposed
+    const int r_b = (lane % 8) + (lane / 16) * 8, c_b = (lane / 8) % 2;  // B operand, non-transposed
+    const int r_t = (lane % 8) + ((lane / 8) % 2) * 8, c_t = lane / 16;  // B operand, transposed
+    auto swz_bytes = [](int row, int chunk, int cols) { return uint32_t(row * cols + ((chunk ^ (row & 7)) << 3)) * 2; };
+    static_assert(DW % 64 == 0, "channel groups start on a multiple of 8 chunks");
+    const uint32_t kv_a = swz_bytes(kw * 16 + r_a, c_a, D);             // K, V tiles (S, dP)
+    const uint32_t q_b = swz_bytes(r_b, c_b, D);                        // Q, dA tiles (S, dP)
+    const uint32_t q_t = swz_bytes(r_t, c_t, D) ^ (dw * DW * 2);        // Q, dA tiles (dK, dV)
+    const uint32_t sK0 = smem_addr(sK), sV0 = smem_addr(sV);
+
+    // Q/dA tile copies: this thread's rows and chunk, fixed over the loop.
+    constexpr int CH = D / 8;
+    const int cp_row = threadIdx.x / CH, cp_chunk = threadIdx.x % CH;
+    const int cp_dst = swz_bytes(cp_row, cp_chunk, D) / 2;
+
     // The (query head, query block) pairs this key block meets, flattened so that the next pair's Q,
     // dA, lse and delta stream in (cp.async) while the current one computes.
     const int nq = (q_hi - q_lo + BM - 1) / BM;
@@ -172,35 +252,52 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
     auto issue_loads = [&](int it, int buf) {
         const int h = kvh * f.G + it / nq, t0 = q_lo + (it % nq) * BM, mq = min(BM, q_hi - t0);
         const T* qb = static_cast<const T*>(f.q) + batch * f.q_s[0] + (start + t0) * f.q_s[1] + h * f.q_s[2];
-        load_tile_async<BM, D, THREADS>(sQ2 + buf * BM * D, qb, f.q_s[1], mq);
+        const T* ab;
+        int64_t a_s;
         if (f.gate) {
-            const T* ab = static_cast<const T*>(b.dA) + ws_row(f, batch, start + t0, h) * D;
-            load_tile_async<BM, D, THREADS>(sA2 + buf * BM * D, ab, int64_t(f.HQ) * D, mq);
+            ab = static_cast<const T*>(b.dA) + ws_row(f, batch, start + t0, h) * D;
+            a_s = int64_t(f.HQ) * D;
         } else {
-            const T* ab = static_cast<const T*>(b.d_o) + batch * b.do_s[0] + (start + t0) * b.do_s[1] + h * b.do_s[2];
-            load_tile_async<BM, D, THREADS>(sA2 + buf * BM * D, ab, b.do_s[1], mq);
+            ab = static_cast<const T*>(b.d_o) + batch * b.do_s[0] + (start + t0) * b.do_s[1] + h * b.do_s[2];
+            a_s = b.do_s[1];
         }
-        for (int r = threadIdx.x; r < BM; r += THREADS) {
+        T* dq = sQ2 + buf * BM * D + cp_dst;
+        T* da = sA2 + buf * BM * D + cp_dst;
+#pragma unroll
+        for (int i = 0; i < BM / Tr::RSTEP; ++i) {
+            const int r = cp_row + i * Tr::RSTEP;
             const bool ok = r < mq;
-            cp_async4(sLse2 + buf * BM + r, f.lse + (ok ? batch * f.lse_s[0] + h * f.lse_s[1] + (start + t0 + r) * f.lse_s[2] : 0), ok);
-            cp_async4(sDelta2 + buf * BM + r, b.delta + (ok ? ws_row(f, batch, start + t0 + r, h) : 0), ok);
+            cp_async16(dq + i * Tr::RSTEP * D, qb + (ok ? int64_t(r) * f.q_s[1] + cp_chunk * 8 : 0), ok);
+            cp_async16(da + i * Tr::RSTEP * D, ab + (ok ? int64_t(r) * a_s + cp_chunk * 8 : 0), ok);
+        }
+        if (threadIdx.x < 2 * BM) {
+            const int r = threadIdx.x % BM;
+            const bool ok = r < mq;
+            const float* src = threadIdx.x < BM ? b.lse2 : b.delta;
+            float* dst = (threadIdx.x < BM ? sLse2 : sDelta2) + buf * BM + r;
+            cp_async4(dst, src + (ok ? ws_row(f, batch, start + t0 + r, h) : 0), ok);
         }
     };
     if (n_iter > 0) issue_loads(0, 0);
     cp_async_commit();
+
+    // dQ staging of this warp and its bulk-reduce bookkeeping.
+    constexpr int QG = Tr::QG, DQW = Tr::DQW, DQC = Tr::DQC;
+    const int qg = warp % QG, dq0 = (warp / QG) * DQW;
+    float* sDqw = sDq + warp * Tr::DQ_STAGE;
 
     float q_carry = 0.f;  // warp 0: P at the last query of the previous block
     float colsum[2] = {0.f, 0.f};
     for (int it = 0; it < n_iter; ++it) {
         const int buf = it & 1;
         const int h = kvh * f.G + it / nq, t0 = q_lo + (it % nq) * BM, mq = min(BM, q_hi - t0);
-        const T* sQ = sQ2 + buf * BM * D;
-        const T* sA = sA2 + buf * BM * D;
+        const uint32_t sQ = smem_addr(sQ2 + buf * BM * D);
+        const uint32_t sA = smem_addr(sA2 + buf * BM * D);
         const float* sLse = sLse2 + buf * BM;
         const float* sDelta = sDelta2 + buf * BM;
         auto g_at = [&](int t) { return load_any(f.g, batch * f.g_s[0] + (start + t) * f.g_s[1] + h * f.g_s[2], f.g_dtype); };
-        // Every thread finished the previous iteration (end-of-iteration barrier), so the other buffer
-        // and the gate sums are free.
+        // Every warp passed this block's last barrier after its reads of the other buffer (the S, dP,
+        // dK and dV products of the previous iteration), so that buffer is free.
         if (it + 1 < n_iter) issue_loads(it + 1, buf ^ 1);
         cp_async_commit();
         if (it % nq == 0) colsum[0] = colsum[1] = 0.f;
@@ -236,14 +333,14 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             uint32_t ak[4], av[4];
-            ldmatrix_x4(ak, smem_addr(sK + swz<D>(kw * 16 + (lane % 16), kk * 2 + lane / 16)));
-            ldmatrix_x4(av, smem_addr(sV + swz<D>(kw * 16 + (lane % 16), kk * 2 + lane / 16)));
+            ldmatrix_x4(ak, sK0 + (kv_a ^ (kk << 5)));
+            ldmatrix_x4(av, sV0 + (kv_a ^ (kk << 5)));
 #pragma unroll
             for (int nn = 0; nn < BM / 16; ++nn) {
                 uint32_t bq[4], ba[4];
-                const int row = nn * 16 + (lane % 8) + (lane / 16) * 8, ch = kk * 2 + (lane / 8) % 2;
-                ldmatrix_x4(bq, smem_addr(sQ + swz<D>(row, ch)));
-                ldmatrix_x4(ba, smem_addr(sA + swz<D>(row, ch)));
+                const uint32_t off = (q_b ^ (kk << 5)) + nn * 16 * D * 2;
+                ldmatrix_x4(bq, sQ + off);
+                ldmatrix_x4(ba, sA + off);
                 mma16816<T>(st[2 * nn], ak, bq[0], bq[1]);
                 mma16816<T>(st[2 * nn + 1], ak, bq[2], bq[3]);
                 mma16816<T>(dpt[2 * nn], av, ba[0], ba[1]);
@@ -252,17 +349,21 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
         }
 
         // Pᵀ and dSᵀ; element e of block nb: key rk (+8 for e ≥ 2), query nb·8 + c_lo + (e & 1).
+        float pk[2] = {0.f, 0.f};
+        if constexpr (GATED) pk[0] = sPk[rk] * kLog2e, pk[1] = sPk[rk + 8] * kLog2e;
 #pragma unroll
-        for (int nb = 0; nb < BM / 8; ++nb)
+        for (int nb = 0; nb < BM / 8; ++nb) {
+            const float2 lse = *reinterpret_cast<const float2*>(sLse + nb * 8 + c_lo);
+            float2 pq = make_float2(0.f, 0.f);
+            if constexpr (GATED) pq = *reinterpret_cast<const float2*>(sPq + nb * 8 + c_lo);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int ql = nb * 8 + c_lo + (e & 1);
-                // A row that saw no key has lse = −inf and P = 0 (its mask below); +inf keeps x finite-or-−inf.
-                const float lse = sLse[ql];
-                float x = st[nb][e] * scale_log2 - (lse == -INFINITY ? INFINITY : lse * kLog2e);
-                if constexpr (GATED) x += (sPq[ql] - sPk[rk + (e >= 2 ? 8 : 0)]) * kLog2e;
+                // lse2 is +inf for a row that saw no key: x = −inf, P = 0 (and its mask below).
+                float x = fmaf(st[nb][e], scale_log2, -((e & 1) ? lse.y : lse.x));
+                if constexpr (GATED) x += ((e & 1) ? pq.y : pq.x) * kLog2e - pk[e >> 1];
                 st[nb][e] = fast_exp2(x);
             }
+        }
         // Mask: one uniform branch around the tile, taken only by pairs of blocks that touch a
         // boundary (a test per score inside the unrolled loop compiles to a branch per score). The
         // select also clears the inf an invisible score may have produced.
@@ -281,10 +382,11 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
         float rowpart[BM / 8][2];
 #pragma unroll
         for (int nb = 0; nb < BM / 8; ++nb) {
+            const float2 dl = *reinterpret_cast<const float2*>(sDelta + nb * 8 + c_lo);
             rowpart[nb][0] = rowpart[nb][1] = 0.f;
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float ds = st[nb][e] * (dpt[nb][e] - sDelta[nb * 8 + c_lo + (e & 1)]);
+                const float ds = st[nb][e] * (dpt[nb][e] - ((e & 1) ? dl.y : dl.x));
                 dpt[nb][e] = ds;
                 if constexpr (GATED) {
                     colsum[e >> 1] += ds;
@@ -332,11 +434,10 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
             as[3] = Pack2<T>::pack(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
 #pragma unroll
             for (int dn = 0; dn < DW / 16; ++dn) {
-                const int row = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-                const int ch = (dw * DW) / 8 + dn * 2 + lane / 16;
+                const uint32_t off = (q_t ^ (dn << 5)) + kk * 16 * D * 2;
                 uint32_t ba[4], bq[4];
-                ldmatrix_x4_trans(ba, smem_addr(sA + swz<D>(row, ch)));
-                ldmatrix_x4_trans(bq, smem_addr(sQ + swz<D>(row, ch)));
+                ldmatrix_x4_trans(ba, sA + off);
+                ldmatrix_x4_trans(bq, sQ + off);
                 mma16816<T>(dv[2 * dn], ap, ba[0], ba[1]);
                 mma16816<T>(dv[2 * dn + 1], ap, ba[2], ba[3]);
                 mma16816<T>(dk[2 * dn], as, bq[0], bq[1]);
@@ -344,43 +445,53 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
             }
         }
 
-        // dQ[BM × D] += scale · dS K: warp (query group w % 4, channel half) in 32-channel chunks.
+        // dSᵀ is complete, and every warp is done with this iteration's Q, dA, lse and delta buffer,
+        // which the next iteration's copies overwrite.
+        __syncthreads();
+
+        // dQ[BM × D] += scale · dS K: this warp's 16 queries × DQW channels, in chunks of DQC.
         if (b.dq) {
-            __syncthreads();
-            constexpr int QG = BM / 16;                  // query groups
-            constexpr int DQW = D / (Tr::NWARPS / QG);   // channels per warp
-            const int qg = warp % QG, dq0 = (warp / QG) * DQW;
+            const int qrow = t0 + qg * 16 + lane;  // the row lane < 16 reduces
+            // dSᵀ is stored [key][query]: its transposed fragments are the A operand dS. K's chunk
+            // (dq0 + dc)/8 + 2·dn has disjoint bits (dq0/8 a multiple of DQW/8, dc/8 of DQC/8).
+            const uint32_t s_a = smem_addr(sS) + swz_bytes(r_b, qg * 2 + c_b, BM);
+            const uint32_t k_t = swz_bytes(r_t, c_t, D) ^ (dq0 * 2);
 #pragma unroll
-            for (int dc = 0; dc < DQW; dc += 32) {
-                float qa[4][4];
+            for (int dc = 0; dc < DQW; dc += DQC) {
+                float qa[DQC / 8][4];
 #pragma unroll
-                for (int i = 0; i < 4; ++i) qa[i][0] = qa[i][1] = qa[i][2] = qa[i][3] = 0.f;
+                for (int i = 0; i < DQC / 8; ++i) qa[i][0] = qa[i][1] = qa[i][2] = qa[i][3] = 0.f;
 #pragma unroll
                 for (int kk = 0; kk < BN / 16; ++kk) {
                     uint32_t a[4];
-                    const int mi = lane / 8;
-                    ldmatrix_x4_trans(a, smem_addr(sS + swz<BM>(kk * 16 + (lane % 8) + (mi / 2) * 8, qg * 2 + (mi % 2))));
+                    ldmatrix_x4_trans(a, s_a + kk * 16 * BM * 2);
 #pragma unroll
-                    for (int dn = 0; dn < 2; ++dn) {
+                    for (int dn = 0; dn < DQC / 16; ++dn) {
                         uint32_t bk[4];
-                        ldmatrix_x4_trans(bk, smem_addr(sK + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
-                                                                    (dq0 + dc) / 8 + dn * 2 + lane / 16)));
+                        ldmatrix_x4_trans(bk, sK0 + ((k_t ^ ((dc + 16 * dn) * 2)) + kk * 16 * D * 2));
                         mma16816<T>(qa[2 * dn], a, bk[0], bk[1]);
                         mma16816<T>(qa[2 * dn + 1], a, bk[2], bk[3]);
                     }
                 }
+                // The staging buffer is free once this warp's previous reduction has read it.
+                if (lane < 16) bulk_wait_read<0>();
+                __syncwarp();
 #pragma unroll
-                for (int nb = 0; nb < 4; ++nb)
+                for (int nb = 0; nb < DQC / 8; ++nb)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int ql = qg * 16 + lane / 4 + (e >= 2 ? 8 : 0);
-                        const int d = dq0 + dc + nb * 8 + c_lo + (e & 1);
-                        if (t0 + ql < t0 + mq)
-                            atomicAdd(&b.dq_acc[ws_row(f, batch, start + t0 + ql, h) * D + d], b.scale * qa[nb][e]);
-                    }
+                    for (int hf = 0; hf < 2; ++hf)
+                        *reinterpret_cast<float2*>(sDqw + (lane / 4 + 8 * hf) * Tr::DQ_STRIDE + nb * 8 + c_lo) =
+                            make_float2(qa[nb][2 * hf] * b.scale, qa[nb][2 * hf + 1] * b.scale);
+                fence_proxy_async_smem();
+                __syncwarp();
+                if (lane < 16) {
+                    if (qrow < t0 + mq)
+                        bulk_reduce_add_f32(b.dq_acc + ws_row(f, batch, start + qrow, h) * D + dq0 + dc,
+                                            sDqw + lane * Tr::DQ_STRIDE, DQC * 4);
+                    bulk_commit();
+                }
             }
         }
-        __syncthreads();  // this iteration's buffers, dSᵀ and gate sums are free for the next
         // Column sums of dS (per key) of this head, after its last query block: reduce over the quad.
         if (has_g && b.dg && dw == 0 && it % nq == nq - 1) {
 #pragma unroll
@@ -394,6 +505,7 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS) softmax_bwd_kernel(cons
         }
     }
     cp_async_wait<0>();
+    if (lane < 16) bulk_wait_all();  // the dQ reductions are done before the block's memory goes
 
     __syncthreads();  // the tiles become the staging area of dK and dV
 

@@ -45,10 +45,10 @@ struct BwdParams {
     int64_t dq_s[3], dk_s[3], dv_s[3], dgate_s[3], dg_s[3];
     int dq_dtype, dk_dtype, dv_dtype, dgate_dtype;
     int do_dtype;  // d_o (an input: bf16 | f16 | f32)
-    // Workspace (fp32, compact [B, T, HQ, …]): dQ accumulated atomically, delta = Σ dO ⊙ o, the
-    // gradient of the ungated output dA (input dtype) when there is a gate, and the row / column sums
-    // of dS for the forget-gate gradient.
-    float *dq_acc, *delta, *rowsum, *colsum;
+    // Workspace (fp32, compact [B, T, HQ, …]): dQ accumulated by bulk reductions, delta = Σ dO ⊙ o,
+    // lse in base 2, the gradient of the ungated output dA (input dtype) when there is a gate, and
+    // the row / column sums of dS for the forget-gate gradient.
+    float *dq_acc, *delta, *lse2, *rowsum, *colsum;
     void* dA;
     float scale;
 };
@@ -150,6 +150,25 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool val
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Bulk reductions (sm_90 copy engine): `bytes` (a multiple of 16, both addresses 16-byte aligned) of
+// fp32 in shared memory added element-wise into global memory by the copy engine, one instruction
+// for a whole row instead of an atomic per element. The shared source is read asynchronously: its
+// writers fence it for the async proxy first, and it is rewritten only after wait_read.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* gmem, const float* smem, uint32_t bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gmem),
+                 "r"(smem_addr(smem)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// This thread's bulk groups but the N latest have finished reading shared memory.
+template <int N> __device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// This thread's bulk groups have completed (their global writes are done).
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Orders this thread's ordinary shared-memory writes before later reads by the async proxy.
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // A tile of ROWS × D b16 elements in shared memory, rows of D/8 16-byte chunks. Chunk c of row r is
 // stored at chunk c ^ (r % 8): the 8 rows an ldmatrix reads at one column then hit 8 different bank

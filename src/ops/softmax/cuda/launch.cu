@@ -188,13 +188,14 @@ void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
         check_aligned(op, "d_o", d_o);
     }
     b.scale = float(p.scale);
-    // Workspace: dq_acc [B·T·HQ·D], delta, rowsum, colsum [B·T·HQ] fp32, dA [B·T·HQ·D] b16.
+    // Workspace: dq_acc [B·T·HQ·D], delta, lse2, rowsum, colsum [B·T·HQ] fp32, dA [B·T·HQ·D] b16.
     const size_t rows = size_t(p.B * p.T * p.HQ);
-    const size_t bytes = rows * size_t(p.D) * 4 + rows * 4 * 3 + rows * size_t(p.D) * 2 + 256;
+    const size_t bytes = rows * size_t(p.D) * 4 + rows * 4 * 4 + rows * size_t(p.D) * 2 + 256;
     char* ws = static_cast<char*>(workspace(op, bytes, p.args.q.device_index));
     b.dq_acc = reinterpret_cast<float*>(ws);
     b.delta = b.dq_acc + rows * p.D;
-    b.rowsum = b.delta + rows;
+    b.lse2 = b.delta + rows;
+    b.rowsum = b.lse2 + rows;
     b.colsum = b.rowsum + rows;
     b.dA = b.colsum + rows;
     check(cudaMemsetAsync(b.dq_acc, 0, rows * size_t(p.D) * 4, 0), op, "memset");
@@ -203,17 +204,22 @@ void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
     const int seqs = int(p.N());
     const int D = int(p.D);
 
-    const dim3 row_grid(unsigned((p.B * p.T * p.HQ + 3) / 4));
+    // The row kernels: D/8 threads a row (8 channels each), 256 threads a block.
+    const int rows_per_block = 256 / (D / 8);
+    const dim3 row_grid(unsigned((p.B * p.T * p.HQ + rows_per_block - 1) / rows_per_block));
     if (bf16)
-        softmax_bwd_preprocess_kernel<__nv_bfloat16><<<row_grid, 128>>>(b, D);
+        softmax_bwd_preprocess_kernel<__nv_bfloat16><<<row_grid, 256>>>(b, D);
     else
-        softmax_bwd_preprocess_kernel<__half><<<row_grid, 128>>>(b, D);
+        softmax_bwd_preprocess_kernel<__half><<<row_grid, 256>>>(b, D);
     check(cudaGetLastError(), op, "backward preprocess launch");
     with_head_dim(D, op, [&](auto d) {
         constexpr int kD = decltype(d)::value;
         launch_backward_d<kD>(b, bf16, int((p.max_len + BwdTraits<kD>::BN - 1) / BwdTraits<kD>::BN), int(p.HKV), seqs, op);
     });
-    softmax_bwd_postprocess_kernel<<<row_grid, 128>>>(b, D);
+    if (bf16)
+        softmax_bwd_postprocess_kernel<__nv_bfloat16><<<row_grid, 256>>>(b, D);
+    else
+        softmax_bwd_postprocess_kernel<__half><<<row_grid, 256>>>(b, D);
     check(cudaGetLastError(), op, "backward postprocess launch");
     if (b.dg) {
         softmax_bwd_dg_kernel<<<dim3(unsigned(p.HQ), unsigned(seqs)), 32>>>(b);

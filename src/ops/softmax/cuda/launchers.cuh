@@ -49,7 +49,7 @@ void launch_forward_d(const FwdParams& fp, bool bf16, int m_blocks, int heads, i
 template <int D>
 void launch_backward_d(const BwdParams& bp, bool bf16, int n_blocks, int kv_heads, int seqs, const char* op) {
     using Tr = BwdTraits<D>;
-    const dim3 grid(n_blocks, kv_heads, seqs);
+    const dim3 grid(kv_heads, seqs, n_blocks);  // key blocks slowest: see the kernel
     const bool gated = bp.f.g != nullptr;
     auto kernel = bf16 ? (gated ? softmax_bwd_kernel<D, __nv_bfloat16, true> : softmax_bwd_kernel<D, __nv_bfloat16, false>)
                        : (gated ? softmax_bwd_kernel<D, __half, true> : softmax_bwd_kernel<D, __half, false>);
