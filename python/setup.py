@@ -7,9 +7,13 @@
 isolated build environment would not see.
 
 libhla is built from the checkout this file sits in (HLA_ROOT overrides the path). When torch has
-CUDA and nvcc is found, libhla gets its CUDA backend; HLA_CUDA=ON/OFF forces the choice.
+CUDA and nvcc is found, libhla gets its CUDA backend; HLA_CUDA=ON/OFF forces the choice. HLA_CMAKE_ARGS
+adds options to libhla's configure, e.g. fewer CUDA variants for a faster build:
+
+    HLA_CMAKE_ARGS="-DHLA_CUDA_LINEAR_DTYPES=bf16 -DHLA_CUDA_SOFTMAX_HEAD_DIMS=128" pip install ...
 """
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,6 +51,7 @@ def _build_libhla():
     ]
     if want_cuda == "ON" and _cuda_home():
         configure.append(f"-DCMAKE_CUDA_COMPILER={_cuda_home() / 'bin' / 'nvcc'}")
+    configure += shlex.split(os.environ.get("HLA_CMAKE_ARGS", ""))
     subprocess.check_call(configure)
     jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
     subprocess.check_call(["cmake", "--build", str(build), "--target", "hla", "-j", jobs])

@@ -2,16 +2,18 @@
 benchmark runs end to end (a few steps on a tiny configuration; the real run is `python -m hla.mqar`)."""
 import json
 
+import pytest
 import torch
 
 from hla import mqar
 
 
-def test_batch_queries_each_key_once_with_its_value():
+@pytest.mark.parametrize("counts", [[8] * 4, [4, 16, 8, 1]])
+def test_batch_queries_each_key_once_with_its_value(counts):
     gen = torch.Generator().manual_seed(0)
-    pairs, T = 8, 64
-    x, y = mqar.mqar_batch(4, T, pairs, 128, gen)
-    for b in range(4):
+    T = 64
+    x, y = mqar.mqar_batch(4, T, counts[0] if len(set(counts)) == 1 else counts, 128, gen)
+    for b, pairs in enumerate(counts):
         keys, values = x[b, 0:2 * pairs:2], x[b, 1:2 * pairs:2]
         answer = dict(zip(keys.tolist(), values.tolist()))
         assert len(answer) == pairs and all(1 <= k < 64 for k in answer) and all(v >= 64 for v in values.tolist())
@@ -23,6 +25,16 @@ def test_batch_queries_each_key_once_with_its_value():
         rest[:2 * pairs] = False
         rest[asked] = False
         assert bool((x[b, rest] == 0).all())
+
+
+def test_curriculum_is_zoologys_mixture_up_to_the_tested_pairs():
+    assert mqar.training_pairs(64, True) == [(4, 5.0), (8, 1.0), (16, 1.0), (32, 1.0), (64, 1.0)]
+    assert mqar.training_pairs(20, True) == [(4, 5.0), (8, 1.0), (16, 1.0), (20, 1.0)]
+    assert mqar.training_pairs(64, False) == [(64, 1.0)]
+    gen = torch.Generator().manual_seed(0)
+    drawn = mqar.draw_pairs(mqar.training_pairs(64, True), 9000, gen)
+    share = {n: drawn.count(n) / len(drawn) for n in (4, 8, 16, 32, 64)}
+    assert abs(share[4] - 5 / 9) < 0.03 and all(abs(share[n] - 1 / 9) < 0.02 for n in (8, 16, 32, 64))
 
 
 def test_every_mixer_trains_a_few_steps(tmp_path):
