@@ -383,10 +383,11 @@ TEST(LinearCuda, UnsupportedShapesAreClearErrors) {
 
 namespace {
 
-void check_backward(const LinearCase& c, uint64_t seed = 1) {
+// d_o_dtype: the dtype of dO when it is not the inputs' (F64: the inputs').
+void check_backward(const LinearCase& c, uint64_t seed = 1, DType d_o_dtype = DType::F64) {
     SCOPED_TRACE(c.name);
     const LinearInputs cpu = make_inputs(c, seed);
-    const Tensor d_o = random_normal({c.B, c.T, c.HV, c.V}, c.dtype, seed + 2);
+    const Tensor d_o = random_normal({c.B, c.T, c.HV, c.V}, d_o_dtype == DType::F64 ? c.dtype : d_o_dtype, seed + 2);
     const Tensor d_fs = c.initial_state ? random_normal({cpu.N, c.HV, c.K, c.V}, DType::F32, seed + 3) : Tensor();
 
     LinearCase c64 = c;
@@ -565,6 +566,16 @@ TEST(LinearCuda, BackwardVarlenManyChunks) {
         LinearCase c = make_case(std::string(cell.name) + "/B3-T260/f16", cell.config(), DType::F16, 3, 260, 2, 4, 64, 64);
         c.initial_state = true;
         check_backward(c);
+    }
+}
+
+// dO in fp32 with bf16 inputs: the kernels convert it on load instead of copying it.
+TEST(LinearCuda, BackwardMixedDtypeDo) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells) {
+        LinearCase c = make_case(std::string(cell.name) + "/dO-f32", cell.config(), DType::BF16, 2, 150, 2, 2, 64, 64);
+        c.initial_state = true;
+        check_backward(c, 1, DType::F32);
     }
 }
 

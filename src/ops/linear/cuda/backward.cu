@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "ops/linear/cuda/chunk_bwd.cuh"
+#include "ops/linear/cuda/chunk_bwd_mma.cuh"
 #include "ops/linear/cuda/chunk_bwd_scan.cuh"
 
 #ifndef HLA_CUDA_LINEAR_BF16
@@ -53,18 +54,18 @@ extern template void launch_backward<false, false>(const bwd::Params&, int, cons
 extern template void launch_backward<false, true>(const bwd::Params&, int, const char*);
 extern template void launch_backward<true, false>(const bwd::Params&, int, const char*);
 extern template void launch_backward<true, true>(const bwd::Params&, int, const char*);
+extern template void launch_backward_mma<Update::Additive>(const bwd::Params&, const char*);
+extern template void launch_backward_mma<Update::Delta>(const bwd::Params&, const char*);
 
 namespace {
 
 // Stages 1 and 2 for input dtype In, whose operand dtype is E (Intermediate<In>, chunk_fwd.cuh).
-// Returns the forward's workspace, which holds the chunk table (*chunks) and which the caller frees
-// after stage 3.
+// Returns the forward's workspace, which holds the chunk table and prepare's operands (pointed to by
+// *fp) and which the caller frees after stage 3.
 template <class In>
-void* states_and_gradients(const Problem& p, void* states, const DScanParams& d, const ChunkInfo** chunks) {
-    FwdParams fp{};
-    void* fwd_ws = forward_recompute<In>(p, states, &fp);
-    dstate_scan<Intermediate<In>>(p, fp, d);
-    *chunks = fp.chunks;
+void* states_and_gradients(const Problem& p, void* states, const DScanParams& d, FwdParams* fp) {
+    void* fwd_ws = forward_recompute<In>(p, states, fp);
+    dstate_scan<Intermediate<In>>(p, *fp, d);
     return fwd_ws;
 }
 
@@ -138,11 +139,14 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     for (const Sequence& sq : p.seqs) n_chunks += (sq.len + kChunk - 1) / kChunk;
     const DType in = a.q.dtype;
     const DType st = in == DType::BF16 ? DType::BF16 : DType::F32;  // the scan's operand dtype
-    const int blocks = int(std::min<int64_t>(
+    // stage 3: tensor cores for bf16 inputs with a decay of one number per token (one block per item,
+    // no scratch); else the fp32 kernel, a grid of resident blocks with a global-memory scratch each
+    const bool mma = in == DType::BF16 && !vec;
+    const int blocks = mma ? 0 : int(std::min<int64_t>(
         std::max<int64_t>(1, n_chunks * p.H),
         int64_t(sm_count()) * (vec ? (p.delta() ? backward_blocks<true, true>() : backward_blocks<true, false>())
                                    : (p.delta() ? backward_blocks<false, true>() : backward_blocks<false, false>()))));
-    bp.scratch_floats = bwd::layout(nullptr, bp.K, bp.V, bp.W, nullptr);
+    bp.scratch_floats = mma ? 0 : bwd::layout(nullptr, bp.K, bp.V, bp.W, nullptr);
     auto align = [](size_t x) { return (x + 255) & ~size_t(255); };
     const size_t b_params = align(size_t(p.HV) * (2 + bp.W) * sizeof(double));
     const size_t b_scratch = align(size_t(blocks) * size_t(bp.scratch_floats) * sizeof(float));
@@ -173,15 +177,16 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
 
     // stages 1 and 2 (the input dtypes this build compiled the chunked forward for)
     void* fwd_ws = nullptr;
+    FwdParams fp{};
     switch (in) {
 #if HLA_CUDA_LINEAR_BF16
-        case DType::BF16: fwd_ws = states_and_gradients<__nv_bfloat16>(p, states, dp, &bp.chunks); break;
+        case DType::BF16: fwd_ws = states_and_gradients<__nv_bfloat16>(p, states, dp, &fp); break;
 #endif
 #if HLA_CUDA_LINEAR_F16
-        case DType::F16: fwd_ws = states_and_gradients<__half>(p, states, dp, &bp.chunks); break;
+        case DType::F16: fwd_ws = states_and_gradients<__half>(p, states, dp, &fp); break;
 #endif
 #if HLA_CUDA_LINEAR_F32
-        case DType::F32: fwd_ws = states_and_gradients<float>(p, states, dp, &bp.chunks); break;
+        case DType::F32: fwd_ws = states_and_gradients<float>(p, states, dp, &fp); break;
 #endif
         default:
             workspace_free(ws);
@@ -190,8 +195,13 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     }
 
     // stage 3: every gradient of every chunk
+    bp.chunks = fp.chunks;
+    bp.U = fp.U;
+    bp.Wm = fp.W;
     bp.n_chunks = int(n_chunks);
-    if (n_chunks > 0) {
+    if (n_chunks > 0 && mma) {
+        p.delta() ? launch_backward_mma<Update::Delta>(bp, p.op) : launch_backward_mma<Update::Additive>(bp, p.op);
+    } else if (n_chunks > 0) {
         if (vec) p.delta() ? launch_backward<true, true>(bp, blocks, p.op) : launch_backward<true, false>(bp, blocks, p.op);
         else p.delta() ? launch_backward<false, true>(bp, blocks, p.op) : launch_backward<false, false>(bp, blocks, p.op);
     }

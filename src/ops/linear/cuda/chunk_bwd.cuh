@@ -7,15 +7,17 @@
 //   2. dS scan    ∂loss/∂S at the end of every chunk, last chunk first (chunk_bwd_scan.cuh), parallel
 //                 over (sequence, value head, V-tile): dS ← diag(γ_C) dS + Qgᵀ dO − Wᵀ dX with
 //                 dX = Pᵀ dO + Kd dS; the last dS is dh0.
-//   3. per chunk  this file: every gradient of one chunk from its start state S0 and end gradient dS_C,
-//                 one work item per (chunk, query/key head), all chunks in parallel. The item walks
+//   3. per chunk  every gradient of one chunk from its start state S0 and end gradient dS_C, one work
+//                 item per (chunk, query/key head), all chunks in parallel: on bf16 tensor cores
+//                 (chunk_bwd_mma.cuh) for bf16 inputs with a decay of one number per token, else the
+//                 fp32 kernel of this file (vector decay, fp16 and fp32 inputs). The item walks
 //                 the G = HV / H value heads of its group, so dq and dk (which the group shares) add up
 //                 in the item's scratch without atomics, then pass through the scale and the in-kernel
 //                 L2 norm backward. Per-head parameter gradients (fixed γ, A_log, dt_bias) are summed
 //                 per chunk in the block and added into fp64 accumulators with one atomic per chunk
 //                 (and channel), written by a small second kernel.
 //
-// The per-chunk math is the CPU backend's (cpu.cpp, cpu_chunk.cpp; docs/design.md), in fp32 with
+// This file's per-chunk math is the CPU backend's (cpu.cpp, cpu_chunk.cpp; docs/design.md), in fp32 with
 // block-wide loops over a per-block global-memory scratch (a grid of resident blocks takes the items
 // in turn), inputs of any dtype read element by element. It keeps the CPU backend's numerics
 // (cpu_chunk.hpp): no exp(b) or exp(−b) over a chunk; vector-decay products factored around the token
@@ -50,6 +52,8 @@ struct Params {
     // ∂loss/∂(state at its end)
     const void *states, *dstates;
     DType st_dt;
+    // stage 1's prepare operands U, W [chunk, HV, 64, V or K] (read by the tensor-core stage 3)
+    const void *U, *Wm;
     // outputs (null when not requested)
     void *dq, *dk, *dv;
     float *dg, *dbeta;

@@ -1,0 +1,13 @@
+// hla — explicit instantiation of the tensor-core per-chunk backward (stage 3, chunk_bwd_mma.cuh) for
+// the additive update (bf16 inputs; every K, V in {64, 128}).
+#include "ops/linear/cuda/chunk_bwd_mma.cuh"
+
+#ifndef HLA_CUDA_LINEAR_BF16
+#define HLA_CUDA_LINEAR_BF16 1
+#endif
+
+namespace hla::linear::cuda {
+#if HLA_CUDA_LINEAR_BF16
+template void launch_backward_mma<Update::Additive>(const bwd::Params&, const char*);
+#endif
+}  // namespace hla::linear::cuda

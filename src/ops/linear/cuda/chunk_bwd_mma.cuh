@@ -1,0 +1,591 @@
+// hla — stage 3 of the chunked backward (chunk_bwd.cuh) on 16-bit tensor cores: bf16 inputs, decay
+// that is one number per token (none, fixed, per-token scalar), additive or delta update.
+//
+// One block (8 warps) per (chunk, query/key head); it walks the G value heads of its group with dq and
+// dk accumulating in registers. Everything of a chunk stays in shared memory (≤ 215 KiB, one block per
+// SM); the products are mma.sync m16n8k16 (warp_gemm, common.cuh) with fp32 accumulation, except
+// Z = Tᵀ dX (tf32, from fp32 T and dX). Warp w owns rows [16·(w % 4), +16) of every 64-row result and
+// half of its columns (w / 4), so the per-row factors below multiply fragments directly.
+//
+// The math is the fp32 kernel's (chunk_bwd.cuh, after cpu_chunk.cpp) with the decay a scalar per token:
+// Γ_ij = e^{b_i − b_j} (j ≤ i), γ_i = e^{b_i}, κ_i = e^{b_C − b_i}, q̂, k̂ the scaled / normalised rows.
+//   P = (q̂ k̂ᵀ) ⊙ Γ (j ≤ i);   D = (k̂ k̂ᵀ) ⊙ Γ (j < i);   A = diag(β) D;   T = (I + A)^{-1}
+//   X = U − W S0 (delta; the forward scan's Ũ, from prepare's U, W) or V (additive)
+//   dX = Pᵀ dO + diag(κ) k̂ dS_C;   Z = Tᵀ dX;   M = Z S0ᵀ
+//   dP = dO Xᵀ;   dA = −Z Xᵀ;   dD = diag(β) dA
+//   dq = (dP ⊙ Γ)_{j<i} k̂ + diag(dP) k̂ + diag(γ) dO S0ᵀ
+//   dk = (dP ⊙ Γ)ᵀ_{j<i} q̂ + diag(dP) q̂ + (E + Eᵀ) k̂ − diag(γ β) M + diag(κ) X dS_Cᵀ,   E = dD ⊙ Γ
+//   dv = diag(β) Z (delta) or dX (additive)
+//   dβ_i = ⟨Z_i, v_i⟩ − γ_i ⟨M_i, k̂_i⟩ + Σ_{j<i} dA_ij D_ij
+//   dg_t = c + Σ_{i≥t} Σ_{j<t} F_ij + Σ_{i≥t} u_i + Σ_{j<t} w_j   (the exact scalar-decay dg)
+//     F_ij = dP_ij P_ij + dD_ij D_ij,  u_i = γ_i (⟨q̂_i, (dO S0ᵀ)_i⟩ − β_i ⟨k̂_i, M_i⟩),
+//     w_j = κ_j ⟨k̂_j, (X dS_Cᵀ)_j⟩,  c = γ_C Σ S0 ⊙ dS_C.
+// Every exponent is a difference of fp64 in-chunk sums of one sign (≤ 0), so g = −1000 stays exact.
+#pragma once
+
+#include <algorithm>
+
+#include "ops/linear/activations.hpp"
+#include "ops/linear/cuda/chunk_bwd.cuh"
+#include "ops/linear/cuda/chunk_fwd.cuh"
+
+namespace hla::linear::cuda {
+
+namespace bwd {
+
+constexpr int kMmaThreads = 256;
+
+template <Update Up, int K, int V>
+struct MmaLayout {
+    static constexpr bool kDelta = Up == Update::Delta;
+    static constexpr int LDK = K + 8, LDV = V + 8;  // bf16 rows: 16-byte aligned, ldmatrix conflict-free
+    static constexpr int LDC = kChunk + 8;          // bf16 64-column rows
+    static constexpr int LDF = kChunk + 4;          // fp32 64-column rows
+    static constexpr int LDVF = V + 4;              // fp32 V-column rows
+    static constexpr size_t q_off = 0;                                 // q̂ [64][LDK]
+    static constexpr size_t k_off = q_off + size_t(kChunk) * LDK * 2;  // k̂ [64][LDK]
+    static constexpr size_t do_off = k_off + size_t(kChunk) * LDK * 2; // dO [64][LDV]
+    static constexpr size_t s0_off = do_off + size_t(kChunk) * LDV * 2;  // S0 [K][LDV]
+    static constexpr size_t ds_off = s0_off + size_t(K) * LDV * 2;       // dS_C [K][LDV]
+    // delta: U [64][LDV] and W [64][LDK], then A → T fp32 [64][LDF] and the inverse's scratch;
+    // additive: V [64][LDV] (= X)
+    static constexpr size_t uw_off = ds_off + size_t(K) * LDV * 2;
+    static constexpr size_t uw_bytes =
+        kDelta ? std::max(size_t(kChunk) * (LDV + LDK) * 2, size_t(kChunk) * LDF * 4 + 3 * 256 * 4) : size_t(kChunk) * LDV * 2;
+    static constexpr size_t x_off = uw_off + uw_bytes;  // delta: X [64][LDV]
+    static constexpr size_t dx_off = x_off + (kDelta ? size_t(kChunk) * LDV * 2 : 0);  // delta: dX fp32 [64][LDVF], then Z bf16 [64][LDV]
+    static constexpr size_t pb_off = dx_off + (kDelta ? size_t(kChunk) * LDVF * 4 : 0);  // P bf16 [64][LDC]
+    static constexpr size_t r_off = pb_off + size_t(kChunk) * LDC * 2;
+    // per row: b (fp64), then fp32 γ, κ, β, raw β, gate input, dP_ii, u, w, dβ; misc
+    static constexpr int kRowF = 9;
+    static constexpr size_t bytes = r_off + kChunk * 8 + kRowF * kChunk * 4 + 64;
+    // Reused once the chunk's products are done: [s0_off, r_off) holds E1 = dP⊙Γ and E = dD⊙Γ + its
+    // transpose (bf16 [64][LDC]) and F (fp32 [64][LDF]); after the group, dq then dk (fp32 [64][K + 4])
+    // with the raw q or k rows behind (bf16 [64][LDK]).
+    static constexpr size_t late_bytes = r_off - s0_off;
+    static_assert(2 * size_t(kChunk) * LDC * 2 + size_t(kChunk) * LDF * 4 <= late_bytes, "bwd mma: E1, E, F do not fit");
+    static_assert(size_t(kChunk) * (K + 4) * 4 + size_t(kChunk) * LDK * 2 <= late_bytes, "bwd mma: dq staging does not fit");
+    static_assert(bytes <= 227 * 1024, "bwd mma: shared memory over the 227 KiB of an SM");
+};
+
+// rows × COLS of a [.., COLS] bf16 view (row stride `rs` elements) into shared memory (row stride ld),
+// rows ≥ valid zero: 16-byte asynchronous copies when aligned, element copies otherwise.
+template <int COLS>
+__device__ __forceinline__ void stage_bf16(__nv_bfloat16* dst, int ld, const __nv_bfloat16* src, int64_t rs, int rows,
+                                           int valid) {
+    constexpr int PR = COLS / 8;
+    if (reinterpret_cast<uintptr_t>(src) % 16 == 0 && rs % 8 == 0) {
+        for (int idx = threadIdx.x; idx < rows * PR; idx += kMmaThreads) {
+            const int r = idx / PR, c = idx % PR;
+            const bool in = r < valid;
+            cp_async16_zfill(dst + r * ld + c * 8, src + (in ? r : 0) * rs + c * 8, in);
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < rows * COLS; idx += kMmaThreads) {
+            const int r = idx / COLS, c = idx % COLS;
+            dst[r * ld + c] = r < valid ? src[r * rs + c] : __float2bfloat16(0.f);
+        }
+    }
+}
+
+// Adds Σ over the warp's fragment columns of f(r, c, x) into dst[row0 + r] (two warps share each row:
+// shared-memory atomics).
+template <int NT, class F>
+__device__ __forceinline__ void add_row_sums(float (&acc)[1][NT][4], float* dst, int row0, F&& f) {
+    float s[2] = {0.f, 0.f};
+    for_each_acc(acc, [&](int r, int c, float& x) { s[r >> 3] += f(r, c, x); });
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        s[h] += __shfl_xor_sync(0xffffffffu, s[h], 1);
+        s[h] += __shfl_xor_sync(0xffffffffu, s[h], 2);
+    }
+    const int lane = threadIdx.x & 31;
+    if ((lane & 3) == 0) {
+        atomicAdd(dst + row0 + (lane >> 2), s[0]);
+        atomicAdd(dst + row0 + (lane >> 2) + 8, s[1]);
+    }
+}
+
+template <Update Up, int K, int V>
+__global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Params p) {
+    using E = __nv_bfloat16;
+    using L = MmaLayout<Up, K, V>;
+    constexpr bool kDelta = L::kDelta;
+    constexpr int LDK = L::LDK, LDV = L::LDV, LDC = L::LDC, LDF = L::LDF, LDVF = L::LDVF;
+    constexpr int NTK = K / 16, NTV = V / 16;  // n-tiles of a warp's half of K or V columns
+    extern __shared__ float4 smem_f4[];
+    char* sm = reinterpret_cast<char*>(smem_f4);
+    E* Qs = reinterpret_cast<E*>(sm + L::q_off);
+    E* Ks = reinterpret_cast<E*>(sm + L::k_off);
+    E* dOs = reinterpret_cast<E*>(sm + L::do_off);
+    E* S0s = reinterpret_cast<E*>(sm + L::s0_off);
+    E* dSs = reinterpret_cast<E*>(sm + L::ds_off);
+    E* Us = reinterpret_cast<E*>(sm + L::uw_off);              // delta: U; additive: V (= X)
+    E* Ws = Us + kChunk * LDV;                                 // delta
+    float* Tm = reinterpret_cast<float*>(sm + L::uw_off);      // delta, after X: A, then T in place
+    float* Tx = Tm + kChunk * LDF;                             // the inverse's scratch (≤ 768 floats)
+    E* Xs = kDelta ? reinterpret_cast<E*>(sm + L::x_off) : Us;
+    float* dXf = reinterpret_cast<float*>(sm + L::dx_off);     // delta: dX fp32
+    E* Zs = reinterpret_cast<E*>(sm + L::dx_off);              // delta: Z bf16, once dX is consumed
+    E* Pb = reinterpret_cast<E*>(sm + L::pb_off);
+    E* E1b = reinterpret_cast<E*>(sm + L::s0_off);             // late: dP ⊙ Γ (strict lower)
+    E* E2b = E1b + kChunk * LDC;                               // late: dD ⊙ Γ + transpose
+    float* Fm = reinterpret_cast<float*>(E2b + kChunk * LDC);  // late: F
+    float* stage = reinterpret_cast<float*>(sm + L::s0_off);   // after the group: dq, then dk
+    double* bsm = reinterpret_cast<double*>(sm + L::r_off);
+    float* rowf = reinterpret_cast<float*>(bsm + kChunk);
+    float* gam = rowf;                  // e^{b_i}
+    float* kap = rowf + kChunk;         // e^{b_C − b_i}
+    float* betas = rowf + 2 * kChunk;   // β_i (activation applied)
+    float* braw = rowf + 3 * kChunk;    // raw β input
+    float* gin = rowf + 4 * kChunk;     // gate input g + dt_bias (in-kernel gate)
+    float* dpd = rowf + 5 * kChunk;     // dP_ii
+    float* us = rowf + 6 * kChunk;
+    float* ws_ = rowf + 7 * kChunk;
+    float* dbs = rowf + 8 * kChunk;
+    float* misc = rowf + L::kRowF * kChunk;  // [0]: Σ S0 ⊙ dS_C; [1..8]: block reductions
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int mw = warp & 3, nh = warp >> 2, row0 = 16 * mw;
+    const int chunk = blockIdx.x, h = blockIdx.y;
+    const ChunkInfo ci = p.chunks[chunk];
+    const int len = ci.len;
+    const bool gated = p.gate_act != GateActivation::None && p.decay == Decay::Scalar;
+
+    // ---- q̂, k̂ of the chunk (shared by the group): raw bf16, then scaled / normalised in place ----
+    stage_bf16<K>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1], kChunk, len);
+    stage_bf16<K>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], kChunk, len);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    for (int i = warp; i < kChunk; i += kMmaThreads / 32) {
+        float sq = 0.f, sk = 0.f;
+        for (int c = lane; c < K; c += 32) {
+            const float a = __bfloat162float(Qs[i * LDK + c]), b = __bfloat162float(Ks[i * LDK + c]);
+            sq += a * a;
+            sk += b * b;
+        }
+        const float2 f = qk_row_factors(sq, sk, p.scale, p.qk_l2norm);
+        for (int c = lane; c < K; c += 32) {
+            Qs[i * LDK + c] = __float2bfloat16(__bfloat162float(Qs[i * LDK + c]) * f.x);
+            Ks[i * LDK + c] = __float2bfloat16(__bfloat162float(Ks[i * LDK + c]) * f.y);
+        }
+    }
+
+    float dq[1][NTK][4], dk[1][NTK][4];  // rows row0.., key columns nh·K/2..
+    zero_acc(dq);
+    zero_acc(dk);
+    const int kc0 = nh * (K / 2), vc0 = nh * (V / 2), jc0 = nh * (kChunk / 2);
+
+    for (int hv = h * p.G; hv < (h + 1) * p.G; ++hv) {
+        const size_t slot = size_t(chunk) * p.HV + hv;
+        // ---- operands of this value head ----
+        {
+            const E* dsrc = static_cast<const E*>(p.d_o) + tok(p.dos, ci.batch, ci.start, hv);
+            if (p.do_dt == DType::BF16) {
+                stage_bf16<V>(dOs, LDV, dsrc, p.dos[1], kChunk, len);
+            } else {
+                for (int idx = tid; idx < kChunk * V; idx += kMmaThreads) {
+                    const int r = idx / V, c = idx % V;
+                    const float x = r < len ? load_any(p.d_o, p.do_dt, tok(p.dos, ci.batch, ci.start + r, hv) + c) : 0.f;
+                    dOs[r * LDV + c] = __float2bfloat16(x);
+                }
+            }
+            stage_bf16<V>(S0s, LDV, static_cast<const E*>(p.states) + slot * K * V, V, K, K);
+            stage_bf16<V>(dSs, LDV, static_cast<const E*>(p.dstates) + slot * K * V, V, K, K);
+            if constexpr (kDelta) {
+                stage_bf16<V>(Us, LDV, static_cast<const E*>(p.U) + slot * kChunk * V, V, kChunk, kChunk);
+                stage_bf16<K>(Ws, LDK, static_cast<const E*>(p.Wm) + slot * kChunk * K, K, kChunk, kChunk);
+            } else {
+                stage_bf16<V>(Us, LDV, static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv), p.vs[1], kChunk, len);
+            }
+            cp_async_commit();
+        }
+        // gates (fp64 in-chunk sums, warp 0: two tokens per lane) and β
+        if (warp == 0) {
+            double a[2] = {0.0, 0.0};
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int i = 2 * lane + e;
+                if (i >= len) continue;
+                if (p.decay == Decay::Scalar) {
+                    float x = load_any(p.g, p.g_dt, tok(p.gs, ci.batch, ci.start + i, hv));
+                    if (gated) {
+                        x += static_cast<const float*>(p.dt_bias)[hv * p.dtb_s];
+                        gin[i] = x;
+                        x = gate_log_decay(p.gate_act, p.lower_bound, x, static_cast<const float*>(p.A_log)[hv * p.alog_s]);
+                    }
+                    a[e] = x;
+                } else if (p.decay == Decay::Fixed) {
+                    a[e] = load_any(p.g, p.g_dt, hv * p.gs[0]);
+                }
+            }
+            double s = a[0] + a[1];
+            for (int off = 1; off < 32; off <<= 1) {
+                const double n = __shfl_up_sync(0xffffffffu, s, off);
+                if (lane >= off) s += n;
+            }
+            const double b0 = s - a[1], b1 = s;
+            const double bC = __shfl_sync(0xffffffffu, b1, 31);
+            bsm[2 * lane] = b0;
+            bsm[2 * lane + 1] = b1;
+            gam[2 * lane] = expf(float(b0));
+            gam[2 * lane + 1] = expf(float(b1));
+            kap[2 * lane] = expf(float(bC - b0));
+            kap[2 * lane + 1] = expf(float(bC - b1));
+        } else if (warp == 1 || warp == 2) {
+            const int i = (warp - 1) * 32 + lane;
+            float raw = 0.f, bv = 0.f;
+            if (kDelta && i < len) {
+                raw = load_any(p.beta, p.beta_dt, tok(p.bs, ci.batch, ci.start + i, hv));
+                bv = beta_value(p.beta_act, raw);
+            }
+            braw[i] = raw;
+            betas[i] = bv;
+        } else if (warp == 3) {
+            for (int i = lane; i < kChunk; i += 32) dpd[i] = us[i] = ws_[i] = dbs[i] = 0.f;
+            if (lane < 9) misc[lane] = 0.f;
+        }
+        cp_async_wait_all();
+        __syncthreads();
+
+        // ---- P and D: rows row0.., columns jc0.. (4 n-tiles); kept in registers ----
+        float Pr[1][4][4], Dr[1][4][4];
+        auto gamma_ij = [&](int i, int j) { return expf(float(bsm[i] - bsm[j])); };
+        zero_acc(Pr);
+        warp_gemm<E, 1, 4>(Pr, Tile<E>{Qs + row0 * LDK, LDK, 1}, Tile<E>{Ks + jc0 * LDK, 1, LDK}, K);
+        for_each_acc(Pr, [&](int r, int c, float& x) {
+            const int i = row0 + r, j = jc0 + c;
+            x = j <= i ? x * gamma_ij(i, j) : 0.f;
+            Pb[i * LDC + j] = __float2bfloat16(x);
+        });
+        if constexpr (kDelta) {
+            zero_acc(Dr);
+            warp_gemm<E, 1, 4>(Dr, Tile<E>{Ks + row0 * LDK, LDK, 1}, Tile<E>{Ks + jc0 * LDK, 1, LDK}, K);
+            for_each_acc(Dr, [&](int r, int c, float& x) {
+                const int i = row0 + r, j = jc0 + c;
+                x = j < i ? x * gamma_ij(i, j) : 0.f;
+            });
+        }
+        // Σ S0 ⊙ dS_C (the state's own decay over the chunk, for dg)
+        if (p.decay != Decay::None) {
+            float s = 0.f;
+            for (int idx = tid; idx < K * V / 2; idx += kMmaThreads) {
+                const int r = idx / (V / 2), c = 2 * (idx % (V / 2));
+                const float2 a = load_bf16x2(S0s + r * LDV + c), b = load_bf16x2(dSs + r * LDV + c);
+                s += a.x * b.x + a.y * b.y;
+            }
+            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            if (lane == 0) atomicAdd(misc, s);
+        }
+        __syncthreads();  // P (bf16) complete
+
+        // ---- X (delta: U − W S0) and dX = Pᵀ dO + diag(κ) k̂ dS_C: rows row0.., columns vc0.. ----
+        {
+            if constexpr (kDelta) {
+                float X[1][NTV][4];
+                zero_acc(X);
+                warp_gemm<E, 1, NTV>(X, Tile<E>{Ws + row0 * LDK, LDK, 1}, Tile<E>{S0s + vc0, LDV, 1}, K);
+                for_each_acc(X, [&](int r, int c, float& x) {
+                    const int i = row0 + r, e = vc0 + c;
+                    Xs[i * LDV + e] = __float2bfloat16(__bfloat162float(Us[i * LDV + e]) - x);
+                });
+            }
+            float A1[1][NTV][4], A2[1][NTV][4];
+            zero_acc(A1);
+            zero_acc(A2);
+            warp_gemm<E, 1, NTV>(A1, Tile<E>{Pb + row0, 1, LDC}, Tile<E>{dOs + vc0, LDV, 1}, kChunk);
+            warp_gemm<E, 1, NTV>(A2, Tile<E>{Ks + row0 * LDK, LDK, 1}, Tile<E>{dSs + vc0, LDV, 1}, K);
+            for_each_acc(A1, [&](int r, int c, float& x) {
+                const int i = row0 + r, e = vc0 + c;
+                const float dx = x + kap[i] * A2[0][c >> 3][(r >> 3) * 2 + (c & 1)];
+                if constexpr (kDelta) {
+                    dXf[i * LDVF + e] = dx;
+                } else if (p.dv && i < len) {
+                    store_any(p.dv, p.dv_dt, tok(p.dvs, ci.batch, ci.start + i, hv) + e, dx);
+                }
+            });
+        }
+        __syncthreads();  // X and dX complete; U, W are dead
+
+        if constexpr (kDelta) {
+            // ---- T = (I + A)^{-1}, A = diag(β) D (strict lower), in place over A ----
+            for_each_acc(Dr, [&](int r, int c, float& x) {
+                const int i = row0 + r, j = jc0 + c;
+                Tm[i * LDF + j] = betas[i] * x;
+            });
+            __syncthreads();
+            if (warp < 4 && lane < 16) {
+                // diagonal block `warp`, column `lane`: forward substitution
+                const int o = 16 * warp, c = lane;
+                float col[16];
+#pragma unroll
+                for (int i = 0; i < 16; ++i) {
+                    float x = i == c ? 1.f : 0.f;
+#pragma unroll
+                    for (int j = 0; j < i; ++j) x -= (j >= c ? Tm[(o + i) * LDF + o + j] * col[j] : 0.f);
+                    col[i] = i < c ? 0.f : x;
+                }
+                __syncwarp(0x0000ffffu);
+#pragma unroll
+                for (int i = 0; i < 16; ++i) Tm[(o + i) * LDF + o + c] = col[i];
+            }
+            __syncthreads();
+            // T_IJ = −T_II Σ_{J ≤ M < I} A_IM T_MJ, row block by row block
+            for (int I = 1; I < 4; ++I) {
+                for (int idx = tid; idx < I * 256; idx += kMmaThreads) {
+                    const int J = idx / 256, a = (idx / 16) % 16, b = idx % 16;
+                    float x = 0.f;
+                    for (int m = 16 * J; m < 16 * I; ++m) x += Tm[(16 * I + a) * LDF + m] * Tm[m * LDF + 16 * J + b];
+                    Tx[idx] = x;
+                }
+                __syncthreads();
+                for (int idx = tid; idx < I * 256; idx += kMmaThreads) {
+                    const int J = idx / 256, a = (idx / 16) % 16, b = idx % 16;
+                    float x = 0.f;
+                    for (int m = 0; m <= a; ++m) x += Tm[(16 * I + a) * LDF + 16 * I + m] * Tx[J * 256 + m * 16 + b];
+                    Tm[(16 * I + a) * LDF + 16 * J + b] = -x;
+                }
+                __syncthreads();
+            }
+            // ---- Z = Tᵀ dX (tf32); dv = diag(β) Z; dβ_i gets ⟨Z_i, v_i⟩ ----
+            float Z[1][NTV][4];
+            zero_acc(Z);
+            warp_gemm<float, 1, NTV, false>(Z, Tile<float>{Tm + row0, 1, LDF}, Tile<float>{dXf + vc0, LDVF, 1}, kChunk);
+            const E* vrow = static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv) + vc0;
+            add_row_sums(Z, dbs, row0, [&](int r, int c, float x) {
+                const int i = row0 + r;
+                if (i >= len) return 0.f;
+                if (p.dv) store_any(p.dv, p.dv_dt, tok(p.dvs, ci.batch, ci.start + i, hv) + vc0 + c, betas[i] * x);
+                return x * __bfloat162float(vrow[int64_t(i) * p.vs[1] + c]);
+            });
+            __syncthreads();  // every read of dX is done: Z replaces it
+            for_each_acc(Z, [&](int r, int c, float& x) { Zs[(row0 + r) * LDV + vc0 + c] = __float2bfloat16(x); });
+            __syncthreads();
+        }
+
+        // ---- key-wide products: dO S0ᵀ, Z S0ᵀ, X dS_Cᵀ (rows row0.., key columns kc0..) ----
+        {
+            float acc[1][NTK][4];
+            zero_acc(acc);
+            warp_gemm<E, 1, NTK>(acc, Tile<E>{dOs + row0 * LDV, LDV, 1}, Tile<E>{S0s + kc0 * LDV, 1, LDV}, V);
+            add_row_sums(acc, us, row0, [&](int r, int c, float x) {
+                const int i = row0 + r;
+                dq[0][c >> 3][(r >> 3) * 2 + (c & 1)] += gam[i] * x;
+                return gam[i] * x * __bfloat162float(Qs[i * LDK + kc0 + c]);
+            });
+            if constexpr (kDelta) {
+                zero_acc(acc);
+                warp_gemm<E, 1, NTK>(acc, Tile<E>{Zs + row0 * LDV, LDV, 1}, Tile<E>{S0s + kc0 * LDV, 1, LDV}, V);
+                // u_i −= γ_i β_i ⟨k̂_i, M_i⟩ and dβ_i −= γ_i ⟨k̂_i, M_i⟩: one row sum, split after
+                float s[2] = {0.f, 0.f};
+                for_each_acc(acc, [&](int r, int c, float& x) {
+                    const int i = row0 + r;
+                    const float kx = __bfloat162float(Ks[i * LDK + kc0 + c]);
+                    dk[0][c >> 3][(r >> 3) * 2 + (c & 1)] -= gam[i] * betas[i] * x;
+                    s[r >> 3] += gam[i] * kx * x;
+                });
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 1);
+                    s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 2);
+                }
+                if ((lane & 3) == 0) {
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int i = row0 + (lane >> 2) + 8 * hh;
+                        atomicAdd(us + i, -betas[i] * s[hh]);
+                        atomicAdd(dbs + i, -s[hh]);
+                    }
+                }
+            }
+            zero_acc(acc);
+            warp_gemm<E, 1, NTK>(acc, Tile<E>{Xs + row0 * LDV, LDV, 1}, Tile<E>{dSs + kc0 * LDV, 1, LDV}, V);
+            add_row_sums(acc, ws_, row0, [&](int r, int c, float x) {
+                const int i = row0 + r;
+                dk[0][c >> 3][(r >> 3) * 2 + (c & 1)] += kap[i] * x;
+                return kap[i] * x * __bfloat162float(Ks[i * LDK + kc0 + c]);
+            });
+        }
+
+        // ---- dP = dO Xᵀ, dA = −Z Xᵀ (rows row0.., columns jc0..) ----
+        float dPr[1][4][4], dAr[1][4][4];
+        zero_acc(dPr);
+        warp_gemm<E, 1, 4>(dPr, Tile<E>{dOs + row0 * LDV, LDV, 1}, Tile<E>{Xs + jc0 * LDV, 1, LDV}, V);
+        if constexpr (kDelta) {
+            zero_acc(dAr);
+            warp_gemm<E, 1, 4>(dAr, Tile<E>{Zs + row0 * LDV, LDV, 1}, Tile<E>{Xs + jc0 * LDV, 1, LDV}, V);
+            for_each_acc(dAr, [](int, int, float& x) { x = -x; });
+        }
+        __syncthreads();  // S0, dS_C, dO, X, Z are dead: E1, E, F take their place
+        for (int idx = tid; idx < kChunk * LDC; idx += kMmaThreads) E2b[idx] = __float2bfloat16(0.f);
+        __syncthreads();
+        {
+            float sb[2] = {0.f, 0.f};
+            for_each_acc(dPr, [&](int r, int c, float& x) {
+                const int i = row0 + r, j = jc0 + c;
+                const float gij = j < i ? gamma_ij(i, j) : 0.f;
+                if (j == i) dpd[i] = x;
+                E1b[i * LDC + j] = __float2bfloat16(x * gij);
+                float f = j < i ? x * Pr[0][c >> 3][(r >> 3) * 2 + (c & 1)] : 0.f;
+                if constexpr (kDelta) {
+                    const float da = dAr[0][c >> 3][(r >> 3) * 2 + (c & 1)];
+                    const float d = Dr[0][c >> 3][(r >> 3) * 2 + (c & 1)];
+                    if (j < i) {
+                        const float dd = betas[i] * da;
+                        sb[r >> 3] += da * d;
+                        f += dd * d;
+                        const E e = __float2bfloat16(dd * gij);
+                        E2b[i * LDC + j] = e;
+                        E2b[j * LDC + i] = e;
+                    }
+                }
+                Fm[i * LDF + j] = f;
+            });
+            if constexpr (kDelta) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    sb[hh] += __shfl_xor_sync(0xffffffffu, sb[hh], 1);
+                    sb[hh] += __shfl_xor_sync(0xffffffffu, sb[hh], 2);
+                }
+                if ((lane & 3) == 0) {
+                    atomicAdd(dbs + row0 + (lane >> 2), sb[0]);
+                    atomicAdd(dbs + row0 + (lane >> 2) + 8, sb[1]);
+                }
+            }
+        }
+        __syncthreads();
+
+        // ---- dq += E1 k̂ + diag(dP) k̂;  dk += E1ᵀ q̂ + diag(dP) q̂ + (E + Eᵀ) k̂ ----
+        warp_gemm<E, 1, NTK>(dq, Tile<E>{E1b + row0 * LDC, LDC, 1}, Tile<E>{Ks + kc0, LDK, 1}, kChunk);
+        warp_gemm<E, 1, NTK>(dk, Tile<E>{E1b + row0, 1, LDC}, Tile<E>{Qs + kc0, LDK, 1}, kChunk);
+        if constexpr (kDelta) warp_gemm<E, 1, NTK>(dk, Tile<E>{E2b + row0 * LDC, LDC, 1}, Tile<E>{Ks + kc0, LDK, 1}, kChunk);
+        for_each_acc(dq, [&](int r, int c, float& x) { x += dpd[row0 + r] * __bfloat162float(Ks[(row0 + r) * LDK + kc0 + c]); });
+        for_each_acc(dk, [&](int r, int c, float& x) { x += dpd[row0 + r] * __bfloat162float(Qs[(row0 + r) * LDK + kc0 + c]); });
+
+        // ---- dβ and dg of the chunk (one thread per token), the per-head parameter sums ----
+        if (p.decay != Decay::None) {
+            // F → its exclusive prefix sums along each row, R_i(t) = Σ_{j<t} F_ij (one thread per row)
+            if (tid < kChunk) {
+                float run = 0.f;
+                for (int t = 0; t < kChunk; ++t) {
+                    const float f = Fm[tid * LDF + t];
+                    Fm[tid * LDF + t] = run;
+                    run += f;
+                }
+            }
+            __syncthreads();
+        }
+        if (tid < kChunk) {
+            const int t = tid;
+            if (kDelta && p.dbeta && t < len)
+                p.dbeta[tok(p.dbs, ci.batch, ci.start + t, hv)] = dbs[t] * beta_derivative(p.beta_act, braw[t]);
+            float dgt = 0.f, dgx = 0.f, dal = 0.f;
+            if (p.decay != Decay::None && t < len) {
+                float s = gam[kChunk - 1] * misc[0];
+                for (int i = t; i < kChunk; ++i) s += Fm[i * LDF + t] + us[i];
+                for (int j = 0; j < t; ++j) s += ws_[j];
+                dgt = s;
+                dgx = s;
+                if (gated) {
+                    float d_dx = 1.f, d_dalog = 0.f;
+                    gate_derivatives(p.gate_act, p.lower_bound, gin[t], static_cast<const float*>(p.A_log)[hv * p.alog_s],
+                                     &d_dx, &d_dalog);
+                    dal = dgt * d_dalog;
+                    dgx = dgt * d_dx;
+                }
+                if (p.dg && p.decay == Decay::Scalar) p.dg[tok(p.dgs, ci.batch, ci.start + t, hv)] = dgx;
+            }
+            // block sums of the chunk: warps 0 and 1 hold the 64 tokens
+            for (int off = 16; off > 0; off >>= 1) {
+                dgx += __shfl_xor_sync(0xffffffffu, dgx, off);
+                dal += __shfl_xor_sync(0xffffffffu, dal, off);
+            }
+            if (lane == 0) {
+                misc[1 + 2 * warp] = dgx;
+                misc[2 + 2 * warp] = dal;
+            }
+        }
+        __syncthreads();
+        if (tid == 0) {
+            const double sx = double(misc[1]) + double(misc[3]), sa = double(misc[2]) + double(misc[4]);
+            if (p.decay == Decay::Fixed) atomicAdd(p.params_acc + hv, sx);
+            else if (gated) {
+                atomicAdd(p.params_acc + 2 * p.HV + hv, sx);
+                atomicAdd(p.params_acc + p.HV + hv, sa);
+            }
+        }
+        __syncthreads();  // the chunk's shared memory is the next value head's
+    }
+
+    // ---- dq, dk through the scale and the in-kernel L2 norm, one warp per token (the raw rows are
+    // fetched into shared memory: per-row global reads would serialise on their latency) ----
+    E* rawb = reinterpret_cast<E*>(stage + kChunk * (K + 4));
+    for (int which = 0; which < 2; ++which) {
+        if (p.qk_l2norm) {
+            const E* src = which == 0 ? static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h)
+                                      : static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h);
+            stage_bf16<K>(rawb, LDK, src, which == 0 ? p.qs[1] : p.ks[1], kChunk, len);
+            cp_async_commit();
+        }
+        auto to_stage = [&](int r, int c, float& x) { stage[(row0 + r) * (K + 4) + kc0 + c] = x; };
+        if (which == 0) for_each_acc(dq, to_stage);
+        else for_each_acc(dk, to_stage);
+        cp_async_wait_all();
+        __syncthreads();
+        void* out = which == 0 ? p.dq : p.dk;
+        const float f = which == 0 ? p.scale : 1.f;
+        for (int i = warp; i < len; i += kMmaThreads / 32) {
+            float* d = stage + i * (K + 4);
+            const E* raw = rawb + i * LDK;
+            const int64_t t = ci.start + i;
+            if (p.qk_l2norm) {
+                float ss = 0.f;
+                for (int c = lane; c < K; c += 32) {
+                    const float x = __bfloat162float(raw[c]);
+                    ss += x * x;
+                }
+                for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+                const float norm = sqrtf(ss + float(kL2NormEps));
+                float dot = 0.f;
+                for (int c = lane; c < K; c += 32) dot += __bfloat162float(raw[c]) / norm * d[c] * f;
+                for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                for (int c = lane; c < K; c += 32) d[c] = (d[c] * f - __bfloat162float(raw[c]) / norm * dot) / norm;
+            } else {
+                for (int c = lane; c < K; c += 32) d[c] *= f;
+            }
+            __syncwarp();
+            if (out) {
+                const DType odt = which == 0 ? p.dq_dt : p.dk_dt;
+                const int64_t ooff = which == 0 ? tok(p.dqs, ci.batch, t, h) : tok(p.dks, ci.batch, t, h);
+                for (int c = lane; c < K; c += 32) store_any(out, odt, ooff + c, d[c]);
+            }
+        }
+        __syncthreads();
+    }
+}
+
+}  // namespace bwd
+
+template <Update Up, int K, int V>
+void launch_backward_mma_kv(const bwd::Params& p, const char* op) {
+    constexpr size_t smem = bwd::MmaLayout<Up, K, V>::bytes;
+    static const bool once = (set_smem(bwd::chunk_bwd_mma_kernel<Up, K, V>, smem, op), true);
+    (void)once;
+    bwd::chunk_bwd_mma_kernel<Up, K, V><<<dim3(p.n_chunks, p.H), bwd::kMmaThreads, smem>>>(p);
+    check_cuda(cudaGetLastError(), op, "chunk_bwd_mma launch");
+}
+
+// Stage 3 on tensor cores for bf16 inputs and a decay of one number per token (instantiated in
+// bwd_mma_<update>.cu).
+template <Update Up>
+void launch_backward_mma(const bwd::Params& p, const char* op) {
+    if (p.K == 64) {
+        if (p.V == 64) return launch_backward_mma_kv<Up, 64, 64>(p, op);
+        return launch_backward_mma_kv<Up, 64, 128>(p, op);
+    }
+    if (p.V == 64) return launch_backward_mma_kv<Up, 128, 64>(p, op);
+    return launch_backward_mma_kv<Up, 128, 128>(p, op);
+}
+
+}  // namespace hla::linear::cuda
