@@ -90,6 +90,14 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
     const int cp_row = threadIdx.x / (D / 8), cp_chunk = threadIdx.x % (D / 8);
     const T* k_thr = kb + cp_row * p.k_s[1] + cp_chunk * 8;
     const T* v_thr = vb + cp_row * p.v_s[1] + cp_chunk * 8;
+    // Destination of copy round i: a fixed offset plus i rounds of rows when a round is a whole
+    // number of swizzle periods (8 rows), else the swizzle of each row.
+    auto kv_dst = [&](int i) {
+        if constexpr (Tr::RSTEP % 8 == 0)
+            return swz<D>(cp_row, cp_chunk) + i * Tr::RSTEP * D;
+        else
+            return swz<D>(cp_row + i * Tr::RSTEP, cp_chunk);
+    };
     auto load_kv = [&](int st, int j0, int valid) {
         T* dk = sK + st * BN * D;
         T* dv = sV + st * BN * D;
@@ -97,8 +105,8 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
         for (int i = 0; i < BN / Tr::RSTEP; ++i) {
             const int r = cp_row + i * Tr::RSTEP;
             const bool ok = r < valid;
-            cp_async16(dk + swz<D>(r, cp_chunk), ok ? k_thr + int64_t(j0 + i * Tr::RSTEP) * p.k_s[1] : kb, ok);
-            cp_async16(dv + swz<D>(r, cp_chunk), ok ? v_thr + int64_t(j0 + i * Tr::RSTEP) * p.v_s[1] : vb, ok);
+            cp_async16(dk + kv_dst(i), ok ? k_thr + int64_t(j0 + i * Tr::RSTEP) * p.k_s[1] : kb, ok);
+            cp_async16(dv + kv_dst(i), ok ? v_thr + int64_t(j0 + i * Tr::RSTEP) * p.v_s[1] : vb, ok);
         }
     };
     auto load_kv_full = [&](int st, int j0) {
@@ -108,9 +116,8 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
         const T* vs = v_thr + int64_t(j0) * p.v_s[1];
 #pragma unroll
         for (int i = 0; i < BN / Tr::RSTEP; ++i) {
-            const int r = cp_row + i * Tr::RSTEP;
-            cp_async16(dk + swz<D>(r, cp_chunk), ks + int64_t(i * Tr::RSTEP) * p.k_s[1], true);
-            cp_async16(dv + swz<D>(r, cp_chunk), vs + int64_t(i * Tr::RSTEP) * p.v_s[1], true);
+            cp_async16(dk + kv_dst(i), ks + int64_t(i * Tr::RSTEP) * p.k_s[1], true);
+            cp_async16(dv + kv_dst(i), vs + int64_t(i * Tr::RSTEP) * p.v_s[1], true);
         }
     };
 
@@ -143,6 +150,15 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
     for (int mt = 0; mt < MT; ++mt) row_max[mt][0] = row_max[mt][1] = -INFINITY, row_sum[mt][0] = row_sum[mt][1] = 0.f;
     const int warp_row = warp * 16 * MT;  // local rows of m-tile mt: warp_row + 16 mt + lane / 4 (+ 8)
     const int c_lo = 2 * (lane % 4);
+    // Per-lane ldmatrix offsets (bytes, within a tile). The swizzle XORs the chunk with row % 8 and
+    // every fragment row offset is a multiple of 8, so the fragment at (row r0 + 16·i, chunk c0 + 2·k)
+    // sits at base(r0, c0) XOR 32·k + 16·i rows: one base a lane and compile-time offsets instead of
+    // the swizzle recomputed for every load (it was rematerialised at the top of every iteration).
+    auto swz_bytes = [](int row, int chunk) { return uint32_t(row * D + ((chunk ^ (row & 7)) << 3)) * 2; };
+    const uint32_t q_a = swz_bytes(warp_row + (lane % 16), lane / 16);
+    const uint32_t k_b = swz_bytes((lane % 8) + (lane / 16) * 8, (lane / 8) % 2);
+    const uint32_t v_t = swz_bytes((lane % 8) + ((lane / 8) % 2) * 8, lane / 16);
+    const uint32_t sQ0 = smem_addr(sQ);
 
     int stage = 0;
     for (int n = n_hi - 1; n >= n_lo; --n, stage ^= 1) {
@@ -164,8 +180,8 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
             }
             __syncthreads();
         }
-        const T* cK = sK + stage * BN * D;
-        const T* cV = sV + stage * BN * D;
+        const uint32_t cK = smem_addr(sK + stage * BN * D);
+        const uint32_t cV = smem_addr(sV + stage * BN * D);
 
         // S = Q Kᵀ for this warp's MT × 16 rows; each K fragment serves all MT m-tiles.
         float s[MT][NB][4];
@@ -177,12 +193,11 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
         for (int kk = 0; kk < D / 16; ++kk) {
             uint32_t a[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-                ldmatrix_x4(a[mt], smem_addr(sQ + swz<D>(warp_row + mt * 16 + (lane % 16), kk * 2 + lane / 16)));
+            for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], sQ0 + ((q_a ^ (kk << 5)) + mt * 16 * D * 2));
 #pragma unroll
             for (int nn = 0; nn < BN / 16; ++nn) {
                 uint32_t b[4];
-                ldmatrix_x4(b, smem_addr(cK + swz<D>(nn * 16 + (lane % 8) + (lane / 16) * 8, kk * 2 + (lane / 8) % 2)));
+                ldmatrix_x4(b, cK + ((k_b ^ (kk << 5)) + nn * 16 * D * 2));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     mma16816<T>(s[mt][2 * nn], a[mt], b[0], b[1]);
@@ -231,9 +246,13 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
-                float mx = -INFINITY;
+                // Maxima and sums in independent partial chains (a single running one is a chain of
+                // NB dependent operations at two warps a scheduler, which cannot hide its latency).
+                float mxp[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-                for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * hf], s[mt][nb][2 * hf + 1]));
+                for (int nb = 0; nb < NB; ++nb)
+                    mxp[nb & 1] = fmaxf(mxp[nb & 1], fmaxf(s[mt][nb][2 * hf], s[mt][nb][2 * hf + 1]));
+                float mx = fmaxf(mxp[0], mxp[1]);
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
                 if constexpr (FAST) mx *= p.scale_log2;  // scale > 0 keeps the arg max; −inf stays −inf
@@ -242,16 +261,16 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
                 const float m_use = mx == -INFINITY ? 0.f : mx;
                 const float alpha = fast_exp2(row_max[mt][hf] - m_use);
                 row_max[mt][hf] = mx;
-                float sum = 0.f;
+                float sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                 for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
                     for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
                         const float x = FAST ? fmaf(s[mt][nb][e], p.scale_log2, -m_use) : s[mt][nb][e] - m_use;
                         s[mt][nb][e] = fast_exp2(x);
-                        sum += s[mt][nb][e];
+                        sum[(nb & 1) * 2 + (e & 1)] += s[mt][nb][e];
                     }
-                row_sum[mt][hf] = row_sum[mt][hf] * alpha + sum;
+                row_sum[mt][hf] = row_sum[mt][hf] * alpha + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
 #pragma unroll
                 for (int db = 0; db < DB; ++db) {
                     acc[mt][db][2 * hf] *= alpha;
@@ -273,7 +292,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::THREADS) softmax_fwd_kernel(cons
 #pragma unroll
             for (int dn = 0; dn < D / 16; ++dn) {
                 uint32_t b[4];
-                ldmatrix_x4_trans(b, smem_addr(cV + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn * 2 + lane / 16)));
+                ldmatrix_x4_trans(b, cV + ((v_t ^ (dn << 5)) + kk * 16 * D * 2));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     mma16816<T>(acc[mt][2 * dn], a[mt], b[0], b[1]);
