@@ -198,6 +198,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     bp.chunks = fp.chunks;
     bp.U = fp.U;
     bp.Wm = fp.W;
+    bp.Tinv = fp.Tinv;
     bp.n_chunks = int(n_chunks);
     if (n_chunks > 0 && mma) {
         p.delta() ? launch_backward_mma<Update::Delta>(bp, p.op) : launch_backward_mma<Update::Additive>(bp, p.op);

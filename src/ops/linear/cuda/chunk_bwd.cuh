@@ -54,6 +54,7 @@ struct Params {
     DType st_dt;
     // stage 1's prepare operands U, W [chunk, HV, 64, V or K] (read by the tensor-core stage 3)
     const void *U, *Wm;
+    const float* Tinv;  // delta rule: prepare's T = (I + A)^{-1} [chunk, HV, 64, 64] fp32
     // outputs (null when not requested)
     void *dq, *dk, *dv;
     float *dg, *dbeta;

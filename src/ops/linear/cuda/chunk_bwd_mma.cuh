@@ -4,7 +4,7 @@
 // One block (8 warps) per (chunk, query/key head); it walks the G value heads of its group with dq and
 // dk accumulating in registers. Everything of a chunk stays in shared memory (≤ 215 KiB, one block per
 // SM); the products are mma.sync m16n8k16 (warp_gemm, common.cuh) with fp32 accumulation, except
-// Z = Tᵀ dX (tf32, from fp32 T and dX). Warp w owns rows [16·(w % 4), +16) of every 64-row result and
+// Z = Tᵀ dX (tf32, from fp32 T and dX). T comes from stage 1 (chunk_prepare_mma keeps its inverse). Warp w owns rows [16·(w % 4), +16) of every 64-row result and
 // half of its columns (w / 4), so the per-row factors below multiply fragments directly.
 //
 // The math is the fp32 kernel's (chunk_bwd.cuh, after cpu_chunk.cpp) with the decay a scalar per token:
@@ -47,11 +47,10 @@ struct MmaLayout {
     static constexpr size_t do_off = k_off + size_t(kChunk) * LDK * 2; // dO [64][LDV]
     static constexpr size_t s0_off = do_off + size_t(kChunk) * LDV * 2;  // S0 [K][LDV]
     static constexpr size_t ds_off = s0_off + size_t(K) * LDV * 2;       // dS_C [K][LDV]
-    // delta: U [64][LDV] and W [64][LDK], then A → T fp32 [64][LDF] and the inverse's scratch;
-    // additive: V [64][LDV] (= X)
+    // delta: U [64][LDV] and W [64][LDK], then T fp32 [64][LDF]; additive: V [64][LDV] (= X)
     static constexpr size_t uw_off = ds_off + size_t(K) * LDV * 2;
     static constexpr size_t uw_bytes =
-        kDelta ? std::max(size_t(kChunk) * (LDV + LDK) * 2, size_t(kChunk) * LDF * 4 + 3 * 256 * 4) : size_t(kChunk) * LDV * 2;
+        kDelta ? std::max(size_t(kChunk) * (LDV + LDK) * 2, size_t(kChunk) * LDF * 4) : size_t(kChunk) * LDV * 2;
     static constexpr size_t x_off = uw_off + uw_bytes;  // delta: X [64][LDV]
     static constexpr size_t dx_off = x_off + (kDelta ? size_t(kChunk) * LDV * 2 : 0);  // delta: dX fp32 [64][LDVF], then Z bf16 [64][LDV]
     static constexpr size_t pb_off = dx_off + (kDelta ? size_t(kChunk) * LDVF * 4 : 0);  // P bf16 [64][LDC]
@@ -122,8 +121,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     E* dSs = reinterpret_cast<E*>(sm + L::ds_off);
     E* Us = reinterpret_cast<E*>(sm + L::uw_off);              // delta: U; additive: V (= X)
     E* Ws = Us + kChunk * LDV;                                 // delta
-    float* Tm = reinterpret_cast<float*>(sm + L::uw_off);      // delta, after X: A, then T in place
-    float* Tx = Tm + kChunk * LDF;                             // the inverse's scratch (≤ 768 floats)
+    float* Tm = reinterpret_cast<float*>(sm + L::uw_off);      // delta, after X: T
     E* Xs = kDelta ? reinterpret_cast<E*>(sm + L::x_off) : Us;
     float* dXf = reinterpret_cast<float*>(sm + L::dx_off);     // delta: dX fp32
     E* Zs = reinterpret_cast<E*>(sm + L::dx_off);              // delta: Z bf16, once dX is consumed
@@ -309,45 +307,14 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         __syncthreads();  // X and dX complete; U, W are dead
 
         if constexpr (kDelta) {
-            // ---- T = (I + A)^{-1}, A = diag(β) D (strict lower), in place over A ----
-            for_each_acc(Dr, [&](int r, int c, float& x) {
-                const int i = row0 + r, j = jc0 + c;
-                Tm[i * LDF + j] = betas[i] * x;
-            });
-            __syncthreads();
-            if (warp < 4 && lane < 16) {
-                // diagonal block `warp`, column `lane`: forward substitution
-                const int o = 16 * warp, c = lane;
-                float col[16];
-#pragma unroll
-                for (int i = 0; i < 16; ++i) {
-                    float x = i == c ? 1.f : 0.f;
-#pragma unroll
-                    for (int j = 0; j < i; ++j) x -= (j >= c ? Tm[(o + i) * LDF + o + j] * col[j] : 0.f);
-                    col[i] = i < c ? 0.f : x;
-                }
-                __syncwarp(0x0000ffffu);
-#pragma unroll
-                for (int i = 0; i < 16; ++i) Tm[(o + i) * LDF + o + c] = col[i];
+            // ---- T = (I + A)^{-1}, A = diag(β) D: prepare's (stage 1), into U and W's bytes ----
+            for (int idx = tid; idx < kChunk * (kChunk / 4); idx += kMmaThreads) {
+                const int i = idx / (kChunk / 4), c = 4 * (idx % (kChunk / 4));
+                cp_async16(Tm + i * LDF + c, p.Tinv + slot * kChunk * kChunk + i * kChunk + c);
             }
+            cp_async_commit();
+            cp_async_wait_all();
             __syncthreads();
-            // T_IJ = −T_II Σ_{J ≤ M < I} A_IM T_MJ, row block by row block
-            for (int I = 1; I < 4; ++I) {
-                for (int idx = tid; idx < I * 256; idx += kMmaThreads) {
-                    const int J = idx / 256, a = (idx / 16) % 16, b = idx % 16;
-                    float x = 0.f;
-                    for (int m = 16 * J; m < 16 * I; ++m) x += Tm[(16 * I + a) * LDF + m] * Tm[m * LDF + 16 * J + b];
-                    Tx[idx] = x;
-                }
-                __syncthreads();
-                for (int idx = tid; idx < I * 256; idx += kMmaThreads) {
-                    const int J = idx / 256, a = (idx / 16) % 16, b = idx % 16;
-                    float x = 0.f;
-                    for (int m = 0; m <= a; ++m) x += Tm[(16 * I + a) * LDF + 16 * I + m] * Tx[J * 256 + m * 16 + b];
-                    Tm[(16 * I + a) * LDF + 16 * J + b] = -x;
-                }
-                __syncthreads();
-            }
             // ---- Z = Tᵀ dX (tf32); dv = diag(β) Z; dβ_i gets ⟨Z_i, v_i⟩ ----
             float Z[1][NTV][4];
             zero_acc(Z);

@@ -774,7 +774,10 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const size_t b_w = p.delta() ? b_qk : 0;
     const size_t b_p = align(slots * kChunk * kChunk * sizeof(E));
     const size_t b_g = align(slots * p.K * sizeof(float));
-    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g;
+    // the backward's per-chunk tensor-core kernel (bf16, delta rule) reuses prepare's inverse
+    const bool keep_t = states && p.delta() && std::is_same_v<In, __nv_bfloat16> && p.cfg.decay != Decay::Vector;
+    const size_t b_t = keep_t ? align(slots * kChunk * kChunk * sizeof(float)) : 0;
+    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t;
     char* ws = static_cast<char*>(workspace_alloc(total, p.op));
     char* at = ws;
     fp.chunks = reinterpret_cast<const ChunkInfo*>(at);
@@ -797,6 +800,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     fp.P = at;
     at += b_p;
     fp.gC = reinterpret_cast<float*>(at);
+    at += b_g;
+    fp.Tinv = keep_t ? reinterpret_cast<float*>(at) : nullptr;
 
     if (n_chunks > 0) {
         if (p.K == 64) launch_prepare_cell<In, E, 64>(p, fp, int(n_chunks));

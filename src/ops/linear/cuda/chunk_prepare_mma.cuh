@@ -451,6 +451,19 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
         }
         cp_async_wait_all();
         __syncthreads();  // L and v complete
+        if (p.Tinv) {
+            // the backward's per-chunk kernel reads T = L (the upper blocks of Ls held scratch: zeros out)
+            float* Tg = p.Tinv + slot * kChunk * kChunk;
+            for (int idx = tid; idx < kChunk * kChunk / 4; idx += kPrepMmaThreads) {
+                const int i = idx / (kChunk / 4), j = 4 * (idx % (kChunk / 4));
+                float4 v = *reinterpret_cast<const float4*>(Ls + i * LDA + j);
+                v.x = j <= i ? v.x : 0.f;
+                v.y = j + 1 <= i ? v.y : 0.f;
+                v.z = j + 2 <= i ? v.z : 0.f;
+                v.w = j + 3 <= i ? v.w : 0.f;
+                *reinterpret_cast<float4*>(Tg + i * kChunk + j) = v;
+            }
+        }
         // ---- W = L diag(β) (K⊙γ), U = L diag(β) V for this warp's rows; L diag(β) rounded once to bf16 ----
         uint32_t a[4][4];
 #pragma unroll

@@ -44,6 +44,9 @@ struct FwdParams {
     // Backward recompute only (null in the forward): the state at the start of every chunk, [chunk, HV,
     // K, V] in the operand dtype E, as the scan's products use it. With it, o may be null (not written).
     void* states;
+    // Backward recompute of the delta rule on bf16 inputs only (null otherwise): T = (I + A)^{-1} of
+    // every (chunk, value head), fp32 [64][64], zero above the diagonal (chunk_prepare_mma).
+    float* Tinv;
 };
 
 // The factors a token's q and k rows are multiplied by, from one warp's per-lane partial sums of
