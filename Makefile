@@ -7,7 +7,7 @@ CMAKE_FLAGS ?=
 # The Python package builds against Debian's python3-torch, which lives in the system interpreter.
 PYTHON ?= /usr/bin/python3
 
-.PHONY: run test build configure deps clean bench-json python-build python-test
+.PHONY: run test build configure deps clean bench-json python-build python-test cuda-variants
 
 deps:
 	@scripts/install-deps.sh
@@ -26,6 +26,11 @@ run: build
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 1200
 	$(MAKE) --no-print-directory python-test
+	$(MAKE) --no-print-directory cuda-variants
+
+# Builds with fewer CUDA variants still link (~1 min per configuration; skipped without nvcc).
+cuda-variants: build
+	JOBS=$(JOBS) scripts/check-cuda-variants.sh $(BUILD)-variants
 
 # hla._C links the libhla.a just built (one translation unit against the torch headers, ~1 min).
 python-build: build
@@ -35,5 +40,5 @@ python-test: python-build
 	cd python && $(PYTHON) -m pytest -q tests
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) $(BUILD)-variants
 	rm -rf python/build python/hla/_C*.so

@@ -201,7 +201,9 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     bp.Tinv = fp.Tinv;
     bp.n_chunks = int(n_chunks);
     if (n_chunks > 0 && mma) {
+#if HLA_CUDA_LINEAR_BF16  // (mma means bf16 inputs, which the switch above rejects in a build without them)
         p.delta() ? launch_backward_mma<Update::Delta>(bp, p.op) : launch_backward_mma<Update::Additive>(bp, p.op);
+#endif
     } else if (n_chunks > 0) {
         if (vec) p.delta() ? launch_backward<true, true>(bp, blocks, p.op) : launch_backward<true, false>(bp, blocks, p.op);
         else p.delta() ? launch_backward<false, true>(bp, blocks, p.op) : launch_backward<false, false>(bp, blocks, p.op);
