@@ -670,24 +670,10 @@ __global__ void __launch_bounds__(kThreads) chunk_bwd_kernel(const Params p) {
                 float* d = (which == 0 ? w.dqa : w.dka) + int64_t(i) * K;
                 void* out = which == 0 ? p.dq : p.dk;
                 const float f = which == 0 ? p.scale : 1.f;
-                if (p.qk_l2norm) {
-                    const void* src = which == 0 ? p.q : p.k;
-                    const DType dt = which == 0 ? p.q_dt : p.k_dt;
-                    const int64_t off = which == 0 ? tok(p.qs, ci.batch, t, h) : tok(p.ks, ci.batch, t, h);
-                    float ss = 0.f;
-                    for (int c = lane; c < K; c += 32) {
-                        const float x = load_any(src, dt, off + c);
-                        ss += x * x;
-                    }
-                    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-                    const float norm = sqrtf(ss + float(kL2NormEps));
-                    float dot = 0.f;
-                    for (int c = lane; c < K; c += 32) dot += load_any(src, dt, off + c) / norm * d[c] * f;
-                    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                    for (int c = lane; c < K; c += 32) d[c] = (d[c] * f - load_any(src, dt, off + c) / norm * dot) / norm;
-                } else {
-                    for (int c = lane; c < K; c += 32) d[c] *= f;
-                }
+                const void* src = which == 0 ? p.q : p.k;
+                const DType dt = which == 0 ? p.q_dt : p.k_dt;
+                const int64_t off = which == 0 ? tok(p.qs, ci.batch, t, h) : tok(p.ks, ci.batch, t, h);
+                l2norm_scale_backward_row(d, K, f, p.qk_l2norm, lane, [&](int c) { return load_any(src, dt, off + c); });
                 __syncwarp();
                 if (out) {
                     const DType odt = which == 0 ? p.dq_dt : p.dk_dt;

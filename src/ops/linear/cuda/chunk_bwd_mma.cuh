@@ -218,13 +218,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                     a[e] = load_any(p.g, p.g_dt, hv * p.gs[0]);
                 }
             }
-            double s = a[0] + a[1];
-            for (int off = 1; off < 32; off <<= 1) {
-                const double n = __shfl_up_sync(0xffffffffu, s, off);
-                if (lane >= off) s += n;
-            }
-            const double b0 = s - a[1], b1 = s;
-            const double bC = __shfl_sync(0xffffffffu, b1, 31);
+            const auto [b0, b1, bC] = warp_chunk_log_decay(a[0], a[1], lane);
             bsm[2 * lane] = b0;
             bsm[2 * lane + 1] = b1;
             gam[2 * lane] = expf(float(b0));
@@ -506,21 +500,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             float* d = stage + i * (K + 4);
             const E* raw = rawb + i * LDK;
             const int64_t t = ci.start + i;
-            if (p.qk_l2norm) {
-                float ss = 0.f;
-                for (int c = lane; c < K; c += 32) {
-                    const float x = __bfloat162float(raw[c]);
-                    ss += x * x;
-                }
-                for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-                const float norm = sqrtf(ss + float(kL2NormEps));
-                float dot = 0.f;
-                for (int c = lane; c < K; c += 32) dot += __bfloat162float(raw[c]) / norm * d[c] * f;
-                for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                for (int c = lane; c < K; c += 32) d[c] = (d[c] * f - __bfloat162float(raw[c]) / norm * dot) / norm;
-            } else {
-                for (int c = lane; c < K; c += 32) d[c] *= f;
-            }
+            l2norm_scale_backward_row(d, K, f, p.qk_l2norm, lane, [&](int c) { return __bfloat162float(raw[c]); });
             __syncwarp();
             if (out) {
                 const DType odt = which == 0 ? p.dq_dt : p.dk_dt;

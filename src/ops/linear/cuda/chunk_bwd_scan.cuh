@@ -203,25 +203,11 @@ void launch_dstate_vt(const FwdParams& fp, const DScanParams& d, int n_seqs, int
     return launch_dstate<E, Up, K, 16, 4>(fp, d, n_seqs, op);
 }
 
-// Stage 2 for operand dtype E (instantiated in bwd_scan_<E>.cu). The V-tile follows the forward
-// scan's rule (launch_scan_cell): the widest tile that still gives 90% of the SMs a block.
+// Stage 2 for operand dtype E (instantiated in bwd_scan_<E>.cu), with the forward scan's V-tile.
 template <class E>
 void dstate_scan(const Problem& p, const FwdParams& fp, const DScanParams& d) {
     const int n_seqs = int(p.N());
-    const int64_t chains = int64_t(n_seqs) * p.HV;
-    int vt = 16;
-    if constexpr (sizeof(E) == 2) {
-        for (int w : {64, 32})
-            if (w <= p.V && chains * (p.V / w) * 10 >= 9 * int64_t(sm_count())) {
-                vt = w;
-                break;
-            }
-    } else {
-        vt = chains * (p.V / 16) > 2 * sm_count() ? 32 : 16;
-    }
-    const int forced = scan_tile_override();
-    if (forced == 16 || forced == 32 || forced == 64) vt = forced;
-    vt = std::min<int>(vt, int(p.V));
+    const int vt = scan_tile_width<E>(int64_t(n_seqs) * p.HV, p.V);
     const bool delta = p.delta();
     if (p.K == 64) {
         if (delta) launch_dstate_vt<E, Update::Delta, 64>(fp, d, n_seqs, vt, p.op);

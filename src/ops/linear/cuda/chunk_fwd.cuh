@@ -612,6 +612,32 @@ void set_smem(Kern kernel, size_t bytes, const char* op) {
 
 int sm_count();
 int scan_tile_override();  // HLA_CUDA_SCAN_VT, 0 when unset
+
+// The value-column tile of a scan over `chains` (sequence, value head) pairs with operand dtype E, for
+// the forward scan and the backward's reverse dS scan alike. Every block walks its whole sequence. Each
+// V-tile block re-reads the chunk's operands, so narrow tiles cost L2 bandwidth (ncu: 83% of L2
+// throughput at 32 columns, B=4 T=4096), while too few blocks leave SMs idle: the scan's time is one
+// chunk's latency times the chunks in a sequence.
+// 16-bit operands (one block per SM, 136–169 KiB): the widest tile of 64, 32, 16 columns that still
+// gives 90% of the SMs a block (B=4, H=16: 64; B=1: 16). fp32 (two blocks per SM): 16 columns while
+// that stays within one wave, else 32.
+// HLA_CUDA_SCAN_VT = 16 | 32 | 64 overrides the choice (tests and tuning).
+template <class E>
+int scan_tile_width(int64_t chains, int64_t V) {
+    int vt = 16;
+    if constexpr (sizeof(E) == 2) {
+        for (int w : {64, 32})
+            if (w <= V && chains * (V / w) * 10 >= 9 * int64_t(sm_count())) {
+                vt = w;
+                break;
+            }
+    } else {
+        vt = chains * (V / 16) > 2 * sm_count() ? 32 : 16;
+    }
+    const int forced = scan_tile_override();
+    if (forced == 16 || forced == 32 || forced == 64) vt = forced;
+    return std::min<int>(vt, int(V));
+}
 void* workspace_alloc(size_t bytes, const char* op);
 void workspace_free(void* ptr);
 
@@ -681,27 +707,7 @@ void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt) {
 
 template <class In, class E, int K>
 void launch_scan_cell(const Problem& p, const FwdParams& fp) {
-    // Every block walks its whole sequence. Each V-tile block re-reads the chunk's Qg, Kd, W and P, so
-    // narrow tiles cost L2 bandwidth (ncu: 83% of L2 throughput at 32 columns, B=4 T=4096), while too
-    // few blocks leave SMs idle: the scan's time is one chunk's latency times the chunks in a sequence.
-    // 16-bit operands (one block per SM, 136–169 KiB): the widest tile of 64, 32, 16 columns that
-    // still gives 90% of the SMs a block (B=4, H=16: 64; B=1: 16). fp32 (two blocks per SM): 16
-    // columns while that stays within one wave, else 32.
-    // HLA_CUDA_SCAN_VT = 16 | 32 | 64 overrides the choice (tests and tuning).
-    const int64_t chains = int64_t(p.N()) * p.HV;
-    int vt = 16;
-    if constexpr (sizeof(E) == 2) {
-        for (int w : {64, 32})
-            if (w <= p.V && chains * (p.V / w) * 10 >= 9 * int64_t(sm_count())) {
-                vt = w;
-                break;
-            }
-    } else {
-        vt = chains * (p.V / 16) > 2 * sm_count() ? 32 : 16;
-    }
-    const int forced = scan_tile_override();
-    if (forced == 16 || forced == 32 || forced == 64) vt = forced;
-    vt = std::min<int>(vt, int(p.V));
+    const int vt = scan_tile_width<E>(int64_t(p.N()) * p.HV, p.V);
     if (p.delta()) return launch_scan_vt<In, E, Update::Delta, K>(p, fp, vt);
     return launch_scan_vt<In, E, Update::Additive, K>(p, fp, vt);
 }
