@@ -8,16 +8,6 @@
 #include "ops/linear/cuda/chunk_bwd_mma.cuh"
 #include "ops/linear/cuda/chunk_bwd_scan.cuh"
 
-#ifndef HLA_CUDA_LINEAR_BF16
-#define HLA_CUDA_LINEAR_BF16 1
-#endif
-#ifndef HLA_CUDA_LINEAR_F16
-#define HLA_CUDA_LINEAR_F16 1
-#endif
-#ifndef HLA_CUDA_LINEAR_F32
-#define HLA_CUDA_LINEAR_F32 1
-#endif
-
 namespace hla::linear::cuda {
 
 namespace bwd {

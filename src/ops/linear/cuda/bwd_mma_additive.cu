@@ -2,10 +2,6 @@
 // the additive update (bf16 inputs; every K, V in {64, 128}).
 #include "ops/linear/cuda/chunk_bwd_mma.cuh"
 
-#ifndef HLA_CUDA_LINEAR_BF16
-#define HLA_CUDA_LINEAR_BF16 1
-#endif
-
 namespace hla::linear::cuda {
 #if HLA_CUDA_LINEAR_BF16
 template void launch_backward_mma<Update::Additive>(const bwd::Params&, const char*);

@@ -2,10 +2,6 @@
 // operands (bf16 inputs).
 #include "ops/linear/cuda/chunk_bwd_scan.cuh"
 
-#ifndef HLA_CUDA_LINEAR_BF16
-#define HLA_CUDA_LINEAR_BF16 1
-#endif
-
 namespace hla::linear::cuda {
 #if HLA_CUDA_LINEAR_BF16
 template void dstate_scan<__nv_bfloat16>(const Problem&, const FwdParams&, const DScanParams&);

@@ -2,13 +2,6 @@
 // operands (fp16 and fp32 inputs, whose forward intermediates are fp32).
 #include "ops/linear/cuda/chunk_bwd_scan.cuh"
 
-#ifndef HLA_CUDA_LINEAR_F16
-#define HLA_CUDA_LINEAR_F16 1
-#endif
-#ifndef HLA_CUDA_LINEAR_F32
-#define HLA_CUDA_LINEAR_F32 1
-#endif
-
 namespace hla::linear::cuda {
 #if HLA_CUDA_LINEAR_F16 || HLA_CUDA_LINEAR_F32
 template void dstate_scan<float>(const Problem&, const FwdParams&, const DScanParams&);

@@ -14,6 +14,20 @@
 #include "hla/tensor.hpp"
 #include "ops/linear/activations.hpp"
 
+// The input dtypes whose chunked kernels this build compiles: CMake's HLA_CUDA_LINEAR_DTYPES defines
+// each switch as 0 or 1 (CMakeLists.txt, hla_cuda_variants); a file compiled without CMake gets all.
+// Every call into a dtype-specific kernel sits behind the same switch as its instantiation
+// (scripts/check-cuda-variants.sh links single-dtype builds to check it).
+#ifndef HLA_CUDA_LINEAR_BF16
+#define HLA_CUDA_LINEAR_BF16 1
+#endif
+#ifndef HLA_CUDA_LINEAR_F16
+#define HLA_CUDA_LINEAR_F16 1
+#endif
+#ifndef HLA_CUDA_LINEAR_F32
+#define HLA_CUDA_LINEAR_F32 1
+#endif
+
 namespace hla::linear::cuda {
 
 inline void check_cuda(cudaError_t err, const char* op, const char* what) {

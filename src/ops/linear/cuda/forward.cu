@@ -7,16 +7,6 @@
 #include "ops/linear/cuda/common.cuh"
 #include "ops/linear/problem.hpp"
 
-#ifndef HLA_CUDA_LINEAR_BF16
-#define HLA_CUDA_LINEAR_BF16 1
-#endif
-#ifndef HLA_CUDA_LINEAR_F16
-#define HLA_CUDA_LINEAR_F16 1
-#endif
-#ifndef HLA_CUDA_LINEAR_F32
-#define HLA_CUDA_LINEAR_F32 1
-#endif
-
 namespace hla::linear::cuda {
 
 template <class E>
