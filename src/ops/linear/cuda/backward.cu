@@ -118,11 +118,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     bp.V = int(p.V);
     bp.W = vec ? int(p.K) : 1;
     bp.decay = p.cfg.decay;
-    bp.scale = float(p.scale);
-    bp.qk_l2norm = p.cfg.qk_l2norm;
-    bp.gate_act = p.cfg.gate_activation;
-    bp.lower_bound = p.cfg.lower_bound;
-    bp.beta_act = p.cfg.beta_activation;
+    static_cast<CellOptions&>(bp) = cell_options(p.cfg, p.scale);
 
     if (p.seqs.empty()) return;
     int64_t n_chunks = 0;

@@ -42,7 +42,7 @@ constexpr int kC = 64;      // tokens per chunk (and the leading dimension of th
 constexpr int kBlk = 16;    // row block of the factored vector-decay products
 constexpr int kThreads = 256;
 
-struct Params {
+struct Params : CellOptions {
     // inputs
     const void *q, *k, *v, *g, *beta, *A_log, *dt_bias, *d_o;
     DType q_dt, k_dt, v_dt, g_dt, beta_dt, do_dt;
@@ -63,11 +63,6 @@ struct Params {
     // sizes and options
     int B, T, H, HV, G, K, V, W;  // W: log decays per token (K for vector decay, else 1)
     Decay decay;
-    float scale;
-    bool qk_l2norm;
-    GateActivation gate_act;
-    float lower_bound;
-    BetaActivation beta_act;
     // work and workspace
     const ChunkInfo* chunks;
     int n_chunks;

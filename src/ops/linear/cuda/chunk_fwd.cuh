@@ -755,11 +755,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     fp.G = int(p.G);
     fp.K = int(p.K);
     fp.V = int(p.V);
-    fp.scale = float(p.scale);
-    fp.qk_l2norm = p.cfg.qk_l2norm;
-    fp.gate_act = p.cfg.gate_activation;
-    fp.lower_bound = p.cfg.lower_bound;
-    fp.beta_act = p.cfg.beta_activation;
+    static_cast<CellOptions&>(fp) = cell_options(p.cfg, p.scale);
 
     // Chunk table (host), then one workspace allocation holding the tables and the intermediates.
     std::vector<ChunkInfo> chunks;

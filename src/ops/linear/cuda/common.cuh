@@ -400,6 +400,21 @@ inline void fill_strides(int64_t (&s)[N], const TensorView& x) {
     for (int i = 0; i < N; ++i) s[i] = x.defined() ? x.stride[i] : 0;
 }
 
+// The per-token transforms every linear kernel applies (SPECS.md §1): the scale, the in-kernel q/k L2
+// norm, the gate and β activations. The forward, backward and decode parameter blocks derive from it,
+// and cell_options fills it from the call's config in one place.
+struct CellOptions {
+    float scale;
+    bool qk_l2norm;
+    GateActivation gate_act;
+    float lower_bound;
+    BetaActivation beta_act;
+};
+
+inline CellOptions cell_options(const LinearConfig& cfg, double scale) {
+    return {float(scale), cfg.qk_l2norm, cfg.gate_activation, cfg.lower_bound, cfg.beta_activation};
+}
+
 // The in-chunk prefix sums of 64 per-token log decays held two per lane by one warp (tokens 2·lane and
 // 2·lane + 1), in fp64: with g = −1000 the sums reach −6.4·10^4, where fp32 would put 0.4% errors into
 // e^{b_i − b_j} of neighbouring tokens. b0, b1: the inclusive sums at the lane's two tokens; total: the

@@ -14,20 +14,15 @@
 
 namespace hla::linear::cuda {
 
-struct DecodeParams {
+struct DecodeParams : CellOptions {
     const void *q, *k, *v, *g, *beta, *A_log, *dt_bias, *indices;
     float* state;
     void* o;
     DType q_dtype, k_dtype, v_dtype, g_dtype, beta_dtype, o_dtype, idx_dtype;
     int64_t qs[3], ks[3], vs[3], gs[3], bs[3], os[3], idx_stride;
     int T, H, HV, G, V;
-    float scale;
-    bool qk_l2norm;
     Decay decay;
     bool delta;
-    GateActivation gate_act;
-    float lower_bound;
-    BetaActivation beta_act;
 };
 
 constexpr int kDecodeWarps = 4;
@@ -173,13 +168,9 @@ void decode(const DecodeProblem& p) {
     dp.HV = int(p.HV);
     dp.G = int(p.G);
     dp.V = int(p.V);
-    dp.scale = float(p.scale);
-    dp.qk_l2norm = p.cfg.qk_l2norm;
+    static_cast<CellOptions&>(dp) = cell_options(p.cfg, p.scale);
     dp.decay = p.cfg.decay;
     dp.delta = p.cfg.update == Update::Delta;
-    dp.gate_act = p.cfg.gate_activation;
-    dp.lower_bound = p.cfg.lower_bound;
-    dp.beta_act = p.cfg.beta_activation;
     switch (p.K) {
         case 64: return launch_decode<64>(dp, p.N, p.op);
         case 128: return launch_decode<128>(dp, p.N, p.op);

@@ -8,6 +8,7 @@
 #include "hla/dtype.hpp"
 #include "hla/linear.hpp"
 #include "ops/linear/activations.hpp"
+#include "ops/linear/cuda/common.cuh"
 
 namespace hla::linear::cuda {
 
@@ -24,17 +25,12 @@ struct SeqInfo {
 };
 
 // One POD for both kernels: pointers, strides (elements) of [B, T, heads, D] views, options.
-struct FwdParams {
+struct FwdParams : CellOptions {
     const void *q, *k, *v, *g, *beta, *A_log, *dt_bias, *h0;
     void *o, *ht;
     DType g_dtype, beta_dtype, o_dtype;
     int64_t qs[3], ks[3], vs[3], gs[3], bs[3], os[3], h0s[4], hts[4];
     int H, HV, G, K, V;
-    float scale;
-    bool qk_l2norm;
-    GateActivation gate_act;
-    float lower_bound;
-    BetaActivation beta_act;
     const ChunkInfo* chunks;
     const SeqInfo* seqs;
     // Workspace, per (chunk, value head): Qg, Kd, W [64, K]; U [64, V]; P [64, 64] in the input dtype;
