@@ -67,26 +67,6 @@ struct MmaLayout {
     static_assert(bytes <= 227 * 1024, "bwd mma: shared memory over the 227 KiB of an SM");
 };
 
-// rows × COLS of a [.., COLS] bf16 view (row stride `rs` elements) into shared memory (row stride ld),
-// rows ≥ valid zero: 16-byte asynchronous copies when aligned, element copies otherwise.
-template <int COLS>
-__device__ __forceinline__ void stage_bf16(__nv_bfloat16* dst, int ld, const __nv_bfloat16* src, int64_t rs, int rows,
-                                           int valid) {
-    constexpr int PR = COLS / 8;
-    if (reinterpret_cast<uintptr_t>(src) % 16 == 0 && rs % 8 == 0) {
-        for (int idx = threadIdx.x; idx < rows * PR; idx += kMmaThreads) {
-            const int r = idx / PR, c = idx % PR;
-            const bool in = r < valid;
-            cp_async16_zfill(dst + r * ld + c * 8, src + (in ? r : 0) * rs + c * 8, in);
-        }
-    } else {
-        for (int idx = threadIdx.x; idx < rows * COLS; idx += kMmaThreads) {
-            const int r = idx / COLS, c = idx % COLS;
-            dst[r * ld + c] = r < valid ? src[r * rs + c] : __float2bfloat16(0.f);
-        }
-    }
-}
-
 // Adds Σ over the warp's fragment columns of f(r, c, x) into dst[row0 + r] (two warps share each row:
 // shared-memory atomics).
 template <int NT, class F>
@@ -151,8 +131,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     const bool gated = p.gate_act != GateActivation::None && p.decay == Decay::Scalar;
 
     // ---- q̂, k̂ of the chunk (shared by the group): raw bf16, then scaled / normalised in place ----
-    stage_bf16<K>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1], kChunk, len);
-    stage_bf16<K>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], kChunk, len);
+    stage_rows_bf16<K, kMmaThreads>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1], kChunk, len);
+    stage_rows_bf16<K, kMmaThreads>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], kChunk, len);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
@@ -181,7 +161,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         {
             const E* dsrc = static_cast<const E*>(p.d_o) + tok(p.dos, ci.batch, ci.start, hv);
             if (p.do_dt == DType::BF16) {
-                stage_bf16<V>(dOs, LDV, dsrc, p.dos[1], kChunk, len);
+                stage_rows_bf16<V, kMmaThreads>(dOs, LDV, dsrc, p.dos[1], kChunk, len);
             } else {
                 for (int idx = tid; idx < kChunk * V; idx += kMmaThreads) {
                     const int r = idx / V, c = idx % V;
@@ -189,13 +169,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                     dOs[r * LDV + c] = __float2bfloat16(x);
                 }
             }
-            stage_bf16<V>(S0s, LDV, static_cast<const E*>(p.states) + slot * K * V, V, K, K);
-            stage_bf16<V>(dSs, LDV, static_cast<const E*>(p.dstates) + slot * K * V, V, K, K);
+            stage_rows_bf16<V, kMmaThreads>(S0s, LDV, static_cast<const E*>(p.states) + slot * K * V, V, K, K);
+            stage_rows_bf16<V, kMmaThreads>(dSs, LDV, static_cast<const E*>(p.dstates) + slot * K * V, V, K, K);
             if constexpr (kDelta) {
-                stage_bf16<V>(Us, LDV, static_cast<const E*>(p.U) + slot * kChunk * V, V, kChunk, kChunk);
-                stage_bf16<K>(Ws, LDK, static_cast<const E*>(p.Wm) + slot * kChunk * K, K, kChunk, kChunk);
+                stage_rows_bf16<V, kMmaThreads>(Us, LDV, static_cast<const E*>(p.U) + slot * kChunk * V, V, kChunk, kChunk);
+                stage_rows_bf16<K, kMmaThreads>(Ws, LDK, static_cast<const E*>(p.Wm) + slot * kChunk * K, K, kChunk, kChunk);
             } else {
-                stage_bf16<V>(Us, LDV, static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv), p.vs[1], kChunk, len);
+                stage_rows_bf16<V, kMmaThreads>(Us, LDV, static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv), p.vs[1], kChunk, len);
             }
             cp_async_commit();
         }
@@ -486,7 +466,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         if (p.qk_l2norm) {
             const E* src = which == 0 ? static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h)
                                       : static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h);
-            stage_bf16<K>(rawb, LDK, src, which == 0 ? p.qs[1] : p.ks[1], kChunk, len);
+            stage_rows_bf16<K, kMmaThreads>(rawb, LDK, src, which == 0 ? p.qs[1] : p.ks[1], kChunk, len);
             cp_async_commit();
         }
         auto to_stage = [&](int r, int c, float& x) { stage[(row0 + r) * (K + 4) + kc0 + c] = x; };

@@ -81,20 +81,21 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, b
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
 }
 
-// The chunk's rows of a bf16 [.., D] view into shared memory (row stride ld), rows ≥ valid zero:
-// asynchronous 16-byte copies when every row is 16-byte aligned, element copies otherwise.
-template <int COLS>
+// rows × COLS of a bf16 [.., COLS] view (row stride row_stride elements) into shared memory (row
+// stride ld) by a block of THREADS, rows ≥ valid zero: asynchronous 16-byte copies when every row is
+// 16-byte aligned, element copies otherwise. Shared by the prepare and the tensor-core backward.
+template <int COLS, int THREADS>
 __device__ __forceinline__ void stage_rows_bf16(__nv_bfloat16* dst, int ld, const __nv_bfloat16* src, int64_t row_stride,
-                                                int valid) {
+                                                int rows, int valid) {
     constexpr int PR = COLS / 8;
     if ((reinterpret_cast<uintptr_t>(src) % 16 == 0) && (row_stride % 8 == 0)) {
-        for (int idx = threadIdx.x; idx < kChunk * PR; idx += kPrepMmaThreads) {
+        for (int idx = threadIdx.x; idx < rows * PR; idx += THREADS) {
             const int r = idx / PR, c = idx % PR;
             const bool in = r < valid;
             cp_async16_zfill(dst + r * ld + c * 8, src + (in ? r : 0) * row_stride + c * 8, in);
         }
     } else {
-        for (int idx = threadIdx.x; idx < kChunk * COLS; idx += kPrepMmaThreads) {
+        for (int idx = threadIdx.x; idx < rows * COLS; idx += THREADS) {
             const int r = idx / COLS, c = idx % COLS;
             dst[r * ld + c] = r < valid ? src[r * row_stride + c] : __float2bfloat16(0.f);
         }
@@ -142,8 +143,8 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
     const E* qsrc = static_cast<const E*>(p.q) + ci.batch * p.qs[0] + int64_t(ci.start) * p.qs[1] + h * p.qs[2];
     const E* ksrc = static_cast<const E*>(p.k) + ci.batch * p.ks[0] + int64_t(ci.start) * p.ks[1] + h * p.ks[2];
     const E* vsrc = static_cast<const E*>(p.v) + ci.batch * p.vs[0] + int64_t(ci.start) * p.vs[1] + hv * p.vs[2];
-    stage_rows_bf16<K>(qs, LDH, qsrc, p.qs[1], len);
-    stage_rows_bf16<K>(ks, LDH, ksrc, p.ks[1], len);
+    stage_rows_bf16<K, kPrepMmaThreads>(qs, LDH, qsrc, p.qs[1], kChunk, len);
+    stage_rows_bf16<K, kPrepMmaThreads>(ks, LDH, ksrc, p.ks[1], kChunk, len);
     cp_async_commit();
 
     // ---- gates and β (overlapping the copies) ----
@@ -404,8 +405,8 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
     } else {
         __syncthreads();  // Δ and raw k are dead (A, L and v take their bytes); K⊙γ is complete
         // v arrives while the inverse runs
-        if (V == 128) stage_rows_bf16<128>(vs, LDV, vsrc, p.vs[1], len);
-        else stage_rows_bf16<64>(vs, LDV, vsrc, p.vs[1], len);
+        if (V == 128) stage_rows_bf16<128, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], kChunk, len);
+        else stage_rows_bf16<64, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], kChunk, len);
         cp_async_commit();
         for_each_acc(accA, [&](int r, int c, float& x) { As[(r0 + r) * LDA + c] = x; });
         __syncthreads();
