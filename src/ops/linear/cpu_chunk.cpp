@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "core/cpu_math.hpp"
 
@@ -65,6 +66,37 @@ void lower_apply_t(int L, int64_t N, float alpha, const float* E, const float* x
     }
 }
 
+// x[e] −= Σ_{m<n} c[m·c_step] rows[m·N + e] for e < N: one row of a forward substitution, accumulated in
+// registers (the plain row-by-row axpy loop stored and reloaded x for every m, and was the solves' cost).
+void subtract_rows(float* x, int64_t N, const float* c, int64_t c_step, const float* rows, int n) {
+    using hla::cpu::kVec;
+    using hla::cpu::load;
+    using hla::cpu::splat;
+    using hla::cpu::store;
+    using hla::cpu::vf;
+    int64_t e = 0;
+    for (; e + 4 * kVec <= N; e += 4 * kVec) {
+        vf acc[4];
+        for (int v = 0; v < 4; ++v) acc[v] = load(x + e + v * kVec);
+        for (int m = 0; m < n; ++m) {
+            const vf a = splat(c[m * c_step]);
+            const float* r = rows + m * N + e;
+            for (int v = 0; v < 4; ++v) acc[v] -= a * load(r + v * kVec);
+        }
+        for (int v = 0; v < 4; ++v) store(x + e + v * kVec, acc[v]);
+    }
+    for (; e + kVec <= N; e += kVec) {
+        vf acc = load(x + e);
+        for (int m = 0; m < n; ++m) acc -= splat(c[m * c_step]) * load(rows + m * N + e);
+        store(x + e, acc);
+    }
+    for (; e < N; ++e) {
+        float acc = x[e];
+        for (int m = 0; m < n; ++m) acc -= c[m * c_step] * rows[m * N + e];
+        x[e] = acc;
+    }
+}
+
 // (I + A) X = B in place (X holds B on entry), A strictly lower triangular (ld kChunk), X [L, N].
 // Blocked: the rows of block I first take −A[I, 0:i0] X[0:i0] as one matrix product, then the
 // 16 × 16 diagonal block is a short forward substitution.
@@ -72,14 +104,7 @@ void solve_unit_lower(int L, int64_t N, const float* A, float* X) {
     for (int i0 = 0; i0 < L; i0 += kBlock) {
         const int i1 = std::min(L, i0 + kBlock);
         if (i0 > 0) gemm(i1 - i0, N, i0, -1.0f, A + i0 * kChunk, kChunk, 1, X, N, 1.0f, X + i0 * N, N);
-        for (int i = i0 + 1; i < i1; ++i) {
-            float* xi = X + i * N;
-            for (int j = i0; j < i; ++j) {
-                const float aij = A[i * kChunk + j];
-                const float* xj = X + j * N;
-                for (int64_t e = 0; e < N; ++e) xi[e] -= aij * xj[e];
-            }
-        }
+        for (int i = i0 + 1; i < i1; ++i) subtract_rows(X + i * N, N, A + i * kChunk + i0, 1, X + i0 * N, i - i0);
     }
 }
 
@@ -89,14 +114,8 @@ void solve_unit_lower_t(int L, int64_t N, const float* A, float* Z) {
     for (int j0 = last0; j0 >= 0; j0 -= kBlock) {
         const int j1 = std::min(L, j0 + kBlock);
         if (j1 < L) gemm(j1 - j0, N, L - j1, -1.0f, A + j1 * kChunk + j0, 1, kChunk, Z + j1 * N, N, 1.0f, Z + j0 * N, N);
-        for (int j = j1 - 2; j >= j0; --j) {
-            float* zj = Z + j * N;
-            for (int i = j + 1; i < j1; ++i) {
-                const float aij = A[i * kChunk + j];
-                const float* zi = Z + i * N;
-                for (int64_t e = 0; e < N; ++e) zj[e] -= aij * zi[e];
-            }
-        }
+        for (int j = j1 - 2; j >= j0; --j)
+            subtract_rows(Z + j * N, N, A + (j + 1) * kChunk + j, kChunk, Z + (j + 1) * N, j1 - j - 1);
     }
 }
 
@@ -106,19 +125,25 @@ void solve_unit_lower_t(int L, int64_t N, const float* A, float* Z) {
 // apply_t: out_j += Σ_i E_ij x_i ⊙ exp(b_i − b_j)      (∂/∂y)
 
 // Scalar decay: Γ_ij = exp(b_i − b_j) = exp(Σ_{j<t≤i} g_t) on the lower triangle, so every product is
-// a masked matmul.
+// a masked matmul. Row i is row i − 1 plus g_i (each entry a sum of the gates between j and i, never a
+// difference of cumulative sums), so the rows are whole-vector adds and one exp covers the matrix;
+// −∞ above the diagonal makes those entries exp(−∞) = 0.
 void scalar_gamma(const float* g, int L, float* gamma) {
-    for (int i = 0; i < L; ++i) {
+    constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+    std::fill(gamma, gamma + kChunk, kMinusInf);
+    gamma[0] = 0.0f;
+    for (int i = 1; i < L; ++i) {
+        const float* prev = gamma + (i - 1) * kChunk;
         float* row = gamma + i * kChunk;
-        float acc = 0;
-        for (int j = i; j >= 0; --j) {
-            row[j] = acc;
-            acc += g[j];
-        }
-        exp_inplace(row, i + 1);
-        std::fill(row + i + 1, row + kChunk, 0.0f);
+        for (int j = 0; j < kChunk; ++j) row[j] = prev[j] + g[i];
+        row[i] = 0.0f;
     }
+    exp_inplace(gamma, int64_t(L) * kChunk);
 }
+
+// End of the diagonal 16-token block that row i belongs to: the lower-triangular products read a
+// row's entries up to there and no further, so masks need to clear nothing beyond it.
+int block_end(int i, int L) { return std::min(L, (i / kBlock + 1) * kBlock); }
 
 // E (ld kChunk) ← mask ⊙ Γ ⊙ E
 void mask_scale(float* E, const float* gamma, int L, bool diag) {
@@ -127,7 +152,7 @@ void mask_scale(float* E, const float* gamma, int L, bool diag) {
         const float* g = gamma + i * kChunk;
         const int end = diag ? i + 1 : i;
         for (int j = 0; j < end; ++j) e[j] *= g[j];
-        std::fill(e + end, e + L, 0.0f);
+        std::fill(e + end, e + block_end(i, L), 0.0f);
     }
 }
 
@@ -233,7 +258,6 @@ struct Decayed<true> {
 
     static void scores(const float* x, const float* y, const float* /*yt*/, int L, int64_t K, const float* /*g*/,
                        bool diag, float* E, Workspace& w) {
-        for (int i = 0; i < L; ++i) std::fill(E + i * kChunk, E + i * kChunk + L, 0.0f);
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock), n = i1 - i0;
             if (as_product(w, i0)) {
@@ -244,6 +268,7 @@ struct Decayed<true> {
                 gemm(n, n, K, 1.0f, w.blk_x.data(), K, 1, w.blk_yt.data(), n, 0.0f, E + i0 * kChunk + i0, kChunk);
                 for (int i = i0; i < i1; ++i) std::fill(E + i * kChunk + (diag ? i + 1 : i), E + i * kChunk + i1, 0.0f);
             } else {
+                for (int i = i0; i < i1; ++i) std::fill(E + i * kChunk + i0, E + i * kChunk + i1, 0.0f);
                 for_diag_pairs(K, i0, i1, diag, w, [&](int i, int j, const float* e) {
                     E[i * kChunk + j] = hla::cpu::dot3(x + i * K, y + j * K, e, K);
                 });
@@ -308,7 +333,7 @@ struct Decayed<true> {
     }
 
     static void prepare_grad(float* dE, int L, bool diag, Workspace&) {
-        for (int i = 0; i < L; ++i) std::fill(dE + i * kChunk + (diag ? i + 1 : i), dE + i * kChunk + L, 0.0f);
+        for (int i = 0; i < L; ++i) std::fill(dE + i * kChunk + (diag ? i + 1 : i), dE + i * kChunk + block_end(i, L), 0.0f);
     }
 };
 
