@@ -6,9 +6,13 @@
 // decay uniform in [gate_min, gate_max] (default [−3, −0.01]), β uniform in [beta_min, beta_max]
 // (default [0, 1]); stress cases push each to its edge.
 #include <gtest/gtest.h>
+#if HLA_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -360,6 +364,79 @@ TEST(LinearCuda, DecodeSkipsNegativeSlots) {
     EXPECT_EQ(slot0, 0.0) << "slot 0 belongs to no live sequence and must stay zero";
     EXPECT_GT(slot1, 0.0) << "slot 1 must hold sequence 1's updated state";
 }
+
+#if HLA_WITH_CUDA
+// The decode step as an inference engine runs it: on its own (non-blocking) stream, captured once into
+// a CUDA graph and replayed. The capture (thread-local mode) fails if the step allocates, copies from
+// the host or synchronises; the graph must hold kernel launches only, and its replay must give
+// bit-for-bit the outputs and states of the same steps called eagerly on the default stream.
+TEST(LinearCuda, DecodeCapturedInACudaGraphOnAUserStream) {
+    REQUIRE_GPU();
+    LinearConfig cfg = gated_delta_rule_config();
+    cfg.qk_l2norm = true;
+    cfg.beta_activation = BetaActivation::Sigmoid;
+    cfg.gate_activation = GateActivation::SoftplusDecay;
+    LinearCase c = make_case("gdn/decode-graph", cfg, DType::BF16, 3, 6, 2, 4, 128, 128);
+    c.initial_state = true;
+    const LinearInputs dev = make_inputs(c, 21).move_to(Device::CUDA);
+    auto run_steps = [&](Tensor& state, Tensor& o) {
+        for (int64_t t = 0; t < c.T; ++t) {
+            LinearDecodeArgs d;
+            d.q = token_slice(dev.q, t, 1);
+            d.k = token_slice(dev.k, t, 1);
+            d.v = token_slice(dev.v, t, 1);
+            d.g = token_slice(dev.g, t, 1);
+            d.beta = token_slice(dev.beta, t, 1);
+            d.A_log = dev.A_log;
+            d.dt_bias = dev.dt_bias;
+            d.state = state;
+            d.o = token_slice(o, t, 1);
+            linear_decode(c.cfg, d);
+        }
+    };
+    Tensor eager_state = dev.initial_state.clone(), eager_o = poisoned_output(c, Device::CUDA);
+    run_steps(eager_state, eager_o);
+    cuda_synchronize();
+
+    Tensor graph_state = dev.initial_state.clone(), graph_o = poisoned_output(c, Device::CUDA);
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+    cudaGraph_t graph = nullptr;
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    {
+        CudaStreamScope on(stream);
+        EXPECT_NO_THROW(run_steps(graph_state, graph_o));
+        EXPECT_EQ(cuda_stream(), static_cast<void*>(stream));
+    }
+    EXPECT_EQ(cuda_stream(), nullptr) << "CudaStreamScope must restore the previous stream";
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess) << "the decode step broke the stream capture";
+    size_t n_nodes = 0;
+    ASSERT_EQ(cudaGraphGetNodes(graph, nullptr, &n_nodes), cudaSuccess);
+    std::vector<cudaGraphNode_t> nodes(n_nodes);
+    ASSERT_EQ(cudaGraphGetNodes(graph, nodes.data(), &n_nodes), cudaSuccess);
+    EXPECT_EQ(n_nodes, size_t(c.T)) << "one kernel per decode step, nothing else";
+    for (cudaGraphNode_t node : nodes) {
+        cudaGraphNodeType type;
+        ASSERT_EQ(cudaGraphNodeGetType(node, &type), cudaSuccess);
+        EXPECT_EQ(type, cudaGraphNodeTypeKernel) << "the decode step put a non-kernel node into the graph";
+    }
+    cudaGraphExec_t exec = nullptr;
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+
+    const Tensor eo = eager_o.to(Device::CPU), go = graph_o.to(Device::CPU);
+    const Tensor es = eager_state.to(Device::CPU), gs = graph_state.to(Device::CPU);
+    ASSERT_EQ(eo.nbytes(), go.nbytes());
+    EXPECT_EQ(std::memcmp(eo.data(), go.data(), eo.nbytes()), 0) << "graph replay: o differs from the eager steps";
+    EXPECT_EQ(std::memcmp(es.data(), gs.data(), es.nbytes()), 0) << "graph replay: state differs from the eager steps";
+    for (int64_t i = 0; i < go.numel(); ++i)
+        ASSERT_TRUE(std::isfinite(load_as_double(go.data(), go.dtype(), i))) << "graph replay left o unwritten at " << i;
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
+}
+#endif
 
 TEST(LinearCuda, UnsupportedShapesAreClearErrors) {
     REQUIRE_GPU();

@@ -90,4 +90,30 @@ bool cuda_available();
 // Block until all queued work on the current CUDA device is done (no-op without CUDA).
 void cuda_synchronize();
 
+// The CUDA stream that hla's CUDA ops called from this thread enqueue their work on: kernels,
+// workspace allocations (stream-ordered) and copies. It is a `cudaStream_t` passed as `void*` so this
+// header needs no CUDA headers. The default, nullptr, is the legacy default stream.
+//
+// No op synchronises the host with the device. The decode steps (`linear_decode`,
+// `flash_attn_with_kvcache` once its workspace has grown on a first call) neither allocate nor copy
+// from the host, so they can be captured into a CUDA graph. The chunked forward and backward copy
+// small tables from host memory and cannot be captured.
+//
+//     cudaStream_t s;  cudaStreamCreate(&s);
+//     { hla::CudaStreamScope on(s);  hla::linear_decode(cfg, args); }   // enqueued on s
+void set_cuda_stream(void* stream);
+void* cuda_stream();
+
+// Sets this thread's hla stream for a scope, and restores the previous one when the scope ends.
+class CudaStreamScope {
+public:
+    explicit CudaStreamScope(void* stream) : previous_(cuda_stream()) { set_cuda_stream(stream); }
+    ~CudaStreamScope() { set_cuda_stream(previous_); }
+    CudaStreamScope(const CudaStreamScope&) = delete;
+    CudaStreamScope& operator=(const CudaStreamScope&) = delete;
+
+private:
+    void* previous_;
+};
+
 }  // namespace hla

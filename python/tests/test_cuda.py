@@ -77,6 +77,51 @@ def test_fused_recurrent_decode_cuda(name):
     assert rel_rms(o.cpu(), o64) < 1e-5 and rel_rms(ht.cpu(), ht64) < 1e-5
 
 
+def test_ops_follow_the_current_torch_stream():
+    """hla launches on torch's current stream: work queued on a side stream just before (the inputs,
+    written there) is seen, and the result matches the default-stream call."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, K, V = 2, 200, 2, 64, 64
+    q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = -torch.rand(B, T, H, generator=gen)
+    beta = torch.rand(B, T, H, generator=gen)
+    args = [t.to(DEV) for t in (q, k, v, g, beta)]
+    expect, _ = ops.chunk_gated_delta_rule(*args, use_qk_l2norm_in_kernel=True)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(2_000_000)  # delays the side stream, so an unordered read would see zeros
+        side_args = [torch.zeros_like(t) for t in args]
+        for dst, src in zip(side_args, args):
+            dst.copy_(src)
+        got, _ = ops.chunk_gated_delta_rule(*side_args, use_qk_l2norm_in_kernel=True)
+    side.synchronize()
+    assert torch.equal(got, expect)
+
+
+def test_decode_step_captured_by_torch_cuda_graph():
+    """The decode step as a serving loop runs it: captured once by torch.cuda.graph, replayed; the
+    replay gives bit-for-bit the eager step's output and state."""
+    gen = torch.Generator().manual_seed(6)
+    N, H, K, V = 3, 2, 64, 64
+    cfg = ops.make_config("scalar", "delta", None, True, "none", None, "sigmoid")
+    q, k = (torch.randn(N, 1, H, K, generator=gen).to(DEV, torch.bfloat16) for _ in range(2))
+    v = torch.randn(N, 1, H, V, generator=gen).to(DEV, torch.bfloat16)
+    g = (-torch.rand(N, 1, H, generator=gen)).to(DEV)
+    beta = torch.randn(N, 1, H, generator=gen).to(DEV)
+    state0 = torch.randn(N, H, K, V, generator=gen).to(DEV)
+    eager_state = state0.clone()
+    eager_o = ops.decode(cfg, q, k, v, g, beta, None, None, eager_state)
+    graph_state, graph_o = state0.clone(), torch.empty_like(v)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.decode(cfg, q, k, v, g, beta, None, None, graph_state, None, graph_o)
+    assert torch.equal(graph_state, state0), "capture must record the step, not run it"
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(graph_o, eager_o) and torch.equal(graph_state, eager_state)
+
+
 def test_bf16_linear_cuda():
     case = CUDA_CASES[2]
     x = make_inputs(case, OPS["gated_delta_rule"])

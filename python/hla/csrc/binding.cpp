@@ -304,6 +304,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "MiniMax Lightning per-head log decay [H] f32 (hla::lightning_attn_log_decay)", py::arg("num_heads"),
           py::arg("layer_idx"), py::arg("num_layers"));
     m.def("cuda_available", &hla::cuda_available, "whether this build of libhla can use a CUDA device");
+    m.def("set_cuda_stream", [](uintptr_t stream) { hla::set_cuda_stream(reinterpret_cast<void*>(stream)); },
+          "the cudaStream_t (as an int, torch.cuda.Stream.cuda_stream) that libhla's CUDA work of this thread goes to",
+          py::arg("stream"));
     m.def("num_threads", &hla::num_threads, "worker threads of libhla's CPU ops");
     m.def("set_num_threads", [](int n) { call_hla([&] { hla::set_num_threads(n); }); }, py::arg("n"));
 }

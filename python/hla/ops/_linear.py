@@ -65,6 +65,14 @@ def make_config(decay: str, update: str, scale: Optional[float] = None, qk_l2nor
                   BETA_ACTIVATION[beta_activation], BACKEND[_default_backend])
 
 
+def on_current_stream(x: Tensor) -> None:
+    """Points libhla's CUDA stream (a per-thread setting, hla::set_cuda_stream) at torch's current
+    stream on x's device, so that hla's kernels are ordered with the caller's torch work, follow
+    `with torch.cuda.stream(s):` and are recorded by CUDA graph capture. CPU tensors: nothing to do."""
+    if x.is_cuda:
+        _C.set_cuda_stream(torch.cuda.current_stream(x.device).cuda_stream)
+
+
 def inner_contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
     """libhla takes any outer strides (so q/k/v may be slices of a fused projection) but needs the
     innermost dimension contiguous; copy only when it is not."""
@@ -86,6 +94,7 @@ def forward_impl(cfg: Config, output_final_state: bool, q, k, v, g, beta, A_log,
     if output_final_state:
         final_state = torch.empty((_num_seqs(q, cu_seqlens), v.shape[2], q.shape[3], v.shape[3]),
                                   dtype=torch.float32, device=v.device)
+    on_current_stream(q)
     _C.linear_forward(*cfg, q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, o, final_state)
     return o, final_state
 
@@ -113,6 +122,7 @@ def backward_impl(cfg: Config, needs, q, k, v, g, beta, A_log, dt_bias, initial_
         d_o = d_o.to(v.dtype)
     if d_final_state is not None:
         d_final_state = inner_contiguous(d_final_state.to(torch.float32))
+    on_current_stream(q)
     _C.linear_backward(*cfg, q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, d_o, d_final_state,
                        *out)
     return tuple(None if d is None else d.to(x.dtype) for d, x in zip(out, inputs))
@@ -241,5 +251,6 @@ def decode(cfg: Config, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], be
     q, k, v, g, beta, A_log, dt_bias = map(inner_contiguous, (q, k, v, g, beta, A_log, dt_bias))
     if out is None:
         out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    on_current_stream(q)
     _C.linear_decode(*cfg, q, k, v, g, beta, A_log, dt_bias, state, state_indices, out)
     return out

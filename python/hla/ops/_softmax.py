@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _C
-from ._linear import BACKEND, get_backend, inner_contiguous
+from ._linear import BACKEND, get_backend, inner_contiguous, on_current_stream
 
 Tensor = torch.Tensor
 
@@ -35,6 +35,7 @@ class SoftmaxFunction(torch.autograd.Function):
         backend = BACKEND[get_backend()]
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+        on_current_stream(q)
         _C.softmax_forward(causal, window, scale, backend, q, k, v, g, gate, cu_seqlens, o, lse)
         ctx.cfg = (causal, window, scale, backend)
         ctx.save_for_backward(q, k, v, g, gate, cu_seqlens, o, lse)
@@ -50,6 +51,7 @@ class SoftmaxFunction(torch.autograd.Function):
             grads.append(torch.empty(x.shape, dtype=torch.float32 if fp32 else x.dtype, device=x.device)
                          if need and x is not None else None)
         d_o = inner_contiguous(d_o)
+        on_current_stream(q)
         _C.softmax_backward(*ctx.cfg, q, k, v, g, gate, cu_seqlens, o, lse, d_o, *grads)
         if grads[3] is not None:
             grads[3] = grads[3].to(g.dtype)
@@ -120,6 +122,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = (torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
            if return_softmax_lse else None)
+    on_current_stream(q)
     _C.softmax_kvcache(bool(causal), _window(op, causal, window_size),
                        None if softmax_scale is None else float(softmax_scale), BACKEND[get_backend()], q, k_cache,
                        v_cache, cache_seqlens, k, v, cache_batch_idx, block_table, g_cache, g, gate, o, lse)

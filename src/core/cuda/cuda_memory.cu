@@ -1,6 +1,7 @@
 // CUDA memory for hla::Tensor and the device query used by tests and the bench.
 #include <cuda_runtime.h>
 
+#include "core/cuda/stream.cuh"
 #include "core/cuda_memory.hpp"
 #include "hla/error.hpp"
 #include "hla/tensor.hpp"
@@ -21,8 +22,13 @@ void* cuda_malloc(size_t bytes, int device_index) {
 
 void cuda_free(void* p) { cudaFree(p); }
 
+// On hla's stream, then waited for: a copy out of a tensor that the caller's work on a non-blocking
+// stream just wrote (cu_seqlens read back for checking, say) sees that work, which a plain
+// cudaMemcpy on the legacy stream would not wait for.
 void cuda_copy(void* dst, const void* src, size_t bytes) {
-    check(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), "cudaMemcpy");
+    const cudaStream_t stream = launch_stream();
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream), "cudaMemcpyAsync");
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
 }
 
 }  // namespace detail

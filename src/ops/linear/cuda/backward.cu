@@ -140,7 +140,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     char* ws = static_cast<char*>(workspace_alloc(b_params + b_scratch + 2 * b_states, p.op));
     char* at = ws;
     bp.params_acc = reinterpret_cast<double*>(at);
-    check_cuda(cudaMemsetAsync(at, 0, b_params), p.op, "cudaMemsetAsync(parameter sums)");
+    check_cuda(cudaMemsetAsync(at, 0, b_params, launch_stream()), p.op, "cudaMemsetAsync(parameter sums)");
     at += b_params;
     bp.scratch = reinterpret_cast<float*>(at);
     at += b_scratch;
@@ -199,7 +199,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     float* dalog = grads.dA_log.defined() ? grads.dA_log.ptr<float>() : nullptr;
     float* ddt = grads.ddt_bias.defined() ? grads.ddt_bias.ptr<float>() : nullptr;
     if (dgamma || dalog || ddt) {
-        bwd::params_finish_kernel<<<1, bwd::kThreads>>>(
+        bwd::params_finish_kernel<<<1, bwd::kThreads, 0, launch_stream()>>>(
             bp.params_acc, bp.HV, bp.W, dgamma, dgamma ? grads.dg.stride[0] : 0, dalog, dalog ? grads.dA_log.stride[0] : 0,
             ddt, ddt ? grads.ddt_bias.stride[0] : 0);
         check_cuda(cudaGetLastError(), p.op, "params_finish launch");

@@ -693,7 +693,7 @@ int backward_blocks() {
 
 template <bool kVec, bool kDelta>
 void launch_backward(const bwd::Params& p, int blocks, const char* op) {
-    bwd::chunk_bwd_kernel<kVec, kDelta><<<blocks, bwd::kThreads>>>(p);
+    bwd::chunk_bwd_kernel<kVec, kDelta><<<blocks, bwd::kThreads, 0, launch_stream()>>>(p);
     check_cuda(cudaGetLastError(), op, "chunk_bwd launch");
 }
 

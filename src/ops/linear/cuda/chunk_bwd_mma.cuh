@@ -499,7 +499,7 @@ void launch_backward_mma_kv(const bwd::Params& p, const char* op) {
     constexpr size_t smem = bwd::MmaLayout<Up, K, V>::bytes;
     static const bool once = (set_smem(bwd::chunk_bwd_mma_kernel<Up, K, V>, smem, op), true);
     (void)once;
-    bwd::chunk_bwd_mma_kernel<Up, K, V><<<dim3(p.n_chunks, p.H), bwd::kMmaThreads, smem>>>(p);
+    bwd::chunk_bwd_mma_kernel<Up, K, V><<<dim3(p.n_chunks, p.H), bwd::kMmaThreads, smem, launch_stream()>>>(p);
     check_cuda(cudaGetLastError(), op, "chunk_bwd_mma launch");
 }
 

@@ -187,7 +187,8 @@ void launch_dstate(const FwdParams& fp, const DScanParams& d, int n_seqs, const 
     static_assert(smem <= 227 * 1024, "chunk_dstate: shared memory over the 227 KiB of an SM");
     static const bool once = (set_smem(chunk_dstate_kernel<E, Up, K, VT, WARPS>, smem, op), true);
     (void)once;
-    chunk_dstate_kernel<E, Up, K, VT, WARPS><<<dim3(n_seqs, fp.HV, fp.V / VT), 32 * WARPS, smem>>>(fp, d);
+    const dim3 grid(n_seqs, fp.HV, fp.V / VT);
+    chunk_dstate_kernel<E, Up, K, VT, WARPS><<<grid, 32 * WARPS, smem, launch_stream()>>>(fp, d);
     check_cuda(cudaGetLastError(), op, "chunk_dstate launch");
 }
 

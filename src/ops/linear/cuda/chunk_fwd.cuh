@@ -647,7 +647,7 @@ void launch_prepare_fp32(const FwdParams& fp, int n_chunks, const char* op) {
     static_assert(smem <= 227 * 1024, "chunk_prepare: shared memory over the 227 KiB of an SM");
     static const bool once = (set_smem(chunk_prepare_kernel<In, E, D, Up, K>, smem, op), true);
     (void)once;
-    chunk_prepare_kernel<In, E, D, Up, K><<<dim3(n_chunks, fp.HV), kPrepThreads, smem>>>(fp);
+    chunk_prepare_kernel<In, E, D, Up, K><<<dim3(n_chunks, fp.HV), kPrepThreads, smem, launch_stream()>>>(fp);
     check_cuda(cudaGetLastError(), op, "chunk_prepare launch");
 }
 
@@ -667,7 +667,8 @@ void launch_scan(const FwdParams& fp, int n_seqs, const char* op) {
     static_assert(smem <= 227 * 1024, "chunk_scan: shared memory over the 227 KiB of an SM");
     static const bool once = (set_smem(chunk_scan_kernel<In, E, Up, K, VT, WARPS>, smem, op), true);
     (void)once;
-    chunk_scan_kernel<In, E, Up, K, VT, WARPS><<<dim3(n_seqs, fp.HV, fp.V / VT), 32 * WARPS, smem>>>(fp);
+    const dim3 grid(n_seqs, fp.HV, fp.V / VT);
+    chunk_scan_kernel<In, E, Up, K, VT, WARPS><<<grid, 32 * WARPS, smem, launch_stream()>>>(fp);
     check_cuda(cudaGetLastError(), op, "chunk_scan launch");
 }
 
@@ -784,12 +785,14 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     char* at = ws;
     fp.chunks = reinterpret_cast<const ChunkInfo*>(at);
     if (!chunks.empty())
-        check_cuda(cudaMemcpyAsync(at, chunks.data(), chunks.size() * sizeof(ChunkInfo), cudaMemcpyHostToDevice), p.op,
-                   "cudaMemcpyAsync(chunk table)");
+        check_cuda(cudaMemcpyAsync(at, chunks.data(), chunks.size() * sizeof(ChunkInfo), cudaMemcpyHostToDevice,
+                                   launch_stream()),
+                   p.op, "cudaMemcpyAsync(chunk table)");
     at += align(chunks.size() * sizeof(ChunkInfo));
     fp.seqs = reinterpret_cast<const SeqInfo*>(at);
-    check_cuda(cudaMemcpyAsync(at, seqs.data(), seqs.size() * sizeof(SeqInfo), cudaMemcpyHostToDevice), p.op,
-               "cudaMemcpyAsync(sequence table)");
+    check_cuda(cudaMemcpyAsync(at, seqs.data(), seqs.size() * sizeof(SeqInfo), cudaMemcpyHostToDevice,
+                               launch_stream()),
+               p.op, "cudaMemcpyAsync(sequence table)");
     at += align(seqs.size() * sizeof(SeqInfo));
     fp.Qg = at;
     at += b_qk;

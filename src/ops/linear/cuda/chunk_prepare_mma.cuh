@@ -506,7 +506,7 @@ void launch_prepare_mma(const FwdParams& fp, int n_chunks, const char* op) {
                                          op, "cudaFuncSetAttribute"),
                               true);
     (void)once;
-    chunk_prepare_mma_kernel<D, Up, K><<<dim3(n_chunks, fp.HV), kPrepMmaThreads, smem>>>(fp);
+    chunk_prepare_mma_kernel<D, Up, K><<<dim3(n_chunks, fp.HV), kPrepMmaThreads, smem, launch_stream()>>>(fp);
     check_cuda(cudaGetLastError(), op, "chunk_prepare_mma launch");
 }
 

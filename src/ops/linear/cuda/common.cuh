@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "core/cuda/stream.cuh"
 #include "hla/dtype.hpp"
 #include "hla/error.hpp"
 #include "hla/tensor.hpp"
@@ -29,6 +30,8 @@
 #endif
 
 namespace hla::linear::cuda {
+
+using hla::detail::launch_stream;  // the stream of every launch (core/cuda/stream.cuh)
 
 inline void check_cuda(cudaError_t err, const char* op, const char* what) {
     HLA_CHECK(err == cudaSuccess, op, ": CUDA error in ", what, ": ", cudaGetErrorString(err));

@@ -129,7 +129,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) linear_recurrence_step_kern
 
 template <int K>
 static void launch_decode(const DecodeParams& dp, int64_t N, const char* op) {
-    linear_recurrence_step_kernel<K><<<dim3(unsigned(N), dp.HV, dp.V / kDecodeCols), kDecodeWarps * 32>>>(dp);
+    const dim3 grid(unsigned(N), dp.HV, dp.V / kDecodeCols);
+    linear_recurrence_step_kernel<K><<<grid, kDecodeWarps * 32, 0, launch_stream()>>>(dp);
     check_cuda(cudaGetLastError(), op, "linear_recurrence_step launch");
 }
 

@@ -40,11 +40,11 @@ void* workspace_alloc(size_t bytes, const char* op) {
     }();
     (void)pool_ready;
     void* ptr = nullptr;
-    check_cuda(cudaMallocAsync(&ptr, bytes, 0), op, "cudaMallocAsync(workspace)");
+    check_cuda(cudaMallocAsync(&ptr, bytes, launch_stream()), op, "cudaMallocAsync(workspace)");
     return ptr;
 }
 
-void workspace_free(void* ptr) { cudaFreeAsync(ptr, 0); }
+void workspace_free(void* ptr) { cudaFreeAsync(ptr, launch_stream()); }
 
 void forward(const Problem& p) {
     const LinearForwardArgs& a = p.args;

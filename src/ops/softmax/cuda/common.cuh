@@ -16,7 +16,11 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "core/cuda/stream.cuh"
+
 namespace hla::softmax::cuda {
+
+using hla::detail::launch_stream;  // the stream of every launch (core/cuda/stream.cuh)
 
 // ---- parameters (plain data: pointers and element strides) ----------------------------------------
 

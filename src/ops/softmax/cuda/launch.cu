@@ -198,8 +198,8 @@ void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
     b.rowsum = b.lse2 + rows;
     b.colsum = b.rowsum + rows;
     b.dA = b.colsum + rows;
-    check(cudaMemsetAsync(b.dq_acc, 0, rows * size_t(p.D) * 4, 0), op, "memset");
-    check(cudaMemsetAsync(b.rowsum, 0, rows * 4, 0), op, "memset");
+    check(cudaMemsetAsync(b.dq_acc, 0, rows * size_t(p.D) * 4, launch_stream()), op, "memset");
+    check(cudaMemsetAsync(b.rowsum, 0, rows * 4, launch_stream()), op, "memset");
     const bool bf16 = p.args.q.dtype == DType::BF16;
     const int seqs = int(p.N());
     const int D = int(p.D);
@@ -208,21 +208,21 @@ void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
     const int rows_per_block = 256 / (D / 8);
     const dim3 row_grid(unsigned((p.B * p.T * p.HQ + rows_per_block - 1) / rows_per_block));
     if (bf16)
-        softmax_bwd_preprocess_kernel<__nv_bfloat16><<<row_grid, 256>>>(b, D);
+        softmax_bwd_preprocess_kernel<__nv_bfloat16><<<row_grid, 256, 0, launch_stream()>>>(b, D);
     else
-        softmax_bwd_preprocess_kernel<__half><<<row_grid, 256>>>(b, D);
+        softmax_bwd_preprocess_kernel<__half><<<row_grid, 256, 0, launch_stream()>>>(b, D);
     check(cudaGetLastError(), op, "backward preprocess launch");
     with_head_dim(D, op, [&](auto d) {
         constexpr int kD = decltype(d)::value;
         launch_backward_d<kD>(b, bf16, int((p.max_len + BwdTraits<kD>::BN - 1) / BwdTraits<kD>::BN), int(p.HKV), seqs, op);
     });
     if (bf16)
-        softmax_bwd_postprocess_kernel<__nv_bfloat16><<<row_grid, 256>>>(b, D);
+        softmax_bwd_postprocess_kernel<__nv_bfloat16><<<row_grid, 256, 0, launch_stream()>>>(b, D);
     else
-        softmax_bwd_postprocess_kernel<__half><<<row_grid, 256>>>(b, D);
+        softmax_bwd_postprocess_kernel<__half><<<row_grid, 256, 0, launch_stream()>>>(b, D);
     check(cudaGetLastError(), op, "backward postprocess launch");
     if (b.dg) {
-        softmax_bwd_dg_kernel<<<dim3(unsigned(p.HQ), unsigned(seqs)), 32>>>(b);
+        softmax_bwd_dg_kernel<<<dim3(unsigned(p.HQ), unsigned(seqs)), 32, 0, launch_stream()>>>(b);
         check(cudaGetLastError(), op, "backward dg launch");
     }
 }
@@ -340,7 +340,7 @@ void decode(const DecodeProblem& p) {
     }
 
     if (p.append) {
-        softmax_cache_append_kernel<<<unsigned(p.N * p.TQ), 128>>>(
+        softmax_cache_append_kernel<<<unsigned(p.N * p.TQ), 128, 0, launch_stream()>>>(
             d, a.k.data, a.v.data, a.g.defined() ? a.g.data : nullptr, a.k.stride[0], a.k.stride[1], a.k.stride[2],
             a.v.stride[0], a.v.stride[1], a.v.stride[2], a.g.defined() ? a.g.stride[0] : 0,
             a.g.defined() ? a.g.stride[1] : 0, a.g.defined() ? a.g.stride[2] : 0,

@@ -42,7 +42,7 @@ void launch_forward_d(const FwdParams& fp, bool bf16, int m_blocks, int heads, i
     auto kernel = bf16 ? (fast ? softmax_fwd_kernel<D, __nv_bfloat16, true> : softmax_fwd_kernel<D, __nv_bfloat16, false>)
                        : (fast ? softmax_fwd_kernel<D, __half, true> : softmax_fwd_kernel<D, __half, false>);
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM), op, "smem attribute");
-    kernel<<<grid, Tr::THREADS, Tr::SMEM>>>(fp);
+    kernel<<<grid, Tr::THREADS, Tr::SMEM, launch_stream()>>>(fp);
     check(cudaGetLastError(), op, "forward launch");
 }
 
@@ -54,7 +54,7 @@ void launch_backward_d(const BwdParams& bp, bool bf16, int n_blocks, int kv_head
     auto kernel = bf16 ? (gated ? softmax_bwd_kernel<D, __nv_bfloat16, true> : softmax_bwd_kernel<D, __nv_bfloat16, false>)
                        : (gated ? softmax_bwd_kernel<D, __half, true> : softmax_bwd_kernel<D, __half, false>);
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM), op, "smem attribute");
-    kernel<<<grid, Tr::THREADS, Tr::SMEM>>>(bp);
+    kernel<<<grid, Tr::THREADS, Tr::SMEM, launch_stream()>>>(bp);
     check(cudaGetLastError(), op, "backward launch");
 }
 
@@ -75,9 +75,9 @@ void launch_decode_mt(const DecodeParams& dp, bool bf16, const char* op) {
     const dim3 grid(unsigned(dp.splits * row_tiles), unsigned(dp.HKV), unsigned(dp.N));
     const int smem = Tr::smem(MT, dp.g_cache != nullptr);
     if (bf16)
-        decode_kernel<D, __nv_bfloat16, MT>(op)<<<grid, Tr::THREADS, smem>>>(dp);
+        decode_kernel<D, __nv_bfloat16, MT>(op)<<<grid, Tr::THREADS, smem, launch_stream()>>>(dp);
     else
-        decode_kernel<D, __half, MT>(op)<<<grid, Tr::THREADS, smem>>>(dp);
+        decode_kernel<D, __half, MT>(op)<<<grid, Tr::THREADS, smem, launch_stream()>>>(dp);
     check(cudaGetLastError(), op, "decode launch");
 }
 
@@ -112,7 +112,7 @@ void launch_decode_d(const DecodeParams& dp, bool bf16, const char* op) {
     else
         launch_decode_mt<D, DecodeTraits<D>::MAX_MT>(dp, bf16, op);
     if (dp.splits > 1) {
-        softmax_decode_combine_kernel<D><<<unsigned(dp.N * dp.HQ * dp.TQ), D>>>(dp);
+        softmax_decode_combine_kernel<D><<<unsigned(dp.N * dp.HQ * dp.TQ), D, 0, launch_stream()>>>(dp);
         check(cudaGetLastError(), op, "decode combine launch");
     }
 }
