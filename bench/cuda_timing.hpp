@@ -11,19 +11,19 @@
 
 namespace hla::bench {
 
-// Median over `reps` runs of fn, in ms, measured with CUDA events on the default stream after three
+// Median over `reps` runs of fn on `stream`, in ms, between two CUDA events recorded on it, after three
 // warm-up runs (module load and first-touch allocations stay out of the numbers).
-inline double median_ms(const std::function<void()>& fn, int reps) {
+inline double median_event_ms(cudaStream_t stream, const std::function<void()>& fn, int reps) {
     for (int i = 0; i < 3; ++i) fn();
-    cudaDeviceSynchronize();
+    cudaStreamSynchronize(stream);
     cudaEvent_t a, b;
     cudaEventCreate(&a);
     cudaEventCreate(&b);
     std::vector<float> t;
     for (int i = 0; i < reps; ++i) {
-        cudaEventRecord(a);
+        cudaEventRecord(a, stream);
         fn();
-        cudaEventRecord(b);
+        cudaEventRecord(b, stream);
         cudaEventSynchronize(b);
         float ms = 0;
         cudaEventElapsedTime(&ms, a, b);
@@ -33,6 +33,12 @@ inline double median_ms(const std::function<void()>& fn, int reps) {
     cudaEventDestroy(b);
     std::sort(t.begin(), t.end());
     return t[t.size() / 2];
+}
+
+// Median time of one call of fn (which launches on the default stream), host-side work included.
+inline double median_ms(const std::function<void()>& fn, int reps) {
+    cudaDeviceSynchronize();
+    return median_event_ms(nullptr, fn, reps);
 }
 
 // Kernel time of one call of a step the way an inference engine runs it: `steps` calls of fn captured
@@ -51,28 +57,11 @@ inline double graph_step_ms(const std::function<void()>& fn, int steps, int reps
     cudaStreamEndCapture(stream, &graph);
     cudaGraphExec_t exec;
     cudaGraphInstantiate(&exec, graph, 0);
-    for (int i = 0; i < 3; ++i) cudaGraphLaunch(exec, stream);
-    cudaStreamSynchronize(stream);
-    cudaEvent_t a, b;
-    cudaEventCreate(&a);
-    cudaEventCreate(&b);
-    std::vector<float> t;
-    for (int i = 0; i < reps; ++i) {
-        cudaEventRecord(a, stream);
-        cudaGraphLaunch(exec, stream);
-        cudaEventRecord(b, stream);
-        cudaEventSynchronize(b);
-        float ms = 0;
-        cudaEventElapsedTime(&ms, a, b);
-        t.push_back(ms);
-    }
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
+    const double ms = median_event_ms(stream, [&] { cudaGraphLaunch(exec, stream); }, reps);
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
     cudaStreamDestroy(stream);
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2] / steps;
+    return ms / steps;
 }
 
 }  // namespace hla::bench

@@ -6,9 +6,6 @@
 // decay uniform in [gate_min, gate_max] (default [−3, −0.01]), β uniform in [beta_min, beta_max]
 // (default [0, 1]); stress cases push each to its edge.
 #include <gtest/gtest.h>
-#if HLA_WITH_CUDA
-#include <cuda_runtime.h>
-#endif
 
 #include <cmath>
 #include <cstdlib>
@@ -19,6 +16,7 @@
 
 #include "hla/hla.hpp"
 #include "ops/linear/problem.hpp"
+#include "support/cuda_graph.hpp"
 #include "support/linear_case.hpp"
 
 using namespace hla;
@@ -399,31 +397,12 @@ TEST(LinearCuda, DecodeCapturedInACudaGraphOnAUserStream) {
     cuda_synchronize();
 
     Tensor graph_state = dev.initial_state.clone(), graph_o = poisoned_output(c, Device::CUDA);
-    cudaStream_t stream = nullptr;
-    ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
-    cudaGraph_t graph = nullptr;
-    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-    {
-        CudaStreamScope on(stream);
-        EXPECT_NO_THROW(run_steps(graph_state, graph_o));
-        EXPECT_EQ(cuda_stream(), static_cast<void*>(stream));
-    }
+    const GraphReplay g = capture_and_replay([&] { run_steps(graph_state, graph_o); });
     EXPECT_EQ(cuda_stream(), nullptr) << "CudaStreamScope must restore the previous stream";
-    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess) << "the decode step broke the stream capture";
-    size_t n_nodes = 0;
-    ASSERT_EQ(cudaGraphGetNodes(graph, nullptr, &n_nodes), cudaSuccess);
-    std::vector<cudaGraphNode_t> nodes(n_nodes);
-    ASSERT_EQ(cudaGraphGetNodes(graph, nodes.data(), &n_nodes), cudaSuccess);
-    EXPECT_EQ(n_nodes, size_t(c.T)) << "one kernel per decode step, nothing else";
-    for (cudaGraphNode_t node : nodes) {
-        cudaGraphNodeType type;
-        ASSERT_EQ(cudaGraphNodeGetType(node, &type), cudaSuccess);
-        EXPECT_EQ(type, cudaGraphNodeTypeKernel) << "the decode step put a non-kernel node into the graph";
-    }
-    cudaGraphExec_t exec = nullptr;
-    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    ASSERT_EQ(g.capture, cudaSuccess) << "the decode step broke the stream capture: " << cudaGetErrorString(g.capture);
+    EXPECT_EQ(g.nodes, size_t(c.T)) << "one kernel per decode step, nothing else";
+    EXPECT_EQ(g.kernel_nodes, g.nodes) << "the decode step put a non-kernel node into the graph";
+    ASSERT_EQ(g.replay, cudaSuccess) << cudaGetErrorString(g.replay);
 
     const Tensor eo = eager_o.to(Device::CPU), go = graph_o.to(Device::CPU);
     const Tensor es = eager_state.to(Device::CPU), gs = graph_state.to(Device::CPU);
@@ -432,9 +411,6 @@ TEST(LinearCuda, DecodeCapturedInACudaGraphOnAUserStream) {
     EXPECT_EQ(std::memcmp(es.data(), gs.data(), es.nbytes()), 0) << "graph replay: state differs from the eager steps";
     for (int64_t i = 0; i < go.numel(); ++i)
         ASSERT_TRUE(std::isfinite(load_as_double(go.data(), go.dtype(), i))) << "graph replay left o unwritten at " << i;
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
-    cudaStreamDestroy(stream);
 }
 #endif
 

@@ -6,10 +6,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
+#include <tuple>
+#include <vector>
 
 #include "ops/softmax/problem.hpp"
+#include "support/cuda_graph.hpp"
 #include "support/softmax_case.hpp"
 
 namespace hla::test::sm {
@@ -224,6 +228,59 @@ TEST(SoftmaxCudaDecode, LongCacheSplits) {
     SKIP_WITHOUT_GPU();
     decode_case(false, 1, 128, true, 0, 5000);
 }
+
+#if HLA_WITH_CUDA
+// The KV-cache decode step as a serving loop runs it: after one uncaptured call has sized the split
+// workspace, the step (append, split attention, combine) is captured on a non-blocking stream into a
+// CUDA graph. The capture fails if the step allocates, copies from the host or synchronises; the graph
+// holds kernel nodes only, and its replay writes bit-for-bit what the eager step writes.
+TEST(SoftmaxCudaDecode, CapturedInACudaGraphOnAUserStream) {
+    SKIP_WITHOUT_GPU();
+    const int64_t N = 4, HQ = 8, HKV = 2, D = 128, TC = 4096;
+    const DType dt = DType::BF16;
+    const Tensor kc0 = randn({N, TC, HKV, D}, dt, 11), vc0 = randn({N, TC, HKV, D}, dt, 12);
+    const Tensor q = randn({N, 1, HQ, D}, dt, 13).to(Device::CUDA);
+    const Tensor kn = randn({N, 1, HKV, D}, dt, 14).to(Device::CUDA);
+    const Tensor vn = randn({N, 1, HKV, D}, dt, 15).to(Device::CUDA);
+    Tensor lens_cpu({N}, DType::I32);
+    const int32_t L[N] = {100, 3000, 0, 1700};  // 3000 keys: the cache is cut into splits, combined after
+    std::copy(L, L + N, lens_cpu.ptr<int32_t>());
+    const Tensor lens = lens_cpu.to(Device::CUDA);
+    struct Run {
+        Tensor kc, vc, o, lse;
+    };
+    auto fresh = [&] {
+        return Run{kc0.to(Device::CUDA), vc0.to(Device::CUDA), poisoned({N, 1, HQ, D}, dt, Device::CUDA),
+                   poisoned({N, HQ, 1}, DType::F32, Device::CUDA)};
+    };
+    auto step = [&](Run& r) {
+        KVCacheOptions opt;
+        opt.k = kn;
+        opt.v = vn;
+        opt.softmax_lse = r.lse;
+        flash_attn_with_kvcache(q, r.kc, r.vc, lens, r.o, opt);
+    };
+    Run eager = fresh();
+    step(eager);  // also sizes the split workspace
+    cuda_synchronize();
+
+    Run graphed = fresh();
+    const GraphReplay g = capture_and_replay([&] { step(graphed); });
+    ASSERT_EQ(g.capture, cudaSuccess) << "the KV-cache decode broke the stream capture: " << cudaGetErrorString(g.capture);
+    EXPECT_GE(g.nodes, size_t(2)) << "append and attention at least";
+    EXPECT_EQ(g.kernel_nodes, g.nodes) << "the KV-cache decode put a non-kernel node into the graph";
+    ASSERT_EQ(g.replay, cudaSuccess) << cudaGetErrorString(g.replay);
+    const std::tuple<const char*, const Tensor*, const Tensor*> outputs[] = {
+        {"o", &eager.o, &graphed.o},
+        {"lse", &eager.lse, &graphed.lse},
+        {"k cache", &eager.kc, &graphed.kc},
+        {"v cache", &eager.vc, &graphed.vc}};
+    for (const auto& [what, a, b] : outputs) {
+        const Tensor x = a->to(Device::CPU), y = b->to(Device::CPU);
+        EXPECT_EQ(std::memcmp(x.data(), y.data(), x.nbytes()), 0) << "graph replay: " << what << " differs from eager";
+    }
+}
+#endif
 
 TEST(SoftmaxCuda, RejectsUnsupportedHeadDim) {
     SKIP_WITHOUT_GPU();
