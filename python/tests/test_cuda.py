@@ -89,6 +89,7 @@ def test_ops_follow_the_current_torch_stream():
     args = [t.to(DEV) for t in (q, k, v, g, beta)]
     expect, _ = ops.chunk_gated_delta_rule(*args, use_qk_l2norm_in_kernel=True)
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # args were written on the default stream
     with torch.cuda.stream(side):
         torch.cuda._sleep(2_000_000)  # delays the side stream, so an unordered read would see zeros
         side_args = [torch.zeros_like(t) for t in args]
