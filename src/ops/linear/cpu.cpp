@@ -28,12 +28,26 @@ struct ChunkBuffers {
 };
 
 // Loads tokens [t0, t0 + L) of sequence `s`, value head hv, and forms the cumulative log decay.
-ChunkView load_chunk(const InputViews& in, const Sequence& s, int64_t hv, int64_t t0, int L, ChunkBuffers& cb) {
+// next_hv ≥ 0: the head whose same tokens are loaded next; its rows of q, k, v (and vector g) are
+// prefetched token by token. A token's rows of all heads share a page, and each head's row alone is
+// too short for the hardware prefetcher: without this, every row cost a memory latency.
+ChunkView load_chunk(const InputViews& in, const Sequence& s, int64_t hv, int64_t t0, int L, ChunkBuffers& cb,
+                     int64_t next_hv = -1) {
     const bool vec = in.vector_decay();
     const int64_t K = in.K, V = in.V, width = vec ? K : 1;
+    const bool next_qk = next_hv >= 0 && next_hv / in.G != hv / in.G;
     for (int i = 0; i < L; ++i) {
-        load_token(in, s.batch, s.start + t0 + i, hv, cb.q.data() + i * K, cb.k.data() + i * K, cb.v.data() + i * V,
+        const int64_t t = s.start + t0 + i;
+        load_token(in, s.batch, t, hv, cb.q.data() + i * K, cb.k.data() + i * K, cb.v.data() + i * V,
                    cb.g.data() + i * width, cb.beta.data() + i, cb.gate_in.data() + i * width);
+        if (next_hv >= 0) {
+            if (next_qk) {
+                prefetch_row(in.q, token_offset(in.q, s.batch, t, next_hv / in.G), K);
+                prefetch_row(in.k, token_offset(in.k, s.batch, t, next_hv / in.G), K);
+            }
+            prefetch_row(in.v, token_offset(in.v, s.batch, t, next_hv), V);
+            if (vec) prefetch_row(in.g, token_offset(in.g, s.batch, t, next_hv), K);
+        }
         for (int64_t c = 0; c < width; ++c)
             cb.b[i * width + c] = cb.g[i * width + c] + (i > 0 ? cb.b[(i - 1) * width + c] : 0.0f);
     }
@@ -118,13 +132,14 @@ void forward(const Problem& p) {
         for (int64_t t0 = 0; t0 < s.len; t0 += kChunk) {
             const int L = int(std::min<int64_t>(kChunk, s.len - t0));
             for (int64_t hv = hv0; hv < hv1; ++hv) {
-                const ChunkView c = load_chunk(in, s, hv, t0, L, *cb);
+                const ChunkView c = load_chunk(in, s, hv, t0, L, *cb, hv + 1 < hv1 ? hv + 1 : -1);
                 fwd(c, states.data() + (hv - hv0) * KV, out.data(), *ws);
                 for (int i = 0; i < L; ++i)
-                    write_row(o, token_offset(o, s.batch, s.start + t0 + i, hv), out.data() + i * V, V);
+                    write_row_streaming(o, token_offset(o, s.batch, s.start + t0 + i, hv), out.data() + i * V, V);
             }
         }
         for (int64_t hv = hv0; hv < hv1; ++hv) store_state(p.args.final_state, n, hv, K, V, states.data() + (hv - hv0) * KV);
+        streaming_fence();
     });
 }
 
