@@ -23,33 +23,42 @@ namespace {
 // One chunk's transformed inputs, owned (ChunkView points into it).
 struct ChunkBuffers {
     ChunkBuffers(int64_t K, int64_t V)
-        : q(kChunk * K), k(kChunk * K), v(kChunk * V), g(kChunk * K), b(kChunk * K), beta(kChunk), gate_in(kChunk * K) {}
+        : q(kChunk * K), k(kChunk * K), v(kChunk * V), g(kChunk * K), b(kChunk), beta(kChunk), gate_in(kChunk * K) {}
     std::vector<float> q, k, v, g, b, beta, gate_in;
 };
 
-// Loads tokens [t0, t0 + L) of sequence `s`, value head hv, and forms the cumulative log decay.
-// next_hv ≥ 0: the head whose same tokens are loaded next; its rows of q, k, v (and vector g) are
-// prefetched token by token. A token's rows of all heads share a page, and each head's row alone is
-// too short for the hardware prefetcher: without this, every row cost a memory latency.
+// What load_chunk prefetches for the load after it: the rows of head hv at `shift` tokens from the ones
+// it loads (hv < 0: nothing).
+struct NextLoad {
+    int64_t hv = -1;
+    int64_t shift = 0;
+};
+
+// Loads tokens [t0, t0 + L) of sequence `s`, value head hv, and forms the cumulative log decay (one
+// decay per token; vector decay works from running products of the per-token decays instead). Each
+// head's row of a token is too short for the hardware prefetcher, so without help every row costs a
+// memory latency: token by token, the rows of `next` (q, k, v and vector g) are prefetched. With
+// shift 0 they share a page with the rows just read; otherwise the prefetch starts with a load.
 ChunkView load_chunk(const InputViews& in, const Sequence& s, int64_t hv, int64_t t0, int L, ChunkBuffers& cb,
-                     int64_t next_hv = -1) {
+                     NextLoad next = {}) {
     const bool vec = in.vector_decay();
     const int64_t K = in.K, V = in.V, width = vec ? K : 1;
-    const bool next_qk = next_hv >= 0 && next_hv / in.G != hv / in.G;
+    const bool next_qk = next.hv >= 0 && (next.shift != 0 || next.hv / in.G != hv / in.G);
+    const bool touch = next.shift != 0;
     for (int i = 0; i < L; ++i) {
         const int64_t t = s.start + t0 + i;
         load_token(in, s.batch, t, hv, cb.q.data() + i * K, cb.k.data() + i * K, cb.v.data() + i * V,
                    cb.g.data() + i * width, cb.beta.data() + i, cb.gate_in.data() + i * width);
-        if (next_hv >= 0) {
+        const int64_t tn = t + next.shift;
+        if (next.hv >= 0 && tn >= s.start && tn < s.start + s.len) {
             if (next_qk) {
-                prefetch_row(in.q, token_offset(in.q, s.batch, t, next_hv / in.G), K);
-                prefetch_row(in.k, token_offset(in.k, s.batch, t, next_hv / in.G), K);
+                prefetch_row(in.q, token_offset(in.q, s.batch, tn, next.hv / in.G), K, touch);
+                prefetch_row(in.k, token_offset(in.k, s.batch, tn, next.hv / in.G), K, touch);
             }
-            prefetch_row(in.v, token_offset(in.v, s.batch, t, next_hv), V);
-            if (vec) prefetch_row(in.g, token_offset(in.g, s.batch, t, next_hv), K);
+            prefetch_row(in.v, token_offset(in.v, s.batch, tn, next.hv), V, touch);
+            if (vec) prefetch_row(in.g, token_offset(in.g, s.batch, tn, next.hv), K, touch);
         }
-        for (int64_t c = 0; c < width; ++c)
-            cb.b[i * width + c] = cb.g[i * width + c] + (i > 0 ? cb.b[(i - 1) * width + c] : 0.0f);
+        if (!vec) cb.b[i] = cb.g[i] + (i > 0 ? cb.b[i - 1] : 0.0f);
     }
     ChunkView c;
     c.L = L;
@@ -132,7 +141,8 @@ void forward(const Problem& p) {
         for (int64_t t0 = 0; t0 < s.len; t0 += kChunk) {
             const int L = int(std::min<int64_t>(kChunk, s.len - t0));
             for (int64_t hv = hv0; hv < hv1; ++hv) {
-                const ChunkView c = load_chunk(in, s, hv, t0, L, *cb, hv + 1 < hv1 ? hv + 1 : -1);
+                const NextLoad next = hv + 1 < hv1 ? NextLoad{hv + 1, 0} : NextLoad{hv0, kChunk};
+                const ChunkView c = load_chunk(in, s, hv, t0, L, *cb, next);
                 fwd(c, states.data() + (hv - hv0) * KV, out.data(), *ws);
                 for (int i = 0; i < L; ++i)
                     write_row_streaming(o, token_offset(o, s.batch, s.start + t0 + i, hv), out.data() + i * V, V);

@@ -258,14 +258,21 @@ struct Decayed<true> {
 
     static void scores(const float* x, const float* y, const float* /*yt*/, int L, int64_t K, const float* /*g*/,
                        bool diag, float* E, Workspace& w) {
+        // Row block I = [i0, i1) in one matrix product [x_I ⊙ W_I] [y_J ⊙ exp(b_r − b_J) | y_I ⊘ W_I]ᵀ: the
+        // blocks before it (J, factored around r = i0 − 1, where W_I = exp(b_I − b_r)) and, when shallow,
+        // its diagonal block; both share the left factor.
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock), n = i1 - i0;
-            if (as_product(w, i0)) {
-                // E_II = [x_I ⊙ W_I] [y_I ⊘ W_I]ᵀ, then the excluded pairs are cleared
+            const bool product = as_product(w, i0);
+            const int cols = product ? i1 : i0;
+            if (cols > 0) {
                 mul_rows(x + i0 * K, w.within_block.data() + i0 * K, n, K, w.blk_x.data());
-                mul_rows(y + i0 * K, w.within_block_inv.data() + i0 * K, n, K, w.blk_out.data());
-                transpose(w.blk_out.data(), n, K, K, w.blk_yt.data());
-                gemm(n, n, K, 1.0f, w.blk_x.data(), K, 1, w.blk_yt.data(), n, 0.0f, E + i0 * kChunk + i0, kChunk);
+                if (i0 > 0) mul_rows(y, before(w, i0, K), i0, K, w.blk_out.data());
+                if (product) mul_rows(y + i0 * K, w.within_block_inv.data() + i0 * K, n, K, w.blk_out.data() + i0 * K);
+                transpose(w.blk_out.data(), cols, K, K, w.blk_yt.data());  // [K, cols]
+                gemm(n, cols, K, 1.0f, w.blk_x.data(), K, 1, w.blk_yt.data(), cols, 0.0f, E + i0 * kChunk, kChunk);
+            }
+            if (product) {
                 for (int i = i0; i < i1; ++i) std::fill(E + i * kChunk + (diag ? i + 1 : i), E + i * kChunk + i1, 0.0f);
             } else {
                 for (int i = i0; i < i1; ++i) std::fill(E + i * kChunk + i0, E + i * kChunk + i1, 0.0f);
@@ -273,11 +280,6 @@ struct Decayed<true> {
                     E[i * kChunk + j] = hla::cpu::dot3(x + i * K, y + j * K, e, K);
                 });
             }
-            if (i0 == 0) continue;
-            mul_rows(x + i0 * K, w.within_block.data() + i0 * K, i1 - i0, K, w.blk_x.data());  // x_I ⊙ exp(b_I − b_r)
-            mul_rows(y, before(w, i0, K), i0, K, w.blk_out.data());                    // y_J ⊙ exp(b_r − b_J)
-            transpose(w.blk_out.data(), i0, K, K, w.blk_yt.data());   // [K, i0]
-            gemm(i1 - i0, i0, K, 1.0f, w.blk_x.data(), K, 1, w.blk_yt.data(), i0, 0.0f, E + i0 * kChunk, kChunk);
         }
     }
 

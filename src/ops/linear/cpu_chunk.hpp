@@ -39,7 +39,7 @@ struct ChunkView {
     const float* k;       // [L, K]
     const float* v;       // [L, V]
     const float* g;       // log decay per token: [L, K] (vector) or [L]
-    const float* b;       // its cumulative sum inside the chunk (same shape)
+    const float* b;       // one decay per token: its cumulative sum inside the chunk [L] (unused for vector decay)
     const float* beta;    // [L]
 };
 

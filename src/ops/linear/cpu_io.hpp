@@ -57,10 +57,17 @@ inline void streaming_fence() {
 // the L1 TLB seem to be dropped (a burst over a chunk's 192 rows, one page each, left the next copy
 // as slow as without it; a prefetch right after a load from the same page made it 2-3x faster).
 // Only reads: prefetching the output rows for writing made the forward slower.
-inline void prefetch_row(const TensorView& x, int64_t offset, int64_t n) {
+// With `touch`, for a row whose page was not just read, its first line is loaded for real first (the
+// load brings the page into the TLB, the prefetches of the other lines then go through).
+inline void prefetch_row(const TensorView& x, int64_t offset, int64_t n, bool touch = false) {
     const size_t size = dtype_size(x.dtype);
     const char* p = static_cast<const char*>(x.data) + size_t(offset) * size;
-    for (size_t byte = 0; byte < size_t(n) * size; byte += 64) __builtin_prefetch(p + byte, 0, 2);
+    size_t byte = 0;
+    if (touch) {
+        (void)*static_cast<const volatile char*>(p);
+        byte = 64 - reinterpret_cast<uintptr_t>(p) % 64;
+    }
+    for (; byte < size_t(n) * size; byte += 64) __builtin_prefetch(p + byte, 0, 2);
 }
 
 inline float read_scalar(const TensorView& x, int64_t offset) {
