@@ -141,12 +141,12 @@ void decode(const DecodeProblem& p) {
             } else {
                 std::fill(w.a, w.a + K, std::exp(w.logd[0]));
             }
-            float qk = 0;
             for (int64_t c = 0; c < K; ++c) {
                 w.aq[c] = w.a[c] * w.q[c];
                 w.ak[c] = w.a[c] * w.k[c];
-                qk += w.q[c] * w.k[c];
             }
+            // vectorised: a plain sum is one dependent add per channel (~6% of a head's step at K = 128)
+            const float qk = hla::cpu::dot(w.q, w.k, K);
             if (delta)
                 step_state<true>(S, w.a, w.k, w.aq, w.ak, w.v, beta, qk, K, V, w.o);
             else
