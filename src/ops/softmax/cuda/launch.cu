@@ -188,7 +188,8 @@ void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
         check_aligned(op, "d_o", d_o);
     }
     b.scale = float(p.scale);
-    // Workspace: dq_acc [B·T·HQ·D], delta, lse2, rowsum, colsum [B·T·HQ] fp32, dA [B·T·HQ·D] b16.
+    // Workspace: dq_acc (B·T·HQ·D fp32, laid out per head and channel segment: dq_acc_row in
+    // backward.cuh), delta, lse2, rowsum, colsum [B·T·HQ] fp32, dA [B·T·HQ·D] b16.
     const size_t rows = size_t(p.B * p.T * p.HQ);
     const size_t bytes = rows * size_t(p.D) * 4 + rows * 4 * 4 + rows * size_t(p.D) * 2 + 256;
     char* ws = static_cast<char*>(workspace(op, bytes, p.args.q.device_index));
