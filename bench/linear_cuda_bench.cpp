@@ -144,7 +144,9 @@ int main(int argc, char** argv) {
         Tensor dv({B, T, H, V}, DType::BF16, Device::CUDA), dbeta({B, T, H}, DType::F32, Device::CUDA);
         Tensor dg_scalar({B, T, H}, DType::F32, Device::CUDA), dg_vector({B, T, H, K}, DType::F32, Device::CUDA);
         std::printf("\n");
-        for (const OpSpec& op : ops) {
+        // GLA (vector decay, additive) is timed here only: its forward is KDA's prepare and scan
+        const OpSpec fwdbwd_ops[] = {ops[0], ops[1], ops[2], {"gla", gla_config(), 0, 0}};
+        for (const OpSpec& op : fwdbwd_ops) {
             const bool delta = op.cfg.update == Update::Delta, vec = op.cfg.decay == Decay::Vector;
             LinearForwardArgs a;
             a.q = q;

@@ -566,6 +566,16 @@ TEST(LinearCuda, BackwardExtremeGates) {
         c.gate_max = -5;
         return c.cfg.decay != Decay::None;
     });
+    // Per-channel decays whose 16-token block sums straddle e^-80: with vector decay a few row blocks take
+    // the entry-by-entry diagonal products of the tensor-core backward, their neighbours the factored ones.
+    backward_every_cell("g[-7,0]", [](LinearCase& c) {
+        c.T = 200;
+        c.HV = 4;
+        c.initial_state = true;
+        c.gate_min = -7;
+        c.gate_max = 0;
+        return c.cfg.decay == Decay::Vector;
+    });
 }
 
 TEST(LinearCuda, BackwardBetaEdges) {

@@ -7,6 +7,7 @@
 #include "ops/linear/cuda/chunk_bwd.cuh"
 #include "ops/linear/cuda/chunk_bwd_mma.cuh"
 #include "ops/linear/cuda/chunk_bwd_scan.cuh"
+#include "ops/linear/cuda/chunk_bwd_vec_mma.cuh"
 
 namespace hla::linear::cuda {
 
@@ -46,6 +47,8 @@ extern template void launch_backward<true, false>(const bwd::Params&, int, const
 extern template void launch_backward<true, true>(const bwd::Params&, int, const char*);
 extern template void launch_backward_mma<Update::Additive>(const bwd::Params&, const char*);
 extern template void launch_backward_mma<Update::Delta>(const bwd::Params&, const char*);
+extern template void launch_backward_mma_vector<Update::Additive>(const bwd::Params&, const char*);
+extern template void launch_backward_mma_vector<Update::Delta>(const bwd::Params&, const char*);
 
 namespace {
 
@@ -125,9 +128,10 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     for (const Sequence& sq : p.seqs) n_chunks += (sq.len + kChunk - 1) / kChunk;
     const DType in = a.q.dtype;
     const DType st = in == DType::BF16 ? DType::BF16 : DType::F32;  // the scan's operand dtype
-    // stage 3: tensor cores for bf16 inputs with a decay of one number per token (one block per item,
-    // no scratch); else the fp32 kernel, a grid of resident blocks with a global-memory scratch each
-    const bool mma = in == DType::BF16 && !vec;
+    // stage 3: tensor cores for bf16 inputs (one block per item; vector decay in two kernels with a
+    // hand-over buffer per chunk and value head); else the fp32 kernel, a grid of resident blocks with a
+    // global-memory scratch each
+    const bool mma = in == DType::BF16;
     const int blocks = mma ? 0 : int(std::min<int64_t>(
         std::max<int64_t>(1, n_chunks * p.H),
         int64_t(sm_count()) * (vec ? (p.delta() ? backward_blocks<true, true>() : backward_blocks<true, false>())
@@ -137,7 +141,11 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     const size_t b_params = align(size_t(p.HV) * (2 + bp.W) * sizeof(double));
     const size_t b_scratch = align(size_t(blocks) * size_t(bp.scratch_floats) * sizeof(float));
     const size_t b_states = align(size_t(n_chunks * p.HV * p.K * p.V) * dtype_size(st));
-    char* ws = static_cast<char*>(workspace_alloc(b_params + b_scratch + 2 * b_states, p.op));
+    // vector decay on tensor cores: dO S0ᵀ, Z S0ᵀ, X dS_Cᵀ [64, K]; dP, dD [64, 64]; dβ [64]; Σ S0 ⊙ dS_C [K]
+    const size_t slots = size_t(n_chunks) * size_t(p.HV);
+    const size_t vf_k = size_t(kChunk) * p.K, vf_c = size_t(kChunk) * kChunk;
+    const size_t b_vec = mma && vec ? align(slots * (3 * vf_k + 2 * vf_c + kChunk + p.K) * sizeof(float)) : 0;
+    char* ws = static_cast<char*>(workspace_alloc(b_params + b_scratch + 2 * b_states + b_vec, p.op));
     char* at = ws;
     bp.params_acc = reinterpret_cast<double*>(at);
     check_cuda(cudaMemsetAsync(at, 0, b_params, launch_stream()), p.op, "cudaMemsetAsync(parameter sums)");
@@ -150,6 +158,16 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     bp.states = states;
     bp.dstates = dstates;
     bp.st_dt = st;
+    if (b_vec) {
+        float* v = reinterpret_cast<float*>(at + b_states);
+        bp.v_dqg = v;
+        bp.v_m = v += slots * vf_k;
+        bp.v_dkb = v += slots * vf_k;
+        bp.v_dp = v += slots * vf_k;
+        bp.v_dd = v += slots * vf_c;
+        bp.v_db = v += slots * vf_c;
+        bp.v_sd = v + slots * kChunk;
+    }
 
     DScanParams dp{};
     dp.d_o = d_o.data;
@@ -185,10 +203,17 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     bp.U = fp.U;
     bp.Wm = fp.W;
     bp.Tinv = fp.Tinv;
+    bp.Dm = fp.Dm;
+    bp.Kd = fp.Kd;
+    bp.P = fp.P;
     bp.n_chunks = int(n_chunks);
     if (n_chunks > 0 && mma) {
 #if HLA_CUDA_LINEAR_BF16  // (mma means bf16 inputs, which the switch above rejects in a build without them)
-        p.delta() ? launch_backward_mma<Update::Delta>(bp, p.op) : launch_backward_mma<Update::Additive>(bp, p.op);
+        if (vec)
+            p.delta() ? launch_backward_mma_vector<Update::Delta>(bp, p.op)
+                      : launch_backward_mma_vector<Update::Additive>(bp, p.op);
+        else
+            p.delta() ? launch_backward_mma<Update::Delta>(bp, p.op) : launch_backward_mma<Update::Additive>(bp, p.op);
 #endif
     } else if (n_chunks > 0) {
         if (vec) p.delta() ? launch_backward<true, true>(bp, blocks, p.op) : launch_backward<true, false>(bp, blocks, p.op);

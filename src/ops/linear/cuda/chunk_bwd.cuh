@@ -54,7 +54,13 @@ struct Params : CellOptions {
     DType st_dt;
     // stage 1's prepare operands U, W [chunk, HV, 64, V or K] (read by the tensor-core stage 3)
     const void *U, *Wm;
+    const void *Kd, *P;  // stage 1's K̄ [chunk, HV, 64, K] and P [chunk, HV, 64, 64] (vector decay on tensor cores)
     const float* Tinv;  // delta rule: prepare's T = (I + A)^{-1} [chunk, HV, 64, 64] fp32
+    const float* Dm;    // delta rule, vector decay: prepare's decayed key products D [chunk, HV, 64, 64] fp32
+    // Vector decay on tensor cores: what the first per-chunk kernel hands the second, per (chunk, value
+    // head), fp32 (chunk_bwd_mma.cuh): dO S0ᵀ, Z S0ᵀ (delta), X dS_Cᵀ [64, K]; dP, dD (delta) [64, 64];
+    // the partial dβ [64] (delta); Σ_e S0 ⊙ dS_C per key row [K].
+    float *v_dqg, *v_m, *v_dkb, *v_dp, *v_dd, *v_db, *v_sd;
     // outputs (null when not requested)
     void *dq, *dk, *dv;
     float *dg, *dbeta;

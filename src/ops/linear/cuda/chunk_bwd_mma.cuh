@@ -21,6 +21,9 @@
 //     F_ij = dP_ij P_ij + dD_ij D_ij,  u_i = γ_i (⟨q̂_i, (dO S0ᵀ)_i⟩ − β_i ⟨k̂_i, M_i⟩),
 //     w_j = κ_j ⟨k̂_j, (X dS_Cᵀ)_j⟩,  c = γ_C Σ S0 ⊙ dS_C.
 // Every exponent is a difference of fp64 in-chunk sums of one sign (≤ 0), so g = −1000 stays exact.
+//
+// With vector decay (kVec) the same kernel is the first of two (chunk_bwd_vec_mma.cuh): it keeps the
+// products above whose dot carries no decay and hands dP, dD and the raw K-wide products to the second.
 #pragma once
 
 #include <algorithm>
@@ -85,7 +88,80 @@ __device__ __forceinline__ void add_row_sums(float (&acc)[1][NT][4], float* dst,
     }
 }
 
-template <Update Up, int K, int V>
+// q̂ and k̂ of a chunk (query/key head h) into shared memory as bf16 rows of stride LDK: the raw rows,
+// then scaled / L2-normalised in place (one warp per row).
+template <int K, int LDK>
+__device__ __forceinline__ void stage_qk_hat(__nv_bfloat16* Qs, __nv_bfloat16* Ks, const Params& p, const ChunkInfo& ci,
+                                             int h) {
+    using E = __nv_bfloat16;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    stage_rows_bf16<K, kMmaThreads>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1], kChunk, ci.len);
+    stage_rows_bf16<K, kMmaThreads>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], kChunk, ci.len);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    for (int i = warp; i < kChunk; i += kMmaThreads / 32) {
+        float sq = 0.f, sk = 0.f;
+        for (int c = lane; c < K; c += 32) {
+            const float a = __bfloat162float(Qs[i * LDK + c]), b = __bfloat162float(Ks[i * LDK + c]);
+            sq += a * a;
+            sk += b * b;
+        }
+        const float2 f = qk_row_factors(sq, sk, p.scale, p.qk_l2norm);
+        for (int c = lane; c < K; c += 32) {
+            Qs[i * LDK + c] = __float2bfloat16(__bfloat162float(Qs[i * LDK + c]) * f.x);
+            Ks[i * LDK + c] = __float2bfloat16(__bfloat162float(Ks[i * LDK + c]) * f.y);
+        }
+    }
+}
+
+// dq and dk of a chunk (register fragments of warp w: rows 16·(w % 4).., key columns (w / 4)·K/2..,
+// summed over the group) through the scale and the in-kernel L2 norm to the outputs, one warp per
+// token. `stage` holds fp32 [64][K + 4] followed by bf16 [64][K + 8] for the raw rows (per-row global
+// reads would serialise on their latency).
+template <int K, int NTK>
+__device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[1][NTK][4], float* stage, const Params& p,
+                                            const ChunkInfo& ci, int h) {
+    using E = __nv_bfloat16;
+    constexpr int LDK = K + 8;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = 16 * (warp & 3), kc0 = (warp >> 2) * (K / 2), len = ci.len;
+    E* rawb = reinterpret_cast<E*>(stage + kChunk * (K + 4));
+    for (int which = 0; which < 2; ++which) {
+        if (p.qk_l2norm) {
+            const E* src = which == 0 ? static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h)
+                                      : static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h);
+            stage_rows_bf16<K, kMmaThreads>(rawb, LDK, src, which == 0 ? p.qs[1] : p.ks[1], kChunk, len);
+            cp_async_commit();
+        }
+        auto to_stage = [&](int r, int c, float& x) { stage[(row0 + r) * (K + 4) + kc0 + c] = x; };
+        if (which == 0) for_each_acc(dq, to_stage);
+        else for_each_acc(dk, to_stage);
+        cp_async_wait_all();
+        __syncthreads();
+        void* out = which == 0 ? p.dq : p.dk;
+        const float f = which == 0 ? p.scale : 1.f;
+        for (int i = warp; i < len; i += kMmaThreads / 32) {
+            float* d = stage + i * (K + 4);
+            const E* raw = rawb + i * LDK;
+            const int64_t t = ci.start + i;
+            l2norm_scale_backward_row(d, K, f, p.qk_l2norm, lane, [&](int c) { return __bfloat162float(raw[c]); });
+            __syncwarp();
+            if (out) {
+                const DType odt = which == 0 ? p.dq_dt : p.dk_dt;
+                const int64_t ooff = which == 0 ? tok(p.dqs, ci.batch, t, h) : tok(p.dks, ci.batch, t, h);
+                for (int c = lane; c < K; c += 32) store_any(out, odt, ooff + c, d[c]);
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// kVec: the first of the two vector-decay kernels. It computes everything of the chunk whose products
+// carry no decay inside a dot product (X, dX with prepare's P and K̄, Z, dv, dP, dD, dβ's Z and D terms,
+// dO S0ᵀ, Z S0ᵀ, X dS_Cᵀ) and hands the rest to chunk_bwd_vec_kernel through Params::v_*; q and k are
+// not read (P and K̄ come from stage 1).
+template <Update Up, bool kVec, int K, int V>
 __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Params p) {
     using E = __nv_bfloat16;
     using L = MmaLayout<Up, K, V>;
@@ -128,27 +204,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     const int chunk = blockIdx.x, h = blockIdx.y;
     const ChunkInfo ci = p.chunks[chunk];
     const int len = ci.len;
-    const bool gated = p.gate_act != GateActivation::None && p.decay == Decay::Scalar;
+    const bool gated = !kVec && p.gate_act != GateActivation::None && p.decay == Decay::Scalar;
 
-    // ---- q̂, k̂ of the chunk (shared by the group): raw bf16, then scaled / normalised in place ----
-    stage_rows_bf16<K, kMmaThreads>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1], kChunk, len);
-    stage_rows_bf16<K, kMmaThreads>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], kChunk, len);
-    cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
-    for (int i = warp; i < kChunk; i += kMmaThreads / 32) {
-        float sq = 0.f, sk = 0.f;
-        for (int c = lane; c < K; c += 32) {
-            const float a = __bfloat162float(Qs[i * LDK + c]), b = __bfloat162float(Ks[i * LDK + c]);
-            sq += a * a;
-            sk += b * b;
-        }
-        const float2 f = qk_row_factors(sq, sk, p.scale, p.qk_l2norm);
-        for (int c = lane; c < K; c += 32) {
-            Qs[i * LDK + c] = __float2bfloat16(__bfloat162float(Qs[i * LDK + c]) * f.x);
-            Ks[i * LDK + c] = __float2bfloat16(__bfloat162float(Ks[i * LDK + c]) * f.y);
-        }
-    }
+    // ---- q̂, k̂ of the chunk (shared by the group); with vector decay Ks holds each value head's K̄ ----
+    if constexpr (!kVec) stage_qk_hat<K, LDK>(Qs, Ks, p, ci, h);
 
     float dq[1][NTK][4], dk[1][NTK][4];  // rows row0.., key columns nh·K/2..
     zero_acc(dq);
@@ -177,10 +236,16 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             } else {
                 stage_rows_bf16<V, kMmaThreads>(Us, LDV, static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv), p.vs[1], kChunk, len);
             }
+            if constexpr (kVec) {
+                // stage 1's K̄ = k̂ ⊙ e^{b_C − b} and P (norms and decay inside), zero past the chunk's end
+                stage_rows_bf16<K, kMmaThreads>(Ks, LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, kChunk, kChunk);
+                stage_rows_bf16<kChunk, kMmaThreads>(Pb, LDC, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk,
+                                                     kChunk, kChunk);
+            }
             cp_async_commit();
         }
-        // gates (fp64 in-chunk sums, warp 0: two tokens per lane) and β
-        if (warp == 0) {
+        // gates (fp64 in-chunk sums, warp 0: two tokens per lane; vector decay: the second kernel's) and β
+        if (warp == 0 && !kVec) {
             double a[2] = {0.0, 0.0};
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
@@ -224,14 +289,22 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         // ---- P and D: rows row0.., columns jc0.. (4 n-tiles); kept in registers ----
         float Pr[1][4][4], Dr[1][4][4];
         auto gamma_ij = [&](int i, int j) { return expf(float(bsm[i] - bsm[j])); };
-        zero_acc(Pr);
-        warp_gemm<E, 1, 4>(Pr, Tile<E>{Qs + row0 * LDK, LDK, 1}, Tile<E>{Ks + jc0 * LDK, 1, LDK}, K);
-        for_each_acc(Pr, [&](int r, int c, float& x) {
-            const int i = row0 + r, j = jc0 + c;
-            x = j <= i ? x * gamma_ij(i, j) : 0.f;
-            Pb[i * LDC + j] = __float2bfloat16(x);
-        });
-        if constexpr (kDelta) {
+        if constexpr (kVec) {
+            zero_acc(Pr);  // (read only by the one-number-per-token dg below)
+            if constexpr (kDelta) {
+                const float* Dg = p.Dm + slot * kChunk * kChunk;
+                for_each_acc(Dr, [&](int r, int c, float& x) { x = Dg[(row0 + r) * kChunk + jc0 + c]; });
+            }
+        } else {
+            zero_acc(Pr);
+            warp_gemm<E, 1, 4>(Pr, Tile<E>{Qs + row0 * LDK, LDK, 1}, Tile<E>{Ks + jc0 * LDK, 1, LDK}, K);
+            for_each_acc(Pr, [&](int r, int c, float& x) {
+                const int i = row0 + r, j = jc0 + c;
+                x = j <= i ? x * gamma_ij(i, j) : 0.f;
+                Pb[i * LDC + j] = __float2bfloat16(x);
+            });
+        }
+        if constexpr (kDelta && !kVec) {
             zero_acc(Dr);
             warp_gemm<E, 1, 4>(Dr, Tile<E>{Ks + row0 * LDK, LDK, 1}, Tile<E>{Ks + jc0 * LDK, 1, LDK}, K);
             for_each_acc(Dr, [&](int r, int c, float& x) {
@@ -239,8 +312,18 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 x = j < i ? x * gamma_ij(i, j) : 0.f;
             });
         }
-        // Σ S0 ⊙ dS_C (the state's own decay over the chunk, for dg)
-        if (p.decay != Decay::None) {
+        // Σ S0 ⊙ dS_C (the state's own decay over the chunk, for dg); per key row with vector decay
+        if constexpr (kVec) {
+            for (int r = warp; r < K; r += kMmaThreads / 32) {
+                float s = 0.f;
+                for (int c = 2 * lane; c < V; c += 64) {
+                    const float2 a = load_bf16x2(S0s + r * LDV + c), b = load_bf16x2(dSs + r * LDV + c);
+                    s += a.x * b.x + a.y * b.y;
+                }
+                for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+                if (lane == 0) p.v_sd[slot * K + r] = s;
+            }
+        } else if (p.decay != Decay::None) {
             float s = 0.f;
             for (int idx = tid; idx < K * V / 2; idx += kMmaThreads) {
                 const int r = idx / (V / 2), c = 2 * (idx % (V / 2));
@@ -270,7 +353,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             warp_gemm<E, 1, NTV>(A2, Tile<E>{Ks + row0 * LDK, LDK, 1}, Tile<E>{dSs + vc0, LDV, 1}, K);
             for_each_acc(A1, [&](int r, int c, float& x) {
                 const int i = row0 + r, e = vc0 + c;
-                const float dx = x + kap[i] * A2[0][c >> 3][(r >> 3) * 2 + (c & 1)];
+                const float dx = x + (kVec ? 1.f : kap[i]) * A2[0][c >> 3][(r >> 3) * 2 + (c & 1)];
                 if constexpr (kDelta) {
                     dXf[i * LDVF + e] = dx;
                 } else if (p.dv && i < len) {
@@ -310,43 +393,57 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             float acc[1][NTK][4];
             zero_acc(acc);
             warp_gemm<E, 1, NTK>(acc, Tile<E>{dOs + row0 * LDV, LDV, 1}, Tile<E>{S0s + kc0 * LDV, 1, LDV}, V);
-            add_row_sums(acc, us, row0, [&](int r, int c, float x) {
-                const int i = row0 + r;
-                dq[0][c >> 3][(r >> 3) * 2 + (c & 1)] += gam[i] * x;
-                return gam[i] * x * __bfloat162float(Qs[i * LDK + kc0 + c]);
-            });
-            if constexpr (kDelta) {
-                zero_acc(acc);
-                warp_gemm<E, 1, NTK>(acc, Tile<E>{Zs + row0 * LDV, LDV, 1}, Tile<E>{S0s + kc0 * LDV, 1, LDV}, V);
-                // u_i −= γ_i β_i ⟨k̂_i, M_i⟩ and dβ_i −= γ_i ⟨k̂_i, M_i⟩: one row sum, split after
-                float s[2] = {0.f, 0.f};
-                for_each_acc(acc, [&](int r, int c, float& x) {
-                    const int i = row0 + r;
-                    const float kx = __bfloat162float(Ks[i * LDK + kc0 + c]);
-                    dk[0][c >> 3][(r >> 3) * 2 + (c & 1)] -= gam[i] * betas[i] * x;
-                    s[r >> 3] += gam[i] * kx * x;
-                });
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 1);
-                    s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 2);
+            if constexpr (kVec) {
+                // raw, for the second kernel: the decay factors are per element there
+                const size_t at = slot * kChunk * K + size_t(row0) * K + kc0;
+                store_acc<float>(acc, p.v_dqg + at, K);
+                if constexpr (kDelta) {
+                    zero_acc(acc);
+                    warp_gemm<E, 1, NTK>(acc, Tile<E>{Zs + row0 * LDV, LDV, 1}, Tile<E>{S0s + kc0 * LDV, 1, LDV}, V);
+                    store_acc<float>(acc, p.v_m + at, K);
                 }
-                if ((lane & 3) == 0) {
+                zero_acc(acc);
+                warp_gemm<E, 1, NTK>(acc, Tile<E>{Xs + row0 * LDV, LDV, 1}, Tile<E>{dSs + kc0 * LDV, 1, LDV}, V);
+                store_acc<float>(acc, p.v_dkb + at, K);
+            } else {
+                add_row_sums(acc, us, row0, [&](int r, int c, float x) {
+                    const int i = row0 + r;
+                    dq[0][c >> 3][(r >> 3) * 2 + (c & 1)] += gam[i] * x;
+                    return gam[i] * x * __bfloat162float(Qs[i * LDK + kc0 + c]);
+                });
+                if constexpr (kDelta) {
+                    zero_acc(acc);
+                    warp_gemm<E, 1, NTK>(acc, Tile<E>{Zs + row0 * LDV, LDV, 1}, Tile<E>{S0s + kc0 * LDV, 1, LDV}, V);
+                    // u_i −= γ_i β_i ⟨k̂_i, M_i⟩ and dβ_i −= γ_i ⟨k̂_i, M_i⟩: one row sum, split after
+                    float s[2] = {0.f, 0.f};
+                    for_each_acc(acc, [&](int r, int c, float& x) {
+                        const int i = row0 + r;
+                        const float kx = __bfloat162float(Ks[i * LDK + kc0 + c]);
+                        dk[0][c >> 3][(r >> 3) * 2 + (c & 1)] -= gam[i] * betas[i] * x;
+                        s[r >> 3] += gam[i] * kx * x;
+                    });
 #pragma unroll
                     for (int hh = 0; hh < 2; ++hh) {
-                        const int i = row0 + (lane >> 2) + 8 * hh;
-                        atomicAdd(us + i, -betas[i] * s[hh]);
-                        atomicAdd(dbs + i, -s[hh]);
+                        s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 1);
+                        s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 2);
+                    }
+                    if ((lane & 3) == 0) {
+#pragma unroll
+                        for (int hh = 0; hh < 2; ++hh) {
+                            const int i = row0 + (lane >> 2) + 8 * hh;
+                            atomicAdd(us + i, -betas[i] * s[hh]);
+                            atomicAdd(dbs + i, -s[hh]);
+                        }
                     }
                 }
+                zero_acc(acc);
+                warp_gemm<E, 1, NTK>(acc, Tile<E>{Xs + row0 * LDV, LDV, 1}, Tile<E>{dSs + kc0 * LDV, 1, LDV}, V);
+                add_row_sums(acc, ws_, row0, [&](int r, int c, float x) {
+                    const int i = row0 + r;
+                    dk[0][c >> 3][(r >> 3) * 2 + (c & 1)] += kap[i] * x;
+                    return kap[i] * x * __bfloat162float(Ks[i * LDK + kc0 + c]);
+                });
             }
-            zero_acc(acc);
-            warp_gemm<E, 1, NTK>(acc, Tile<E>{Xs + row0 * LDV, LDV, 1}, Tile<E>{dSs + kc0 * LDV, 1, LDV}, V);
-            add_row_sums(acc, ws_, row0, [&](int r, int c, float x) {
-                const int i = row0 + r;
-                dk[0][c >> 3][(r >> 3) * 2 + (c & 1)] += kap[i] * x;
-                return kap[i] * x * __bfloat162float(Ks[i * LDK + kc0 + c]);
-            });
         }
 
         // ---- dP = dO Xᵀ, dA = −Z Xᵀ (rows row0.., columns jc0..) ----
@@ -357,6 +454,34 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             zero_acc(dAr);
             warp_gemm<E, 1, 4>(dAr, Tile<E>{Zs + row0 * LDV, LDV, 1}, Tile<E>{Xs + jc0 * LDV, 1, LDV}, V);
             for_each_acc(dAr, [](int, int, float& x) { x = -x; });
+        }
+        if constexpr (kVec) {
+            // dP (whole), dD = diag(β) dA (strict lower) and dβ's Σ_j dA_ij D_ij; the rest is the second kernel's
+            const size_t at = slot * kChunk * kChunk + size_t(row0) * kChunk + jc0;
+            store_acc<float>(dPr, p.v_dp + at, kChunk);
+            if constexpr (kDelta) {
+                float sb[2] = {0.f, 0.f};
+                for_each_acc(dAr, [&](int r, int c, float& x) {
+                    const int i = row0 + r, j = jc0 + c;
+                    const float d = Dr[0][c >> 3][(r >> 3) * 2 + (c & 1)];
+                    sb[r >> 3] += j < i ? x * d : 0.f;
+                    x = j < i ? betas[i] * x : 0.f;
+                });
+                store_acc<float>(dAr, p.v_dd + at, kChunk);
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    sb[hh] += __shfl_xor_sync(0xffffffffu, sb[hh], 1);
+                    sb[hh] += __shfl_xor_sync(0xffffffffu, sb[hh], 2);
+                }
+                if ((lane & 3) == 0) {
+                    atomicAdd(dbs + row0 + (lane >> 2), sb[0]);
+                    atomicAdd(dbs + row0 + (lane >> 2) + 8, sb[1]);
+                }
+                __syncthreads();  // dβ's partial sums complete
+                if (tid < kChunk) p.v_db[slot * kChunk + tid] = dbs[tid];
+            }
+            __syncthreads();  // the chunk's shared memory is the next value head's
+            continue;
         }
         __syncthreads();  // S0, dS_C, dO, X, Z are dead: E1, E, F take their place
         for (int idx = tid; idx < kChunk * LDC; idx += kMmaThreads) E2b[idx] = __float2bfloat16(0.f);
@@ -459,47 +584,18 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         __syncthreads();  // the chunk's shared memory is the next value head's
     }
 
-    // ---- dq, dk through the scale and the in-kernel L2 norm, one warp per token (the raw rows are
-    // fetched into shared memory: per-row global reads would serialise on their latency) ----
-    E* rawb = reinterpret_cast<E*>(stage + kChunk * (K + 4));
-    for (int which = 0; which < 2; ++which) {
-        if (p.qk_l2norm) {
-            const E* src = which == 0 ? static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h)
-                                      : static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h);
-            stage_rows_bf16<K, kMmaThreads>(rawb, LDK, src, which == 0 ? p.qs[1] : p.ks[1], kChunk, len);
-            cp_async_commit();
-        }
-        auto to_stage = [&](int r, int c, float& x) { stage[(row0 + r) * (K + 4) + kc0 + c] = x; };
-        if (which == 0) for_each_acc(dq, to_stage);
-        else for_each_acc(dk, to_stage);
-        cp_async_wait_all();
-        __syncthreads();
-        void* out = which == 0 ? p.dq : p.dk;
-        const float f = which == 0 ? p.scale : 1.f;
-        for (int i = warp; i < len; i += kMmaThreads / 32) {
-            float* d = stage + i * (K + 4);
-            const E* raw = rawb + i * LDK;
-            const int64_t t = ci.start + i;
-            l2norm_scale_backward_row(d, K, f, p.qk_l2norm, lane, [&](int c) { return __bfloat162float(raw[c]); });
-            __syncwarp();
-            if (out) {
-                const DType odt = which == 0 ? p.dq_dt : p.dk_dt;
-                const int64_t ooff = which == 0 ? tok(p.dqs, ci.batch, t, h) : tok(p.dks, ci.batch, t, h);
-                for (int c = lane; c < K; c += 32) store_any(out, odt, ooff + c, d[c]);
-            }
-        }
-        __syncthreads();
-    }
+    // ---- dq, dk through the scale and the in-kernel L2 norm ----
+    if constexpr (!kVec) store_dq_dk<K>(dq, dk, stage, p, ci, h);
 }
 
 }  // namespace bwd
 
-template <Update Up, int K, int V>
+template <Update Up, bool kVec, int K, int V>
 void launch_backward_mma_kv(const bwd::Params& p, const char* op) {
     constexpr size_t smem = bwd::MmaLayout<Up, K, V>::bytes;
-    static const bool once = (set_smem(bwd::chunk_bwd_mma_kernel<Up, K, V>, smem, op), true);
+    static const bool once = (set_smem(bwd::chunk_bwd_mma_kernel<Up, kVec, K, V>, smem, op), true);
     (void)once;
-    bwd::chunk_bwd_mma_kernel<Up, K, V><<<dim3(p.n_chunks, p.H), bwd::kMmaThreads, smem, launch_stream()>>>(p);
+    bwd::chunk_bwd_mma_kernel<Up, kVec, K, V><<<dim3(p.n_chunks, p.H), bwd::kMmaThreads, smem, launch_stream()>>>(p);
     check_cuda(cudaGetLastError(), op, "chunk_bwd_mma launch");
 }
 
@@ -508,11 +604,11 @@ void launch_backward_mma_kv(const bwd::Params& p, const char* op) {
 template <Update Up>
 void launch_backward_mma(const bwd::Params& p, const char* op) {
     if (p.K == 64) {
-        if (p.V == 64) return launch_backward_mma_kv<Up, 64, 64>(p, op);
-        return launch_backward_mma_kv<Up, 64, 128>(p, op);
+        if (p.V == 64) return launch_backward_mma_kv<Up, false, 64, 64>(p, op);
+        return launch_backward_mma_kv<Up, false, 64, 128>(p, op);
     }
-    if (p.V == 64) return launch_backward_mma_kv<Up, 128, 64>(p, op);
-    return launch_backward_mma_kv<Up, 128, 128>(p, op);
+    if (p.V == 64) return launch_backward_mma_kv<Up, false, 128, 64>(p, op);
+    return launch_backward_mma_kv<Up, false, 128, 128>(p, op);
 }
 
 }  // namespace hla::linear::cuda

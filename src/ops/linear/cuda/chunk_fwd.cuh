@@ -777,10 +777,13 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const size_t b_w = p.delta() ? b_qk : 0;
     const size_t b_p = align(slots * kChunk * kChunk * sizeof(E));
     const size_t b_g = align(slots * p.K * sizeof(float));
-    // the backward's per-chunk tensor-core kernel (bf16, delta rule) reuses prepare's inverse
-    const bool keep_t = states && p.delta() && std::is_same_v<In, __nv_bfloat16> && p.cfg.decay != Decay::Vector;
+    // the backward's per-chunk tensor-core kernel (bf16, delta rule) reuses prepare's inverse, and with
+    // vector decay its decayed key products D
+    const bool keep_t = states && p.delta() && std::is_same_v<In, __nv_bfloat16>;
+    const bool keep_d = keep_t && p.cfg.decay == Decay::Vector;
     const size_t b_t = keep_t ? align(slots * kChunk * kChunk * sizeof(float)) : 0;
-    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t;
+    const size_t b_d = keep_d ? b_t : 0;
+    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d;
     char* ws = static_cast<char*>(workspace_alloc(total, p.op));
     char* at = ws;
     fp.chunks = reinterpret_cast<const ChunkInfo*>(at);
@@ -807,6 +810,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     fp.gC = reinterpret_cast<float*>(at);
     at += b_g;
     fp.Tinv = keep_t ? reinterpret_cast<float*>(at) : nullptr;
+    at += b_t;
+    fp.Dm = keep_d ? reinterpret_cast<float*>(at) : nullptr;
 
     if (n_chunks > 0) {
         if (p.K == 64) launch_prepare_cell<In, E, 64>(p, fp, int(n_chunks));

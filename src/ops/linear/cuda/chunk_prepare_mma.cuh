@@ -332,6 +332,8 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
             if constexpr (D == Decay::Scalar || D == Decay::Fixed) dec = j <= i ? __expf(float(bsm[i] - bsm[j])) : 0.f;
             const float rkj = rk[j];
             accP[0][nt][e] = j <= i ? accP[0][nt][e] * rq[i] * rkj * dec : 0.f;
+            if constexpr (kVec && kDelta)
+                if (p.Dm) p.Dm[slot * kChunk * kChunk + i * kChunk + j] = j < i ? accA[0][nt][e] * rk[i] * rkj : 0.f;
             if constexpr (kDelta) accA[0][nt][e] = j < i ? accA[0][nt][e] * betas[i] * rk[i] * rkj * dec : 0.f;
         }
     store_acc<E>(accP, static_cast<E*>(p.P) + slot * kChunk * kChunk + r0 * kChunk, kChunk);

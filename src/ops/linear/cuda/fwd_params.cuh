@@ -43,6 +43,10 @@ struct FwdParams : CellOptions {
     // Backward recompute of the delta rule on bf16 inputs only (null otherwise): T = (I + A)^{-1} of
     // every (chunk, value head), fp32 [64][64], zero above the diagonal (chunk_prepare_mma).
     float* Tinv;
+    // Backward recompute of the delta rule with vector decay on bf16 inputs only (null otherwise): the
+    // decayed key products D_ij = ⟨k̂_i, k̂_j⟩_b (j < i, zero elsewhere; no β) of every (chunk, value
+    // head), fp32 [64][64]: the tensor-core stage 3 needs them for dβ and cannot cheaply rebuild them.
+    float* Dm;
 };
 
 // The factors a token's q and k rows are multiplied by, from one warp's per-lane partial sums of
