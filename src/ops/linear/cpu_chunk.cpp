@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 
 #include "core/cpu_math.hpp"
@@ -156,16 +157,25 @@ void mask_scale(float* E, const float* gamma, int L, bool diag) {
     }
 }
 
+// One decayed product E = ⟨x_i, y_j⟩_b to form (diag: j ≤ i, else j < i); the chunk's P and D share y = k.
+struct ScoreTarget {
+    const float* x;
+    bool diag;
+    float* E;
+};
+
 template <bool kVector>
 struct Decayed;
 
 template <>
 struct Decayed<false> {
     // yt: y transposed [K, L] (the callers' y is always the chunk's k, transposed once per chunk).
-    static void scores(const float* x, const float* /*y*/, const float* yt, int L, int64_t K, const float* /*g*/,
-                       bool diag, float* E, Workspace& w) {
-        lower_scores(L, K, x, yt, L, E);
-        mask_scale(E, w.gamma_lower.data(), L, diag);
+    static void scores(std::initializer_list<ScoreTarget> targets, const float* /*y*/, const float* yt, int L, int64_t K,
+                       Workspace& w) {
+        for (const ScoreTarget& t : targets) {
+            lower_scores(L, K, t.x, yt, L, t.E);
+            mask_scale(t.E, w.gamma_lower.data(), L, t.diag);
+        }
     }
     // E is already masked and decayed by scores/mask_scale in the scalar case.
     static void apply(const float* E, const float* y, int L, int64_t K, const float*, bool, float* out, Workspace&) {
@@ -256,29 +266,34 @@ struct Decayed<true> {
         for (int64_t t = 0; t < n * K; ++t) dst[t] = src[t] * f[t];
     }
 
-    static void scores(const float* x, const float* y, const float* /*yt*/, int L, int64_t K, const float* /*g*/,
-                       bool diag, float* E, Workspace& w) {
+    static void scores(std::initializer_list<ScoreTarget> targets, const float* y, const float* /*yt*/, int L, int64_t K,
+                       Workspace& w) {
         // Row block I = [i0, i1) in one matrix product [x_I ⊙ W_I] [y_J ⊙ exp(b_r − b_J) | y_I ⊘ W_I]ᵀ: the
         // blocks before it (J, factored around r = i0 − 1, where W_I = exp(b_I − b_r)) and, when shallow,
-        // its diagonal block; both share the left factor.
+        // its diagonal block; both share the left factor, and every target shares the right one.
         for (int i0 = 0; i0 < L; i0 += kBlock) {
             const int i1 = std::min(L, i0 + kBlock), n = i1 - i0;
             const bool product = as_product(w, i0);
             const int cols = product ? i1 : i0;
             if (cols > 0) {
-                mul_rows(x + i0 * K, w.within_block.data() + i0 * K, n, K, w.blk_x.data());
                 if (i0 > 0) mul_rows(y, before(w, i0, K), i0, K, w.blk_out.data());
                 if (product) mul_rows(y + i0 * K, w.within_block_inv.data() + i0 * K, n, K, w.blk_out.data() + i0 * K);
                 transpose(w.blk_out.data(), cols, K, K, w.blk_yt.data());  // [K, cols]
-                gemm(n, cols, K, 1.0f, w.blk_x.data(), K, 1, w.blk_yt.data(), cols, 0.0f, E + i0 * kChunk, kChunk);
+                for (const ScoreTarget& t : targets) {
+                    mul_rows(t.x + i0 * K, w.within_block.data() + i0 * K, n, K, w.blk_x.data());
+                    gemm(n, cols, K, 1.0f, w.blk_x.data(), K, 1, w.blk_yt.data(), cols, 0.0f, t.E + i0 * kChunk, kChunk);
+                }
             }
-            if (product) {
-                for (int i = i0; i < i1; ++i) std::fill(E + i * kChunk + (diag ? i + 1 : i), E + i * kChunk + i1, 0.0f);
-            } else {
-                for (int i = i0; i < i1; ++i) std::fill(E + i * kChunk + i0, E + i * kChunk + i1, 0.0f);
-                for_diag_pairs(K, i0, i1, diag, w, [&](int i, int j, const float* e) {
-                    E[i * kChunk + j] = hla::cpu::dot3(x + i * K, y + j * K, e, K);
-                });
+            for (const ScoreTarget& t : targets) {
+                float* E = t.E;
+                if (product) {
+                    for (int i = i0; i < i1; ++i) std::fill(E + i * kChunk + (t.diag ? i + 1 : i), E + i * kChunk + i1, 0.0f);
+                } else {
+                    for (int i = i0; i < i1; ++i) std::fill(E + i * kChunk + i0, E + i * kChunk + i1, 0.0f);
+                    for_diag_pairs(K, i0, i1, t.diag, w, [&](int i, int j, const float* e) {
+                        E[i * kChunk + j] = hla::cpu::dot3(t.x + i * K, y + j * K, e, K);
+                    });
+                }
             }
         }
     }
@@ -397,17 +412,18 @@ void chunk_common(const ChunkView& c, const float* S0, Workspace& w, bool with_o
     }
     decay_factors<kVector>(c, w);
     scale_by<kVector>(c.k, w.ebar.data(), L, K, w.kbar.data());
-    if (with_output) {
-        scale_by<kVector>(c.q, w.eb.data(), L, K, w.qg.data());
-        Decayed<kVector>::scores(c.q, c.k, w.kt.data(), L, K, c.g, true, w.p.data(), w);
-    }
+    // P = ⟨q, k⟩_b (j ≤ i) for the output, D = ⟨k, k⟩_b (j < i) for the delta rule, in one pass over k.
+    const ScoreTarget P{c.q, true, w.p.data()}, D{c.k, false, w.d.data()};
+    if (with_output && kDelta) Decayed<kVector>::scores({P, D}, c.k, w.kt.data(), L, K, w);
+    else if (with_output) Decayed<kVector>::scores({P}, c.k, w.kt.data(), L, K, w);
+    else if (kDelta) Decayed<kVector>::scores({D}, c.k, w.kt.data(), L, K, w);
+    if (with_output) scale_by<kVector>(c.q, w.eb.data(), L, K, w.qg.data());
     if constexpr (kDelta) {
         scale_by<kVector>(c.k, w.eb.data(), L, K, w.kg.data());
         // Y = V − (K ⊙ γ) S0
         std::copy(c.v, c.v + L * V, w.y.data());
         gemm(L, V, K, -1.0f, w.kg.data(), K, 1, S0, V, 1.0f, w.y.data(), V);
-        // D (strict), A = diag(β) D
-        Decayed<kVector>::scores(c.k, c.k, w.kt.data(), L, K, c.g, false, w.d.data(), w);
+        // A = diag(β) D
         for (int i = 0; i < L; ++i)
             for (int j = 0; j < i; ++j) w.a[i * kChunk + j] = c.beta[i] * w.d[i * kChunk + j];
         // (I + A) X = diag(β) Y
