@@ -70,12 +70,10 @@ struct MmaLayout {
     static_assert(bytes <= 227 * 1024, "bwd mma: shared memory over the 227 KiB of an SM");
 };
 
-// Adds Σ over the warp's fragment columns of f(r, c, x) into dst[row0 + r] (two warps share each row:
-// shared-memory atomics).
-template <int NT, class F>
-__device__ __forceinline__ void add_row_sums(float (&acc)[1][NT][4], float* dst, int row0, F&& f) {
-    float s[2] = {0.f, 0.f};
-    for_each_acc(acc, [&](int r, int c, float& x) { s[r >> 3] += f(r, c, x); });
+// A lane's partial sums of its two fragment rows of an m16 accumulator (s[0]: row lane / 4, s[1]: that
+// row + 8), summed over the four lanes that share the rows and added into dst[row0 + row]
+// (shared-memory atomics: two warps share each row).
+__device__ __forceinline__ void add_fragment_row_sums(float (&s)[2], float* dst, int row0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         s[h] += __shfl_xor_sync(0xffffffffu, s[h], 1);
@@ -86,6 +84,14 @@ __device__ __forceinline__ void add_row_sums(float (&acc)[1][NT][4], float* dst,
         atomicAdd(dst + row0 + (lane >> 2), s[0]);
         atomicAdd(dst + row0 + (lane >> 2) + 8, s[1]);
     }
+}
+
+// Adds Σ over the warp's fragment columns of f(r, c, x) into dst[row0 + r].
+template <int NT, class F>
+__device__ __forceinline__ void add_row_sums(float (&acc)[1][NT][4], float* dst, int row0, F&& f) {
+    float s[2] = {0.f, 0.f};
+    for_each_acc(acc, [&](int r, int c, float& x) { s[r >> 3] += f(r, c, x); });
+    add_fragment_row_sums(s, dst, row0);
 }
 
 // q̂ and k̂ of a chunk (query/key head h) into shared memory as bf16 rows of stride LDK: the raw rows,
@@ -468,15 +474,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                     x = j < i ? betas[i] * x : 0.f;
                 });
                 store_acc<float>(dAr, p.v_dd + at, kChunk);
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    sb[hh] += __shfl_xor_sync(0xffffffffu, sb[hh], 1);
-                    sb[hh] += __shfl_xor_sync(0xffffffffu, sb[hh], 2);
-                }
-                if ((lane & 3) == 0) {
-                    atomicAdd(dbs + row0 + (lane >> 2), sb[0]);
-                    atomicAdd(dbs + row0 + (lane >> 2) + 8, sb[1]);
-                }
+                add_fragment_row_sums(sb, dbs, row0);
                 __syncthreads();  // dβ's partial sums complete
                 if (tid < kChunk) p.v_db[slot * kChunk + tid] = dbs[tid];
             }
@@ -508,17 +506,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 }
                 Fm[i * LDF + j] = f;
             });
-            if constexpr (kDelta) {
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    sb[hh] += __shfl_xor_sync(0xffffffffu, sb[hh], 1);
-                    sb[hh] += __shfl_xor_sync(0xffffffffu, sb[hh], 2);
-                }
-                if ((lane & 3) == 0) {
-                    atomicAdd(dbs + row0 + (lane >> 2), sb[0]);
-                    atomicAdd(dbs + row0 + (lane >> 2) + 8, sb[1]);
-                }
-            }
+            if constexpr (kDelta) add_fragment_row_sums(sb, dbs, row0);
         }
         __syncthreads();
 

@@ -297,15 +297,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_vec_kernel(const Par
             });
             if constexpr (kDelta) {
                 // dβ_i −= ⟨k̂_i ⊙ e^{b_i}, M_i⟩ (the K⊙γ inside Y = V − (K⊙γ) S0)
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    sb[hh] += __shfl_xor_sync(0xffffffffu, sb[hh], 1);
-                    sb[hh] += __shfl_xor_sync(0xffffffffu, sb[hh], 2);
-                }
-                if (t == 0) {
-                    atomicAdd(dbt + row0 + g, -sb[0]);
-                    atomicAdd(dbt + row0 + g + 8, -sb[1]);
-                }
+                float minus[2] = {-sb[0], -sb[1]};
+                add_fragment_row_sums(minus, dbt, row0);
             }
         }
         __syncthreads();  // ∂b', K̄ ⊙ dK̄ and dβ complete
