@@ -82,7 +82,8 @@ struct TimingPlan {
     int warmup = 1;
     int samples = 5;
     int calls_per_sample = 1;  // CUDA: many calls between two synchronisations
-    bool auto_stop = false;    // stop after 3 samples once 2 s are spent (default reps only)
+    bool auto_stop = false;    // stop after min_samples once 2 s per function are spent (default reps only)
+    int min_samples = 3;
     int run_length = 1;        // interleaving: samples of one function in a row before the next
 };
 
@@ -90,7 +91,15 @@ struct Timing {
     double ms = kNaN;  // median per call
     int samples = 0;
     int calls = 0;
+    std::vector<double> sample_ms;  // per call, in the order taken (interleaved with the other functions')
 };
+
+double median(std::vector<double> v) {
+    if (v.empty()) return kNaN;
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
 
 // Times several functions with their samples interleaved (a, b, a, b, ...), so a comparison such as
 // "x loop" sees the same machine state on both sides even when other processes come and go.
@@ -128,16 +137,15 @@ std::vector<Timing> measure_interleaved(const std::vector<std::function<void()>>
                 spent += s;
             }
         }
-        if (plan.auto_stop && r + n >= 3 && spent > 2.0 * double(fns.size())) break;
+        if (plan.auto_stop && r + n >= plan.min_samples && spent > 2.0 * double(fns.size())) break;
     }
     std::vector<Timing> out;
-    for (std::vector<double>& v : samples) {
-        std::sort(v.begin(), v.end());
-        const size_t n = v.size();
+    for (const std::vector<double>& v : samples) {
         Timing t;
-        t.ms = 1e3 * (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
-        t.samples = int(n);
-        t.calls = int(n) * plan.calls_per_sample;
+        t.ms = 1e3 * median(v);
+        t.samples = int(v.size());
+        t.calls = t.samples * plan.calls_per_sample;
+        for (const double x : v) t.sample_ms.push_back(1e3 * x);
         out.push_back(t);
     }
     return out;
@@ -158,6 +166,10 @@ struct Record {
     ErrorStats err;
     double ms = kNaN, flops = kNaN, gflops = kNaN, pct_peak = kNaN, floor_ms = kNaN, gbps = kNaN;
     double loop_ms = kNaN, speedup = kNaN, loop_rel_err = kNaN;
+    // fwd: the ratio loop / chunked of each interleaved pair of samples (taken back to back, so both
+    // saw the same machine): its median, and its lowest and highest, show how stable "x loop" was.
+    int loop_pairs = 0;
+    double pair_ratio_min = kNaN, pair_ratio_median = kNaN, pair_ratio_max = kNaN;
     int reps = 0, threads = 0;
     double peak_gflops = kNaN;
     std::string failure;  // set when the run threw
@@ -331,6 +343,29 @@ private:
         records_.push_back(std::move(r));
     }
 
+    // The forward timed against the token loop: at least kLoopPairs interleaved pairs, so that the
+    // medians, and the speed-up taken from them, move by a few percent at most from run to run.
+    static constexpr int kLoopPairs = 9;
+    TimingPlan loop_plan(Backend b, const BenchShape& s) const {
+        TimingPlan p = sequence_plan(b, s);
+        if (o_.reps == 0) {
+            p.samples = std::max(p.samples, kLoopPairs);
+            p.min_samples = kLoopPairs;
+        }
+        return p;
+    }
+
+    static void set_pair_ratios(Record& r, const Timing& chunked, const Timing& loop) {
+        std::vector<double> ratios;
+        for (size_t i = 0; i < std::min(chunked.sample_ms.size(), loop.sample_ms.size()); ++i)
+            ratios.push_back(loop.sample_ms[i] / chunked.sample_ms[i]);
+        if (ratios.empty()) return;
+        r.loop_pairs = int(ratios.size());
+        r.pair_ratio_min = *std::min_element(ratios.begin(), ratios.end());
+        r.pair_ratio_max = *std::max_element(ratios.begin(), ratios.end());
+        r.pair_ratio_median = median(ratios);
+    }
+
     TimingPlan sequence_plan(Backend b, const BenchShape& s) const {
         TimingPlan p;
         const bool cuda = b == Backend::Cuda;
@@ -432,11 +467,12 @@ private:
                         } else {
                             const TokenLoopArgs la = loop_args(cfg, *full32, full, loop_out, nullptr);
                             const std::vector<Timing> t =
-                                measure_interleaved({run, [&] { token_loop(la); }}, false, sequence_plan(b, full));
+                                measure_interleaved({run, [&] { token_loop(la); }}, false, loop_plan(b, full));
                             r.ms = t[0].ms;
                             r.reps = t[0].samples;
                             r.loop_ms = t[1].ms;
                             r.loop_rel_err = loop_err;
+                            set_pair_ratios(r, t[0], t[1]);
                         }
                         r.flops = forward_flops(cfg, full.B, full.T, full.HV, full.K, full.V);
                         const double bytes = input_bytes(cfg, full.B, full.T, full.H, full.HV, full.K, full.V, dt) +
@@ -917,11 +953,14 @@ private:
                     "(fwdbwd: worst of dq, dk, dv, dg, dbeta;\n"
                     "  decode: outputs and state after 8 steps). GFLOP/s: the chunked algorithm's flops (C = 64; "
                     "fwdbwd = 3x fwd; decode: per step).\n"
-                    "  %%peak: of the FMA peak (cpu, reference) or of the H100 roofline floor (cuda). x loop: speed-up "
-                    "over the fp32 token loop.\n"
+                    "  %%peak: of the FMA peak (cpu, reference) or of the H100 roofline floor (cuda).\n"
+                    "  x loop: the fp32 token loop's median time / this median time, both timed in turn (fwd: %s%d "
+                    "interleaved pairs,\n"
+                    "  a call of each; decode: runs of 30 calls); time: the median of the samples.\n"
                     "  softmax_attn: causal, HQ = HKV = H, head dim K; GFLOP/s counts 4K per visible (query, key) pair, "
                     "fwdbwd = 3.5x fwd;\n"
-                    "  its decode rows: one query token per sequence against a cache of T tokens.\n\n");
+                    "  its decode rows: one query token per sequence against a cache of T tokens.\n\n",
+                    o_.reps > 0 ? "" : "at least ", o_.reps > 0 ? o_.reps : kLoopPairs);
         const char* head = "%-16s %-9s %-5s %-6s %3s %6s %3s %3s %4s %4s %-10s %8s %8s %11s %8s %6s %6s\n";
         std::printf(head, "op", "backend", "dtype", "pass", "B", "T", "H", "HV", "K", "V", "err on", "rel_err", "max_abs",
                     "time", "GFLOP/s", "%peak", "x loop");
@@ -959,8 +998,9 @@ private:
             if (r.pass == "fwd" && r.T == 4096) {
                 const bool ok = r.speedup >= 3.0 && r.pct_peak >= 50.0;
                 line = fmt("%.2fx", r.speedup) + " the token loop (>= 3x; " + fmt_time(r.ms) + " vs " +
-                       fmt_time(r.loop_ms) + "), " + fmt("%.0f%%", r.pct_peak) + " of FMA peak (>= 50%): " +
-                       (ok ? "met" : "NOT met");
+                       fmt_time(r.loop_ms) + "; " + std::to_string(r.loop_pairs) + " pairs: " +
+                       fmt("%.2f", r.pair_ratio_min) + "-" + fmt("%.2f", r.pair_ratio_max) + "x), " +
+                       fmt("%.0f%%", r.pct_peak) + " of FMA peak (>= 50%): " + (ok ? "met" : "NOT met");
             } else if (r.pass == "decode") {
                 const double us = r.ms * 1e3;
                 line = fmt("%.1f us", us) + " per token (<= 23.6 us, 2x faster than ggml's 47.2 us): " +
@@ -1042,6 +1082,12 @@ private:
             field("token_loop_ms", json_number(r.loop_ms));
             field("speedup_vs_token_loop", json_number(r.speedup, "%.4g"));
             if (std::isfinite(r.loop_rel_err)) field("token_loop_rel_err", json_number(r.loop_rel_err));
+            if (r.loop_pairs > 0) {
+                field("token_loop_pairs", integer(r.loop_pairs));
+                field("speedup_pair_min", json_number(r.pair_ratio_min, "%.4g"));
+                field("speedup_pair_median", json_number(r.pair_ratio_median, "%.4g"));
+                field("speedup_pair_max", json_number(r.pair_ratio_max, "%.4g"));
+            }
             if (std::isfinite(r.floor_ms)) field("floor_ms", json_number(r.floor_ms));
             if (std::isfinite(r.gbps)) field("gbps", json_number(r.gbps, "%.4g"));
             field("reps", integer(r.reps));
