@@ -28,7 +28,35 @@ inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x
 void gemm(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
-// y[i] = exp(x[i]) for x ≤ 88; |relative error| < 2e-7; x < −87.3 gives 0 (the true value underflows).
+// exp of each lane, for x ≤ 88; |relative error| < 2e-7; x < −87.3 gives 0 (the true value underflows).
+// exp(x) = 2^n · exp(r), n = round(x·log2 e), r = x − n·ln2 ∈ [−ln2/2, ln2/2], exp(r) by its degree-6
+// Taylor polynomial (truncation error < 3e-8 there); 2^n is built directly in the exponent bits.
+// Inline so that kernels can apply it to values already in registers.
+typedef int32_t vi __attribute__((vector_size(kVec * sizeof(int32_t))));
+inline vf exp_vec(vf x) {
+    const vf lo = splat(-87.3f), hi = splat(88.0f);
+    const vi underflow = x < lo;
+    vf xc = x < lo ? lo : x;
+    xc = xc > hi ? hi : xc;
+    // round to nearest: adding 1.5·2^23 pushes the fraction out of the mantissa
+    const vf shifter = splat(12582912.0f);
+    const vf n = (xc * splat(1.44269504088896341f) + shifter) - shifter;
+    const vf r = (xc - n * splat(0.693145751953125f)) - n * splat(1.42860682030941723212e-6f);
+    vf p = splat(1.0f / 720);
+    p = p * r + splat(1.0f / 120);
+    p = p * r + splat(1.0f / 24);
+    p = p * r + splat(1.0f / 6);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf two_n;
+    std::memcpy(&two_n, &bits, sizeof(two_n));
+    const vf y = p * two_n;
+    return underflow ? splat(0.0f) : y;
+}
+
+// y[i] = exp(x[i]) with exp_vec's accuracy.
 void exp_inplace(float* x, int64_t n);
 
 // Scalar version with the same accuracy, for odd sizes.
