@@ -70,6 +70,7 @@ ChunkView load_chunk(const InputViews& in, const Sequence& s, int64_t hv, int64_
     c.g = cb.g.data();
     c.b = cb.b.data();
     c.beta = cb.beta.data();
+    c.decay = in.cfg.decay != Decay::None;
     return c;
 }
 

@@ -165,13 +165,15 @@ void scalar_gamma(const float* g, int L, float* gamma) {
 // row's entries up to there and no further, so masks need to clear nothing beyond it.
 int block_end(int i, int L) { return std::min(L, (i / kBlock + 1) * kBlock); }
 
-// E (ld kChunk) ← mask ⊙ Γ ⊙ E
+// E (ld kChunk) ← mask ⊙ Γ ⊙ E  (gamma == nullptr: Γ = 1, the mask alone)
 void mask_scale(float* E, const float* gamma, int L, bool diag) {
     for (int i = 0; i < L; ++i) {
         float* e = E + i * kChunk;
-        const float* g = gamma + i * kChunk;
         const int end = diag ? i + 1 : i;
-        for (int j = 0; j < end; ++j) e[j] *= g[j];
+        if (gamma) {
+            const float* g = gamma + i * kChunk;
+            for (int j = 0; j < end; ++j) e[j] *= g[j];
+        }
         std::fill(e + end, e + block_end(i, L), 0.0f);
     }
 }
@@ -193,7 +195,7 @@ struct Decayed<false> {
                        Workspace& w) {
         for (const ScoreTarget& t : targets) {
             lower_scores(L, K, t.x, yt, L, t.E);
-            mask_scale(t.E, w.gamma_lower.data(), L, t.diag);
+            mask_scale(t.E, w.gamma, L, t.diag);
         }
     }
     // E is already masked and decayed by scores/mask_scale in the scalar case.
@@ -204,7 +206,7 @@ struct Decayed<false> {
         lower_apply_t(L, K, 1.0f, E, x, 1.0f, out);
     }
     // For gradients dE arrive undecayed: decay them once so apply/apply_t are plain products.
-    static void prepare_grad(float* dE, int L, bool diag, Workspace& w) { mask_scale(dE, w.gamma_lower.data(), L, diag); }
+    static void prepare_grad(float* dE, int L, bool diag, Workspace& w) { mask_scale(dE, w.gamma, L, diag); }
 };
 
 template <>
@@ -470,22 +472,37 @@ void add_db(float* db, const float* x, const float* dx, int L, int64_t K, float 
     }
 }
 
-// The intra-chunk quantities both passes need: decay factors, K⊙γ, the scores, and X (returned: the
-// solve's result in w.x for the delta rule, the chunk's v itself for the additive update).
+// The operands of a chunk's matrix products that chunk_common forms: X (the solve's result in w.x for
+// the delta rule, the chunk's v itself for the additive update) and the decay-scaled q ⊙ γ, k ⊙ γ and
+// k ⊙ γ_last ⊘ γ (in the workspace, or the chunk's q and k themselves without decay).
+struct Operands {
+    const float *x, *qg, *kg, *kbar;
+};
+
+// The intra-chunk quantities both passes need: decay factors, the scaled operands, the scores, and X.
 template <bool kVector, bool kDelta>
-const float* chunk_common(const ChunkView& c, const float* S0, Workspace& w, bool with_output) {
+Operands chunk_common(const ChunkView& c, const float* S0, Workspace& w, bool with_output) {
     const int L = c.L;
     const int64_t K = c.K, V = c.V;
+    Operands op{nullptr, w.qg.data(), w.kg.data(), w.kbar.data()};
     if constexpr (kVector) {
         Decayed<true>::prepare(c, w, with_output, kDelta);
-    } else {
+    } else if (c.decay) {
         scalar_gamma(c.g, L, w.gamma_lower.data());
-        transpose(c.k, L, K, K, w.kt.data());
+        w.gamma = w.gamma_lower.data();
         scalar_decay_factors(c, w);
         scale_rows(c.k, w.ebar.data(), L, K, w.kbar.data());
         if (with_output) scale_rows(c.q, w.eb.data(), L, K, w.qg.data());
         if (kDelta) scale_rows(c.k, w.eb.data(), L, K, w.kg.data());
+    } else {
+        // Without decay every factor is exp(0) = 1 exactly: the same results without the exps and
+        // the scaled copies (eb, ebar are still set, the backward reads them).
+        w.gamma = nullptr;
+        std::fill(w.eb.begin(), w.eb.begin() + L, 1.0f);
+        std::fill(w.ebar.begin(), w.ebar.begin() + L, 1.0f);
+        op = Operands{nullptr, c.q, c.k, c.k};
     }
+    if constexpr (!kVector) transpose(c.k, L, K, K, w.kt.data());
     // P = ⟨q, k⟩_b (j ≤ i) for the output, D = ⟨k, k⟩_b (j < i) for the delta rule, in one pass over k.
     const ScoreTarget P{c.q, true, w.p.data()}, D{c.k, false, w.d.data()};
     if (with_output && kDelta) Decayed<kVector>::scores({P, D}, c.k, w.kt.data(), L, K, w);
@@ -494,7 +511,7 @@ const float* chunk_common(const ChunkView& c, const float* S0, Workspace& w, boo
     if constexpr (kDelta) {
         // Y = V − (K ⊙ γ) S0
         std::copy(c.v, c.v + L * V, w.y.data());
-        gemm(L, V, K, -1.0f, w.kg.data(), K, 1, S0, V, 1.0f, w.y.data(), V);
+        gemm(L, V, K, -1.0f, op.kg, K, 1, S0, V, 1.0f, w.y.data(), V);
         // A = diag(β) D
         for (int i = 0; i < L; ++i)
             for (int j = 0; j < i; ++j) w.a[i * kChunk + j] = c.beta[i] * w.d[i * kChunk + j];
@@ -503,10 +520,11 @@ const float* chunk_common(const ChunkView& c, const float* S0, Workspace& w, boo
         for (int i = 0; i < L; ++i)
             for (int64_t e = 0; e < V; ++e) X[i * V + e] = c.beta[i] * w.y[i * V + e];
         solve_unit_lower(L, V, w.a.data(), X);
-        return X;
+        op.x = X;
     } else {
-        return c.v;
+        op.x = c.v;
     }
+    return op;
 }
 
 }  // namespace
@@ -515,19 +533,22 @@ template <bool kVector, bool kDelta>
 void chunk_forward(const ChunkView& c, float* S, float* o, Workspace& w) {
     const int L = c.L;
     const int64_t K = c.K, V = c.V;
-    const float* X = chunk_common<kVector, kDelta>(c, S, w, o != nullptr);
+    const Operands op = chunk_common<kVector, kDelta>(c, S, w, o != nullptr);
+    const float* X = op.x;
     if (o) {
         // O = (Q ⊙ γ) S0 + P X
-        gemm(L, V, K, 1.0f, w.qg.data(), K, 1, S, V, 0.0f, o, V);
+        gemm(L, V, K, 1.0f, op.qg, K, 1, S, V, 0.0f, o, V);
         lower_apply(L, V, 1.0f, w.p.data(), X, 1.0f, o);
     }
     // S_C = diag(γ_last) S0 + (K ⊙ γ_last ⊘ γ)ᵀ X
     const float* eb_last = w.eb.data() + (L - 1) * (kVector ? K : 1);
-    for (int64_t r = 0; r < K; ++r) {
-        const float f = kVector ? eb_last[r] : eb_last[0];
-        for (int64_t e = 0; e < V; ++e) S[r * V + e] *= f;
+    if (c.decay) {
+        for (int64_t r = 0; r < K; ++r) {
+            const float f = kVector ? eb_last[r] : eb_last[0];
+            for (int64_t e = 0; e < V; ++e) S[r * V + e] *= f;
+        }
     }
-    gemm(K, V, L, 1.0f, w.kbar.data(), 1, K, X, V, 1.0f, S, V);
+    gemm(K, V, L, 1.0f, op.kbar, 1, K, X, V, 1.0f, S, V);
 }
 
 // dg for scalar decay, exactly. With b the in-chunk cumulative sum, dg_t = Σ_{i ≥ t} ∂/∂b_i; in that sum
@@ -600,7 +621,8 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
     const int L = c.L;
     const int64_t K = c.K, V = c.V;
     const int64_t width = kVector ? K : 1;
-    const float* X = chunk_common<kVector, kDelta>(c, S0, w, true);
+    const Operands op = chunk_common<kVector, kDelta>(c, S0, w, true);
+    const float* X = op.x;
     // Vector decay: ∂/∂b accumulates in db, and dg is its reverse cumulative sum at the end.
     // Scalar decay: dg is assembled exactly from the terms that straddle each token (see scalar_dg).
     float* db = w.db.data();
@@ -609,7 +631,7 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
 
     // dX = Pᵀ dO + Kbar dS_C
     lower_apply_t(L, V, 1.0f, w.p.data(), dO, 0.0f, w.dx.data());
-    gemm(L, V, K, 1.0f, w.kbar.data(), K, 1, dS, V, 1.0f, w.dx.data(), V);
+    gemm(L, V, K, 1.0f, op.kbar, K, 1, dS, V, 1.0f, w.dx.data(), V);
     // dP = dO Xᵀ ; dQγ = dO S0ᵀ ; dKbar = X dS_Cᵀ
     transpose(X, L, V, V, w.xt.data());
     lower_scores(L, V, dO, w.xt.data(), L, w.dp.data());
@@ -627,7 +649,7 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
         if (kVector) db_last[r] += f * s; else sdg.c_last += f * s;
         for (int64_t e = 0; e < V; ++e) dS[r * V + e] *= f;
     }
-    gemm(K, V, L, 1.0f, w.qg.data(), 1, K, dO, V, 1.0f, dS, V);
+    gemm(K, V, L, 1.0f, op.qg, 1, K, dO, V, 1.0f, dS, V);
 
     if constexpr (kDelta) {
         // (I + A)ᵀ Z = dX
@@ -648,7 +670,7 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
         std::copy(w.dy.begin(), w.dy.begin() + L * V, dv);
         // Y = V − Kγ S0: dKγ = −dY S0ᵀ ; dS0 −= Kγᵀ dY
         gemm(L, K, V, -1.0f, w.dy.data(), V, 1, w.s0t.data(), K, 0.0f, w.dkg.data(), K);
-        gemm(K, V, L, -1.0f, w.kg.data(), 1, K, w.dy.data(), V, 1.0f, dS, V);
+        gemm(K, V, L, -1.0f, op.kg, 1, K, w.dy.data(), V, 1.0f, dS, V);
         // D = ⟨k, k⟩_b (strict)
         decayed_product_grad<kVector>(w.da.data(), w.d.data(), c.k, c.k, L, K, db, sdg, w);
         for (int64_t i = 0; i < L * K; ++i) dk[i] += w.tmp1[i] + w.tmp2[i];
@@ -656,8 +678,8 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
         for (int i = 0; i < L; ++i)
             for (int64_t ch = 0; ch < K; ++ch)
                 dk[i * K + ch] += w.dkg[i * K + ch] * (kVector ? w.eb[i * K + ch] : w.eb[i]);
-        if constexpr (kVector) add_db<kVector>(db, w.kg.data(), w.dkg.data(), L, K, +1.0f);
-        else add_db<kVector>(sdg.u, w.kg.data(), w.dkg.data(), L, K, +1.0f);
+        if constexpr (kVector) add_db<kVector>(db, op.kg, w.dkg.data(), L, K, +1.0f);
+        else add_db<kVector>(sdg.u, op.kg, w.dkg.data(), L, K, +1.0f);
     } else {
         std::copy(w.dx.begin(), w.dx.begin() + L * V, dv);
         std::fill(dbeta, dbeta + L, 0.0f);
@@ -678,7 +700,7 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
     for (int i = 0; i < L; ++i)
         for (int64_t ch = 0; ch < K; ++ch)
             dq[i * K + ch] += w.dqg[i * K + ch] * (kVector ? w.eb[i * K + ch] : w.eb[i]);
-    add_db<kVector>(kVector ? db : sdg.u, w.qg.data(), w.dqg.data(), L, K, +1.0f);
+    add_db<kVector>(kVector ? db : sdg.u, op.qg, w.dqg.data(), L, K, +1.0f);
     // Kbar = K ⊙ exp(b_last − b): ∂k += dKbar ⊙ ebar ; ∂b_j −= dKbar_j ⊙ Kbar_j ; ∂b_last += Σ_j dKbar_j ⊙ Kbar_j
     for (int i = 0; i < L; ++i)
         for (int64_t ch = 0; ch < K; ++ch)
@@ -687,7 +709,7 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
         // (the last token's two terms cancel exactly, so it is skipped)
         for (int i = 0; i < L - 1; ++i) {
             for (int64_t ch = 0; ch < K; ++ch) {
-                const float t = w.dkbar[i * K + ch] * w.kbar[i * K + ch];
+                const float t = w.dkbar[i * K + ch] * op.kbar[i * K + ch];
                 db[i * K + ch] -= t;
                 db_last[ch] += t;
             }
@@ -697,7 +719,7 @@ void chunk_backward(const ChunkView& c, const float* S0, const float* dO, float*
         for (int i = L - 2; i >= 0; --i)
             for (int64_t ch = 0; ch < K; ++ch) dg[i * K + ch] += dg[(i + 1) * K + ch];
     } else {
-        add_db<false>(sdg.w, w.kbar.data(), w.dkbar.data(), L, K, +1.0f);
+        add_db<false>(sdg.w, op.kbar, w.dkbar.data(), L, K, +1.0f);
         sdg.finish(dg);
     }
 }

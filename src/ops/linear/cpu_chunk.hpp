@@ -41,6 +41,7 @@ struct ChunkView {
     const float* g;       // log decay per token: [L, K] (vector) or [L]
     const float* b;       // one decay per token: its cumulative sum inside the chunk [L] (unused for vector decay)
     const float* beta;    // [L]
+    bool decay = true;    // false: every g is 0 (Decay::None), so the decay factors are all 1 and are skipped
 };
 
 // Scratch owned by one worker thread, sized for K, V and the chunk length once.
@@ -54,6 +55,8 @@ struct Workspace {
     // shallow enough to be computed as a matrix product with them (cpu_chunk.cpp, Decayed<true>).
     std::vector<float> within_block, within_block_inv, diag_block;
     std::vector<unsigned char> block_as_product;
+    // One decay per token: the chunk's Γ (gamma_lower) for the scores' masks, or nullptr without decay.
+    const float* gamma = nullptr;
 };
 
 // Forward of one chunk: o [L, V] ← outputs; S [K, V] ← the state after the chunk (in place).
