@@ -1,11 +1,11 @@
 // hla — stage 3 of the chunked backward (chunk_bwd.cuh) on 16-bit tensor cores: bf16 inputs, decay
 // that is one number per token (none, fixed, per-token scalar), additive or delta update.
 //
-// One block (8 warps) per (chunk, query/key head); it walks the G value heads of its group with dq and
+// One block (16 warps) per (chunk, query/key head); it walks the G value heads of its group with dq and
 // dk accumulating in registers. Everything of a chunk stays in shared memory (≤ 215 KiB, one block per
 // SM); the products are mma.sync m16n8k16 (warp_gemm, common.cuh) with fp32 accumulation, except
 // Z = Tᵀ dX (tf32, from fp32 T and dX). T comes from stage 1 (chunk_prepare_mma keeps its inverse). Warp w owns rows [16·(w % 4), +16) of every 64-row result and
-// half of its columns (w / 4), so the per-row factors below multiply fragments directly.
+// a quarter of its columns (w / 4), so the per-row factors below multiply fragments directly.
 //
 // The math is the fp32 kernel's (chunk_bwd.cuh, after cpu_chunk.cpp) with the decay a scalar per token:
 // Γ_ij = e^{b_i − b_j} (j ≤ i), γ_i = e^{b_i}, κ_i = e^{b_C − b_i}, q̂, k̂ the scaled / normalised rows.
@@ -36,7 +36,15 @@ namespace hla::linear::cuda {
 
 namespace bwd {
 
-constexpr int kMmaThreads = 256;
+// Threads of a block of the tensor-core kernel here and of the vector-decay kernel
+// (chunk_bwd_vec_mma.cuh). Warp w owns rows [16·(w % 4), +16) of every 64-row result and the (w / 4)-th
+// of col_groups(threads) column slices. With one block per SM (the chunk's operands fill shared memory)
+// the kernels are latency bound: 8 warps left 80% of issue cycles without an eligible warp (ncu,
+// session 5). 16 warps cap registers at 128 (a few spill slots) and were faster on the H100 (B=4 T=4096
+// H=16 K=V=128 fwd+bwd: GDN 3.67 -> 2.66 ms, KDA 5.92 -> 4.67 ms).
+constexpr int kMmaThreads = 512;
+constexpr int kVecThreads = 512;
+constexpr int col_groups(int threads) { return threads / 128; }
 
 template <Update Up, int K, int V>
 struct MmaLayout {
@@ -96,17 +104,17 @@ __device__ __forceinline__ void add_row_sums(float (&acc)[1][NT][4], float* dst,
 
 // q̂ and k̂ of a chunk (query/key head h) into shared memory as bf16 rows of stride LDK: the raw rows,
 // then scaled / L2-normalised in place (one warp per row).
-template <int K, int LDK>
+template <int K, int LDK, int THREADS>
 __device__ __forceinline__ void stage_qk_hat(__nv_bfloat16* Qs, __nv_bfloat16* Ks, const Params& p, const ChunkInfo& ci,
                                              int h) {
     using E = __nv_bfloat16;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    stage_rows_bf16<K, kMmaThreads>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1], kChunk, ci.len);
-    stage_rows_bf16<K, kMmaThreads>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], kChunk, ci.len);
+    stage_rows_bf16<K, THREADS>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1], kChunk, ci.len);
+    stage_rows_bf16<K, THREADS>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], kChunk, ci.len);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
-    for (int i = warp; i < kChunk; i += kMmaThreads / 32) {
+    for (int i = warp; i < kChunk; i += THREADS / 32) {
         float sq = 0.f, sk = 0.f;
         for (int c = lane; c < K; c += 32) {
             const float a = __bfloat162float(Qs[i * LDK + c]), b = __bfloat162float(Ks[i * LDK + c]);
@@ -121,23 +129,23 @@ __device__ __forceinline__ void stage_qk_hat(__nv_bfloat16* Qs, __nv_bfloat16* K
     }
 }
 
-// dq and dk of a chunk (register fragments of warp w: rows 16·(w % 4).., key columns (w / 4)·K/2..,
+// dq and dk of a chunk (register fragments of warp w: rows 16·(w % 4).., key columns (w / 4)·K/4..,
 // summed over the group) through the scale and the in-kernel L2 norm to the outputs, one warp per
 // token. `stage` holds fp32 [64][K + 4] followed by bf16 [64][K + 8] for the raw rows (per-row global
 // reads would serialise on their latency).
-template <int K, int NTK>
+template <int K, int THREADS, int NTK>
 __device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[1][NTK][4], float* stage, const Params& p,
                                             const ChunkInfo& ci, int h) {
     using E = __nv_bfloat16;
     constexpr int LDK = K + 8;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row0 = 16 * (warp & 3), kc0 = (warp >> 2) * (K / 2), len = ci.len;
+    const int row0 = 16 * (warp & 3), kc0 = (warp >> 2) * (K / col_groups(THREADS)), len = ci.len;
     E* rawb = reinterpret_cast<E*>(stage + kChunk * (K + 4));
     for (int which = 0; which < 2; ++which) {
         if (p.qk_l2norm) {
             const E* src = which == 0 ? static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h)
                                       : static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h);
-            stage_rows_bf16<K, kMmaThreads>(rawb, LDK, src, which == 0 ? p.qs[1] : p.ks[1], kChunk, len);
+            stage_rows_bf16<K, THREADS>(rawb, LDK, src, which == 0 ? p.qs[1] : p.ks[1], kChunk, len);
             cp_async_commit();
         }
         auto to_stage = [&](int r, int c, float& x) { stage[(row0 + r) * (K + 4) + kc0 + c] = x; };
@@ -147,7 +155,7 @@ __device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[
         __syncthreads();
         void* out = which == 0 ? p.dq : p.dk;
         const float f = which == 0 ? p.scale : 1.f;
-        for (int i = warp; i < len; i += kMmaThreads / 32) {
+        for (int i = warp; i < len; i += THREADS / 32) {
             float* d = stage + i * (K + 4);
             const E* raw = rawb + i * LDK;
             const int64_t t = ci.start + i;
@@ -173,7 +181,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     using L = MmaLayout<Up, K, V>;
     constexpr bool kDelta = L::kDelta;
     constexpr int LDK = L::LDK, LDV = L::LDV, LDC = L::LDC, LDF = L::LDF, LDVF = L::LDVF;
-    constexpr int NTK = K / 16, NTV = V / 16;  // n-tiles of a warp's half of K or V columns
+    // n-tiles of a warp's slice of K, V or the chunk's 64 columns
+    constexpr int CG = col_groups(kMmaThreads);
+    constexpr int NTK = K / (8 * CG), NTV = V / (8 * CG), NTC = kChunk / (8 * CG);
     extern __shared__ float4 smem_f4[];
     char* sm = reinterpret_cast<char*>(smem_f4);
     E* Qs = reinterpret_cast<E*>(sm + L::q_off);
@@ -213,12 +223,12 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     const bool gated = !kVec && p.gate_act != GateActivation::None && p.decay == Decay::Scalar;
 
     // ---- q̂, k̂ of the chunk (shared by the group); with vector decay Ks holds each value head's K̄ ----
-    if constexpr (!kVec) stage_qk_hat<K, LDK>(Qs, Ks, p, ci, h);
+    if constexpr (!kVec) stage_qk_hat<K, LDK, kMmaThreads>(Qs, Ks, p, ci, h);
 
-    float dq[1][NTK][4], dk[1][NTK][4];  // rows row0.., key columns nh·K/2..
+    float dq[1][NTK][4], dk[1][NTK][4];  // rows row0.., key columns kc0..
     zero_acc(dq);
     zero_acc(dk);
-    const int kc0 = nh * (K / 2), vc0 = nh * (V / 2), jc0 = nh * (kChunk / 2);
+    const int kc0 = nh * (K / CG), vc0 = nh * (V / CG), jc0 = nh * (kChunk / CG);
 
     for (int hv = h * p.G; hv < (h + 1) * p.G; ++hv) {
         const size_t slot = size_t(chunk) * p.HV + hv;
@@ -292,8 +302,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         cp_async_wait_all();
         __syncthreads();
 
-        // ---- P and D: rows row0.., columns jc0.. (4 n-tiles); kept in registers ----
-        float Pr[1][4][4], Dr[1][4][4];
+        // ---- P and D: rows row0.., columns jc0.. (NTC n-tiles); kept in registers ----
+        float Pr[1][NTC][4], Dr[1][NTC][4];
         auto gamma_ij = [&](int i, int j) { return expf(float(bsm[i] - bsm[j])); };
         if constexpr (kVec) {
             zero_acc(Pr);  // (read only by the one-number-per-token dg below)
@@ -303,7 +313,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             }
         } else {
             zero_acc(Pr);
-            warp_gemm<E, 1, 4>(Pr, Tile<E>{Qs + row0 * LDK, LDK, 1}, Tile<E>{Ks + jc0 * LDK, 1, LDK}, K);
+            warp_gemm<E, 1, NTC>(Pr, Tile<E>{Qs + row0 * LDK, LDK, 1}, Tile<E>{Ks + jc0 * LDK, 1, LDK}, K);
             for_each_acc(Pr, [&](int r, int c, float& x) {
                 const int i = row0 + r, j = jc0 + c;
                 x = j <= i ? x * gamma_ij(i, j) : 0.f;
@@ -312,7 +322,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         }
         if constexpr (kDelta && !kVec) {
             zero_acc(Dr);
-            warp_gemm<E, 1, 4>(Dr, Tile<E>{Ks + row0 * LDK, LDK, 1}, Tile<E>{Ks + jc0 * LDK, 1, LDK}, K);
+            warp_gemm<E, 1, NTC>(Dr, Tile<E>{Ks + row0 * LDK, LDK, 1}, Tile<E>{Ks + jc0 * LDK, 1, LDK}, K);
             for_each_acc(Dr, [&](int r, int c, float& x) {
                 const int i = row0 + r, j = jc0 + c;
                 x = j < i ? x * gamma_ij(i, j) : 0.f;
@@ -453,12 +463,12 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         }
 
         // ---- dP = dO Xᵀ, dA = −Z Xᵀ (rows row0.., columns jc0..) ----
-        float dPr[1][4][4], dAr[1][4][4];
+        float dPr[1][NTC][4], dAr[1][NTC][4];
         zero_acc(dPr);
-        warp_gemm<E, 1, 4>(dPr, Tile<E>{dOs + row0 * LDV, LDV, 1}, Tile<E>{Xs + jc0 * LDV, 1, LDV}, V);
+        warp_gemm<E, 1, NTC>(dPr, Tile<E>{dOs + row0 * LDV, LDV, 1}, Tile<E>{Xs + jc0 * LDV, 1, LDV}, V);
         if constexpr (kDelta) {
             zero_acc(dAr);
-            warp_gemm<E, 1, 4>(dAr, Tile<E>{Zs + row0 * LDV, LDV, 1}, Tile<E>{Xs + jc0 * LDV, 1, LDV}, V);
+            warp_gemm<E, 1, NTC>(dAr, Tile<E>{Zs + row0 * LDV, LDV, 1}, Tile<E>{Xs + jc0 * LDV, 1, LDV}, V);
             for_each_acc(dAr, [](int, int, float& x) { x = -x; });
         }
         if constexpr (kVec) {
@@ -573,7 +583,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     }
 
     // ---- dq, dk through the scale and the in-kernel L2 norm ----
-    if constexpr (!kVec) store_dq_dk<K>(dq, dk, stage, p, ci, h);
+    if constexpr (!kVec) store_dq_dk<K, kMmaThreads>(dq, dk, stage, p, ci, h);
 }
 
 }  // namespace bwd

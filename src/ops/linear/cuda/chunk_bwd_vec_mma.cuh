@@ -1,7 +1,7 @@
 // hla — stage 3 of the chunked backward on 16-bit tensor cores for vector decay (GLA, KDA): bf16 inputs,
 // per-channel log decay g [B, T, HV, K], additive or delta update.
 //
-// Two kernels, one block (8 warps) per (chunk, query/key head) each, walking the G value heads of the
+// Two kernels, one block (16 warps) per (chunk, query/key head) each, walking the G value heads of the
 // group:
 //   1. chunk_bwd_mma_kernel<Up, kVec = true> (chunk_bwd_mma.cuh): every product whose dot carries no
 //      decay — X, dX = Pᵀ dO + K̄ dS_C (P and K̄ from stage 1), Z = Tᵀ dX, dv, dP = dO Xᵀ,
@@ -21,7 +21,7 @@
 //
 // Decay factoring (the forward's, chunk_prepare_mma.cuh): 16-row blocks I with reference R_I = b_{16I},
 // Δ_i = b_i − R_I, block sums S_I = R_{I+1} − R_I (S_3 = b_C − R_3), every exponent a sum of one-signed
-// terms. Warp w owns rows I = w % 4 of every result and half of the key columns (w / 4).
+// terms. Warp w owns rows I = w % 4 of every result and a quarter of the key columns (w / 4).
 //   row side (out rows I):    out_i = e^{Δ_i} ⊙ Σ_{J≤I} E_IJ (y_J ⊙ e^{R_I − b_J})        R_I − b_j ≤ 0 for J < I
 //   column side (out rows J): out_j = e^{S_J − Δ_j} ⊙ Σ_{I≥J} E_IJᵀ (x_I ⊙ e^{b_I − R_{J+1}})   ≤ 0 for I > J
 // On the diagonal block the two factors of a pair are at most e^{−S_J} ≥ 1 apart; when a block's decay
@@ -81,12 +81,12 @@ __device__ __forceinline__ void mma16_split(float (&d)[4], const uint32_t (&a)[4
 }
 
 template <Update Up, int K>
-__global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_vec_kernel(const Params p) {
+__global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Params p) {
     using E = __nv_bfloat16;
     using L = VecLayout<Up, K>;
     constexpr bool kDelta = Up == Update::Delta;
     constexpr int LDK = L::LDK, LDF = L::LDF, LDC = L::LDC;
-    constexpr int NTK = K / 16;  // n-tiles of a warp's half of the key columns
+    constexpr int NTK = K / (8 * col_groups(kVecThreads));  // n-tiles of a warp's slice of the key columns
     extern __shared__ float4 smem_f4[];
     char* sm = reinterpret_cast<char*>(smem_f4);
     E* Qs = reinterpret_cast<E*>(sm + L::q_off);
@@ -105,14 +105,14 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_vec_kernel(const Par
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3, mi = lane >> 3, r8 = lane & 7;
-    const int mw = warp & 3, row0 = 16 * mw, kc0 = (warp >> 2) * (K / 2);
+    const int mw = warp & 3, row0 = 16 * mw, kc0 = (warp >> 2) * (K / col_groups(kVecThreads));
     const int chunk = blockIdx.x, h = blockIdx.y;
     const ChunkInfo ci = p.chunks[chunk];
     const int len = ci.len;
     const bool gated = p.gate_act != GateActivation::None;
     auto bf = [](E x) { return __bfloat162float(x); };
 
-    stage_qk_hat<K, LDK>(Qs, Ks, p, ci, h);
+    stage_qk_hat<K, LDK, kVecThreads>(Qs, Ks, p, ci, h);
     float dq[1][NTK][4], dk[1][NTK][4];  // rows row0.., key columns kc0.., summed over the group
     zero_acc(dq);
     zero_acc(dk);
@@ -120,11 +120,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_vec_kernel(const Par
     for (int hv = h * p.G; hv < (h + 1) * p.G; ++hv) {
         const size_t slot = size_t(chunk) * p.HV + hv;
         // ---- raw gates into Δ's rows; dP, dD as bf16 operands (dP's diagonal kept in fp32); β ----
-        load_rows_any<kChunk, K, kMmaThreads>(Dl, LDF, p.g, p.g_dt, tok(p.gs, ci.batch, ci.start, hv), p.gs[1], len);
+        load_rows_any<kChunk, K, kVecThreads>(Dl, LDF, p.g, p.g_dt, tok(p.gs, ci.batch, ci.start, hv), p.gs[1], len);
         {
             const float* dPg = p.v_dp + slot * kChunk * kChunk;
             const float* dDg = kDelta ? p.v_dd + slot * kChunk * kChunk : nullptr;
-            for (int idx = tid; idx < kChunk * kChunk; idx += kMmaThreads) {
+            for (int idx = tid; idx < kChunk * kChunk; idx += kVecThreads) {
                 const int i = idx / kChunk, j = idx % kChunk;
                 const float x = dPg[idx];
                 dPb[i * LDC + j] = __float2bfloat16(j < i ? x : 0.f);
@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_vec_kernel(const Par
         __syncthreads();  // the chunk's shared memory is the next value head's
     }
 
-    store_dq_dk<K>(dq, dk, Dl, p, ci, h);
+    store_dq_dk<K, kVecThreads>(dq, dk, Dl, p, ci, h);
 }
 
 }  // namespace bwd
@@ -359,7 +359,7 @@ void launch_backward_mma_vector_kv(const bwd::Params& p, const char* op) {
     constexpr size_t smem = bwd::VecLayout<Up, K>::bytes;
     static const bool once = (set_smem(bwd::chunk_bwd_vec_kernel<Up, K>, smem, op), true);
     (void)once;
-    bwd::chunk_bwd_vec_kernel<Up, K><<<dim3(p.n_chunks, p.H), bwd::kMmaThreads, smem, launch_stream()>>>(p);
+    bwd::chunk_bwd_vec_kernel<Up, K><<<dim3(p.n_chunks, p.H), bwd::kVecThreads, smem, launch_stream()>>>(p);
     check_cuda(cudaGetLastError(), op, "chunk_bwd_vec launch");
 }
 
