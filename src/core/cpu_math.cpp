@@ -17,6 +17,10 @@ namespace {
 template <int MR, int NV>
 inline void micro_kernel(int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col, const float* B,
                          int64_t ldb, float beta, float* C, int64_t ldc) {
+    // gemm returns before here when P ≤ 0. Said to the compiler, it keeps the accumulators in registers
+    // from start to store; for a P that might be 0 it zeroed them on the stack and went through it at the
+    // end (~60 cycles a tile: 4% of a 64 × 128 × 128 product, 7% of 128 × 128 × 64, 1 thread).
+    if (P < 1) __builtin_unreachable();
     vf acc[MR][NV];
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
