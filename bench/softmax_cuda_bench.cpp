@@ -3,8 +3,10 @@
 // flops / peak tensor rate and bytes / HBM bandwidth. bench/softmax_sdpa.py times PyTorch SDPA on the
 // same shapes in the same device call.
 //
-// Usage: softmax_cuda_bench [--quick | --profile]
+// Usage: softmax_cuda_bench [--quick | --profile | --bwd]
 //   --profile: one untimed call of each kernel on the issue-4 shapes, for a profiler (ncu) to catch.
+//   --bwd:     only forward + backward at D = 128 (B=4 T=4096 and B=1 T=16384), 20 timed runs each:
+//              several backward builds compared in one device call.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -126,6 +128,7 @@ void bench_decode(int64_t N, int64_t L, int64_t HQ, int64_t HKV, int64_t D, int6
 int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
     const bool profile = argc > 1 && std::strcmp(argv[1], "--profile") == 0;
+    const bool bwd_only = argc > 1 && std::strcmp(argv[1], "--bwd") == 0;
     if (!cuda_available()) {
         std::printf("softmax_cuda_bench: no CUDA device\n");
         return 0;
@@ -143,6 +146,10 @@ int main(int argc, char** argv) {
     const int reps = quick ? 5 : 20;
     bench_prefill(4, 4096, 16, 16, 128, 0, true, reps);
     bench_prefill(1, 16384, 16, 16, 128, 0, true, reps);
+    if (bwd_only) {
+        for (const Row& r : rows) std::printf("%-8s | %-44s | %9.3f\n", r.what.c_str(), r.shape.c_str(), r.ms);
+        return 0;
+    }
     bench_prefill(1, 16384, 16, 16, 128, 1024, true, reps);
     bench_prefill(4, 4096, 16, 16, 128, 0, true, reps, true);
     bench_prefill(2, 4096, 32, 8, 128, 0, false, reps);

@@ -70,11 +70,16 @@ def decode(N, L, HQ, HKV, D, TQ, reps, rows):
 
 def main():
     quick = "--quick" in sys.argv
+    bwd_only = "--bwd" in sys.argv  # forward + backward at D = 128 only, as softmax_cuda_bench --bwd
     reps = 5 if quick else 20
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     rows = []
     prefill(4, 4096, 16, 16, 128, True, reps, rows)
     prefill(1, 16384, 16, 16, 128, True, reps, rows)
+    if bwd_only:
+        for what, shape, ms, rate in rows:
+            print(f"SDPA {what:8} | {shape:44} | {ms:9.3f}")
+        return
     prefill(2, 4096, 32, 8, 128, False, reps, rows)
     prefill(4, 4096, 16, 16, 64, False, reps, rows)
     prefill(2, 4096, 16, 16, 256, True, reps, rows)

@@ -8,9 +8,11 @@
 // and its slice of the queries, and dK, dV for its 32 keys and its slice of the channels. Working
 // transposed (keys as rows) lets its own Pᵀ, dSᵀ feed dV/dK straight from registers; the slices of
 // the key group's other warps come through shared memory, where dSᵀ also serves dQ.
-// dQ goes through shared memory once more: each warp stages its 16 query rows in fp32 and the copy
-// engine adds each staged row into the fp32 dQ accumulator (cp.reduce.async.bulk), one instruction a
-// row instead of an atomic per element.
+// dQ goes through shared memory once more: each warp stages its block of dQ (16 or 32 query rows ×
+// 32 channels) in fp32 and the copy engine adds it into the fp32 dQ accumulator with one
+// cp.reduce.async.bulk instead of an atomic per element. Where shared memory allows (D ≤ 128) dSᵀ is
+// double-buffered and a query block's dQ is computed during the next one, so that an iteration needs
+// one block-wide barrier, not two.
 // Pre-pass: delta = Σ dO ⊙ o, lse in base 2 and the output-gate terms; post-passes: dQ to its dtype,
 // and the forget-gate gradient as a suffix sum of (row sums − column sums) of dS.
 #pragma once
@@ -26,14 +28,15 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// The fp32 dQ accumulator (workspace) is [B][HQ][D / S][T][S], S = dq_segment(D): each (sequence
-// row, head, channel segment) holds its T rows of S floats back to back, so that the 16 query rows a
-// warp adds form one contiguous block and go in one bulk reduction. (With [B][T][HQ][D] rows it took
+// The fp32 dQ accumulator (workspace) is [B][HQ][D / S][T][S], S = dq_segment(D) = 32 floats (one
+// 128-byte line): each (sequence row, head, channel segment) holds its T rows of S floats back to
+// back, so that the 16 or 32 query rows a warp adds form one contiguous block and go in one bulk
+// reduction. (With [B][T][HQ][D] rows it took
 // one bulk instruction a row, which the compiler issues as a loop over the 16 lanes through uniform
 // registers: ~10% of the backward's stall samples on the H100.) Within a row, 16-byte chunk k sits at
 // chunk k ^ (t % 8), t the token: the staging tile, a verbatim copy of the block, then takes the
 // warps' fragment stores without bank conflicts although its rows are not padded.
-__host__ __device__ constexpr int dq_segment(int D) { return D == 256 ? 32 : D / 2; }
+__host__ __device__ constexpr int dq_segment(int) { return 32; }
 
 // Float offset of the row of (batch, token t, head h) in channel segment seg of the dQ accumulator,
 // and the place of channel cc (0 ≤ cc < S) in that row.
@@ -67,17 +70,27 @@ struct BwdTraits {
     static constexpr int DW = D / WQ;            // channels of a warp's dK, dV
     static_assert(KWT % 16 == 0 && QWT % 16 == 0, "whole m16 / k16 tiles a warp");
     static_assert(DW % 16 == 0 && (DW & (DW - 1)) == 0, "ldmatrix offsets of a warp's channels are XORs");
-    // dQ = dS K: warp w owns the 16 queries (w % QG) and DQW channels from (w / QG)·DQW, computed in
-    // chunks of DQC channels (one segment of the dQ accumulator, dq_segment), each staged in fp32 in
-    // the accumulator's own layout and added to it by one bulk reduction.
-    static constexpr int QG = BM / 16;
+    // dQ = dS K: warp w owns the DQM queries (w % QG)·DQM… and DQW channels from (w / QG)·DQW,
+    // computed in chunks of DQC channels (one segment of the dQ accumulator, dq_segment), each staged
+    // in fp32 in the accumulator's own layout and added to it by one bulk reduction.
+    // D = 128: 32 queries × 32 channels a warp, 4 ldmatrix a k-step for 8 mma (16 × 64 took 5). D = 64
+    // would leave 16 channels a warp, under one 32-float segment; at D = 256 the staging would not fit.
+    static constexpr int DQM = D == 128 ? 32 : 16;
+    static constexpr int QG = BM / DQM;
     static constexpr int DQW = D / (NWARPS / QG);
     static constexpr int DQC = dq_segment(D);
-    static constexpr int DQ_STAGE = 16 * DQC;  // floats a warp
-    // K, V tiles + two stages of Q, dA (b16) + Pᵀ, dSᵀ [BN][BM] (b16) + dQ staging (fp32) + two
-    // stages of lse, delta + query gate sums [BM] + key gate sums [BN] (fp32). 198 KiB at D = 128.
-    static constexpr int TILES = (2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2;
-    static constexpr int SMEM = TILES + NWARPS * DQ_STAGE * 4 + (5 * BM + BN) * 4;
+    static constexpr int DQ_STAGE = DQM * DQC;  // floats a warp
+    // K, V tiles + two stages of Q, dA (b16) + Pᵀ and one or two dSᵀ [BN][BM] (b16) + dQ staging
+    // (fp32) + two stages of lse, delta, query gate sums [BM] and key gate sums [BN] (fp32).
+    static constexpr int tiles(int ds_bufs) { return (2 * BN * D + 4 * BM * D + (1 + ds_bufs) * BN * BM) * 2; }
+    static constexpr int smem(int ds_bufs) { return tiles(ds_bufs) + NWARPS * DQ_STAGE * 4 + (6 * BM + 2 * BN) * 4; }
+    // DB: dSᵀ double-buffered where it fits (D ≤ 128: 210 KiB at D = 128; not at D = 256). The dQ
+    // product of a query block then runs in the next iteration, behind that iteration's one
+    // block-wide barrier, instead of behind a second barrier of its own: one __syncthreads an
+    // iteration fewer (H100, B=1 T=16384 H=16 fwd+bwd: 12.84 -> 12.33 ms together with DQM = 32).
+    static constexpr bool DB = smem(2) <= 227 * 1024;
+    static constexpr int TILES = tiles(DB ? 2 : 1);
+    static constexpr int SMEM = smem(DB ? 2 : 1);
     static_assert(SMEM <= 227 * 1024, "shared memory per block");
     static_assert(NWARPS % QG == 0 && DQW % DQC == 0 && DQC % 32 == 0, "dQ warp tiling, 8 chunks a row");
     // Epilogue staging of dK and dV (fp32, rows padded by 8 floats) over the tiles.
@@ -224,13 +237,13 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS, 1) softmax_bwd_kernel(c
     T* sV = sK + BN * D;
     T* sQ2 = sV + BN * D;       // [2][BM][D]: query blocks double-buffered
     T* sA2 = sQ2 + 2 * BM * D;  // [2][BM][D]: dA (the gradient of the ungated output)
-    T* sS = sA2 + 2 * BM * D;   // dSᵀ [BN][BM], swizzled like a 64-channel tile
-    T* sP = sS + BN * BM;       // Pᵀ [BN][BM], the same layout
+    T* sP = sA2 + 2 * BM * D;   // Pᵀ [BN][BM], swizzled like a 64-channel tile
+    T* sS2 = sP + BN * BM;      // dSᵀ [DB ? 2 : 1][BN][BM], the same layout
     float* sDq = reinterpret_cast<float*>(smem + Tr::TILES);  // [NWARPS][16][DQC] dQ staging
     float* sLse2 = sDq + Tr::NWARPS * Tr::DQ_STAGE;           // [2][BM], base 2
     float* sDelta2 = sLse2 + 2 * BM;                           // [2][BM]
-    float* sPq = sDelta2 + 2 * BM;  // P_i = Σ_{s=j0+1..i} g_s of the block's queries
-    float* sPk = sPq + BM;          // P_j of the block's keys
+    float* sPq2 = sDelta2 + 2 * BM;  // [2][BM] P_i = Σ_{s=j0+1..i} g_s of the block's queries
+    float* sPk2 = sPq2 + 2 * BM;     // [2][BN] P_j of the block's keys, by query head parity
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int kw = warp / WQ, qw = warp % WQ;  // warp (kw, qw) of the WK × WQ grid (BwdTraits)
@@ -285,7 +298,7 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS, 1) softmax_bwd_kernel(c
     const uint32_t q_b = swz_bytes(qw * QWT + r_b, c_b, D);         // Q, dA tiles (S, dP)
     const uint32_t q_t = swz_bytes(r_t, c_t, D) ^ (qw * DW * 2);    // Q, dA tiles (dK, dV)
     const uint32_t p_a = swz_bytes(key0 + r_a, c_a, BM);            // Pᵀ, dSᵀ tiles (dK, dV)
-    const uint32_t sP0 = smem_addr(sP), sS0 = smem_addr(sS);
+    const uint32_t sP0 = smem_addr(sP);
     // This thread's Pᵀ / dSᵀ stores: element offset of (row rk, column qc), XOR 8·nb for block nb.
     const int ps_at = swz<BM>(rk, qw * (QWT / 8)) + c_lo;
     const uint32_t sK0 = smem_addr(sK), sV0 = smem_addr(sV);
@@ -332,9 +345,70 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS, 1) softmax_bwd_kernel(c
     cp_async_commit();
 
     // dQ staging of this warp and its bulk-reduce bookkeeping.
-    constexpr int QG = Tr::QG, DQW = Tr::DQW, DQC = Tr::DQC;
+    constexpr int QG = Tr::QG, DQW = Tr::DQW, DQC = Tr::DQC, DQM = Tr::DQM, MQ = DQM / 16;
     const int qg = warp % QG, dq0 = (warp / QG) * DQW;
     float* sDqw = sDq + warp * Tr::DQ_STAGE;
+
+    // dQ[BM × D] += scale · dS K for the query block of iteration itq: this warp's DQM queries × DQW
+    // channels, in chunks of DQC. Reads dSᵀ (its buffer complete: behind a block-wide barrier) and K.
+    auto dq_step = [&](int itq) {
+        if (!b.dq) return;
+        const int h = kvh * f.G + itq / nq, t0 = q_lo + (itq % nq) * BM, mq = min(BM, q_hi - t0);
+        const uint32_t sS0 = smem_addr(sS2 + (Tr::DB ? (itq & 1) : 0) * BN * BM);
+        const int row0 = t0 + qg * DQM;              // this warp's first query row
+        const int nrows = min(DQM, t0 + mq - row0);  // its rows inside the sequence
+        // Staging offset of this lane's (row lane/4 (+8, +16, +24), columns c_lo, c_lo+1) in the row
+        // layout of dq_acc_col (rows 8 apart share the swizzle key); XOR 8·nb for block nb.
+        const int st_at = (lane / 4) * DQC + dq_acc_col(start + row0 + lane / 4, c_lo);
+        // dSᵀ is stored [key][query]: its transposed fragments are the A operand dS (this warp's m16
+        // tile mt at chunk XOR 2·mt). K's chunk (dq0 + dc)/8 + 2·dn has disjoint bits (dq0/8 a
+        // multiple of DQW/8, dc/8 of DQC/8). Formed here, not kept live through the loop.
+        const uint32_t s_a = swz_bytes(r_b, qg * (DQM / 8) + c_b, BM);
+        const uint32_t k_t = swz_bytes(r_t, c_t, D) ^ (dq0 * 2);
+#pragma unroll
+        for (int dc = 0; dc < DQW; dc += DQC) {
+            float qa[MQ][DQC / 8][4];
+#pragma unroll
+            for (int mt = 0; mt < MQ; ++mt)
+#pragma unroll
+                for (int i = 0; i < DQC / 8; ++i) qa[mt][i][0] = qa[mt][i][1] = qa[mt][i][2] = qa[mt][i][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                uint32_t a[MQ][4];
+#pragma unroll
+                for (int mt = 0; mt < MQ; ++mt) ldmatrix_x4_trans(a[mt], sS0 + ((s_a ^ (mt << 5)) + kk * 16 * BM * 2));
+#pragma unroll
+                for (int dn = 0; dn < DQC / 16; ++dn) {
+                    uint32_t bk[4];
+                    ldmatrix_x4_trans(bk, sK0 + ((k_t ^ ((dc + 16 * dn) * 2)) + kk * 16 * D * 2));
+#pragma unroll
+                    for (int mt = 0; mt < MQ; ++mt) {
+                        mma16816<T>(qa[mt][2 * dn], a[mt], bk[0], bk[1]);
+                        mma16816<T>(qa[mt][2 * dn + 1], a[mt], bk[2], bk[3]);
+                    }
+                }
+            }
+            // The staging buffer is free once this warp's previous reduction has read it.
+            if (lane == 0) bulk_wait_read<0>();
+            __syncwarp();
+#pragma unroll
+            for (int mt = 0; mt < MQ; ++mt)
+#pragma unroll
+                for (int nb = 0; nb < DQC / 8; ++nb)
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf)
+                        *reinterpret_cast<float2*>(sDqw + ((st_at ^ (nb << 3)) + (16 * mt + 8 * hf) * DQC)) =
+                            make_float2(qa[mt][nb][2 * hf] * b.scale, qa[mt][nb][2 * hf + 1] * b.scale);
+            fence_proxy_async_smem();
+            __syncwarp();
+            if (lane == 0) {
+                if (nrows > 0)
+                    bulk_reduce_add_f32(b.dq_acc + dq_acc_row(f, batch, start + row0, h, D, (dq0 + dc) / DQC), sDqw,
+                                        uint32_t(nrows * DQC * 4));
+                bulk_commit();
+            }
+        }
+    };
 
     float q_carry = 0.f;  // warp 0: P at the last query of the previous block
     float colsum[MI][2] = {};
@@ -345,11 +419,18 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS, 1) softmax_bwd_kernel(c
         const uint32_t sA = smem_addr(sA2 + buf * BM * D);
         const float* sLse = sLse2 + buf * BM;
         const float* sDelta = sDelta2 + buf * BM;
+        float* sPq = sPq2 + buf * BM;
+        const int hbuf = (it / nq) & 1;
+        float* sPk = sPk2 + hbuf * BN;
+        T* sS = sS2 + (Tr::DB ? buf : 0) * BN * BM;
+        const uint32_t sS0 = smem_addr(sS);
         auto g_at = [&](int t) { return load_any(f.g, batch * f.g_s[0] + (start + t) * f.g_s[1] + h * f.g_s[2], f.g_dtype); };
-        // Every warp passed this block's last barrier after its reads of the other buffer (the S, dP,
-        // dK and dV products of the previous iteration), so that buffer is free.
-        if (it + 1 < n_iter) issue_loads(it + 1, buf ^ 1);
-        cp_async_commit();
+        // Without DB: every warp passed this block's last barrier after its reads of the other buffer
+        // (the S, dP, dK and dV products of the previous iteration), so that buffer is free.
+        if constexpr (!Tr::DB) {
+            if (it + 1 < n_iter) issue_loads(it + 1, buf ^ 1);
+            cp_async_commit();
+        }
         if (it % nq == 0) {
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) colsum[mi][0] = colsum[mi][1] = 0.f;
@@ -374,8 +455,21 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS, 1) softmax_bwd_kernel(c
             }
             q_carry = base + warp_scan<BM / 32>(v, base, sPq, /*suffix=*/false, /*exclusive=*/false);
         }
-        cp_async_wait<1>();
-        __syncthreads();
+        // The gate sums above went to buffers whose last readers (two iterations or one query head
+        // back) passed a barrier that warp 0 passed too.
+        if constexpr (Tr::DB) {
+            // One block-wide barrier an iteration: it makes this iteration's copies visible, and every
+            // warp is past the previous iteration's products, so the other Q/dA buffer is free for the
+            // next copies and the previous dSᵀ is complete for its dQ (taken below, before the next
+            // barrier, after which that dSᵀ buffer is written again).
+            cp_async_wait<0>();
+            __syncthreads();
+            if (it + 1 < n_iter) issue_loads(it + 1, buf ^ 1);
+            cp_async_commit();
+        } else {
+            cp_async_wait<1>();
+            __syncthreads();
+        }
 
         // Sᵀ = K Qᵀ and dPᵀ = V dAᵀ for this warp's KWT keys × QWT queries.
         float st[MI][QWT / 8][4], dpt[MI][QWT / 8][4];
@@ -497,6 +591,13 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS, 1) softmax_bwd_kernel(c
                     *reinterpret_cast<uint32_t*>(sS + at) = ps[mi][nb][hf];
                 }
 
+        // The previous query block's dQ, between this warp's Pᵀ/dSᵀ stores and its wait for the key
+        // group's: the wait is shorter, and the registers of Sᵀ, dPᵀ are dead by now (no spill, which
+        // the same call after dK, dV had: 4 bytes). H100, B=1 T=16384 fwd+bwd, same call: 12.10–12.29
+        // ms here, 12.32–12.38 after dK/dV.
+        if constexpr (Tr::DB) {
+            if (it > 0) dq_step(it - 1);
+        }
         // dV += Pᵀ dA and dK += dSᵀ Q over this warp's keys and channels. The BM queries come in WQ
         // slices: this warp's own first (A fragments from registers), then the key group's other
         // warps' slices from shared memory once the group has stored them (named barrier 1 + kw).
@@ -538,56 +639,11 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS, 1) softmax_bwd_kernel(c
             }
         }
 
-        // dSᵀ is complete, and every warp is done with this iteration's Q, dA, lse and delta buffer,
-        // which the next iteration's copies overwrite.
-        __syncthreads();
-
-        // dQ[BM × D] += scale · dS K: this warp's 16 queries × DQW channels, in chunks of DQC.
-        if (b.dq) {
-            const int row0 = t0 + qg * 16;               // this warp's first query row
-            const int nrows = min(16, t0 + mq - row0);   // its rows inside the sequence
-            // Staging offset of this lane's (row lane/4 (+8), columns c_lo, c_lo+1) in the row layout
-            // of dq_acc_col (rows 8 apart share the swizzle key); XOR 8·nb for block nb.
-            const int st_at = (lane / 4) * DQC + dq_acc_col(start + row0 + lane / 4, c_lo);
-            // dSᵀ is stored [key][query]: its transposed fragments are the A operand dS. K's chunk
-            // (dq0 + dc)/8 + 2·dn has disjoint bits (dq0/8 a multiple of DQW/8, dc/8 of DQC/8).
-            const uint32_t s_a = smem_addr(sS) + swz_bytes(r_b, qg * 2 + c_b, BM);
-            const uint32_t k_t = swz_bytes(r_t, c_t, D) ^ (dq0 * 2);
-#pragma unroll
-            for (int dc = 0; dc < DQW; dc += DQC) {
-                float qa[DQC / 8][4];
-#pragma unroll
-                for (int i = 0; i < DQC / 8; ++i) qa[i][0] = qa[i][1] = qa[i][2] = qa[i][3] = 0.f;
-#pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk) {
-                    uint32_t a[4];
-                    ldmatrix_x4_trans(a, s_a + kk * 16 * BM * 2);
-#pragma unroll
-                    for (int dn = 0; dn < DQC / 16; ++dn) {
-                        uint32_t bk[4];
-                        ldmatrix_x4_trans(bk, sK0 + ((k_t ^ ((dc + 16 * dn) * 2)) + kk * 16 * D * 2));
-                        mma16816<T>(qa[2 * dn], a, bk[0], bk[1]);
-                        mma16816<T>(qa[2 * dn + 1], a, bk[2], bk[3]);
-                    }
-                }
-                // The staging buffer is free once this warp's previous reduction has read it.
-                if (lane == 0) bulk_wait_read<0>();
-                __syncwarp();
-#pragma unroll
-                for (int nb = 0; nb < DQC / 8; ++nb)
-#pragma unroll
-                    for (int hf = 0; hf < 2; ++hf)
-                        *reinterpret_cast<float2*>(sDqw + ((st_at ^ (nb << 3)) + 8 * hf * DQC)) =
-                            make_float2(qa[nb][2 * hf] * b.scale, qa[nb][2 * hf + 1] * b.scale);
-                fence_proxy_async_smem();
-                __syncwarp();
-                if (lane == 0) {
-                    if (nrows > 0)
-                        bulk_reduce_add_f32(b.dq_acc + dq_acc_row(f, batch, start + row0, h, D, (dq0 + dc) / DQC),
-                                            sDqw, uint32_t(nrows * DQC * 4));
-                    bulk_commit();
-                }
-            }
+        if constexpr (!Tr::DB) {
+            // dSᵀ is complete, and every warp is done with this iteration's Q, dA, lse and delta
+            // buffer, which the next iteration's copies overwrite.
+            __syncthreads();
+            dq_step(it);
         }
         // Column sums of dS (per key) of this head, after its last query block: reduce over the
         // quad, then atomically across the WQ warps that saw the other queries.
@@ -602,6 +658,12 @@ __global__ void __launch_bounds__(BwdTraits<D>::THREADS, 1) softmax_bwd_kernel(c
                     const int j = j0 + rk + 16 * mi + 8 * hf;
                     if (lane % 4 == 0 && j < len) atomicAdd(&b.colsum[ws_row(f, batch, start + j, h)], x);
                 }
+        }
+    }
+    if constexpr (Tr::DB) {
+        if (n_iter > 0) {  // the last query block's dQ: its dSᵀ complete behind one more barrier
+            __syncthreads();
+            dq_step(n_iter - 1);
         }
     }
     cp_async_wait<0>();
