@@ -2,6 +2,7 @@
 // structs and pick the kernel instantiation (head dim × dtype) in one place per pass.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <mutex>
 #include <type_traits>
 
@@ -135,7 +136,8 @@ void run_forward_kernel(const Problem& p, const FwdParams& f) {
     if (p.max_len == 0 || seqs == 0) return;
     with_head_dim(p.D, p.op, [&](auto d) {
         constexpr int D = decltype(d)::value;
-        launch_forward_d<D>(f, bf16, int((p.max_len + FwdTraits<D>::BM - 1) / FwdTraits<D>::BM), int(p.HQ), seqs, p.op);
+        launch_forward_d<D>(f, bf16, int((p.max_len + FwdTraits<D>::BM - 1) / FwdTraits<D>::BM), int(p.HQ), seqs,
+                            p.args.q.device_index, p.op);
     });
 }
 
@@ -215,7 +217,8 @@ void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
     check(cudaGetLastError(), op, "backward preprocess launch");
     with_head_dim(D, op, [&](auto d) {
         constexpr int kD = decltype(d)::value;
-        launch_backward_d<kD>(b, bf16, int((p.max_len + BwdTraits<kD>::BN - 1) / BwdTraits<kD>::BN), int(p.HKV), seqs, op);
+        launch_backward_d<kD>(b, bf16, int((p.max_len + BwdTraits<kD>::BN - 1) / BwdTraits<kD>::BN), int(p.HKV), seqs,
+                              p.args.q.device_index, op);
     });
     if (bf16)
         softmax_bwd_postprocess_kernel<__nv_bfloat16><<<row_grid, 256, 0, launch_stream()>>>(b, D);
@@ -231,6 +234,20 @@ void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
 // ---- KV cache ---------------------------------------------------------------------------------------
 
 namespace {
+
+// Multiprocessors of `device`, asked once per device (decode sizes its splits with it every step).
+int sm_count(int device, const char* op) {
+    static std::atomic<int> cached[64] = {};
+    const bool slot = device >= 0 && device < 64;
+    if (slot) {
+        const int n = cached[device].load(std::memory_order_relaxed);
+        if (n > 0) return n;
+    }
+    int n = 0;
+    check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), op, "SM count");
+    if (slot) cached[device].store(n, std::memory_order_relaxed);
+    return n;
+}
 
 // Writes the new tokens' k, v (and gates) into the cache rows L_n … L_n + TQ − 1 (clamped).
 __global__ void softmax_cache_append_kernel(const DecodeParams p, const void* k, const void* v, const void* g,
@@ -313,13 +330,12 @@ void decode(const DecodeProblem& p) {
     // flight — then overlaps another's work), then among up to twice that many the count whose last
     // wave is fullest (equal blocks: the tail wave idles the rest), each split keeping at least 256
     // keys so that the partials stay a small fraction of the cache traffic.
-    int sms = 132;
-    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.q.device_index), op, "SM count");
+    const int sms = sm_count(a.q.device_index, op);
     const bool bf16 = a.q.dtype == DType::BF16;
     const int rows = int(p.G * p.TQ);
     const bool gates = a.g_cache.defined();
     int per_sm = 1;
-    with_head_dim(p.D, op, [&](auto d) { per_sm = decode_blocks_per_sm<decltype(d)::value>(rows, gates, bf16, op); });
+    with_head_dim(p.D, op, [&](auto d) { per_sm = decode_blocks_per_sm<decltype(d)::value>(rows, gates, bf16, a.q.device_index, op); });
     const int64_t slots = int64_t(sms) * per_sm;
     const int tile_rows = 16 * decode_row_tiles_per_block(int(p.D), rows);
     const int64_t blocks = p.N * p.HKV * ((rows + tile_rows - 1) / tile_rows);
@@ -348,7 +364,7 @@ void decode(const DecodeProblem& p) {
             a.g.defined() ? dtype_code(a.g.dtype) : 2, int(p.D));
         check(cudaGetLastError(), op, "cache append launch");
     }
-    with_head_dim(p.D, op, [&](auto dim) { launch_decode_d<decltype(dim)::value>(d, bf16, op); });
+    with_head_dim(p.D, op, [&](auto dim) { launch_decode_d<decltype(dim)::value>(d, bf16, a.q.device_index, op); });
 }
 
 }  // namespace hla::softmax::cuda

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 
 #include "core/checks.hpp"
 #include "ops/softmax/cuda/backward.cuh"
@@ -17,12 +18,26 @@ inline void check(cudaError_t e, const char* op, const char* what) {
 }
 
 
+// Raises Kernel's dynamic shared-memory limit to `bytes` on `device` (the limit is a per-device
+// attribute of a kernel), once per device and process: the host call stays off every later launch.
+// First calls racing on several threads both set the same value, which is harmless; a device index
+// past 63 sets it on every call. Outside any stream, so a launch inside graph capture may call it.
+template <auto Kernel>
+void raise_smem_limit(int bytes, int device, const char* op, const char* what) {
+    static std::atomic<uint64_t> raised{0};
+    const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+    if (bit != 0 && (raised.load(std::memory_order_acquire) & bit) != 0) return;
+    check(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), op, what);
+    raised.fetch_or(bit, std::memory_order_release);
+}
+
+// `device`: the current device (the launch goes there), whose shared-memory limits are raised.
 template <int D>
-void launch_forward_d(const FwdParams& fp, bool bf16, int m_blocks, int heads, int seqs, const char* op);
+void launch_forward_d(const FwdParams& fp, bool bf16, int m_blocks, int heads, int seqs, int device, const char* op);
 template <int D>
-void launch_backward_d(const BwdParams& bp, bool bf16, int n_blocks, int kv_heads, int seqs, const char* op);
+void launch_backward_d(const BwdParams& bp, bool bf16, int n_blocks, int kv_heads, int seqs, int device, const char* op);
 template <int D>
-void launch_decode_d(const DecodeParams& dp, bool bf16, const char* op);
+void launch_decode_d(const DecodeParams& dp, bool bf16, int device, const char* op);
 
 // m16 row tiles one decode block serves: one for up to 16 query rows (G · T_q), else the most a block
 // holds (2, or 1 at D = 256) and several row tiles.
@@ -31,58 +46,73 @@ inline int decode_row_tiles_per_block(int D, int rows) { return rows <= 16 || D 
 // Decode blocks resident per SM for these query rows and options (the occupancy calculator's answer
 // for the kernel that will run); the split heuristic sizes its waves with it.
 template <int D>
-int decode_blocks_per_sm(int rows, bool gates, bool bf16, const char* op);
+int decode_blocks_per_sm(int rows, bool gates, bool bf16, int device, const char* op);
 
 #ifdef HLA_SOFTMAX_INSTANTIATE
+// Kernel<<<grid, threads, smem>>>(params) on the current stream, its shared-memory limit raised to
+// `smem` first (once per device).
+template <auto Kernel, class P>
+void launch_with_smem(dim3 grid, int threads, int smem, const P& params, int device, const char* op, const char* what) {
+    raise_smem_limit<Kernel>(smem, device, op, "smem attribute");
+    Kernel<<<grid, threads, smem, launch_stream()>>>(params);
+    check(cudaGetLastError(), op, what);
+}
+
 template <int D>
-void launch_forward_d(const FwdParams& fp, bool bf16, int m_blocks, int heads, int seqs, const char* op) {
+void launch_forward_d(const FwdParams& fp, bool bf16, int m_blocks, int heads, int seqs, int device, const char* op) {
     using Tr = FwdTraits<D>;
     const dim3 grid(m_blocks, heads, seqs);
     const bool fast = fp.g == nullptr && fp.scale_log2 > 0.f;
-    auto kernel = bf16 ? (fast ? softmax_fwd_kernel<D, __nv_bfloat16, true> : softmax_fwd_kernel<D, __nv_bfloat16, false>)
-                       : (fast ? softmax_fwd_kernel<D, __half, true> : softmax_fwd_kernel<D, __half, false>);
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM), op, "smem attribute");
-    kernel<<<grid, Tr::THREADS, Tr::SMEM, launch_stream()>>>(fp);
-    check(cudaGetLastError(), op, "forward launch");
+    const char* what = "forward launch";
+    if (bf16 && fast)
+        launch_with_smem<softmax_fwd_kernel<D, __nv_bfloat16, true>>(grid, Tr::THREADS, Tr::SMEM, fp, device, op, what);
+    else if (bf16)
+        launch_with_smem<softmax_fwd_kernel<D, __nv_bfloat16, false>>(grid, Tr::THREADS, Tr::SMEM, fp, device, op, what);
+    else if (fast)
+        launch_with_smem<softmax_fwd_kernel<D, __half, true>>(grid, Tr::THREADS, Tr::SMEM, fp, device, op, what);
+    else
+        launch_with_smem<softmax_fwd_kernel<D, __half, false>>(grid, Tr::THREADS, Tr::SMEM, fp, device, op, what);
 }
 
 template <int D>
-void launch_backward_d(const BwdParams& bp, bool bf16, int n_blocks, int kv_heads, int seqs, const char* op) {
+void launch_backward_d(const BwdParams& bp, bool bf16, int n_blocks, int kv_heads, int seqs, int device, const char* op) {
     using Tr = BwdTraits<D>;
     const dim3 grid(kv_heads, seqs, n_blocks);  // key blocks slowest: see the kernel
     const bool gated = bp.f.g != nullptr;
-    auto kernel = bf16 ? (gated ? softmax_bwd_kernel<D, __nv_bfloat16, true> : softmax_bwd_kernel<D, __nv_bfloat16, false>)
-                       : (gated ? softmax_bwd_kernel<D, __half, true> : softmax_bwd_kernel<D, __half, false>);
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM), op, "smem attribute");
-    kernel<<<grid, Tr::THREADS, Tr::SMEM, launch_stream()>>>(bp);
-    check(cudaGetLastError(), op, "backward launch");
+    const char* what = "backward launch";
+    if (bf16 && gated)
+        launch_with_smem<softmax_bwd_kernel<D, __nv_bfloat16, true>>(grid, Tr::THREADS, Tr::SMEM, bp, device, op, what);
+    else if (bf16)
+        launch_with_smem<softmax_bwd_kernel<D, __nv_bfloat16, false>>(grid, Tr::THREADS, Tr::SMEM, bp, device, op, what);
+    else if (gated)
+        launch_with_smem<softmax_bwd_kernel<D, __half, true>>(grid, Tr::THREADS, Tr::SMEM, bp, device, op, what);
+    else
+        launch_with_smem<softmax_bwd_kernel<D, __half, false>>(grid, Tr::THREADS, Tr::SMEM, bp, device, op, what);
 }
 
-// The decode kernel for (D, T, MT) with its dynamic shared-memory limit raised to the largest size it
-// takes (with forget gates); set on every call since the limit is per device.
+// The decode kernel for (D, T, MT) with its dynamic shared-memory limit raised (once per device) to
+// the largest size it takes (with forget gates).
 template <int D, class T, int MT>
-auto decode_kernel(const char* op) {
-    auto kernel = softmax_decode_kernel<D, T, MT>;
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DecodeTraits<D>::smem(MT, true)),
-          op, "decode smem attribute");
-    return kernel;
+auto decode_kernel(int device, const char* op) {
+    raise_smem_limit<softmax_decode_kernel<D, T, MT>>(DecodeTraits<D>::smem(MT, true), device, op, "decode smem attribute");
+    return softmax_decode_kernel<D, T, MT>;
 }
 
 template <int D, int MT>
-void launch_decode_mt(const DecodeParams& dp, bool bf16, const char* op) {
+void launch_decode_mt(const DecodeParams& dp, bool bf16, int device, const char* op) {
     using Tr = DecodeTraits<D>;
     const int row_tiles = (dp.G * dp.TQ + 16 * MT - 1) / (16 * MT);
     const dim3 grid(unsigned(dp.splits * row_tiles), unsigned(dp.HKV), unsigned(dp.N));
     const int smem = Tr::smem(MT, dp.g_cache != nullptr);
     if (bf16)
-        decode_kernel<D, __nv_bfloat16, MT>(op)<<<grid, Tr::THREADS, smem, launch_stream()>>>(dp);
+        decode_kernel<D, __nv_bfloat16, MT>(device, op)<<<grid, Tr::THREADS, smem, launch_stream()>>>(dp);
     else
-        decode_kernel<D, __half, MT>(op)<<<grid, Tr::THREADS, smem, launch_stream()>>>(dp);
+        decode_kernel<D, __half, MT>(device, op)<<<grid, Tr::THREADS, smem, launch_stream()>>>(dp);
     check(cudaGetLastError(), op, "decode launch");
 }
 
 template <int D>
-int decode_blocks_per_sm(int rows, bool gates, bool bf16, const char* op) {
+int decode_blocks_per_sm(int rows, bool gates, bool bf16, int device, const char* op) {
     using Tr = DecodeTraits<D>;
     const int mt = decode_row_tiles_per_block(D, rows);
     // Per (row tiles, gates, dtype) the occupancy query, a host call, is answered once per process.
@@ -93,12 +123,12 @@ int decode_blocks_per_sm(int rows, bool gates, bool bf16, const char* op) {
     const int smem = Tr::smem(mt, gates);
     cudaError_t e;
     if (mt == 1)
-        e = bf16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, __nv_bfloat16, 1>(op), Tr::THREADS, smem)
-                 : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, __half, 1>(op), Tr::THREADS, smem);
+        e = bf16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, __nv_bfloat16, 1>(device, op), Tr::THREADS, smem)
+                 : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, __half, 1>(device, op), Tr::THREADS, smem);
     else
-        e = bf16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, __nv_bfloat16, Tr::MAX_MT>(op),
+        e = bf16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, __nv_bfloat16, Tr::MAX_MT>(device, op),
                                                                  Tr::THREADS, smem)
-                 : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, __half, Tr::MAX_MT>(op), Tr::THREADS, smem);
+                 : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, __half, Tr::MAX_MT>(device, op), Tr::THREADS, smem);
     check(e, op, "decode occupancy query");
     blocks = std::max(blocks, 1);
     c.store(blocks, std::memory_order_relaxed);
@@ -106,21 +136,21 @@ int decode_blocks_per_sm(int rows, bool gates, bool bf16, const char* op) {
 }
 
 template <int D>
-void launch_decode_d(const DecodeParams& dp, bool bf16, const char* op) {
+void launch_decode_d(const DecodeParams& dp, bool bf16, int device, const char* op) {
     if (decode_row_tiles_per_block(D, dp.G * dp.TQ) == 1)
-        launch_decode_mt<D, 1>(dp, bf16, op);
+        launch_decode_mt<D, 1>(dp, bf16, device, op);
     else
-        launch_decode_mt<D, DecodeTraits<D>::MAX_MT>(dp, bf16, op);
+        launch_decode_mt<D, DecodeTraits<D>::MAX_MT>(dp, bf16, device, op);
     if (dp.splits > 1) {
         softmax_decode_combine_kernel<D><<<unsigned(dp.N * dp.HQ * dp.TQ), D, 0, launch_stream()>>>(dp);
         check(cudaGetLastError(), op, "decode combine launch");
     }
 }
 
-template void launch_forward_d<HLA_SOFTMAX_INSTANTIATE>(const FwdParams&, bool, int, int, int, const char*);
-template void launch_backward_d<HLA_SOFTMAX_INSTANTIATE>(const BwdParams&, bool, int, int, int, const char*);
-template void launch_decode_d<HLA_SOFTMAX_INSTANTIATE>(const DecodeParams&, bool, const char*);
-template int decode_blocks_per_sm<HLA_SOFTMAX_INSTANTIATE>(int, bool, bool, const char*);
+template void launch_forward_d<HLA_SOFTMAX_INSTANTIATE>(const FwdParams&, bool, int, int, int, int, const char*);
+template void launch_backward_d<HLA_SOFTMAX_INSTANTIATE>(const BwdParams&, bool, int, int, int, int, const char*);
+template void launch_decode_d<HLA_SOFTMAX_INSTANTIATE>(const DecodeParams&, bool, int, const char*);
+template int decode_blocks_per_sm<HLA_SOFTMAX_INSTANTIATE>(int, bool, bool, int, const char*);
 #endif
 
 }  // namespace hla::softmax::cuda
