@@ -13,6 +13,9 @@
 //                      O = Qg S + P Ũ
 //                      S ← diag(γ_C) S + Kdᵀ Ũ
 //                  so the scan needs no knowledge of the decay: it is one kernel for every cell.
+//                  Where the decay is one number per token (bf16 forward), Qg and Kd are q and k with
+//                  per-row factors: prepare writes only those factors, and the scan reads q, k (and V
+//                  for the additive update) from the inputs and applies them (FwdParams::qk_rowf).
 //
 // Numerics: γ_i = exp(b_i) ≤ 1 and γ_C/γ_j = exp(b_C − b_j) ≤ 1 are always safe. The scores need
 // exp(b_i − b_j) per key channel for vector decay; they are factored around the first token r of each
@@ -418,6 +421,39 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
 
 // ---- chunk_scan ---------------------------------------------------------------------------------
 
+// Two neighbouring elements of E (an accumulator fragment's column pair) as floats, and back.
+template <class E>
+__device__ __forceinline__ float2 load_pair(const E* p) {
+    if constexpr (sizeof(E) == 4) {
+        return *reinterpret_cast<const float2*>(p);
+    } else {
+        const uint32_t w[4] = {*reinterpret_cast<const uint32_t*>(p), 0u, 0u, 0u};
+        return make_float2(unpack_elem<E>(w, 0), unpack_elem<E>(w, 1));
+    }
+}
+template <class E>
+__device__ __forceinline__ void store_pair(E* p, float a, float b) {
+    if constexpr (sizeof(E) == 4) *reinterpret_cast<float2*>(p) = make_float2(a, b);
+    else *reinterpret_cast<uint32_t*>(p) = pack2(from_f<E>(a), from_f<E>(b));
+}
+
+// Row r of an accumulator tile times f[r]: each of the lane's fragment rows read once.
+template <int MT, int NT>
+__device__ __forceinline__ void scale_acc_rows(float (&c)[MT][NT][4], const float* f) {
+    const int g = (threadIdx.x & 31) >> 2;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const float x = f[16 * i + g + 8 * hh];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                c[i][j][2 * hh] *= x;
+                c[i][j][2 * hh + 1] *= x;
+            }
+        }
+}
+
 // Warps of a scan block: 4 (each owns 16 output rows and K/4 state rows, all VT columns) or 8 (the
 // same split over each half of the VT columns). 8 warps let a 64-column tile keep as many warps per
 // SM in flight as two 32-column blocks, while reading the chunk's Qg, Kd, W and P half as often.
@@ -427,17 +463,28 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
 // operands (the next chunk's copies then start with the current chunk's first product: the per-chunk
 // chain no longer waits out an L2 round trip for them); in fp32 they are single-buffered and refilled
 // for chunk c+1 while chunk c finishes, as two buffers would not fit. All copies are cp.async.
+//
+// Raw operands (p.qk_rowf set: bf16, one decay number per token, forward only): the (Qg, W) and
+// (Kd, P, U) buffers receive the input rows of q and k (and v for the additive update) instead of
+// prepare's Qg, Kd (U), with the chunk's row factors fq, fk beside γ_C; Qg S is then diag(fq)(q S) on
+// the fp32 product, and the update's Kdᵀ Ũ is kᵀ (diag(fk) Ũ), with diag(fk) Ũ rounded once into a
+// second Ũ buffer (16-bit operands only: fp32 never takes this path and has no room for it).
 template <class E, int K, int VT, bool kDelta>
 struct ScanLayout {
     static constexpr int PAD = sizeof(E) == 2 ? 8 : 4;
-    static constexpr int LDK = K + PAD;        // rows of Qg, Kd, W and of the transposed state
+    static constexpr int LDK = K + PAD;        // rows of Qg, Kd, W
     static constexpr int LDP = kChunk + PAD;   // rows of P
     static constexpr int LDV = VT + PAD;       // rows of U and Ũ
+    static constexpr int LDS = VT + 8;         // rows of the state [key][v]: ldmatrix.trans (16-bit) and
+                                               // the fp32 fragment loads hit distinct banks
     static constexpr int NA = sizeof(E) == 2 ? 2 : 1;                               // buffers of (Qg, W)
     static constexpr size_t stage_a = (kDelta ? 2 : 1) * kChunk * LDK;              // Qg (, W)
     static constexpr size_t stage_b = kChunk * LDK + kChunk * LDP + kChunk * LDV;  // Kd, P, U
-    static constexpr size_t elems = NA * stage_a + 2 * stage_b + kChunk * LDV + VT * LDK;
-    static constexpr size_t bytes = elems * sizeof(E) + 2 * K * sizeof(float);
+    static constexpr bool kRowScaled = sizeof(E) == 2;  // room for diag(fk) Ũ (raw operands)
+    static constexpr size_t elems =
+        NA * stage_a + 2 * stage_b + kChunk * LDV + K * LDS + (kRowScaled ? kChunk * LDV : 0);
+    // + 2 × γ_C, 2 × (fq, fk)
+    static constexpr size_t bytes = elems * sizeof(E) + 2 * K * sizeof(float) + 2 * 2 * kChunk * sizeof(float);
 };
 
 template <class In, class E, Update Up, int K, int VT, int WARPS>
@@ -447,7 +494,7 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
     static_assert(WARPS == 4 || WARPS == 8, "chunk_scan: 4 or 8 warps");
     constexpr bool kDelta = Up == Update::Delta;
     using L = ScanLayout<E, K, VT, kDelta>;
-    constexpr int LDK = L::LDK, LDP = L::LDP, LDV = L::LDV;
+    constexpr int LDK = L::LDK, LDP = L::LDP, LDV = L::LDV, LDS = L::LDS;
     constexpr bool kSplit = sizeof(E) == 4;
     constexpr int NT = VT / 8 / NH;  // n-tiles of a warp's share of the V-tile
     static_assert(NT % 2 == 0, "chunk_scan: a warp's columns must pair up for ldmatrix.x4 (VT / (8·NH) even)");
@@ -457,8 +504,10 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
     E* stage_qw = reinterpret_cast<E*>(smem_f4);  // NA × (Qg, W)
     E* stage = stage_qw + L::NA * L::stage_a;      // 2 × (Kd, P, U)
     E* Unew = stage + 2 * L::stage_b;
-    E* Sb = Unew + kChunk * LDV;           // state, transposed: Sb[v][key]
-    float* gcs = reinterpret_cast<float*>(Sb + VT * LDK);  // 2 × γ_C
+    E* Sb = Unew + kChunk * LDV;           // state in the operand dtype, Sb[key][v]
+    E* Uk = Sb + K * LDS;                  // diag(fk) Ũ (raw operands)
+    float* gcs = reinterpret_cast<float*>(smem_f4) + L::elems * sizeof(E) / sizeof(float);  // 2 × γ_C
+    float* rfs = gcs + 2 * K;              // 2 × (fq, fk)
     auto Qt_of = [&](int b) { return stage_qw + (L::NA == 2 ? b : 0) * L::stage_a; };
     auto Wt_of = [&](int b) { return stage_qw + (L::NA == 2 ? b : 0) * L::stage_a + kChunk * LDK; };
     auto Kt_of = [&](int b) { return stage + b * L::stage_b; };
@@ -467,32 +516,51 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
 
     const int tid = threadIdx.x, warp = tid >> 5;
     const int mw = warp & 3, cw0 = (warp >> 2) * (VT / NH);  // row group; first column of the warp's share
+    const int g = (tid & 31) >> 2, t4 = tid & 3;               // the lane's fragment row and column pair
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
     const SeqInfo si = p.seqs[n];
     const int nchunks = (si.len + kChunk - 1) / kChunk;
+    // raw operands: q, k (and v) read from the inputs, prepare's row factors applied here
+    const bool raw = L::kRowScaled && p.qk_rowf != nullptr;
 
-    auto copy_rows = [&](E* dst, int ld, const E* src, int64_t src_ld, int cols) {
+    // rows [0, valid) of a chunk operand, the rest zero-filled (raw input rows past the sequence's end
+    // belong to the next sequence or lie past the tensor; prepare's rows there are zero already)
+    auto copy_rows = [&](E* dst, int ld, const E* src, int64_t src_ld, int cols, int valid) {
         const int per_row = cols / PER16;
         for (int idx = tid; idx < kChunk * per_row; idx += kScanThreads) {
             const int r = idx / per_row, c = idx % per_row;
-            cp_async16(dst + r * ld + c * PER16, src + r * src_ld + c * PER16);
+            const bool in = r < valid;
+            cp_async16_zfill(dst + r * ld + c * PER16, src + (in ? r : 0) * src_ld + c * PER16, in);
         }
     };
     auto slot_of = [&](int cidx) { return size_t(si.first_chunk + cidx) * p.HV + hv; };
+    auto valid_of = [&](int cidx) { return min(kChunk, si.len - cidx * kChunk); };
+    // the chunk's first row of a raw [B, T, heads, D] input
+    auto raw_rows = [&](const void* x, const int64_t* st, int head, int cidx) {
+        return static_cast<const E*>(x) + si.batch * st[0] + (si.start + int64_t(cidx) * kChunk) * st[1] + head * st[2];
+    };
+    const int h = hv / p.G;
     // Qg and W of chunk cidx (into buffer cidx % 2 when there are two)
     auto fetch_a = [&](int cidx) {
         const size_t slot = slot_of(cidx);
-        copy_rows(Qt_of(cidx & 1), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K);
-        if constexpr (kDelta) copy_rows(Wt_of(cidx & 1), LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K);
+        if (raw) copy_rows(Qt_of(cidx & 1), LDK, raw_rows(p.q, p.qs, h, cidx), p.qs[1], K, valid_of(cidx));
+        else copy_rows(Qt_of(cidx & 1), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K, kChunk);
+        if constexpr (kDelta)
+            copy_rows(Wt_of(cidx & 1), LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K, kChunk);
     };
-    // Kd, P, U, γ_C of chunk cidx into buffer cidx % 2
+    // Kd, P, U, γ_C (and the row factors) of chunk cidx into buffer cidx % 2
     auto fetch_b = [&](int cidx) {
         const size_t slot = slot_of(cidx);
         const int b = cidx & 1;
-        copy_rows(Kt_of(b), LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K);
-        copy_rows(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk);
-        copy_rows(Ut_of(b), LDV, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, VT);
+        if (raw) copy_rows(Kt_of(b), LDK, raw_rows(p.k, p.ks, h, cidx), p.ks[1], K, valid_of(cidx));
+        else copy_rows(Kt_of(b), LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk);
+        copy_rows(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk, kChunk);
+        if (!kDelta && raw) copy_rows(Ut_of(b), LDV, raw_rows(p.v, p.vs, hv, cidx) + v0, p.vs[1], VT, valid_of(cidx));
+        else copy_rows(Ut_of(b), LDV, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, VT, kChunk);
         for (int c = tid; c < K / 4; c += kScanThreads) cp_async16(gcs + b * K + 4 * c, p.gC + slot * K + 4 * c);
+        if (raw)
+            for (int c = tid; c < 2 * kChunk / 4; c += kScanThreads)
+                cp_async16(rfs + b * 2 * kChunk + 4 * c, p.qk_rowf + slot * 2 * kChunk + 4 * c);
     };
 
     // The state block of this warp: keys [mw·16·SMT, +16·SMT), columns [cw0, cw0 + VT/NH).
@@ -504,7 +572,18 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
     } else {
         zero_acc(S);
     }
-    for_each_acc(S, [&](int r, int c, float& x) { Sb[(cw0 + c) * LDK + key0 + r] = from_f<E>(x); });
+    // the state's fragment into Sb, two neighbouring columns per store
+    auto store_state = [&]() {
+#pragma unroll
+        for (int i = 0; i < SMT; ++i)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+                    store_pair(Sb + (key0 + 16 * i + g + 8 * hh) * LDS + cw0 + 8 * j + 2 * t4, S[i][j][2 * hh],
+                               S[i][j][2 * hh + 1]);
+    };
+    store_state();
     if (nchunks > 0) {
         fetch_a(0);
         fetch_b(0);
@@ -526,6 +605,8 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
         const E* Qt = Qt_of(b);
         const E* Wt = Wt_of(b);
         const float* gc = gcs + b * K;
+        const float* fq = rfs + b * 2 * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
+        const float* fk = fq + kChunk;           // and e^{b_C − b_i}/‖k_i‖
         cp_async_wait_all();
         __syncthreads();  // chunk cidx's operands and the state Sb are in place
         if (cidx + 1 < nchunks) {
@@ -539,20 +620,46 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
         // ---- O = Qg S and Ũ = U − W S, rows [16·mw, +16), the warp's columns ----
         float O[1][NT][4];
         zero_acc(O);
-        const Tile<E> Sop{Sb + cw0 * LDK, 1, LDK};  // (key, v) of the state
-        if (p.o) warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Qt + mw * 16 * LDK, LDK, 1}, Sop, K);
+        const Tile<E> Sop{Sb + cw0, LDS, 1};  // (key, v) of the state
+        if (p.o) {
+            warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Qt + mw * 16 * LDK, LDK, 1}, Sop, K);
+            if (raw) scale_acc_rows(O, fq + mw * 16);
+        }
         const E* Ueff = Ut;
         if constexpr (kDelta) {
             float WS[1][NT][4];
             zero_acc(WS);
             warp_gemm<E, 1, NT, kSplit>(WS, Tile<E>{Wt + mw * 16 * LDK, LDK, 1}, Sop, K);
-            for_each_acc(WS, [&](int r, int c, float& x) {
-                const int row = mw * 16 + r;
-                Unew[row * LDV + cw0 + c] = from_f<E>(to_f(Ut[row * LDV + cw0 + c]) - x);
-            });
+            // Ũ = U − W S (and diag(fk) Ũ), two neighbouring columns per access
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int row = mw * 16 + g + 8 * hh;
+                const float f = raw ? fk[row] : 1.f;
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    const int at = row * LDV + cw0 + 8 * j + 2 * t4;
+                    const float2 u = load_pair(Ut + at);
+                    const float u0 = u.x - WS[0][j][2 * hh], u1 = u.y - WS[0][j][2 * hh + 1];
+                    store_pair(Unew + at, u0, u1);
+                    if (raw) store_pair(Uk + at, u0 * f, u1 * f);
+                }
+            }
             Ueff = Unew;
+        } else {
+            if (raw) {
+                // diag(fk) V, 16 bytes at a time
+                for (int idx = tid; idx < kChunk * VT / PER16; idx += kScanThreads) {
+                    const int r = idx / (VT / PER16), c0 = (idx % (VT / PER16)) * PER16;
+                    const uint4 x = *reinterpret_cast<const uint4*>(Ut + r * LDV + c0);
+                    const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+                    float y[PER16];
+#pragma unroll
+                    for (int e = 0; e < PER16; ++e) y[e] = unpack_elem<E>(w, e) * fk[r];
+                    store_vec<E>(Uk + r * LDV + c0, y);
+                }
+            }
         }
-        __syncthreads();  // Ũ complete; Qg and W are free
+        __syncthreads();  // Ũ (and diag(fk) Ũ) complete; Qg and W are free
         if constexpr (L::NA == 1) {
             if (cidx + 1 < nchunks) {
                 fetch_a(cidx + 1);
@@ -564,7 +671,6 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
         if constexpr (sizeof(E) == 2) {
             if (o_pairs) {
                 // the fragment's two neighbouring columns as one 4-byte store
-                const int lane = tid & 31, g = lane >> 2, t4 = lane & 3;
 #pragma unroll
                 for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -590,10 +696,10 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
             });
         }
         // ---- S ← diag(γ_C) S + Kdᵀ Ũ ----
-        for_each_acc(S, [&](int r, int, float& x) { x *= gc[key0 + r]; });
-        warp_gemm<E, SMT, NT, kSplit>(S, Tile<E>{Kt + key0, 1, LDK}, Tile<E>{Ueff + cw0, LDV, 1}, kChunk);
+        scale_acc_rows(S, gc + key0);
+        warp_gemm<E, SMT, NT, kSplit>(S, Tile<E>{Kt + key0, 1, LDK}, Tile<E>{(raw ? Uk : Ueff) + cw0, LDV, 1}, kChunk);
         __syncthreads();  // every read of Sb and Ũ is done
-        for_each_acc(S, [&](int r, int c, float& x) { Sb[(cw0 + c) * LDK + key0 + r] = from_f<E>(x); });
+        store_state();
     }
     if (p.ht) {
         float* ht = static_cast<float*>(p.ht) + n * p.hts[0] + hv * p.hts[1];
@@ -611,7 +717,10 @@ void set_smem(Kern kernel, size_t bytes, const char* op) {
 }
 
 int sm_count();
-int scan_tile_override();  // HLA_CUDA_SCAN_VT, 0 when unset
+int scan_tile_override();      // HLA_CUDA_SCAN_VT, 0 when unset
+// HLA_CUDA_FWD_RAW: 0 never hands the scan raw operands, 1 wherever they can be (the delta rule too),
+// −1 when unset: the default policy of forward_chunked_impl. Tests and A/B timing.
+int raw_operands_override();
 
 // The value-column tile of a scan over `chains` (sequence, value head) pairs with operand dtype E, for
 // the forward scan and the backward's reverse dS scan alike. Every block walks its whole sequence. Each
@@ -720,6 +829,12 @@ void launch_scan_cell(const Problem& p, const FwdParams& fp) {
 template <class In>
 using Intermediate = std::conditional_t<std::is_same_v<In, __half>, float, In>;
 
+// Rows of a [B, T, heads, D] view that the scan can copy 16 bytes at a time (bf16).
+inline bool rows_16byte(const TensorView& x) {
+    return reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.stride[0] % 8 == 0 && x.stride[1] % 8 == 0 &&
+           x.stride[2] % 8 == 0 && x.stride[3] == 1;
+}
+
 // The chunked forward. With `states` (the backward's recompute), o and the final state are not
 // written, the chunk-start states are, and with `keep` the workspace (prepare's per-chunk operands,
 // which the backward's state-gradient scan reads too) is handed back with the parameters pointing into
@@ -758,6 +873,18 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     fp.V = int(p.V);
     static_cast<CellOptions&>(fp) = cell_options(p.cfg, p.scale);
 
+    // The forward of a cell with one decay number per token on bf16 inputs can hand the scan q, k
+    // (and v for the additive update) raw with per-row factors (FwdParams::qk_rowf); the backward's
+    // recompute keeps prepare's Qg and Kd, which its own kernels read. By default only the additive
+    // update does: it saves prepare three [T, K] writes (H100, one build, HLA_CUDA_FWD_RAW unset vs 0:
+    // simple GLA B=4 T=4096 0.358 -> 0.306 ms, B=1 T=16384 0.588 -> 0.560), while the delta rule saves
+    // two and its scan forms diag(fk) Ũ in the chunk-to-chunk chain (Gated DeltaNet 0.539 -> 0.536 ms
+    // at B=4, 0.823 -> 0.870 at B=1; measured before Ũ was stored in column pairs).
+    const int raw_mode = raw_operands_override();
+    const bool raw = (raw_mode == 1 || (raw_mode != 0 && !p.delta())) && !states &&
+                     std::is_same_v<In, __nv_bfloat16> && p.cfg.decay != Decay::Vector && rows_16byte(a.q) &&
+                     rows_16byte(a.k) && (p.delta() || rows_16byte(a.v));
+
     // Chunk table (host), then one workspace allocation holding the tables and the intermediates.
     std::vector<ChunkInfo> chunks;
     std::vector<SeqInfo> seqs;
@@ -772,9 +899,11 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     auto align = [](size_t x) { return (x + 255) & ~size_t(255); };
     const size_t slots = n_chunks * size_t(p.HV);
     const size_t b_tables = align(chunks.size() * sizeof(ChunkInfo)) + align(seqs.size() * sizeof(SeqInfo));
-    const size_t b_qk = align(slots * kChunk * p.K * sizeof(E));
-    const size_t b_u = align(slots * kChunk * p.V * sizeof(E));
-    const size_t b_w = p.delta() ? b_qk : 0;
+    const size_t b_k = align(slots * kChunk * p.K * sizeof(E));  // one of Qg, Kd, W
+    const size_t b_qk = raw ? 0 : b_k;
+    const size_t b_u = raw && !p.delta() ? 0 : align(slots * kChunk * p.V * sizeof(E));
+    const size_t b_w = p.delta() ? b_k : 0;
+    const size_t b_rf = raw ? align(slots * 2 * kChunk * sizeof(float)) : 0;
     const size_t b_p = align(slots * kChunk * kChunk * sizeof(E));
     const size_t b_g = align(slots * p.K * sizeof(float));
     // the backward's per-chunk tensor-core kernel (bf16, delta rule) reuses prepare's inverse, and with
@@ -783,7 +912,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const bool keep_d = keep_t && p.cfg.decay == Decay::Vector;
     const size_t b_t = keep_t ? align(slots * kChunk * kChunk * sizeof(float)) : 0;
     const size_t b_d = keep_d ? b_t : 0;
-    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d;
+    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d + b_rf;
     char* ws = static_cast<char*>(workspace_alloc(total, p.op));
     char* at = ws;
     fp.chunks = reinterpret_cast<const ChunkInfo*>(at);
@@ -797,13 +926,13 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
                                launch_stream()),
                p.op, "cudaMemcpyAsync(sequence table)");
     at += align(seqs.size() * sizeof(SeqInfo));
-    fp.Qg = at;
+    fp.Qg = b_qk ? at : nullptr;
     at += b_qk;
-    fp.Kd = at;
+    fp.Kd = b_qk ? at : nullptr;
     at += b_qk;
     fp.W = b_w ? at : nullptr;
     at += b_w;
-    fp.U = at;
+    fp.U = b_u ? at : nullptr;
     at += b_u;
     fp.P = at;
     at += b_p;
@@ -812,6 +941,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     fp.Tinv = keep_t ? reinterpret_cast<float*>(at) : nullptr;
     at += b_t;
     fp.Dm = keep_d ? reinterpret_cast<float*>(at) : nullptr;
+    at += b_d;
+    fp.qk_rowf = raw ? reinterpret_cast<float*>(at) : nullptr;
 
     if (n_chunks > 0) {
         if (p.K == 64) launch_prepare_cell<In, E, 64>(p, fp, int(n_chunks));

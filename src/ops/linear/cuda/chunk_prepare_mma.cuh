@@ -4,6 +4,8 @@
 // head): Qg = sQ⊙γ, Kd = K⊙γ_C⊘γ, the masked scores P, γ_C, and for the delta rule
 // W = L diag(β)(K⊙γ), U = L diag(β) V with L = (I + A)^{-1} — built for speed instead of generality:
 //
+// - With FwdParams::qk_rowf (forward, one decay number per token) Qg and Kd are not written: the
+//   scan reads q and k raw and applies the per-row factors stored instead (and V itself for U = V).
 // - 4 warps, warp w owns the rows [16w, 16w + 16) of the chunk: its row block of P, A, W and U, its
 //   share of Qg and Kd, and (inverse) column block w of L. Most phases need no block barrier at all.
 // - q and k stay in shared memory as the raw bf16 inputs (cp.async); the L2 norms, the scale and β
@@ -245,6 +247,14 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
         }
     }
     __syncthreads();
+    if constexpr (!kVec) {
+        // the scan's row factors when it reads q and k raw (eq = ek = 1 without decay)
+        if (p.qk_rowf && tid < kChunk) {
+            float* rf = p.qk_rowf + slot * 2 * kChunk;
+            rf[tid] = rq[tid] * eq[tid];
+            rf[kChunk + tid] = tid < len ? rk[tid] * ek[tid] : 0.f;
+        }
+    }
 
     // ---- scores of this warp's rows: P (j ≤ i) and A (j < i), 64 columns, fp32 accumulators ----
     float accP[1][8][4], accA[1][8][4];
@@ -342,8 +352,8 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
     // ---- Qg = sq̂ ⊙ γ, Kd = k̂ ⊙ γ_C ⊘ γ (and K⊙γ into q's rows for W) for this warp's rows, 8 channels per lane ----
     {
         constexpr int LPR = K / 8, RPI = 32 / LPR;
-        E* Qg = static_cast<E*>(p.Qg) + slot * kChunk * K;
-        E* Kd = static_cast<E*>(p.Kd) + slot * kChunk * K;
+        E* Qg = p.Qg ? static_cast<E*>(p.Qg) + slot * kChunk * K : nullptr;
+        E* Kd = p.Kd ? static_cast<E*>(p.Kd) + slot * kChunk * K : nullptr;
         // vector decay: this block's R_I and b_C − R_I for the lane's 8 channels
         float Rb[8], Eb[8];
         if constexpr (kVec) {
@@ -383,13 +393,17 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
                 ko[e] = ke * fk;
                 kg[e] = ke * fq;
             }
-            store_vec<E>(Qg + i * K + c0, qo);
-            store_vec<E>(Kd + i * K + c0, ko);
+            if (Qg) {  // null when the scan reads q and k raw (p.qk_rowf)
+                store_vec<E>(Qg + i * K + c0, qo);
+                store_vec<E>(Kd + i * K + c0, ko);
+            }
             if constexpr (kDelta) store_vec<E>(qs + i * LDH + c0, kg);
         }
     }
     if constexpr (!kDelta) {
-        // additive update: U = V, this warp's rows (zero past the end), 16 bytes per copy
+        // additive update: U = V, this warp's rows (zero past the end), 16 bytes per copy; nothing when
+        // the scan reads v raw (U null)
+        if (!p.U) return;
         E* Ug = static_cast<E*>(p.U) + slot * size_t(kChunk) * V;
         const bool vec_ok = (reinterpret_cast<uintptr_t>(vsrc) % 16 == 0) && (p.vs[1] % 8 == 0);
         const int per_row = V / 8;

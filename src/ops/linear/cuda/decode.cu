@@ -3,11 +3,13 @@
 //
 // Memory bound: the fp32 state tile is read once and written once per call, whatever T is. One block
 // per (sequence, value head, 32 value columns); lane = value column (a warp reads 128 contiguous bytes
-// of a state row), warp w holds the key rows [w·K/4, (w+1)·K/4) in registers. Reductions over keys
-// (kᵀS, Sᵀq) go through shared memory across the 4 warps.
+// of a state row), warp w of WARPS holds the key rows [w·K/WARPS, (w+1)·K/WARPS) in registers.
+// Reductions over keys (kᵀS, Sᵀq) go through shared memory across the warps.
 //
 // No allocation, no host synchronisation, no host-side table: the launch is all there is, so the
 // step can be captured in a CUDA graph. state_indices is read on the device.
+#include <cstdlib>
+
 #include "ops/linear/activations.hpp"
 #include "ops/linear/cuda/common.cuh"
 #include "ops/linear/problem.hpp"
@@ -25,14 +27,14 @@ struct DecodeParams : CellOptions {
     bool delta;
 };
 
-constexpr int kDecodeWarps = 4;
 constexpr int kDecodeCols = 32;
 
-template <int K>
-__global__ void __launch_bounds__(kDecodeWarps * 32) linear_recurrence_step_kernel(const DecodeParams p) {
-    constexpr int KW = K / kDecodeWarps;  // key rows per warp
+template <int K, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) linear_recurrence_step_kernel(const DecodeParams p) {
+    constexpr int KW = K / WARPS;  // key rows per warp
+    static_assert(KW >= 4, "decode: at least 4 key rows per warp");
     __shared__ float qv[K], kv[K], dec[K];
-    __shared__ float red[2][kDecodeWarps][kDecodeCols];
+    __shared__ float red[2][WARPS][kDecodeCols];
     __shared__ float norms[2];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int n = blockIdx.x, hv = blockIdx.y, h = hv / p.G;
@@ -47,7 +49,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) linear_recurrence_step_kern
 
     for (int t = 0; t < p.T; ++t) {
         // ---- this token's q, k, decay, β ----
-        for (int c = tid; c < K; c += kDecodeWarps * 32) {
+        for (int c = tid; c < K; c += WARPS * 32) {
             qv[c] = load_any(p.q, p.q_dtype, n * p.qs[0] + t * p.qs[1] + h * p.qs[2] + c);
             kv[c] = load_any(p.k, p.k_dtype, n * p.ks[0] + t * p.ks[1] + h * p.ks[2] + c);
             float gl = 0.f;
@@ -99,7 +101,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) linear_recurrence_step_kern
             __syncthreads();
             float ks = 0.f;
 #pragma unroll
-            for (int w = 0; w < kDecodeWarps; ++w) ks += red[0][w][lane];
+            for (int w = 0; w < WARPS; ++w) ks += red[0][w][lane];
             u = beta * (vt - fk * ks);
         } else {
 #pragma unroll
@@ -118,7 +120,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) linear_recurrence_step_kern
         if (warp == 0) {
             float o = 0.f;
 #pragma unroll
-            for (int w = 0; w < kDecodeWarps; ++w) o += red[1][w][lane];
+            for (int w = 0; w < WARPS; ++w) o += red[1][w][lane];
             store_any(p.o, p.o_dtype, n * p.os[0] + t * p.os[1] + hv * p.os[2] + col, fq * o);
         }
         __syncthreads();  // qv/kv/dec/red are rewritten by the next token
@@ -127,11 +129,34 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) linear_recurrence_step_kern
     for (int j = 0; j < KW; ++j) S[int64_t(j) * p.V] = s[j];
 }
 
+// Warps per block (key-row split). 8 by default: H100, GDN B=64 H=16 K=V=128 in a CUDA graph, one
+// call: 4 warps 57.5 us (96 registers, 5 blocks = 20 warps per SM), 8 warps 55.7 (64 registers, 32
+// warps per SM), 16 warps 60.1 (the 16-way key reductions cost more than the extra warps gain).
+// HLA_CUDA_DECODE_WARPS = 4 | 8 | 16 overrides it (tuning; read once, so a captured graph and the
+// eager calls agree).
+static int decode_warps() {
+    static const int w = [] {
+        const char* v = std::getenv("HLA_CUDA_DECODE_WARPS");
+        const int x = v ? std::atoi(v) : 0;
+        return x == 4 || x == 8 || x == 16 ? x : 8;
+    }();
+    return w;
+}
+
+template <int K, int WARPS>
+static void launch_decode_w(const DecodeParams& dp, int64_t N, const char* op) {
+    const dim3 grid(unsigned(N), dp.HV, dp.V / kDecodeCols);
+    linear_recurrence_step_kernel<K, WARPS><<<grid, WARPS * 32, 0, launch_stream()>>>(dp);
+    check_cuda(cudaGetLastError(), op, "linear_recurrence_step launch");
+}
+
 template <int K>
 static void launch_decode(const DecodeParams& dp, int64_t N, const char* op) {
-    const dim3 grid(unsigned(N), dp.HV, dp.V / kDecodeCols);
-    linear_recurrence_step_kernel<K><<<grid, kDecodeWarps * 32, 0, launch_stream()>>>(dp);
-    check_cuda(cudaGetLastError(), op, "linear_recurrence_step launch");
+    switch (decode_warps()) {
+        case 8: return launch_decode_w<K, 8>(dp, N, op);
+        case 16: return launch_decode_w<K, 16>(dp, N, op);
+        default: return launch_decode_w<K, 4>(dp, N, op);
+    }
 }
 
 void decode(const DecodeProblem& p) {

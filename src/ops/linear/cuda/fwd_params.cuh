@@ -37,6 +37,13 @@ struct FwdParams : CellOptions {
     // gC [K] fp32.
     void *Qg, *Kd, *W, *U, *P;
     float* gC;
+    // Raw operands (forward_chunked_impl says when; null otherwise, and always in the backward's
+    // recompute), for one decay number per token on bf16 inputs: per (chunk, value head) the row factors fq_i = s/‖q_i‖·e^{b_i} and
+    // fk_i = e^{b_C − b_i}/‖k_i‖ (0 past the chunk's end), fp32 [2][64]. With them the scan reads q, k
+    // (and v for the additive update) straight from the inputs and applies the factors to its fp32
+    // products and to Ũ, and prepare writes neither Qg nor Kd (nor U = V): two (three) fewer [T, K]
+    // tensors written to device memory and read back.
+    float* qk_rowf;
     // Backward recompute only (null in the forward): the state at the start of every chunk, [chunk, HV,
     // K, V] in the operand dtype E, as the scan's products use it. With it, o may be null (not written).
     void* states;
