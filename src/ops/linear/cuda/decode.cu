@@ -8,8 +8,6 @@
 //
 // No allocation, no host synchronisation, no host-side table: the launch is all there is, so the
 // step can be captured in a CUDA graph. state_indices is read on the device.
-#include <cstdlib>
-
 #include "ops/linear/activations.hpp"
 #include "ops/linear/cuda/common.cuh"
 #include "ops/linear/problem.hpp"
@@ -28,6 +26,10 @@ struct DecodeParams : CellOptions {
 };
 
 constexpr int kDecodeCols = 32;
+// Warps per block (key-row split). H100, GDN B=64 H=16 K=V=128 in a CUDA graph, one call (session 5):
+// 4 warps 57.5 us (96 registers, 5 blocks = 20 warps per SM), 8 warps 55.7 us (64 registers, 32 warps
+// per SM), 16 warps 60.1 us (the 16-way key reductions cost more than the extra warps gain).
+constexpr int kDecodeWarps = 8;
 
 template <int K, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) linear_recurrence_step_kernel(const DecodeParams p) {
@@ -129,34 +131,11 @@ __global__ void __launch_bounds__(WARPS * 32) linear_recurrence_step_kernel(cons
     for (int j = 0; j < KW; ++j) S[int64_t(j) * p.V] = s[j];
 }
 
-// Warps per block (key-row split). 8 by default: H100, GDN B=64 H=16 K=V=128 in a CUDA graph, one
-// call: 4 warps 57.5 us (96 registers, 5 blocks = 20 warps per SM), 8 warps 55.7 (64 registers, 32
-// warps per SM), 16 warps 60.1 (the 16-way key reductions cost more than the extra warps gain).
-// HLA_CUDA_DECODE_WARPS = 4 | 8 | 16 overrides it (tuning; read once, so a captured graph and the
-// eager calls agree).
-static int decode_warps() {
-    static const int w = [] {
-        const char* v = std::getenv("HLA_CUDA_DECODE_WARPS");
-        const int x = v ? std::atoi(v) : 0;
-        return x == 4 || x == 8 || x == 16 ? x : 8;
-    }();
-    return w;
-}
-
-template <int K, int WARPS>
-static void launch_decode_w(const DecodeParams& dp, int64_t N, const char* op) {
-    const dim3 grid(unsigned(N), dp.HV, dp.V / kDecodeCols);
-    linear_recurrence_step_kernel<K, WARPS><<<grid, WARPS * 32, 0, launch_stream()>>>(dp);
-    check_cuda(cudaGetLastError(), op, "linear_recurrence_step launch");
-}
-
 template <int K>
 static void launch_decode(const DecodeParams& dp, int64_t N, const char* op) {
-    switch (decode_warps()) {
-        case 8: return launch_decode_w<K, 8>(dp, N, op);
-        case 16: return launch_decode_w<K, 16>(dp, N, op);
-        default: return launch_decode_w<K, 4>(dp, N, op);
-    }
+    const dim3 grid(unsigned(N), dp.HV, dp.V / kDecodeCols);
+    linear_recurrence_step_kernel<K, kDecodeWarps><<<grid, kDecodeWarps * 32, 0, launch_stream()>>>(dp);
+    check_cuda(cudaGetLastError(), op, "linear_recurrence_step launch");
 }
 
 void decode(const DecodeProblem& p) {
