@@ -9,8 +9,27 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
+#include <vector>
 
 namespace hla::cpu {
+
+// An allocator that starts every buffer on a 64-byte cache line. The kernels' scratch rows are read
+// with 64-byte vector loads; malloc aligns to 16 bytes, so a plain std::vector's rows crossed a line on
+// every load or not depending on where the heap put it, and the speed of the same binary changed by
+// ~10% from one process to the next.
+template <class T>
+struct LineAllocator {
+    using value_type = T;
+    LineAllocator() = default;
+    template <class U>
+    LineAllocator(const LineAllocator<U>&) {}
+    T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+    template <class U>
+    bool operator==(const LineAllocator<U>&) const { return true; }
+};
+using FloatBuffer = std::vector<float, LineAllocator<float>>;
 
 constexpr int kVec = 16;  // floats per vector register (AVX-512); the compiler splits it on narrower ISAs
 typedef float vf __attribute__((vector_size(kVec * sizeof(float))));

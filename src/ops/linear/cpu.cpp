@@ -25,7 +25,7 @@ namespace {
 struct ChunkBuffers {
     ChunkBuffers(int64_t K, int64_t V)
         : q(kChunk * K), k(kChunk * K), v(kChunk * V), g(kChunk * K), b(kChunk), beta(kChunk), gate_in(kChunk * K) {}
-    std::vector<float> q, k, v, g, b, beta, gate_in;
+    hla::cpu::FloatBuffer q, k, v, g, b, beta, gate_in;
 };
 
 // What load_chunk prefetches for the load after it: the rows of head hv at `shift` tokens from the ones
@@ -132,7 +132,7 @@ void forward(const Problem& p) {
         const Sequence& s = p.seqs[size_t(n)];
         thread_local std::unique_ptr<Workspace> ws;
         thread_local std::unique_ptr<ChunkBuffers> cb;
-        thread_local std::vector<float> states, out;
+        thread_local hla::cpu::FloatBuffer states, out;
         if (!ws || ws->K != K || ws->V != V) {
             ws = std::make_unique<Workspace>(K, V);
             cb = std::make_unique<ChunkBuffers>(K, V);
@@ -176,9 +176,9 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
         const int64_t len = s.len;
         Workspace w(K, V);
         ChunkBuffers cb(K, V);
-        std::vector<float> states(size_t(std::max<int64_t>(num_chunks(len), 1) * KV)), S(KV), dS(KV);
-        std::vector<float> dq_acc(size_t(len * K), 0.0f), dk_acc(size_t(len * K), 0.0f);
-        std::vector<float> dO(kChunk * V), dv(kChunk * V), db(kChunk * K), dbeta(kChunk);
+        hla::cpu::FloatBuffer states(size_t(std::max<int64_t>(num_chunks(len), 1) * KV)), S(KV), dS(KV);
+        hla::cpu::FloatBuffer dq_acc(size_t(len * K), 0.0f), dk_acc(size_t(len * K), 0.0f);
+        hla::cpu::FloatBuffer dO(kChunk * V), dv(kChunk * V), db(kChunk * K), dbeta(kChunk);
         for (int64_t hv = h * G; hv < (h + 1) * G; ++hv) {
             // Forward sweep: keep the state at the start of every chunk.
             load_state(p.args.initial_state, n, hv, K, V, S.data());

@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/cpu_math.hpp"
+
 namespace hla::linear::cpu {
 
 constexpr int kChunk = 64;  // the largest chunk: the workspace's size, and the backward's chunk
@@ -55,12 +57,12 @@ struct ChunkView {
 struct Workspace {
     Workspace(int64_t K, int64_t V);
     int64_t K, V;
-    std::vector<float> eb, ebar, ea, kt, kg, qg, kbar, y, x, xt, d, a, p, gamma_lower, s0t, dst, dx, dp, z, da, dqg, dkbar, dkg, dy,
+    hla::cpu::FloatBuffer eb, ebar, ea, kt, kg, qg, kbar, y, x, xt, d, a, p, gamma_lower, s0t, dst, dx, dp, z, da, dqg, dkbar, dkg, dy,
         tmp1, tmp2, blk_x, blk_yt, blk_out, before, row, row2, diag, u, w, f, db;
     // Vector decay, diagonal blocks: within_block [L, K] holds Π_{i0≤t≤i} exp(g_t) for row i of the block
     // starting at i0, within_block_inv its reciprocal; block_as_product[I] says whether block I is
     // shallow enough to be computed as a matrix product with them (cpu_chunk.cpp, Decayed<true>).
-    std::vector<float> within_block, within_block_inv, diag_block;
+    hla::cpu::FloatBuffer within_block, within_block_inv, diag_block;
     std::vector<unsigned char> block_as_product;
     // One decay per token: the chunk's Γ (gamma_lower) for the scores' masks, or nullptr without decay.
     const float* gamma = nullptr;
