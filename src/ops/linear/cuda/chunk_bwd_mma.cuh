@@ -68,7 +68,7 @@ struct MmaLayout {
     static constexpr size_t r_off = pb_off + size_t(kChunk) * LDC * 2;
     // per row: b (fp64), then fp32 γ, κ, β, raw β, gate input, dP_ii, u, w, dβ; misc
     static constexpr int kRowF = 9;
-    static constexpr size_t bytes = r_off + kChunk * 8 + kRowF * kChunk * 4 + 64;
+    static constexpr size_t bytes = r_off + kChunk * 8 + kRowF * kChunk * 4 + (1 + 2 * kMmaThreads / 32) * 4;
     // Reused once the chunk's products are done: [s0_off, r_off) holds E1 = dP⊙Γ and E = dD⊙Γ + its
     // transpose (bf16 [64][LDC]) and F (fp32 [64][LDF]); after the group, dq then dk (fp32 [64][K + 4])
     // with the raw q or k rows behind (bf16 [64][LDK]).
@@ -80,7 +80,7 @@ struct MmaLayout {
 
 // A lane's partial sums of its two fragment rows of an m16 accumulator (s[0]: row lane / 4, s[1]: that
 // row + 8), summed over the four lanes that share the rows and added into dst[row0 + row]
-// (shared-memory atomics: two warps share each row).
+// (shared-memory atomics: the col_groups warps of a row band share each row).
 __device__ __forceinline__ void add_fragment_row_sums(float (&s)[2], float* dst, int row0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -92,14 +92,6 @@ __device__ __forceinline__ void add_fragment_row_sums(float (&s)[2], float* dst,
         atomicAdd(dst + row0 + (lane >> 2), s[0]);
         atomicAdd(dst + row0 + (lane >> 2) + 8, s[1]);
     }
-}
-
-// Adds Σ over the warp's fragment columns of f(r, c, x) into dst[row0 + r].
-template <int NT, class F>
-__device__ __forceinline__ void add_row_sums(float (&acc)[1][NT][4], float* dst, int row0, F&& f) {
-    float s[2] = {0.f, 0.f};
-    for_each_acc(acc, [&](int r, int c, float& x) { s[r >> 3] += f(r, c, x); });
-    add_fragment_row_sums(s, dst, row0);
 }
 
 // q̂ and k̂ of a chunk (query/key head h) into shared memory as bf16 rows of stride LDK: the raw rows,
@@ -164,7 +156,7 @@ __device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[
             if (out) {
                 const DType odt = which == 0 ? p.dq_dt : p.dk_dt;
                 const int64_t ooff = which == 0 ? tok(p.dqs, ci.batch, t, h) : tok(p.dks, ci.batch, t, h);
-                for (int c = lane; c < K; c += 32) store_any(out, odt, ooff + c, d[c]);
+                for (int c = 2 * lane; c < K; c += 64) store_pair_any(out, odt, ooff + c, d[c], d[c + 1]);
             }
         }
         __syncthreads();
@@ -213,7 +205,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     float* us = rowf + 6 * kChunk;
     float* ws_ = rowf + 7 * kChunk;
     float* dbs = rowf + 8 * kChunk;
-    float* misc = rowf + L::kRowF * kChunk;  // [0]: Σ S0 ⊙ dS_C; [1..8]: block reductions
+    float* misc = rowf + L::kRowF * kChunk;  // [0]: Σ S0 ⊙ dS_C; [1..]: per-warp sums of the chunk's dg, dA_log
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int mw = warp & 3, nh = warp >> 2, row0 = 16 * mw;
@@ -314,18 +306,22 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         } else {
             zero_acc(Pr);
             warp_gemm<E, 1, NTC>(Pr, Tile<E>{Qs + row0 * LDK, LDK, 1}, Tile<E>{Ks + jc0 * LDK, 1, LDK}, K);
-            for_each_acc(Pr, [&](int r, int c, float& x) {
+            if constexpr (kDelta) {
+                zero_acc(Dr);
+                warp_gemm<E, 1, NTC>(Dr, Tile<E>{Ks + row0 * LDK, LDK, 1}, Tile<E>{Ks + jc0 * LDK, 1, LDK}, K);
+            }
+            // one Γ_ij for both products, two columns a step
+            for_each_acc_pair(Pr, [&](int r, int c, float& x0, float& x1) {
                 const int i = row0 + r, j = jc0 + c;
-                x = j <= i ? x * gamma_ij(i, j) : 0.f;
-                Pb[i * LDC + j] = __float2bfloat16(x);
-            });
-        }
-        if constexpr (kDelta && !kVec) {
-            zero_acc(Dr);
-            warp_gemm<E, 1, NTC>(Dr, Tile<E>{Ks + row0 * LDK, LDK, 1}, Tile<E>{Ks + jc0 * LDK, 1, LDK}, K);
-            for_each_acc(Dr, [&](int r, int c, float& x) {
-                const int i = row0 + r, j = jc0 + c;
-                x = j < i ? x * gamma_ij(i, j) : 0.f;
+                const float g0 = j <= i ? gamma_ij(i, j) : 0.f, g1 = j + 1 <= i ? gamma_ij(i, j + 1) : 0.f;
+                x0 = j <= i ? x0 * g0 : 0.f;
+                x1 = j + 1 <= i ? x1 * g1 : 0.f;
+                *reinterpret_cast<__nv_bfloat162*>(Pb + i * LDC + j) = __floats2bfloat162_rn(x0, x1);
+                if constexpr (kDelta) {
+                    float* d = &Dr[0][c >> 3][(r >> 3) * 2];
+                    d[0] = j < i ? d[0] * g0 : 0.f;
+                    d[1] = j + 1 < i ? d[1] * g1 : 0.f;
+                }
             });
         }
         // Σ S0 ⊙ dS_C (the state's own decay over the chunk, for dg); per key row with vector decay
@@ -357,9 +353,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 float X[1][NTV][4];
                 zero_acc(X);
                 warp_gemm<E, 1, NTV>(X, Tile<E>{Ws + row0 * LDK, LDK, 1}, Tile<E>{S0s + vc0, LDV, 1}, K);
-                for_each_acc(X, [&](int r, int c, float& x) {
+                for_each_acc_pair(X, [&](int r, int c, float x0, float x1) {
                     const int i = row0 + r, e = vc0 + c;
-                    Xs[i * LDV + e] = __float2bfloat16(__bfloat162float(Us[i * LDV + e]) - x);
+                    const float2 u = load_bf16x2(Us + i * LDV + e);
+                    *reinterpret_cast<__nv_bfloat162*>(Xs + i * LDV + e) = __floats2bfloat162_rn(u.x - x0, u.y - x1);
                 });
             }
             float A1[1][NTV][4], A2[1][NTV][4];
@@ -367,13 +364,16 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             zero_acc(A2);
             warp_gemm<E, 1, NTV>(A1, Tile<E>{Pb + row0, 1, LDC}, Tile<E>{dOs + vc0, LDV, 1}, kChunk);
             warp_gemm<E, 1, NTV>(A2, Tile<E>{Ks + row0 * LDK, LDK, 1}, Tile<E>{dSs + vc0, LDV, 1}, K);
-            for_each_acc(A1, [&](int r, int c, float& x) {
+            const int64_t dv0 = !kDelta && p.dv ? tok(p.dvs, ci.batch, ci.start, hv) + vc0 : 0;
+            for_each_acc_pair(A1, [&](int r, int c, float x0, float x1) {
                 const int i = row0 + r, e = vc0 + c;
-                const float dx = x + (kVec ? 1.f : kap[i]) * A2[0][c >> 3][(r >> 3) * 2 + (c & 1)];
+                const float* a2 = &A2[0][c >> 3][(r >> 3) * 2];
+                const float f = kVec ? 1.f : kap[i];
+                const float dx0 = x0 + f * a2[0], dx1 = x1 + f * a2[1];
                 if constexpr (kDelta) {
-                    dXf[i * LDVF + e] = dx;
+                    *reinterpret_cast<float2*>(dXf + i * LDVF + e) = make_float2(dx0, dx1);
                 } else if (p.dv && i < len) {
-                    store_any(p.dv, p.dv_dt, tok(p.dvs, ci.batch, ci.start + i, hv) + e, dx);
+                    store_pair_any(p.dv, p.dv_dt, dv0 + int64_t(i) * p.dvs[1] + c, dx0, dx1);
                 }
             });
         }
@@ -392,13 +392,19 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             float Z[1][NTV][4];
             zero_acc(Z);
             warp_gemm<float, 1, NTV, false>(Z, Tile<float>{Tm + row0, 1, LDF}, Tile<float>{dXf + vc0, LDVF, 1}, kChunk);
+            // two columns a step: 32-bit loads of v and stores of dv (per element this was a sixth of
+            // the kernel's stall samples)
             const E* vrow = static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv) + vc0;
-            add_row_sums(Z, dbs, row0, [&](int r, int c, float x) {
+            const int64_t dv0 = p.dv ? tok(p.dvs, ci.batch, ci.start, hv) + vc0 : 0;
+            float sz[2] = {0.f, 0.f};
+            for_each_acc_pair(Z, [&](int r, int c, float x0, float x1) {
                 const int i = row0 + r;
-                if (i >= len) return 0.f;
-                if (p.dv) store_any(p.dv, p.dv_dt, tok(p.dvs, ci.batch, ci.start + i, hv) + vc0 + c, betas[i] * x);
-                return x * __bfloat162float(vrow[int64_t(i) * p.vs[1] + c]);
+                if (i >= len) return;
+                if (p.dv) store_pair_any(p.dv, p.dv_dt, dv0 + int64_t(i) * p.dvs[1] + c, betas[i] * x0, betas[i] * x1);
+                const float2 vv = load_pair_bf16(vrow + int64_t(i) * p.vs[1] + c);
+                sz[r >> 3] += x0 * vv.x + x1 * vv.y;
             });
+            add_fragment_row_sums(sz, dbs, row0);
             __syncthreads();  // every read of dX is done: Z replaces it
             for_each_acc(Z, [&](int r, int c, float& x) { Zs[(row0 + r) * LDV + vc0 + c] = __float2bfloat16(x); });
             __syncthreads();
@@ -422,21 +428,31 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 warp_gemm<E, 1, NTK>(acc, Tile<E>{Xs + row0 * LDV, LDV, 1}, Tile<E>{dSs + kc0 * LDV, 1, LDV}, V);
                 store_acc<float>(acc, p.v_dkb + at, K);
             } else {
-                add_row_sums(acc, us, row0, [&](int r, int c, float x) {
+                // (two columns a step here and below: one 32-bit load of q̂ or k̂ per pair)
+                float su[2] = {0.f, 0.f};
+                for_each_acc_pair(acc, [&](int r, int c, float x0, float x1) {
                     const int i = row0 + r;
-                    dq[0][c >> 3][(r >> 3) * 2 + (c & 1)] += gam[i] * x;
-                    return gam[i] * x * __bfloat162float(Qs[i * LDK + kc0 + c]);
+                    const float gi = gam[i];
+                    float* d = &dq[0][c >> 3][(r >> 3) * 2];
+                    d[0] += gi * x0;
+                    d[1] += gi * x1;
+                    const float2 qv = load_bf16x2(Qs + i * LDK + kc0 + c);
+                    su[r >> 3] += gi * (x0 * qv.x + x1 * qv.y);
                 });
+                add_fragment_row_sums(su, us, row0);
                 if constexpr (kDelta) {
                     zero_acc(acc);
                     warp_gemm<E, 1, NTK>(acc, Tile<E>{Zs + row0 * LDV, LDV, 1}, Tile<E>{S0s + kc0 * LDV, 1, LDV}, V);
                     // u_i −= γ_i β_i ⟨k̂_i, M_i⟩ and dβ_i −= γ_i ⟨k̂_i, M_i⟩: one row sum, split after
                     float s[2] = {0.f, 0.f};
-                    for_each_acc(acc, [&](int r, int c, float& x) {
+                    for_each_acc_pair(acc, [&](int r, int c, float x0, float x1) {
                         const int i = row0 + r;
-                        const float kx = __bfloat162float(Ks[i * LDK + kc0 + c]);
-                        dk[0][c >> 3][(r >> 3) * 2 + (c & 1)] -= gam[i] * betas[i] * x;
-                        s[r >> 3] += gam[i] * kx * x;
+                        const float gi = gam[i], gb = gi * betas[i];
+                        const float2 kx = load_bf16x2(Ks + i * LDK + kc0 + c);
+                        float* d = &dk[0][c >> 3][(r >> 3) * 2];
+                        d[0] -= gb * x0;
+                        d[1] -= gb * x1;
+                        s[r >> 3] += gi * (kx.x * x0 + kx.y * x1);
                     });
 #pragma unroll
                     for (int hh = 0; hh < 2; ++hh) {
@@ -454,11 +470,17 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 }
                 zero_acc(acc);
                 warp_gemm<E, 1, NTK>(acc, Tile<E>{Xs + row0 * LDV, LDV, 1}, Tile<E>{dSs + kc0 * LDV, 1, LDV}, V);
-                add_row_sums(acc, ws_, row0, [&](int r, int c, float x) {
+                float sw[2] = {0.f, 0.f};
+                for_each_acc_pair(acc, [&](int r, int c, float x0, float x1) {
                     const int i = row0 + r;
-                    dk[0][c >> 3][(r >> 3) * 2 + (c & 1)] += kap[i] * x;
-                    return kap[i] * x * __bfloat162float(Ks[i * LDK + kc0 + c]);
+                    const float ki = kap[i];
+                    float* d = &dk[0][c >> 3][(r >> 3) * 2];
+                    d[0] += ki * x0;
+                    d[1] += ki * x1;
+                    const float2 kx = load_bf16x2(Ks + i * LDK + kc0 + c);
+                    sw[r >> 3] += ki * (x0 * kx.x + x1 * kx.y);
                 });
+                add_fragment_row_sums(sw, ws_, row0);
             }
         }
 
@@ -527,40 +549,69 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         for_each_acc(dq, [&](int r, int c, float& x) { x += dpd[row0 + r] * __bfloat162float(Ks[(row0 + r) * LDK + kc0 + c]); });
         for_each_acc(dk, [&](int r, int c, float& x) { x += dpd[row0 + r] * __bfloat162float(Qs[(row0 + r) * LDK + kc0 + c]); });
 
-        // ---- dβ and dg of the chunk (one thread per token), the per-head parameter sums ----
+        // ---- dβ and dg of the chunk, the per-head parameter sums: TPR threads a row or token (one thread
+        // a token left seven eighths of the block waiting at the barrier) ----
+        constexpr int TPR = kMmaThreads / kChunk, PW = kChunk / TPR;
+        static_assert(TPR * kChunk == kMmaThreads && 32 % TPR == 0 && PW % 4 == 0, "bwd mma: dg thread layout");
+        const int trow = tid / TPR, part = tid % TPR;
         if (p.decay != Decay::None) {
-            // F → its exclusive prefix sums along each row, R_i(t) = Σ_{j<t} F_ij (one thread per row)
-            if (tid < kChunk) {
-                float run = 0.f;
-                for (int t = 0; t < kChunk; ++t) {
-                    const float f = Fm[tid * LDF + t];
-                    Fm[tid * LDF + t] = run;
-                    run += f;
-                }
+            // F → its exclusive prefix sums along each row, R_i(t) = Σ_{j<t} F_ij: PW entries a thread,
+            // the parts' totals scanned across the row's TPR lanes
+            float f[PW], loc = 0.f;
+            float* fr = Fm + trow * LDF + part * PW;
+#pragma unroll
+            for (int k = 0; k < PW; k += 4) {
+                const float4 x = *reinterpret_cast<const float4*>(fr + k);
+                f[k] = x.x, f[k + 1] = x.y, f[k + 2] = x.z, f[k + 3] = x.w;
             }
+#pragma unroll
+            for (int k = 0; k < PW; ++k) loc += f[k];
+            float incl = loc;
+#pragma unroll
+            for (int off = 1; off < TPR; off <<= 1) {
+                const float n = __shfl_up_sync(0xffffffffu, incl, off, TPR);
+                if (part >= off) incl += n;
+            }
+            float run = incl - loc;
+#pragma unroll
+            for (int k = 0; k < PW; ++k) {
+                const float x = f[k];
+                f[k] = run;
+                run += x;
+            }
+#pragma unroll
+            for (int k = 0; k < PW; k += 4) *reinterpret_cast<float4*>(fr + k) = make_float4(f[k], f[k + 1], f[k + 2], f[k + 3]);
             __syncthreads();
         }
-        if (tid < kChunk) {
-            const int t = tid;
-            if (kDelta && p.dbeta && t < len)
-                p.dbeta[tok(p.dbs, ci.batch, ci.start + t, hv)] = dbs[t] * beta_derivative(p.beta_act, braw[t]);
-            float dgt = 0.f, dgx = 0.f, dal = 0.f;
+        {
+            const int t = trow;
+            // dg_t − c: Σ_{i≥t} (R_i(t) + u_i) + Σ_{j<t} w_j, rows and columns strided over the TPR lanes
+            float s = 0.f;
             if (p.decay != Decay::None && t < len) {
-                float s = gam[kChunk - 1] * misc[0];
-                for (int i = t; i < kChunk; ++i) s += Fm[i * LDF + t] + us[i];
-                for (int j = 0; j < t; ++j) s += ws_[j];
-                dgt = s;
-                dgx = s;
-                if (gated) {
-                    float d_dx = 1.f, d_dalog = 0.f;
-                    gate_derivatives(p.gate_act, p.lower_bound, gin[t], static_cast<const float*>(p.A_log)[hv * p.alog_s],
-                                     &d_dx, &d_dalog);
-                    dal = dgt * d_dalog;
-                    dgx = dgt * d_dx;
-                }
-                if (p.dg && p.decay == Decay::Scalar) p.dg[tok(p.dgs, ci.batch, ci.start + t, hv)] = dgx;
+                for (int i = part; i < kChunk; i += TPR)
+                    if (i >= t) s += Fm[i * LDF + t] + us[i];
+                for (int j = part; j < t; j += TPR) s += ws_[j];
             }
-            // block sums of the chunk: warps 0 and 1 hold the 64 tokens
+#pragma unroll
+            for (int off = TPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            float dgx = 0.f, dal = 0.f;
+            if (part == 0) {
+                if (kDelta && p.dbeta && t < len)
+                    p.dbeta[tok(p.dbs, ci.batch, ci.start + t, hv)] = dbs[t] * beta_derivative(p.beta_act, braw[t]);
+                if (p.decay != Decay::None && t < len) {
+                    const float dgt = gam[kChunk - 1] * misc[0] + s;
+                    dgx = dgt;
+                    if (gated) {
+                        float d_dx = 1.f, d_dalog = 0.f;
+                        gate_derivatives(p.gate_act, p.lower_bound, gin[t], static_cast<const float*>(p.A_log)[hv * p.alog_s],
+                                         &d_dx, &d_dalog);
+                        dal = dgt * d_dalog;
+                        dgx = dgt * d_dx;
+                    }
+                    if (p.dg && p.decay == Decay::Scalar) p.dg[tok(p.dgs, ci.batch, ci.start + t, hv)] = dgx;
+                }
+            }
+            // block sums of the chunk (one value a token, in the lanes with part 0)
             for (int off = 16; off > 0; off >>= 1) {
                 dgx += __shfl_xor_sync(0xffffffffu, dgx, off);
                 dal += __shfl_xor_sync(0xffffffffu, dal, off);
@@ -572,7 +623,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         }
         __syncthreads();
         if (tid == 0) {
-            const double sx = double(misc[1]) + double(misc[3]), sa = double(misc[2]) + double(misc[4]);
+            double sx = 0.0, sa = 0.0;
+            for (int w = 0; w < kMmaThreads / 32; ++w) {
+                sx += double(misc[1 + 2 * w]);
+                sa += double(misc[2 + 2 * w]);
+            }
             if (p.decay == Decay::Fixed) atomicAdd(p.params_acc + hv, sx);
             else if (gated) {
                 atomicAdd(p.params_acc + 2 * p.HV + hv, sx);

@@ -49,7 +49,10 @@ struct VecLayout {
     static constexpr size_t ep_off = st_off + size_t(5) * K * 4;         // dP, strictly lower
     static constexpr size_t ed_off = ep_off + size_t(kChunk) * LDC * 2;  // dD, strictly lower
     static constexpr size_t r_off = ed_off + size_t(kChunk) * LDC * 2;   // per row: dP_ii, β, raw β, dβ
-    static constexpr size_t bytes = r_off + 4 * kChunk * 4 + 16;
+    // the gate sums' per-block first tokens and sums (fp64 [4][K] each), later dg's per row segment and
+    // channel sums of ∂b' and K̄ ⊙ dK̄ (fp32 [kVecThreads / K][K] each)
+    static constexpr size_t sg_off = r_off + 4 * kChunk * 4 + 16;
+    static constexpr size_t bytes = sg_off + std::max(size_t(8) * K * 8, 2 * size_t(kVecThreads) * 4);
     // after the group: dq then dk staged (fp32 [64][K + 4], raw rows bf16 [64][LDK]) over Δ, ∂b', K̄ ⊙ dK̄
     static_assert(size_t(kChunk) * (K + 4) * 4 + size_t(kChunk) * LDK * 2 <= st_off - dl_off,
                   "bwd vec: dq staging does not fit");
@@ -102,6 +105,8 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
     float* braw = betas + kChunk;
     float* dbt = braw + kChunk;
     int* wide = reinterpret_cast<int*>(dbt + kChunk);  // bit J: S_J < −kSafeSpan in some channel
+    float* segD = reinterpret_cast<float*>(sm + L::sg_off);
+    float* segK = segD + kVecThreads;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3, mi = lane >> 3, r8 = lane & 7;
@@ -144,39 +149,41 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
         }
         if (tid == 0) *wide = 0;
         __syncthreads();
-        // ---- per channel (one thread each): the activation, fp64 in-chunk sums → Δ, R_0, S_I ----
-        if (tid < K) {
-            const int c = tid;
+        // ---- per channel and 16-row block (one thread each): the activation, fp64 sums from the block's
+        // first token → Δ; then R_0 and S_I from the blocks' first tokens and sums (one thread per
+        // channel over 64 tokens left three quarters of the block waiting at the barrier) ----
+        double* bfirst = reinterpret_cast<double*>(segD);  // [4][K] log decay of each block's first token
+        double* bsum = bfirst + 4 * K;                     // [4][K] the sum over its other tokens
+        if (tid < 4 * K) {
+            const int c = tid % K, I = tid / K;
             float dtb = 0.f, alog = 0.f;
             if (gated) {
                 dtb = static_cast<const float*>(p.dt_bias)[hv * p.dtb_s + c];
                 alog = static_cast<const float*>(p.A_log)[hv * p.alog_s];
             }
-            double run = 0.0, R[4];
-            int bits = 0;
-#pragma unroll
-            for (int I = 0; I < 4; ++I) {
+            double run = 0.0, first = 0.0;
 #pragma unroll 1
-                for (int ii = 0; ii < 16; ++ii) {
-                    const int i = 16 * I + ii;
-                    double gl = 0.0;
-                    if (i < len) {
-                        const float x = Dl[i * LDF + c];
-                        gl = gated ? gate_log_decay(p.gate_act, p.lower_bound, x + dtb, alog) : x;
-                    }
-                    run += gl;
-                    if (ii == 0) R[I] = run;
-                    Dl[i * LDF + c] = float(run - R[I]);
+            for (int ii = 0; ii < 16; ++ii) {
+                const int i = 16 * I + ii;
+                double gl = 0.0;
+                if (i < len) {
+                    const float x = Dl[i * LDF + c];
+                    gl = gated ? gate_log_decay(p.gate_act, p.lower_bound, x + dtb, alog) : x;
                 }
+                if (ii == 0) first = gl;
+                else run += gl;
+                Dl[i * LDF + c] = float(run);  // Δ_i = b_i − R_I
             }
-            St[c] = float(R[0]);
-#pragma unroll
-            for (int I = 0; I < 4; ++I) {
-                const float s = float((I < 3 ? R[I + 1] : run) - R[I]);
-                St[(I + 1) * K + c] = s;
-                if (s < -kSafeSpan) bits |= 1 << I;
-            }
-            if (bits) atomicOr(wide, bits);
+            bfirst[I * K + c] = first;
+            bsum[I * K + c] = run;
+        }
+        __syncthreads();
+        if (tid < 4 * K) {
+            const int c = tid % K, I = tid / K;
+            const float sI = float(bsum[I * K + c] + (I < 3 ? bfirst[(I + 1) * K + c] : 0.0));  // R_{I+1} − R_I
+            St[(I + 1) * K + c] = sI;
+            if (I == 0) St[c] = float(bfirst[c]);
+            if (sI < -kSafeSpan) atomicOr(wide, 1 << I);
         }
         __syncthreads();
         const int wbits = *wide;
@@ -268,32 +275,46 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
             const float* gq = p.v_dqg + at;
             const float* gk = p.v_dkb + at;
             const float* gm = kDelta ? p.v_m + at : nullptr;
+            // two columns a step (8-byte loads of the hand-over; per element its loads' latency was ~10%
+            // of the kernel's stall samples)
             float sb[2] = {0.f, 0.f};
-            for_each_acc(dq, [&](int r, int cc, float& xq) {
+            for_each_acc_pair(dq, [&](int r, int cc, float& xq0, float& xq1) {
                 const int i = row0 + r, c = kc0 + cc;
-                float Rb = St[c], Eb = 0.f;  // R_I and b_C − R_I, sums of one sign
+                float* xk = &dk[0][cc >> 3][(r >> 3) * 2];
+                const float2 q2 = load_bf16x2(Qs + i * LDK + c), k2 = load_bf16x2(Ks + i * LDK + c);
+                const float2 d2 = *reinterpret_cast<const float2*>(Dl + i * LDF + c);
+                const float2 gq2 = *reinterpret_cast<const float2*>(gq + i * K + c);
+                const float2 gk2 = *reinterpret_cast<const float2*>(gk + i * K + c);
+                float2 gm2 = make_float2(0.f, 0.f);
+                if constexpr (kDelta) gm2 = *reinterpret_cast<const float2*>(gm + i * K + c);
+                float dbv[2], kbv[2];
+                auto one = [&](int e, float& xq, float& xkk, float qv, float kv, float d, float gqv, float gkv, float gmv) {
+                    float Rb = St[c + e], Eb = 0.f;  // R_I and b_C − R_I, sums of one sign
 #pragma unroll
-                for (int m = 0; m < 4; ++m) {
-                    const float s = St[(m + 1) * K + c];
-                    if (m < mw) Rb += s;
-                    else Eb += s;
-                }
-                const float d = Dl[i * LDF + c];
-                const float eb = __expf(Rb + d), ebar = __expf(Eb - d);
-                const float qv = bf(Qs[i * LDK + c]), kv = bf(Ks[i * LDK + c]);
-                const float vq = gq[i * K + c] * eb, vk = gk[i * K + c] * ebar;
-                float& xk = dk[0][cc >> 3][(r >> 3) * 2 + (cc & 1)];
-                float dbv = qv * vq;
-                xq += vq + dpd[i] * kv;
-                xk += vk + dpd[i] * qv;
-                if constexpr (kDelta) {
-                    const float m = gm[i * K + c] * eb;
-                    xk -= betas[i] * m;
-                    dbv -= betas[i] * kv * m;
-                    sb[r >> 3] += kv * m;
-                }
-                Db[i * LDF + c] += dbv;
-                Kb[i * LDF + c] = kv * vk;
+                    for (int m = 0; m < 4; ++m) {
+                        const float sI = St[(m + 1) * K + c + e];
+                        if (m < mw) Rb += sI;
+                        else Eb += sI;
+                    }
+                    const float eb = __expf(Rb + d), ebar = __expf(Eb - d);
+                    const float vq = gqv * eb, vk = gkv * ebar;
+                    dbv[e] = qv * vq;
+                    xq += vq + dpd[i] * kv;
+                    xkk += vk + dpd[i] * qv;
+                    if constexpr (kDelta) {
+                        const float m = gmv * eb;
+                        xkk -= betas[i] * m;
+                        dbv[e] -= betas[i] * kv * m;
+                        sb[r >> 3] += kv * m;
+                    }
+                    kbv[e] = kv * vk;
+                };
+                one(0, xq0, xk[0], q2.x, k2.x, d2.x, gq2.x, gk2.x, gm2.x);
+                one(1, xq1, xk[1], q2.y, k2.y, d2.y, gq2.y, gk2.y, gm2.y);
+                float2* db2 = reinterpret_cast<float2*>(Db + i * LDF + c);
+                const float2 old = *db2;
+                *db2 = make_float2(old.x + dbv[0], old.y + dbv[1]);
+                *reinterpret_cast<float2*>(Kb + i * LDF + c) = make_float2(kbv[0], kbv[1]);
             });
             if constexpr (kDelta) {
                 // dβ_i −= ⟨k̂_i ⊙ e^{b_i}, M_i⟩ (the K⊙γ inside Y = V − (K⊙γ) S0)
@@ -306,33 +327,49 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
         if (kDelta && p.dbeta && tid < len)
             p.dbeta[tok(p.dbs, ci.batch, ci.start + tid, hv)] =
                 (p.v_db[slot * kChunk + tid] + dbt[tid]) * beta_derivative(p.beta_act, braw[tid]);
-        // ---- dg per channel (one thread each), and the per-head parameter sums ----
-        if (tid < K) {
-            const int c = tid;
+        // ---- dg, and the per-head parameter sums: every thread, NS row segments of RS rows per channel
+        // (one thread per channel left three quarters of the block waiting at the barrier: ncu, session 5).
+        // dg_t = e^{b_C} Σ_e S0 ⊙ dS_C + Σ_{i≥t} ∂b'_i + Σ_{i<t} K̄_i ⊙ dK̄_i, the sums over the other
+        // segments first, then along the thread's own rows.
+        {
+            constexpr int NS = kVecThreads / K, RS = kChunk / NS;
+            static_assert(kVecThreads % K == 0 && kChunk % NS == 0, "bwd vec: dg segments");
+            const int c = tid % K, sg = tid / K, i0 = sg * RS;
+            float sd = 0.f, sk = 0.f;
+#pragma unroll 4
+            for (int i = i0; i < i0 + RS; ++i) {
+                sd += Db[i * LDF + c];
+                sk += Kb[i * LDF + c];
+            }
+            segD[sg * K + c] = sd;
+            segK[sg * K + c] = sk;
+            __syncthreads();
             float bC = St[c];
 #pragma unroll
             for (int m = 0; m < 4; ++m) bC += St[(m + 1) * K + c];
-            const float c0 = __expf(bC) * p.v_sd[slot * K + c];  // the state's own decay over the chunk
-            float run = 0.f;
-            for (int i = 0; i < kChunk; ++i) {
+            float s = 0.f, run = 0.f;  // Σ ∂b' of the later segments, Σ K̄ ⊙ dK̄ of the earlier ones
+            for (int m = NS - 1; m > sg; --m) s += segD[m * K + c];
+            for (int m = 0; m < sg; ++m) run += segK[m * K + c];
+            for (int i = i0; i < i0 + RS; ++i) {
                 const float x = Kb[i * LDF + c];
                 Kb[i * LDF + c] = run;
                 run += x;
             }
+            const float c0 = __expf(bC) * p.v_sd[slot * K + c];  // the state's own decay over the chunk
             float dtb = 0.f, alog = 0.f;
             if (gated) {
                 dtb = static_cast<const float*>(p.dt_bias)[hv * p.dtb_s + c];
                 alog = static_cast<const float*>(p.A_log)[hv * p.alog_s];
             }
-            float s = 0.f, s_dx = 0.f, s_alog = 0.f;
-            for (int i = kChunk - 1; i >= 0; --i) {
+            float s_dx = 0.f, s_alog = 0.f;
+            for (int i = i0 + RS - 1; i >= i0; --i) {
                 s += Db[i * LDF + c];
                 if (i >= len) continue;
                 float dgi = c0 + s + Kb[i * LDF + c];
-                const int64_t at = tok(p.gs, ci.batch, ci.start + i, hv) + c;
                 if (gated) {
                     float d_dx = 1.f, d_dalog = 0.f;
-                    gate_derivatives(p.gate_act, p.lower_bound, load_any(p.g, p.g_dt, at) + dtb, alog, &d_dx, &d_dalog);
+                    gate_derivatives(p.gate_act, p.lower_bound, load_any(p.g, p.g_dt, tok(p.gs, ci.batch, ci.start + i, hv) + c) + dtb,
+                                     alog, &d_dx, &d_dalog);
                     s_alog += dgi * d_dalog;
                     dgi *= d_dx;
                 }
@@ -340,9 +377,16 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
                 if (p.dg) p.dg[tok(p.dgs, ci.batch, ci.start + i, hv) + c] = dgi;
             }
             if (gated) {
-                atomicAdd(p.params_acc + 2 * p.HV + int64_t(hv) * K + c, double(s_dx));
+                __syncthreads();  // every segment sum is read: segD takes the per-thread dt_bias sums
+                segD[sg * K + c] = s_dx;
                 for (int o = 16; o > 0; o >>= 1) s_alog += __shfl_xor_sync(0xffffffffu, s_alog, o);
                 if (lane == 0) atomicAdd(p.params_acc + p.HV + hv, double(s_alog));
+                __syncthreads();
+                if (sg == 0) {
+                    float t = 0.f;
+                    for (int m = 0; m < NS; ++m) t += segD[m * K + c];
+                    atomicAdd(p.params_acc + 2 * p.HV + int64_t(hv) * K + c, double(t));
+                }
             }
         }
         __syncthreads();  // the chunk's shared memory is the next value head's

@@ -448,11 +448,43 @@ __device__ __forceinline__ void l2norm_scale_backward_row(float* d, int K, float
         ss += x * x;
     }
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    const float norm = sqrtf(ss + float(kL2NormEps));
+    // one division a row: an IEEE division per element (with its slow-path check) was a fifth of the
+    // tensor-core backward's issue slots (ncu, session 5)
+    const float inv = 1.f / sqrtf(ss + float(kL2NormEps));
     float dot = 0.f;
-    for (int c = lane; c < K; c += 32) dot += at(c) / norm * d[c] * f;
+    for (int c = lane; c < K; c += 32) dot += at(c) * inv * d[c] * f;
     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    for (int c = lane; c < K; c += 32) d[c] = (d[c] * f - at(c) / norm * dot) / norm;
+    for (int c = lane; c < K; c += 32) d[c] = (d[c] * f - at(c) * inv * dot) * inv;
+}
+
+// Two neighbouring elements (i, i + 1) of a tensor of run-time dtype t: one 32-bit access for bf16
+// when the address allows it, else two scalar ones (outputs and inputs may have any strides).
+__device__ __forceinline__ void store_pair_any(void* p, DType t, int64_t i, float a, float b) {
+    __nv_bfloat16* e = static_cast<__nv_bfloat16*>(p) + i;
+    if (t == DType::BF16 && (reinterpret_cast<uintptr_t>(e) & 3) == 0) {
+        *reinterpret_cast<__nv_bfloat162*>(e) = __floats2bfloat162_rn(a, b);
+    } else {
+        store_any(p, t, i, a);
+        store_any(p, t, i + 1, b);
+    }
+}
+__device__ __forceinline__ float2 load_pair_bf16(const __nv_bfloat16* p) {
+    if ((reinterpret_cast<uintptr_t>(p) & 3) == 0) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+    return make_float2(__bfloat162float(p[0]), __bfloat162float(p[1]));
+}
+
+// Visits the accumulator fragment two neighbouring columns at a time: f(row, col, x[col], x[col + 1])
+// with col even (the pairs a lane holds).
+template <int MT, int NT, class F>
+__device__ __forceinline__ void for_each_acc_pair(float (&c)[MT][NT][4], F&& f) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) f(16 * i + g + 8 * h, 8 * j + 2 * t, c[i][j][2 * h], c[i][j][2 * h + 1]);
 }
 
 }  // namespace hla::linear::cuda
