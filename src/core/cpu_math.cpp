@@ -32,11 +32,13 @@ inline void micro_kernel(int64_t P, float alpha, const float* A, int64_t a_row, 
             for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
         }
     }
-    const vf va = splat(alpha);
+    const vf va = splat(alpha), vb = splat(beta);
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) {
             float* c = C + r * ldc + v * kVec;
-            store(c, beta == 0.0f ? va * acc[r][v] : load(c) + va * acc[r][v]);
+            if (beta == 0.0f) store(c, va * acc[r][v]);
+            else if (beta == 1.0f) store(c, load(c) + va * acc[r][v]);
+            else store(c, vb * load(c) + va * acc[r][v]);
         }
 }
 
@@ -66,8 +68,8 @@ void gemm(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t 
           int64_t ldb, float beta, float* C, int64_t ldc) {
     if (M <= 0 || N <= 0) return;
     if (P <= 0) {
-        if (beta == 0.0f)
-            for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+        for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
         return;
     }
     int64_t j = 0;
@@ -79,7 +81,7 @@ void gemm(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t 
             for (int64_t jj = j; jj < N; ++jj) {
                 float s = 0;
                 for (int64_t p = 0; p < P; ++p) s += A[i * a_row + p * a_col] * B[p * ldb + jj];
-                C[i * ldc + jj] = beta == 0.0f ? alpha * s : C[i * ldc + jj] + alpha * s;
+                C[i * ldc + jj] = beta == 0.0f ? alpha * s : beta * C[i * ldc + jj] + alpha * s;
             }
     }
 }

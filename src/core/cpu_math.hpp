@@ -43,7 +43,8 @@ inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x
 
 // C[i, j] = beta·C[i, j] + alpha · Σ_p A[i·a_row + p·a_col] · B[p·ldb + j]
 //   i < M, j < N, p < P; B rows contiguous, A with arbitrary strides (so Aᵀ costs nothing);
-//   beta ∈ {0, 1}: 0 overwrites C (C may hold garbage), 1 accumulates.
+//   beta = 0 overwrites C (C may hold garbage); any other beta scales C first (1 accumulates, and a
+//   scalar decay of C, as the chunked forward's state update needs, costs no separate pass over C).
 void gemm(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
