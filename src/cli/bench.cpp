@@ -31,8 +31,8 @@ double seconds_between(Clock::time_point a, Clock::time_point b) { return std::c
 //
 // Flops of the chunked forward, counted per value head and chunk of C tokens (c tokens in a last
 // partial chunk), multiply-add = 2 flops, causal products counted as half; C = 64, except the CPU
-// backend's forward, which runs chunks of 32 (ops/linear/cpu_chunk.hpp, kForwardChunk) and is counted
-// at the chunk it runs:
+// backend's forward, which runs chunks of 16 (32 for GLA; ops/linear/cpu_chunk.hpp, forward_chunk) and
+// is counted at the chunk it runs:
 //   additive  2cKV (Q S0)  + c²K (Q Kᵀ, lower half)  + c²V (P V, lower half)  + 2cKV (state: Kᵀ V)
 //   delta     adds 2cKV (K S0)  + c²K (A = strictly lower K Kᵀ)  + c²V (triangular solve for Ũ)
 // Gate exponentials and the β/decay scalings are elementwise and not counted. This is the
@@ -42,7 +42,9 @@ double seconds_between(Clock::time_point a, Clock::time_point b) { return std::c
 // Decode (T = 1), per value head: additive 2KV (k vᵀ) + 2KV (Sᵀ q); delta adds 2KV (Sᵀ k); a decay
 // adds KV. Decode is bound by the state's memory traffic (8KV bytes per head), reported as GB/s.
 constexpr int64_t kChunk = 64;
-constexpr int64_t kCpuForwardChunk = linear::cpu::kForwardChunk;
+int64_t cpu_forward_chunk(const LinearConfig& cfg) {
+    return linear::cpu::forward_chunk(cfg.decay == Decay::Vector, cfg.update == Update::Delta);
+}
 
 double chunk_flops(const LinearConfig& cfg, double c, double K, double V) {
     double f = 4 * c * K * V + c * c * (K + V);
@@ -480,7 +482,7 @@ private:
                             set_pair_ratios(r, t[0], t[1]);
                         }
                         r.flops = forward_flops(cfg, full.B, full.T, full.HV, full.K, full.V,
-                                                b == Backend::Cpu ? kCpuForwardChunk : kChunk);
+                                                b == Backend::Cpu ? cpu_forward_chunk(cfg) : kChunk);
                         const double bytes = input_bytes(cfg, full.B, full.T, full.H, full.HV, full.K, full.V, dt) +
                                              double(full.B * full.T * full.HV * full.V * int64_t(dtype_size(dt)));
                         if (cuda) r.floor_ms = 1e3 * std::max(r.flops / kH100MatrixFlops, bytes / kH100Bandwidth);
@@ -958,8 +960,8 @@ private:
         std::printf("rel_err: ||out - ref|| / ||ref|| against the fp64 reference, on the shape in 'err on' "
                     "(fwdbwd: worst of dq, dk, dv, dg, dbeta;\n"
                     "  decode: outputs and state after 8 steps). GFLOP/s: the chunked algorithm's flops (C = 64; cpu fwd: "
-                    "C = %d, the chunk it runs;\n"
-                    "  fwdbwd = 3x fwd at C = 64; decode: per step).\n"
+                    "C = 16,\n  GLA 32: the chunk it runs; "
+                    "fwdbwd = 3x fwd at C = 64; decode: per step).\n"
                     "  %%peak: of the FMA peak (cpu, reference) or of the H100 roofline floor (cuda).\n"
                     "  x loop: the fp32 token loop's median time / this median time, both timed in turn (fwd: %s%d "
                     "interleaved pairs,\n"
@@ -967,7 +969,7 @@ private:
                     "  softmax_attn: causal, HQ = HKV = H, head dim K; GFLOP/s counts 4K per visible (query, key) pair, "
                     "fwdbwd = 3.5x fwd;\n"
                     "  its decode rows: one query token per sequence against a cache of T tokens.\n\n",
-                    int(kCpuForwardChunk), o_.reps > 0 ? "" : "at least ", o_.reps > 0 ? o_.reps : kLoopPairs);
+                    o_.reps > 0 ? "" : "at least ", o_.reps > 0 ? o_.reps : kLoopPairs);
         const char* head = "%-16s %-9s %-5s %-6s %3s %6s %3s %3s %4s %4s %-10s %8s %8s %11s %8s %6s %6s\n";
         std::printf(head, "op", "backend", "dtype", "pass", "B", "T", "H", "HV", "K", "V", "err on", "rel_err", "max_abs",
                     "time", "GFLOP/s", "%peak", "x loop");

@@ -5,7 +5,8 @@
 // Parallelism: forward runs one task per (sequence, group of consecutive value heads), decode one per
 // (sequence, value head); backward runs one task per (sequence, query/key head) because the G value
 // heads of a group all add into the same dq/dk.
-// Chunks: the forward runs kForwardChunk = 32 tokens at a time, the backward kChunk = 64 (cpu_chunk.hpp).
+// Chunks: the forward runs forward_chunk() = 16 tokens at a time (32 for GLA), the backward kChunk = 64
+// (cpu_chunk.hpp).
 // Backward memory: the state at the start of every chunk of the task's sequence, T/64 · K · V fp32
 // per task in flight (4 MiB for T = 4096, K = V = 128), recomputed by a forward sweep.
 #include <algorithm>
@@ -125,6 +126,7 @@ void forward(const Problem& p) {
     const ForwardFn fwd = pick_forward(p.cfg);
     const int64_t K = p.K, V = p.V, HV = p.HV, KV = K * V;
     const int64_t group = heads_per_task(p.N(), HV), groups = (HV + group - 1) / group;
+    const int64_t chunk = forward_chunk(p.cfg.decay == Decay::Vector, p.cfg.update == Update::Delta);
     const TensorView& o = p.args.o;
     parallel_for(p.N() * groups, [&](int64_t task) {
         const hla::cpu::FlushSubnormals flush;
@@ -140,10 +142,10 @@ void forward(const Problem& p) {
         }
         states.resize(size_t(group * KV));
         for (int64_t hv = hv0; hv < hv1; ++hv) load_state(p.args.initial_state, n, hv, K, V, states.data() + (hv - hv0) * KV);
-        for (int64_t t0 = 0; t0 < s.len; t0 += kForwardChunk) {
-            const int L = int(std::min<int64_t>(kForwardChunk, s.len - t0));
+        for (int64_t t0 = 0; t0 < s.len; t0 += chunk) {
+            const int L = int(std::min<int64_t>(chunk, s.len - t0));
             for (int64_t hv = hv0; hv < hv1; ++hv) {
-                const NextLoad next = hv + 1 < hv1 ? NextLoad{hv + 1, 0} : NextLoad{hv0, kForwardChunk};
+                const NextLoad next = hv + 1 < hv1 ? NextLoad{hv + 1, 0} : NextLoad{hv0, chunk};
                 const ChunkView c = load_chunk(in, s, hv, t0, L, *cb, next);
                 fwd(c, states.data() + (hv - hv0) * KV, out.data(), *ws);
                 for (int i = 0; i < L; ++i)

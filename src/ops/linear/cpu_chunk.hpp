@@ -37,8 +37,16 @@ constexpr int kBlock = 16;
 // chunk, plus intra-chunk products and decay factors that grow with it (~C(K+V)/2 flops per product).
 // At C = 32 against 64, T = 4096, H = 16, K = V = 128, 2 threads (busy host, interleaved medians of 9):
 // delta_rule 51.0 -> 44.2 ms, GDN 55.3 -> 47.5, KDA 65.6 -> 55.3, GLA 44.2 -> 37.0, linear_attn
-// 33.0 -> 32.3; C = 16 was within noise of 32. The backward keeps kChunk: its stored states scale as T/C.
-constexpr int kForwardChunk = 32;
+// 33.0 -> 32.3; C = 16 was then within noise of 32. Once the state's decay went into the update
+// product (no pass over the state per chunk) and Γ's exps stopped at the diagonal, C = 16 came out ahead
+// for every op (same runs, previous / this binary alternated, autogroup nice -15, x loop of 3 runs):
+// GDN 3.05/2.84/2.86 -> 3.09/3.11/3.03 (45.0 -> 42.7 ms), simple_gla 3.20/3.12/3.15 -> 3.37/3.30/3.25,
+// KDA 3.07/3.05/2.76 -> 3.23/3.12/2.94: the chunk-by-state products are 3KV (delta) or 2KV multiply-adds
+// a token whatever C, the intra-chunk ones ~C(K+V)/2 each, and at C = 16 the causal blocks are the
+// 16 × 16 diagonal ones alone (no blocked solve). GLA (vector decay, additive) was the exception, the
+// same at both (3.31/3.22/3.20 -> 3.33/3.29/3.14), and keeps 32. The backward keeps kChunk: its stored
+// states scale as T/C.
+constexpr int forward_chunk(bool vector_decay, bool delta) { return vector_decay && !delta ? 32 : 16; }
 
 // One chunk's inputs after the per-token transforms, fp32, rows contiguous.
 struct ChunkView {
