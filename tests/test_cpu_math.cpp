@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cfloat>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -33,22 +34,31 @@ TEST(CpuMath, TransposeEqualsElementCopyOnEveryTileEdge) {
     }
 }
 
-TEST(CpuMath, GemmMatchesTripleLoopWithStridesAndAccumulation) {
-    for (int64_t M : {1, 8, 13}) {
-        for (int64_t N : {1, 16, 40}) {
-            for (int64_t P : {1, 9, 64}) {
-                // A read transposed (a_row = 1, a_col = M) to cover arbitrary strides
-                const std::vector<float> A = random_matrix(P * M, 1), B = random_matrix(P * N, 2);
-                std::vector<float> C = random_matrix(M * N, 3), expect = C;
-                hla::cpu::gemm(M, N, P, 0.5f, A.data(), 1, M, B.data(), N, 1.0f, C.data(), N);
-                for (int64_t i = 0; i < M; ++i)
-                    for (int64_t j = 0; j < N; ++j) {
-                        double s = 0;
-                        for (int64_t p = 0; p < P; ++p) s += double(A[size_t(p * M + i)]) * B[size_t(p * N + j)];
-                        expect[size_t(i * N + j)] += float(0.5 * s);
-                    }
-                for (size_t t = 0; t < C.size(); ++t)
-                    ASSERT_NEAR(C[t], expect[t], 1e-5f * (1.0f + float(P))) << "M " << M << " N " << N << " P " << P;
+// beta = 0 overwrites (C starts as NaN garbage), 1 accumulates, anything else scales C first (the
+// chunked forward's state decay); P = 0 leaves beta·C.
+TEST(CpuMath, GemmMatchesTripleLoopWithStridesAndEveryBeta) {
+    for (float beta : {0.0f, 1.0f, 0.37f}) {
+        for (int64_t M : {1, 8, 13}) {
+            for (int64_t N : {1, 16, 40}) {
+                for (int64_t P : {0, 1, 9, 64}) {
+                    // A read transposed (a_row = 1, a_col = M) to cover arbitrary strides
+                    const std::vector<float> A = random_matrix(P * M, 1), B = random_matrix(P * N, 2);
+                    std::vector<float> C = random_matrix(M * N, 3);
+                    if (beta == 0.0f) C.assign(C.size(), std::numeric_limits<float>::quiet_NaN());
+                    std::vector<float> expect(C.size());
+                    hla::cpu::gemm(M, N, P, 0.5f, A.data(), 1, M, B.data(), N, beta, C.data(), N);
+                    const std::vector<float> C0 = random_matrix(M * N, 3);
+                    for (int64_t i = 0; i < M; ++i)
+                        for (int64_t j = 0; j < N; ++j) {
+                            double s = 0;
+                            for (int64_t p = 0; p < P; ++p) s += double(A[size_t(p * M + i)]) * B[size_t(p * N + j)];
+                            const double c0 = beta == 0.0f ? 0.0 : double(beta) * C0[size_t(i * N + j)];
+                            expect[size_t(i * N + j)] = float(c0 + 0.5 * s);
+                        }
+                    for (size_t t = 0; t < C.size(); ++t)
+                        ASSERT_NEAR(C[t], expect[t], 1e-5f * (1.0f + float(P)))
+                            << "beta " << beta << " M " << M << " N " << N << " P " << P;
+                }
             }
         }
     }

@@ -20,9 +20,11 @@ struct TaskRef {
 void parallel_for(int64_t n, TaskRef task);
 }  // namespace detail
 
-// Runs fn(i) for i in [0, n) on the pool and returns when all are done. Tasks are handed out
-// dynamically, so uneven tasks (ragged sequences) balance. Nested calls run inline. The first
-// exception thrown by a task is rethrown here.
+// Runs fn(i) for i in [0, n) on the pool and returns when all are done. Thread p of P first runs its
+// own share [n·p/P, n·(p+1)/P), so index i lands on the same thread on every call with the same n (a
+// head's decode state stays in one core's cache); a thread out of work then takes the rest of another's
+// share, so uneven tasks (ragged sequences) still balance. Nested calls run inline. The first exception
+// thrown by a task is rethrown here.
 template <class F>
 void parallel_for(int64_t n, F&& fn) {
     using Fn = std::remove_reference_t<F>;
