@@ -122,7 +122,7 @@ void anchored_gate_sums(const KeySource& src, int64_t lo, int64_t anchor, std::v
 // Per-task scratch, allocated once per task.
 struct Scratch {
     int64_t D;
-    std::vector<float> q, kt, vb, s, acc, m, l;
+    ::hla::cpu::FloatBuffer q, kt, vb, s, acc, m, l;  // line-aligned: see FloatBuffer
     std::vector<double> R;
     explicit Scratch(int64_t D_)
         : D(D_), q(size_t(BM * D)), kt(size_t(D * BN)), vb(size_t(BN * D)), s(size_t(BM * BN)), acc(size_t(BM * D)),
@@ -408,7 +408,7 @@ struct RowTerms {
 // Recomputes one (query tile × key block) of the probabilities P = exp(S − lse) and
 // dS = P ⊙ (dP − delta), with dP = dA Vᵀ. Rows are queries [t0, t0 + mq), columns keys [j0, j0 + nb).
 struct BwdTile {
-    std::vector<float> q, dA, kt, vt, kb, p, ds, lse, delta;
+    ::hla::cpu::FloatBuffer q, dA, kt, vt, kb, p, ds, lse, delta;
     explicit BwdTile(int64_t D)
         : q(size_t(BM * D)), dA(size_t(BM * D)), kt(size_t(D * BN)), vt(size_t(D * BN)), kb(size_t(BN * D)),
           p(size_t(BM * BN)), ds(size_t(BM * BN)), lse(size_t(BM)), delta(size_t(BM)) {}
@@ -521,7 +521,7 @@ void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
             const int64_t kvh = tk.h, j0 = tk.t0, nb = std::min(BN, sq.len - j0);
             BwdTile w(D);
             load_key_side(p, sq, kvh, j0, nb, w);
-            std::vector<float> dk(size_t(BN * D), 0.0f), dv(size_t(BN * D), 0.0f);
+            ::hla::cpu::FloatBuffer dk(size_t(BN * D), 0.0f), dv(size_t(BN * D), 0.0f);
             // Queries that can see a key of this tile: [j0, j0 + nb − 1 + window − 1] (causal), or all.
             const int64_t q_lo = p.cfg.causal ? j0 : 0;
             const int64_t q_hi = p.window > 0 ? std::min(sq.len, j0 + nb - 1 + p.window) : sq.len;
@@ -573,7 +573,7 @@ void backward(const Problem& p, const TensorView& d_o, const SoftmaxGrads& g) {
             src.batch = sq.batch;
             src.start = sq.start;
             if (a.g.defined() && hi > lo) anchored_gate_sums(src, lo, t0 + mq - 1, R);
-            std::vector<float> dq(size_t(BM * D), 0.0f);
+            ::hla::cpu::FloatBuffer dq(size_t(BM * D), 0.0f);
             std::vector<double> rs(size_t(BM), 0.0);
             for (int64_t j0 = lo; j0 < hi; j0 += BN) {
                 const int64_t nb = std::min(BN, hi - j0);
