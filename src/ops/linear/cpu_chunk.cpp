@@ -132,6 +132,22 @@ inline float exp_lanes(float x) { return hla::cpu::exp_scalar(x); }
 inline hla::cpu::vf ones(hla::cpu::vf) { return hla::cpu::splat(1.0f); }
 inline float ones(float) { return 1.0f; }
 
+// One row of a running product of decays, x[at] = x[prev] · factor[0] while the run goes on, else
+// `start` (the run's first row); stored and returned. prev is the neighbouring row the run comes from
+// (the row above when sweeping down a chunk, below when sweeping up); factor is read only when used.
+template <class T>
+T extend_run(float* x, int64_t at, int64_t prev, const float* factor, bool goes_on, T start) {
+    T v = start;
+    if (goes_on) {
+        T p, a;
+        ld(x + prev, p);
+        ld(factor, a);
+        v = p * a;
+    }
+    st(x + at, v);
+    return v;
+}
+
 template <class F>
 void for_lanes(int64_t K, F&& f) {
     int64_t c = 0;
@@ -256,24 +272,12 @@ struct Decayed<true> {
             for_lanes(K, [&](auto lanes, int64_t ch) {
                 using T = decltype(lanes);
                 const int64_t t = i * K + ch;
-                T a, e, within;
+                T a;
                 ld(c.g + t, a);
                 a = exp_lanes(a);
                 st(ea + t, a);
-                e = a;
-                within = a;
-                if (i > 0) {
-                    T prev;
-                    ld(eb + t - K, prev);
-                    e = prev * a;
-                }
-                if (!block_start) {
-                    T prev;
-                    ld(W + t - K, prev);
-                    within = prev * a;
-                }
-                st(eb + t, e);
-                st(W + t, within);
+                const T e = extend_run(eb, t, t - K, ea + t, i > 0, a);
+                extend_run(W, t, t - K, ea + t, !block_start, a);
                 if (with_q) {
                     T q;
                     ld(c.q + t, q);
@@ -291,28 +295,13 @@ struct Decayed<true> {
             for_lanes(K, [&](auto lanes, int64_t ch) {
                 using T = decltype(lanes);
                 const int64_t t = i * K + ch;
-                T e = ones(lanes), k;
-                if (i < L - 1) {
-                    T prev, a;
-                    ld(ebar + t + K, prev);
-                    ld(ea + t + K, a);
-                    e = prev * a;
-                }
-                st(ebar + t, e);
+                const T e = extend_run(ebar, t, t + K, ea + t + K, i < L - 1, ones(lanes));
+                T k;
                 ld(c.k + t, k);
                 st(w.kbar.data() + t, k * e);
                 // Row i of the "before" factors of every later block.
-                for (int i0 = (i / kBlock + 1) * kBlock; i0 < L; i0 += kBlock) {
-                    float* d = before(w, i0, K);
-                    T f = ones(lanes);
-                    if (i < i0 - 1) {
-                        T prev, a;
-                        ld(d + t + K, prev);
-                        ld(ea + t + K, a);
-                        f = prev * a;
-                    }
-                    st(d + t, f);
-                }
+                for (int i0 = (i / kBlock + 1) * kBlock; i0 < L; i0 += kBlock)
+                    extend_run(before(w, i0, K), t, t + K, ea + t + K, i < i0 - 1, ones(lanes));
             });
         }
     }
