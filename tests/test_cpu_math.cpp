@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cfloat>
+#include <cmath>
+#include <string>
 #include <limits>
 #include <random>
 #include <vector>
@@ -35,29 +37,39 @@ TEST(CpuMath, TransposeEqualsElementCopyOnEveryTileEdge) {
 }
 
 // beta = 0 overwrites (C starts as NaN garbage), 1 accumulates, anything else scales C first (the
-// chunked forward's state decay); P = 0 leaves beta·C.
+// chunked forward's scalar state decay); gemm_row_beta scales each row by its own beta (vector decay,
+// one row of 0 among them); P = 0 leaves beta·C.
 TEST(CpuMath, GemmMatchesTripleLoopWithStridesAndEveryBeta) {
-    for (float beta : {0.0f, 1.0f, 0.37f}) {
+    constexpr float kPerRow = -1.0f;  // marks the gemm_row_beta case
+    for (float beta : {0.0f, 1.0f, 0.37f, kPerRow}) {
         for (int64_t M : {1, 8, 13}) {
             for (int64_t N : {1, 16, 40}) {
                 for (int64_t P : {0, 1, 9, 64}) {
                     // A read transposed (a_row = 1, a_col = M) to cover arbitrary strides
                     const std::vector<float> A = random_matrix(P * M, 1), B = random_matrix(P * N, 2);
+                    std::vector<float> row_beta = random_matrix(M, 4);
+                    for (float& r : row_beta) r = std::abs(r);
+                    row_beta[size_t(M / 2)] = 0.0f;
                     std::vector<float> C = random_matrix(M * N, 3);
                     if (beta == 0.0f) C.assign(C.size(), std::numeric_limits<float>::quiet_NaN());
-                    std::vector<float> expect(C.size());
-                    hla::cpu::gemm(M, N, P, 0.5f, A.data(), 1, M, B.data(), N, beta, C.data(), N);
+                    if (beta == kPerRow)
+                        hla::cpu::gemm_row_beta(M, N, P, 0.5f, A.data(), 1, M, B.data(), N, row_beta.data(), C.data(), N);
+                    else
+                        hla::cpu::gemm(M, N, P, 0.5f, A.data(), 1, M, B.data(), N, beta, C.data(), N);
                     const std::vector<float> C0 = random_matrix(M * N, 3);
+                    std::vector<float> expect(C.size());
                     for (int64_t i = 0; i < M; ++i)
                         for (int64_t j = 0; j < N; ++j) {
                             double s = 0;
                             for (int64_t p = 0; p < P; ++p) s += double(A[size_t(p * M + i)]) * B[size_t(p * N + j)];
-                            const double c0 = beta == 0.0f ? 0.0 : double(beta) * C0[size_t(i * N + j)];
+                            const double b = beta == kPerRow ? double(row_beta[size_t(i)]) : double(beta);
+                            const double c0 = b == 0.0 ? 0.0 : b * C0[size_t(i * N + j)];
                             expect[size_t(i * N + j)] = float(c0 + 0.5 * s);
                         }
                     for (size_t t = 0; t < C.size(); ++t)
                         ASSERT_NEAR(C[t], expect[t], 1e-5f * (1.0f + float(P)))
-                            << "beta " << beta << " M " << M << " N " << N << " P " << P;
+                            << "beta " << (beta == kPerRow ? "per row" : std::to_string(beta)) << " M " << M
+                            << " N " << N << " P " << P;
                 }
             }
         }

@@ -16,7 +16,7 @@ namespace {
 // 8 × 2 vectors = 16 accumulators (+2 B loads, +1 broadcast) fits the 32 AVX-512 registers.
 template <int MR, int NV>
 inline void micro_kernel(int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col, const float* B,
-                         int64_t ldb, float beta, float* C, int64_t ldc) {
+                         int64_t ldb, float beta, const float* row_beta, float* C, int64_t ldc) {
     // gemm returns before here when P ≤ 0. Said to the compiler, it keeps the accumulators in registers
     // from start to store; for a P that might be 0 it zeroed them on the stack and went through it at the
     // end (~60 cycles a tile: 4% of a 64 × 128 × 128 product, 7% of 128 × 128 × 64, 1 thread).
@@ -36,7 +36,8 @@ inline void micro_kernel(int64_t P, float alpha, const float* A, int64_t a_row, 
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) {
             float* c = C + r * ldc + v * kVec;
-            if (beta == 0.0f) store(c, va * acc[r][v]);
+            if (row_beta) store(c, splat(row_beta[r]) * load(c) + va * acc[r][v]);
+            else if (beta == 0.0f) store(c, va * acc[r][v]);
             else if (beta == 1.0f) store(c, load(c) + va * acc[r][v]);
             else store(c, vb * load(c) + va * acc[r][v]);
         }
@@ -44,21 +45,52 @@ inline void micro_kernel(int64_t P, float alpha, const float* A, int64_t a_row, 
 
 template <int NV>
 inline void row_panel(int64_t M, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col,
-                      const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+                      const float* B, int64_t ldb, float beta, const float* row_beta, float* C, int64_t ldc) {
     // 8 rows: the 16-row causal blocks and the 64/128-row chunk products split without a remainder.
     int64_t i = 0;
-    for (; i + 8 <= M; i += 8) micro_kernel<8, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, C + i * ldc, ldc);
+    for (; i + 8 <= M; i += 8)
+        micro_kernel<8, NV>(P, alpha, A + i * a_row, a_row, a_col, B, ldb, beta, row_beta ? row_beta + i : nullptr,
+                            C + i * ldc, ldc);
     const float* a = A + i * a_row;
+    const float* rb = row_beta ? row_beta + i : nullptr;
     float* c = C + i * ldc;
     switch (M - i) {
-        case 7: micro_kernel<7, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
-        case 6: micro_kernel<6, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
-        case 5: micro_kernel<5, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
-        case 4: micro_kernel<4, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
-        case 3: micro_kernel<3, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
-        case 2: micro_kernel<2, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
-        case 1: micro_kernel<1, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, c, ldc); break;
+        case 7: micro_kernel<7, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, rb, c, ldc); break;
+        case 6: micro_kernel<6, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, rb, c, ldc); break;
+        case 5: micro_kernel<5, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, rb, c, ldc); break;
+        case 4: micro_kernel<4, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, rb, c, ldc); break;
+        case 3: micro_kernel<3, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, rb, c, ldc); break;
+        case 2: micro_kernel<2, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, rb, c, ldc); break;
+        case 1: micro_kernel<1, NV>(P, alpha, a, a_row, a_col, B, ldb, beta, rb, c, ldc); break;
         default: break;
+    }
+}
+
+// The product with C's row i scaled by row_beta[i] (row_beta == nullptr: by the scalar beta) first.
+void gemm_impl(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col,
+               const float* B, int64_t ldb, float beta, const float* row_beta, float* C, int64_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    const auto scaled = [&](int64_t i, float x) {
+        const float b = row_beta ? row_beta[i] : beta;
+        return !row_beta && beta == 0.0f ? 0.0f : b * x;
+    };
+    if (P <= 0) {
+        for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = scaled(i, C[i * ldc + j]);
+        return;
+    }
+    int64_t j = 0;
+    for (; j + 2 * kVec <= N; j += 2 * kVec)
+        row_panel<2>(M, P, alpha, A, a_row, a_col, B + j, ldb, beta, row_beta, C + j, ldc);
+    for (; j + kVec <= N; j += kVec) row_panel<1>(M, P, alpha, A, a_row, a_col, B + j, ldb, beta, row_beta, C + j, ldc);
+    if (j < N) {
+        // Column tail (N not a multiple of 16: small test shapes): plain loops.
+        for (int64_t i = 0; i < M; ++i)
+            for (int64_t jj = j; jj < N; ++jj) {
+                float s = 0;
+                for (int64_t p = 0; p < P; ++p) s += A[i * a_row + p * a_col] * B[p * ldb + jj];
+                C[i * ldc + jj] = scaled(i, C[i * ldc + jj]) + alpha * s;
+            }
     }
 }
 
@@ -66,24 +98,12 @@ inline void row_panel(int64_t M, int64_t P, float alpha, const float* A, int64_t
 
 void gemm(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col, const float* B,
           int64_t ldb, float beta, float* C, int64_t ldc) {
-    if (M <= 0 || N <= 0) return;
-    if (P <= 0) {
-        for (int64_t i = 0; i < M; ++i)
-            for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
-        return;
-    }
-    int64_t j = 0;
-    for (; j + 2 * kVec <= N; j += 2 * kVec) row_panel<2>(M, P, alpha, A, a_row, a_col, B + j, ldb, beta, C + j, ldc);
-    for (; j + kVec <= N; j += kVec) row_panel<1>(M, P, alpha, A, a_row, a_col, B + j, ldb, beta, C + j, ldc);
-    if (j < N) {
-        // Column tail (N not a multiple of 16: small test shapes): plain loops.
-        for (int64_t i = 0; i < M; ++i)
-            for (int64_t jj = j; jj < N; ++jj) {
-                float s = 0;
-                for (int64_t p = 0; p < P; ++p) s += A[i * a_row + p * a_col] * B[p * ldb + jj];
-                C[i * ldc + jj] = beta == 0.0f ? alpha * s : beta * C[i * ldc + jj] + alpha * s;
-            }
-    }
+    gemm_impl(M, N, P, alpha, A, a_row, a_col, B, ldb, beta, nullptr, C, ldc);
+}
+
+void gemm_row_beta(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col,
+                   const float* B, int64_t ldb, const float* row_beta, float* C, int64_t ldc) {
+    gemm_impl(M, N, P, alpha, A, a_row, a_col, B, ldb, 1.0f, row_beta, C, ldc);
 }
 
 void exp_inplace(float* x, int64_t n) {

@@ -48,6 +48,11 @@ inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x
 void gemm(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+// The same with a scale per row of C: C[i, j] = row_beta[i]·C[i, j] + alpha · Σ_p A[…]·B[…] (the
+// vector-decay state update, diag(γ) S + K̄ᵀX, in one read and write of S).
+void gemm_row_beta(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col,
+                   const float* B, int64_t ldb, const float* row_beta, float* C, int64_t ldc);
+
 // exp of each lane, for x ≤ 88; |relative error| < 2e-7; x < −87.3 gives 0 (the true value underflows).
 // exp(x) = 2^n · exp(r), n = round(x·log2 e), r = x − n·ln2 ∈ [−ln2/2, ln2/2], exp(r) by its degree-6
 // Taylor polynomial (truncation error < 3e-8 there); 2^n is built directly in the exponent bits.

@@ -11,6 +11,7 @@ namespace hla::linear::cpu {
 
 using hla::cpu::exp_inplace;
 using hla::cpu::gemm;
+using hla::cpu::gemm_row_beta;
 using hla::cpu::transpose;
 
 Workspace::Workspace(int64_t K_, int64_t V_) : K(K_), V(V_) {
@@ -532,14 +533,12 @@ void chunk_forward(const ChunkView& c, float* S, float* o, Workspace& w) {
         gemm(L, V, K, 1.0f, op.qg, K, 1, S, V, 0.0f, o, V);
         lower_apply(L, V, 1.0f, w.p.data(), X, 1.0f, o);
     }
-    // S_C = diag(γ_last) S0 + (K ⊙ γ_last ⊘ γ)ᵀ X. One decay per token: γ_last is the product's beta,
-    // so S is read and written once (a separate scaling pass over the 64 KiB state was ~2% of a chunk).
+    // S_C = diag(γ_last) S0 + (K ⊙ γ_last ⊘ γ)ᵀ X, with γ_last the product's beta (one per state row for
+    // vector decay), so S is read and written once: a separate scaling pass over the 64 KiB state was
+    // ~2% of a chunk.
     const float* eb_last = w.eb.data() + (L - 1) * (kVector ? K : 1);
-    if (kVector && c.decay) {
-        for (int64_t r = 0; r < K; ++r)
-            for (int64_t e = 0; e < V; ++e) S[r * V + e] *= eb_last[r];
-    }
-    gemm(K, V, L, 1.0f, op.kbar, 1, K, X, V, !kVector && c.decay ? eb_last[0] : 1.0f, S, V);
+    if (kVector && c.decay) gemm_row_beta(K, V, L, 1.0f, op.kbar, 1, K, X, V, eb_last, S, V);
+    else gemm(K, V, L, 1.0f, op.kbar, 1, K, X, V, c.decay ? eb_last[0] : 1.0f, S, V);
 }
 
 // dg for scalar decay, exactly. With b the in-chunk cumulative sum, dg_t = Σ_{i ≥ t} ∂/∂b_i; in that sum
