@@ -16,6 +16,8 @@
 //                  Where the decay is one number per token (bf16 forward), Qg and Kd are q and k with
 //                  per-row factors: prepare writes only those factors, and the scan reads q, k (and V
 //                  for the additive update) from the inputs and applies them (FwdParams::qk_rowf).
+//                  16-bit operands take chunk_scan_ws_kernel: the same recurrence with the warps split
+//                  into state warps (Ũ, S) and output warps (copies, O).
 //
 // Numerics: γ_i = exp(b_i) ≤ 1 and γ_C/γ_j = exp(b_C − b_j) ≤ 1 are always safe. The scores need
 // exp(b_i − b_j) per key channel for vector decay; they are factored around the first token r of each
@@ -707,6 +709,265 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
     }
 }
 
+// ---- chunk_scan, warp-specialised (16-bit operands) -------------------------------------------
+//
+// The same recurrence as chunk_scan_kernel, with the block's warps split by role so that the chain
+// from one chunk's state to the next carries only what it must:
+//   state warps (4·NH)   Ũ = U − W S (delta rule), S ← diag(γ_C) S + Kdᵀ Ũ: the state stays in their
+//                        registers, as before;
+//   output warps (4·NH)  the next chunk's copies, O = Qg S, O += P Ũ and the stores of o.
+// The state warps hand Ũ over with a named barrier they only arrive at (the output warps wait on it),
+// meet among themselves before Kdᵀ Ũ, and write the new state into the other of two state buffers,
+// so one block-wide barrier a chunk remains (operands and state in place). In chunk_scan_kernel every
+// warp issued its share of the copies and ran all four products between three block barriers: at
+// B=1 (16 chains, 16-column tiles, 4 warps an SM) that chain was ~2 µs a chunk. H100, bf16, H=16,
+// K=V=128, same build (HLA_CUDA_SCAN_WS=0 vs this): Gated DeltaNet B=4 T=4096 0.497 -> 0.437 ms, KDA
+// 0.702 -> 0.661, simple GLA 0.301 -> 0.254; B=1 T=16384 0.808 -> 0.737, 1.012 -> 0.955, 0.536 -> 0.510
+// (with the delta rule's raw operands and 32-column tiles below). A hand-off where the state warps
+// also wait at the Ũ barrier measured 3.5% slower at B=1 (GDN 0.763 ms).
+// compute-sanitizer racecheck reports hazards between the state's stores and the output warps' reads
+// of it in the additive kernel (never in this delta-rule kernel); the order above excludes them, and
+// a variant with strictly more synchronisation (that full hand-off) was reported with more hazards,
+// in the delta-rule kernel, so we read them as the tool's model of named barriers (reported where the
+// two roles wait at unequal numbers of barriers a chunk), not as races. The tests pass either way.
+// Warp layout: within each role, warp w owns rows [16·(w % 4), +16) of the chunk (state warps: key
+// rows [16·SMT·(w % 4), +16·SMT) of S) and the columns [(w / 4)·VT/NH, +VT/NH) of the tile.
+template <int VT>
+struct ScanWs {
+    static constexpr int NH = VT >= 32 ? 2 : 1;  // column groups: a warp's share stays 16 or 32 columns
+    static constexpr int kRoleThreads = 128 * NH;
+    static constexpr int kThreads = 2 * kRoleThreads;
+};
+
+template <class E, int K, int VT, bool kDelta>
+struct ScanWsLayout {
+    static_assert(sizeof(E) == 2, "chunk_scan_ws: 16-bit operands");
+    static constexpr int LDK = K + 8;        // rows of Qg, Kd, W
+    static constexpr int LDP = kChunk + 8;   // rows of P
+    static constexpr int LDV = VT + 8;       // rows of U, Ũ, diag(fk) Ũ
+    static constexpr int LDS = VT + 8;       // rows of a state buffer [key][v]
+    static constexpr size_t stage_a = (kDelta ? 2 : 1) * kChunk * LDK;             // Qg (, W)
+    static constexpr size_t stage_b = kChunk * LDK + kChunk * LDP + kChunk * LDV;  // Kd, P, U
+    // 2 × (Qg, W), 2 × (Kd, P, U), Ũ, 2 × state, diag(fk) Ũ
+    static constexpr size_t elems = 2 * stage_a + 2 * stage_b + kChunk * LDV + 2 * K * LDS + kChunk * LDV;
+    // + 2 × γ_C, 2 × (fq, fk)
+    static constexpr size_t bytes = elems * sizeof(E) + 2 * K * sizeof(float) + 2 * 2 * kChunk * sizeof(float);
+};
+
+// Named barriers 1 and 2 (0 is __syncthreads): n threads, a multiple of 32.
+__device__ __forceinline__ void named_bar_sync(int id, int n) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+
+template <class In, class E, Update Up, int K, int VT>
+__global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(const FwdParams p) {
+    constexpr int NH = ScanWs<VT>::NH, kRole = ScanWs<VT>::kRoleThreads, kThreads = ScanWs<VT>::kThreads;
+    constexpr bool kDelta = Up == Update::Delta;
+    using L = ScanWsLayout<E, K, VT, kDelta>;
+    constexpr int LDK = L::LDK, LDP = L::LDP, LDV = L::LDV, LDS = L::LDS;
+    constexpr int NT = VT / 8 / NH;  // n-tiles of a warp's columns
+    static_assert(NT % 2 == 0, "chunk_scan_ws: a warp's columns must pair up for ldmatrix.x4");
+    constexpr int SMT = K / 64;      // m-tiles of state rows per state warp
+    constexpr int PER16 = 16 / sizeof(E);
+    constexpr int kBarState = 1, kBarU = 2;
+    extern __shared__ float4 smem_f4[];
+    E* stage_qw = reinterpret_cast<E*>(smem_f4);  // 2 × (Qg, W)
+    E* stage = stage_qw + 2 * L::stage_a;          // 2 × (Kd, P, U)
+    E* Unew = stage + 2 * L::stage_b;              // Ũ = U − W S
+    E* Sbuf = Unew + kChunk * LDV;                 // 2 × state [key][v] in the operand dtype
+    E* Uk = Sbuf + 2 * K * LDS;                    // diag(fk) Ũ (raw operands)
+    float* gcs = reinterpret_cast<float*>(smem_f4) + L::elems * sizeof(E) / sizeof(float);  // 2 × γ_C
+    float* rfs = gcs + 2 * K;                                                                 // 2 × (fq, fk)
+    auto Qt_of = [&](int b) { return stage_qw + b * L::stage_a; };
+    auto Wt_of = [&](int b) { return stage_qw + b * L::stage_a + kChunk * LDK; };
+    auto Kt_of = [&](int b) { return stage + b * L::stage_b; };
+    auto Pt_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK; };
+    auto Ut_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK + kChunk * LDP; };
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const bool state_role = warp < 4 * NH;
+    const int rw = warp % (4 * NH), rt = tid % kRole;  // warp and thread index within the role
+    const int mw = rw & 3, cw0 = (rw >> 2) * (VT / NH);
+    const int g = lane >> 2, t4 = lane & 3;
+    const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
+    const SeqInfo si = p.seqs[n];
+    const int nchunks = (si.len + kChunk - 1) / kChunk;
+    const bool raw = p.qk_rowf != nullptr;
+    const int h = hv / p.G;
+
+    // the output warps' copies: rows [0, valid) of a chunk operand, the rest zero-filled
+    auto copy_rows = [&](E* dst, int ld, const E* src, int64_t src_ld, int cols, int valid) {
+        const int per_row = cols / PER16;
+        for (int idx = rt; idx < kChunk * per_row; idx += kRole) {
+            const int r = idx / per_row, c = idx % per_row;
+            const bool in = r < valid;
+            cp_async16_zfill(dst + r * ld + c * PER16, src + (in ? r : 0) * src_ld + c * PER16, in);
+        }
+    };
+    auto slot_of = [&](int cidx) { return size_t(si.first_chunk + cidx) * p.HV + hv; };
+    auto valid_of = [&](int cidx) { return min(kChunk, si.len - cidx * kChunk); };
+    auto raw_rows = [&](const void* x, const int64_t* st, int head, int cidx) {
+        return static_cast<const E*>(x) + si.batch * st[0] + (si.start + int64_t(cidx) * kChunk) * st[1] + head * st[2];
+    };
+    // every operand of chunk cidx into buffer cidx % 2
+    auto fetch = [&](int cidx) {
+        const size_t slot = slot_of(cidx);
+        const int b = cidx & 1;
+        if (raw) {
+            copy_rows(Qt_of(b), LDK, raw_rows(p.q, p.qs, h, cidx), p.qs[1], K, valid_of(cidx));
+            copy_rows(Kt_of(b), LDK, raw_rows(p.k, p.ks, h, cidx), p.ks[1], K, valid_of(cidx));
+        } else {
+            copy_rows(Qt_of(b), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K, kChunk);
+            copy_rows(Kt_of(b), LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk);
+        }
+        if constexpr (kDelta) copy_rows(Wt_of(b), LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K, kChunk);
+        copy_rows(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk, kChunk);
+        if (!kDelta && raw) copy_rows(Ut_of(b), LDV, raw_rows(p.v, p.vs, hv, cidx) + v0, p.vs[1], VT, valid_of(cidx));
+        else copy_rows(Ut_of(b), LDV, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, VT, kChunk);
+        for (int c = rt; c < K / 4; c += kRole) cp_async16(gcs + b * K + 4 * c, p.gC + slot * K + 4 * c);
+        if (raw)
+            for (int c = rt; c < 2 * kChunk / 4; c += kRole)
+                cp_async16(rfs + b * 2 * kChunk + 4 * c, p.qk_rowf + slot * 2 * kChunk + 4 * c);
+    };
+
+    // state warps: keys [key0, key0 + 16·SMT), columns [cw0, cw0 + VT/NH)
+    float S[SMT][NT][4];
+    const int key0 = mw * 16 * SMT;
+    auto store_state = [&](E* dst) {
+#pragma unroll
+        for (int i = 0; i < SMT; ++i)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+                    store_pair(dst + (key0 + 16 * i + g + 8 * hh) * LDS + cw0 + 8 * j + 2 * t4, S[i][j][2 * hh],
+                               S[i][j][2 * hh + 1]);
+    };
+    if (state_role) {
+        if (p.h0) {
+            const float* h0 = static_cast<const float*>(p.h0) + n * p.h0s[0] + hv * p.h0s[1];
+            for_each_acc(S, [&](int r, int c, float& x) { x = h0[(key0 + r) * p.h0s[2] + v0 + cw0 + c]; });
+        } else {
+            zero_acc(S);
+        }
+        store_state(Sbuf);
+    } else if (nchunks > 0) {
+        fetch(0);
+        cp_async_commit();
+    }
+
+    // o in the operand dtype with every row 4-byte aligned: two columns per store
+    const bool o_pairs = p.o && p.o_dtype == dtype_of<E>() && reinterpret_cast<uintptr_t>(p.o) % 4 == 0 &&
+                         p.os[0] % 2 == 0 && p.os[1] % 2 == 0 && p.os[2] % 2 == 0;
+
+    for (int cidx = 0; cidx < nchunks; ++cidx) {
+        const int b = cidx & 1;
+        const E* Kt = Kt_of(b);
+        const E* Pt = Pt_of(b);
+        const E* Ut = Ut_of(b);
+        const E* Qt = Qt_of(b);
+        const E* Wt = Wt_of(b);
+        const float* gc = gcs + b * K;
+        const float* fq = rfs + b * 2 * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
+        const float* fk = fq + kChunk;           // and e^{b_C − b_i}/‖k_i‖
+        const Tile<E> Sop{Sbuf + b * K * LDS + cw0, LDS, 1};  // (key, v) of the chunk's start state
+        cp_async_wait_all();
+        __syncthreads();  // chunk cidx's operands and its start state are in place
+        if (state_role) {
+            // the backward's recompute keeps the chunk's start state (as the products see it)
+            if (p.states)
+                store_acc<E>(S, static_cast<E*>(p.states) + slot_of(cidx) * K * p.V + size_t(key0) * p.V + v0 + cw0, p.V);
+            const E* Ueff = Ut;
+            if constexpr (kDelta) {
+                float WS[1][NT][4];
+                zero_acc(WS);
+                warp_gemm<E, 1, NT>(WS, Tile<E>{Wt + mw * 16 * LDK, LDK, 1}, Sop, K);
+                // Ũ = U − W S (and diag(fk) Ũ), two neighbouring columns per access
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int row = mw * 16 + g + 8 * hh;
+                    const float f = raw ? fk[row] : 1.f;
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        const int at = row * LDV + cw0 + 8 * j + 2 * t4;
+                        const float2 u = load_pair(Ut + at);
+                        const float u0 = u.x - WS[0][j][2 * hh], u1 = u.y - WS[0][j][2 * hh + 1];
+                        store_pair(Unew + at, u0, u1);
+                        if (raw) store_pair(Uk + at, u0 * f, u1 * f);
+                    }
+                }
+                named_bar_arrive(kBarU, kThreads);  // the output warps may read Ũ
+                Ueff = Unew;
+            } else if (raw) {
+                // diag(fk) V of the warp's rows and columns, 16 bytes at a time
+                constexpr int VPR = VT / NH / PER16;
+                for (int idx = lane; idx < 16 * VPR; idx += 32) {
+                    const int r = mw * 16 + idx / VPR, c0 = cw0 + (idx % VPR) * PER16;
+                    const uint4 x = *reinterpret_cast<const uint4*>(Ut + r * LDV + c0);
+                    const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+                    float y[PER16];
+#pragma unroll
+                    for (int e = 0; e < PER16; ++e) y[e] = unpack_elem<E>(w, e) * fk[r];
+                    store_vec<E>(Uk + r * LDV + c0, y);
+                }
+            }
+            named_bar_sync(kBarState, kRole);  // every row of Ũ (diag(fk) Ũ) is written
+            // ---- S ← diag(γ_C) S + Kdᵀ Ũ, into the other state buffer ----
+            scale_acc_rows(S, gc + key0);
+            warp_gemm<E, SMT, NT>(S, Tile<E>{Kt + key0, 1, LDK}, Tile<E>{(raw ? Uk : Ueff) + cw0, LDV, 1}, kChunk);
+            store_state(Sbuf + (b ^ 1) * K * LDS);
+        } else {
+            if (cidx + 1 < nchunks) {
+                fetch(cidx + 1);  // the other buffers: last read in chunk cidx − 1
+                cp_async_commit();
+            }
+            // ---- O = Qg S + P Ũ, rows [16·mw, +16), the warp's columns ----
+            float O[1][NT][4];
+            zero_acc(O);
+            if (p.o) {
+                warp_gemm<E, 1, NT>(O, Tile<E>{Qt + mw * 16 * LDK, LDK, 1}, Sop, K);
+                if (raw) scale_acc_rows(O, fq + mw * 16);
+            }
+            if constexpr (kDelta) named_bar_sync(kBarU, kThreads);  // Ũ from the state warps
+            if (p.o) {
+                const int len = valid_of(cidx);
+                warp_gemm<E, 1, NT>(O, Tile<E>{Pt + mw * 16 * LDP, LDP, 1}, Tile<E>{(kDelta ? Unew : Ut) + cw0, LDV, 1},
+                                    kChunk);
+                if (o_pairs) {
+#pragma unroll
+                    for (int j = 0; j < NT; ++j)
+#pragma unroll
+                        for (int hh = 0; hh < 2; ++hh) {
+                            const int row = mw * 16 + g + 8 * hh;
+                            if (row < len) {
+                                const int64_t t = si.start + int64_t(cidx) * kChunk + row;
+                                E* at = static_cast<E*>(p.o) + si.batch * p.os[0] + t * p.os[1] + hv * p.os[2] + v0 + cw0 +
+                                        8 * j + 2 * t4;
+                                *reinterpret_cast<uint32_t*>(at) =
+                                    pack2(from_f<E>(O[0][j][2 * hh]), from_f<E>(O[0][j][2 * hh + 1]));
+                            }
+                        }
+                } else {
+                    for_each_acc(O, [&](int r, int c, float& x) {
+                        const int row = mw * 16 + r;
+                        if (row < len) {
+                            const int64_t t = si.start + int64_t(cidx) * kChunk + row;
+                            store_any(p.o, p.o_dtype, si.batch * p.os[0] + t * p.os[1] + hv * p.os[2] + v0 + cw0 + c, x);
+                        }
+                    });
+                }
+            }
+        }
+    }
+    if (state_role && p.ht) {
+        float* ht = static_cast<float*>(p.ht) + n * p.hts[0] + hv * p.hts[1];
+        for_each_acc(S, [&](int r, int c, float& x) { ht[(key0 + r) * p.hts[2] + v0 + cw0 + c] = x; });
+    }
+}
+
 // ---- host side --------------------------------------------------------------------------------
 
 template <class Kern>
@@ -721,6 +982,9 @@ int scan_tile_override();      // HLA_CUDA_SCAN_VT, 0 when unset
 // HLA_CUDA_FWD_RAW: 0 never hands the scan raw operands, 1 wherever they can be (the delta rule too),
 // −1 when unset: the default policy of forward_chunked_impl. Tests and A/B timing.
 int raw_operands_override();
+// HLA_CUDA_SCAN_WS=0: 16-bit operands take chunk_scan_kernel instead of chunk_scan_ws_kernel, with that
+// kernel's tile and raw-operand policies (session 5's forward), for A/B timing; unset: the latter.
+int scan_ws_override();
 
 // The value-column tile of a scan over `chains` (sequence, value head) pairs with operand dtype E, for
 // the forward scan and the backward's reverse dS scan alike. Every block walks its whole sequence. Each
@@ -781,6 +1045,17 @@ void launch_scan(const FwdParams& fp, int n_seqs, const char* op) {
     check_cuda(cudaGetLastError(), op, "chunk_scan launch");
 }
 
+template <class In, class E, Update Up, int K, int VT>
+void launch_scan_ws(const FwdParams& fp, int n_seqs, const char* op) {
+    constexpr size_t smem = ScanWsLayout<E, K, VT, Up == Update::Delta>::bytes;
+    static_assert(smem <= 227 * 1024, "chunk_scan_ws: shared memory over the 227 KiB of an SM");
+    static const bool once = (set_smem(chunk_scan_ws_kernel<In, E, Up, K, VT>, smem, op), true);
+    (void)once;
+    const dim3 grid(n_seqs, fp.HV, fp.V / VT);
+    chunk_scan_ws_kernel<In, E, Up, K, VT><<<grid, ScanWs<VT>::kThreads, smem, launch_stream()>>>(fp);
+    check_cuda(cudaGetLastError(), op, "chunk_scan_ws launch");
+}
+
 // Run-time cell and sizes → template parameters, in one place.
 template <class In, class E, int K>
 void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks) {
@@ -807,6 +1082,11 @@ void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt) {
     // 16-bit operands: 8 warps for 32- and 64-column tiles (two warps per 16 rows), 4 for 16 columns.
     // fp32 operands: 4 warps, at most 32 columns (64 would need 256 KiB of shared memory).
     if constexpr (sizeof(E) == 2) {
+        if (scan_ws_override() != 0) {
+            if (vt == 64) return launch_scan_ws<In, E, Up, K, 64>(fp, n_seqs, p.op);
+            if (vt == 32) return launch_scan_ws<In, E, Up, K, 32>(fp, n_seqs, p.op);
+            return launch_scan_ws<In, E, Up, K, 16>(fp, n_seqs, p.op);
+        }
         if (vt == 64) return launch_scan<In, E, Up, K, 64, 8>(fp, n_seqs, p.op);
         if (vt == 32) return launch_scan<In, E, Up, K, 32, 8>(fp, n_seqs, p.op);
     } else {
@@ -815,9 +1095,18 @@ void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt) {
     return launch_scan<In, E, Up, K, 16, 4>(fp, n_seqs, p.op);
 }
 
+// The forward scan's tile: scan_tile_width's, except that the delta rule on the warp-specialised scan
+// takes 32 columns where that rule gives 16 (HLA_CUDA_SCAN_VT still forces a width).
+template <class E>
+int fwd_scan_tile_width(int64_t chains, int64_t V, bool delta) {
+    int vt = scan_tile_width<E>(chains, V);
+    if (sizeof(E) == 2 && delta && vt == 16 && V >= 32 && scan_ws_override() != 0 && scan_tile_override() == 0) vt = 32;
+    return vt;
+}
+
 template <class In, class E, int K>
 void launch_scan_cell(const Problem& p, const FwdParams& fp) {
-    const int vt = scan_tile_width<E>(int64_t(p.N()) * p.HV, p.V);
+    const int vt = fwd_scan_tile_width<E>(int64_t(p.N()) * p.HV, p.V, p.delta());
     if (p.delta()) return launch_scan_vt<In, E, Update::Delta, K>(p, fp, vt);
     return launch_scan_vt<In, E, Update::Additive, K>(p, fp, vt);
 }
@@ -879,9 +1168,11 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // update does: it saves prepare three [T, K] writes (H100, one build, HLA_CUDA_FWD_RAW unset vs 0:
     // simple GLA B=4 T=4096 0.358 -> 0.306 ms, B=1 T=16384 0.588 -> 0.560), while the delta rule saves
     // two and its scan forms diag(fk) Ũ in the chunk-to-chunk chain (Gated DeltaNet 0.539 -> 0.536 ms
-    // at B=4, 0.823 -> 0.870 at B=1; measured before Ũ was stored in column pairs).
+    // at B=4, 0.823 -> 0.870 at B=1; measured before Ũ was stored in column pairs). On the
+    // warp-specialised scan the delta rule takes them too: GDN B=4 T=4096 0.460 -> 0.436 ms (one call,
+    // HLA_CUDA_FWD_RAW unset vs 1, before this default changed).
     const int raw_mode = raw_operands_override();
-    const bool raw = (raw_mode == 1 || (raw_mode != 0 && !p.delta())) && !states &&
+    const bool raw = (raw_mode == 1 || (raw_mode != 0 && (!p.delta() || scan_ws_override() != 0))) && !states &&
                      std::is_same_v<In, __nv_bfloat16> && p.cfg.decay != Decay::Vector && rows_16byte(a.q) &&
                      rows_16byte(a.k) && (p.delta() || rows_16byte(a.v));
 
