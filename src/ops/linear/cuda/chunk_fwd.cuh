@@ -725,11 +725,11 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
 // 0.702 -> 0.661, simple GLA 0.301 -> 0.254; B=1 T=16384 0.808 -> 0.737, 1.012 -> 0.955, 0.536 -> 0.510
 // (with the delta rule's raw operands and 32-column tiles below). A hand-off where the state warps
 // also wait at the Ũ barrier measured 3.5% slower at B=1 (GDN 0.763 ms).
-// compute-sanitizer racecheck reports hazards between the state's stores and the output warps' reads
-// of it in the additive kernel (never in this delta-rule kernel); the order above excludes them, and
-// a variant with strictly more synchronisation (that full hand-off) was reported with more hazards,
-// in the delta-rule kernel, so we read them as the tool's model of named barriers (reported where the
-// two roles wait at unequal numbers of barriers a chunk), not as races. The tests pass either way.
+// compute-sanitizer racecheck reported hazards between the state's stores and the output warps' reads
+// of it wherever the two roles waited at unequal numbers of barriers a chunk (the additive kernel as
+// first written; the delta rule's full hand-off above, which only adds ordering), never where they
+// waited at equal numbers; the order above excludes those races. So the additive kernel's output
+// warps meet once a chunk too (kBarOutput).
 // Warp layout: within each role, warp w owns rows [16·(w % 4), +16) of the chunk (state warps: key
 // rows [16·SMT·(w % 4), +16·SMT) of S) and the columns [(w / 4)·VT/NH, +VT/NH) of the tile.
 template <int VT>
@@ -772,7 +772,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     static_assert(NT % 2 == 0, "chunk_scan_ws: a warp's columns must pair up for ldmatrix.x4");
     constexpr int SMT = K / 64;      // m-tiles of state rows per state warp
     constexpr int PER16 = 16 / sizeof(E);
-    constexpr int kBarState = 1, kBarU = 2;
+    constexpr int kBarState = 1, kBarU = 2, kBarOutput = 3;
     extern __shared__ float4 smem_f4[];
     E* stage_qw = reinterpret_cast<E*>(smem_f4);  // 2 × (Qg, W)
     E* stage = stage_qw + 2 * L::stage_a;          // 2 × (Kd, P, U)
@@ -960,6 +960,8 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
                     });
                 }
             }
+            // Orders nothing (see the racecheck note above the kernel); free, as the block barrier is next.
+            if constexpr (!kDelta) named_bar_sync(kBarOutput, kRole);
         }
     }
     if (state_role && p.ht) {
