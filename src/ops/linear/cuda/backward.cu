@@ -141,10 +141,13 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     const size_t b_params = align(size_t(p.HV) * (2 + bp.W) * sizeof(double));
     const size_t b_scratch = align(size_t(blocks) * size_t(bp.scratch_floats) * sizeof(float));
     const size_t b_states = align(size_t(n_chunks * p.HV * p.K * p.V) * dtype_size(st));
-    // vector decay on tensor cores: dO S0ᵀ, Z S0ᵀ, X dS_Cᵀ [64, K]; dP, dD [64, 64]; dβ [64]; Σ S0 ⊙ dS_C [K]
+    // vector decay on tensor cores: fp32 dO S0ᵀ, Z S0ᵀ, X dS_Cᵀ [64, K], dβ [64], Σ S0 ⊙ dS_C [K], dP's
+    // diagonal [64]; bf16 dP, dD [64, 64] (every block a multiple of 16 bytes: the second kernel reads
+    // dP and dD 16 bytes at a time)
     const size_t slots = size_t(n_chunks) * size_t(p.HV);
     const size_t vf_k = size_t(kChunk) * p.K, vf_c = size_t(kChunk) * kChunk;
-    const size_t b_vec = mma && vec ? align(slots * (3 * vf_k + 2 * vf_c + kChunk + p.K) * sizeof(float)) : 0;
+    const size_t b_vec =
+        mma && vec ? align(slots * ((3 * vf_k + 2 * kChunk + p.K) * sizeof(float) + 2 * vf_c * sizeof(__nv_bfloat16))) : 0;
     char* ws = static_cast<char*>(workspace_alloc(b_params + b_scratch + 2 * b_states + b_vec, p.op));
     char* at = ws;
     bp.params_acc = reinterpret_cast<double*>(at);
@@ -163,10 +166,11 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
         bp.v_dqg = v;
         bp.v_m = v += slots * vf_k;
         bp.v_dkb = v += slots * vf_k;
-        bp.v_dp = v += slots * vf_k;
-        bp.v_dd = v += slots * vf_c;
-        bp.v_db = v += slots * vf_c;
-        bp.v_sd = v + slots * kChunk;
+        bp.v_db = v += slots * vf_k;
+        bp.v_dpd = v += slots * kChunk;
+        bp.v_sd = v += slots * kChunk;
+        bp.v_dp = reinterpret_cast<__nv_bfloat16*>(v + slots * p.K);
+        bp.v_dd = bp.v_dp + slots * vf_c;
     }
 
     DScanParams dp{};

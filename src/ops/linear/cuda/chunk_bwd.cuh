@@ -58,9 +58,12 @@ struct Params : CellOptions {
     const float* Tinv;  // delta rule: prepare's T = (I + A)^{-1} [chunk, HV, 64, 64] fp32
     const float* Dm;    // delta rule, vector decay: prepare's decayed key products D [chunk, HV, 64, 64] fp32
     // Vector decay on tensor cores: what the first per-chunk kernel hands the second, per (chunk, value
-    // head), fp32 (chunk_bwd_mma.cuh): dO S0ᵀ, Z S0ᵀ (delta), X dS_Cᵀ [64, K]; dP, dD (delta) [64, 64];
-    // the partial dβ [64] (delta); Σ_e S0 ⊙ dS_C per key row [K].
-    float *v_dqg, *v_m, *v_dkb, *v_dp, *v_dd, *v_db, *v_sd;
+    // head) (chunk_bwd_mma.cuh): fp32 dO S0ᵀ, Z S0ᵀ (delta), X dS_Cᵀ [64, K]; the partial dβ [64]
+    // (delta); Σ_e S0 ⊙ dS_C per key row [K]; dP's diagonal [64]; and, as the bf16 operands the second
+    // kernel multiplies with (so already rounded as it would round them), dP strictly lower and
+    // dD (delta) [64, 64].
+    float *v_dqg, *v_m, *v_dkb, *v_db, *v_sd, *v_dpd;
+    __nv_bfloat16 *v_dp, *v_dd;
     // outputs (null when not requested)
     void *dq, *dk, *dv;
     float *dg, *dbeta;

@@ -494,9 +494,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             for_each_acc(dAr, [](int, int, float& x) { x = -x; });
         }
         if constexpr (kVec) {
-            // dP (whole), dD = diag(β) dA (strict lower) and dβ's Σ_j dA_ij D_ij; the rest is the second kernel's
+            // dP (its diagonal fp32, the strict lower part as the second kernel's bf16 operand), dD =
+            // diag(β) dA (strict lower, bf16) and dβ's Σ_j dA_ij D_ij; the rest is the second kernel's
             const size_t at = slot * kChunk * kChunk + size_t(row0) * kChunk + jc0;
-            store_acc<float>(dPr, p.v_dp + at, kChunk);
+            for_each_acc(dPr, [&](int r, int c, float& x) {
+                const int i = row0 + r, j = jc0 + c;
+                if (j == i) p.v_dpd[slot * kChunk + i] = x;
+                if (j >= i) x = 0.f;
+            });
+            store_acc<E>(dPr, p.v_dp + at, kChunk);
             if constexpr (kDelta) {
                 float sb[2] = {0.f, 0.f};
                 for_each_acc(dAr, [&](int r, int c, float& x) {
@@ -505,7 +511,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                     sb[r >> 3] += j < i ? x * d : 0.f;
                     x = j < i ? betas[i] * x : 0.f;
                 });
-                store_acc<float>(dAr, p.v_dd + at, kChunk);
+                store_acc<E>(dAr, p.v_dd + at, kChunk);
                 add_fragment_row_sums(sb, dbs, row0);
                 __syncthreads();  // dβ's partial sums complete
                 if (tid < kChunk) p.v_db[slot * kChunk + tid] = dbs[tid];

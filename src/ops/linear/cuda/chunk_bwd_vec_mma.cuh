@@ -124,18 +124,19 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
 
     for (int hv = h * p.G; hv < (h + 1) * p.G; ++hv) {
         const size_t slot = size_t(chunk) * p.HV + hv;
-        // ---- raw gates into Δ's rows; dP, dD as bf16 operands (dP's diagonal kept in fp32); β ----
+        // ---- raw gates into Δ's rows; dP, dD (the first kernel's bf16 operands, 16 bytes a step) and dP's
+        // diagonal (fp32); β ----
         load_rows_any<kChunk, K, kVecThreads>(Dl, LDF, p.g, p.g_dt, tok(p.gs, ci.batch, ci.start, hv), p.gs[1], len);
         {
-            const float* dPg = p.v_dp + slot * kChunk * kChunk;
-            const float* dDg = kDelta ? p.v_dd + slot * kChunk * kChunk : nullptr;
-            for (int idx = tid; idx < kChunk * kChunk; idx += kVecThreads) {
-                const int i = idx / kChunk, j = idx % kChunk;
-                const float x = dPg[idx];
-                dPb[i * LDC + j] = __float2bfloat16(j < i ? x : 0.f);
-                if (j == i) dpd[i] = x;
-                if constexpr (kDelta) dDb[i * LDC + j] = __float2bfloat16(dDg[idx]);
+            constexpr int PR = kChunk / 8;  // 16-byte pieces of a row
+            const uint4* dPg = reinterpret_cast<const uint4*>(p.v_dp + slot * kChunk * kChunk);
+            const uint4* dDg = kDelta ? reinterpret_cast<const uint4*>(p.v_dd + slot * kChunk * kChunk) : nullptr;
+            for (int idx = tid; idx < kChunk * PR; idx += kVecThreads) {
+                const int i = idx / PR, c = idx % PR;
+                *reinterpret_cast<uint4*>(dPb + i * LDC + 8 * c) = dPg[idx];
+                if constexpr (kDelta) *reinterpret_cast<uint4*>(dDb + i * LDC + 8 * c) = dDg[idx];
             }
+            if (tid < kChunk) dpd[tid] = p.v_dpd[slot * kChunk + tid];
         }
         if (tid < kChunk) {
             float raw = 0.f, bv = 0.f;
