@@ -137,34 +137,30 @@ TEST(LinearCuda, ScanTileWidths) {
     unsetenv("HLA_CUDA_SCAN_VT");
 }
 
-// The scan's variants, each forced (the defaults cover one combination per cell): the warp-specialised
-// scan of 16-bit operands or session 5's scan (HLA_CUDA_SCAN_WS=0, kept for A/B timing), and the
-// raw-operand path (q, k, v read from the inputs with per-row factors; HLA_CUDA_FWD_RAW) on and off for
-// every scalar-decay cell (vector decay has no raw path). Grouped value heads with an initial state, and
-// varlen (an empty and a one-token sequence) with log decays down to −40.
-TEST(LinearCuda, ScanVariantsEveryWay) {
+// The raw-operand scan (q, k, v read from the inputs with per-row factors) is the default for bf16
+// inputs with one decay number per token; force it off (HLA_CUDA_FWD_RAW=0) and on so both paths of
+// every scalar-decay cell are checked: grouped value heads with an initial state, and varlen (an empty
+// and a one-token sequence) with log decays down to −40.
+TEST(LinearCuda, RawOperandScanBothWays) {
     REQUIRE_GPU();
-    for (const char* ws : {"1", "0"}) {
-        setenv("HLA_CUDA_SCAN_WS", ws, 1);
-        for (const char* raw : {"0", "1"}) {
-            setenv("HLA_CUDA_FWD_RAW", raw, 1);
-            for (const Cell& cell : kCells) {
-                if (cell.config().decay == Decay::Vector && raw[0] == '1') continue;
-                const std::string tag = std::string(cell.name) + "/ws" + ws + "/raw" + raw;
-                LinearCase c = make_case(tag, cell.config(), DType::BF16, 2, 150, 2, 4, 128, 128);
-                c.initial_state = true;
-                check_forward(c);
-                LinearCase v = make_case(tag + "/varlen", cell.config(), DType::BF16, 1, 200, 2, 2, 128, 128);
-                v.cu_seqlens = {0, 70, 70, 71, 200};
-                v.initial_state = true;
-                v.gate_min = -40;
-                v.gate_max = 0;
-                check_forward(v);
-            }
+    for (const char* raw : {"0", "1"}) {
+        setenv("HLA_CUDA_FWD_RAW", raw, 1);
+        for (const Cell& cell : kCells) {
+            if (cell.config().decay == Decay::Vector) continue;
+            LinearCase c = make_case(std::string(cell.name) + "/raw" + raw, cell.config(), DType::BF16, 2, 150, 2, 4,
+                                     128, 128);
+            c.initial_state = true;
+            check_forward(c);
+            LinearCase v = make_case(std::string(cell.name) + "/raw" + raw + "/varlen", cell.config(), DType::BF16, 1,
+                                     200, 2, 2, 128, 128);
+            v.cu_seqlens = {0, 70, 70, 71, 200};
+            v.initial_state = true;
+            v.gate_min = -40;
+            v.gate_max = 0;
+            check_forward(v);
         }
     }
     unsetenv("HLA_CUDA_FWD_RAW");
-    unsetenv("HLA_CUDA_SCAN_WS");
 }
 
 TEST(LinearCuda, SingleToken) {

@@ -16,8 +16,9 @@
 //                  Where the decay is one number per token (bf16 forward), Qg and Kd are q and k with
 //                  per-row factors: prepare writes only those factors, and the scan reads q, k (and V
 //                  for the additive update) from the inputs and applies them (FwdParams::qk_rowf).
-//                  16-bit operands take chunk_scan_ws_kernel: the same recurrence with the warps split
-//                  into state warps (Ũ, S) and output warps (copies, O).
+//                  bf16 operands take chunk_scan_ws_kernel: the same recurrence with the warps split
+//                  into state warps (Ũ, S) and output warps (copies, O); fp32 operands (fp32 and fp16
+//                  inputs) chunk_scan_kernel, 4 warps each doing both.
 //
 // Numerics: γ_i = exp(b_i) ≤ 1 and γ_C/γ_j = exp(b_C − b_j) ≤ 1 are always safe. The scores need
 // exp(b_i − b_j) per key channel for vector decay; they are factored around the first token r of each
@@ -456,275 +457,269 @@ __device__ __forceinline__ void scale_acc_rows(float (&c)[MT][NT][4], const floa
         }
 }
 
-// Warps of a scan block: 4 (each owns 16 output rows and K/4 state rows, all VT columns) or 8 (the
-// same split over each half of the VT columns). 8 warps let a 64-column tile keep as many warps per
-// SM in flight as two 32-column blocks, while reading the chunk's Qg, Kd, W and P half as often.
+// ---- what both scan kernels share --------------------------------------------------------------
 //
-// Shared memory of the scan: the operands read by the state update (Kd, P, U, γ_C) are double-buffered
-// and fetched a whole chunk ahead. Those read before it (Qg, W) are double-buffered too with 16-bit
-// operands (the next chunk's copies then start with the current chunk's first product: the per-chunk
-// chain no longer waits out an L2 round trip for them); in fp32 they are single-buffered and refilled
-// for chunk c+1 while chunk c finishes, as two buffers would not fit. All copies are cp.async.
-//
-// Raw operands (p.qk_rowf set: bf16, one decay number per token, forward only): the (Qg, W) and
-// (Kd, P, U) buffers receive the input rows of q and k (and v for the additive update) instead of
-// prepare's Qg, Kd (U), with the chunk's row factors fq, fk beside γ_C; Qg S is then diag(fq)(q S) on
-// the fp32 product, and the update's Kdᵀ Ũ is kᵀ (diag(fk) Ũ), with diag(fk) Ũ rounded once into a
-// second Ũ buffer (16-bit operands only: fp32 never takes this path and has no room for it).
-template <class E, int K, int VT, bool kDelta>
-struct ScanLayout {
-    static constexpr int PAD = sizeof(E) == 2 ? 8 : 4;
-    static constexpr int LDK = K + PAD;        // rows of Qg, Kd, W
-    static constexpr int LDP = kChunk + PAD;   // rows of P
-    static constexpr int LDV = VT + PAD;       // rows of U and Ũ
-    static constexpr int LDS = VT + 8;         // rows of the state [key][v]: ldmatrix.trans (16-bit) and
-                                               // the fp32 fragment loads hit distinct banks
-    static constexpr int NA = sizeof(E) == 2 ? 2 : 1;                               // buffers of (Qg, W)
-    static constexpr size_t stage_a = (kDelta ? 2 : 1) * kChunk * LDK;              // Qg (, W)
-    static constexpr size_t stage_b = kChunk * LDK + kChunk * LDP + kChunk * LDV;  // Kd, P, U
-    static constexpr bool kRowScaled = sizeof(E) == 2;  // room for diag(fk) Ũ (raw operands)
-    static constexpr size_t elems =
-        NA * stage_a + 2 * stage_b + kChunk * LDV + K * LDS + (kRowScaled ? kChunk * LDV : 0);
-    // + 2 × γ_C, 2 × (fq, fk)
-    static constexpr size_t bytes = elems * sizeof(E) + 2 * K * sizeof(float) + 2 * 2 * kChunk * sizeof(float);
+// A scan block walks the chunks of one chain (sequence si, value head hv) for the value columns
+// [v0, v0 + VT). Its warps hold accumulator fragments of 16-row tiles; a warp's columns start at cw0.
+
+// The addressing of a chain's chunks: prepare's per-chunk operands live in slot(cidx), the raw inputs
+// at the chunk's first token.
+struct ScanChain {
+    SeqInfo si;
+    int hv, HV;
+    __device__ size_t slot(int cidx) const { return size_t(si.first_chunk + cidx) * HV + hv; }
+    __device__ int rows(int cidx) const { return min(kChunk, si.len - cidx * kChunk); }
+    template <class E>
+    __device__ const E* input_rows(const void* x, const int64_t* st, int head, int cidx) const {
+        return static_cast<const E*>(x) + si.batch * st[0] + (si.start + int64_t(cidx) * kChunk) * st[1] + head * st[2];
+    }
 };
 
-template <class In, class E, Update Up, int K, int VT, int WARPS>
-__global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams p) {
-    constexpr int kScanThreads = 32 * WARPS;
-    constexpr int NH = WARPS / 4;    // column groups
-    static_assert(WARPS == 4 || WARPS == 8, "chunk_scan: 4 or 8 warps");
-    constexpr bool kDelta = Up == Update::Delta;
-    using L = ScanLayout<E, K, VT, kDelta>;
-    constexpr int LDK = L::LDK, LDP = L::LDP, LDV = L::LDV, LDS = L::LDS;
-    constexpr bool kSplit = sizeof(E) == 4;
-    constexpr int NT = VT / 8 / NH;  // n-tiles of a warp's share of the V-tile
-    static_assert(NT % 2 == 0, "chunk_scan: a warp's columns must pair up for ldmatrix.x4 (VT / (8·NH) even)");
-    constexpr int SMT = K / 64;      // m-tiles of state rows per warp (4 row groups × 16·SMT = K)
+// Rows [0, valid) of a [kChunk, cols] operand into shared memory (row stride ld) with cp.async, the
+// rest zero-filled (raw input rows past the sequence's end belong to the next sequence or lie past
+// the tensor; prepare's rows there are zero already). Thread t of n copies every n-th 16 bytes.
+template <class E>
+__device__ __forceinline__ void copy_rows_async(E* dst, int ld, const E* src, int64_t src_ld, int cols, int valid, int t,
+                                                int n) {
     constexpr int PER16 = 16 / sizeof(E);
+    const int per_row = cols / PER16;
+    for (int idx = t; idx < kChunk * per_row; idx += n) {
+        const int r = idx / per_row, c = idx % per_row;
+        const bool in = r < valid;
+        cp_async16_zfill(dst + r * ld + c * PER16, src + (in ? r : 0) * src_ld + c * PER16, in);
+    }
+}
+
+// The state fragment of a warp (keys [key0, key0 + 16·SMT), columns [col0, …) of the head's V) from
+// the initial state, or zero.
+template <int SMT, int NT>
+__device__ __forceinline__ void load_initial_state(float (&S)[SMT][NT][4], const FwdParams& p, int n, int hv, int key0,
+                                                   int col0) {
+    if (p.h0) {
+        const float* h0 = static_cast<const float*>(p.h0) + n * p.h0s[0] + hv * p.h0s[1];
+        for_each_acc(S, [&](int r, int c, float& x) { x = h0[(key0 + r) * p.h0s[2] + col0 + c]; });
+    } else {
+        zero_acc(S);
+    }
+}
+
+template <int SMT, int NT>
+__device__ __forceinline__ void store_final_state(float (&S)[SMT][NT][4], const FwdParams& p, int n, int hv, int key0,
+                                                  int col0) {
+    if (!p.ht) return;
+    float* ht = static_cast<float*>(p.ht) + n * p.hts[0] + hv * p.hts[1];
+    for_each_acc(S, [&](int r, int c, float& x) { ht[(key0 + r) * p.hts[2] + col0 + c] = x; });
+}
+
+// The state fragment into a [key][v] shared-memory copy in the operand dtype (the products' B
+// operand), two neighbouring columns per store; dst points at column cw0 of row 0.
+template <class E, int SMT, int NT>
+__device__ __forceinline__ void store_state_tile(const float (&S)[SMT][NT][4], E* dst, int lds, int key0) {
+    const int g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+#pragma unroll
+    for (int i = 0; i < SMT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+                store_pair(dst + (key0 + 16 * i + g + 8 * hh) * lds + 8 * j + 2 * t4, S[i][j][2 * hh], S[i][j][2 * hh + 1]);
+}
+
+// Ũ = U − W S for the warp's 16 rows [row0, +16) and its columns (WS = W S, accumulated), into Unew;
+// with Uk also diag(fk) Ũ (raw operands: the update's right factor). Two columns per access; U, Unew
+// and Uk point at column cw0 of row 0, row stride ldv.
+template <class E, int NT>
+__device__ __forceinline__ void form_u_tilde(const float (&WS)[1][NT][4], const E* U, E* Unew, E* Uk, const float* fk,
+                                             int ldv, int row0) {
+    const int g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int row = row0 + g + 8 * hh;
+        const float f = Uk ? fk[row] : 1.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const int at = row * ldv + 8 * j + 2 * t4;
+            const float2 u = load_pair(U + at);
+            const float u0 = u.x - WS[0][j][2 * hh], u1 = u.y - WS[0][j][2 * hh + 1];
+            store_pair(Unew + at, u0, u1);
+            if (Uk) store_pair(Uk + at, u0 * f, u1 * f);
+        }
+    }
+}
+
+// The warp's output tile O (rows [row0, +16) of chunk cidx, columns [col0, …) of the head's V) to o,
+// the rows that exist. With 16-bit o in the operand dtype and 4-byte aligned rows (pairs), each
+// fragment's two neighbouring columns go as one store.
+template <class E, int NT>
+__device__ __forceinline__ void store_output_tile(float (&O)[1][NT][4], const FwdParams& p, const ScanChain& ch,
+                                                  int cidx, int row0, int col0, bool pairs) {
+    const int len = ch.rows(cidx);
+    const int64_t t0 = ch.si.start + int64_t(cidx) * kChunk;
+    const int64_t base = ch.si.batch * p.os[0] + ch.hv * p.os[2] + col0;
+    if constexpr (sizeof(E) == 2) {
+        if (pairs) {
+            const int g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int row = row0 + g + 8 * hh;
+                    if (row < len) {
+                        E* at = static_cast<E*>(p.o) + base + (t0 + row) * p.os[1] + 8 * j + 2 * t4;
+                        *reinterpret_cast<uint32_t*>(at) = pack2(from_f<E>(O[0][j][2 * hh]), from_f<E>(O[0][j][2 * hh + 1]));
+                    }
+                }
+            return;
+        }
+    }
+    for_each_acc(O, [&](int r, int c, float& x) {
+        const int row = row0 + r;
+        if (row < len) store_any(p.o, p.o_dtype, base + (t0 + row) * p.os[1] + c, x);
+    });
+}
+
+// o can take two columns per store: the operand dtype, 4-byte aligned rows.
+template <class E>
+__device__ __forceinline__ bool output_pairs(const FwdParams& p) {
+    return sizeof(E) == 2 && p.o && p.o_dtype == dtype_of<E>() && reinterpret_cast<uintptr_t>(p.o) % 4 == 0 &&
+           p.os[0] % 2 == 0 && p.os[1] % 2 == 0 && p.os[2] % 2 == 0;
+}
+
+// ---- chunk_scan (fp32 operands: fp32 and fp16 inputs) ---------------------------------------------
+//
+// 4 warps; warp w owns output rows [16·w, +16) and state rows [16·SMT·w, +16·SMT), all VT columns.
+// Shared memory: the operands read by the state update (Kd, P, U, γ_C) are double-buffered and
+// fetched a whole chunk ahead; Qg and W, read before it, are single-buffered (two would not fit) and
+// refilled for chunk c+1 once chunk c has formed Ũ. All copies are cp.async. The products split each
+// fp32 operand into bf16 parts on the tensor cores (warp_gemm's kSplit).
+template <int K, int VT, bool kDelta>
+struct ScanLayout {
+    static constexpr int LDK = K + 4;        // rows of Qg, Kd, W
+    static constexpr int LDP = kChunk + 4;   // rows of P
+    static constexpr int LDV = VT + 4;       // rows of U and Ũ
+    static constexpr int LDS = VT + 8;       // rows of the state [key][v]: the fp32 fragment loads hit
+                                             // distinct banks
+    static constexpr size_t stage_a = (kDelta ? 2 : 1) * kChunk * LDK;             // Qg (, W)
+    static constexpr size_t stage_b = kChunk * LDK + kChunk * LDP + kChunk * LDV;  // Kd, P, U
+    static constexpr size_t elems = stage_a + 2 * stage_b + kChunk * LDV + K * LDS;  // + Ũ, state
+    static constexpr size_t bytes = (elems + 2 * K) * sizeof(float);               // + 2 × γ_C
+};
+
+constexpr int kScanThreads = 128;
+
+template <Update Up, int K, int VT>
+__global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParams p) {
+    using E = float;
+    constexpr bool kDelta = Up == Update::Delta;
+    using L = ScanLayout<K, VT, kDelta>;
+    constexpr int LDK = L::LDK, LDP = L::LDP, LDV = L::LDV, LDS = L::LDS;
+    constexpr int NT = VT / 8;  // n-tiles of the V-tile
+    static_assert(NT % 2 == 0, "chunk_scan: the columns must pair up for the fragment loads");
+    constexpr int SMT = K / 64;  // m-tiles of state rows per warp (4 row groups × 16·SMT = K)
     extern __shared__ float4 smem_f4[];
-    E* stage_qw = reinterpret_cast<E*>(smem_f4);  // NA × (Qg, W)
-    E* stage = stage_qw + L::NA * L::stage_a;      // 2 × (Kd, P, U)
+    E* Qt = reinterpret_cast<E*>(smem_f4);  // Qg (, W)
+    E* Wt = Qt + kChunk * LDK;
+    E* stage = Qt + L::stage_a;  // 2 × (Kd, P, U)
     E* Unew = stage + 2 * L::stage_b;
-    E* Sb = Unew + kChunk * LDV;           // state in the operand dtype, Sb[key][v]
-    E* Uk = Sb + K * LDS;                  // diag(fk) Ũ (raw operands)
-    float* gcs = reinterpret_cast<float*>(smem_f4) + L::elems * sizeof(E) / sizeof(float);  // 2 × γ_C
-    float* rfs = gcs + 2 * K;              // 2 × (fq, fk)
-    auto Qt_of = [&](int b) { return stage_qw + (L::NA == 2 ? b : 0) * L::stage_a; };
-    auto Wt_of = [&](int b) { return stage_qw + (L::NA == 2 ? b : 0) * L::stage_a + kChunk * LDK; };
+    E* Sb = Unew + kChunk * LDV;  // state [key][v]
+    float* gcs = Sb + K * LDS;    // 2 × γ_C
     auto Kt_of = [&](int b) { return stage + b * L::stage_b; };
     auto Pt_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK; };
     auto Ut_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK + kChunk * LDP; };
 
-    const int tid = threadIdx.x, warp = tid >> 5;
-    const int mw = warp & 3, cw0 = (warp >> 2) * (VT / NH);  // row group; first column of the warp's share
-    const int g = (tid & 31) >> 2, t4 = tid & 3;               // the lane's fragment row and column pair
+    const int tid = threadIdx.x, mw = tid >> 5;
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
-    const SeqInfo si = p.seqs[n];
-    const int nchunks = (si.len + kChunk - 1) / kChunk;
-    // raw operands: q, k (and v) read from the inputs, prepare's row factors applied here
-    const bool raw = L::kRowScaled && p.qk_rowf != nullptr;
+    const ScanChain ch{p.seqs[n], hv, p.HV};
+    const int nchunks = (ch.si.len + kChunk - 1) / kChunk;
 
-    // rows [0, valid) of a chunk operand, the rest zero-filled (raw input rows past the sequence's end
-    // belong to the next sequence or lie past the tensor; prepare's rows there are zero already)
-    auto copy_rows = [&](E* dst, int ld, const E* src, int64_t src_ld, int cols, int valid) {
-        const int per_row = cols / PER16;
-        for (int idx = tid; idx < kChunk * per_row; idx += kScanThreads) {
-            const int r = idx / per_row, c = idx % per_row;
-            const bool in = r < valid;
-            cp_async16_zfill(dst + r * ld + c * PER16, src + (in ? r : 0) * src_ld + c * PER16, in);
-        }
-    };
-    auto slot_of = [&](int cidx) { return size_t(si.first_chunk + cidx) * p.HV + hv; };
-    auto valid_of = [&](int cidx) { return min(kChunk, si.len - cidx * kChunk); };
-    // the chunk's first row of a raw [B, T, heads, D] input
-    auto raw_rows = [&](const void* x, const int64_t* st, int head, int cidx) {
-        return static_cast<const E*>(x) + si.batch * st[0] + (si.start + int64_t(cidx) * kChunk) * st[1] + head * st[2];
-    };
-    const int h = hv / p.G;
-    // Qg and W of chunk cidx (into buffer cidx % 2 when there are two)
-    auto fetch_a = [&](int cidx) {
-        const size_t slot = slot_of(cidx);
-        if (raw) copy_rows(Qt_of(cidx & 1), LDK, raw_rows(p.q, p.qs, h, cidx), p.qs[1], K, valid_of(cidx));
-        else copy_rows(Qt_of(cidx & 1), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K, kChunk);
+    auto fetch_qw = [&](int cidx) {
+        const size_t slot = ch.slot(cidx);
+        copy_rows_async(Qt, LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K, kChunk, tid, kScanThreads);
         if constexpr (kDelta)
-            copy_rows(Wt_of(cidx & 1), LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K, kChunk);
+            copy_rows_async(Wt, LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K, kChunk, tid, kScanThreads);
     };
-    // Kd, P, U, γ_C (and the row factors) of chunk cidx into buffer cidx % 2
-    auto fetch_b = [&](int cidx) {
-        const size_t slot = slot_of(cidx);
+    auto fetch_kpu = [&](int cidx) {
+        const size_t slot = ch.slot(cidx);
         const int b = cidx & 1;
-        if (raw) copy_rows(Kt_of(b), LDK, raw_rows(p.k, p.ks, h, cidx), p.ks[1], K, valid_of(cidx));
-        else copy_rows(Kt_of(b), LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk);
-        copy_rows(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk, kChunk);
-        if (!kDelta && raw) copy_rows(Ut_of(b), LDV, raw_rows(p.v, p.vs, hv, cidx) + v0, p.vs[1], VT, valid_of(cidx));
-        else copy_rows(Ut_of(b), LDV, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, VT, kChunk);
+        copy_rows_async(Kt_of(b), LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk, tid, kScanThreads);
+        copy_rows_async(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk, kChunk, tid,
+                        kScanThreads);
+        copy_rows_async(Ut_of(b), LDV, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, VT, kChunk, tid,
+                        kScanThreads);
         for (int c = tid; c < K / 4; c += kScanThreads) cp_async16(gcs + b * K + 4 * c, p.gC + slot * K + 4 * c);
-        if (raw)
-            for (int c = tid; c < 2 * kChunk / 4; c += kScanThreads)
-                cp_async16(rfs + b * 2 * kChunk + 4 * c, p.qk_rowf + slot * 2 * kChunk + 4 * c);
     };
 
-    // The state block of this warp: keys [mw·16·SMT, +16·SMT), columns [cw0, cw0 + VT/NH).
     float S[SMT][NT][4];
     const int key0 = mw * 16 * SMT;
-    if (p.h0) {
-        const float* h0 = static_cast<const float*>(p.h0) + n * p.h0s[0] + hv * p.h0s[1];
-        for_each_acc(S, [&](int r, int c, float& x) { x = h0[(key0 + r) * p.h0s[2] + v0 + cw0 + c]; });
-    } else {
-        zero_acc(S);
-    }
-    // the state's fragment into Sb, two neighbouring columns per store
-    auto store_state = [&]() {
-#pragma unroll
-        for (int i = 0; i < SMT; ++i)
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh)
-                    store_pair(Sb + (key0 + 16 * i + g + 8 * hh) * LDS + cw0 + 8 * j + 2 * t4, S[i][j][2 * hh],
-                               S[i][j][2 * hh + 1]);
-    };
-    store_state();
+    load_initial_state(S, p, n, hv, key0, v0);
+    store_state_tile(S, Sb, LDS, key0);
     if (nchunks > 0) {
-        fetch_a(0);
-        fetch_b(0);
+        fetch_qw(0);
+        fetch_kpu(0);
         cp_async_commit();
     }
 
-    // o in the 16-bit operand dtype with every row 4-byte aligned: two columns per store
-    bool o_pairs = false;
-    if constexpr (sizeof(E) == 2)
-        o_pairs = p.o && p.o_dtype == dtype_of<E>() && reinterpret_cast<uintptr_t>(p.o) % 4 == 0 && p.os[0] % 2 == 0 &&
-                  p.os[1] % 2 == 0 && p.os[2] % 2 == 0;
-
     for (int cidx = 0; cidx < nchunks; ++cidx) {
-        const int len = min(kChunk, si.len - cidx * kChunk);
         const int b = cidx & 1;
         const E* Kt = Kt_of(b);
         const E* Pt = Pt_of(b);
         const E* Ut = Ut_of(b);
-        const E* Qt = Qt_of(b);
-        const E* Wt = Wt_of(b);
-        const float* gc = gcs + b * K;
-        const float* fq = rfs + b * 2 * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
-        const float* fk = fq + kChunk;           // and e^{b_C − b_i}/‖k_i‖
         cp_async_wait_all();
         __syncthreads();  // chunk cidx's operands and the state Sb are in place
         if (cidx + 1 < nchunks) {
-            fetch_b(cidx + 1);  // the other buffer: last read by chunk cidx − 1
-            if constexpr (L::NA == 2) fetch_a(cidx + 1);
+            fetch_kpu(cidx + 1);  // the other buffer: last read by chunk cidx − 1
             cp_async_commit();
         }
         // the backward's recompute keeps the chunk's start state (as the products below see it)
-        if (p.states)
-            store_acc<E>(S, static_cast<E*>(p.states) + slot_of(cidx) * K * p.V + size_t(key0) * p.V + v0 + cw0, p.V);
-        // ---- O = Qg S and Ũ = U − W S, rows [16·mw, +16), the warp's columns ----
+        if (p.states) store_acc<E>(S, static_cast<E*>(p.states) + ch.slot(cidx) * K * p.V + size_t(key0) * p.V + v0, p.V);
+        // ---- O = Qg S and Ũ = U − W S, rows [16·mw, +16) ----
         float O[1][NT][4];
         zero_acc(O);
-        const Tile<E> Sop{Sb + cw0, LDS, 1};  // (key, v) of the state
-        if (p.o) {
-            warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Qt + mw * 16 * LDK, LDK, 1}, Sop, K);
-            if (raw) scale_acc_rows(O, fq + mw * 16);
-        }
-        const E* Ueff = Ut;
+        const Tile<E> Sop{Sb, LDS, 1};  // (key, v) of the state
+        if (p.o) warp_gemm<E, 1, NT, true>(O, Tile<E>{Qt + mw * 16 * LDK, LDK, 1}, Sop, K);
         if constexpr (kDelta) {
             float WS[1][NT][4];
             zero_acc(WS);
-            warp_gemm<E, 1, NT, kSplit>(WS, Tile<E>{Wt + mw * 16 * LDK, LDK, 1}, Sop, K);
-            // Ũ = U − W S (and diag(fk) Ũ), two neighbouring columns per access
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int row = mw * 16 + g + 8 * hh;
-                const float f = raw ? fk[row] : 1.f;
-#pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    const int at = row * LDV + cw0 + 8 * j + 2 * t4;
-                    const float2 u = load_pair(Ut + at);
-                    const float u0 = u.x - WS[0][j][2 * hh], u1 = u.y - WS[0][j][2 * hh + 1];
-                    store_pair(Unew + at, u0, u1);
-                    if (raw) store_pair(Uk + at, u0 * f, u1 * f);
-                }
-            }
-            Ueff = Unew;
-        } else {
-            if (raw) {
-                // diag(fk) V, 16 bytes at a time
-                for (int idx = tid; idx < kChunk * VT / PER16; idx += kScanThreads) {
-                    const int r = idx / (VT / PER16), c0 = (idx % (VT / PER16)) * PER16;
-                    const uint4 x = *reinterpret_cast<const uint4*>(Ut + r * LDV + c0);
-                    const uint32_t w[4] = {x.x, x.y, x.z, x.w};
-                    float y[PER16];
-#pragma unroll
-                    for (int e = 0; e < PER16; ++e) y[e] = unpack_elem<E>(w, e) * fk[r];
-                    store_vec<E>(Uk + r * LDV + c0, y);
-                }
-            }
+            warp_gemm<E, 1, NT, true>(WS, Tile<E>{Wt + mw * 16 * LDK, LDK, 1}, Sop, K);
+            form_u_tilde<E, NT>(WS, Ut, Unew, nullptr, nullptr, LDV, mw * 16);
         }
-        __syncthreads();  // Ũ (and diag(fk) Ũ) complete; Qg and W are free
-        if constexpr (L::NA == 1) {
-            if (cidx + 1 < nchunks) {
-                fetch_a(cidx + 1);
-                cp_async_commit();
-            }
+        __syncthreads();  // Ũ complete; Qg and W are free
+        if (cidx + 1 < nchunks) {
+            fetch_qw(cidx + 1);
+            cp_async_commit();
         }
+        const E* Ueff = kDelta ? Unew : Ut;
         // ---- O += P Ũ; write the rows that exist ----
-        if (p.o) warp_gemm<E, 1, NT, kSplit>(O, Tile<E>{Pt + mw * 16 * LDP, LDP, 1}, Tile<E>{Ueff + cw0, LDV, 1}, kChunk);
-        if constexpr (sizeof(E) == 2) {
-            if (o_pairs) {
-                // the fragment's two neighbouring columns as one 4-byte store
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        const int row = mw * 16 + g + 8 * hh;
-                        if (row < len) {
-                            const int64_t t = si.start + int64_t(cidx) * kChunk + row;
-                            E* at = static_cast<E*>(p.o) + si.batch * p.os[0] + t * p.os[1] + hv * p.os[2] + v0 + cw0 +
-                                    8 * j + 2 * t4;
-                            *reinterpret_cast<uint32_t*>(at) =
-                                pack2(from_f<E>(O[0][j][2 * hh]), from_f<E>(O[0][j][2 * hh + 1]));
-                        }
-                    }
-            }
-        }
-        if (!o_pairs && p.o) {
-            for_each_acc(O, [&](int r, int c, float& x) {
-                const int row = mw * 16 + r;
-                if (row < len) {
-                    const int64_t t = si.start + int64_t(cidx) * kChunk + row;
-                    store_any(p.o, p.o_dtype, si.batch * p.os[0] + t * p.os[1] + hv * p.os[2] + v0 + cw0 + c, x);
-                }
-            });
+        if (p.o) {
+            warp_gemm<E, 1, NT, true>(O, Tile<E>{Pt + mw * 16 * LDP, LDP, 1}, Tile<E>{Ueff, LDV, 1}, kChunk);
+            store_output_tile<E, NT>(O, p, ch, cidx, mw * 16, v0, false);
         }
         // ---- S ← diag(γ_C) S + Kdᵀ Ũ ----
-        scale_acc_rows(S, gc + key0);
-        warp_gemm<E, SMT, NT, kSplit>(S, Tile<E>{Kt + key0, 1, LDK}, Tile<E>{(raw ? Uk : Ueff) + cw0, LDV, 1}, kChunk);
+        scale_acc_rows(S, gcs + b * K + key0);
+        warp_gemm<E, SMT, NT, true>(S, Tile<E>{Kt + key0, 1, LDK}, Tile<E>{Ueff, LDV, 1}, kChunk);
         __syncthreads();  // every read of Sb and Ũ is done
-        store_state();
+        store_state_tile(S, Sb, LDS, key0);
     }
-    if (p.ht) {
-        float* ht = static_cast<float*>(p.ht) + n * p.hts[0] + hv * p.hts[1];
-        for_each_acc(S, [&](int r, int c, float& x) { ht[(key0 + r) * p.hts[2] + v0 + cw0 + c] = x; });
-    }
+    store_final_state(S, p, n, hv, key0, v0);
 }
 
-// ---- chunk_scan, warp-specialised (16-bit operands) -------------------------------------------
+// ---- chunk_scan, warp-specialised (bf16 operands) -------------------------------------------------
 //
 // The same recurrence as chunk_scan_kernel, with the block's warps split by role so that the chain
 // from one chunk's state to the next carries only what it must:
 //   state warps (4·NH)   Ũ = U − W S (delta rule), S ← diag(γ_C) S + Kdᵀ Ũ: the state stays in their
-//                        registers, as before;
+//                        registers;
 //   output warps (4·NH)  the next chunk's copies, O = Qg S, O += P Ũ and the stores of o.
 // The state warps hand Ũ over with a named barrier they only arrive at (the output warps wait on it),
 // meet among themselves before Kdᵀ Ũ, and write the new state into the other of two state buffers,
-// so one block-wide barrier a chunk remains (operands and state in place). In chunk_scan_kernel every
-// warp issued its share of the copies and ran all four products between three block barriers: at
-// B=1 (16 chains, 16-column tiles, 4 warps an SM) that chain was ~2 µs a chunk. H100, bf16, H=16,
-// K=V=128, same build (HLA_CUDA_SCAN_WS=0 vs this): Gated DeltaNet B=4 T=4096 0.497 -> 0.437 ms, KDA
-// 0.702 -> 0.661, simple GLA 0.301 -> 0.254; B=1 T=16384 0.808 -> 0.737, 1.012 -> 0.955, 0.536 -> 0.510
-// (with the delta rule's raw operands and 32-column tiles below). A hand-off where the state warps
-// also wait at the Ũ barrier measured 3.5% slower at B=1 (GDN 0.763 ms).
+// so one block-wide barrier a chunk remains (operands and state in place). All operands are
+// double-buffered and fetched a chunk ahead. Session 5's scan for 16-bit operands (chunk_scan_kernel's
+// design: every warp issued its share of the copies and ran all four products between three block
+// barriers) spent ~2 µs a chunk on that chain at B=1 (16 chains, 16-column tiles, 4 warps an SM).
+// H100, bf16, H=16, K=V=128, same build, that scan vs this one: Gated DeltaNet B=4 T=4096 0.497 ->
+// 0.437 ms, KDA 0.702 -> 0.661, simple GLA 0.301 -> 0.254; B=1 T=16384 0.808 -> 0.737, 1.012 -> 0.955,
+// 0.536 -> 0.510 (with the delta rule's raw operands and 32-column tiles below). A hand-off where the
+// state warps also wait at the Ũ barrier measured 3.5% slower at B=1 (GDN 0.763 ms).
 // compute-sanitizer racecheck reported hazards between the state's stores and the output warps' reads
 // of it wherever the two roles waited at unequal numbers of barriers a chunk (the additive kernel as
 // first written; the delta rule's full hand-off above, which only adds ordering), never where they
@@ -732,6 +727,12 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_scan_kernel(const FwdParams 
 // warps meet once a chunk too (kBarOutput).
 // Warp layout: within each role, warp w owns rows [16·(w % 4), +16) of the chunk (state warps: key
 // rows [16·SMT·(w % 4), +16·SMT) of S) and the columns [(w / 4)·VT/NH, +VT/NH) of the tile.
+//
+// Raw operands (p.qk_rowf set: one decay number per token, forward only): the Qg and Kd (and, for
+// the additive update, U) buffers receive the input rows of q and k (and v) instead of prepare's
+// copies, with the chunk's row factors fq, fk beside γ_C; Qg S is then diag(fq)(q S) on the fp32
+// product, and the update's Kdᵀ Ũ is kᵀ (diag(fk) Ũ), with diag(fk) Ũ rounded once into a second Ũ
+// buffer.
 template <int VT>
 struct ScanWs {
     static constexpr int NH = VT >= 32 ? 2 : 1;  // column groups: a warp's share stays 16 or 32 columns
@@ -739,9 +740,9 @@ struct ScanWs {
     static constexpr int kThreads = 2 * kRoleThreads;
 };
 
-template <class E, int K, int VT, bool kDelta>
+template <int K, int VT, bool kDelta>
 struct ScanWsLayout {
-    static_assert(sizeof(E) == 2, "chunk_scan_ws: 16-bit operands");
+    using E = __nv_bfloat16;
     static constexpr int LDK = K + 8;        // rows of Qg, Kd, W
     static constexpr int LDP = kChunk + 8;   // rows of P
     static constexpr int LDV = VT + 8;       // rows of U, Ũ, diag(fk) Ũ
@@ -754,7 +755,7 @@ struct ScanWsLayout {
     static constexpr size_t bytes = elems * sizeof(E) + 2 * K * sizeof(float) + 2 * 2 * kChunk * sizeof(float);
 };
 
-// Named barriers 1 and 2 (0 is __syncthreads): n threads, a multiple of 32.
+// Named barriers 1 and up (0 is __syncthreads): n threads, a multiple of 32.
 __device__ __forceinline__ void named_bar_sync(int id, int n) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
@@ -762,11 +763,12 @@ __device__ __forceinline__ void named_bar_arrive(int id, int n) {
     asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 
-template <class In, class E, Update Up, int K, int VT>
+template <Update Up, int K, int VT>
 __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(const FwdParams p) {
+    using E = __nv_bfloat16;
     constexpr int NH = ScanWs<VT>::NH, kRole = ScanWs<VT>::kRoleThreads, kThreads = ScanWs<VT>::kThreads;
     constexpr bool kDelta = Up == Update::Delta;
-    using L = ScanWsLayout<E, K, VT, kDelta>;
+    using L = ScanWsLayout<K, VT, kDelta>;
     constexpr int LDK = L::LDK, LDP = L::LDP, LDV = L::LDV, LDS = L::LDS;
     constexpr int NT = VT / 8 / NH;  // n-tiles of a warp's columns
     static_assert(NT % 2 == 0, "chunk_scan_ws: a warp's columns must pair up for ldmatrix.x4");
@@ -791,42 +793,31 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     const bool state_role = warp < 4 * NH;
     const int rw = warp % (4 * NH), rt = tid % kRole;  // warp and thread index within the role
     const int mw = rw & 3, cw0 = (rw >> 2) * (VT / NH);
-    const int g = lane >> 2, t4 = lane & 3;
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
-    const SeqInfo si = p.seqs[n];
-    const int nchunks = (si.len + kChunk - 1) / kChunk;
+    const ScanChain ch{p.seqs[n], hv, p.HV};
+    const int nchunks = (ch.si.len + kChunk - 1) / kChunk;
     const bool raw = p.qk_rowf != nullptr;
     const int h = hv / p.G;
 
-    // the output warps' copies: rows [0, valid) of a chunk operand, the rest zero-filled
-    auto copy_rows = [&](E* dst, int ld, const E* src, int64_t src_ld, int cols, int valid) {
-        const int per_row = cols / PER16;
-        for (int idx = rt; idx < kChunk * per_row; idx += kRole) {
-            const int r = idx / per_row, c = idx % per_row;
-            const bool in = r < valid;
-            cp_async16_zfill(dst + r * ld + c * PER16, src + (in ? r : 0) * src_ld + c * PER16, in);
-        }
-    };
-    auto slot_of = [&](int cidx) { return size_t(si.first_chunk + cidx) * p.HV + hv; };
-    auto valid_of = [&](int cidx) { return min(kChunk, si.len - cidx * kChunk); };
-    auto raw_rows = [&](const void* x, const int64_t* st, int head, int cidx) {
-        return static_cast<const E*>(x) + si.batch * st[0] + (si.start + int64_t(cidx) * kChunk) * st[1] + head * st[2];
-    };
-    // every operand of chunk cidx into buffer cidx % 2
+    // every operand of chunk cidx into buffer cidx % 2, by the output warps
     auto fetch = [&](int cidx) {
-        const size_t slot = slot_of(cidx);
-        const int b = cidx & 1;
+        const size_t slot = ch.slot(cidx);
+        const int b = cidx & 1, valid = ch.rows(cidx);
         if (raw) {
-            copy_rows(Qt_of(b), LDK, raw_rows(p.q, p.qs, h, cidx), p.qs[1], K, valid_of(cidx));
-            copy_rows(Kt_of(b), LDK, raw_rows(p.k, p.ks, h, cidx), p.ks[1], K, valid_of(cidx));
+            copy_rows_async(Qt_of(b), LDK, ch.input_rows<E>(p.q, p.qs, h, cidx), p.qs[1], K, valid, rt, kRole);
+            copy_rows_async(Kt_of(b), LDK, ch.input_rows<E>(p.k, p.ks, h, cidx), p.ks[1], K, valid, rt, kRole);
         } else {
-            copy_rows(Qt_of(b), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K, kChunk);
-            copy_rows(Kt_of(b), LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk);
+            copy_rows_async(Qt_of(b), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K, kChunk, rt, kRole);
+            copy_rows_async(Kt_of(b), LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk, rt, kRole);
         }
-        if constexpr (kDelta) copy_rows(Wt_of(b), LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K, kChunk);
-        copy_rows(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk, kChunk);
-        if (!kDelta && raw) copy_rows(Ut_of(b), LDV, raw_rows(p.v, p.vs, hv, cidx) + v0, p.vs[1], VT, valid_of(cidx));
-        else copy_rows(Ut_of(b), LDV, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, VT, kChunk);
+        if constexpr (kDelta)
+            copy_rows_async(Wt_of(b), LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K, kChunk, rt, kRole);
+        copy_rows_async(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk, kChunk, rt,
+                        kRole);
+        if (!kDelta && raw)
+            copy_rows_async(Ut_of(b), LDV, ch.input_rows<E>(p.v, p.vs, hv, cidx) + v0, p.vs[1], VT, valid, rt, kRole);
+        else
+            copy_rows_async(Ut_of(b), LDV, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, VT, kChunk, rt, kRole);
         for (int c = rt; c < K / 4; c += kRole) cp_async16(gcs + b * K + 4 * c, p.gC + slot * K + 4 * c);
         if (raw)
             for (int c = rt; c < 2 * kChunk / 4; c += kRole)
@@ -836,41 +827,18 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     // state warps: keys [key0, key0 + 16·SMT), columns [cw0, cw0 + VT/NH)
     float S[SMT][NT][4];
     const int key0 = mw * 16 * SMT;
-    auto store_state = [&](E* dst) {
-#pragma unroll
-        for (int i = 0; i < SMT; ++i)
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh)
-                    store_pair(dst + (key0 + 16 * i + g + 8 * hh) * LDS + cw0 + 8 * j + 2 * t4, S[i][j][2 * hh],
-                               S[i][j][2 * hh + 1]);
-    };
     if (state_role) {
-        if (p.h0) {
-            const float* h0 = static_cast<const float*>(p.h0) + n * p.h0s[0] + hv * p.h0s[1];
-            for_each_acc(S, [&](int r, int c, float& x) { x = h0[(key0 + r) * p.h0s[2] + v0 + cw0 + c]; });
-        } else {
-            zero_acc(S);
-        }
-        store_state(Sbuf);
+        load_initial_state(S, p, n, hv, key0, v0 + cw0);
+        store_state_tile(S, Sbuf + cw0, LDS, key0);
     } else if (nchunks > 0) {
         fetch(0);
         cp_async_commit();
     }
-
-    // o in the operand dtype with every row 4-byte aligned: two columns per store
-    const bool o_pairs = p.o && p.o_dtype == dtype_of<E>() && reinterpret_cast<uintptr_t>(p.o) % 4 == 0 &&
-                         p.os[0] % 2 == 0 && p.os[1] % 2 == 0 && p.os[2] % 2 == 0;
+    const bool o_pairs = output_pairs<E>(p);
 
     for (int cidx = 0; cidx < nchunks; ++cidx) {
         const int b = cidx & 1;
-        const E* Kt = Kt_of(b);
-        const E* Pt = Pt_of(b);
         const E* Ut = Ut_of(b);
-        const E* Qt = Qt_of(b);
-        const E* Wt = Wt_of(b);
-        const float* gc = gcs + b * K;
         const float* fq = rfs + b * 2 * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
         const float* fk = fq + kChunk;           // and e^{b_C − b_i}/‖k_i‖
         const Tile<E> Sop{Sbuf + b * K * LDS + cw0, LDS, 1};  // (key, v) of the chunk's start state
@@ -879,26 +847,13 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
         if (state_role) {
             // the backward's recompute keeps the chunk's start state (as the products see it)
             if (p.states)
-                store_acc<E>(S, static_cast<E*>(p.states) + slot_of(cidx) * K * p.V + size_t(key0) * p.V + v0 + cw0, p.V);
+                store_acc<E>(S, static_cast<E*>(p.states) + ch.slot(cidx) * K * p.V + size_t(key0) * p.V + v0 + cw0, p.V);
             const E* Ueff = Ut;
             if constexpr (kDelta) {
                 float WS[1][NT][4];
                 zero_acc(WS);
-                warp_gemm<E, 1, NT>(WS, Tile<E>{Wt + mw * 16 * LDK, LDK, 1}, Sop, K);
-                // Ũ = U − W S (and diag(fk) Ũ), two neighbouring columns per access
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    const int row = mw * 16 + g + 8 * hh;
-                    const float f = raw ? fk[row] : 1.f;
-#pragma unroll
-                    for (int j = 0; j < NT; ++j) {
-                        const int at = row * LDV + cw0 + 8 * j + 2 * t4;
-                        const float2 u = load_pair(Ut + at);
-                        const float u0 = u.x - WS[0][j][2 * hh], u1 = u.y - WS[0][j][2 * hh + 1];
-                        store_pair(Unew + at, u0, u1);
-                        if (raw) store_pair(Uk + at, u0 * f, u1 * f);
-                    }
-                }
+                warp_gemm<E, 1, NT>(WS, Tile<E>{Wt_of(b) + mw * 16 * LDK, LDK, 1}, Sop, K);
+                form_u_tilde<E, NT>(WS, Ut + cw0, Unew + cw0, raw ? Uk + cw0 : nullptr, fk, LDV, mw * 16);
                 named_bar_arrive(kBarU, kThreads);  // the output warps may read Ũ
                 Ueff = Unew;
             } else if (raw) {
@@ -916,9 +871,9 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
             }
             named_bar_sync(kBarState, kRole);  // every row of Ũ (diag(fk) Ũ) is written
             // ---- S ← diag(γ_C) S + Kdᵀ Ũ, into the other state buffer ----
-            scale_acc_rows(S, gc + key0);
-            warp_gemm<E, SMT, NT>(S, Tile<E>{Kt + key0, 1, LDK}, Tile<E>{(raw ? Uk : Ueff) + cw0, LDV, 1}, kChunk);
-            store_state(Sbuf + (b ^ 1) * K * LDS);
+            scale_acc_rows(S, gcs + b * K + key0);
+            warp_gemm<E, SMT, NT>(S, Tile<E>{Kt_of(b) + key0, 1, LDK}, Tile<E>{(raw ? Uk : Ueff) + cw0, LDV, 1}, kChunk);
+            store_state_tile(S, Sbuf + (b ^ 1) * K * LDS + cw0, LDS, key0);
         } else {
             if (cidx + 1 < nchunks) {
                 fetch(cidx + 1);  // the other buffers: last read in chunk cidx − 1
@@ -928,46 +883,20 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
             float O[1][NT][4];
             zero_acc(O);
             if (p.o) {
-                warp_gemm<E, 1, NT>(O, Tile<E>{Qt + mw * 16 * LDK, LDK, 1}, Sop, K);
+                warp_gemm<E, 1, NT>(O, Tile<E>{Qt_of(b) + mw * 16 * LDK, LDK, 1}, Sop, K);
                 if (raw) scale_acc_rows(O, fq + mw * 16);
             }
             if constexpr (kDelta) named_bar_sync(kBarU, kThreads);  // Ũ from the state warps
             if (p.o) {
-                const int len = valid_of(cidx);
-                warp_gemm<E, 1, NT>(O, Tile<E>{Pt + mw * 16 * LDP, LDP, 1}, Tile<E>{(kDelta ? Unew : Ut) + cw0, LDV, 1},
-                                    kChunk);
-                if (o_pairs) {
-#pragma unroll
-                    for (int j = 0; j < NT; ++j)
-#pragma unroll
-                        for (int hh = 0; hh < 2; ++hh) {
-                            const int row = mw * 16 + g + 8 * hh;
-                            if (row < len) {
-                                const int64_t t = si.start + int64_t(cidx) * kChunk + row;
-                                E* at = static_cast<E*>(p.o) + si.batch * p.os[0] + t * p.os[1] + hv * p.os[2] + v0 + cw0 +
-                                        8 * j + 2 * t4;
-                                *reinterpret_cast<uint32_t*>(at) =
-                                    pack2(from_f<E>(O[0][j][2 * hh]), from_f<E>(O[0][j][2 * hh + 1]));
-                            }
-                        }
-                } else {
-                    for_each_acc(O, [&](int r, int c, float& x) {
-                        const int row = mw * 16 + r;
-                        if (row < len) {
-                            const int64_t t = si.start + int64_t(cidx) * kChunk + row;
-                            store_any(p.o, p.o_dtype, si.batch * p.os[0] + t * p.os[1] + hv * p.os[2] + v0 + cw0 + c, x);
-                        }
-                    });
-                }
+                warp_gemm<E, 1, NT>(O, Tile<E>{Pt_of(b) + mw * 16 * LDP, LDP, 1},
+                                    Tile<E>{(kDelta ? Unew : Ut) + cw0, LDV, 1}, kChunk);
+                store_output_tile<E, NT>(O, p, ch, cidx, mw * 16, v0 + cw0, o_pairs);
             }
             // Orders nothing (see the racecheck note above the kernel); free, as the block barrier is next.
             if constexpr (!kDelta) named_bar_sync(kBarOutput, kRole);
         }
     }
-    if (state_role && p.ht) {
-        float* ht = static_cast<float*>(p.ht) + n * p.hts[0] + hv * p.hts[1];
-        for_each_acc(S, [&](int r, int c, float& x) { ht[(key0 + r) * p.hts[2] + v0 + cw0 + c] = x; });
-    }
+    if (state_role) store_final_state(S, p, n, hv, key0, v0 + cw0);
 }
 
 // ---- host side --------------------------------------------------------------------------------
@@ -981,12 +910,9 @@ void set_smem(Kern kernel, size_t bytes, const char* op) {
 
 int sm_count();
 int scan_tile_override();      // HLA_CUDA_SCAN_VT, 0 when unset
-// HLA_CUDA_FWD_RAW: 0 never hands the scan raw operands, 1 wherever they can be (the delta rule too),
-// −1 when unset: the default policy of forward_chunked_impl. Tests and A/B timing.
+// HLA_CUDA_FWD_RAW=0: the scan never takes raw operands (forward_chunked_impl), for tests and A/B
+// timing; −1 when unset.
 int raw_operands_override();
-// HLA_CUDA_SCAN_WS=0: 16-bit operands take chunk_scan_kernel instead of chunk_scan_ws_kernel, with that
-// kernel's tile and raw-operand policies (session 5's forward), for A/B timing; unset: the latter.
-int scan_ws_override();
 
 // The value-column tile of a scan over `chains` (sequence, value head) pairs with operand dtype E, for
 // the forward scan and the backward's reverse dS scan alike. Every block walks its whole sequence. Each
@@ -1036,25 +962,25 @@ void launch_prepare(const FwdParams& fp, int n_chunks, const char* op) {
     }
 }
 
-template <class In, class E, Update Up, int K, int VT, int WARPS = 4>
+template <Update Up, int K, int VT>
 void launch_scan(const FwdParams& fp, int n_seqs, const char* op) {
-    constexpr size_t smem = ScanLayout<E, K, VT, Up == Update::Delta>::bytes;
+    constexpr size_t smem = ScanLayout<K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan: shared memory over the 227 KiB of an SM");
-    static const bool once = (set_smem(chunk_scan_kernel<In, E, Up, K, VT, WARPS>, smem, op), true);
+    static const bool once = (set_smem(chunk_scan_kernel<Up, K, VT>, smem, op), true);
     (void)once;
     const dim3 grid(n_seqs, fp.HV, fp.V / VT);
-    chunk_scan_kernel<In, E, Up, K, VT, WARPS><<<grid, 32 * WARPS, smem, launch_stream()>>>(fp);
+    chunk_scan_kernel<Up, K, VT><<<grid, kScanThreads, smem, launch_stream()>>>(fp);
     check_cuda(cudaGetLastError(), op, "chunk_scan launch");
 }
 
-template <class In, class E, Update Up, int K, int VT>
+template <Update Up, int K, int VT>
 void launch_scan_ws(const FwdParams& fp, int n_seqs, const char* op) {
-    constexpr size_t smem = ScanWsLayout<E, K, VT, Up == Update::Delta>::bytes;
+    constexpr size_t smem = ScanWsLayout<K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan_ws: shared memory over the 227 KiB of an SM");
-    static const bool once = (set_smem(chunk_scan_ws_kernel<In, E, Up, K, VT>, smem, op), true);
+    static const bool once = (set_smem(chunk_scan_ws_kernel<Up, K, VT>, smem, op), true);
     (void)once;
     const dim3 grid(n_seqs, fp.HV, fp.V / VT);
-    chunk_scan_ws_kernel<In, E, Up, K, VT><<<grid, ScanWs<VT>::kThreads, smem, launch_stream()>>>(fp);
+    chunk_scan_ws_kernel<Up, K, VT><<<grid, ScanWs<VT>::kThreads, smem, launch_stream()>>>(fp);
     check_cuda(cudaGetLastError(), op, "chunk_scan_ws launch");
 }
 
@@ -1078,23 +1004,19 @@ void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks) {
     }
 }
 
-template <class In, class E, Update Up, int K>
+template <class E, Update Up, int K>
 void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt) {
     const int n_seqs = int(p.N());
-    // 16-bit operands: 8 warps for 32- and 64-column tiles (two warps per 16 rows), 4 for 16 columns.
-    // fp32 operands: 4 warps, at most 32 columns (64 would need 256 KiB of shared memory).
+    // bf16 operands: the warp-specialised scan, 16, 32 or 64 columns. fp32 operands: at most 32 columns
+    // (64 would need 256 KiB of shared memory).
     if constexpr (sizeof(E) == 2) {
-        if (scan_ws_override() != 0) {
-            if (vt == 64) return launch_scan_ws<In, E, Up, K, 64>(fp, n_seqs, p.op);
-            if (vt == 32) return launch_scan_ws<In, E, Up, K, 32>(fp, n_seqs, p.op);
-            return launch_scan_ws<In, E, Up, K, 16>(fp, n_seqs, p.op);
-        }
-        if (vt == 64) return launch_scan<In, E, Up, K, 64, 8>(fp, n_seqs, p.op);
-        if (vt == 32) return launch_scan<In, E, Up, K, 32, 8>(fp, n_seqs, p.op);
+        if (vt == 64) return launch_scan_ws<Up, K, 64>(fp, n_seqs, p.op);
+        if (vt == 32) return launch_scan_ws<Up, K, 32>(fp, n_seqs, p.op);
+        return launch_scan_ws<Up, K, 16>(fp, n_seqs, p.op);
     } else {
-        if (vt >= 32) return launch_scan<In, E, Up, K, 32, 4>(fp, n_seqs, p.op);
+        if (vt >= 32) return launch_scan<Up, K, 32>(fp, n_seqs, p.op);
+        return launch_scan<Up, K, 16>(fp, n_seqs, p.op);
     }
-    return launch_scan<In, E, Up, K, 16, 4>(fp, n_seqs, p.op);
 }
 
 // The forward scan's tile: scan_tile_width's, except that the delta rule on the warp-specialised scan
@@ -1102,15 +1024,15 @@ void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt) {
 template <class E>
 int fwd_scan_tile_width(int64_t chains, int64_t V, bool delta) {
     int vt = scan_tile_width<E>(chains, V);
-    if (sizeof(E) == 2 && delta && vt == 16 && V >= 32 && scan_ws_override() != 0 && scan_tile_override() == 0) vt = 32;
+    if (sizeof(E) == 2 && delta && vt == 16 && V >= 32 && scan_tile_override() == 0) vt = 32;
     return vt;
 }
 
-template <class In, class E, int K>
+template <class E, int K>
 void launch_scan_cell(const Problem& p, const FwdParams& fp) {
     const int vt = fwd_scan_tile_width<E>(int64_t(p.N()) * p.HV, p.V, p.delta());
-    if (p.delta()) return launch_scan_vt<In, E, Update::Delta, K>(p, fp, vt);
-    return launch_scan_vt<In, E, Update::Additive, K>(p, fp, vt);
+    if (p.delta()) return launch_scan_vt<E, Update::Delta, K>(p, fp, vt);
+    return launch_scan_vt<E, Update::Additive, K>(p, fp, vt);
 }
 
 // The dtype of the intermediates and of the scan's matrix operands: that of the inputs, except fp16,
@@ -1164,17 +1086,14 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     fp.V = int(p.V);
     static_cast<CellOptions&>(fp) = cell_options(p.cfg, p.scale);
 
-    // The forward of a cell with one decay number per token on bf16 inputs can hand the scan q, k
-    // (and v for the additive update) raw with per-row factors (FwdParams::qk_rowf); the backward's
-    // recompute keeps prepare's Qg and Kd, which its own kernels read. By default only the additive
-    // update does: it saves prepare three [T, K] writes (H100, one build, HLA_CUDA_FWD_RAW unset vs 0:
-    // simple GLA B=4 T=4096 0.358 -> 0.306 ms, B=1 T=16384 0.588 -> 0.560), while the delta rule saves
-    // two and its scan forms diag(fk) Ũ in the chunk-to-chunk chain (Gated DeltaNet 0.539 -> 0.536 ms
-    // at B=4, 0.823 -> 0.870 at B=1; measured before Ũ was stored in column pairs). On the
-    // warp-specialised scan the delta rule takes them too: GDN B=4 T=4096 0.460 -> 0.436 ms (one call,
-    // HLA_CUDA_FWD_RAW unset vs 1, before this default changed).
-    const int raw_mode = raw_operands_override();
-    const bool raw = (raw_mode == 1 || (raw_mode != 0 && (!p.delta() || scan_ws_override() != 0))) && !states &&
+    // The forward of a cell with one decay number per token on bf16 inputs hands the scan q, k (and v
+    // for the additive update) raw with per-row factors (FwdParams::qk_rowf); the backward's recompute
+    // keeps prepare's Qg and Kd, which its own kernels read. The additive update saves prepare three
+    // [T, K] writes (H100, one build, HLA_CUDA_FWD_RAW unset vs 0: simple GLA B=4 T=4096 0.358 -> 0.306
+    // ms, B=1 T=16384 0.588 -> 0.560); the delta rule saves two, and since its scan forms diag(fk) Ũ
+    // on the state warps of the warp-specialised scan it gains too (GDN B=4 T=4096 0.460 -> 0.436 ms;
+    // on session 5's scan, where that product sat in every warp's chain, it was neutral to 6% slower).
+    const bool raw = raw_operands_override() != 0 && !states &&
                      std::is_same_v<In, __nv_bfloat16> && p.cfg.decay != Decay::Vector && rows_16byte(a.q) &&
                      rows_16byte(a.k) && (p.delta() || rows_16byte(a.v));
 
@@ -1241,8 +1160,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         if (p.K == 64) launch_prepare_cell<In, E, 64>(p, fp, int(n_chunks));
         else launch_prepare_cell<In, E, 128>(p, fp, int(n_chunks));
     }
-    if (p.K == 64) launch_scan_cell<In, E, 64>(p, fp);
-    else launch_scan_cell<In, E, 128>(p, fp);
+    if (p.K == 64) launch_scan_cell<E, 64>(p, fp);
+    else launch_scan_cell<E, 128>(p, fp);
     if (keep) {
         *keep = fp;
         return ws;
