@@ -30,6 +30,17 @@
 //   Qg: q e^{R_I + Δ_i},   Kd: k e^{(b_C − R_I) − Δ_i},   K⊙γ for W: k e^{R_I + Δ_i}.
 // When a block's decay span exceeds e^80 in any channel (g = −1000 does), its diagonal scores are
 // computed entry by entry with e^{Δ_i − Δ_j} ≤ 1 instead (slow, exact, only for such chunks).
+// Either way P_ii itself is q_i·k_i of the raw inputs in fp32 (no decay, no operand rounding).
+//
+// Vector decay, chunks whose whole decay span b_0 − b_C is at most kFastSpan in every channel (the
+// common case; the factoring above is the fallback): one reference m = (b_0 + b_C)/2 per channel for
+// the whole chunk, so that the decayed operands qa = q e^{b_i − m}, ka = k e^{b_i − m} and
+// kb = k e^{m − b_j} all lie within e^{±kFastSpan/2} of the raw values (no overflow, no underflow)
+// and each is rounded once to bf16. They are formed once per element in the same pass as Qg, Kd and
+// K⊙γ (instead of once per warp and column block inside the products), written to shared memory, and
+// the scores become plain ldmatrix + mma products as for the scalar decays: P = qa kbᵀ, A = ka kbᵀ.
+// Products j ≤ i are e^{b_i − b_j} ≤ 1 times q·k as before; the masked ones (j > i) may be large or
+// even overflow in fp32 and are discarded by a select.
 #pragma once
 
 #include <algorithm>
@@ -41,29 +52,42 @@
 namespace hla::linear::cuda {
 
 constexpr int kPrepMmaThreads = 128;  // 4 warps: one per 16-row block of the chunk
+// The single-reference scores (see above) for chunks whose decay span is at most this in every
+// channel: operands within e^{±60} of the raw values, far from bf16's range limits (e^{±87}).
+constexpr float kFastSpan = 120.f;
+constexpr int kSlowChunk = 1 << 4;  // flag beside the wide-block bits 0-3: some channel spans more than kFastSpan
 
 template <Decay D, Update Up, int K>
 struct PrepMmaLayout {
     static constexpr bool kVec = D == Decay::Vector, kDelta = Up == Update::Delta;
     static constexpr int LDH = K + 8;        // bf16 rows of q, k: 16-byte pad, ldmatrix and fragment loads conflict-free
     static constexpr int LDV = 128 + 8;      // bf16 rows of v (V ≤ 128)
-    static constexpr int LDF = K + 8;        // fp32 rows of Δ: float2 fragment loads conflict-free per half-warp
+    // fp32 rows of Δ (vector decay): float2 fragment loads conflict-free per half-warp. 136 floats
+    // whatever K ≤ 128, so that each row can later hold, without touching another row, a row of L
+    // (64 floats, bytes [0, 256)) and a row of K⊙γ (bf16, bytes [256, 256 + 2K)).
+    static constexpr int LDF = 128 + 8;
     static constexpr int LDA = kChunk + 4;   // fp32 rows of A and L
+    static constexpr int KG_OFF = 128;       // vector decay: K⊙γ row i at bf16 element i·2·LDF + KG_OFF of Δ's bytes
+    static_assert(K <= 128 && kChunk + 4 <= LDF, "chunk_prepare_mma: Δ's rows must hold a row of L and one of K⊙γ");
     static constexpr size_t q_off = 0;
-    // raw k until Qg, Kd and K⊙γ are formed, then v (delta rule: U = L diag(β) V) in the same bytes;
-    // the additive update copies U = V without staging it
-    static constexpr size_t k_off = q_off + size_t(kChunk) * LDH * 2;
+    // raw q; vector decay: then qa (fast path), then A (delta rule) in the same bytes
+    static constexpr size_t q_bytes =
+        std::max(size_t(kChunk) * LDH * 2, kVec && kDelta ? size_t(kChunk) * LDA * 4 : size_t(0));
+    // raw k (vector decay, fast path: then kb) until Qg, Kd and K⊙γ are formed, then v (delta rule:
+    // U = L diag(β) V) in the same bytes; the additive update copies U = V without staging it
+    static constexpr size_t k_off = q_off + q_bytes;
     static constexpr size_t k_bytes = std::max(size_t(kChunk) * LDH * 2, kDelta ? size_t(kChunk) * LDV * 2 : size_t(0));
-    // Δ (vector decay) until the scores are done, then A and L (delta rule) in the same bytes
+    // vector decay: Δ until the scores are done (fast path: row by row, ka and K⊙γ take its bytes),
+    // then L and K⊙γ, row i in row i's bytes; other decays: A and L (delta rule)
     static constexpr size_t f_off = k_off + k_bytes;
     static constexpr size_t f_bytes =
-        std::max(kVec ? size_t(kChunk) * LDF * 4 : size_t(0), kDelta ? 2 * size_t(kChunk) * LDA * 4 : size_t(0));
+        kVec ? size_t(kChunk) * LDF * 4 : (kDelta ? 2 * size_t(kChunk) * LDA * 4 : size_t(0));
     // vector: per channel R_0 and the block sums S_I = R_{I+1} − R_I (S_3 = b_C − R_3), fp32 from the
     // fp64 sums; one decay number per token: b_i in fp64
     static constexpr size_t t_off = f_off + f_bytes;
     static constexpr size_t t_bytes = kVec ? size_t(5) * K * 4 : size_t(kChunk) * 8;
-    static constexpr size_t r_off = t_off + t_bytes;  // per row: β, rq, rk, e^{b_i}, e^{b_C − b_i}
-    static constexpr size_t bytes = r_off + 5 * kChunk * 4 + 16;
+    static constexpr size_t r_off = t_off + t_bytes;  // per row: β, rq, rk, e^{b_i}, e^{b_C − b_i}, q_i·k_i
+    static constexpr size_t bytes = r_off + 6 * kChunk * 4 + 16;
     // 3 blocks per SM fit the shared memory of every cell at K = 128 (≤ 74 KiB each)
     static constexpr int kMinBlocks = 3;
 };
@@ -104,6 +128,51 @@ __device__ __forceinline__ void stage_rows_bf16(__nv_bfloat16* dst, int ld, cons
     }
 }
 
+// 2^x, the multi-function unit's approximation (what __expf uses after its scaling by log2 e).
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The gate rows [64][COLS] as fp32 into shared memory (row stride ld, rows ≥ valid zero): bf16 rows
+// that allow 16-byte loads go through registers as load_rows does, but are stored as two float4 per
+// 8 elements, the half of a 32-byte piece that comes first depending on bit 2 of the piece, so that
+// each quarter-warp's 16-byte stores hit 32 distinct banks (load_rows' element stores collide 8-way
+// at this row stride). Other dtypes and layouts: load_rows_any.
+template <int COLS, int THREADS>
+__device__ __forceinline__ void stage_gate_rows(float* dst, int ld, const void* src, DType dtype, int64_t offset,
+                                                int64_t row_stride, int valid) {
+    if (dtype == DType::BF16) {
+        const __nv_bfloat16* s = static_cast<const __nv_bfloat16*>(src) + offset;
+        if ((reinterpret_cast<uintptr_t>(s) % 16 == 0) && (row_stride % 8 == 0)) {
+            constexpr int PR = COLS / 8, NV = kChunk * PR / THREADS;
+            static_assert(kChunk * PR % THREADS == 0, "stage_gate_rows: the rows must split evenly");
+            uint4 r[NV];
+#pragma unroll
+            for (int i = 0; i < NV; ++i) {
+                const int v = threadIdx.x + i * THREADS, row = v / PR, cv = v % PR;
+                r[i] = row < valid ? *reinterpret_cast<const uint4*>(s + row * row_stride + cv * 8) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int i = 0; i < NV; ++i) {
+                const int v = threadIdx.x + i * THREADS, row = v / PR, cv = v % PR;
+                const uint32_t w[4] = {r[i].x, r[i].y, r[i].z, r[i].w};
+                float f[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) f[j] = unpack_elem<__nv_bfloat16>(w, j);
+                const int h0 = (cv >> 2) & 1;
+                float* d = dst + row * ld + cv * 8;
+                const float4 lo = make_float4(f[0], f[1], f[2], f[3]), hi = make_float4(f[4], f[5], f[6], f[7]);
+                *reinterpret_cast<float4*>(d + 4 * h0) = h0 ? hi : lo;
+                *reinterpret_cast<float4*>(d + 4 - 4 * h0) = h0 ? lo : hi;
+            }
+            return;
+        }
+    }
+    load_rows_any<kChunk, COLS, THREADS>(dst, ld, src, dtype, offset, row_stride, valid);
+}
+
 template <Decay D, Update Up, int K>
 __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMinBlocks)
     chunk_prepare_mma_kernel(const FwdParams p) {
@@ -117,8 +186,13 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
     E* ks = reinterpret_cast<E*>(sm + L::k_off);
     E* vs = ks;  // v [64][LDV] once k is dead (delta rule)
     float* Fs = reinterpret_cast<float*>(sm + L::f_off);  // Δ [64][LDF]
-    float* As = Fs;                                       // A [64][LDA], strictly lower, β_i and norms applied
-    float* Ls = Fs + kChunk * LDA;                        // L = (I + A)^{-1} [64][LDA]
+    // A [64][LDA], strictly lower, β_i and norms applied; L = (I + A)^{-1} [64][LDL]; K⊙γ [64][LDG].
+    // Vector decay: A in q's bytes, L and K⊙γ in Δ's rows (row i in row i's bytes, see the layout).
+    float* As = kVec ? reinterpret_cast<float*>(sm + L::q_off) : Fs;
+    float* Ls = kVec ? Fs : Fs + kChunk * LDA;
+    constexpr int LDL = kVec ? LDF : LDA;
+    E* kgs = kVec ? reinterpret_cast<E*>(Fs) + L::KG_OFF : qs;
+    constexpr int LDG = kVec ? 2 * LDF : LDH;
     // vector decay: R_0 at St[c], S_I at St[(I + 1)·K + c]. Every exponent needed is a sum of these of
     // one sign (g ≤ 0), so it stays accurate however large the sums: R_I − R_J = S_J + … + S_{I−1},
     // b_C − R_I = S_I + … + S_3, R_I = R_0 + S_0 + … + S_{I−1}.
@@ -129,7 +203,9 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
     float* rk = rq + kChunk;     // 1 / ‖k_i‖ (or 1)
     float* eq = rk + kChunk;     // e^{b_i}          (scalar decays)
     float* ek = eq + kChunk;     // e^{b_C − b_i}    (scalar decays)
-    int* wide = reinterpret_cast<int*>(ek + kChunk);  // bit I: row block I spans more than e^80 (vector decay)
+    float* qkd = ek + kChunk;    // q_i·k_i of the raw inputs in fp32 (vector decay: the exact diagonal of P)
+    // vector decay: bit I: row block I spans more than e^80; kSlowChunk: the chunk more than e^kFastSpan
+    int* wide = reinterpret_cast<int*>(qkd + kChunk);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -163,7 +239,7 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
     if constexpr (kVec) {
         // raw gate rows as fp32 into Δ's rows; the activation and the sums follow once they are in
         const int64_t goff = ci.batch * p.gs[0] + int64_t(ci.start) * p.gs[1] + hv * p.gs[2];
-        load_rows_any<kChunk, K, kPrepMmaThreads>(Fs, LDF, p.g, p.g_dtype, goff, p.gs[1], len);
+        stage_gate_rows<K, kPrepMmaThreads>(Fs, LDF, p.g, p.g_dtype, goff, p.gs[1], len);
     } else if (warp == 0) {
         // one decay number per token: two tokens per lane, summed in fp64 (warp_chunk_log_decay)
         double a[2] = {0.0, 0.0};
@@ -194,56 +270,79 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
     __syncthreads();
 
     // ---- vector decay: per channel (one thread each) the activation and the fp64 in-chunk sums ----
+    // Δ_i = b_i − R_I is the sum of the block's gates after its first, so the four blocks are four
+    // independent sums (four chains in flight instead of one of 64); R_0 is the first gate and
+    // S_I = R_{I+1} − R_I the block's sum after its first plus the next block's first.
     if constexpr (kVec) {
         if (tid < K) {
             const int c = tid;
             float dtb = 0.f, alog = 0.f;
-            if (p.gate_act != GateActivation::None) {
+            const bool act = p.gate_act != GateActivation::None;
+            if (act) {
                 dtb = static_cast<const float*>(p.dt_bias)[hv * K + c];
                 alog = static_cast<const float*>(p.A_log)[hv];
             }
-            double run = 0.0, R[4];
-            int wide_bits = 0;
+            // the log decay of token i (rows ≥ len: 0; the copy zero-filled them, which is 0 without an activation)
+            auto gate = [&](int i) -> double {
+                const float x = Fs[i * LDF + c];
+                if (!act) return x;
+                return i < len ? gate_log_decay(p.gate_act, p.lower_bound, x + dtb, alog) : 0.f;
+            };
+            double first[4], sum[4] = {0.0, 0.0, 0.0, 0.0};
 #pragma unroll
             for (int I = 0; I < 4; ++I) {
-                // Not unrolled: 64 inlined copies of the gate activation grew the KDA kernel (K = 128) from
-                // 260 to 387 KiB of machine code, and KDA B=4 T=4096 ran 1.08 ms (0.74 ms rolled, H100).
-                for (int ii = 0; ii < 16; ++ii) {
-                    const int i = 16 * I + ii;
-                    double gl = 0.0;
-                    if (i < len) {
-                        const float x = Fs[i * LDF + c];
-                        gl = p.gate_act == GateActivation::None ? x : gate_log_decay(p.gate_act, p.lower_bound, x + dtb, alog);
-                    }
-                    run += gl;
-                    if (ii == 0) R[I] = run;
-                    const float d = float(run - R[I]);
-                    Fs[i * LDF + c] = d;
-                    if (ii == 15 && d < -kSafeSpan) wide_bits |= 1 << I;
+                first[I] = gate(16 * I);
+                Fs[16 * I * LDF + c] = 0.f;
+            }
+            // Not unrolled: fully unrolled, the 64 inlined copies of the gate activation grew the KDA
+            // kernel (K = 128) from 260 to 387 KiB of machine code, and KDA B=4 T=4096 ran 1.08 ms
+            // (0.74 ms rolled, H100, session 5).
+#pragma unroll 1
+            for (int ii = 1; ii < 16; ++ii) {
+                float x[4];
+#pragma unroll
+                for (int I = 0; I < 4; ++I) x[I] = gate(16 * I + ii);
+#pragma unroll
+                for (int I = 0; I < 4; ++I) {
+                    sum[I] += x[I];
+                    Fs[(16 * I + ii) * LDF + c] = float(sum[I]);
                 }
             }
-            St[c] = float(R[0]);
+            int flags = 0;
+            double S[4], tot = 0.0;
 #pragma unroll
-            for (int I = 0; I < 4; ++I) St[(I + 1) * K + c] = float((I < 3 ? R[I + 1] : run) - R[I]);
-            p.gC[slot * K + c] = __expf(float(run));
-            if (wide_bits) atomicOr(wide, wide_bits);
+            for (int I = 0; I < 4; ++I) {
+                S[I] = sum[I] + (I < 3 ? first[I + 1] : 0.0);
+                tot += S[I];
+                if (float(sum[I]) < -kSafeSpan) flags |= 1 << I;
+            }
+            if (tot < -double(kFastSpan)) flags |= kSlowChunk;
+            St[c] = float(first[0]);
+#pragma unroll
+            for (int I = 0; I < 4; ++I) St[(I + 1) * K + c] = float(S[I]);
+            p.gC[slot * K + c] = __expf(float(first[0] + tot));
+            if (flags) atomicOr(wide, flags);
         }
     }
-    // ---- L2 norms (and the scale) of this warp's rows ----
+    // ---- L2 norms (and the scale) of this warp's rows; vector decay: q_i·k_i ----
     for (int rr = 0; rr < 16; ++rr) {
         const int i = r0 + rr;
-        float sq = 0.f, sk = 0.f;
+        float sq = 0.f, sk = 0.f, sqk = 0.f;
 #pragma unroll
         for (int c = 2 * lane; c < K; c += 64) {
             const float2 a = load_bf16x2(qs + i * LDH + c), b = load_bf16x2(ks + i * LDH + c);
             sq += a.x * a.x + a.y * a.y;
             sk += b.x * b.x + b.y * b.y;
+            if constexpr (kVec) sqk += a.x * b.x + a.y * b.y;
         }
         const float2 f = qk_row_factors(sq, sk, p.scale, p.qk_l2norm);
         const float fq = f.x, fk = f.y;
+        if constexpr (kVec)
+            for (int off = 16; off > 0; off >>= 1) sqk += __shfl_xor_sync(0xffffffffu, sqk, off);
         if (lane == 0) {
             rq[i] = fq;
             rk[i] = fk;
+            if constexpr (kVec) qkd[i] = sqk;
         }
     }
     __syncthreads();
@@ -260,11 +359,96 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
     float accP[1][8][4], accA[1][8][4];
     zero_acc(accP);
     zero_acc(accA);
+    bool fast = false;  // vector decay: the single-reference path (block-uniform)
     if constexpr (!kVec) {
         const Tile<E> Bk{ks, 1, LDH};  // B(channel, token j) = k_j
         warp_gemm<E, 1, 8>(accP, Tile<E>{qs + r0 * LDH, LDH, 1}, Bk, K);
         if constexpr (kDelta) warp_gemm<E, 1, 8>(accA, Tile<E>{ks + r0 * LDH, LDH, 1}, Bk, K);
     } else {
+        fast = !(*wide & kSlowChunk);
+    }
+    if (kVec && fast) {
+        // ---- this warp's rows, 8 channels per lane: qa → q's bytes, kb → k's bytes, ka and K⊙γ → the
+        // row's own Δ bytes; Qg = sq̂ ⊙ γ and Kd = k̂ ⊙ γ_C ⊘ γ to memory ----
+        constexpr int LPR = K / 8, RPI = 32 / LPR;
+        constexpr float kLog2e = 1.4426950408889634f;
+        const int c0 = 8 * (lane % LPR);
+        E* Qg = p.Qg ? static_cast<E*>(p.Qg) + slot * kChunk * K : nullptr;
+        E* Kd = p.Kd ? static_cast<E*>(p.Kd) + slot * kChunk * K : nullptr;
+        E* kas = reinterpret_cast<E*>(Fs);  // ka [64][2·LDF]
+        // per channel, in log2 units: ca = R_I − m, cr = R_I, ce = b_C − R_I (m = b_0 + (b_C − b_0)/2)
+        float ca[8], cr[8], ce[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            float pre = 0.f, post = 0.f;
+#pragma unroll
+            for (int I = 0; I < 4; ++I) {
+                const float s = St[(I + 1) * K + c0 + e];
+                if (I < warp) pre += s;
+                else post += s;
+            }
+            ca[e] = (pre - 0.5f * (pre + post)) * kLog2e;
+            cr[e] = (St[c0 + e] + pre) * kLog2e;
+            ce[e] = post * kLog2e;
+        }
+        for (int it = 0; it < 16 / RPI; ++it) {
+            const int i = r0 + it * RPI + lane / LPR;
+            const uint4 qraw = *reinterpret_cast<const uint4*>(qs + i * LDH + c0);
+            const uint4 kraw = *reinterpret_cast<const uint4*>(ks + i * LDH + c0);
+            const float4 d0 = *reinterpret_cast<const float4*>(Fs + i * LDF + c0);
+            const float4 d1 = *reinterpret_cast<const float4*>(Fs + i * LDF + c0 + 4);
+            __syncwarp();  // the row's Δ is read by all its lanes before ka and K⊙γ take its bytes
+            const uint32_t qw[4] = {qraw.x, qraw.y, qraw.z, qraw.w}, kw[4] = {kraw.x, kraw.y, kraw.z, kraw.w};
+            const float d[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+            const float rqi = rq[i], rki = rk[i];
+            float qa[8], ka[8], kb[8], qo[8], ko[8], kg[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float dl = d[e] * kLog2e, xa = ca[e] + dl;
+                const float ea = exp2_approx(xa), eab = exp2_approx(-xa);  // e^{b_i − m}, e^{m − b_i}
+                const float fq = exp2_approx(cr[e] + dl), fk = exp2_approx(ce[e] - dl);  // e^{b_i}, e^{b_C − b_i}
+                const float qe = unpack_elem<E>(qw, e), kr = unpack_elem<E>(kw, e), ke = kr * rki;
+                qa[e] = qe * ea;
+                ka[e] = kr * ea;
+                kb[e] = kr * eab;
+                qo[e] = qe * rqi * fq;
+                ko[e] = ke * fk;
+                kg[e] = ke * fq;
+            }
+            store_vec<E>(qs + i * LDH + c0, qa);
+            store_vec<E>(ks + i * LDH + c0, kb);
+            if (Qg) {
+                store_vec<E>(Qg + i * K + c0, qo);
+                store_vec<E>(Kd + i * K + c0, ko);
+            }
+            if constexpr (kDelta) {
+                store_vec<E>(kas + i * (2 * LDF) + c0, ka);
+                store_vec<E>(kgs + i * LDG + c0, kg);
+            }
+        }
+        __syncthreads();  // kb of every row
+        // ---- P = qa kbᵀ, A = ka kbᵀ: column blocks J ≤ warp (the rest is masked) ----
+        const int mi = lane >> 3, r8 = lane & 7;
+#pragma unroll 2
+        for (int k0 = 0; k0 < K; k0 += 16) {
+            uint32_t aq[4], ak[4];
+            ldmatrix_x4(aq, qs + (r0 + (mi & 1) * 8 + r8) * LDH + k0 + (mi >> 1) * 8);
+            if constexpr (kDelta) ldmatrix_x4(ak, kas + (r0 + (mi & 1) * 8 + r8) * (2 * LDF) + k0 + (mi >> 1) * 8);
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                if (np > warp) continue;  // warp-uniform
+                uint32_t x[4];
+                ldmatrix_x4(x, ks + (16 * np + (mi >> 1) * 8 + r8) * LDH + k0 + (mi & 1) * 8);
+                const uint32_t b0[2] = {x[0], x[1]}, b1[2] = {x[2], x[3]};
+                mma16(accP[0][2 * np], aq, b0, E());
+                mma16(accP[0][2 * np + 1], aq, b1, E());
+                if constexpr (kDelta) {
+                    mma16(accA[0][2 * np], ak, b0, E());
+                    mma16(accA[0][2 * np + 1], ak, b1, E());
+                }
+            }
+        }
+    } else if constexpr (kVec) {
         const bool wide_diag = (*wide >> warp) & 1;
         for (int kk = 0; kk < K; kk += 16) {
             // A fragments: rows r0 + g (+8), channels kk + 2t (+8): q e^{Δ_i}, k e^{Δ_i}
@@ -332,12 +516,20 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
             }
         }
     }
-    // norms, β and (one number per token) the decay on the fp32 results; the causal masks
+    // norms, β and (one number per token) the decay on the fp32 results; the causal masks. Vector
+    // decay: P's diagonal is q_i·k_i (e^{b_i − b_i} = 1), taken from the raw inputs instead of the
+    // product of two rounded decayed operands (the reference run in bf16 rounds neither: it rounds
+    // the state and the output). The diagonal is the largest entry of a row when the decay is strong,
+    // and those two roundings were a large share of the bf16 forward's error: KDA's bf16 test o ran
+    // at 0.93-1.00x its bound with the factored scores and 1.00-1.06x with the single-reference ones;
+    // 0.80-0.89x with this (GLA 0.87-0.92x -> 0.69-0.73x)
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int i = r0 + g + 8 * (e >> 1), j = 8 * nt + 2 * t + (e & 1);
+            if constexpr (kVec)
+                if ((nt >> 1) == warp && j == i) accP[0][nt][e] = qkd[i];
             float dec = 1.f;
             if constexpr (D == Decay::Scalar || D == Decay::Fixed) dec = j <= i ? __expf(float(bsm[i] - bsm[j])) : 0.f;
             const float rkj = rk[j];
@@ -347,10 +539,14 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
             if constexpr (kDelta) accA[0][nt][e] = j < i ? accA[0][nt][e] * betas[i] * rk[i] * rkj * dec : 0.f;
         }
     store_acc<E>(accP, static_cast<E*>(p.P) + slot * kChunk * kChunk + r0 * kChunk, kChunk);
-    __syncwarp();  // every lane's reads of q rows r0.. are done before K⊙γ overwrites them
+    // other decays: every lane's reads of q rows r0.. are done before K⊙γ overwrites them; vector
+    // decay (delta rule): every warp's reads of Δ are, before K⊙γ takes half of each Δ row
+    if (kVec && kDelta && !fast) __syncthreads();
+    else __syncwarp();
 
-    // ---- Qg = sq̂ ⊙ γ, Kd = k̂ ⊙ γ_C ⊘ γ (and K⊙γ into q's rows for W) for this warp's rows, 8 channels per lane ----
-    {
+    // ---- Qg = sq̂ ⊙ γ, Kd = k̂ ⊙ γ_C ⊘ γ (and K⊙γ for W) for this warp's rows, 8 channels per lane;
+    // the vector decay's single-reference path formed them with its operands ----
+    if (!(kVec && fast)) {
         constexpr int LPR = K / 8, RPI = 32 / LPR;
         E* Qg = p.Qg ? static_cast<E*>(p.Qg) + slot * kChunk * K : nullptr;
         E* Kd = p.Kd ? static_cast<E*>(p.Kd) + slot * kChunk * K : nullptr;
@@ -397,7 +593,10 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
                 store_vec<E>(Qg + i * K + c0, qo);
                 store_vec<E>(Kd + i * K + c0, ko);
             }
-            if constexpr (kDelta) store_vec<E>(qs + i * LDH + c0, kg);
+            if constexpr (kDelta) {
+                if constexpr (kVec) __syncwarp();  // the row's Δ is read by all its lanes before K⊙γ takes half its bytes
+                store_vec<E>(kgs + i * LDG + c0, kg);
+            }
         }
     }
     if constexpr (!kDelta) {
@@ -419,7 +618,7 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
         }
         return;
     } else {
-        __syncthreads();  // Δ and raw k are dead (A, L and v take their bytes); K⊙γ is complete
+        __syncthreads();  // Δ (or ka), raw k (or kb) and q are dead (A, L and v take their bytes); K⊙γ is complete
         // v arrives while the inverse runs
         if (V == 128) stage_rows_bf16<128, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], kChunk, len);
         else stage_rows_bf16<64, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], kChunk, len);
@@ -438,24 +637,24 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
                 col[i] = i < c ? 0.f : x;
             }
 #pragma unroll
-            for (int i = 0; i < 16; ++i) Ls[(o + i) * LDA + o + c] = col[i];
+            for (int i = 0; i < 16; ++i) Ls[(o + i) * LDL + o + c] = col[i];
         }
         __syncthreads();
         // ---- column block J = warp: L_IJ = −L_II · (A_I,[J,I) · L_[J,I),J) for I = J+1..3 (tf32) ----
         {
             const int J = warp;
-            float* X = Ls + 16 * J * LDA;  // scratch: the unused upper block (J, I) of L
+            float* X = Ls + 16 * J * LDL;  // scratch: the unused upper block (J, I) of L
             for (int I = J + 1; I < 4; ++I) {
                 float x[1][2][4];
                 zero_acc(x);
                 warp_gemm<float, 1, 2>(x, Tile<float>{As + 16 * I * LDA + 16 * J, LDA, 1},
-                                       Tile<float>{Ls + 16 * J * LDA + 16 * J, LDA, 1}, 16 * (I - J));
-                for_each_acc(x, [&](int r, int c, float& v) { X[r * LDA + 16 * I + c] = v; });
+                                       Tile<float>{Ls + 16 * J * LDL + 16 * J, LDL, 1}, 16 * (I - J));
+                for_each_acc(x, [&](int r, int c, float& v) { X[r * LDL + 16 * I + c] = v; });
                 __syncwarp();
                 float y[1][2][4];
                 zero_acc(y);
-                warp_gemm<float, 1, 2>(y, Tile<float>{Ls + 16 * I * LDA + 16 * I, LDA, 1}, Tile<float>{X + 16 * I, LDA, 1}, 16);
-                for_each_acc(y, [&](int r, int c, float& v) { Ls[(16 * I + r) * LDA + 16 * J + c] = -v; });
+                warp_gemm<float, 1, 2>(y, Tile<float>{Ls + 16 * I * LDL + 16 * I, LDL, 1}, Tile<float>{X + 16 * I, LDL, 1}, 16);
+                for_each_acc(y, [&](int r, int c, float& v) { Ls[(16 * I + r) * LDL + 16 * J + c] = -v; });
                 __syncwarp();
             }
         }
@@ -466,7 +665,7 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
             float* Tg = p.Tinv + slot * kChunk * kChunk;
             for (int idx = tid; idx < kChunk * kChunk / 4; idx += kPrepMmaThreads) {
                 const int i = idx / (kChunk / 4), j = 4 * (idx % (kChunk / 4));
-                float4 v = *reinterpret_cast<const float4*>(Ls + i * LDA + j);
+                float4 v = *reinterpret_cast<const float4*>(Ls + i * LDL + j);
                 v.x = j <= i ? v.x : 0.f;
                 v.y = j + 1 <= i ? v.y : 0.f;
                 v.z = j + 2 <= i ? v.z : 0.f;
@@ -482,7 +681,7 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = r0 + g + 8 * (e & 1), j = 16 * s + 2 * t + 8 * (e >> 1);
-                const float2 l = *reinterpret_cast<const float2*>(Ls + i * LDA + j);
+                const float2 l = *reinterpret_cast<const float2*>(Ls + i * LDL + j);
                 a[s][e] = pack_bf16(l.x * betas[j], l.y * betas[j + 1]);
             }
         }
@@ -507,7 +706,7 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
         };
         E* Wg = static_cast<E*>(p.W) + slot * kChunk * K;
         E* Ug = static_cast<E*>(p.U) + slot * size_t(kChunk) * V;
-        for (int c0 = 0; c0 < K; c0 += 64) product64(qs, LDH, c0, Wg, K);
+        for (int c0 = 0; c0 < K; c0 += 64) product64(kgs, LDG, c0, Wg, K);
         for (int c0 = 0; c0 < V; c0 += 64) product64(vs, LDV, c0, Ug, V);
     }
 }
