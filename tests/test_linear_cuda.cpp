@@ -182,6 +182,34 @@ TEST(LinearCuda, VarlenWithEmptySequences) {
     }
 }
 
+// The piecewise forward (the scan of piece i beside the prepare of piece i + 1, the state handed from
+// piece to piece through the workspace) is the default only for long sequences on a scan grid that
+// leaves most SMs idle. Forced to 2 and 5 pieces on small shapes: varlen with empty sequences and
+// sequences of fewer chunks than pieces (empty pieces pass the state through), grouped value heads, an
+// initial state, bf16 (warp-specialised scan) and fp32 (chunk_scan_kernel). Then the default: two
+// sequences of 49 chunks and two value heads, which it cuts into 2 pieces.
+TEST(LinearCuda, PiecewiseForward) {
+    REQUIRE_GPU();
+    for (const char* pieces : {"2", "5"}) {
+        setenv("HLA_CUDA_FWD_PIECES", pieces, 1);
+        for (const Cell& cell : kCells)
+            for (DType dt : {DType::BF16, DType::F32}) {
+                LinearCase c = make_case(std::string(cell.name) + "/pieces" + pieces + "/" + dtype_tag(dt),
+                                         cell.config(), dt, 1, 400, 2, 4, 64, 64);
+                c.cu_seqlens = {0, 0, 70, 70, 333, 400};
+                c.initial_state = true;
+                check_forward(c);
+            }
+    }
+    unsetenv("HLA_CUDA_FWD_PIECES");
+    for (const Cell& cell : kCells) {
+        LinearCase c = make_case(std::string(cell.name) + "/pieces-default", cell.config(), DType::BF16, 2, 3100, 1, 2,
+                                 64, 64);
+        c.initial_state = true;
+        check_forward(c);
+    }
+}
+
 // g = −1000 everywhere (the state forgets every token), and long runs of strongly negative gates
 // (a 16-token block of the vector decay spans far more than e^80: the entry-by-entry path).
 TEST(LinearCuda, ExtremeGates) {

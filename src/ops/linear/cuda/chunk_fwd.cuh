@@ -34,6 +34,7 @@
 #pragma once
 
 #include <algorithm>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -942,6 +943,43 @@ int scan_tile_width(int64_t chains, int64_t V) {
 void* workspace_alloc(size_t bytes, const char* op);
 void workspace_free(void* ptr);
 
+// The piecewise forward (forward_chunked_impl): HLA_CUDA_FWD_PIECES = P forces P pieces (tests and
+// tuning; 1 is the single-shot path), 0 when unset.
+int fwd_pieces_override();
+// Per device, created once (piece_streams): the stream the piecewise forward's scans run on
+// (non-blocking, the device's greatest priority, so that a scan's blocks take SMs as soon as prepare
+// blocks leave them) and three events: a piece's prepare done (its scan waits), the previous piece's
+// scan done (the next prepare waits) and the join. `mu` keeps one forward at a time on them: with two
+// host threads interleaving, a scan could wait on the other thread's prepare.
+struct PieceStreams {
+    cudaStream_t scan = nullptr;
+    cudaEvent_t ready = nullptr, scanned = nullptr, done = nullptr;
+    std::mutex mu;
+};
+inline PieceStreams& piece_streams(const char* op) {
+    // inline: one set of statics for the program, whichever fwd_<dtype>.cu calls first
+    static std::mutex init;
+    // Never destroyed: the streams and events live as long as the process (destroying them at exit
+    // could run after the CUDA runtime has shut down).
+    static std::vector<PieceStreams*> per_device;
+    int dev = 0;
+    check_cuda(cudaGetDevice(&dev), op, "cudaGetDevice");
+    std::lock_guard<std::mutex> lock(init);
+    if (per_device.size() <= size_t(dev)) per_device.resize(size_t(dev) + 1, nullptr);
+    if (!per_device[dev]) {
+        auto* ps = new PieceStreams;
+        int least = 0, greatest = 0;
+        check_cuda(cudaDeviceGetStreamPriorityRange(&least, &greatest), op, "cudaDeviceGetStreamPriorityRange");
+        check_cuda(cudaStreamCreateWithPriority(&ps->scan, cudaStreamNonBlocking, greatest), op,
+                   "cudaStreamCreateWithPriority(piece scans)");
+        check_cuda(cudaEventCreateWithFlags(&ps->ready, cudaEventDisableTiming), op, "cudaEventCreate(piece ready)");
+        check_cuda(cudaEventCreateWithFlags(&ps->scanned, cudaEventDisableTiming), op, "cudaEventCreate(piece scanned)");
+        check_cuda(cudaEventCreateWithFlags(&ps->done, cudaEventDisableTiming), op, "cudaEventCreate(pieces done)");
+        per_device[dev] = ps;
+    }
+    return *per_device[dev];
+}
+
 template <class In, class E, Decay D, Update Up, int K>
 void launch_prepare_fp32(const FwdParams& fp, int n_chunks, const char* op) {
     constexpr size_t smem = prep_smem_bytes<D, Up, K>();
@@ -963,24 +1001,24 @@ void launch_prepare(const FwdParams& fp, int n_chunks, const char* op) {
 }
 
 template <Update Up, int K, int VT>
-void launch_scan(const FwdParams& fp, int n_seqs, const char* op) {
+void launch_scan(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t stream) {
     constexpr size_t smem = ScanLayout<K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan: shared memory over the 227 KiB of an SM");
     static const bool once = (set_smem(chunk_scan_kernel<Up, K, VT>, smem, op), true);
     (void)once;
     const dim3 grid(n_seqs, fp.HV, fp.V / VT);
-    chunk_scan_kernel<Up, K, VT><<<grid, kScanThreads, smem, launch_stream()>>>(fp);
+    chunk_scan_kernel<Up, K, VT><<<grid, kScanThreads, smem, stream>>>(fp);
     check_cuda(cudaGetLastError(), op, "chunk_scan launch");
 }
 
 template <Update Up, int K, int VT>
-void launch_scan_ws(const FwdParams& fp, int n_seqs, const char* op) {
+void launch_scan_ws(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t stream) {
     constexpr size_t smem = ScanWsLayout<K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan_ws: shared memory over the 227 KiB of an SM");
     static const bool once = (set_smem(chunk_scan_ws_kernel<Up, K, VT>, smem, op), true);
     (void)once;
     const dim3 grid(n_seqs, fp.HV, fp.V / VT);
-    chunk_scan_ws_kernel<Up, K, VT><<<grid, ScanWs<VT>::kThreads, smem, launch_stream()>>>(fp);
+    chunk_scan_ws_kernel<Up, K, VT><<<grid, ScanWs<VT>::kThreads, smem, stream>>>(fp);
     check_cuda(cudaGetLastError(), op, "chunk_scan_ws launch");
 }
 
@@ -1005,17 +1043,17 @@ void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks) {
 }
 
 template <class E, Update Up, int K>
-void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt) {
+void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt, cudaStream_t stream) {
     const int n_seqs = int(p.N());
     // bf16 operands: the warp-specialised scan, 16, 32 or 64 columns. fp32 operands: at most 32 columns
     // (64 would need 256 KiB of shared memory).
     if constexpr (sizeof(E) == 2) {
-        if (vt == 64) return launch_scan_ws<Up, K, 64>(fp, n_seqs, p.op);
-        if (vt == 32) return launch_scan_ws<Up, K, 32>(fp, n_seqs, p.op);
-        return launch_scan_ws<Up, K, 16>(fp, n_seqs, p.op);
+        if (vt == 64) return launch_scan_ws<Up, K, 64>(fp, n_seqs, p.op, stream);
+        if (vt == 32) return launch_scan_ws<Up, K, 32>(fp, n_seqs, p.op, stream);
+        return launch_scan_ws<Up, K, 16>(fp, n_seqs, p.op, stream);
     } else {
-        if (vt >= 32) return launch_scan<Up, K, 32>(fp, n_seqs, p.op);
-        return launch_scan<Up, K, 16>(fp, n_seqs, p.op);
+        if (vt >= 32) return launch_scan<Up, K, 32>(fp, n_seqs, p.op, stream);
+        return launch_scan<Up, K, 16>(fp, n_seqs, p.op, stream);
     }
 }
 
@@ -1029,10 +1067,9 @@ int fwd_scan_tile_width(int64_t chains, int64_t V, bool delta) {
 }
 
 template <class E, int K>
-void launch_scan_cell(const Problem& p, const FwdParams& fp) {
-    const int vt = fwd_scan_tile_width<E>(int64_t(p.N()) * p.HV, p.V, p.delta());
-    if (p.delta()) return launch_scan_vt<E, Update::Delta, K>(p, fp, vt);
-    return launch_scan_vt<E, Update::Additive, K>(p, fp, vt);
+void launch_scan_cell(const Problem& p, const FwdParams& fp, int vt, cudaStream_t stream) {
+    if (p.delta()) return launch_scan_vt<E, Update::Delta, K>(p, fp, vt, stream);
+    return launch_scan_vt<E, Update::Additive, K>(p, fp, vt, stream);
 }
 
 // The dtype of the intermediates and of the scan's matrix operands: that of the inputs, except fp16,
@@ -1097,16 +1134,58 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
                      std::is_same_v<In, __nv_bfloat16> && p.cfg.decay != Decay::Vector && rows_16byte(a.q) &&
                      rows_16byte(a.k) && (p.delta() || rows_16byte(a.v));
 
-    // Chunk table (host), then one workspace allocation holding the tables and the intermediates.
+    // The scan's grid decides whether the forward runs in pieces. Single-shot, prepare runs over every
+    // chunk with the whole GPU, then the scan: one block per (sequence, value head, V-tile), each
+    // walking its chunks in order. When that grid leaves most SMs idle (B=1: 16 heads × 4 tiles = 64
+    // blocks on 132 SMs) prepare's time is all exposed before the scan. Piecewise, each sequence is cut
+    // into P runs of whole chunks; prepare of piece i runs on the caller's stream right after piece
+    // i − 1 (all pieces back to back), the scan of piece i on a second, higher-priority stream once
+    // prepare i is done and the scan of piece i − 1 has written its state (fp32 [N, HV, K, V] in the
+    // workspace, the next piece's initial state). The scans then take their SMs as prepare blocks
+    // leave them and the later pieces' prepare runs on the SMs the scan leaves idle: about prepare / P
+    // + scan instead of prepare + scan. The backward's recompute (`states`) stays single-shot.
+    const int vt = fwd_scan_tile_width<E>(int64_t(p.N()) * p.HV, p.V, p.delta());
+    int64_t max_chunks = 0;
+    for (const Sequence& s : p.seqs) max_chunks = std::max<int64_t>(max_chunks, (s.len + kChunk - 1) / kChunk);
+    int pieces = 1;
+    if (!states) {
+        const int64_t scan_blocks = int64_t(p.N()) * p.HV * (p.V / vt);
+        // Each boundary costs a prepare wave's tail and the scan's restart (forced pieces at B=4 T=4096,
+        // where nothing overlaps: GDN +30 us at 2 pieces, +83 at 4), so few pieces pay best. H100, bf16,
+        // H=16, K=V=128, B=1 T=16384, 1 / 2 / 3 / 4 / 8 pieces: GDN 0.752 / 0.696 / 0.690 / 0.699 /
+        // 0.746 ms, KDA 0.835 / 0.771 / 0.785 / 0.816 / 0.954. Simple GLA's scan (16-column tiles, 128
+        // blocks) already fills the SMs and stays single-shot (2 pieces: 0.502 -> 0.503).
+        constexpr int kMaxPieces = 2, kMinPieceChunks = 16;
+        if (2 * scan_blocks <= sm_count())
+            pieces = int(std::clamp<int64_t>(max_chunks / kMinPieceChunks, 1, kMaxPieces));
+        const int forced = fwd_pieces_override();
+        if (forced >= 1) pieces = forced;
+        pieces = int(std::clamp<int64_t>(pieces, 1, std::max<int64_t>(max_chunks, 1)));
+    }
+
+    // Chunk table (host), then one workspace allocation holding the tables and the intermediates. The
+    // chunks are ordered piece by piece (within a piece, sequence by sequence), so a piece's prepare is
+    // one contiguous range of chunks and slots; the sequence table has one entry per (piece, sequence):
+    // the piece's tokens of that sequence (possibly none) and its first chunk. With one piece these are
+    // the single-shot tables.
     std::vector<ChunkInfo> chunks;
     std::vector<SeqInfo> seqs;
-    for (size_t n = 0; n < p.seqs.size(); ++n) {
-        const Sequence& s = p.seqs[n];
-        seqs.push_back({int(s.batch), int(s.start), int(s.len), int(chunks.size())});
-        for (int64_t c = 0; c < s.len; c += kChunk)
-            chunks.push_back({int(s.batch), int(s.start + c), int(std::min<int64_t>(kChunk, s.len - c)), int(n)});
+    std::vector<int> piece_first;  // first chunk of every piece, and the total
+    for (int i = 0; i < pieces; ++i) {
+        piece_first.push_back(int(chunks.size()));
+        for (size_t n = 0; n < p.seqs.size(); ++n) {
+            const Sequence& s = p.seqs[n];
+            const int64_t nc = (s.len + kChunk - 1) / kChunk;
+            const int64_t c0 = nc * i / pieces, c1 = nc * (i + 1) / pieces;
+            const int64_t t0 = c0 * kChunk, t1 = std::min<int64_t>(c1 * kChunk, s.len);
+            seqs.push_back({int(s.batch), int(s.start + t0), int(std::max<int64_t>(t1 - t0, 0)), int(chunks.size())});
+            for (int64_t c = c0; c < c1; ++c)
+                chunks.push_back({int(s.batch), int(s.start + c * kChunk),
+                                  int(std::min<int64_t>(kChunk, s.len - c * kChunk)), int(n)});
+        }
     }
-    if (seqs.empty()) return nullptr;
+    piece_first.push_back(int(chunks.size()));
+    if (p.seqs.empty()) return nullptr;
     const size_t n_chunks = chunks.size();
     auto align = [](size_t x) { return (x + 255) & ~size_t(255); };
     const size_t slots = n_chunks * size_t(p.HV);
@@ -1124,7 +1203,10 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const bool keep_d = keep_t && p.cfg.decay == Decay::Vector;
     const size_t b_t = keep_t ? align(slots * kChunk * kChunk * sizeof(float)) : 0;
     const size_t b_d = keep_d ? b_t : 0;
-    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d + b_rf;
+    // the state between pieces, fp32 [N, HV, K, V], two buffers taken in turn (a scan never writes the
+    // buffer it reads its initial state from)
+    const size_t b_s = pieces > 1 ? align(size_t(p.N()) * p.HV * p.K * p.V * sizeof(float)) : 0;
+    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d + b_rf + 2 * b_s;
     char* ws = static_cast<char*>(workspace_alloc(total, p.op));
     char* at = ws;
     fp.chunks = reinterpret_cast<const ChunkInfo*>(at);
@@ -1155,13 +1237,77 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     fp.Dm = keep_d ? reinterpret_cast<float*>(at) : nullptr;
     at += b_d;
     fp.qk_rowf = raw ? reinterpret_cast<float*>(at) : nullptr;
+    at += b_rf;
+    float* piece_state[2] = {b_s ? reinterpret_cast<float*>(at) : nullptr,
+                             b_s ? reinterpret_cast<float*>(at + b_s) : nullptr};
 
-    if (n_chunks > 0) {
-        if (p.K == 64) launch_prepare_cell<In, E, 64>(p, fp, int(n_chunks));
-        else launch_prepare_cell<In, E, 128>(p, fp, int(n_chunks));
+    auto prepare = [&](const FwdParams& f, int n) {
+        if (n == 0) return;
+        if (p.K == 64) launch_prepare_cell<In, E, 64>(p, f, n);
+        else launch_prepare_cell<In, E, 128>(p, f, n);
+    };
+    auto scan = [&](const FwdParams& f, cudaStream_t stream) {
+        if (p.K == 64) launch_scan_cell<E, 64>(p, f, vt, stream);
+        else launch_scan_cell<E, 128>(p, f, vt, stream);
+    };
+    if (pieces == 1) {
+        prepare(fp, int(n_chunks));
+        scan(fp, launch_stream());
+    } else {
+        PieceStreams& ps = piece_streams(p.op);
+        std::lock_guard<std::mutex> lock(ps.mu);
+        const cudaStream_t caller = launch_stream();
+        const int64_t state_strides[4] = {p.HV * p.K * p.V, p.K * p.V, p.V, 1};
+        // prepare of piece i: its chunks are blocks [0, n) of a launch whose tables and per-slot operands
+        // start at the piece's first chunk
+        auto prepare_piece = [&](int i) {
+            const size_t c0 = size_t(piece_first[i]), s0 = c0 * p.HV;
+            FwdParams pf = fp;
+            pf.chunks = fp.chunks + c0;
+            auto shift = [&](auto* ptr, size_t per_slot) { return ptr ? ptr + s0 * per_slot : ptr; };
+            pf.Qg = shift(static_cast<E*>(fp.Qg), size_t(kChunk) * p.K);
+            pf.Kd = shift(static_cast<E*>(fp.Kd), size_t(kChunk) * p.K);
+            pf.W = shift(static_cast<E*>(fp.W), size_t(kChunk) * p.K);
+            pf.U = shift(static_cast<E*>(fp.U), size_t(kChunk) * p.V);
+            pf.P = shift(static_cast<E*>(fp.P), size_t(kChunk) * kChunk);
+            pf.gC = shift(fp.gC, size_t(p.K));
+            pf.qk_rowf = shift(fp.qk_rowf, size_t(2 * kChunk));
+            prepare(pf, piece_first[i + 1] - piece_first[i]);
+            check_cuda(cudaEventRecord(ps.ready, caller), p.op, "cudaEventRecord(piece ready)");
+        };
+        // Piece i + 1's prepare waits for piece i − 1's scan as well as for piece i's prepare, so that it
+        // and piece i's scan become ready together (the scan on the higher-priority stream). Let run
+        // ahead, the later prepares' blocks (3 an SM) refill every slot as it frees and a scan block (a
+        // whole SM) may find no empty SM until they are all dispatched. Neither order reaches the
+        // ~prepare / P + scan of the idea: KDA B=1 T=16384, 2 / 4 / 8 pieces, run ahead 0.765 / 0.802 /
+        // 0.866 ms, this order 0.771 / 0.816 / 0.954 (single-shot 0.835); with the 2 pieces taken by
+        // default the two orders are the same graph.
+        prepare_piece(0);
+        for (int i = 0; i < pieces; ++i) {
+            check_cuda(cudaStreamWaitEvent(ps.scan, ps.ready, 0), p.op, "cudaStreamWaitEvent(piece ready)");
+            check_cuda(cudaEventRecord(ps.scanned, ps.scan), p.op, "cudaEventRecord(piece scanned)");
+            // scan of piece i: from the caller's initial state (or zero) or the previous piece's state,
+            // to a piece state or, last, the caller's final state
+            FwdParams sf = fp;
+            sf.seqs = fp.seqs + size_t(i) * p.N();
+            if (i > 0) {
+                sf.h0 = piece_state[(i - 1) % 2];
+                std::copy(state_strides, state_strides + 4, sf.h0s);
+            }
+            if (i + 1 < pieces) {
+                sf.ht = piece_state[i % 2];
+                std::copy(state_strides, state_strides + 4, sf.hts);
+            }
+            scan(sf, ps.scan);
+            if (i + 1 < pieces) {
+                check_cuda(cudaStreamWaitEvent(caller, ps.scanned, 0), p.op, "cudaStreamWaitEvent(piece scanned)");
+                prepare_piece(i + 1);
+            }
+        }
+        // join: the caller's stream (and the workspace's release on it) waits for the last scan
+        check_cuda(cudaEventRecord(ps.done, ps.scan), p.op, "cudaEventRecord(pieces done)");
+        check_cuda(cudaStreamWaitEvent(caller, ps.done, 0), p.op, "cudaStreamWaitEvent(pieces done)");
     }
-    if (p.K == 64) launch_scan_cell<E, 64>(p, fp);
-    else launch_scan_cell<E, 128>(p, fp);
     if (keep) {
         *keep = fp;
         return ws;

@@ -29,6 +29,11 @@ int raw_operands_override() {
     return v ? std::atoi(v) : -1;
 }
 
+int fwd_pieces_override() {
+    const char* v = std::getenv("HLA_CUDA_FWD_PIECES");
+    return v ? std::atoi(v) : 0;
+}
+
 // Stream-ordered allocation from the device's default pool. The pool keeps freed memory (release
 // threshold raised once) so that steady-state calls map nothing new: a forward's workspace is
 // O(tokens · heads · K) and is needed again by the next call.
