@@ -418,6 +418,46 @@ TEST(LinearCuda, DecodeSkipsNegativeSlots) {
 }
 
 #if HLA_WITH_CUDA
+// The piecewise forward against the single-shot one (HLA_CUDA_FWD_PIECES=1), bit for bit: each chunk's
+// prepare is the same and the state crosses pieces in fp32. Both run on a user stream (non-blocking)
+// and only that stream is waited for (the copies back go to it): a scan still running on the second
+// stream after the call returned, or a workspace released before it, would show as a difference.
+TEST(LinearCuda, PiecewiseForwardEqualsSingleShotOnAUserStream) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells)
+        for (DType dt : {DType::BF16, DType::F32}) {
+            LinearCase c = make_case(std::string(cell.name) + "/pieces-bitwise/" + dtype_tag(dt), cell.config(), dt, 1,
+                                     700, 2, 4, 64, 64);
+            c.cu_seqlens = {0, 0, 390, 390, 700};
+            c.initial_state = true;
+            const LinearInputs dev = make_inputs(c, 3).move_to(Device::CUDA);
+            auto run = [&](const char* pieces) {
+                setenv("HLA_CUDA_FWD_PIECES", pieces, 1);
+                Tensor o = poisoned_output(c, Device::CUDA);
+                Tensor s = poisoned_state(c, dev.N, Device::CUDA);
+                cudaStream_t stream = nullptr;
+                cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+                std::pair<Tensor, Tensor> host;
+                {
+                    CudaStreamScope on(stream);
+                    linear_forward(c.cfg, dev.args(o, &s));
+                    host = {o.to(Device::CPU), s.to(Device::CPU)};
+                }
+                cudaStreamDestroy(stream);
+                unsetenv("HLA_CUDA_FWD_PIECES");
+                return host;
+            };
+            const auto [o1, s1] = run("1");
+            for (const char* pieces : {"2", "4"}) {
+                const auto [op, sp] = run(pieces);
+                EXPECT_EQ(std::memcmp(o1.data(), op.data(), o1.nbytes()), 0)
+                    << c.name << ": o with " << pieces << " pieces differs from the single-shot forward";
+                EXPECT_EQ(std::memcmp(s1.data(), sp.data(), s1.nbytes()), 0)
+                    << c.name << ": final state with " << pieces << " pieces differs from the single-shot forward";
+            }
+        }
+}
+
 // The decode step as an inference engine runs it: on its own (non-blocking) stream, captured once into
 // a CUDA graph and replayed. The capture (thread-local mode) fails if the step allocates, copies from
 // the host or synchronises; the graph must hold kernel launches only, and its replay must give

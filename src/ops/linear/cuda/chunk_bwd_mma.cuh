@@ -652,8 +652,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
 template <Update Up, bool kVec, int K, int V>
 void launch_backward_mma_kv(const bwd::Params& p, const char* op) {
     constexpr size_t smem = bwd::MmaLayout<Up, K, V>::bytes;
-    static const bool once = (set_smem(bwd::chunk_bwd_mma_kernel<Up, kVec, K, V>, smem, op), true);
-    (void)once;
+    raise_smem_limit<bwd::chunk_bwd_mma_kernel<Up, kVec, K, V>>(smem, op);
     bwd::chunk_bwd_mma_kernel<Up, kVec, K, V><<<dim3(p.n_chunks, p.H), bwd::kMmaThreads, smem, launch_stream()>>>(p);
     check_cuda(cudaGetLastError(), op, "chunk_bwd_mma launch");
 }

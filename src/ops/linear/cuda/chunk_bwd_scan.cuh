@@ -185,8 +185,7 @@ template <class E, Update Up, int K, int VT, int WARPS>
 void launch_dstate(const FwdParams& fp, const DScanParams& d, int n_seqs, const char* op) {
     constexpr size_t smem = DScanLayout<E, K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_dstate: shared memory over the 227 KiB of an SM");
-    static const bool once = (set_smem(chunk_dstate_kernel<E, Up, K, VT, WARPS>, smem, op), true);
-    (void)once;
+    raise_smem_limit<chunk_dstate_kernel<E, Up, K, VT, WARPS>>(smem, op);
     const dim3 grid(n_seqs, fp.HV, fp.V / VT);
     chunk_dstate_kernel<E, Up, K, VT, WARPS><<<grid, 32 * WARPS, smem, launch_stream()>>>(fp, d);
     check_cuda(cudaGetLastError(), op, "chunk_dstate launch");

@@ -402,8 +402,7 @@ template <Update Up, int K, int V>
 void launch_backward_mma_vector_kv(const bwd::Params& p, const char* op) {
     launch_backward_mma_kv<Up, true, K, V>(p, op);
     constexpr size_t smem = bwd::VecLayout<Up, K>::bytes;
-    static const bool once = (set_smem(bwd::chunk_bwd_vec_kernel<Up, K>, smem, op), true);
-    (void)once;
+    raise_smem_limit<bwd::chunk_bwd_vec_kernel<Up, K>>(smem, op);
     bwd::chunk_bwd_vec_kernel<Up, K><<<dim3(p.n_chunks, p.H), bwd::kVecThreads, smem, launch_stream()>>>(p);
     check_cuda(cudaGetLastError(), op, "chunk_bwd_vec launch");
 }

@@ -902,17 +902,10 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
 
 // ---- host side --------------------------------------------------------------------------------
 
-template <class Kern>
-void set_smem(Kern kernel, size_t bytes, const char* op) {
-    // once per kernel instantiation; > 48 KiB of dynamic shared memory must be opted into
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), op,
-               "cudaFuncSetAttribute");
-}
-
 int sm_count();
 int scan_tile_override();      // HLA_CUDA_SCAN_VT, 0 when unset
 // HLA_CUDA_FWD_RAW=0: the scan never takes raw operands (forward_chunked_impl), for tests and A/B
-// timing; −1 when unset.
+// timing; any other value or none: the default policy.
 int raw_operands_override();
 
 // The value-column tile of a scan over `chains` (sequence, value head) pairs with operand dtype E, for
@@ -920,9 +913,10 @@ int raw_operands_override();
 // V-tile block re-reads the chunk's operands, so narrow tiles cost L2 bandwidth (ncu: 83% of L2
 // throughput at 32 columns, B=4 T=4096), while too few blocks leave SMs idle: the scan's time is one
 // chunk's latency times the chunks in a sequence.
-// 16-bit operands (one block per SM, 136–169 KiB): the widest tile of 64, 32, 16 columns that still
-// gives 90% of the SMs a block (B=4, H=16: 64; B=1: 16). fp32 (two blocks per SM): 16 columns while
-// that stays within one wave, else 32.
+// bf16 operands (the warp-specialised scan, 112–194 KiB at K = 128: one block per SM): the widest tile
+// of 64, 32, 16 columns that still gives 90% of the SMs a block (B=4, H=16: 64; B=1: 16). fp32
+// (161–214 KiB at K = 128, two blocks per SM at K = 64): 16 columns while that stays within one wave,
+// else 32.
 // HLA_CUDA_SCAN_VT = 16 | 32 | 64 overrides the choice (tests and tuning).
 template <class E>
 int scan_tile_width(int64_t chains, int64_t V) {
@@ -984,8 +978,7 @@ template <class In, class E, Decay D, Update Up, int K>
 void launch_prepare_fp32(const FwdParams& fp, int n_chunks, const char* op) {
     constexpr size_t smem = prep_smem_bytes<D, Up, K>();
     static_assert(smem <= 227 * 1024, "chunk_prepare: shared memory over the 227 KiB of an SM");
-    static const bool once = (set_smem(chunk_prepare_kernel<In, E, D, Up, K>, smem, op), true);
-    (void)once;
+    raise_smem_limit<chunk_prepare_kernel<In, E, D, Up, K>>(smem, op);
     chunk_prepare_kernel<In, E, D, Up, K><<<dim3(n_chunks, fp.HV), kPrepThreads, smem, launch_stream()>>>(fp);
     check_cuda(cudaGetLastError(), op, "chunk_prepare launch");
 }
@@ -1000,26 +993,29 @@ void launch_prepare(const FwdParams& fp, int n_chunks, const char* op) {
     }
 }
 
+// Kernel over (sequences, value heads, V-tiles of vt columns) on `stream`, its shared-memory limit
+// raised first: the launch of either scan.
+template <auto Kernel>
+void launch_scan_grid(const FwdParams& fp, int n_seqs, int vt, int threads, size_t smem, cudaStream_t stream,
+                      const char* op, const char* what) {
+    raise_smem_limit<Kernel>(smem, op);
+    Kernel<<<dim3(n_seqs, fp.HV, fp.V / vt), threads, smem, stream>>>(fp);
+    check_cuda(cudaGetLastError(), op, what);
+}
+
 template <Update Up, int K, int VT>
 void launch_scan(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t stream) {
     constexpr size_t smem = ScanLayout<K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan: shared memory over the 227 KiB of an SM");
-    static const bool once = (set_smem(chunk_scan_kernel<Up, K, VT>, smem, op), true);
-    (void)once;
-    const dim3 grid(n_seqs, fp.HV, fp.V / VT);
-    chunk_scan_kernel<Up, K, VT><<<grid, kScanThreads, smem, stream>>>(fp);
-    check_cuda(cudaGetLastError(), op, "chunk_scan launch");
+    launch_scan_grid<chunk_scan_kernel<Up, K, VT>>(fp, n_seqs, VT, kScanThreads, smem, stream, op, "chunk_scan launch");
 }
 
 template <Update Up, int K, int VT>
 void launch_scan_ws(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t stream) {
     constexpr size_t smem = ScanWsLayout<K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan_ws: shared memory over the 227 KiB of an SM");
-    static const bool once = (set_smem(chunk_scan_ws_kernel<Up, K, VT>, smem, op), true);
-    (void)once;
-    const dim3 grid(n_seqs, fp.HV, fp.V / VT);
-    chunk_scan_ws_kernel<Up, K, VT><<<grid, ScanWs<VT>::kThreads, smem, stream>>>(fp);
-    check_cuda(cudaGetLastError(), op, "chunk_scan_ws launch");
+    launch_scan_grid<chunk_scan_ws_kernel<Up, K, VT>>(fp, n_seqs, VT, ScanWs<VT>::kThreads, smem, stream, op,
+                                                      "chunk_scan_ws launch");
 }
 
 // Run-time cell and sizes → template parameters, in one place.
@@ -1138,8 +1134,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // chunk with the whole GPU, then the scan: one block per (sequence, value head, V-tile), each
     // walking its chunks in order. When that grid leaves most SMs idle (B=1: 16 heads × 4 tiles = 64
     // blocks on 132 SMs) prepare's time is all exposed before the scan. Piecewise, each sequence is cut
-    // into P runs of whole chunks; prepare of piece i runs on the caller's stream right after piece
-    // i − 1 (all pieces back to back), the scan of piece i on a second, higher-priority stream once
+    // into P runs of whole chunks; prepare of piece i runs on the caller's stream after prepare i − 1
+    // (and scan i − 2, see below), the scan of piece i on a second, higher-priority stream once
     // prepare i is done and the scan of piece i − 1 has written its state (fp32 [N, HV, K, V] in the
     // workspace, the next piece's initial state). The scans then take their SMs as prepare blocks
     // leave them and the later pieces' prepare runs on the SMs the scan leaves idle: about prepare / P
@@ -1257,6 +1253,20 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         PieceStreams& ps = piece_streams(p.op);
         std::lock_guard<std::mutex> lock(ps.mu);
         const cudaStream_t caller = launch_stream();
+        // However this block is left, the caller's stream waits for every scan queued on ps.scan: a
+        // throw between two scans must not return while an earlier scan still writes the caller's o or
+        // final state (or reads the workspace, released on the caller's stream). The normal exit joins
+        // with its errors checked and disarms this.
+        struct JoinScans {
+            PieceStreams& ps;
+            cudaStream_t caller;
+            bool armed = true;
+            ~JoinScans() {
+                if (!armed) return;
+                cudaEventRecord(ps.done, ps.scan);
+                cudaStreamWaitEvent(caller, ps.done, 0);
+            }
+        } join{ps, caller};
         const int64_t state_strides[4] = {p.HV * p.K * p.V, p.K * p.V, p.V, 1};
         // prepare of piece i: its chunks are blocks [0, n) of a launch whose tables and per-slot operands
         // start at the piece's first chunk
@@ -1305,6 +1315,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
             }
         }
         // join: the caller's stream (and the workspace's release on it) waits for the last scan
+        join.armed = false;
         check_cuda(cudaEventRecord(ps.done, ps.scan), p.op, "cudaEventRecord(pieces done)");
         check_cuda(cudaStreamWaitEvent(caller, ps.done, 0), p.op, "cudaStreamWaitEvent(pieces done)");
     }

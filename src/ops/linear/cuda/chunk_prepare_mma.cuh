@@ -716,11 +716,7 @@ void launch_prepare_mma(const FwdParams& fp, int n_chunks, const char* op) {
     constexpr size_t smem = PrepMmaLayout<D, Up, K>::bytes;
     static_assert(PrepMmaLayout<D, Up, K>::kMinBlocks * (smem + 1024) <= 228 * 1024,
                   "chunk_prepare_mma: the blocks per SM of the launch bounds must fit its shared memory");
-    static const bool once = (check_cuda(cudaFuncSetAttribute(chunk_prepare_mma_kernel<D, Up, K>,
-                                                              cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                                         op, "cudaFuncSetAttribute"),
-                              true);
-    (void)once;
+    raise_smem_limit<chunk_prepare_mma_kernel<D, Up, K>>(smem, op);
     chunk_prepare_mma_kernel<D, Up, K><<<dim3(n_chunks, fp.HV), kPrepMmaThreads, smem, launch_stream()>>>(fp);
     check_cuda(cudaGetLastError(), op, "chunk_prepare_mma launch");
 }

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "core/cuda/smem_limit.cuh"
 #include "core/cuda/stream.cuh"
 #include "hla/dtype.hpp"
 #include "hla/error.hpp"
@@ -31,6 +32,7 @@
 
 namespace hla::linear::cuda {
 
+using hla::detail::raise_smem_limit;  // > 48 KiB of dynamic shared memory, once per device (core/cuda/smem_limit.cuh)
 using hla::detail::launch_stream;  // the stream of every launch (core/cuda/stream.cuh)
 
 inline void check_cuda(cudaError_t err, const char* op, const char* what) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "core/checks.hpp"
+#include "core/cuda/smem_limit.cuh"
 #include "ops/softmax/cuda/backward.cuh"
 #include "ops/softmax/cuda/decode.cuh"
 #include "ops/softmax/cuda/forward.cuh"
@@ -18,18 +19,7 @@ inline void check(cudaError_t e, const char* op, const char* what) {
 }
 
 
-// Raises Kernel's dynamic shared-memory limit to `bytes` on `device` (the limit is a per-device
-// attribute of a kernel), once per device and process: the host call stays off every later launch.
-// First calls racing on several threads both set the same value, which is harmless; a device index
-// past 63 sets it on every call. Outside any stream, so a launch inside graph capture may call it.
-template <auto Kernel>
-void raise_smem_limit(int bytes, int device, const char* op, const char* what) {
-    static std::atomic<uint64_t> raised{0};
-    const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
-    if (bit != 0 && (raised.load(std::memory_order_acquire) & bit) != 0) return;
-    check(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), op, what);
-    raised.fetch_or(bit, std::memory_order_release);
-}
+using ::hla::detail::raise_smem_limit;
 
 // `device`: the current device (the launch goes there), whose shared-memory limits are raised.
 template <int D>
