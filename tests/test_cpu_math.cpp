@@ -5,6 +5,7 @@
 #include <cfloat>
 #include <cmath>
 #include <string>
+#include <utility>
 #include <limits>
 #include <random>
 #include <vector>
@@ -38,10 +39,11 @@ TEST(CpuMath, TransposeEqualsElementCopyOnEveryTileEdge) {
 
 // beta = 0 overwrites (C starts as NaN garbage), 1 accumulates, anything else scales C first (the
 // chunked forward's scalar state decay); gemm_row_beta scales each row by its own beta (vector decay,
-// one row of 0 among them); P = 0 leaves beta·C.
+// one row of 0 among them; C is read there, so unlike beta = 0 a NaN in C stays NaN); P = 0 leaves beta·C.
 TEST(CpuMath, GemmMatchesTripleLoopWithStridesAndEveryBeta) {
-    constexpr float kPerRow = -1.0f;  // marks the gemm_row_beta case
-    for (float beta : {0.0f, 1.0f, 0.37f, kPerRow}) {
+    // beta per row (gemm_row_beta) when per_row, else the scalar beta
+    const std::pair<bool, float> cases[] = {{false, 0.0f}, {false, 1.0f}, {false, 0.37f}, {true, 0.0f}};
+    for (const auto& [per_row, beta] : cases) {
         for (int64_t M : {1, 8, 13}) {
             for (int64_t N : {1, 16, 40}) {
                 for (int64_t P : {0, 1, 9, 64}) {
@@ -51,8 +53,8 @@ TEST(CpuMath, GemmMatchesTripleLoopWithStridesAndEveryBeta) {
                     for (float& r : row_beta) r = std::abs(r);
                     row_beta[size_t(M / 2)] = 0.0f;
                     std::vector<float> C = random_matrix(M * N, 3);
-                    if (beta == 0.0f) C.assign(C.size(), std::numeric_limits<float>::quiet_NaN());
-                    if (beta == kPerRow)
+                    if (!per_row && beta == 0.0f) C.assign(C.size(), std::numeric_limits<float>::quiet_NaN());
+                    if (per_row)
                         hla::cpu::gemm_row_beta(M, N, P, 0.5f, A.data(), 1, M, B.data(), N, row_beta.data(), C.data(), N);
                     else
                         hla::cpu::gemm(M, N, P, 0.5f, A.data(), 1, M, B.data(), N, beta, C.data(), N);
@@ -62,13 +64,13 @@ TEST(CpuMath, GemmMatchesTripleLoopWithStridesAndEveryBeta) {
                         for (int64_t j = 0; j < N; ++j) {
                             double s = 0;
                             for (int64_t p = 0; p < P; ++p) s += double(A[size_t(p * M + i)]) * B[size_t(p * N + j)];
-                            const double b = beta == kPerRow ? double(row_beta[size_t(i)]) : double(beta);
+                            const double b = per_row ? double(row_beta[size_t(i)]) : double(beta);
                             const double c0 = b == 0.0 ? 0.0 : b * C0[size_t(i * N + j)];
                             expect[size_t(i * N + j)] = float(c0 + 0.5 * s);
                         }
                     for (size_t t = 0; t < C.size(); ++t)
                         ASSERT_NEAR(C[t], expect[t], 1e-5f * (1.0f + float(P)))
-                            << "beta " << (beta == kPerRow ? "per row" : std::to_string(beta)) << " M " << M
+                            << "beta " << (per_row ? "per row" : std::to_string(beta)) << " M " << M
                             << " N " << N << " P " << P;
                 }
             }

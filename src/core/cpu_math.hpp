@@ -49,7 +49,8 @@ void gemm(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t 
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
 // The same with a scale per row of C: C[i, j] = row_beta[i]·C[i, j] + alpha · Σ_p A[…]·B[…] (the
-// vector-decay state update, diag(γ) S + K̄ᵀX, in one read and write of S).
+// vector-decay state update, diag(γ) S + K̄ᵀX, in one read and write of S). C is always read: unlike a
+// scalar beta of 0, a row_beta of 0 keeps a NaN of C.
 void gemm_row_beta(int64_t M, int64_t N, int64_t P, float alpha, const float* A, int64_t a_row, int64_t a_col,
                    const float* B, int64_t ldb, const float* row_beta, float* C, int64_t ldc);
 
