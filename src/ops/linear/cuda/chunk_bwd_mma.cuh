@@ -79,19 +79,42 @@ struct MmaLayout {
 };
 
 // A lane's partial sums of its two fragment rows of an m16 accumulator (s[0]: row lane / 4, s[1]: that
-// row + 8), summed over the four lanes that share the rows and added into dst[row0 + row]
-// (shared-memory atomics: the col_groups warps of a row band share each row).
-__device__ __forceinline__ void add_fragment_row_sums(float (&s)[2], float* dst, int row0) {
+// row + 8), summed over the four lanes that share the rows: every lane of the quad then holds them.
+__device__ __forceinline__ void reduce_fragment_row_sums(float (&s)[2]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         s[h] += __shfl_xor_sync(0xffffffffu, s[h], 1);
         s[h] += __shfl_xor_sync(0xffffffffu, s[h], 2);
     }
+}
+
+// The same, added into dst[row0 + row] (shared-memory atomics: the col_groups warps of a row band share
+// each row).
+__device__ __forceinline__ void add_fragment_row_sums(float (&s)[2], float* dst, int row0) {
+    reduce_fragment_row_sums(s);
     const int lane = threadIdx.x & 31;
     if ((lane & 3) == 0) {
         atomicAdd(dst + row0 + (lane >> 2), s[0]);
         atomicAdd(dst + row0 + (lane >> 2) + 8, s[1]);
     }
+}
+
+// A K-wide product's share of dq or dk: for the warp's tile acc (rows row0 + r; columns c, from the
+// tile's first key column of x), dst += a_i · acc_i and rows[r / 8] += b_i · ⟨acc_i, x_i⟩ over the lane's
+// column pairs, with (a_i, b_i) = factors(i); x is bf16 with row stride ldx. One 32-bit load of x per
+// pair; rows are the lane's partial sums (reduce_fragment_row_sums).
+template <int NT, class Factors>
+__device__ __forceinline__ void add_scaled_rows(float (&dst)[1][NT][4], float (&acc)[1][NT][4], const __nv_bfloat16* x,
+                                                int ldx, int row0, float (&rows)[2], Factors&& factors) {
+    for_each_acc_pair(acc, [&](int r, int c, float x0, float x1) {
+        const int i = row0 + r;
+        const float2 f = factors(i);
+        float* d = &dst[0][c >> 3][(r >> 3) * 2];
+        d[0] += f.x * x0;
+        d[1] += f.x * x1;
+        const float2 xv = load_pair(x + i * ldx + c);
+        rows[r >> 3] += f.y * (x0 * xv.x + x1 * xv.y);
+    });
 }
 
 // q̂ and k̂ of a chunk (query/key head h) into shared memory as bf16 rows of stride LDK: the raw rows,
@@ -329,7 +352,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             for (int r = warp; r < K; r += kMmaThreads / 32) {
                 float s = 0.f;
                 for (int c = 2 * lane; c < V; c += 64) {
-                    const float2 a = load_bf16x2(S0s + r * LDV + c), b = load_bf16x2(dSs + r * LDV + c);
+                    const float2 a = load_pair(S0s + r * LDV + c), b = load_pair(dSs + r * LDV + c);
                     s += a.x * b.x + a.y * b.y;
                 }
                 for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
@@ -339,7 +362,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             float s = 0.f;
             for (int idx = tid; idx < K * V / 2; idx += kMmaThreads) {
                 const int r = idx / (V / 2), c = 2 * (idx % (V / 2));
-                const float2 a = load_bf16x2(S0s + r * LDV + c), b = load_bf16x2(dSs + r * LDV + c);
+                const float2 a = load_pair(S0s + r * LDV + c), b = load_pair(dSs + r * LDV + c);
                 s += a.x * b.x + a.y * b.y;
             }
             for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
@@ -355,7 +378,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 warp_gemm<E, 1, NTV>(X, Tile<E>{Ws + row0 * LDK, LDK, 1}, Tile<E>{S0s + vc0, LDV, 1}, K);
                 for_each_acc_pair(X, [&](int r, int c, float x0, float x1) {
                     const int i = row0 + r, e = vc0 + c;
-                    const float2 u = load_bf16x2(Us + i * LDV + e);
+                    const float2 u = load_pair(Us + i * LDV + e);
                     *reinterpret_cast<__nv_bfloat162*>(Xs + i * LDV + e) = __floats2bfloat162_rn(u.x - x0, u.y - x1);
                 });
             }
@@ -428,37 +451,19 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 warp_gemm<E, 1, NTK>(acc, Tile<E>{Xs + row0 * LDV, LDV, 1}, Tile<E>{dSs + kc0 * LDV, 1, LDV}, V);
                 store_acc<float>(acc, p.v_dkb + at, K);
             } else {
-                // (two columns a step here and below: one 32-bit load of q̂ or k̂ per pair)
+                // dq_i += γ_i (dO S0ᵀ)_i and u_i += γ_i ⟨q̂_i, (dO S0ᵀ)_i⟩
                 float su[2] = {0.f, 0.f};
-                for_each_acc_pair(acc, [&](int r, int c, float x0, float x1) {
-                    const int i = row0 + r;
-                    const float gi = gam[i];
-                    float* d = &dq[0][c >> 3][(r >> 3) * 2];
-                    d[0] += gi * x0;
-                    d[1] += gi * x1;
-                    const float2 qv = load_bf16x2(Qs + i * LDK + kc0 + c);
-                    su[r >> 3] += gi * (x0 * qv.x + x1 * qv.y);
-                });
+                add_scaled_rows(dq, acc, Qs + kc0, LDK, row0, su, [&](int i) { return make_float2(gam[i], gam[i]); });
                 add_fragment_row_sums(su, us, row0);
                 if constexpr (kDelta) {
                     zero_acc(acc);
                     warp_gemm<E, 1, NTK>(acc, Tile<E>{Zs + row0 * LDV, LDV, 1}, Tile<E>{S0s + kc0 * LDV, 1, LDV}, V);
-                    // u_i −= γ_i β_i ⟨k̂_i, M_i⟩ and dβ_i −= γ_i ⟨k̂_i, M_i⟩: one row sum, split after
+                    // dk_i −= γ_i β_i M_i; u_i −= γ_i β_i ⟨k̂_i, M_i⟩ and dβ_i −= γ_i ⟨k̂_i, M_i⟩: one row sum,
+                    // split after
                     float s[2] = {0.f, 0.f};
-                    for_each_acc_pair(acc, [&](int r, int c, float x0, float x1) {
-                        const int i = row0 + r;
-                        const float gi = gam[i], gb = gi * betas[i];
-                        const float2 kx = load_bf16x2(Ks + i * LDK + kc0 + c);
-                        float* d = &dk[0][c >> 3][(r >> 3) * 2];
-                        d[0] -= gb * x0;
-                        d[1] -= gb * x1;
-                        s[r >> 3] += gi * (kx.x * x0 + kx.y * x1);
-                    });
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 1);
-                        s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], 2);
-                    }
+                    add_scaled_rows(dk, acc, Ks + kc0, LDK, row0, s,
+                                    [&](int i) { return make_float2(-gam[i] * betas[i], gam[i]); });
+                    reduce_fragment_row_sums(s);
                     if ((lane & 3) == 0) {
 #pragma unroll
                         for (int hh = 0; hh < 2; ++hh) {
@@ -471,15 +476,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 zero_acc(acc);
                 warp_gemm<E, 1, NTK>(acc, Tile<E>{Xs + row0 * LDV, LDV, 1}, Tile<E>{dSs + kc0 * LDV, 1, LDV}, V);
                 float sw[2] = {0.f, 0.f};
-                for_each_acc_pair(acc, [&](int r, int c, float x0, float x1) {
-                    const int i = row0 + r;
-                    const float ki = kap[i];
-                    float* d = &dk[0][c >> 3][(r >> 3) * 2];
-                    d[0] += ki * x0;
-                    d[1] += ki * x1;
-                    const float2 kx = load_bf16x2(Ks + i * LDK + kc0 + c);
-                    sw[r >> 3] += ki * (x0 * kx.x + x1 * kx.y);
-                });
+                add_scaled_rows(dk, acc, Ks + kc0, LDK, row0, sw, [&](int i) { return make_float2(kap[i], kap[i]); });
                 add_fragment_row_sums(sw, ws_, row0);
             }
         }

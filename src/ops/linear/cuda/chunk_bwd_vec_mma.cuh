@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
             for_each_acc_pair(dq, [&](int r, int cc, float& xq0, float& xq1) {
                 const int i = row0 + r, c = kc0 + cc;
                 float* xk = &dk[0][cc >> 3][(r >> 3) * 2];
-                const float2 q2 = load_bf16x2(Qs + i * LDK + c), k2 = load_bf16x2(Ks + i * LDK + c);
+                const float2 q2 = load_pair(Qs + i * LDK + c), k2 = load_pair(Ks + i * LDK + c);
                 const float2 d2 = *reinterpret_cast<const float2*>(Dl + i * LDF + c);
                 const float2 gq2 = *reinterpret_cast<const float2*>(gq + i * K + c);
                 const float2 gk2 = *reinterpret_cast<const float2*>(gk + i * K + c);

@@ -425,22 +425,6 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
 
 // ---- chunk_scan ---------------------------------------------------------------------------------
 
-// Two neighbouring elements of E (an accumulator fragment's column pair) as floats, and back.
-template <class E>
-__device__ __forceinline__ float2 load_pair(const E* p) {
-    if constexpr (sizeof(E) == 4) {
-        return *reinterpret_cast<const float2*>(p);
-    } else {
-        const uint32_t w[4] = {*reinterpret_cast<const uint32_t*>(p), 0u, 0u, 0u};
-        return make_float2(unpack_elem<E>(w, 0), unpack_elem<E>(w, 1));
-    }
-}
-template <class E>
-__device__ __forceinline__ void store_pair(E* p, float a, float b) {
-    if constexpr (sizeof(E) == 4) *reinterpret_cast<float2*>(p) = make_float2(a, b);
-    else *reinterpret_cast<uint32_t*>(p) = pack2(from_f<E>(a), from_f<E>(b));
-}
-
 // Row r of an accumulator tile times f[r]: each of the lane's fragment rows read once.
 template <int MT, int NT>
 __device__ __forceinline__ void scale_acc_rows(float (&c)[MT][NT][4], const float* f) {

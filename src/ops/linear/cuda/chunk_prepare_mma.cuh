@@ -96,9 +96,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
 }
-__device__ __forceinline__ float2 load_bf16x2(const __nv_bfloat16* p) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
-}
 
 // 16-byte asynchronous copy that writes zeros instead when `valid` is false (nothing is read then).
 __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
@@ -330,7 +327,7 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
         float sq = 0.f, sk = 0.f, sqk = 0.f;
 #pragma unroll
         for (int c = 2 * lane; c < K; c += 64) {
-            const float2 a = load_bf16x2(qs + i * LDH + c), b = load_bf16x2(ks + i * LDH + c);
+            const float2 a = load_pair(qs + i * LDH + c), b = load_pair(ks + i * LDH + c);
             sq += a.x * a.x + a.y * a.y;
             sk += b.x * b.x + b.y * b.y;
             if constexpr (kVec) sqk += a.x * b.x + a.y * b.y;
@@ -458,10 +455,10 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
                 const int i = r0 + g + 8 * (e & 1), c = kk + 2 * t + 8 * (e >> 1);
                 const float2 d = *reinterpret_cast<const float2*>(Fs + i * LDF + c);
                 const float f0 = __expf(d.x), f1 = __expf(d.y);
-                const float2 qv = load_bf16x2(qs + i * LDH + c);
+                const float2 qv = load_pair(qs + i * LDH + c);
                 aq[e] = pack_bf16(qv.x * f0, qv.y * f1);
                 if constexpr (kDelta) {
-                    const float2 kv = load_bf16x2(ks + i * LDH + c);
+                    const float2 kv = load_pair(ks + i * LDH + c);
                     ak[e] = pack_bf16(kv.x * f0, kv.y * f1);
                 }
             }
@@ -487,7 +484,7 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
                     for (int hh = 0; hh < 2; ++hh) {
                         const int c = kk + 2 * t + 8 * hh;
                         const float2 d = *reinterpret_cast<const float2*>(Fs + j * LDF + c);
-                        const float2 kv = load_bf16x2(ks + j * LDH + c);
+                        const float2 kv = load_pair(ks + j * LDH + c);
                         b[hh] = pack_bf16(kv.x * __expf(off[hh].x - d.x), kv.y * __expf(off[hh].y - d.y));
                     }
                     mma16(accP[0][nt], aq, b, E());

@@ -360,9 +360,10 @@ __device__ __forceinline__ void warp_gemm(float (&c)[MT][NT][4], Tile<S> A, Tile
     }
 }
 
-// Visits the accumulator fragment: f(row, col, value&) for every element a lane holds.
+// Visits the accumulator fragment two neighbouring columns at a time: f(row, col, x[col], x[col + 1])
+// with col even (the pairs a lane holds).
 template <int MT, int NT, class F>
-__device__ __forceinline__ void for_each_acc(float (&c)[MT][NT][4], F&& f) {
+__device__ __forceinline__ void for_each_acc_pair(float (&c)[MT][NT][4], F&& f) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -370,7 +371,16 @@ __device__ __forceinline__ void for_each_acc(float (&c)[MT][NT][4], F&& f) {
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) f(16 * i + g + 8 * (e >> 1), 8 * j + 2 * t + (e & 1), c[i][j][e]);
+            for (int h = 0; h < 2; ++h) f(16 * i + g + 8 * h, 8 * j + 2 * t, c[i][j][2 * h], c[i][j][2 * h + 1]);
+}
+
+// Visits the accumulator fragment: f(row, col, value&) for every element a lane holds.
+template <int MT, int NT, class F>
+__device__ __forceinline__ void for_each_acc(float (&c)[MT][NT][4], F&& f) {
+    for_each_acc_pair(c, [&](int r, int col, float& x0, float& x1) {
+        f(r, col, x0);
+        f(r, col + 1, x1);
+    });
 }
 
 // Writes an accumulator tile to row-major memory (element (r, c) at dst[r · ld + c]) as E, two
@@ -470,23 +480,24 @@ __device__ __forceinline__ void store_pair_any(void* p, DType t, int64_t i, floa
         store_any(p, t, i + 1, b);
     }
 }
+// Two neighbouring elements of E at an address aligned to their pair (an accumulator fragment's column
+// pair in shared memory) as floats, and back.
+template <class E>
+__device__ __forceinline__ float2 load_pair(const E* p) {
+    if constexpr (sizeof(E) == 4) return *reinterpret_cast<const float2*>(p);
+    else if constexpr (std::is_same_v<E, __nv_bfloat16>) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+    else return __half22float2(*reinterpret_cast<const __half2*>(p));
+}
+template <class E>
+__device__ __forceinline__ void store_pair(E* p, float a, float b) {
+    if constexpr (sizeof(E) == 4) *reinterpret_cast<float2*>(p) = make_float2(a, b);
+    else *reinterpret_cast<uint32_t*>(p) = pack2(from_f<E>(a), from_f<E>(b));
+}
+// load_pair for a bf16 pair that may not be 4-byte aligned (a row of an input tensor with free strides).
 __device__ __forceinline__ float2 load_pair_bf16(const __nv_bfloat16* p) {
     if ((reinterpret_cast<uintptr_t>(p) & 3) == 0) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
     return make_float2(__bfloat162float(p[0]), __bfloat162float(p[1]));
 }
 
-// Visits the accumulator fragment two neighbouring columns at a time: f(row, col, x[col], x[col + 1])
-// with col even (the pairs a lane holds).
-template <int MT, int NT, class F>
-__device__ __forceinline__ void for_each_acc_pair(float (&c)[MT][NT][4], F&& f) {
-    const int lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) f(16 * i + g + 8 * h, 8 * j + 2 * t, c[i][j][2 * h], c[i][j][2 * h + 1]);
-}
 
 }  // namespace hla::linear::cuda

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "core/checks.hpp"
 #include "core/cuda/smem_limit.cuh"
@@ -48,36 +49,40 @@ void launch_with_smem(dim3 grid, int threads, int smem, const P& params, int dev
     check(cudaGetLastError(), op, what);
 }
 
+// f(type, flag) for the kernel variant a launch needs: type a std::type_identity of the 16-bit input
+// type (bf16 or half), flag a std::bool_constant; the 2 × 2 choice of every launch in one place.
+template <class F>
+void with_variant(bool bf16, bool flag, F&& f) {
+    if (bf16) {
+        if (flag) f(std::type_identity<__nv_bfloat16>{}, std::true_type{});
+        else f(std::type_identity<__nv_bfloat16>{}, std::false_type{});
+    } else {
+        if (flag) f(std::type_identity<__half>{}, std::true_type{});
+        else f(std::type_identity<__half>{}, std::false_type{});
+    }
+}
+
 template <int D>
 void launch_forward_d(const FwdParams& fp, bool bf16, int m_blocks, int heads, int seqs, int device, const char* op) {
     using Tr = FwdTraits<D>;
     const dim3 grid(m_blocks, heads, seqs);
     const bool fast = fp.g == nullptr && fp.scale_log2 > 0.f;
-    const char* what = "forward launch";
-    if (bf16 && fast)
-        launch_with_smem<softmax_fwd_kernel<D, __nv_bfloat16, true>>(grid, Tr::THREADS, Tr::SMEM, fp, device, op, what);
-    else if (bf16)
-        launch_with_smem<softmax_fwd_kernel<D, __nv_bfloat16, false>>(grid, Tr::THREADS, Tr::SMEM, fp, device, op, what);
-    else if (fast)
-        launch_with_smem<softmax_fwd_kernel<D, __half, true>>(grid, Tr::THREADS, Tr::SMEM, fp, device, op, what);
-    else
-        launch_with_smem<softmax_fwd_kernel<D, __half, false>>(grid, Tr::THREADS, Tr::SMEM, fp, device, op, what);
+    with_variant(bf16, fast, [&](auto type, auto fast_c) {
+        using T = typename decltype(type)::type;
+        launch_with_smem<softmax_fwd_kernel<D, T, decltype(fast_c)::value>>(grid, Tr::THREADS, Tr::SMEM, fp, device, op,
+                                                                           "forward launch");
+    });
 }
 
 template <int D>
 void launch_backward_d(const BwdParams& bp, bool bf16, int n_blocks, int kv_heads, int seqs, int device, const char* op) {
     using Tr = BwdTraits<D>;
     const dim3 grid(kv_heads, seqs, n_blocks);  // key blocks slowest: see the kernel
-    const bool gated = bp.f.g != nullptr;
-    const char* what = "backward launch";
-    if (bf16 && gated)
-        launch_with_smem<softmax_bwd_kernel<D, __nv_bfloat16, true>>(grid, Tr::THREADS, Tr::SMEM, bp, device, op, what);
-    else if (bf16)
-        launch_with_smem<softmax_bwd_kernel<D, __nv_bfloat16, false>>(grid, Tr::THREADS, Tr::SMEM, bp, device, op, what);
-    else if (gated)
-        launch_with_smem<softmax_bwd_kernel<D, __half, true>>(grid, Tr::THREADS, Tr::SMEM, bp, device, op, what);
-    else
-        launch_with_smem<softmax_bwd_kernel<D, __half, false>>(grid, Tr::THREADS, Tr::SMEM, bp, device, op, what);
+    with_variant(bf16, bp.f.g != nullptr, [&](auto type, auto gated) {
+        using T = typename decltype(type)::type;
+        launch_with_smem<softmax_bwd_kernel<D, T, decltype(gated)::value>>(grid, Tr::THREADS, Tr::SMEM, bp, device, op,
+                                                                          "backward launch");
+    });
 }
 
 // The decode kernel for (D, T, MT) with its dynamic shared-memory limit raised (once per device) to
