@@ -12,8 +12,9 @@
 //
 // The decode step is timed as kernel time: 32 steps captured in a CUDA graph (cuda_timing.hpp).
 //
-// Usage: linear_cuda_bench [--quick] [--fwdbwd]   (--quick: fewer iterations, for a smoke test;
-//        --fwdbwd: the forward + backward rows only, e.g. under a profiler)
+// Usage: linear_cuda_bench [--quick] [--fwdbwd | --fwd]   (--quick: fewer iterations, for a smoke
+//        test; --fwdbwd: the forward + backward rows only, e.g. under a profiler; --fwd: the forward
+//        rows only)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -69,10 +70,11 @@ struct OpSpec {
 }  // namespace
 
 int main(int argc, char** argv) {
-    bool quick = false, fwdbwd_only = false;
+    bool quick = false, fwdbwd_only = false, fwd_only = false;
     for (int i = 1; i < argc; ++i) {
         quick |= std::strcmp(argv[i], "--quick") == 0;
         fwdbwd_only |= std::strcmp(argv[i], "--fwdbwd") == 0;
+        fwd_only |= std::strcmp(argv[i], "--fwd") == 0;
     }
     const int iters = quick ? 5 : 20;
     if (!cuda_available()) {
@@ -87,7 +89,10 @@ int main(int argc, char** argv) {
     const int64_t H = 16, K = 128, V = 128;
     LinearConfig gdn = gated_delta_rule_config(), kda = kda_config(), sgla = simple_gla_config();
     gdn.qk_l2norm = kda.qk_l2norm = true;
-    const OpSpec ops[] = {{"gated_delta_rule", gdn, 0.46, 0.52}, {"kda", kda, 0.61, 0.73}, {"simple_gla", sgla, 0.26, 0.30}};
+    // GLA (vector decay, additive) has no target of its own; it shows the additive update's path with
+    // prepared (not raw) operands.
+    const OpSpec ops[] = {{"gated_delta_rule", gdn, 0.46, 0.52}, {"kda", kda, 0.61, 0.73}, {"simple_gla", sgla, 0.26, 0.30},
+                          {"gla", gla_config(), 0, 0}};
     const std::pair<int64_t, int64_t> shapes[] = {{4, 4096}, {1, 16384}};
     for (const auto& [B, T] : shapes) {
         if (fwdbwd_only) break;
@@ -130,7 +135,7 @@ int main(int argc, char** argv) {
     // forward's products counted three times (the backward is twice the forward's products, the usual
     // count for attention-like layers) over 790 TFLOP/s, against the forward's bytes plus the backward's
     // own (q, k, v, gate, β, dO read once; dq, dk, dv in bf16 and dg, dβ in fp32 written once).
-    {
+    if (!fwd_only) {
         const int64_t B = 4, T = 4096;
         const Tensor q = device_tensor({B, T, H, K}, DType::BF16, 21, 0, 0, true);
         const Tensor k = device_tensor({B, T, H, K}, DType::BF16, 22, 0, 0, true);
@@ -144,8 +149,7 @@ int main(int argc, char** argv) {
         Tensor dv({B, T, H, V}, DType::BF16, Device::CUDA), dbeta({B, T, H}, DType::F32, Device::CUDA);
         Tensor dg_scalar({B, T, H}, DType::F32, Device::CUDA), dg_vector({B, T, H, K}, DType::F32, Device::CUDA);
         std::printf("\n");
-        // GLA (vector decay, additive) is timed here only: its forward is KDA's prepare and scan
-        const OpSpec fwdbwd_ops[] = {ops[0], ops[1], ops[2], {"gla", gla_config(), 0, 0}};
+        const OpSpec fwdbwd_ops[] = {ops[0], ops[1], ops[2], ops[3]};
         for (const OpSpec& op : fwdbwd_ops) {
             const bool delta = op.cfg.update == Update::Delta, vec = op.cfg.decay == Decay::Vector;
             LinearForwardArgs a;
@@ -190,7 +194,7 @@ int main(int argc, char** argv) {
 
     // Decode: Gated DeltaNet, one token per sequence, state slots = sequences.
     for (int64_t B : {1, 64}) {
-        if (fwdbwd_only) break;
+        if (fwdbwd_only || fwd_only) break;
         const Tensor q = device_tensor({B, 1, H, K}, DType::BF16, 11, 0, 0, true);
         const Tensor k = device_tensor({B, 1, H, K}, DType::BF16, 12, 0, 0, true);
         const Tensor v = device_tensor({B, 1, H, V}, DType::BF16, 13, 0, 0, true);

@@ -182,12 +182,16 @@ TEST(LinearCuda, VarlenWithEmptySequences) {
     }
 }
 
-// The piecewise forward (the scan of piece i beside the prepare of piece i + 1, the state handed from
-// piece to piece through the workspace) is the default only for long sequences on a scan grid that
-// leaves most SMs idle. Forced to 2 and 5 pieces on small shapes: varlen with empty sequences and
-// sequences of fewer chunks than pieces (empty pieces pass the state through), grouped value heads, an
-// initial state, bf16 (warp-specialised scan) and fp32 (chunk_scan_kernel). Then the default: two
-// sequences of 49 chunks and two value heads, which it cuts into 2 pieces.
+// The piecewise forward is the default only for long sequences on a scan grid that leaves SMs idle
+// or needs narrow tiles to fill them. Sequential pieces (the delta rule, fp32 operands: the scan of
+// piece i beside the prepare of piece i + 1, the state handed from piece to piece through the
+// workspace) and parallel pieces (additive update on bf16: every piece's start state from a state
+// pass over runs of at most 16 chunks, then one scan over all pieces). Forced to 2 and 5 pieces on
+// small shapes: varlen with empty sequences and sequences of fewer chunks than pieces (empty pieces
+// pass the state through), grouped value heads, an initial state, bf16 (warp-specialised scan) and
+// fp32 (chunk_scan_kernel). Then 2 forced pieces of 31 and 32 chunks (runs of 16 and 15 chunks, the
+// state carried from run to run), and the default: two sequences of 49 chunks and two value heads
+// (sequential: 2 pieces; parallel: 3).
 TEST(LinearCuda, PiecewiseForward) {
     REQUIRE_GPU();
     for (const char* pieces : {"2", "5"}) {
@@ -200,6 +204,13 @@ TEST(LinearCuda, PiecewiseForward) {
                 c.initial_state = true;
                 check_forward(c);
             }
+    }
+    setenv("HLA_CUDA_FWD_PIECES", "2", 1);
+    for (const Cell& cell : kCells) {
+        LinearCase c = make_case(std::string(cell.name) + "/pieces2-long", cell.config(), DType::BF16, 1, 4000, 2, 2,
+                                 64, 128);
+        c.initial_state = true;
+        check_forward(c);
     }
     unsetenv("HLA_CUDA_FWD_PIECES");
     for (const Cell& cell : kCells) {
@@ -418,14 +429,17 @@ TEST(LinearCuda, DecodeSkipsNegativeSlots) {
 }
 
 #if HLA_WITH_CUDA
-// The piecewise forward against the single-shot one (HLA_CUDA_FWD_PIECES=1), bit for bit: each chunk's
-// prepare is the same and the state crosses pieces in fp32. Both run on a user stream (non-blocking)
-// and only that stream is waited for (the copies back go to it): a scan still running on the second
-// stream after the call returned, or a workspace released before it, would show as a difference.
+// The sequential piecewise forward against the single-shot one (HLA_CUDA_FWD_PIECES=1), bit for bit:
+// each chunk's prepare is the same and the state crosses pieces in fp32. Both run on a user stream
+// (non-blocking) and only that stream is waited for (the copies back go to it): a scan still running
+// on the second stream after the call returned, or a workspace released before it, would show as a
+// difference. (Parallel pieces, the additive update on bf16, sum the state in another order and run
+// on the caller's stream alone; PiecewiseForward checks them against the reference.)
 TEST(LinearCuda, PiecewiseForwardEqualsSingleShotOnAUserStream) {
     REQUIRE_GPU();
     for (const Cell& cell : kCells)
         for (DType dt : {DType::BF16, DType::F32}) {
+            if (dt == DType::BF16 && cell.config().update == Update::Additive) continue;
             LinearCase c = make_case(std::string(cell.name) + "/pieces-bitwise/" + dtype_tag(dt), cell.config(), dt, 1,
                                      700, 2, 4, 64, 64);
             c.cu_seqlens = {0, 0, 390, 390, 700};

@@ -475,6 +475,23 @@ __device__ __forceinline__ void copy_rows_async(E* dst, int ld, const E* src, in
     }
 }
 
+// dst = diag(f) src for a [ROWS, COLS] tile of 16-bit elements (row stride ld in both), rounded once
+// to E, 16 bytes at a time by threads t of n: the raw operands' diag(fk) V.
+template <class E, int ROWS, int COLS>
+__device__ __forceinline__ void scale_rows_into(E* dst, const E* src, int ld, const float* f, int t, int n) {
+    constexpr int PER16 = 16 / sizeof(E), VPR = COLS / PER16;
+    static_assert(sizeof(E) == 2 && COLS % PER16 == 0, "scale_rows_into: 16-bit rows of whole 16-byte pieces");
+    for (int idx = t; idx < ROWS * VPR; idx += n) {
+        const int r = idx / VPR, c0 = (idx % VPR) * PER16;
+        const uint4 x = *reinterpret_cast<const uint4*>(src + r * ld + c0);
+        const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+        float y[PER16];
+#pragma unroll
+        for (int e = 0; e < PER16; ++e) y[e] = unpack_elem<E>(w, e) * f[r];
+        store_vec<E>(dst + r * ld + c0, y);
+    }
+}
+
 // The state fragment of a warp (keys [key0, key0 + 16·SMT), columns [col0, …) of the head's V) from
 // the initial state, or zero.
 template <int SMT, int NT>
@@ -491,8 +508,8 @@ __device__ __forceinline__ void load_initial_state(float (&S)[SMT][NT][4], const
 template <int SMT, int NT>
 __device__ __forceinline__ void store_final_state(float (&S)[SMT][NT][4], const FwdParams& p, int n, int hv, int key0,
                                                   int col0) {
-    if (!p.ht) return;
-    float* ht = static_cast<float*>(p.ht) + n * p.hts[0] + hv * p.hts[1];
+    if (!p.ht || n < p.ht_seq0) return;
+    float* ht = static_cast<float*>(p.ht) + (n - p.ht_seq0) * p.hts[0] + hv * p.hts[1];
     for_each_acc(S, [&](int r, int c, float& x) { ht[(key0 + r) * p.hts[2] + col0 + c] = x; });
 }
 
@@ -758,7 +775,6 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     constexpr int NT = VT / 8 / NH;  // n-tiles of a warp's columns
     static_assert(NT % 2 == 0, "chunk_scan_ws: a warp's columns must pair up for ldmatrix.x4");
     constexpr int SMT = K / 64;      // m-tiles of state rows per state warp
-    constexpr int PER16 = 16 / sizeof(E);
     constexpr int kBarState = 1, kBarU = 2, kBarOutput = 3;
     extern __shared__ float4 smem_f4[];
     E* stage_qw = reinterpret_cast<E*>(smem_f4);  // 2 × (Qg, W)
@@ -842,17 +858,9 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
                 named_bar_arrive(kBarU, kThreads);  // the output warps may read Ũ
                 Ueff = Unew;
             } else if (raw) {
-                // diag(fk) V of the warp's rows and columns, 16 bytes at a time
-                constexpr int VPR = VT / NH / PER16;
-                for (int idx = lane; idx < 16 * VPR; idx += 32) {
-                    const int r = mw * 16 + idx / VPR, c0 = cw0 + (idx % VPR) * PER16;
-                    const uint4 x = *reinterpret_cast<const uint4*>(Ut + r * LDV + c0);
-                    const uint32_t w[4] = {x.x, x.y, x.z, x.w};
-                    float y[PER16];
-#pragma unroll
-                    for (int e = 0; e < PER16; ++e) y[e] = unpack_elem<E>(w, e) * fk[r];
-                    store_vec<E>(Uk + r * LDV + c0, y);
-                }
+                // diag(fk) V of the warp's rows and columns
+                scale_rows_into<E, 16, VT / NH>(Uk + mw * 16 * LDV + cw0, Ut + mw * 16 * LDV + cw0, LDV, fk + mw * 16,
+                                                lane, 32);
             }
             named_bar_sync(kBarState, kRole);  // every row of Ũ (diag(fk) Ũ) is written
             // ---- S ← diag(γ_C) S + Kdᵀ Ũ, into the other state buffer ----
@@ -882,6 +890,140 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
         }
     }
     if (state_role) store_final_state(S, p, n, hv, key0, v0 + cw0);
+}
+
+// ---- parallel pieces (additive update, bf16 operands) ------------------------------------------
+//
+// With the additive update the state is linear in the tokens: the state after a run of chunks is
+// diag(Γ) S_0 + L, with Γ the product of the chunks' γ_C and L the state the run leaves from a zero
+// start. So a sequence cut into P pieces needs no piece to wait for the one before: each piece's
+// start state is the previous start state carried over the previous piece, and that carry-over (Γ,
+// L of every run of a piece) is a product with no chain through the output: every run of every
+// piece at once (chunk_run_state_kernel), then the start states in one cheap pass
+// (chunk_piece_start_kernel), then one scan over every piece together, each from its own start.
+// At B=1 the warp-specialised scan otherwise walks 256 chunks on 16-column tiles that re-read every
+// K-wide operand 8 times; in pieces it walks 64 on 64-column tiles, the grid it has at B=4.
+
+// The runs of the state pass and the pieces' start states, in the workspace.
+struct PieceParams {
+    const SeqInfo* runs;          // a run: whole chunks of one piece of one sequence, like a sequence entry
+    const int* piece_run_first;   // runs of piece-table entry e (piece i, sequence n: e = i·N + n) are
+                                  // [piece_run_first[e], piece_run_first[e + 1]), for the pieces but the last
+    float* run_L;                 // per (run, value head): L, fp32 [K, V]
+    float* run_gamma;             // and Γ, fp32 [K]
+    float* piece_start;           // per (piece-table entry, value head): the start state, fp32 [K, V]
+    int n_seqs, pieces;
+};
+
+constexpr int kRunThreads = 256;
+// Chunks of a run, at most: more runs, more blocks at once, but more L to write and combine. Simple GLA
+// B=1 T=16384 (4 pieces: 12 runs of 16 chunks a head, 192 blocks, 2 an SM): runs of 8 / 16 / 32 chunks
+// 0.342 / 0.333 / 0.344 ms (a variant with piece 0 beside the state pass).
+constexpr int kRunChunks = 16;
+
+template <int K, int V>
+struct RunLayout {
+    static constexpr int LDK = K + 8, LDV = V + 8;
+    static constexpr size_t stage = size_t(kChunk) * LDK + size_t(kChunk) * LDV;  // Kd (k), U (v)
+    static constexpr size_t elems = 2 * stage + size_t(kChunk) * LDV;            // + diag(fk) V
+    static constexpr size_t bytes = elems * 2 + 2 * K * sizeof(float) + 2 * kChunk * sizeof(float);  // + γ_C, fk
+};
+
+// One block per (run, value head): S ← diag(γ_C) S + Kdᵀ U over the run's chunks from S = 0, the state
+// warps' update of chunk_scan_ws_kernel (same operands, raw or prepared, same bf16 rounding of
+// diag(fk) V) on the head's whole V; L and Γ to the workspace. 8 warps: warp w owns key rows
+// [16·(w % (K/16)), +16) and columns [(w / (K/16))·V·16/K, +V·16/K).
+template <int K, int V>
+__global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdParams p, const PieceParams pp) {
+    using E = __nv_bfloat16;
+    using L = RunLayout<K, V>;
+    constexpr int LDK = L::LDK, LDV = L::LDV;
+    constexpr int MW = K / 16, CW = (kRunThreads / 32) / MW, VW = V / CW, NT = VW / 8;
+    static_assert(MW * CW == kRunThreads / 32 && NT % 2 == 0, "chunk_run_state: warps must tile [K, V]");
+    extern __shared__ float4 smem_f4[];
+    E* stage = reinterpret_cast<E*>(smem_f4);  // 2 × (Kd, U)
+    E* Uk = stage + 2 * L::stage;              // diag(fk) U (raw operands)
+    float* gcs = reinterpret_cast<float*>(Uk + kChunk * LDV);  // 2 × γ_C
+    float* fks = gcs + 2 * K;                                  // 2 × fk
+    auto Kt_of = [&](int b) { return stage + b * L::stage; };
+    auto Ut_of = [&](int b) { return stage + b * L::stage + kChunk * LDK; };
+
+    const int tid = threadIdx.x, warp = tid >> 5;
+    const int key0 = (warp % MW) * 16, col0 = (warp / MW) * VW;
+    const int r = blockIdx.x, hv = blockIdx.y;
+    const ScanChain ch{pp.runs[r], hv, p.HV};
+    const int nchunks = (ch.si.len + kChunk - 1) / kChunk;
+    const bool raw = p.qk_rowf != nullptr;
+    const int h = hv / p.G;
+
+    auto fetch = [&](int cidx) {
+        const size_t slot = ch.slot(cidx);
+        const int b = cidx & 1, valid = ch.rows(cidx);
+        if (raw) {
+            copy_rows_async(Kt_of(b), LDK, ch.input_rows<E>(p.k, p.ks, h, cidx), p.ks[1], K, valid, tid, kRunThreads);
+            copy_rows_async(Ut_of(b), LDV, ch.input_rows<E>(p.v, p.vs, hv, cidx), p.vs[1], V, valid, tid, kRunThreads);
+            for (int c = tid; c < kChunk / 4; c += kRunThreads)
+                cp_async16(fks + b * kChunk + 4 * c, p.qk_rowf + slot * 2 * kChunk + kChunk + 4 * c);
+        } else {
+            copy_rows_async(Kt_of(b), LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk, tid,
+                            kRunThreads);
+            copy_rows_async(Ut_of(b), LDV, static_cast<const E*>(p.U) + slot * kChunk * V, V, V, kChunk, tid,
+                            kRunThreads);
+        }
+        for (int c = tid; c < K / 4; c += kRunThreads) cp_async16(gcs + b * K + 4 * c, p.gC + slot * K + 4 * c);
+    };
+
+    float S[1][NT][4];
+    zero_acc(S);
+    float gamma = 1.f;  // thread t < K: Γ of key t
+    if (nchunks > 0) {
+        fetch(0);
+        cp_async_commit();
+    }
+    for (int cidx = 0; cidx < nchunks; ++cidx) {
+        const int b = cidx & 1;
+        cp_async_wait_all();
+        __syncthreads();  // chunk cidx's operands are in place; buffer b ^ 1 and Uk are free
+        if (cidx + 1 < nchunks) {
+            fetch(cidx + 1);
+            cp_async_commit();
+        }
+        const E* Ueff = Ut_of(b);
+        if (raw) {
+            scale_rows_into<E, kChunk, V>(Uk, Ueff, LDV, fks + b * kChunk, tid, kRunThreads);
+            __syncthreads();
+            Ueff = Uk;
+        }
+        scale_acc_rows(S, gcs + b * K + key0);
+        warp_gemm<E, 1, NT>(S, Tile<E>{Kt_of(b) + key0, 1, LDK}, Tile<E>{Ueff + col0, LDV, 1}, kChunk);
+        if (tid < K) gamma *= gcs[b * K + tid];
+    }
+    const size_t out = size_t(r) * p.HV + hv;
+    float* Lr = pp.run_L + out * K * V;
+    for_each_acc(S, [&](int rr, int c, float& x) { Lr[(key0 + rr) * V + col0 + c] = x; });
+    if (tid < K) pp.run_gamma[out * K + tid] = gamma;
+}
+
+// One thread per (sequence, value head, state element): the start state of every piece, from the
+// caller's initial state (or zero) through Γ, L of the runs of every piece but the last.
+template <int K, int V>
+__global__ void chunk_piece_start_kernel(const FwdParams p, const PieceParams pp) {
+    const int n = blockIdx.x / p.HV, hv = blockIdx.x % p.HV;
+    const int e = blockIdx.y * blockDim.x + threadIdx.x;
+    if (e >= K * V) return;
+    const int key = e / V, col = e % V;
+    float s = 0.f;
+    if (p.h0) s = static_cast<const float*>(p.h0)[n * p.h0s[0] + hv * p.h0s[1] + key * p.h0s[2] + col];
+    constexpr size_t kv = size_t(K) * V;
+    for (int i = 0; i < pp.pieces; ++i) {
+        const int entry = i * pp.n_seqs + n;
+        pp.piece_start[(size_t(entry) * p.HV + hv) * kv + e] = s;
+        if (i + 1 == pp.pieces) break;
+        for (int r = pp.piece_run_first[entry]; r < pp.piece_run_first[entry + 1]; ++r) {
+            const size_t out = size_t(r) * p.HV + hv;
+            s = pp.run_gamma[out * K + key] * s + pp.run_L[out * kv + e];
+        }
+    }
 }
 
 // ---- host side --------------------------------------------------------------------------------
@@ -1023,8 +1165,7 @@ void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks) {
 }
 
 template <class E, Update Up, int K>
-void launch_scan_vt(const Problem& p, const FwdParams& fp, int vt, cudaStream_t stream) {
-    const int n_seqs = int(p.N());
+void launch_scan_vt(const Problem& p, const FwdParams& fp, int n_seqs, int vt, cudaStream_t stream) {
     // bf16 operands: the warp-specialised scan, 16, 32 or 64 columns. fp32 operands: at most 32 columns
     // (64 would need 256 KiB of shared memory).
     if constexpr (sizeof(E) == 2) {
@@ -1046,10 +1187,27 @@ int fwd_scan_tile_width(int64_t chains, int64_t V, bool delta) {
     return vt;
 }
 
+// Over the first n_seqs entries of fp.seqs.
 template <class E, int K>
-void launch_scan_cell(const Problem& p, const FwdParams& fp, int vt, cudaStream_t stream) {
-    if (p.delta()) return launch_scan_vt<E, Update::Delta, K>(p, fp, vt, stream);
-    return launch_scan_vt<E, Update::Additive, K>(p, fp, vt, stream);
+void launch_scan_cell(const Problem& p, const FwdParams& fp, int n_seqs, int vt, cudaStream_t stream) {
+    if (p.delta()) return launch_scan_vt<E, Update::Delta, K>(p, fp, n_seqs, vt, stream);
+    return launch_scan_vt<E, Update::Additive, K>(p, fp, n_seqs, vt, stream);
+}
+
+// The parallel pieces' state pass: Γ, L of every run, then every piece's start state (bf16 operands).
+template <int K, int V>
+void launch_piece_starts(const FwdParams& fp, const PieceParams& pp, int n_runs, const char* op) {
+    constexpr size_t smem = RunLayout<K, V>::bytes;
+    static_assert(smem <= 227 * 1024 / 2, "chunk_run_state: two blocks an SM");
+    if (n_runs > 0) {
+        raise_smem_limit<chunk_run_state_kernel<K, V>>(smem, op);
+        chunk_run_state_kernel<K, V><<<dim3(n_runs, fp.HV), kRunThreads, smem, launch_stream()>>>(fp, pp);
+        check_cuda(cudaGetLastError(), op, "chunk_run_state launch");
+    }
+    constexpr int kThreads = 256;
+    chunk_piece_start_kernel<K, V><<<dim3(pp.n_seqs * fp.HV, (K * V + kThreads - 1) / kThreads), kThreads, 0,
+                                     launch_stream()>>>(fp, pp);
+    check_cuda(cudaGetLastError(), op, "chunk_piece_start launch");
 }
 
 // The dtype of the intermediates and of the scan's matrix operands: that of the inputs, except fp16,
@@ -1116,25 +1274,43 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
 
     // The scan's grid decides whether the forward runs in pieces. Single-shot, prepare runs over every
     // chunk with the whole GPU, then the scan: one block per (sequence, value head, V-tile), each
-    // walking its chunks in order. When that grid leaves most SMs idle (B=1: 16 heads × 4 tiles = 64
-    // blocks on 132 SMs) prepare's time is all exposed before the scan. Piecewise, each sequence is cut
-    // into P runs of whole chunks; prepare of piece i runs on the caller's stream after prepare i − 1
-    // (and scan i − 2, see below), the scan of piece i on a second, higher-priority stream once
-    // prepare i is done and the scan of piece i − 1 has written its state (fp32 [N, HV, K, V] in the
-    // workspace, the next piece's initial state). The scans then take their SMs as prepare blocks
-    // leave them and the later pieces' prepare runs on the SMs the scan leaves idle: about prepare / P
-    // + scan instead of prepare + scan. The backward's recompute (`states`) stays single-shot.
-    const int vt = fwd_scan_tile_width<E>(int64_t(p.N()) * p.HV, p.V, p.delta());
+    // walking its chunks in order. When that grid leaves SMs idle or takes narrow tiles to fill them
+    // (B=1: 16 chains), each sequence is cut into P pieces of whole chunks, in one of two ways.
+    //
+    // Parallel pieces (additive update, bf16 operands): every piece's start state comes from a state
+    // pass over the earlier pieces that has no chain through the output (see chunk_run_state_kernel),
+    // and then one scan walks every piece at once on 64-column tiles: P chosen so that this grid
+    // fills the SMs as B·P sequences would.
+    //
+    // Sequential pieces (the delta rule, and fp32 operands): prepare of piece i runs on the caller's
+    // stream after prepare i − 1 (and scan i − 2, see below), the scan of piece i on a second,
+    // higher-priority stream once prepare i is done and the scan of piece i − 1 has written its state
+    // (fp32 [N, HV, K, V] in the workspace, the next piece's initial state). The scans then take their
+    // SMs as prepare blocks leave them and the later pieces' prepare runs on the SMs the scan leaves
+    // idle: about prepare / P + scan instead of prepare + scan.
+    //
+    // HLA_CUDA_FWD_PIECES forces P for either way. The backward's recompute (`states`) stays
+    // single-shot.
+    int vt = fwd_scan_tile_width<E>(int64_t(p.N()) * p.HV, p.V, p.delta());
     int64_t max_chunks = 0;
     for (const Sequence& s : p.seqs) max_chunks = std::max<int64_t>(max_chunks, (s.len + kChunk - 1) / kChunk);
     int pieces = 1;
-    if (!states) {
+    const bool parallel_way = !states && !p.delta() && sizeof(E) == 2;
+    if (parallel_way) {
+        const int wide = int(std::min<int64_t>(64, p.V));
+        const int64_t per_piece = int64_t(p.N()) * p.HV * (p.V / wide);
+        constexpr int kMinPieceChunks = 16;
+        pieces = int(std::clamp<int64_t>(sm_count() / per_piece, 1, std::max<int64_t>(max_chunks / kMinPieceChunks, 1)));
+        const int forced = fwd_pieces_override();
+        if (forced >= 1) pieces = forced;
+        pieces = int(std::clamp<int64_t>(pieces, 1, std::max<int64_t>(max_chunks, 1)));
+        if (pieces > 1 && scan_tile_override() == 0) vt = wide;
+    } else if (!states) {
         const int64_t scan_blocks = int64_t(p.N()) * p.HV * (p.V / vt);
         // Each boundary costs a prepare wave's tail and the scan's restart (forced pieces at B=4 T=4096,
         // where nothing overlaps: GDN +30 us at 2 pieces, +83 at 4), so few pieces pay best. H100, bf16,
         // H=16, K=V=128, B=1 T=16384, 1 / 2 / 3 / 4 / 8 pieces: GDN 0.752 / 0.696 / 0.690 / 0.699 /
-        // 0.746 ms, KDA 0.835 / 0.771 / 0.785 / 0.816 / 0.954. Simple GLA's scan (16-column tiles, 128
-        // blocks) already fills the SMs and stays single-shot (2 pieces: 0.502 -> 0.503).
+        // 0.746 ms, KDA 0.835 / 0.771 / 0.785 / 0.816 / 0.954.
         constexpr int kMaxPieces = 2, kMinPieceChunks = 16;
         if (2 * scan_blocks <= sm_count())
             pieces = int(std::clamp<int64_t>(max_chunks / kMinPieceChunks, 1, kMaxPieces));
@@ -1142,6 +1318,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         if (forced >= 1) pieces = forced;
         pieces = int(std::clamp<int64_t>(pieces, 1, std::max<int64_t>(max_chunks, 1)));
     }
+    const bool parallel = parallel_way && pieces > 1;
 
     // Chunk table (host), then one workspace allocation holding the tables and the intermediates. The
     // chunks are ordered piece by piece (within a piece, sequence by sequence), so a piece's prepare is
@@ -1166,6 +1343,20 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     }
     piece_first.push_back(int(chunks.size()));
     if (p.seqs.empty()) return nullptr;
+    // Parallel pieces: the runs of the state pass, every piece's but the last's chunks in runs of at
+    // most kRunChunks (a run is a sequence entry of its own; more runs, more blocks at once).
+    std::vector<SeqInfo> runs;
+    std::vector<int> piece_run_first;
+    if (parallel) {
+        for (size_t e = 0; e + p.seqs.size() < seqs.size(); ++e) {
+            piece_run_first.push_back(int(runs.size()));
+            const SeqInfo& si = seqs[e];
+            for (int c = 0; c * kChunk < si.len; c += kRunChunks)
+                runs.push_back({si.batch, si.start + c * kChunk, std::min(si.len - c * kChunk, kRunChunks * kChunk),
+                                si.first_chunk + c});
+        }
+        piece_run_first.push_back(int(runs.size()));
+    }
     const size_t n_chunks = chunks.size();
     auto align = [](size_t x) { return (x + 255) & ~size_t(255); };
     const size_t slots = n_chunks * size_t(p.HV);
@@ -1185,8 +1376,16 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const size_t b_d = keep_d ? b_t : 0;
     // the state between pieces, fp32 [N, HV, K, V], two buffers taken in turn (a scan never writes the
     // buffer it reads its initial state from)
-    const size_t b_s = pieces > 1 ? align(size_t(p.N()) * p.HV * p.K * p.V * sizeof(float)) : 0;
-    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d + b_rf + 2 * b_s;
+    const size_t state_bytes = size_t(p.HV) * p.K * p.V * sizeof(float);  // one sequence's state
+    const size_t b_s = pieces > 1 && !parallel ? align(size_t(p.N()) * state_bytes) : 0;
+    // parallel pieces: the run table and the runs of every piece, Γ and L of every (run, value head),
+    // the start state of every (piece, sequence)
+    const size_t b_runs = parallel ? align(runs.size() * sizeof(SeqInfo)) + align(piece_run_first.size() * sizeof(int)) : 0;
+    const size_t b_run_l = align(runs.size() * state_bytes);
+    const size_t b_run_g = align(runs.size() * p.HV * p.K * sizeof(float));
+    const size_t b_starts = parallel ? align(seqs.size() * state_bytes) : 0;
+    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d + b_rf + 2 * b_s + b_runs + b_run_l +
+                         b_run_g + b_starts;
     char* ws = static_cast<char*>(workspace_alloc(total, p.op));
     char* at = ws;
     fp.chunks = reinterpret_cast<const ChunkInfo*>(at);
@@ -1220,19 +1419,61 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     at += b_rf;
     float* piece_state[2] = {b_s ? reinterpret_cast<float*>(at) : nullptr,
                              b_s ? reinterpret_cast<float*>(at + b_s) : nullptr};
+    at += 2 * b_s;
+    PieceParams pp{};
+    if (parallel) {
+        pp.runs = reinterpret_cast<const SeqInfo*>(at);
+        if (!runs.empty())
+            check_cuda(cudaMemcpyAsync(at, runs.data(), runs.size() * sizeof(SeqInfo), cudaMemcpyHostToDevice,
+                                       launch_stream()),
+                       p.op, "cudaMemcpyAsync(run table)");
+        at += align(runs.size() * sizeof(SeqInfo));
+        pp.piece_run_first = reinterpret_cast<const int*>(at);
+        check_cuda(cudaMemcpyAsync(at, piece_run_first.data(), piece_run_first.size() * sizeof(int),
+                                   cudaMemcpyHostToDevice, launch_stream()),
+                   p.op, "cudaMemcpyAsync(piece run table)");
+        at += align(piece_run_first.size() * sizeof(int));
+        pp.run_L = reinterpret_cast<float*>(at);
+        at += b_run_l;
+        pp.run_gamma = reinterpret_cast<float*>(at);
+        at += b_run_g;
+        pp.piece_start = reinterpret_cast<float*>(at);
+        pp.n_seqs = int(p.N());
+        pp.pieces = pieces;
+    }
 
     auto prepare = [&](const FwdParams& f, int n) {
         if (n == 0) return;
         if (p.K == 64) launch_prepare_cell<In, E, 64>(p, f, n);
         else launch_prepare_cell<In, E, 128>(p, f, n);
     };
-    auto scan = [&](const FwdParams& f, cudaStream_t stream) {
-        if (p.K == 64) launch_scan_cell<E, 64>(p, f, vt, stream);
-        else launch_scan_cell<E, 128>(p, f, vt, stream);
+    auto scan = [&](const FwdParams& f, int n_seqs, cudaStream_t stream) {
+        if (p.K == 64) launch_scan_cell<E, 64>(p, f, n_seqs, vt, stream);
+        else launch_scan_cell<E, 128>(p, f, n_seqs, vt, stream);
     };
     if (pieces == 1) {
         prepare(fp, int(n_chunks));
-        scan(fp, launch_stream());
+        scan(fp, int(p.N()), launch_stream());
+    } else if (parallel) {
+        // One stream: the scan of piece 0, which needs no start state, measured no faster beside the
+        // state pass on the second stream (both are bound by memory traffic): simple GLA B=1 T=16384
+        // 0.317 ms in one scan, 0.323 / 0.329 / 0.333 / 0.352 ms with piece 0 on the second stream and
+        // 0 / 12 / 24 / 36 chunks longer than the others.
+        prepare(fp, int(n_chunks));
+        if constexpr (sizeof(E) == 2) {
+            const int n_runs = int(runs.size());
+            if (p.K == 64 && p.V == 64) launch_piece_starts<64, 64>(fp, pp, n_runs, p.op);
+            else if (p.K == 64) launch_piece_starts<64, 128>(fp, pp, n_runs, p.op);
+            else if (p.V == 64) launch_piece_starts<128, 64>(fp, pp, n_runs, p.op);
+            else launch_piece_starts<128, 128>(fp, pp, n_runs, p.op);
+        }
+        // every piece at once, each from its start state; the last piece's blocks write the final state
+        FwdParams sf = fp;
+        sf.h0 = pp.piece_start;
+        const int64_t state_strides[4] = {p.HV * p.K * p.V, p.K * p.V, p.V, 1};
+        std::copy(state_strides, state_strides + 4, sf.h0s);
+        sf.ht_seq0 = (pieces - 1) * int(p.N());
+        scan(sf, int(seqs.size()), launch_stream());
     } else {
         PieceStreams& ps = piece_streams(p.op);
         std::lock_guard<std::mutex> lock(ps.mu);
@@ -1292,7 +1533,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
                 sf.ht = piece_state[i % 2];
                 std::copy(state_strides, state_strides + 4, sf.hts);
             }
-            scan(sf, ps.scan);
+            scan(sf, int(p.N()), ps.scan);
             if (i + 1 < pieces) {
                 check_cuda(cudaStreamWaitEvent(caller, ps.scanned, 0), p.op, "cudaStreamWaitEvent(piece scanned)");
                 prepare_piece(i + 1);

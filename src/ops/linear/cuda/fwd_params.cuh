@@ -28,6 +28,10 @@ struct SeqInfo {
 struct FwdParams : CellOptions {
     const void *q, *k, *v, *g, *beta, *A_log, *dt_bias, *h0;
     void *o, *ht;
+    // The scan's blocks of sequence-table entry n write the final state of entry n − ht_seq0, and none
+    // below ht_seq0: the parallel pieces' scan (forward_chunked_impl), whose table holds every piece
+    // and only the last piece ends a sequence. 0 otherwise.
+    int ht_seq0;
     DType g_dtype, beta_dtype, o_dtype;
     int64_t qs[3], ks[3], vs[3], gs[3], bs[3], os[3], h0s[4], hts[4];
     int H, HV, G, K, V;
