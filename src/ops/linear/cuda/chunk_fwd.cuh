@@ -751,10 +751,22 @@ struct ScanWsLayout {
     static constexpr int LDS = VT + 8;       // rows of a state buffer [key][v]
     static constexpr size_t stage_a = (kDelta ? 2 : 1) * kChunk * LDK;             // Qg (, W)
     static constexpr size_t stage_b = kChunk * LDK + kChunk * LDP + kChunk * LDV;  // Kd, P, U
-    // 2 × (Qg, W), 2 × (Kd, P, U), Ũ, 2 × state, diag(fk) Ũ
-    static constexpr size_t elems = 2 * stage_a + 2 * stage_b + kChunk * LDV + 2 * K * LDS + kChunk * LDV;
-    // + 2 × γ_C, 2 × (fq, fk)
-    static constexpr size_t bytes = elems * sizeof(E) + 2 * K * sizeof(float) + 2 * 2 * kChunk * sizeof(float);
+    static constexpr size_t fixed = kChunk * LDV + 2 * K * LDS + kChunk * LDV;     // Ũ, 2 × state, diag(fk) Ũ
+    // with `st` operand stages: st × (Qg, W), st × (Kd, P, U), the fixed buffers; st × (γ_C, fq, fk)
+    static constexpr size_t bytes_with(int st) {
+        return (st * (stage_a + stage_b) + fixed) * sizeof(E) + st * (K + 2 * kChunk) * sizeof(float);
+    }
+    // Three operand stages (each chunk's copies issued two chunks ahead) where they fit in an SM's
+    // 227 KiB and two stages already take more than half of it (one block an SM either way), else two:
+    // the additive update at 32 and 64 columns and the delta rule at 16 (at 32 it is 1 KiB over).
+    // H100, bf16, H=16, K=V=128, two runs each against two stages in the same call: simple GLA B=1
+    // T=16384 (parallel pieces, 64 columns) 0.325 / 0.318 -> 0.312 / 0.314 ms, GLA 0.482 / 0.483 ->
+    // 0.479 / 0.478; B=4 T=4096 within the run-to-run spread (simple GLA 0.246 / 0.246 -> 0.242 /
+    // 0.253).
+    static constexpr size_t kSmemMax = 227 * 1024;
+    static constexpr int stages = bytes_with(3) <= kSmemMax && 2 * bytes_with(2) > kSmemMax ? 3 : 2;
+    static constexpr size_t elems = stages * (stage_a + stage_b) + fixed;
+    static constexpr size_t bytes = bytes_with(stages);
 };
 
 // Named barriers 1 and up (0 is __syncthreads): n threads, a multiple of 32.
@@ -776,14 +788,15 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     static_assert(NT % 2 == 0, "chunk_scan_ws: a warp's columns must pair up for ldmatrix.x4");
     constexpr int SMT = K / 64;      // m-tiles of state rows per state warp
     constexpr int kBarState = 1, kBarU = 2, kBarOutput = 3;
+    constexpr int kStages = L::stages;
     extern __shared__ float4 smem_f4[];
-    E* stage_qw = reinterpret_cast<E*>(smem_f4);  // 2 × (Qg, W)
-    E* stage = stage_qw + 2 * L::stage_a;          // 2 × (Kd, P, U)
-    E* Unew = stage + 2 * L::stage_b;              // Ũ = U − W S
+    E* stage_qw = reinterpret_cast<E*>(smem_f4);  // kStages × (Qg, W)
+    E* stage = stage_qw + kStages * L::stage_a;    // kStages × (Kd, P, U)
+    E* Unew = stage + kStages * L::stage_b;        // Ũ = U − W S
     E* Sbuf = Unew + kChunk * LDV;                 // 2 × state [key][v] in the operand dtype
     E* Uk = Sbuf + 2 * K * LDS;                    // diag(fk) Ũ (raw operands)
-    float* gcs = reinterpret_cast<float*>(smem_f4) + L::elems * sizeof(E) / sizeof(float);  // 2 × γ_C
-    float* rfs = gcs + 2 * K;                                                                 // 2 × (fq, fk)
+    float* gcs = reinterpret_cast<float*>(smem_f4) + L::elems * sizeof(E) / sizeof(float);  // kStages × γ_C
+    float* rfs = gcs + kStages * K;                                                           // kStages × (fq, fk)
     auto Qt_of = [&](int b) { return stage_qw + b * L::stage_a; };
     auto Wt_of = [&](int b) { return stage_qw + b * L::stage_a + kChunk * LDK; };
     auto Kt_of = [&](int b) { return stage + b * L::stage_b; };
@@ -800,10 +813,10 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     const bool raw = p.qk_rowf != nullptr;
     const int h = hv / p.G;
 
-    // every operand of chunk cidx into buffer cidx % 2, by the output warps
+    // every operand of chunk cidx into stage cidx % kStages, by the output warps
     auto fetch = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
-        const int b = cidx & 1, valid = ch.rows(cidx);
+        const int b = cidx % kStages, valid = ch.rows(cidx);
         if (raw) {
             copy_rows_async(Qt_of(b), LDK, ch.input_rows<E>(p.q, p.qs, h, cidx), p.qs[1], K, valid, rt, kRole);
             copy_rows_async(Kt_of(b), LDK, ch.input_rows<E>(p.k, p.ks, h, cidx), p.ks[1], K, valid, rt, kRole);
@@ -831,19 +844,23 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     if (state_role) {
         load_initial_state(S, p, n, hv, key0, v0 + cw0);
         store_state_tile(S, Sbuf + cw0, LDS, key0);
-    } else if (nchunks > 0) {
-        fetch(0);
-        cp_async_commit();
+    } else {
+        // one commit group a chunk, empty past the end, so that the wait below counts chunks
+        for (int c = 0; c + 1 < kStages; ++c) {
+            if (c < nchunks) fetch(c);
+            cp_async_commit();
+        }
     }
     const bool o_pairs = output_pairs<E>(p);
 
     for (int cidx = 0; cidx < nchunks; ++cidx) {
-        const int b = cidx & 1;
-        const E* Ut = Ut_of(b);
-        const float* fq = rfs + b * 2 * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
-        const float* fk = fq + kChunk;           // and e^{b_C − b_i}/‖k_i‖
+        const int b = cidx & 1;         // state buffer
+        const int sb = cidx % kStages;  // operand stage
+        const E* Ut = Ut_of(sb);
+        const float* fq = rfs + sb * 2 * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
+        const float* fk = fq + kChunk;            // and e^{b_C − b_i}/‖k_i‖
         const Tile<E> Sop{Sbuf + b * K * LDS + cw0, LDS, 1};  // (key, v) of the chunk's start state
-        cp_async_wait_all();
+        cp_async_wait_group<kStages - 2>();  // this thread's copies of chunk cidx are done
         __syncthreads();  // chunk cidx's operands and its start state are in place
         if (state_role) {
             // the backward's recompute keeps the chunk's start state (as the products see it)
@@ -853,7 +870,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
             if constexpr (kDelta) {
                 float WS[1][NT][4];
                 zero_acc(WS);
-                warp_gemm<E, 1, NT>(WS, Tile<E>{Wt_of(b) + mw * 16 * LDK, LDK, 1}, Sop, K);
+                warp_gemm<E, 1, NT>(WS, Tile<E>{Wt_of(sb) + mw * 16 * LDK, LDK, 1}, Sop, K);
                 form_u_tilde<E, NT>(WS, Ut + cw0, Unew + cw0, raw ? Uk + cw0 : nullptr, fk, LDV, mw * 16);
                 named_bar_arrive(kBarU, kThreads);  // the output warps may read Ũ
                 Ueff = Unew;
@@ -864,24 +881,23 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
             }
             named_bar_sync(kBarState, kRole);  // every row of Ũ (diag(fk) Ũ) is written
             // ---- S ← diag(γ_C) S + Kdᵀ Ũ, into the other state buffer ----
-            scale_acc_rows(S, gcs + b * K + key0);
-            warp_gemm<E, SMT, NT>(S, Tile<E>{Kt_of(b) + key0, 1, LDK}, Tile<E>{(raw ? Uk : Ueff) + cw0, LDV, 1}, kChunk);
+            scale_acc_rows(S, gcs + sb * K + key0);
+            warp_gemm<E, SMT, NT>(S, Tile<E>{Kt_of(sb) + key0, 1, LDK}, Tile<E>{(raw ? Uk : Ueff) + cw0, LDV, 1}, kChunk);
             store_state_tile(S, Sbuf + (b ^ 1) * K * LDS + cw0, LDS, key0);
         } else {
-            if (cidx + 1 < nchunks) {
-                fetch(cidx + 1);  // the other buffers: last read in chunk cidx − 1
-                cp_async_commit();
-            }
+            // the stage last read in chunk cidx − 1
+            if (cidx + kStages - 1 < nchunks) fetch(cidx + kStages - 1);
+            cp_async_commit();
             // ---- O = Qg S + P Ũ, rows [16·mw, +16), the warp's columns ----
             float O[1][NT][4];
             zero_acc(O);
             if (p.o) {
-                warp_gemm<E, 1, NT>(O, Tile<E>{Qt_of(b) + mw * 16 * LDK, LDK, 1}, Sop, K);
+                warp_gemm<E, 1, NT>(O, Tile<E>{Qt_of(sb) + mw * 16 * LDK, LDK, 1}, Sop, K);
                 if (raw) scale_acc_rows(O, fq + mw * 16);
             }
             if constexpr (kDelta) named_bar_sync(kBarU, kThreads);  // Ũ from the state warps
             if (p.o) {
-                warp_gemm<E, 1, NT>(O, Tile<E>{Pt_of(b) + mw * 16 * LDP, LDP, 1},
+                warp_gemm<E, 1, NT>(O, Tile<E>{Pt_of(sb) + mw * 16 * LDP, LDP, 1},
                                     Tile<E>{(kDelta ? Unew : Ut) + cw0, LDV, 1}, kChunk);
                 store_output_tile<E, NT>(O, p, ch, cidx, mw * 16, v0 + cw0, o_pairs);
             }
