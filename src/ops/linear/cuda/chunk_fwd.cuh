@@ -932,9 +932,10 @@ struct PieceParams {
 };
 
 constexpr int kRunThreads = 256;
-// Chunks of a run, at most: more runs, more blocks at once, but more L to write and combine. Simple GLA
-// B=1 T=16384 (4 pieces: 12 runs of 16 chunks a head, 192 blocks, 2 an SM): runs of 8 / 16 / 32 chunks
-// 0.342 / 0.333 / 0.344 ms (a variant with piece 0 beside the state pass).
+// Chunks of a run, at most: more runs, more blocks at once, but more L to write and combine. H100,
+// simple GLA B=1 T=16384 (4 pieces: 12 runs of 16 chunks a head, 192 blocks, 2 an SM), two runs each:
+// runs of 8 / 12 / 16 / 20 / 24 chunks 0.334, 0.331 / 0.328, 0.327 / 0.322, 0.311 / 0.325, 0.329 /
+// 0.332, 0.332 ms; GLA 0.499, 0.495 / 0.493, 0.489 / 0.495, 0.478 / 0.477, 0.476 / 0.482, 0.482.
 constexpr int kRunChunks = 16;
 
 template <int K, int V>
