@@ -76,6 +76,10 @@ int main(int argc, char** argv) {
         fwdbwd_only |= std::strcmp(argv[i], "--fwdbwd") == 0;
         fwd_only |= std::strcmp(argv[i], "--fwd") == 0;
     }
+    if (fwd_only && fwdbwd_only) {
+        std::fprintf(stderr, "linear_cuda_bench: --fwd and --fwdbwd exclude each other\n");
+        return 2;
+    }
     const int iters = quick ? 5 : 20;
     if (!cuda_available()) {
         std::printf("linear_cuda_bench: no CUDA device, nothing to measure\n");

@@ -189,17 +189,20 @@ TEST(LinearCuda, VarlenWithEmptySequences) {
 // pass over runs of at most 16 chunks, then one scan over all pieces). Forced to 2 and 5 pieces on
 // small shapes: varlen with empty sequences and sequences of fewer chunks than pieces (empty pieces
 // pass the state through), grouped value heads, an initial state, bf16 (warp-specialised scan) and
-// fp32 (chunk_scan_kernel). Then 2 forced pieces of 31 and 32 chunks (runs of 16 and 15 chunks, the
-// state carried from run to run), and the default: two sequences of 49 chunks and two value heads
+// fp32 (chunk_scan_kernel), K = V = 64 at 2 pieces and 128 at 5. Then 2 forced pieces of 31 and 32
+// chunks at K = V = 128 with two value heads on one q/k head (runs of 16 and 15 chunks, the state
+// carried from run to run), and the default: two sequences of 49 chunks and two value heads
 // (sequential: 2 pieces; parallel: 3).
 TEST(LinearCuda, PiecewiseForward) {
     REQUIRE_GPU();
     for (const char* pieces : {"2", "5"}) {
         setenv("HLA_CUDA_FWD_PIECES", pieces, 1);
+        // K = V = 64 and 128 (the 128-column layouts take three operand stages in the scan)
+        const int64_t kv = pieces[0] == '2' ? 64 : 128;
         for (const Cell& cell : kCells)
             for (DType dt : {DType::BF16, DType::F32}) {
                 LinearCase c = make_case(std::string(cell.name) + "/pieces" + pieces + "/" + dtype_tag(dt),
-                                         cell.config(), dt, 1, 400, 2, 4, 64, 64);
+                                         cell.config(), dt, 1, 400, 2, 4, kv, kv);
                 c.cu_seqlens = {0, 0, 70, 70, 333, 400};
                 c.initial_state = true;
                 check_forward(c);
@@ -207,8 +210,8 @@ TEST(LinearCuda, PiecewiseForward) {
     }
     setenv("HLA_CUDA_FWD_PIECES", "2", 1);
     for (const Cell& cell : kCells) {
-        LinearCase c = make_case(std::string(cell.name) + "/pieces2-long", cell.config(), DType::BF16, 1, 4000, 2, 2,
-                                 64, 128);
+        LinearCase c = make_case(std::string(cell.name) + "/pieces2-long", cell.config(), DType::BF16, 1, 4000, 1, 2,
+                                 128, 128);
         c.initial_state = true;
         check_forward(c);
     }

@@ -714,8 +714,8 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
 //   output warps (4·NH)  the next chunk's copies, O = Qg S, O += P Ũ and the stores of o.
 // The state warps hand Ũ over with a named barrier they only arrive at (the output warps wait on it),
 // meet among themselves before Kdᵀ Ũ, and write the new state into the other of two state buffers,
-// so one block-wide barrier a chunk remains (operands and state in place). All operands are
-// double-buffered and fetched a chunk ahead. Session 5's scan for 16-bit operands (chunk_scan_kernel's
+// so one block-wide barrier a chunk remains (operands and state in place). The operands have 2 or 3
+// stages (ScanWsLayout::stages) and are fetched 1 or 2 chunks ahead. Session 5's scan for 16-bit operands (chunk_scan_kernel's
 // design: every warp issued its share of the copies and ran all four products between three block
 // barriers) spent ~2 µs a chunk on that chain at B=1 (16 chains, 16-column tiles, 4 warps an SM).
 // H100, bf16, H=16, K=V=128, same build, that scan vs this one: Gated DeltaNet B=4 T=4096 0.497 ->
@@ -949,7 +949,7 @@ struct RunLayout {
 // One block per (run, value head): S ← diag(γ_C) S + Kdᵀ U over the run's chunks from S = 0, the state
 // warps' update of chunk_scan_ws_kernel (same operands, raw or prepared, same bf16 rounding of
 // diag(fk) V) on the head's whole V; L and Γ to the workspace. 8 warps: warp w owns key rows
-// [16·(w % (K/16)), +16) and columns [(w / (K/16))·V·16/K, +V·16/K).
+// [16·(w % (K/16)), +16) and columns [(w / (K/16))·VW, +VW), VW = V·K/128 (all of V at K = 128).
 template <int K, int V>
 __global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdParams p, const PieceParams pp) {
     using E = __nv_bfloat16;
@@ -1056,7 +1056,7 @@ int raw_operands_override();
 // V-tile block re-reads the chunk's operands, so narrow tiles cost L2 bandwidth (ncu: 83% of L2
 // throughput at 32 columns, B=4 T=4096), while too few blocks leave SMs idle: the scan's time is one
 // chunk's latency times the chunks in a sequence.
-// bf16 operands (the warp-specialised scan, 112–194 KiB at K = 128: one block per SM): the widest tile
+// bf16 operands (the warp-specialised scan, 112–213 KiB at K = 128: one block per SM): the widest tile
 // of 64, 32, 16 columns that still gives 90% of the SMs a block (B=4, H=16: 64; B=1: 16). fp32
 // (161–214 KiB at K = 128, two blocks per SM at K = 64): 16 columns while that stays within one wave,
 // else 32.
@@ -1313,29 +1313,26 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     for (const Sequence& s : p.seqs) max_chunks = std::max<int64_t>(max_chunks, (s.len + kChunk - 1) / kChunk);
     int pieces = 1;
     const bool parallel_way = !states && !p.delta() && sizeof(E) == 2;
-    if (parallel_way) {
-        const int wide = int(std::min<int64_t>(64, p.V));
-        const int64_t per_piece = int64_t(p.N()) * p.HV * (p.V / wide);
+    const int wide = int(std::min<int64_t>(64, p.V));  // the parallel pieces' tile
+    if (!states) {
         constexpr int kMinPieceChunks = 16;
-        pieces = int(std::clamp<int64_t>(sm_count() / per_piece, 1, std::max<int64_t>(max_chunks / kMinPieceChunks, 1)));
-        const int forced = fwd_pieces_override();
-        if (forced >= 1) pieces = forced;
-        pieces = int(std::clamp<int64_t>(pieces, 1, std::max<int64_t>(max_chunks, 1)));
-        if (pieces > 1 && scan_tile_override() == 0) vt = wide;
-    } else if (!states) {
-        const int64_t scan_blocks = int64_t(p.N()) * p.HV * (p.V / vt);
-        // Each boundary costs a prepare wave's tail and the scan's restart (forced pieces at B=4 T=4096,
-        // where nothing overlaps: GDN +30 us at 2 pieces, +83 at 4), so few pieces pay best. H100, bf16,
-        // H=16, K=V=128, B=1 T=16384, 1 / 2 / 3 / 4 / 8 pieces: GDN 0.752 / 0.696 / 0.690 / 0.699 /
-        // 0.746 ms, KDA 0.835 / 0.771 / 0.785 / 0.816 / 0.954.
-        constexpr int kMaxPieces = 2, kMinPieceChunks = 16;
-        if (2 * scan_blocks <= sm_count())
-            pieces = int(std::clamp<int64_t>(max_chunks / kMinPieceChunks, 1, kMaxPieces));
+        const int64_t most = std::max<int64_t>(max_chunks / kMinPieceChunks, 1);
+        if (parallel_way) {
+            pieces = int(std::clamp<int64_t>(sm_count() / (int64_t(p.N()) * p.HV * (p.V / wide)), 1, most));
+        } else {
+            // Each boundary costs a prepare wave's tail and the scan's restart (forced pieces at B=4
+            // T=4096, where nothing overlaps: GDN +30 us at 2 pieces, +83 at 4), so few pieces pay
+            // best. H100, bf16, H=16, K=V=128, B=1 T=16384, 1 / 2 / 3 / 4 / 8 pieces: GDN 0.752 / 0.696
+            // / 0.690 / 0.699 / 0.746 ms, KDA 0.835 / 0.771 / 0.785 / 0.816 / 0.954.
+            constexpr int kMaxPieces = 2;
+            if (2 * int64_t(p.N()) * p.HV * (p.V / vt) <= sm_count()) pieces = int(std::min<int64_t>(most, kMaxPieces));
+        }
         const int forced = fwd_pieces_override();
         if (forced >= 1) pieces = forced;
         pieces = int(std::clamp<int64_t>(pieces, 1, std::max<int64_t>(max_chunks, 1)));
     }
     const bool parallel = parallel_way && pieces > 1;
+    if (parallel && scan_tile_override() == 0) vt = wide;
 
     // Chunk table (host), then one workspace allocation holding the tables and the intermediates. The
     // chunks are ordered piece by piece (within a piece, sequence by sequence), so a piece's prepare is
@@ -1398,8 +1395,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // parallel pieces: the run table and the runs of every piece, Γ and L of every (run, value head),
     // the start state of every (piece, sequence)
     const size_t b_runs = parallel ? align(runs.size() * sizeof(SeqInfo)) + align(piece_run_first.size() * sizeof(int)) : 0;
-    const size_t b_run_l = align(runs.size() * state_bytes);
-    const size_t b_run_g = align(runs.size() * p.HV * p.K * sizeof(float));
+    const size_t b_run_l = parallel ? align(runs.size() * state_bytes) : 0;
+    const size_t b_run_g = parallel ? align(runs.size() * p.HV * p.K * sizeof(float)) : 0;
     const size_t b_starts = parallel ? align(seqs.size() * state_bytes) : 0;
     const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d + b_rf + 2 * b_s + b_runs + b_run_l +
                          b_run_g + b_starts;
@@ -1464,6 +1461,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         if (p.K == 64) launch_prepare_cell<In, E, 64>(p, f, n);
         else launch_prepare_cell<In, E, 128>(p, f, n);
     };
+    // strides of a [sequences, HV, K, V] fp32 state in the workspace (a piece's start or end state)
+    const int64_t state_strides[4] = {p.HV * p.K * p.V, p.K * p.V, p.V, 1};
     auto scan = [&](const FwdParams& f, int n_seqs, cudaStream_t stream) {
         if (p.K == 64) launch_scan_cell<E, 64>(p, f, n_seqs, vt, stream);
         else launch_scan_cell<E, 128>(p, f, n_seqs, vt, stream);
@@ -1487,7 +1486,6 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         // every piece at once, each from its start state; the last piece's blocks write the final state
         FwdParams sf = fp;
         sf.h0 = pp.piece_start;
-        const int64_t state_strides[4] = {p.HV * p.K * p.V, p.K * p.V, p.V, 1};
         std::copy(state_strides, state_strides + 4, sf.h0s);
         sf.ht_seq0 = (pieces - 1) * int(p.N());
         scan(sf, int(seqs.size()), launch_stream());
@@ -1509,7 +1507,6 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
                 cudaStreamWaitEvent(caller, ps.done, 0);
             }
         } join{ps, caller};
-        const int64_t state_strides[4] = {p.HV * p.K * p.V, p.K * p.V, p.V, 1};
         // prepare of piece i: its chunks are blocks [0, n) of a launch whose tables and per-slot operands
         // start at the piece's first chunk
         auto prepare_piece = [&](int i) {
