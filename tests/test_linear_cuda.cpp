@@ -264,6 +264,17 @@ TEST(LinearCuda, BetaEdges) {
 TEST(LinearCuda, InKernelOptions) {
     REQUIRE_GPU();
     {
+        // the additive update on raw operands (the scan reads q, k, v and applies the row factors) with
+        // in-kernel norms and a Mamba2-style gate
+        LinearConfig cfg = simple_gla_config();
+        cfg.qk_l2norm = true;
+        cfg.gate_activation = GateActivation::SoftplusDecay;
+        cfg.scale = 0.3;
+        LinearCase c = make_case("sgla/l2norm+softplus", cfg, DType::BF16, 2, 150, 2, 4, 128, 128);
+        c.initial_state = true;
+        check_forward(c);
+    }
+    {
         LinearConfig cfg = gated_delta_rule_config();
         cfg.qk_l2norm = true;
         cfg.gate_activation = GateActivation::SoftplusDecay;
