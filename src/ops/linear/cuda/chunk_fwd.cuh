@@ -932,18 +932,18 @@ struct PieceParams {
 };
 
 constexpr int kRunThreads = 256;
-// Chunks of a run, at most: more runs, more blocks at once, but more L to write and combine. H100,
-// simple GLA B=1 T=16384 (4 pieces: 12 runs of 16 chunks a head, 192 blocks, 2 an SM), two runs each:
-// runs of 8 / 12 / 16 / 20 / 24 chunks 0.334, 0.331 / 0.328, 0.327 / 0.322, 0.311 / 0.325, 0.329 /
-// 0.332, 0.332 ms; GLA 0.499, 0.495 / 0.493, 0.489 / 0.495, 0.478 / 0.477, 0.476 / 0.482, 0.482.
-constexpr int kRunChunks = 16;
+constexpr int kRunBlocksPerSM = 2;
+// A run is every piece's 1/n, n = the runs that keep the grid within one wave of kRunBlocksPerSM
+// blocks an SM (B=1, H=16, 4 pieces: 5 runs of 12–13 chunks a piece, 240 blocks on 132 SMs).
 
+// Three operand stages (each chunk's copies issued two chunks ahead); raw v is scaled by fk in place.
 template <int K, int V>
 struct RunLayout {
+    static constexpr int kStages = 3;
     static constexpr int LDK = K + 8, LDV = V + 8;
     static constexpr size_t stage = size_t(kChunk) * LDK + size_t(kChunk) * LDV;  // Kd (k), U (v)
-    static constexpr size_t elems = 2 * stage + size_t(kChunk) * LDV;            // + diag(fk) V
-    static constexpr size_t bytes = elems * 2 + 2 * K * sizeof(float) + 2 * kChunk * sizeof(float);  // + γ_C, fk
+    static constexpr size_t elems = kStages * stage;
+    static constexpr size_t bytes = elems * 2 + kStages * (K + kChunk) * sizeof(float);  // + γ_C, fk
 };
 
 // One block per (run, value head): S ← diag(γ_C) S + Kdᵀ U over the run's chunks from S = 0, the state
@@ -957,11 +957,11 @@ __global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdP
     constexpr int LDK = L::LDK, LDV = L::LDV;
     constexpr int MW = K / 16, CW = (kRunThreads / 32) / MW, VW = V / CW, NT = VW / 8;
     static_assert(MW * CW == kRunThreads / 32 && NT % 2 == 0, "chunk_run_state: warps must tile [K, V]");
+    constexpr int kStages = L::kStages;
     extern __shared__ float4 smem_f4[];
-    E* stage = reinterpret_cast<E*>(smem_f4);  // 2 × (Kd, U)
-    E* Uk = stage + 2 * L::stage;              // diag(fk) U (raw operands)
-    float* gcs = reinterpret_cast<float*>(Uk + kChunk * LDV);  // 2 × γ_C
-    float* fks = gcs + 2 * K;                                  // 2 × fk
+    E* stage = reinterpret_cast<E*>(smem_f4);                          // kStages × (Kd, U)
+    float* gcs = reinterpret_cast<float*>(stage + kStages * L::stage);  // kStages × γ_C
+    float* fks = gcs + kStages * K;                                    // kStages × fk
     auto Kt_of = [&](int b) { return stage + b * L::stage; };
     auto Ut_of = [&](int b) { return stage + b * L::stage + kChunk * LDK; };
 
@@ -975,7 +975,7 @@ __global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdP
 
     auto fetch = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
-        const int b = cidx & 1, valid = ch.rows(cidx);
+        const int b = cidx % kStages, valid = ch.rows(cidx);
         if (raw) {
             copy_rows_async(Kt_of(b), LDK, ch.input_rows<E>(p.k, p.ks, h, cidx), p.ks[1], K, valid, tid, kRunThreads);
             copy_rows_async(Ut_of(b), LDV, ch.input_rows<E>(p.v, p.vs, hv, cidx), p.vs[1], V, valid, tid, kRunThreads);
@@ -993,31 +993,31 @@ __global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdP
     float S[1][NT][4];
     zero_acc(S);
     float gamma = 1.f;  // thread t < K: Γ of key t
-    if (nchunks > 0) {
-        fetch(0);
+    // one commit group a chunk, empty past the end, so that the wait below counts chunks
+    for (int c = 0; c + 1 < kStages; ++c) {
+        if (c < nchunks) fetch(c);
         cp_async_commit();
     }
     for (int cidx = 0; cidx < nchunks; ++cidx) {
-        const int b = cidx & 1;
-        cp_async_wait_all();
-        __syncthreads();  // chunk cidx's operands are in place; buffer b ^ 1 and Uk are free
-        if (cidx + 1 < nchunks) {
-            fetch(cidx + 1);
-            cp_async_commit();
-        }
-        const E* Ueff = Ut_of(b);
+        const int b = cidx % kStages;
+        cp_async_wait_group<kStages - 2>();
+        __syncthreads();  // chunk cidx's operands are in place; the stage of chunk cidx − 1 is free
+        if (cidx + kStages - 1 < nchunks) fetch(cidx + kStages - 1);
+        cp_async_commit();
+        E* Ut = Ut_of(b);
         if (raw) {
-            scale_rows_into<E, kChunk, V>(Uk, Ueff, LDV, fks + b * kChunk, tid, kRunThreads);
+            scale_rows_into<E, kChunk, V>(Ut, Ut, LDV, fks + b * kChunk, tid, kRunThreads);  // each thread its own bytes
             __syncthreads();
-            Ueff = Uk;
         }
         scale_acc_rows(S, gcs + b * K + key0);
-        warp_gemm<E, 1, NT>(S, Tile<E>{Kt_of(b) + key0, 1, LDK}, Tile<E>{Ueff + col0, LDV, 1}, kChunk);
+        warp_gemm<E, 1, NT>(S, Tile<E>{Kt_of(b) + key0, 1, LDK}, Tile<E>{Ut + col0, LDV, 1}, kChunk);
         if (tid < K) gamma *= gcs[b * K + tid];
     }
     const size_t out = size_t(r) * p.HV + hv;
     float* Lr = pp.run_L + out * K * V;
-    for_each_acc(S, [&](int rr, int c, float& x) { Lr[(key0 + rr) * V + col0 + c] = x; });
+    for_each_acc_pair(S, [&](int rr, int c, float& x0, float& x1) {
+        *reinterpret_cast<float2*>(Lr + (key0 + rr) * V + col0 + c) = make_float2(x0, x1);
+    });
     if (tid < K) pp.run_gamma[out * K + tid] = gamma;
 }
 
@@ -1215,7 +1215,7 @@ void launch_scan_cell(const Problem& p, const FwdParams& fp, int n_seqs, int vt,
 template <int K, int V>
 void launch_piece_starts(const FwdParams& fp, const PieceParams& pp, int n_runs, const char* op) {
     constexpr size_t smem = RunLayout<K, V>::bytes;
-    static_assert(smem <= 227 * 1024 / 2, "chunk_run_state: two blocks an SM");
+    static_assert(kRunBlocksPerSM * smem <= 227 * 1024, "chunk_run_state: kRunBlocksPerSM blocks an SM");
     if (n_runs > 0) {
         raise_smem_limit<chunk_run_state_kernel<K, V>>(smem, op);
         chunk_run_state_kernel<K, V><<<dim3(n_runs, fp.HV), kRunThreads, smem, launch_stream()>>>(fp, pp);
@@ -1357,16 +1357,21 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     }
     piece_first.push_back(int(chunks.size()));
     if (p.seqs.empty()) return nullptr;
-    // Parallel pieces: the runs of the state pass, every piece's but the last's chunks in runs of at
-    // most kRunChunks (a run is a sequence entry of its own; more runs, more blocks at once).
+    // Parallel pieces: the runs of the state pass, every piece's but the last's chunks cut into
+    // `split` runs of whole chunks (a run is a sequence entry of its own), as many as keep the pass
+    // within one wave.
     std::vector<SeqInfo> runs;
     std::vector<int> piece_run_first;
     if (parallel) {
+        const int64_t run_entries = int64_t(seqs.size() - p.seqs.size()) * p.HV;
+        const int64_t split = std::max<int64_t>(1, kRunBlocksPerSM * sm_count() / run_entries);
         for (size_t e = 0; e + p.seqs.size() < seqs.size(); ++e) {
             piece_run_first.push_back(int(runs.size()));
             const SeqInfo& si = seqs[e];
-            for (int c = 0; c * kChunk < si.len; c += kRunChunks)
-                runs.push_back({si.batch, si.start + c * kChunk, std::min(si.len - c * kChunk, kRunChunks * kChunk),
+            const int nc = (si.len + kChunk - 1) / kChunk;
+            const int run_chunks = int(std::max<int64_t>(1, (nc + split - 1) / split));
+            for (int c = 0; c < nc; c += run_chunks)
+                runs.push_back({si.batch, si.start + c * kChunk, std::min(si.len - c * kChunk, run_chunks * kChunk),
                                 si.first_chunk + c});
         }
         piece_run_first.push_back(int(runs.size()));
