@@ -536,6 +536,29 @@ TEST(LinearCuda, DecodeCapturedInACudaGraphOnAUserStream) {
 }
 #endif
 
+// The tuning switches reject a value they cannot mean, naming the variable: a typo in an A/B run must
+// not silently measure the default.
+TEST(LinearCuda, TuningSwitchesRejectBadValues) {
+    REQUIRE_GPU();
+    LinearCase c = make_case("sgla/switches", simple_gla_config(), DType::BF16, 1, 70, 1, 1, 64, 64);
+    const LinearInputs dev = make_inputs(c, 5).move_to(Device::CUDA);
+    const std::pair<const char*, const char*> bad[] = {{"HLA_CUDA_SCAN_VT", "48"},   {"HLA_CUDA_SCAN_VT", "wide"},
+                                                       {"HLA_CUDA_FWD_RAW", "2"},    {"HLA_CUDA_FWD_PIECES", "two"},
+                                                       {"HLA_CUDA_FWD_PIECES", "0"}, {"HLA_CUDA_FWD_PIECES", "3x"}};
+    for (const auto& [name, value] : bad) {
+        setenv(name, value, 1);
+        Tensor o = poisoned_output(c, Device::CUDA);
+        try {
+            linear_forward(c.cfg, dev.args(o));
+            ADD_FAILURE() << name << "=" << value << " should be rejected";
+        } catch (const Error& e) {
+            EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+            EXPECT_NE(std::string(e.what()).find(value), std::string::npos) << e.what();
+        }
+        unsetenv(name);
+    }
+}
+
 TEST(LinearCuda, UnsupportedShapesAreClearErrors) {
     REQUIRE_GPU();
     LinearCase c = make_case("gdn/K32", gated_delta_rule_config(), DType::BF16, 1, 16, 1, 1, 32, 64);

@@ -492,6 +492,22 @@ __device__ __forceinline__ void scale_rows_into(E* dst, const E* src, int ld, co
     }
 }
 
+// The state update's operands of chunk cidx into shared memory, by threads t of n: Kd (the raw k rows
+// with raw_k, else prepare's), columns [v0, v0 + COLS) of U (the raw v rows with raw_v, else
+// prepare's) and γ_C. Both scans' and the state pass's copies.
+template <class E, int K, int COLS>
+__device__ __forceinline__ void copy_update_operands(E* Kt, int ldk, E* Ut, int ldv, float* gc, const FwdParams& p,
+                                                     const ScanChain& ch, int cidx, int h, int v0, bool raw_k,
+                                                     bool raw_v, int t, int n) {
+    const size_t slot = ch.slot(cidx);
+    const int valid = ch.rows(cidx);
+    if (raw_k) copy_rows_async(Kt, ldk, ch.input_rows<E>(p.k, p.ks, h, cidx), p.ks[1], K, valid, t, n);
+    else copy_rows_async(Kt, ldk, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk, t, n);
+    if (raw_v) copy_rows_async(Ut, ldv, ch.input_rows<E>(p.v, p.vs, ch.hv, cidx) + v0, p.vs[1], COLS, valid, t, n);
+    else copy_rows_async(Ut, ldv, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, COLS, kChunk, t, n);
+    for (int c = t; c < K / 4; c += n) cp_async16(gc + 4 * c, p.gC + slot * K + 4 * c);
+}
+
 // The state fragment of a warp (keys [key0, key0 + 16·SMT), columns [col0, …) of the head's V) from
 // the initial state, or zero.
 template <int SMT, int NT>
@@ -643,12 +659,10 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
     auto fetch_kpu = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
         const int b = cidx & 1;
-        copy_rows_async(Kt_of(b), LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk, tid, kScanThreads);
+        copy_update_operands<E, K, VT>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, 0, v0, false, false, tid,
+                                       kScanThreads);
         copy_rows_async(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk, kChunk, tid,
                         kScanThreads);
-        copy_rows_async(Ut_of(b), LDV, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, VT, kChunk, tid,
-                        kScanThreads);
-        for (int c = tid; c < K / 4; c += kScanThreads) cp_async16(gcs + b * K + 4 * c, p.gC + slot * K + 4 * c);
     };
 
     float S[SMT][NT][4];
@@ -816,23 +830,15 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     // every operand of chunk cidx into stage cidx % kStages, by the output warps
     auto fetch = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
-        const int b = cidx % kStages, valid = ch.rows(cidx);
-        if (raw) {
-            copy_rows_async(Qt_of(b), LDK, ch.input_rows<E>(p.q, p.qs, h, cidx), p.qs[1], K, valid, rt, kRole);
-            copy_rows_async(Kt_of(b), LDK, ch.input_rows<E>(p.k, p.ks, h, cidx), p.ks[1], K, valid, rt, kRole);
-        } else {
-            copy_rows_async(Qt_of(b), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K, kChunk, rt, kRole);
-            copy_rows_async(Kt_of(b), LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk, rt, kRole);
-        }
+        const int b = cidx % kStages;
+        if (raw) copy_rows_async(Qt_of(b), LDK, ch.input_rows<E>(p.q, p.qs, h, cidx), p.qs[1], K, ch.rows(cidx), rt, kRole);
+        else copy_rows_async(Qt_of(b), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K, kChunk, rt, kRole);
+        copy_update_operands<E, K, VT>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, h, v0, raw, !kDelta && raw,
+                                       rt, kRole);
         if constexpr (kDelta)
             copy_rows_async(Wt_of(b), LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K, kChunk, rt, kRole);
         copy_rows_async(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk, kChunk, rt,
                         kRole);
-        if (!kDelta && raw)
-            copy_rows_async(Ut_of(b), LDV, ch.input_rows<E>(p.v, p.vs, hv, cidx) + v0, p.vs[1], VT, valid, rt, kRole);
-        else
-            copy_rows_async(Ut_of(b), LDV, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, VT, kChunk, rt, kRole);
-        for (int c = rt; c < K / 4; c += kRole) cp_async16(gcs + b * K + 4 * c, p.gC + slot * K + 4 * c);
         if (raw)
             for (int c = rt; c < 2 * kChunk / 4; c += kRole)
                 cp_async16(rfs + b * 2 * kChunk + 4 * c, p.qk_rowf + slot * 2 * kChunk + 4 * c);
@@ -975,19 +981,12 @@ __global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdP
 
     auto fetch = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
-        const int b = cidx % kStages, valid = ch.rows(cidx);
-        if (raw) {
-            copy_rows_async(Kt_of(b), LDK, ch.input_rows<E>(p.k, p.ks, h, cidx), p.ks[1], K, valid, tid, kRunThreads);
-            copy_rows_async(Ut_of(b), LDV, ch.input_rows<E>(p.v, p.vs, hv, cidx), p.vs[1], V, valid, tid, kRunThreads);
+        const int b = cidx % kStages;
+        copy_update_operands<E, K, V>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, h, 0, raw, raw, tid,
+                                      kRunThreads);
+        if (raw)
             for (int c = tid; c < kChunk / 4; c += kRunThreads)
                 cp_async16(fks + b * kChunk + 4 * c, p.qk_rowf + slot * 2 * kChunk + kChunk + 4 * c);
-        } else {
-            copy_rows_async(Kt_of(b), LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk, tid,
-                            kRunThreads);
-            copy_rows_async(Ut_of(b), LDV, static_cast<const E*>(p.U) + slot * kChunk * V, V, V, kChunk, tid,
-                            kRunThreads);
-        }
-        for (int c = tid; c < K / 4; c += kRunThreads) cp_async16(gcs + b * K + 4 * c, p.gC + slot * K + 4 * c);
     };
 
     float S[1][NT][4];
@@ -1046,9 +1045,11 @@ __global__ void chunk_piece_start_kernel(const FwdParams p, const PieceParams pp
 // ---- host side --------------------------------------------------------------------------------
 
 int sm_count();
-int scan_tile_override();      // HLA_CUDA_SCAN_VT, 0 when unset
-// HLA_CUDA_FWD_RAW=0: the scan never takes raw operands (forward_chunked_impl), for tests and A/B
-// timing; any other value or none: the default policy.
+// The tuning switches (tests and A/B timing; any other value is an error naming the variable):
+// HLA_CUDA_SCAN_VT = 16 | 32 | 64, 0 when unset;
+int scan_tile_override();
+// HLA_CUDA_FWD_RAW = 0: the scan never takes raw operands (forward_chunked_impl); 1 or unset (−1): the
+// default policy.
 int raw_operands_override();
 
 // The value-column tile of a scan over `chains` (sequence, value head) pairs with operand dtype E, for
@@ -1073,15 +1074,14 @@ int scan_tile_width(int64_t chains, int64_t V) {
     } else {
         vt = chains * (V / 16) > 2 * sm_count() ? 32 : 16;
     }
-    const int forced = scan_tile_override();
-    if (forced == 16 || forced == 32 || forced == 64) vt = forced;
+    if (const int forced = scan_tile_override()) vt = forced;
     return std::min<int>(vt, int(V));
 }
 void* workspace_alloc(size_t bytes, const char* op);
 void workspace_free(void* ptr);
 
-// The piecewise forward (forward_chunked_impl): HLA_CUDA_FWD_PIECES = P forces P pieces (tests and
-// tuning; 1 is the single-shot path), 0 when unset.
+// The piecewise forward (forward_chunked_impl): HLA_CUDA_FWD_PIECES = P ≥ 1 forces P pieces (1 is the
+// single-shot path), 0 when unset.
 int fwd_pieces_override();
 // Per device, created once (piece_streams): the stream the piecewise forward's scans run on
 // (non-blocking, the device's greatest priority, so that a scan's blocks take SMs as soon as prepare

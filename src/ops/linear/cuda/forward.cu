@@ -1,8 +1,10 @@
 // hla — the CUDA backend's entry points for the linear family: picks the dtype instantiation of the
 // chunked forward (fwd_<dtype>.cu) and owns the few runtime services the kernels share. The backward's
 // entry point is in backward.cu.
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 
 #include "ops/linear/cuda/common.cuh"
 #include "ops/linear/problem.hpp"
@@ -19,20 +21,25 @@ int sm_count() {
     return n > 0 ? n : 1;
 }
 
-int scan_tile_override() {
-    const char* v = std::getenv("HLA_CUDA_SCAN_VT");
-    return v ? std::atoi(v) : 0;
+// A tuning switch from the environment: `unset` when the variable is not set; an error naming it
+// when its value is not one of `allowed` (tests and A/B timing set these; a typo must not silently
+// measure the default).
+static int env_switch(const char* name, int unset, std::initializer_list<int> allowed, const char* expected) {
+    const char* v = std::getenv(name);
+    if (!v) return unset;
+    char* end = nullptr;
+    const long x = std::strtol(v, &end, 10);
+    const bool ok = end != v && *end == '\0' &&
+                    (allowed.size() == 0 ? x >= 1 && x <= 1024 : std::find(allowed.begin(), allowed.end(), x) != allowed.end());
+    if (!ok) detail::fail(name, ": expected ", expected, ", got \"", v, "\"");
+    return int(x);
 }
 
-int raw_operands_override() {
-    const char* v = std::getenv("HLA_CUDA_FWD_RAW");
-    return v ? std::atoi(v) : -1;
-}
+int scan_tile_override() { return env_switch("HLA_CUDA_SCAN_VT", 0, {16, 32, 64}, "16, 32 or 64"); }
 
-int fwd_pieces_override() {
-    const char* v = std::getenv("HLA_CUDA_FWD_PIECES");
-    return v ? std::atoi(v) : 0;
-}
+int raw_operands_override() { return env_switch("HLA_CUDA_FWD_RAW", -1, {0, 1}, "0 or 1"); }
+
+int fwd_pieces_override() { return env_switch("HLA_CUDA_FWD_PIECES", 0, {}, "a piece count from 1 to 1024"); }
 
 // Stream-ordered allocation from the device's default pool. The pool keeps freed memory (release
 // threshold raised once) so that steady-state calls map nothing new: a forward's workspace is
