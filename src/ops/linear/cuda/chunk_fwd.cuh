@@ -80,6 +80,7 @@ constexpr size_t prep_smem_bytes() {
 
 template <class In, class E, Decay D, Update Up, int K>
 __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const FwdParams p) {
+    allow_dependent_launch();  // the scan's blocks may take the SMs the last wave leaves
     using L = PrepLayout<K>;
     constexpr int LD = L::LD, LDA = L::LDA;
     constexpr bool kVec = D == Decay::Vector;
@@ -645,6 +646,7 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
     auto Pt_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK; };
     auto Ut_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK + kChunk * LDP; };
 
+    wait_for_previous_kernel();  // prepare's operands (launch_scan_grid)
     const int tid = threadIdx.x, mw = tid >> 5;
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
     const ScanChain ch{p.seqs[n], hv, p.HV};
@@ -822,6 +824,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     const int rw = warp % (4 * NH), rt = tid % kRole;  // warp and thread index within the role
     const int mw = rw & 3, cw0 = (rw >> 2) * (VT / NH);
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
+    wait_for_previous_kernel();  // prepare's operands, the pieces' start states (launch_scan_grid)
     const ScanChain ch{p.seqs[n], hv, p.HV};
     const int nchunks = (ch.si.len + kChunk - 1) / kChunk;
     const bool raw = p.qk_rowf != nullptr;
@@ -974,6 +977,8 @@ __global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdP
     const int tid = threadIdx.x, warp = tid >> 5;
     const int key0 = (warp % MW) * 16, col0 = (warp / MW) * VW;
     const int r = blockIdx.x, hv = blockIdx.y;
+    allow_dependent_launch();    // chunk_piece_start_kernel may take the SMs this pass leaves
+    wait_for_previous_kernel();  // prepare's γ_C and row factors
     const ScanChain ch{pp.runs[r], hv, p.HV};
     const int nchunks = (ch.si.len + kChunk - 1) / kChunk;
     const bool raw = p.qk_rowf != nullptr;
@@ -1024,6 +1029,8 @@ __global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdP
 // caller's initial state (or zero) through Γ, L of the runs of every piece but the last.
 template <int K, int V>
 __global__ void chunk_piece_start_kernel(const FwdParams p, const PieceParams pp) {
+    allow_dependent_launch();    // the scan may take the SMs this kernel leaves
+    wait_for_previous_kernel();  // the runs' Γ, L
     const int n = blockIdx.x / p.HV, hv = blockIdx.x % p.HV;
     const int e = blockIdx.y * blockDim.x + threadIdx.x;
     if (e >= K * V) return;
@@ -1138,26 +1145,29 @@ void launch_prepare(const FwdParams& fp, int n_chunks, const char* op) {
 
 // Kernel over (sequences, value heads, V-tiles of vt columns) on `stream`, its shared-memory limit
 // raised first: the launch of either scan.
+// On the stream of the kernel that wrote its operands (after_kernel), as a programmatic dependent
+// launch: its blocks take the SMs that kernel's last wave leaves, then wait for it.
 template <auto Kernel>
 void launch_scan_grid(const FwdParams& fp, int n_seqs, int vt, int threads, size_t smem, cudaStream_t stream,
-                      const char* op, const char* what) {
+                      bool after_kernel, const char* op, const char* what) {
     raise_smem_limit<Kernel>(smem, op);
-    Kernel<<<dim3(n_seqs, fp.HV, fp.V / vt), threads, smem, stream>>>(fp);
-    check_cuda(cudaGetLastError(), op, what);
+    check_cuda(launch_kernel(Kernel, dim3(n_seqs, fp.HV, fp.V / vt), dim3(threads), smem, stream, after_kernel, fp), op,
+               what);
 }
 
 template <Update Up, int K, int VT>
-void launch_scan(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t stream) {
+void launch_scan(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t stream, bool after_kernel) {
     constexpr size_t smem = ScanLayout<K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan: shared memory over the 227 KiB of an SM");
-    launch_scan_grid<chunk_scan_kernel<Up, K, VT>>(fp, n_seqs, VT, kScanThreads, smem, stream, op, "chunk_scan launch");
+    launch_scan_grid<chunk_scan_kernel<Up, K, VT>>(fp, n_seqs, VT, kScanThreads, smem, stream, after_kernel, op,
+                                                   "chunk_scan launch");
 }
 
 template <Update Up, int K, int VT>
-void launch_scan_ws(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t stream) {
+void launch_scan_ws(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t stream, bool after_kernel) {
     constexpr size_t smem = ScanWsLayout<K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan_ws: shared memory over the 227 KiB of an SM");
-    launch_scan_grid<chunk_scan_ws_kernel<Up, K, VT>>(fp, n_seqs, VT, ScanWs<VT>::kThreads, smem, stream, op,
+    launch_scan_grid<chunk_scan_ws_kernel<Up, K, VT>>(fp, n_seqs, VT, ScanWs<VT>::kThreads, smem, stream, after_kernel, op,
                                                       "chunk_scan_ws launch");
 }
 
@@ -1182,16 +1192,16 @@ void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks) {
 }
 
 template <class E, Update Up, int K>
-void launch_scan_vt(const Problem& p, const FwdParams& fp, int n_seqs, int vt, cudaStream_t stream) {
+void launch_scan_vt(const Problem& p, const FwdParams& fp, int n_seqs, int vt, cudaStream_t stream, bool after_kernel) {
     // bf16 operands: the warp-specialised scan, 16, 32 or 64 columns. fp32 operands: at most 32 columns
     // (64 would need 256 KiB of shared memory).
     if constexpr (sizeof(E) == 2) {
-        if (vt == 64) return launch_scan_ws<Up, K, 64>(fp, n_seqs, p.op, stream);
-        if (vt == 32) return launch_scan_ws<Up, K, 32>(fp, n_seqs, p.op, stream);
-        return launch_scan_ws<Up, K, 16>(fp, n_seqs, p.op, stream);
+        if (vt == 64) return launch_scan_ws<Up, K, 64>(fp, n_seqs, p.op, stream, after_kernel);
+        if (vt == 32) return launch_scan_ws<Up, K, 32>(fp, n_seqs, p.op, stream, after_kernel);
+        return launch_scan_ws<Up, K, 16>(fp, n_seqs, p.op, stream, after_kernel);
     } else {
-        if (vt >= 32) return launch_scan<Up, K, 32>(fp, n_seqs, p.op, stream);
-        return launch_scan<Up, K, 16>(fp, n_seqs, p.op, stream);
+        if (vt >= 32) return launch_scan<Up, K, 32>(fp, n_seqs, p.op, stream, after_kernel);
+        return launch_scan<Up, K, 16>(fp, n_seqs, p.op, stream, after_kernel);
     }
 }
 
@@ -1204,11 +1214,12 @@ int fwd_scan_tile_width(int64_t chains, int64_t V, bool delta) {
     return vt;
 }
 
-// Over the first n_seqs entries of fp.seqs.
+// Over the first n_seqs entries of fp.seqs; after_kernel: the kernel before it on `stream` wrote its
+// operands (a programmatic dependent launch, launch_scan_grid).
 template <class E, int K>
-void launch_scan_cell(const Problem& p, const FwdParams& fp, int n_seqs, int vt, cudaStream_t stream) {
-    if (p.delta()) return launch_scan_vt<E, Update::Delta, K>(p, fp, n_seqs, vt, stream);
-    return launch_scan_vt<E, Update::Additive, K>(p, fp, n_seqs, vt, stream);
+void launch_scan_cell(const Problem& p, const FwdParams& fp, int n_seqs, int vt, cudaStream_t stream, bool after_kernel) {
+    if (p.delta()) return launch_scan_vt<E, Update::Delta, K>(p, fp, n_seqs, vt, stream, after_kernel);
+    return launch_scan_vt<E, Update::Additive, K>(p, fp, n_seqs, vt, stream, after_kernel);
 }
 
 // The parallel pieces' state pass: Γ, L of every run, then every piece's start state (bf16 operands).
@@ -1216,15 +1227,17 @@ template <int K, int V>
 void launch_piece_starts(const FwdParams& fp, const PieceParams& pp, int n_runs, const char* op) {
     constexpr size_t smem = RunLayout<K, V>::bytes;
     static_assert(kRunBlocksPerSM * smem <= 227 * 1024, "chunk_run_state: kRunBlocksPerSM blocks an SM");
+    // each after a kernel on the stream (prepare, then this pass): programmatic dependent launches
     if (n_runs > 0) {
         raise_smem_limit<chunk_run_state_kernel<K, V>>(smem, op);
-        chunk_run_state_kernel<K, V><<<dim3(n_runs, fp.HV), kRunThreads, smem, launch_stream()>>>(fp, pp);
-        check_cuda(cudaGetLastError(), op, "chunk_run_state launch");
+        check_cuda(launch_kernel(chunk_run_state_kernel<K, V>, dim3(n_runs, fp.HV), dim3(kRunThreads), smem,
+                                 launch_stream(), true, fp, pp),
+                   op, "chunk_run_state launch");
     }
     constexpr int kThreads = 256;
-    chunk_piece_start_kernel<K, V><<<dim3(pp.n_seqs * fp.HV, (K * V + kThreads - 1) / kThreads), kThreads, 0,
-                                     launch_stream()>>>(fp, pp);
-    check_cuda(cudaGetLastError(), op, "chunk_piece_start launch");
+    check_cuda(launch_kernel(chunk_piece_start_kernel<K, V>, dim3(pp.n_seqs * fp.HV, (K * V + kThreads - 1) / kThreads),
+                             dim3(kThreads), 0, launch_stream(), true, fp, pp),
+               op, "chunk_piece_start launch");
 }
 
 // The dtype of the intermediates and of the scan's matrix operands: that of the inputs, except fp16,
@@ -1468,13 +1481,15 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     };
     // strides of a [sequences, HV, K, V] fp32 state in the workspace (a piece's start or end state)
     const int64_t state_strides[4] = {p.HV * p.K * p.V, p.K * p.V, p.V, 1};
-    auto scan = [&](const FwdParams& f, int n_seqs, cudaStream_t stream) {
-        if (p.K == 64) launch_scan_cell<E, 64>(p, f, n_seqs, vt, stream);
-        else launch_scan_cell<E, 128>(p, f, n_seqs, vt, stream);
+    // after_kernel: the scan follows the kernel that wrote its operands on `stream` (programmatic
+    // dependent launch, launch_scan_grid)
+    auto scan = [&](const FwdParams& f, int n_seqs, cudaStream_t stream, bool after_kernel) {
+        if (p.K == 64) launch_scan_cell<E, 64>(p, f, n_seqs, vt, stream, after_kernel);
+        else launch_scan_cell<E, 128>(p, f, n_seqs, vt, stream, after_kernel);
     };
     if (pieces == 1) {
         prepare(fp, int(n_chunks));
-        scan(fp, int(p.N()), launch_stream());
+        scan(fp, int(p.N()), launch_stream(), n_chunks > 0);
     } else if (parallel) {
         // One stream: the scan of piece 0, which needs no start state, measured no faster beside the
         // state pass on the second stream (both are bound by memory traffic): simple GLA B=1 T=16384
@@ -1493,7 +1508,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         sf.h0 = pp.piece_start;
         std::copy(state_strides, state_strides + 4, sf.h0s);
         sf.ht_seq0 = (pieces - 1) * int(p.N());
-        scan(sf, int(seqs.size()), launch_stream());
+        scan(sf, int(seqs.size()), launch_stream(), true);
     } else {
         PieceStreams& ps = piece_streams(p.op);
         std::lock_guard<std::mutex> lock(ps.mu);
@@ -1552,7 +1567,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
                 sf.ht = piece_state[i % 2];
                 std::copy(state_strides, state_strides + 4, sf.hts);
             }
-            scan(sf, int(p.N()), ps.scan);
+            scan(sf, int(p.N()), ps.scan, false);
             if (i + 1 < pieces) {
                 check_cuda(cudaStreamWaitEvent(caller, ps.scanned, 0), p.op, "cudaStreamWaitEvent(piece scanned)");
                 prepare_piece(i + 1);

@@ -173,6 +173,7 @@ __device__ __forceinline__ void stage_gate_rows(float* dst, int ld, const void* 
 template <Decay D, Update Up, int K>
 __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMinBlocks)
     chunk_prepare_mma_kernel(const FwdParams p) {
+    allow_dependent_launch();  // the next kernel's blocks may take the SMs the last wave leaves
     using E = __nv_bfloat16;
     using L = PrepMmaLayout<D, Up, K>;
     constexpr bool kVec = L::kVec, kDelta = L::kDelta;
