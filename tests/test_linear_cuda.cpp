@@ -186,13 +186,13 @@ TEST(LinearCuda, VarlenWithEmptySequences) {
 // or needs narrow tiles to fill them. Sequential pieces (the delta rule, fp32 operands: the scan of
 // piece i beside the prepare of piece i + 1, the state handed from piece to piece through the
 // workspace) and parallel pieces (additive update on bf16: every piece's start state from a state
-// pass over runs of chunks, as many as fill one wave, then one scan over all pieces). Forced to 2 and 5 pieces on
-// small shapes: varlen with empty sequences and sequences of fewer chunks than pieces (empty pieces
-// pass the state through), grouped value heads, an initial state, bf16 (warp-specialised scan) and
-// fp32 (chunk_scan_kernel), K = V = 64 at 2 pieces and 128 at 5. Then 2 forced pieces of 31 and 32
-// chunks at K = V = 128 with two value heads on one q/k head (on a 132-SM card 31 runs of one
-// chunk: the state carried from run to run), and the default: two sequences of 49 chunks and two value heads
-// (sequential: 2 pieces; parallel: 3).
+// pass over runs of chunks, as many as fill one wave, then one scan over all pieces). Forced to 2 and
+// 5 pieces on small shapes: varlen with empty sequences and sequences of fewer chunks than pieces
+// (empty pieces pass the state through), grouped value heads, an initial state, bf16
+// (warp-specialised scan) and fp32 (chunk_scan_kernel), K = V = 64 at 2 pieces and 128 at 5. Then 2
+// forced pieces of 31 and 32 chunks at K = V = 128 with two value heads on one q/k head (on a 132-SM
+// card 31 runs of one chunk: the state carried from run to run), and the default: two sequences of
+// 49 chunks and two value heads (sequential: 2 pieces; parallel: 3).
 TEST(LinearCuda, PiecewiseForward) {
     REQUIRE_GPU();
     for (const char* pieces : {"2", "5"}) {

@@ -34,6 +34,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -448,11 +449,14 @@ __device__ __forceinline__ void scale_acc_rows(float (&c)[MT][NT][4], const floa
 // A scan block walks the chunks of one chain (sequence si, value head hv) for the value columns
 // [v0, v0 + VT). Its warps hold accumulator fragments of 16-row tiles; a warp's columns start at cw0.
 
-// The addressing of a chain's chunks: prepare's per-chunk operands live in slot(cidx), the raw inputs
-// at the chunk's first token.
+// The addressing of a chain's chunks (sequence entry si, value head hv, its q/k head h): prepare's
+// per-chunk operands live in slot(cidx), the raw inputs at the chunk's first token.
 struct ScanChain {
     SeqInfo si;
-    int hv, HV;
+    int hv, HV, h;
+    __device__ ScanChain(const SeqInfo& s, int value_head, const FwdParams& p)
+        : si(s), hv(value_head), HV(p.HV), h(value_head / p.G) {}
+    __device__ int chunks() const { return (si.len + kChunk - 1) / kChunk; }
     __device__ size_t slot(int cidx) const { return size_t(si.first_chunk + cidx) * HV + hv; }
     __device__ int rows(int cidx) const { return min(kChunk, si.len - cidx * kChunk); }
     template <class E>
@@ -498,15 +502,36 @@ __device__ __forceinline__ void scale_rows_into(E* dst, const E* src, int ld, co
 // prepare's) and γ_C. Both scans' and the state pass's copies.
 template <class E, int K, int COLS>
 __device__ __forceinline__ void copy_update_operands(E* Kt, int ldk, E* Ut, int ldv, float* gc, const FwdParams& p,
-                                                     const ScanChain& ch, int cidx, int h, int v0, bool raw_k,
-                                                     bool raw_v, int t, int n) {
+                                                     const ScanChain& ch, int cidx, int v0, bool raw_k, bool raw_v,
+                                                     int t, int n) {
     const size_t slot = ch.slot(cidx);
     const int valid = ch.rows(cidx);
-    if (raw_k) copy_rows_async(Kt, ldk, ch.input_rows<E>(p.k, p.ks, h, cidx), p.ks[1], K, valid, t, n);
+    if (raw_k) copy_rows_async(Kt, ldk, ch.input_rows<E>(p.k, p.ks, ch.h, cidx), p.ks[1], K, valid, t, n);
     else copy_rows_async(Kt, ldk, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk, t, n);
     if (raw_v) copy_rows_async(Ut, ldv, ch.input_rows<E>(p.v, p.vs, ch.hv, cidx) + v0, p.vs[1], COLS, valid, t, n);
     else copy_rows_async(Ut, ldv, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, COLS, kChunk, t, n);
     for (int c = t; c < K / 4; c += n) cp_async16(gc + 4 * c, p.gC + slot * K + 4 * c);
+}
+
+// A ring of S operand stages filled with cp.async, chunk c in stage c % S, one commit group a chunk
+// (empty past the end) so that a thread's wait counts chunks. copy_ring_start issues chunks
+// [0, S − 1); at chunk c, after copy_ring_wait and a barrier (chunk c's operands are in place and the
+// stage of chunk c − 1 is free), copy_ring_refill issues chunk c + S − 1 into that stage.
+template <int S, class Fetch>
+__device__ __forceinline__ void copy_ring_start(Fetch&& fetch, int nchunks) {
+    for (int c = 0; c + 1 < S; ++c) {
+        if (c < nchunks) fetch(c);
+        cp_async_commit();
+    }
+}
+template <int S>
+__device__ __forceinline__ void copy_ring_wait() {
+    cp_async_wait_group<S - 2>();  // this thread's copies of the current chunk are done
+}
+template <int S, class Fetch>
+__device__ __forceinline__ void copy_ring_refill(Fetch&& fetch, int cidx, int nchunks) {
+    if (cidx + S - 1 < nchunks) fetch(cidx + S - 1);
+    cp_async_commit();
 }
 
 // The state fragment of a warp (keys [key0, key0 + 16·SMT), columns [col0, …) of the head's V) from
@@ -649,8 +674,8 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
     wait_for_previous_kernel();  // prepare's operands (launch_scan_grid)
     const int tid = threadIdx.x, mw = tid >> 5;
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
-    const ScanChain ch{p.seqs[n], hv, p.HV};
-    const int nchunks = (ch.si.len + kChunk - 1) / kChunk;
+    const ScanChain ch(p.seqs[n], hv, p);
+    const int nchunks = ch.chunks();
 
     auto fetch_qw = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
@@ -661,7 +686,7 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
     auto fetch_kpu = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
         const int b = cidx & 1;
-        copy_update_operands<E, K, VT>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, 0, v0, false, false, tid,
+        copy_update_operands<E, K, VT>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, v0, false, false, tid,
                                        kScanThreads);
         copy_rows_async(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk, kChunk, tid,
                         kScanThreads);
@@ -825,19 +850,18 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     const int mw = rw & 3, cw0 = (rw >> 2) * (VT / NH);
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
     wait_for_previous_kernel();  // prepare's operands, the pieces' start states (launch_scan_grid)
-    const ScanChain ch{p.seqs[n], hv, p.HV};
-    const int nchunks = (ch.si.len + kChunk - 1) / kChunk;
+    const ScanChain ch(p.seqs[n], hv, p);
+    const int nchunks = ch.chunks();
     const bool raw = p.qk_rowf != nullptr;
-    const int h = hv / p.G;
 
     // every operand of chunk cidx into stage cidx % kStages, by the output warps
     auto fetch = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
         const int b = cidx % kStages;
-        if (raw) copy_rows_async(Qt_of(b), LDK, ch.input_rows<E>(p.q, p.qs, h, cidx), p.qs[1], K, ch.rows(cidx), rt, kRole);
+        if (raw) copy_rows_async(Qt_of(b), LDK, ch.input_rows<E>(p.q, p.qs, ch.h, cidx), p.qs[1], K, ch.rows(cidx), rt, kRole);
         else copy_rows_async(Qt_of(b), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K, kChunk, rt, kRole);
-        copy_update_operands<E, K, VT>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, h, v0, raw, !kDelta && raw,
-                                       rt, kRole);
+        copy_update_operands<E, K, VT>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, v0, raw, !kDelta && raw, rt,
+                                       kRole);
         if constexpr (kDelta)
             copy_rows_async(Wt_of(b), LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K, kChunk, rt, kRole);
         copy_rows_async(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk, kChunk, rt,
@@ -854,11 +878,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
         load_initial_state(S, p, n, hv, key0, v0 + cw0);
         store_state_tile(S, Sbuf + cw0, LDS, key0);
     } else {
-        // one commit group a chunk, empty past the end, so that the wait below counts chunks
-        for (int c = 0; c + 1 < kStages; ++c) {
-            if (c < nchunks) fetch(c);
-            cp_async_commit();
-        }
+        copy_ring_start<kStages>(fetch, nchunks);
     }
     const bool o_pairs = output_pairs<E>(p);
 
@@ -869,7 +889,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
         const float* fq = rfs + sb * 2 * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
         const float* fk = fq + kChunk;            // and e^{b_C − b_i}/‖k_i‖
         const Tile<E> Sop{Sbuf + b * K * LDS + cw0, LDS, 1};  // (key, v) of the chunk's start state
-        cp_async_wait_group<kStages - 2>();  // this thread's copies of chunk cidx are done
+        copy_ring_wait<kStages>();
         __syncthreads();  // chunk cidx's operands and its start state are in place
         if (state_role) {
             // the backward's recompute keeps the chunk's start state (as the products see it)
@@ -894,9 +914,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
             warp_gemm<E, SMT, NT>(S, Tile<E>{Kt_of(sb) + key0, 1, LDK}, Tile<E>{(raw ? Uk : Ueff) + cw0, LDV, 1}, kChunk);
             store_state_tile(S, Sbuf + (b ^ 1) * K * LDS + cw0, LDS, key0);
         } else {
-            // the stage last read in chunk cidx − 1
-            if (cidx + kStages - 1 < nchunks) fetch(cidx + kStages - 1);
-            cp_async_commit();
+            copy_ring_refill<kStages>(fetch, cidx, nchunks);
             // ---- O = Qg S + P Ũ, rows [16·mw, +16), the warp's columns ----
             float O[1][NT][4];
             zero_acc(O);
@@ -979,15 +997,14 @@ __global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdP
     const int r = blockIdx.x, hv = blockIdx.y;
     allow_dependent_launch();    // chunk_piece_start_kernel may take the SMs this pass leaves
     wait_for_previous_kernel();  // prepare's γ_C and row factors
-    const ScanChain ch{pp.runs[r], hv, p.HV};
-    const int nchunks = (ch.si.len + kChunk - 1) / kChunk;
+    const ScanChain ch(pp.runs[r], hv, p);
+    const int nchunks = ch.chunks();
     const bool raw = p.qk_rowf != nullptr;
-    const int h = hv / p.G;
 
     auto fetch = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
         const int b = cidx % kStages;
-        copy_update_operands<E, K, V>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, h, 0, raw, raw, tid,
+        copy_update_operands<E, K, V>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, 0, raw, raw, tid,
                                       kRunThreads);
         if (raw)
             for (int c = tid; c < kChunk / 4; c += kRunThreads)
@@ -997,17 +1014,12 @@ __global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdP
     float S[1][NT][4];
     zero_acc(S);
     float gamma = 1.f;  // thread t < K: Γ of key t
-    // one commit group a chunk, empty past the end, so that the wait below counts chunks
-    for (int c = 0; c + 1 < kStages; ++c) {
-        if (c < nchunks) fetch(c);
-        cp_async_commit();
-    }
+    copy_ring_start<kStages>(fetch, nchunks);
     for (int cidx = 0; cidx < nchunks; ++cidx) {
         const int b = cidx % kStages;
-        cp_async_wait_group<kStages - 2>();
+        copy_ring_wait<kStages>();
         __syncthreads();  // chunk cidx's operands are in place; the stage of chunk cidx − 1 is free
-        if (cidx + kStages - 1 < nchunks) fetch(cidx + kStages - 1);
-        cp_async_commit();
+        copy_ring_refill<kStages>(fetch, cidx, nchunks);
         E* Ut = Ut_of(b);
         if (raw) {
             scale_rows_into<E, kChunk, V>(Ut, Ut, LDV, fks + b * kChunk, tid, kRunThreads);  // each thread its own bytes
@@ -1392,7 +1404,12 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const size_t n_chunks = chunks.size();
     auto align = [](size_t x) { return (x + 255) & ~size_t(255); };
     const size_t slots = n_chunks * size_t(p.HV);
-    const size_t b_tables = align(chunks.size() * sizeof(ChunkInfo)) + align(seqs.size() * sizeof(SeqInfo));
+    // The host tables (chunks, sequence entries; parallel pieces: runs and the runs of every piece) as
+    // one image at these offsets, copied to the workspace's start in one transfer.
+    const size_t o_seqs = align(chunks.size() * sizeof(ChunkInfo));
+    const size_t o_runs = o_seqs + align(seqs.size() * sizeof(SeqInfo));
+    const size_t o_run_first = o_runs + align(runs.size() * sizeof(SeqInfo));
+    const size_t b_tables = o_run_first + align(piece_run_first.size() * sizeof(int));
     const size_t b_k = align(slots * kChunk * p.K * sizeof(E));  // one of Qg, Kd, W
     const size_t b_qk = raw ? 0 : b_k;
     const size_t b_u = raw && !p.delta() ? 0 : align(slots * kChunk * p.V * sizeof(E));
@@ -1410,27 +1427,28 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // buffer it reads its initial state from)
     const size_t state_bytes = size_t(p.HV) * p.K * p.V * sizeof(float);  // one sequence's state
     const size_t b_s = pieces > 1 && !parallel ? align(size_t(p.N()) * state_bytes) : 0;
-    // parallel pieces: the run table and the runs of every piece, Γ and L of every (run, value head),
-    // the start state of every (piece, sequence)
-    const size_t b_runs = parallel ? align(runs.size() * sizeof(SeqInfo)) + align(piece_run_first.size() * sizeof(int)) : 0;
+    // parallel pieces: Γ and L of every (run, value head), the start state of every (piece, sequence)
     const size_t b_run_l = parallel ? align(runs.size() * state_bytes) : 0;
     const size_t b_run_g = parallel ? align(runs.size() * p.HV * p.K * sizeof(float)) : 0;
     const size_t b_starts = parallel ? align(seqs.size() * state_bytes) : 0;
-    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d + b_rf + 2 * b_s + b_runs + b_run_l +
-                         b_run_g + b_starts;
+    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d + b_rf + 2 * b_s + b_run_l + b_run_g +
+                         b_starts;
     char* ws = static_cast<char*>(workspace_alloc(total, p.op));
-    char* at = ws;
-    fp.chunks = reinterpret_cast<const ChunkInfo*>(at);
-    if (!chunks.empty())
-        check_cuda(cudaMemcpyAsync(at, chunks.data(), chunks.size() * sizeof(ChunkInfo), cudaMemcpyHostToDevice,
-                                   launch_stream()),
-                   p.op, "cudaMemcpyAsync(chunk table)");
-    at += align(chunks.size() * sizeof(ChunkInfo));
-    fp.seqs = reinterpret_cast<const SeqInfo*>(at);
-    check_cuda(cudaMemcpyAsync(at, seqs.data(), seqs.size() * sizeof(SeqInfo), cudaMemcpyHostToDevice,
-                               launch_stream()),
-               p.op, "cudaMemcpyAsync(sequence table)");
-    at += align(seqs.size() * sizeof(SeqInfo));
+    {
+        std::vector<char> image(b_tables);
+        auto put = [&](size_t at, const auto& v) {
+            if (!v.empty()) std::memcpy(image.data() + at, v.data(), v.size() * sizeof(v[0]));
+        };
+        put(0, chunks);
+        put(o_seqs, seqs);
+        put(o_runs, runs);
+        put(o_run_first, piece_run_first);
+        check_cuda(cudaMemcpyAsync(ws, image.data(), b_tables, cudaMemcpyHostToDevice, launch_stream()), p.op,
+                   "cudaMemcpyAsync(tables)");
+    }
+    fp.chunks = reinterpret_cast<const ChunkInfo*>(ws);
+    fp.seqs = reinterpret_cast<const SeqInfo*>(ws + o_seqs);
+    char* at = ws + b_tables;
     fp.Qg = b_qk ? at : nullptr;
     at += b_qk;
     fp.Kd = b_qk ? at : nullptr;
@@ -1454,17 +1472,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     at += 2 * b_s;
     PieceParams pp{};
     if (parallel) {
-        pp.runs = reinterpret_cast<const SeqInfo*>(at);
-        if (!runs.empty())
-            check_cuda(cudaMemcpyAsync(at, runs.data(), runs.size() * sizeof(SeqInfo), cudaMemcpyHostToDevice,
-                                       launch_stream()),
-                       p.op, "cudaMemcpyAsync(run table)");
-        at += align(runs.size() * sizeof(SeqInfo));
-        pp.piece_run_first = reinterpret_cast<const int*>(at);
-        check_cuda(cudaMemcpyAsync(at, piece_run_first.data(), piece_run_first.size() * sizeof(int),
-                                   cudaMemcpyHostToDevice, launch_stream()),
-                   p.op, "cudaMemcpyAsync(piece run table)");
-        at += align(piece_run_first.size() * sizeof(int));
+        pp.runs = reinterpret_cast<const SeqInfo*>(ws + o_runs);
+        pp.piece_run_first = reinterpret_cast<const int*>(ws + o_run_first);
         pp.run_L = reinterpret_cast<float*>(at);
         at += b_run_l;
         pp.run_gamma = reinterpret_cast<float*>(at);
