@@ -465,18 +465,38 @@ struct ScanChain {
     }
 };
 
-// Rows [0, valid) of a [kChunk, cols] operand into shared memory (row stride ld) with cp.async, the
+// Rows [0, valid) of a [kChunk, COLS] operand into shared memory (row stride ld) with cp.async, the
 // rest zero-filled (raw input rows past the sequence's end belong to the next sequence or lie past
-// the tensor; prepare's rows there are zero already). Thread t of n copies every n-th 16 bytes.
-template <class E>
-__device__ __forceinline__ void copy_rows_async(E* dst, int ld, const E* src, int64_t src_ld, int cols, int valid, int t,
-                                                int n) {
-    constexpr int PER16 = 16 / sizeof(E);
-    const int per_row = cols / PER16;
-    for (int idx = t; idx < kChunk * per_row; idx += n) {
-        const int r = idx / per_row, c = idx % per_row;
-        const bool in = r < valid;
-        cp_async16_zfill(dst + r * ld + c * PER16, src + (in ? r : 0) * src_ld + c * PER16, in);
+// the tensor; prepare's rows there are zero already). Thread t of N copies every N-th 16 bytes. When N
+// is a multiple of a row's pieces, a thread's pieces share one column and lie a fixed number of rows
+// apart, so its addresses are a base plus constant strides: the scans issue these copies every chunk
+// on their output warps' chain, where the general index arithmetic (a division and a 64-bit multiply
+// a piece) was ~360 of an output warp's ~490 instructions a chunk (ncu, GDN B=1 T=16384, 32 columns).
+template <class E, int COLS, int N>
+__device__ __forceinline__ void copy_rows_async(E* dst, int ld, const E* src, int64_t src_ld, int valid, int t) {
+    constexpr int PER16 = 16 / sizeof(E), PR = COLS / PER16;
+    static_assert(COLS % PER16 == 0, "copy_rows_async: rows of whole 16-byte pieces");
+    if constexpr (N % PR == 0) {
+        constexpr int RS = N / PR;  // rows from one of a thread's pieces to its next
+        const int r0 = t / PR, c = (t % PR) * PER16;
+        E* d = dst + r0 * ld + c;
+        const E* s = src + r0 * src_ld + c;
+#pragma unroll
+        for (int j = 0; j < (kChunk + RS - 1) / RS; ++j) {
+            const int r = r0 + j * RS;
+            if constexpr (kChunk % RS != 0)
+                if (r >= kChunk) break;
+            const bool in = r < valid;
+            cp_async16_zfill(d, in ? s : src, in);
+            d += RS * ld;
+            s += RS * src_ld;
+        }
+    } else {
+        for (int idx = t; idx < kChunk * PR; idx += N) {
+            const int r = idx / PR, c = idx % PR;
+            const bool in = r < valid;
+            cp_async16_zfill(dst + r * ld + c * PER16, src + (in ? r : 0) * src_ld + c * PER16, in);
+        }
     }
 }
 
@@ -500,17 +520,17 @@ __device__ __forceinline__ void scale_rows_into(E* dst, const E* src, int ld, co
 // The state update's operands of chunk cidx into shared memory, by threads t of n: Kd (the raw k rows
 // with raw_k, else prepare's), columns [v0, v0 + COLS) of U (the raw v rows with raw_v, else
 // prepare's) and γ_C. Both scans' and the state pass's copies.
-template <class E, int K, int COLS>
+template <class E, int K, int COLS, int N>
 __device__ __forceinline__ void copy_update_operands(E* Kt, int ldk, E* Ut, int ldv, float* gc, const FwdParams& p,
                                                      const ScanChain& ch, int cidx, int v0, bool raw_k, bool raw_v,
-                                                     int t, int n) {
+                                                     int t) {
     const size_t slot = ch.slot(cidx);
     const int valid = ch.rows(cidx);
-    if (raw_k) copy_rows_async(Kt, ldk, ch.input_rows<E>(p.k, p.ks, ch.h, cidx), p.ks[1], K, valid, t, n);
-    else copy_rows_async(Kt, ldk, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, K, kChunk, t, n);
-    if (raw_v) copy_rows_async(Ut, ldv, ch.input_rows<E>(p.v, p.vs, ch.hv, cidx) + v0, p.vs[1], COLS, valid, t, n);
-    else copy_rows_async(Ut, ldv, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, COLS, kChunk, t, n);
-    for (int c = t; c < K / 4; c += n) cp_async16(gc + 4 * c, p.gC + slot * K + 4 * c);
+    if (raw_k) copy_rows_async<E, K, N>(Kt, ldk, ch.input_rows<E>(p.k, p.ks, ch.h, cidx), p.ks[1], valid, t);
+    else copy_rows_async<E, K, N>(Kt, ldk, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, kChunk, t);
+    if (raw_v) copy_rows_async<E, COLS, N>(Ut, ldv, ch.input_rows<E>(p.v, p.vs, ch.hv, cidx) + v0, p.vs[1], valid, t);
+    else copy_rows_async<E, COLS, N>(Ut, ldv, static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, kChunk, t);
+    for (int c = t; c < K / 4; c += N) cp_async16(gc + 4 * c, p.gC + slot * K + 4 * c);
 }
 
 // A ring of S operand stages filled with cp.async, chunk c in stage c % S, one commit group a chunk
@@ -679,17 +699,17 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
 
     auto fetch_qw = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
-        copy_rows_async(Qt, LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K, kChunk, tid, kScanThreads);
+        copy_rows_async<E, K, kScanThreads>(Qt, LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, kChunk, tid);
         if constexpr (kDelta)
-            copy_rows_async(Wt, LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K, kChunk, tid, kScanThreads);
+            copy_rows_async<E, K, kScanThreads>(Wt, LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, kChunk, tid);
     };
     auto fetch_kpu = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
         const int b = cidx & 1;
-        copy_update_operands<E, K, VT>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, v0, false, false, tid,
-                                       kScanThreads);
-        copy_rows_async(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk, kChunk, tid,
-                        kScanThreads);
+        copy_update_operands<E, K, VT, kScanThreads>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, v0, false,
+                                                     false, tid);
+        copy_rows_async<E, kChunk, kScanThreads>(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk,
+                                                 kChunk, kChunk, tid);
     };
 
     float S[SMT][NT][4];
@@ -778,7 +798,13 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
 // buffer.
 template <int VT>
 struct ScanWs {
-    static constexpr int NH = VT >= 32 ? 2 : 1;  // column groups: a warp's share stays 16 or 32 columns
+    // Column groups. The scan's chunk time follows the bytes its warps move through shared memory (the
+    // operand copies and every warp's ldmatrix reads: ~290 KB a chunk at 32 columns with two groups),
+    // and each group re-reads the K-wide row operands (W, Qg, Kd). One group at 32 columns (a warp
+    // takes 16 rows × 32 columns) moves ~20% less. H100, bf16, H=16, K=V=128, same call, ncu: GDN
+    // B=1 T=16384 scan (32 columns) 253 -> 232 us a piece; one group at 64 columns as well: GDN B=4
+    // scan 192 -> 187 us but the forwards within the spread (KDA B=4 0.53 -> 0.54 ms), so not taken.
+    static constexpr int NH = VT >= 64 ? 2 : 1;
     static constexpr int kRoleThreads = 128 * NH;
     static constexpr int kThreads = 2 * kRoleThreads;
 };
@@ -858,14 +884,20 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     auto fetch = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
         const int b = cidx % kStages;
-        if (raw) copy_rows_async(Qt_of(b), LDK, ch.input_rows<E>(p.q, p.qs, ch.h, cidx), p.qs[1], K, ch.rows(cidx), rt, kRole);
-        else copy_rows_async(Qt_of(b), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, K, kChunk, rt, kRole);
-        copy_update_operands<E, K, VT>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, v0, raw, !kDelta && raw, rt,
-                                       kRole);
+        if (p.o) {  // the output's own operands (the backward's recompute writes no output)
+            if (raw)
+                copy_rows_async<E, K, kRole>(Qt_of(b), LDK, ch.input_rows<E>(p.q, p.qs, ch.h, cidx), p.qs[1],
+                                             ch.rows(cidx), rt);
+            else
+                copy_rows_async<E, K, kRole>(Qt_of(b), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, kChunk,
+                                             rt);
+            copy_rows_async<E, kChunk, kRole>(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk,
+                                              kChunk, kChunk, rt);
+        }
+        copy_update_operands<E, K, VT, kRole>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, v0, raw,
+                                              !kDelta && raw, rt);
         if constexpr (kDelta)
-            copy_rows_async(Wt_of(b), LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, K, kChunk, rt, kRole);
-        copy_rows_async(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk, kChunk, kChunk, rt,
-                        kRole);
+            copy_rows_async<E, K, kRole>(Wt_of(b), LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, kChunk, rt);
         if (raw)
             for (int c = rt; c < 2 * kChunk / 4; c += kRole)
                 cp_async16(rfs + b * 2 * kChunk + 4 * c, p.qk_rowf + slot * 2 * kChunk + 4 * c);
@@ -1004,8 +1036,8 @@ __global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdP
     auto fetch = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
         const int b = cidx % kStages;
-        copy_update_operands<E, K, V>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, 0, raw, raw, tid,
-                                      kRunThreads);
+        copy_update_operands<E, K, V, kRunThreads>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, 0, raw, raw,
+                                                   tid);
         if (raw)
             for (int c = tid; c < kChunk / 4; c += kRunThreads)
                 cp_async16(fks + b * kChunk + 4 * c, p.qk_rowf + slot * 2 * kChunk + kChunk + 4 * c);
