@@ -60,16 +60,20 @@ struct FwdParams : CellOptions {
     float* Dm;
 };
 
-// The factors a token's q and k rows are multiplied by, from one warp's per-lane partial sums of
-// squares: scale / ‖q‖ and 1 / ‖k‖ with the in-kernel L2 norm (every lane gets the sums), else scale
-// and 1.
+// The factors a token's q and k rows are multiplied by, from the row's sums of squares: scale / ‖q‖
+// and 1 / ‖k‖ with the in-kernel L2 norm, else scale and 1.
+__device__ __forceinline__ float2 qk_row_factors_of_sums(float sq, float sk, float scale, bool qk_l2norm) {
+    if (!qk_l2norm) return make_float2(scale, 1.f);
+    return make_float2(scale * rsqrtf(sq + float(kL2NormEps)), rsqrtf(sk + float(kL2NormEps)));
+}
+// The same from one warp's per-lane partial sums (every lane gets the factors).
 __device__ __forceinline__ float2 qk_row_factors(float sq, float sk, float scale, bool qk_l2norm) {
     if (!qk_l2norm) return make_float2(scale, 1.f);
     for (int off = 16; off > 0; off >>= 1) {
         sq += __shfl_xor_sync(0xffffffffu, sq, off);
         sk += __shfl_xor_sync(0xffffffffu, sk, off);
     }
-    return make_float2(scale * rsqrtf(sq + float(kL2NormEps)), rsqrtf(sk + float(kL2NormEps)));
+    return qk_row_factors_of_sums(sq, sk, scale, qk_l2norm);
 }
 
 }  // namespace hla::linear::cuda
