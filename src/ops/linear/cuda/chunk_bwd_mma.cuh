@@ -118,29 +118,53 @@ __device__ __forceinline__ void add_scaled_rows(float (&dst)[1][NT][4], float (&
 }
 
 // q̂ and k̂ of a chunk (query/key head h) into shared memory as bf16 rows of stride LDK: the raw rows,
-// then scaled / L2-normalised in place (one warp per row).
+// then scaled / L2-normalised in place, THREADS / 64 lanes a row: lane p of a row takes the row's
+// 16-byte pieces p, p + THREADS / 64, ... (the lanes of a row read different banks), and the row's sums
+// take log2(THREADS / 64) shuffles (one warp a row put a five-step shuffle chain on every row).
 template <int K, int LDK, int THREADS>
 __device__ __forceinline__ void stage_qk_hat(__nv_bfloat16* Qs, __nv_bfloat16* Ks, const Params& p, const ChunkInfo& ci,
                                              int h) {
     using E = __nv_bfloat16;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int LPR = THREADS / kChunk, PR = K / 8;  // lanes a row, 16-byte pieces a row
+    static_assert(LPR * kChunk == THREADS && 32 % LPR == 0 && PR % LPR == 0, "stage_qk_hat: lanes a row");
     stage_rows_bf16<K, THREADS>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1], kChunk, ci.len);
     stage_rows_bf16<K, THREADS>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], kChunk, ci.len);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
-    for (int i = warp; i < kChunk; i += THREADS / 32) {
-        float sq = 0.f, sk = 0.f;
-        for (int c = lane; c < K; c += 32) {
-            const float a = __bfloat162float(Qs[i * LDK + c]), b = __bfloat162float(Ks[i * LDK + c]);
+    const int i = threadIdx.x / LPR, part = threadIdx.x % LPR;
+    uint4* qrow = reinterpret_cast<uint4*>(Qs + i * LDK);
+    uint4* krow = reinterpret_cast<uint4*>(Ks + i * LDK);
+    float sq = 0.f, sk = 0.f;
+#pragma unroll
+    for (int j = part; j < PR; j += LPR) {
+        const uint4 qa = qrow[j], ka = krow[j];
+        const uint32_t qw[4] = {qa.x, qa.y, qa.z, qa.w}, kw[4] = {ka.x, ka.y, ka.z, ka.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float a = unpack_elem<E>(qw, e), b = unpack_elem<E>(kw, e);
             sq += a * a;
             sk += b * b;
         }
-        const float2 f = qk_row_factors(sq, sk, p.scale, p.qk_l2norm);
-        for (int c = lane; c < K; c += 32) {
-            Qs[i * LDK + c] = __float2bfloat16(__bfloat162float(Qs[i * LDK + c]) * f.x);
-            Ks[i * LDK + c] = __float2bfloat16(__bfloat162float(Ks[i * LDK + c]) * f.y);
+    }
+#pragma unroll
+    for (int off = LPR / 2; off > 0; off >>= 1) {
+        sq += __shfl_xor_sync(0xffffffffu, sq, off);
+        sk += __shfl_xor_sync(0xffffffffu, sk, off);
+    }
+    const float2 f = qk_row_factors_of_sums(sq, sk, p.scale, p.qk_l2norm);
+#pragma unroll
+    for (int j = part; j < PR; j += LPR) {
+        const uint4 qa = qrow[j], ka = krow[j];
+        const uint32_t qw[4] = {qa.x, qa.y, qa.z, qa.w}, kw[4] = {ka.x, ka.y, ka.z, ka.w};
+        float qv[8], kv[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            qv[e] = unpack_elem<E>(qw, e) * f.x;
+            kv[e] = unpack_elem<E>(kw, e) * f.y;
         }
+        store_vec<E>(reinterpret_cast<E*>(qrow + j), qv);
+        store_vec<E>(reinterpret_cast<E*>(krow + j), kv);
     }
 }
 
