@@ -169,17 +169,22 @@ __device__ __forceinline__ void stage_qk_hat(__nv_bfloat16* Qs, __nv_bfloat16* K
 }
 
 // dq and dk of a chunk (register fragments of warp w: rows 16·(w % 4).., key columns (w / 4)·K/4..,
-// summed over the group) through the scale and the in-kernel L2 norm to the outputs, one warp per
-// token. `stage` holds fp32 [64][K + 4] followed by bf16 [64][K + 8] for the raw rows (per-row global
-// reads would serialise on their latency).
-template <int K, int THREADS, int NTK>
+// summed over the group) through the scale and the in-kernel L2 norm to the outputs. `stage` holds
+// fp32 [64][K + 4] followed by bf16 [64][K + 8] for the raw rows (per-row global reads would serialise
+// on their latency). LPR lanes a row (lane q of a row takes its column pairs q, q + LPR, ...), the
+// rows THREADS / LPR at a time, log2(LPR) shuffles a sum. H100, B=4 T=4096 (ncu): LPR = 8 (every row
+// at once) against 32 (one warp a row, four rows in turn): chunk_bwd_mma_kernel<GDN> 1160 -> 1110 us,
+// but chunk_bwd_vec_kernel<KDA>, at its 128-register cap, 1480 -> 1520, so it keeps 32.
+template <int K, int THREADS, int LPR, int NTK>
 __device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[1][NTK][4], float* stage, const Params& p,
                                             const ChunkInfo& ci, int h) {
     using E = __nv_bfloat16;
-    constexpr int LDK = K + 8;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int LDK = K + 8, LDS = K + 4;
+    constexpr int NP = K / 2 / LPR;  // column pairs a lane
+    static_assert(THREADS % LPR == 0 && 32 % LPR == 0 && NP * LPR * 2 == K, "store_dq_dk: lanes a row");
+    const int warp = threadIdx.x >> 5;
     const int row0 = 16 * (warp & 3), kc0 = (warp >> 2) * (K / col_groups(THREADS)), len = ci.len;
-    E* rawb = reinterpret_cast<E*>(stage + kChunk * (K + 4));
+    E* rawb = reinterpret_cast<E*>(stage + kChunk * LDS);
     for (int which = 0; which < 2; ++which) {
         if (p.qk_l2norm) {
             const E* src = which == 0 ? static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h)
@@ -187,23 +192,50 @@ __device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[
             stage_rows_bf16<K, THREADS>(rawb, LDK, src, which == 0 ? p.qs[1] : p.ks[1], kChunk, len);
             cp_async_commit();
         }
-        auto to_stage = [&](int r, int c, float& x) { stage[(row0 + r) * (K + 4) + kc0 + c] = x; };
+        auto to_stage = [&](int r, int c, float& x) { stage[(row0 + r) * LDS + kc0 + c] = x; };
         if (which == 0) for_each_acc(dq, to_stage);
         else for_each_acc(dk, to_stage);
         cp_async_wait_all();
         __syncthreads();
         void* out = which == 0 ? p.dq : p.dk;
         const float f = which == 0 ? p.scale : 1.f;
-        for (int i = warp; i < len; i += THREADS / 32) {
-            float* d = stage + i * (K + 4);
-            const E* raw = rawb + i * LDK;
-            const int64_t t = ci.start + i;
-            l2norm_scale_backward_row(d, K, f, p.qk_l2norm, lane, [&](int c) { return __bfloat162float(raw[c]); });
-            __syncwarp();
-            if (out) {
+        const int q = threadIdx.x % LPR;
+        // rows past the chunk's end compute on zero raw rows and store nothing (the shuffles need every lane)
+        for (int i = threadIdx.x / LPR; i < kChunk; i += THREADS / LPR) {
+            float2 d[NP], x[NP];
+#pragma unroll
+            for (int g = 0; g < NP; ++g) {
+                const int c = 2 * (q + g * LPR);
+                d[g] = *reinterpret_cast<const float2*>(stage + i * LDS + c);
+                x[g] = p.qk_l2norm ? load_pair(rawb + i * LDK + c) : make_float2(0.f, 0.f);
+            }
+            if (p.qk_l2norm) {
+                // d ← (f d − x̂ ⟨x̂, f d⟩) / ‖x‖ (l2norm_scale_backward_row's math, on a lane's pairs)
+                float ss = 0.f, dot = 0.f;
+#pragma unroll
+                for (int g = 0; g < NP; ++g) ss += x[g].x * x[g].x + x[g].y * x[g].y;
+#pragma unroll
+                for (int off = LPR / 2; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+                const float inv = 1.f / sqrtf(ss + float(kL2NormEps));
+#pragma unroll
+                for (int g = 0; g < NP; ++g) dot += (x[g].x * inv * d[g].x + x[g].y * inv * d[g].y) * f;
+#pragma unroll
+                for (int off = LPR / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+#pragma unroll
+                for (int g = 0; g < NP; ++g) {
+                    d[g].x = (d[g].x * f - x[g].x * inv * dot) * inv;
+                    d[g].y = (d[g].y * f - x[g].y * inv * dot) * inv;
+                }
+            } else {
+#pragma unroll
+                for (int g = 0; g < NP; ++g) d[g] = make_float2(d[g].x * f, d[g].y * f);
+            }
+            if (out && i < len) {
                 const DType odt = which == 0 ? p.dq_dt : p.dk_dt;
-                const int64_t ooff = which == 0 ? tok(p.dqs, ci.batch, t, h) : tok(p.dks, ci.batch, t, h);
-                for (int c = 2 * lane; c < K; c += 64) store_pair_any(out, odt, ooff + c, d[c], d[c + 1]);
+                const int64_t ooff =
+                    which == 0 ? tok(p.dqs, ci.batch, ci.start + i, h) : tok(p.dks, ci.batch, ci.start + i, h);
+#pragma unroll
+                for (int g = 0; g < NP; ++g) store_pair_any(out, odt, ooff + 2 * (q + g * LPR), d[g].x, d[g].y);
             }
         }
         __syncthreads();
@@ -373,15 +405,22 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         }
         // Σ S0 ⊙ dS_C (the state's own decay over the chunk, for dg); per key row with vector decay
         if constexpr (kVec) {
-            for (int r = warp; r < K; r += kMmaThreads / 32) {
-                float s = 0.f;
-                for (int c = 2 * lane; c < V; c += 64) {
-                    const float2 a = load_pair(S0s + r * LDV + c), b = load_pair(dSs + r * LDV + c);
-                    s += a.x * b.x + a.y * b.y;
-                }
-                for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-                if (lane == 0) p.v_sd[slot * K + r] = s;
+            // kMmaThreads / K lanes a row, lane q taking the row's 16-byte pieces q, q + that, ...
+            constexpr int LPR = kMmaThreads / K, PR = V / 8;
+            static_assert(LPR * K == kMmaThreads && 32 % LPR == 0 && PR % LPR == 0, "bwd mma: lanes a key row");
+            const int r = tid / LPR, q = tid % LPR;
+            float s = 0.f;
+#pragma unroll
+            for (int j = q; j < PR; j += LPR) {
+                const uint4 a = *reinterpret_cast<const uint4*>(S0s + r * LDV + 8 * j);
+                const uint4 b = *reinterpret_cast<const uint4*>(dSs + r * LDV + 8 * j);
+                const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int e = 0; e < 8; ++e) s += unpack_elem<E>(aw, e) * unpack_elem<E>(bw, e);
             }
+#pragma unroll
+            for (int off = LPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            if (q == 0) p.v_sd[slot * K + r] = s;
         } else if (p.decay != Decay::None) {
             float s = 0.f;
             for (int idx = tid; idx < K * V / 2; idx += kMmaThreads) {
@@ -665,7 +704,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     }
 
     // ---- dq, dk through the scale and the in-kernel L2 norm ----
-    if constexpr (!kVec) store_dq_dk<K, kMmaThreads>(dq, dk, stage, p, ci, h);
+    if constexpr (!kVec) store_dq_dk<K, kMmaThreads, kMmaThreads / kChunk>(dq, dk, stage, p, ci, h);
 }
 
 }  // namespace bwd

@@ -393,7 +393,7 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
         __syncthreads();  // the chunk's shared memory is the next value head's
     }
 
-    store_dq_dk<K, kVecThreads>(dq, dk, Dl, p, ci, h);
+    store_dq_dk<K, kVecThreads, 32>(dq, dk, Dl, p, ci, h);
 }
 
 }  // namespace bwd
