@@ -135,18 +135,9 @@ __device__ __forceinline__ void stage_qk_hat(__nv_bfloat16* Qs, __nv_bfloat16* K
     const int i = threadIdx.x / LPR, part = threadIdx.x % LPR;
     uint4* qrow = reinterpret_cast<uint4*>(Qs + i * LDK);
     uint4* krow = reinterpret_cast<uint4*>(Ks + i * LDK);
-    float sq = 0.f, sk = 0.f;
+    float sq = 0.f, sk = 0.f, unused = 0.f;
 #pragma unroll
-    for (int j = part; j < PR; j += LPR) {
-        const uint4 qa = qrow[j], ka = krow[j];
-        const uint32_t qw[4] = {qa.x, qa.y, qa.z, qa.w}, kw[4] = {ka.x, ka.y, ka.z, ka.w};
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const float a = unpack_elem<E>(qw, e), b = unpack_elem<E>(kw, e);
-            sq += a * a;
-            sk += b * b;
-        }
-    }
+    for (int j = part; j < PR; j += LPR) add_piece_squares(qrow[j], krow[j], sq, sk, unused);
 #pragma unroll
     for (int off = LPR / 2; off > 0; off >>= 1) {
         sq += __shfl_xor_sync(0xffffffffu, sq, off);

@@ -336,15 +336,8 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
 #pragma unroll
         for (int j = 0; j < PH; ++j) {
             const int c = ((j + 4 * half) % PH) * 8;
-            const uint4 qa = *reinterpret_cast<const uint4*>(qrow + c), ka = *reinterpret_cast<const uint4*>(krow + c);
-            const uint32_t qw[4] = {qa.x, qa.y, qa.z, qa.w}, kw[4] = {ka.x, ka.y, ka.z, ka.w};
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const float a = unpack_elem<E>(qw, e), b = unpack_elem<E>(kw, e);
-                sq += a * a;
-                sk += b * b;
-                if constexpr (kVec) sqk += a * b;
-            }
+            add_piece_squares<kVec>(*reinterpret_cast<const uint4*>(qrow + c), *reinterpret_cast<const uint4*>(krow + c), sq,
+                                    sk, sqk);
         }
         sq += __shfl_xor_sync(0xffffffffu, sq, 1);
         sk += __shfl_xor_sync(0xffffffffu, sk, 1);

@@ -110,6 +110,20 @@ __device__ __forceinline__ float unpack_elem(const uint32_t (&w)[4], int j) {
     }
 }
 
+// Adds the squares of the eight bf16 of 16-byte pieces qa and ka to sq and sk (and, with kDot, their
+// products to sqk): the per-lane part of the q/k row norms.
+template <bool kDot = false>
+__device__ __forceinline__ void add_piece_squares(uint4 qa, uint4 ka, float& sq, float& sk, float& sqk) {
+    const uint32_t qw[4] = {qa.x, qa.y, qa.z, qa.w}, kw[4] = {ka.x, ka.y, ka.z, ka.w};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const float a = unpack_elem<__nv_bfloat16>(qw, e), b = unpack_elem<__nv_bfloat16>(kw, e);
+        sq += a * a;
+        sk += b * b;
+        if constexpr (kDot) sqk += a * b;
+    }
+}
+
 // ---- tile loads -------------------------------------------------------------------------------
 
 // dst[r · ld + c] = float(src[r · row_stride + c]) for r < valid rows (zero for r ≥ valid), c < COLS,
