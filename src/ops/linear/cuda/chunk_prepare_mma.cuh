@@ -323,8 +323,8 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
         }
     }
     // ---- L2 norms (and the scale) of the chunk's rows; vector decay: q_i·k_i. Two lanes a row, each
-    // summing half of it in 16-byte pieces (the two halves' pieces staggered so that the lanes of a row
-    // read different banks), then one shuffle. One warp a row with five shuffle steps made the rows'
+    // summing half of it in 16-byte pieces (at K = 128 the second half's pieces start four pieces later,
+    // so that the two lanes of a row read different banks; at K = 64 they do already), then one shuffle. One warp a row with five shuffle steps made the rows'
     // shuffle chains ~22% of GDN prepare's stall samples (ncu, B=4 T=4096). ----
     {
         static_assert(kPrepMmaThreads == 2 * kChunk, "prepare: two lanes a row for the norms");
