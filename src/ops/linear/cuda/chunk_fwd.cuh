@@ -801,9 +801,10 @@ struct ScanWs {
     // Column groups. The scan's chunk time follows the bytes its warps move through shared memory (the
     // operand copies and every warp's ldmatrix reads: ~290 KB a chunk at 32 columns with two groups),
     // and each group re-reads the K-wide row operands (W, Qg, Kd). One group at 32 columns (an output
-    // warp takes 16 rows × 32 columns, a state warp 16·SMT key rows × 32 columns) moves ~20% less. H100, bf16, H=16, K=V=128, same call, ncu: GDN
-    // B=1 T=16384 scan (32 columns) 253 -> 232 us a piece; one group at 64 columns as well: GDN B=4
-    // scan 192 -> 187 us but the forwards within the spread (KDA B=4 0.53 -> 0.54 ms), so not taken.
+    // warp takes 16 rows × 32 columns, a state warp 16·SMT key rows × 32 columns) moves ~20% less.
+    // H100, bf16, H=16, K=V=128, same call, ncu: GDN B=1 T=16384 scan (32 columns) 253 -> 232 us a
+    // piece; one group at 64 columns as well: GDN B=4 scan 192 -> 187 us but the forwards within the
+    // spread (KDA B=4 0.53 -> 0.54 ms), so not taken.
     static constexpr int NH = VT >= 64 ? 2 : 1;
     static constexpr int kRoleThreads = 128 * NH;
     static constexpr int kThreads = 2 * kRoleThreads;
