@@ -540,7 +540,7 @@ __device__ inline void load_chunk(const Params& p, const Ws& w, const ChunkInfo&
             }
             float f = which == 0 ? p.scale : 1.f;
             if (p.qk_l2norm) {
-                for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+                ss = lane_group_sum<32>(ss);
                 f *= 1.f / sqrtf(ss + float(kL2NormEps));
             }
             for (int c = lane; c < K; c += 32) dst[c] *= f;

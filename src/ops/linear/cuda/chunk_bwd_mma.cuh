@@ -138,12 +138,7 @@ __device__ __forceinline__ void stage_qk_hat(__nv_bfloat16* Qs, __nv_bfloat16* K
     float sq = 0.f, sk = 0.f, unused = 0.f;
 #pragma unroll
     for (int j = part; j < PR; j += LPR) add_piece_squares(qrow[j], krow[j], sq, sk, unused);
-#pragma unroll
-    for (int off = LPR / 2; off > 0; off >>= 1) {
-        sq += __shfl_xor_sync(0xffffffffu, sq, off);
-        sk += __shfl_xor_sync(0xffffffffu, sk, off);
-    }
-    const float2 f = qk_row_factors_of_sums(sq, sk, p.scale, p.qk_l2norm);
+    const float2 f = qk_row_factors_of_sums(lane_group_sum<LPR>(sq), lane_group_sum<LPR>(sk), p.scale, p.qk_l2norm);
 #pragma unroll
     for (int j = part; j < PR; j += LPR) {
         const uint4 qa = qrow[j], ka = krow[j];
@@ -205,13 +200,11 @@ __device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[
                 float ss = 0.f, dot = 0.f;
 #pragma unroll
                 for (int g = 0; g < NP; ++g) ss += x[g].x * x[g].x + x[g].y * x[g].y;
-#pragma unroll
-                for (int off = LPR / 2; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+                ss = lane_group_sum<LPR>(ss);
                 const float inv = 1.f / sqrtf(ss + float(kL2NormEps));
 #pragma unroll
                 for (int g = 0; g < NP; ++g) dot += (x[g].x * inv * d[g].x + x[g].y * inv * d[g].y) * f;
-#pragma unroll
-                for (int off = LPR / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+                dot = lane_group_sum<LPR>(dot);
 #pragma unroll
                 for (int g = 0; g < NP; ++g) {
                     d[g].x = (d[g].x * f - x[g].x * inv * dot) * inv;
@@ -409,8 +402,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
 #pragma unroll
                 for (int e = 0; e < 8; ++e) s += unpack_elem<E>(aw, e) * unpack_elem<E>(bw, e);
             }
-#pragma unroll
-            for (int off = LPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            s = lane_group_sum<LPR>(s);
             if (q == 0) p.v_sd[slot * K + r] = s;
         } else if (p.decay != Decay::None) {
             float s = 0.f;
@@ -419,7 +411,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 const float2 a = load_pair(S0s + r * LDV + c), b = load_pair(dSs + r * LDV + c);
                 s += a.x * b.x + a.y * b.y;
             }
-            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            s = lane_group_sum<32>(s);
             if (lane == 0) atomicAdd(misc, s);
         }
         __syncthreads();  // P (bf16) complete
@@ -649,8 +641,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                     if (i >= t) s += Fm[i * LDF + t] + us[i];
                 for (int j = part; j < t; j += TPR) s += ws_[j];
             }
-#pragma unroll
-            for (int off = TPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            s = lane_group_sum<TPR>(s);
             float dgx = 0.f, dal = 0.f;
             if (part == 0) {
                 if (kDelta && p.dbeta && t < len)
@@ -669,10 +660,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 }
             }
             // block sums of the chunk (one value a token, in the lanes with part 0)
-            for (int off = 16; off > 0; off >>= 1) {
-                dgx += __shfl_xor_sync(0xffffffffu, dgx, off);
-                dal += __shfl_xor_sync(0xffffffffu, dal, off);
-            }
+            dgx = lane_group_sum<32>(dgx);
+            dal = lane_group_sum<32>(dal);
             if (lane == 0) {
                 misc[1 + 2 * warp] = dgx;
                 misc[2 + 2 * warp] = dal;

@@ -380,7 +380,7 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
             if (gated) {
                 __syncthreads();  // every segment sum is read: segD takes the per-thread dt_bias sums
                 segD[sg * K + c] = s_dx;
-                for (int o = 16; o > 0; o >>= 1) s_alog += __shfl_xor_sync(0xffffffffu, s_alog, o);
+                s_alog = lane_group_sum<32>(s_alog);
                 if (lane == 0) atomicAdd(p.params_acc + p.HV + hv, double(s_alog));
                 __syncthreads();
                 if (sg == 0) {

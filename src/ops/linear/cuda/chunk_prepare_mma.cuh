@@ -323,9 +323,10 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
         }
     }
     // ---- L2 norms (and the scale) of the chunk's rows; vector decay: q_i·k_i. Two lanes a row, each
-    // summing half of it in 16-byte pieces (at K = 128 the second half's pieces start four pieces later,
-    // so that the two lanes of a row read different banks; at K = 64 they do already), then one shuffle. One warp a row with five shuffle steps made the rows'
-    // shuffle chains ~22% of GDN prepare's stall samples (ncu, B=4 T=4096). ----
+    // summing half of it in 16-byte pieces (at K = 128 the second half's pieces start four pieces
+    // later, so that the two lanes of a row read different banks; at K = 64 they do already), then one
+    // shuffle. One warp a row with five shuffle steps made the rows' shuffle chains ~22% of GDN
+    // prepare's stall samples (ncu, B=4 T=4096). ----
     {
         static_assert(kPrepMmaThreads == 2 * kChunk, "prepare: two lanes a row for the norms");
         constexpr int PH = K / 16;  // 16-byte pieces of half a row
@@ -339,10 +340,8 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
             add_piece_squares<kVec>(*reinterpret_cast<const uint4*>(qrow + c), *reinterpret_cast<const uint4*>(krow + c), sq,
                                     sk, sqk);
         }
-        sq += __shfl_xor_sync(0xffffffffu, sq, 1);
-        sk += __shfl_xor_sync(0xffffffffu, sk, 1);
-        if constexpr (kVec) sqk += __shfl_xor_sync(0xffffffffu, sqk, 1);
-        const float2 f = qk_row_factors_of_sums(sq, sk, p.scale, p.qk_l2norm);
+        if constexpr (kVec) sqk = lane_group_sum<2>(sqk);
+        const float2 f = qk_row_factors_of_sums(lane_group_sum<2>(sq), lane_group_sum<2>(sk), p.scale, p.qk_l2norm);
         if (half == 0) {
             rq[i] = f.x;
             rk[i] = f.y;

@@ -110,6 +110,16 @@ __device__ __forceinline__ float unpack_elem(const uint32_t (&w)[4], int j) {
     }
 }
 
+// The sum of x over each group of N consecutive lanes (N a power of two ≤ 32, the groups aligned to
+// N), in every lane of the group: log2(N) butterfly shuffles. The whole warp must take part.
+template <int N>
+__device__ __forceinline__ float lane_group_sum(float x) {
+    static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "lane_group_sum: N a power of two <= 32");
+#pragma unroll
+    for (int off = N / 2; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+    return x;
+}
+
 // Adds the squares of the eight bf16 of 16-byte pieces qa and ka to sq and sk (and, with kDot, their
 // products to sqk): the per-lane part of the q/k row norms.
 template <bool kDot = false>
@@ -514,13 +524,13 @@ __device__ __forceinline__ void l2norm_scale_backward_row(float* d, int K, float
         const float x = at(c);
         ss += x * x;
     }
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    ss = lane_group_sum<32>(ss);
     // one division a row: an IEEE division per element (with its slow-path check) was a fifth of the
     // tensor-core backward's issue slots (ncu, session 5)
     const float inv = 1.f / sqrtf(ss + float(kL2NormEps));
     float dot = 0.f;
     for (int c = lane; c < K; c += 32) dot += at(c) * inv * d[c] * f;
-    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    dot = lane_group_sum<32>(dot);
     for (int c = lane; c < K; c += 32) d[c] = (d[c] * f - at(c) * inv * dot) * inv;
 }
 

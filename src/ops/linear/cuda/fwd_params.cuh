@@ -69,11 +69,7 @@ __device__ __forceinline__ float2 qk_row_factors_of_sums(float sq, float sk, flo
 // The same from one warp's per-lane partial sums (every lane gets the factors).
 __device__ __forceinline__ float2 qk_row_factors(float sq, float sk, float scale, bool qk_l2norm) {
     if (!qk_l2norm) return make_float2(scale, 1.f);
-    for (int off = 16; off > 0; off >>= 1) {
-        sq += __shfl_xor_sync(0xffffffffu, sq, off);
-        sk += __shfl_xor_sync(0xffffffffu, sk, off);
-    }
-    return qk_row_factors_of_sums(sq, sk, scale, qk_l2norm);
+    return qk_row_factors_of_sums(lane_group_sum<32>(sq), lane_group_sum<32>(sk), scale, qk_l2norm);
 }
 
 }  // namespace hla::linear::cuda
