@@ -70,11 +70,9 @@ struct MmaLayout {
     static constexpr int kRowF = 9;
     static constexpr size_t bytes = r_off + kChunk * 8 + kRowF * kChunk * 4 + (1 + 2 * kMmaThreads / 32) * 4;
     // Reused once the chunk's products are done: [s0_off, r_off) holds E1 = dP⊙Γ and E = dD⊙Γ + its
-    // transpose (bf16 [64][LDC]) and F (fp32 [64][LDF]); after the group, dq then dk (fp32 [64][K + 4])
-    // with the raw q or k rows behind (bf16 [64][LDK]).
+    // transpose (bf16 [64][LDC]) and F (fp32 [64][LDF]); after the group, [0, r_off) is store_dq_dk's.
     static constexpr size_t late_bytes = r_off - s0_off;
     static_assert(2 * size_t(kChunk) * LDC * 2 + size_t(kChunk) * LDF * 4 <= late_bytes, "bwd mma: E1, E, F do not fit");
-    static_assert(size_t(kChunk) * (K + 4) * 4 + size_t(kChunk) * LDK * 2 <= late_bytes, "bwd mma: dq staging does not fit");
     static_assert(bytes <= 227 * 1024, "bwd mma: shared memory over the 227 KiB of an SM");
 };
 
@@ -155,46 +153,59 @@ __device__ __forceinline__ void stage_qk_hat(__nv_bfloat16* Qs, __nv_bfloat16* K
 }
 
 // dq and dk of a chunk (register fragments of warp w: rows 16·(w % 4).., key columns (w / 4)·K/4..,
-// summed over the group) through the scale and the in-kernel L2 norm to the outputs. `stage` holds
-// fp32 [64][K + 4] followed by bf16 [64][K + 8] for the raw rows (per-row global reads would serialise
-// on their latency). LPR lanes a row (lane q of a row takes its column pairs q, q + LPR, ...), the
-// rows THREADS / LPR at a time, log2(LPR) shuffles a sum. H100, B=4 T=4096 (ncu): LPR = 8 (every row
-// at once) against 32 (one warp a row, four rows in turn): chunk_bwd_mma_kernel<GDN> 1160 -> 1110 us,
-// but chunk_bwd_vec_kernel<KDA>, at its 128-register cap, 1480 -> 1520, so it keeps 32.
-template <int K, int THREADS, int LPR, int NTK>
+// summed over the group) through the scale and the in-kernel L2 norm to the outputs. `stage` (CAP
+// bytes) takes the fragments as fp32 rows [K + 4] and the raw rows as bf16 [K + 8] (per-row global
+// reads would serialise on their latency), the raw rows' copies issued first so that they land while
+// the fragments are staged: dq's and dk's rows in one pass when CAP holds all 128 of them, else dq and
+// then dk (H100, B=4 T=4096, ncu: one pass against two, chunk_bwd_mma_kernel<GDN> 1360 -> 1220 us in
+// a build with other changes, chunk_bwd_vec_kernel<KDA> 1450 -> 1320). LPR lanes a row (lane q of a row
+// takes its column pairs q, q + LPR, ...), the rows THREADS / LPR at a time, log2(LPR) shuffles a sum.
+// LPR = 8 (every row at once) against 32 (one warp a row, four rows in turn): chunk_bwd_mma_kernel<GDN>
+// 1160 -> 1110 us, but chunk_bwd_vec_kernel<KDA>, at its 128-register cap, 1480 -> 1520, so it keeps 32.
+template <int K, int THREADS, int LPR, size_t CAP, int NTK>
 __device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[1][NTK][4], float* stage, const Params& p,
                                             const ChunkInfo& ci, int h) {
     using E = __nv_bfloat16;
     constexpr int LDK = K + 8, LDS = K + 4;
+    constexpr size_t kRowBytes = size_t(LDS) * 4 + size_t(LDK) * 2;
+    constexpr int PASSES = 2 * kChunk * kRowBytes <= CAP ? 1 : 2, ROWS = 2 * kChunk / PASSES;  // rows a pass
     constexpr int NP = K / 2 / LPR;  // column pairs a lane
-    static_assert(THREADS % LPR == 0 && 32 % LPR == 0 && NP * LPR * 2 == K, "store_dq_dk: lanes a row");
+    static_assert(kChunk * kRowBytes <= CAP, "store_dq_dk: the staging does not fit");
+    static_assert(THREADS % LPR == 0 && 32 % LPR == 0 && NP * LPR * 2 == K && ROWS % (THREADS / LPR) == 0,
+                  "store_dq_dk: lanes a row");
     const int warp = threadIdx.x >> 5;
     const int row0 = 16 * (warp & 3), kc0 = (warp >> 2) * (K / col_groups(THREADS)), len = ci.len;
-    E* rawb = reinterpret_cast<E*>(stage + kChunk * LDS);
-    for (int which = 0; which < 2; ++which) {
+    E* rawb = reinterpret_cast<E*>(stage + ROWS * LDS);
+    // pass 0 stages dq (and dk at row 64 + i when one pass holds both), pass 1 dk
+    for (int pass = 0; pass < PASSES; ++pass) {
+        const bool q_rows = pass == 0, k_rows = PASSES == 1 || pass == 1;
+        const int k_at = PASSES == 1 ? kChunk : 0;  // dk's first row in the stage
         if (p.qk_l2norm) {
-            const E* src = which == 0 ? static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h)
-                                      : static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h);
-            stage_rows_bf16<K, THREADS>(rawb, LDK, src, which == 0 ? p.qs[1] : p.ks[1], kChunk, len);
+            if (q_rows)
+                stage_rows_bf16<K, THREADS>(rawb, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1],
+                                            kChunk, len);
+            if (k_rows)
+                stage_rows_bf16<K, THREADS>(rawb + k_at * LDK, LDK,
+                                            static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], kChunk, len);
             cp_async_commit();
         }
-        auto to_stage = [&](int r, int c, float& x) { stage[(row0 + r) * LDS + kc0 + c] = x; };
-        if (which == 0) for_each_acc(dq, to_stage);
-        else for_each_acc(dk, to_stage);
+        if (q_rows) for_each_acc(dq, [&](int r, int c, float& x) { stage[(row0 + r) * LDS + kc0 + c] = x; });
+        if (k_rows) for_each_acc(dk, [&](int r, int c, float& x) { stage[(k_at + row0 + r) * LDS + kc0 + c] = x; });
         cp_async_wait_all();
         __syncthreads();
-        void* out = which == 0 ? p.dq : p.dk;
-        const float f = which == 0 ? p.scale : 1.f;
         const int q = threadIdx.x % LPR;
         // rows past the chunk's end compute on zero raw rows and store nothing (the shuffles need every lane)
-        for (int i = threadIdx.x / LPR; i < kChunk; i += THREADS / LPR) {
+        for (int ir = threadIdx.x / LPR; ir < ROWS; ir += THREADS / LPR) {
+            const bool is_q = q_rows && ir < kChunk;
+            const int i = ir % kChunk;
             float2 d[NP], x[NP];
 #pragma unroll
             for (int g = 0; g < NP; ++g) {
                 const int c = 2 * (q + g * LPR);
-                d[g] = *reinterpret_cast<const float2*>(stage + i * LDS + c);
-                x[g] = p.qk_l2norm ? load_pair(rawb + i * LDK + c) : make_float2(0.f, 0.f);
+                d[g] = *reinterpret_cast<const float2*>(stage + ir * LDS + c);
+                x[g] = p.qk_l2norm ? load_pair(rawb + ir * LDK + c) : make_float2(0.f, 0.f);
             }
+            const float f = is_q ? p.scale : 1.f;
             if (p.qk_l2norm) {
                 // d ← (f d − x̂ ⟨x̂, f d⟩) / ‖x‖ (l2norm_scale_backward_row's math, on a lane's pairs)
                 float ss = 0.f, dot = 0.f;
@@ -214,15 +225,15 @@ __device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[
 #pragma unroll
                 for (int g = 0; g < NP; ++g) d[g] = make_float2(d[g].x * f, d[g].y * f);
             }
+            void* out = is_q ? p.dq : p.dk;
             if (out && i < len) {
-                const DType odt = which == 0 ? p.dq_dt : p.dk_dt;
-                const int64_t ooff =
-                    which == 0 ? tok(p.dqs, ci.batch, ci.start + i, h) : tok(p.dks, ci.batch, ci.start + i, h);
+                const DType odt = is_q ? p.dq_dt : p.dk_dt;
+                const int64_t ooff = is_q ? tok(p.dqs, ci.batch, ci.start + i, h) : tok(p.dks, ci.batch, ci.start + i, h);
 #pragma unroll
                 for (int g = 0; g < NP; ++g) store_pair_any(out, odt, ooff + 2 * (q + g * LPR), d[g].x, d[g].y);
             }
         }
-        __syncthreads();
+        if (PASSES == 2 && pass == 0) __syncthreads();  // dq's rows are read: dk's take their place
     }
 }
 
@@ -256,7 +267,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     E* E1b = reinterpret_cast<E*>(sm + L::s0_off);             // late: dP ⊙ Γ (strict lower)
     E* E2b = E1b + kChunk * LDC;                               // late: dD ⊙ Γ + transpose
     float* Fm = reinterpret_cast<float*>(E2b + kChunk * LDC);  // late: F
-    float* stage = reinterpret_cast<float*>(sm + L::s0_off);   // after the group: dq, then dk
+    float* stage = reinterpret_cast<float*>(sm);               // after the group: store_dq_dk's
     double* bsm = reinterpret_cast<double*>(sm + L::r_off);
     float* rowf = reinterpret_cast<float*>(bsm + kChunk);
     float* gam = rowf;                  // e^{b_i}
@@ -684,7 +695,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     }
 
     // ---- dq, dk through the scale and the in-kernel L2 norm ----
-    if constexpr (!kVec) store_dq_dk<K, kMmaThreads, kMmaThreads / kChunk>(dq, dk, stage, p, ci, h);
+    if constexpr (!kVec) store_dq_dk<K, kMmaThreads, kMmaThreads / kChunk, L::r_off>(dq, dk, stage, p, ci, h);
 }
 
 }  // namespace bwd

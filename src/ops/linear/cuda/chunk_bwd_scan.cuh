@@ -165,12 +165,14 @@ __global__ void __launch_bounds__(32 * WARPS) chunk_dstate_kernel(const FwdParam
             warp_gemm<E, 1, NT, kSplit>(X, Tile<E>{s + L::kd_off + mw * 16 * LDK, LDK, 1}, Tile<E>{Sb + cw0 * LDK, 1, LDK},
                                         K);
             for_each_acc(X, [&](int r, int cc, float& x) { ndX[(mw * 16 + r) * LDV + cw0 + cc] = from_f<E>(-x); });
-            __syncthreads();  // −dX complete; every read of the transposed dS is done
         }
+        // the part of the update that does not wait for −dX, before the barrier that −dX needs (a warp
+        // done with its rows of −dX fills the wait with it)
         const float* gc = gcs + b * K;
         for_each_acc(S, [&](int r, int, float& x) { x *= gc[key0 + r]; });
         warp_gemm<E, SMT, NT, kSplit>(S, Tile<E>{s + L::qg_off + key0, 1, LDK}, Tile<E>{dO + cw0, LDV, 1}, kChunk);
         if constexpr (kDelta) {
+            __syncthreads();  // −dX complete; every read of the transposed dS is done
             warp_gemm<E, SMT, NT, kSplit>(S, Tile<E>{s + L::w_off + key0, 1, LDK}, Tile<E>{ndX + cw0, LDV, 1}, kChunk);
             for_each_acc(S, [&](int r, int cc, float& x) { Sb[(cw0 + cc) * LDK + key0 + r] = from_f<E>(x); });
         }

@@ -53,9 +53,7 @@ struct VecLayout {
     // channel sums of ∂b' and K̄ ⊙ dK̄ (fp32 [kVecThreads / K][K] each)
     static constexpr size_t sg_off = r_off + 4 * kChunk * 4 + 16;
     static constexpr size_t bytes = sg_off + std::max(size_t(8) * K * 8, 2 * size_t(kVecThreads) * 4);
-    // after the group: dq then dk staged (fp32 [64][K + 4], raw rows bf16 [64][LDK]) over Δ, ∂b', K̄ ⊙ dK̄
-    static_assert(size_t(kChunk) * (K + 4) * 4 + size_t(kChunk) * LDK * 2 <= st_off - dl_off,
-                  "bwd vec: dq staging does not fit");
+    // after the group, [0, r_off) is store_dq_dk's
     static_assert(bytes <= 227 * 1024, "bwd vec: shared memory over the 227 KiB of an SM");
 };
 
@@ -393,7 +391,7 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
         __syncthreads();  // the chunk's shared memory is the next value head's
     }
 
-    store_dq_dk<K, kVecThreads, 32>(dq, dk, Dl, p, ci, h);
+    store_dq_dk<K, kVecThreads, 32, L::r_off>(dq, dk, reinterpret_cast<float*>(sm), p, ci, h);
 }
 
 }  // namespace bwd
