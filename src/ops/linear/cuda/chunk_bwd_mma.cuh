@@ -46,6 +46,11 @@ constexpr int kMmaThreads = 512;
 constexpr int kVecThreads = 512;
 constexpr int col_groups(int threads) { return threads / 128; }
 
+// Shared memory of store_dq_dk (below) in one or two passes.
+constexpr size_t dq_dk_stage_bytes(int K, int passes) {
+    return 2 * size_t(kChunk) / passes * (size_t(K + 4) * 4 + size_t(K + 8) * 2);
+}
+
 template <Update Up, int K, int V>
 struct MmaLayout {
     static constexpr bool kDelta = Up == Update::Delta;
@@ -73,6 +78,7 @@ struct MmaLayout {
     // transpose (bf16 [64][LDC]) and F (fp32 [64][LDF]); after the group, [0, r_off) is store_dq_dk's.
     static constexpr size_t late_bytes = r_off - s0_off;
     static_assert(2 * size_t(kChunk) * LDC * 2 + size_t(kChunk) * LDF * 4 <= late_bytes, "bwd mma: E1, E, F do not fit");
+    static_assert(dq_dk_stage_bytes(K, 2) <= r_off, "bwd mma: the dq/dk staging does not fit");
     static_assert(bytes <= 227 * 1024, "bwd mma: shared memory over the 227 KiB of an SM");
 };
 
@@ -153,24 +159,23 @@ __device__ __forceinline__ void stage_qk_hat(__nv_bfloat16* Qs, __nv_bfloat16* K
 }
 
 // dq and dk of a chunk (register fragments of warp w: rows 16·(w % 4).., key columns (w / 4)·K/4..,
-// summed over the group) through the scale and the in-kernel L2 norm to the outputs. `stage` (CAP
-// bytes) takes the fragments as fp32 rows [K + 4] and the raw rows as bf16 [K + 8] (per-row global
-// reads would serialise on their latency), the raw rows' copies issued first so that they land while
-// the fragments are staged: dq's and dk's rows in one pass when CAP holds all 128 of them, else dq and
-// then dk (H100, B=4 T=4096, ncu: one pass against two, chunk_bwd_mma_kernel<GDN> 1360 -> 1220 us in
-// a build with other changes, chunk_bwd_vec_kernel<KDA> 1450 -> 1320). LPR lanes a row (lane q of a row
-// takes its column pairs q, q + LPR, ...), the rows THREADS / LPR at a time, log2(LPR) shuffles a sum.
-// LPR = 8 (every row at once) against 32 (one warp a row, four rows in turn): chunk_bwd_mma_kernel<GDN>
-// 1160 -> 1110 us, but chunk_bwd_vec_kernel<KDA>, at its 128-register cap, 1480 -> 1520, so it keeps 32.
-template <int K, int THREADS, int LPR, size_t CAP, int NTK>
+// summed over the group) through the scale and the in-kernel L2 norm to the outputs. `stage`
+// (dq_dk_stage_bytes(K, PASSES), above) takes the fragments as fp32 rows [K + 4] and the raw rows as bf16
+// [K + 8] (per-row global reads would serialise on their latency), the raw rows' copies issued first so
+// that they land while the fragments are staged: dq's and dk's rows in one pass, or dq's and then dk's.
+// H100, B=4 T=4096, ncu: one pass against two, chunk_bwd_vec_kernel<KDA> 1440 -> 1320 us, but
+// chunk_bwd_mma_kernel<GDN> 1100 -> 1130, so it keeps two. LPR lanes a row (lane q of a row takes its
+// column pairs q, q + LPR, ...), the rows THREADS / LPR at a time, log2(LPR) shuffles a sum. LPR = 8
+// (every row at once) against 32 (one warp a row, four rows in turn): chunk_bwd_mma_kernel<GDN> 1160 ->
+// 1110 us, but chunk_bwd_vec_kernel<KDA>, at its 128-register cap, 1480 -> 1520, so it keeps 32.
+template <int K, int THREADS, int LPR, int PASSES, int NTK>
 __device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[1][NTK][4], float* stage, const Params& p,
                                             const ChunkInfo& ci, int h) {
     using E = __nv_bfloat16;
     constexpr int LDK = K + 8, LDS = K + 4;
-    constexpr size_t kRowBytes = size_t(LDS) * 4 + size_t(LDK) * 2;
-    constexpr int PASSES = 2 * kChunk * kRowBytes <= CAP ? 1 : 2, ROWS = 2 * kChunk / PASSES;  // rows a pass
-    constexpr int NP = K / 2 / LPR;  // column pairs a lane
-    static_assert(kChunk * kRowBytes <= CAP, "store_dq_dk: the staging does not fit");
+    constexpr int ROWS = 2 * kChunk / PASSES;  // rows a pass
+    constexpr int NP = K / 2 / LPR;            // column pairs a lane
+    static_assert(PASSES == 1 || PASSES == 2, "store_dq_dk: one or two passes");
     static_assert(THREADS % LPR == 0 && 32 % LPR == 0 && NP * LPR * 2 == K && ROWS % (THREADS / LPR) == 0,
                   "store_dq_dk: lanes a row");
     const int warp = threadIdx.x >> 5;
@@ -298,6 +303,22 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
 
     for (int hv = h * p.G; hv < (h + 1) * p.G; ++hv) {
         const size_t slot = size_t(chunk) * p.HV + hv;
+        // ---- the gate and β inputs (warp 0: two tokens a lane; warps 1, 2: β), loaded before the
+        // operands' copies: behind them they arrived last, and the block waited at the barrier below for
+        // warp 0's decay sums after everything else had landed ----
+        float in[2] = {0.f, 0.f};
+        if (warp == 0 && !kVec) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int i = 2 * lane + e;
+                if (i >= len) continue;
+                if (p.decay == Decay::Scalar) in[e] = load_any(p.g, p.g_dt, tok(p.gs, ci.batch, ci.start + i, hv));
+                else if (p.decay == Decay::Fixed) in[e] = load_any(p.g, p.g_dt, hv * p.gs[0]);
+            }
+        } else if (kDelta && (warp == 1 || warp == 2)) {
+            const int i = (warp - 1) * 32 + lane;
+            if (i < len) in[0] = load_any(p.beta, p.beta_dt, tok(p.bs, ci.batch, ci.start + i, hv));
+        }
         // ---- operands of this value head ----
         {
             const E* dsrc = static_cast<const E*>(p.d_o) + tok(p.dos, ci.batch, ci.start, hv);
@@ -334,7 +355,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 const int i = 2 * lane + e;
                 if (i >= len) continue;
                 if (p.decay == Decay::Scalar) {
-                    float x = load_any(p.g, p.g_dt, tok(p.gs, ci.batch, ci.start + i, hv));
+                    float x = in[e];
                     if (gated) {
                         x += static_cast<const float*>(p.dt_bias)[hv * p.dtb_s];
                         gin[i] = x;
@@ -342,7 +363,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                     }
                     a[e] = x;
                 } else if (p.decay == Decay::Fixed) {
-                    a[e] = load_any(p.g, p.g_dt, hv * p.gs[0]);
+                    a[e] = in[e];
                 }
             }
             const auto [b0, b1, bC] = warp_chunk_log_decay(a[0], a[1], lane);
@@ -354,13 +375,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             kap[2 * lane + 1] = expf(float(bC - b1));
         } else if (warp == 1 || warp == 2) {
             const int i = (warp - 1) * 32 + lane;
-            float raw = 0.f, bv = 0.f;
-            if (kDelta && i < len) {
-                raw = load_any(p.beta, p.beta_dt, tok(p.bs, ci.batch, ci.start + i, hv));
-                bv = beta_value(p.beta_act, raw);
-            }
-            braw[i] = raw;
-            betas[i] = bv;
+            braw[i] = in[0];
+            betas[i] = kDelta && i < len ? beta_value(p.beta_act, in[0]) : 0.f;
         } else if (warp == 3) {
             for (int i = lane; i < kChunk; i += 32) dpd[i] = us[i] = ws_[i] = dbs[i] = 0.f;
             if (lane < 9) misc[lane] = 0.f;
@@ -466,23 +482,34 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 cp_async16(Tm + i * LDF + c, p.Tinv + slot * kChunk * kChunk + i * kChunk + c);
             }
             cp_async_commit();
+            // v at Z's fragment positions, two columns a 32-bit load, in flight with T's copy (loaded
+            // after Z they were ~7% of the kernel's stall samples)
+            const E* vrow = static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv) + vc0;
+            __nv_bfloat162 vv[NTV][2];  // for_each_acc_pair's (row, column) = (g + 8h, 8j + 2t) -> vv[j][h]
+#pragma unroll
+            for (int j = 0; j < NTV; ++j)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int i = row0 + (lane >> 2) + 8 * hh;
+                    vv[j][hh] = i < len ? load_bf16x2(vrow + int64_t(i) * p.vs[1] + 8 * j + 2 * (lane & 3))
+                                        : __floats2bfloat162_rn(0.f, 0.f);
+                }
             cp_async_wait_all();
             __syncthreads();
             // ---- Z = Tᵀ dX (tf32); dv = diag(β) Z; dβ_i gets ⟨Z_i, v_i⟩ ----
             float Z[1][NTV][4];
             zero_acc(Z);
             warp_gemm<float, 1, NTV, false>(Z, Tile<float>{Tm + row0, 1, LDF}, Tile<float>{dXf + vc0, LDVF, 1}, kChunk);
-            // two columns a step: 32-bit loads of v and stores of dv (per element this was a sixth of
-            // the kernel's stall samples)
-            const E* vrow = static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv) + vc0;
+            // two columns a step: 32-bit stores of dv (per element this was a sixth of the kernel's
+            // stall samples)
             const int64_t dv0 = p.dv ? tok(p.dvs, ci.batch, ci.start, hv) + vc0 : 0;
             float sz[2] = {0.f, 0.f};
             for_each_acc_pair(Z, [&](int r, int c, float x0, float x1) {
                 const int i = row0 + r;
                 if (i >= len) return;
                 if (p.dv) store_pair_any(p.dv, p.dv_dt, dv0 + int64_t(i) * p.dvs[1] + c, betas[i] * x0, betas[i] * x1);
-                const float2 vv = load_pair_bf16(vrow + int64_t(i) * p.vs[1] + c);
-                sz[r >> 3] += x0 * vv.x + x1 * vv.y;
+                const float2 v2 = __bfloat1622float2(vv[c >> 3][r >> 3]);
+                sz[r >> 3] += x0 * v2.x + x1 * v2.y;
             });
             add_fragment_row_sums(sz, dbs, row0);
             __syncthreads();  // every read of dX is done: Z replaces it
@@ -695,7 +722,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     }
 
     // ---- dq, dk through the scale and the in-kernel L2 norm ----
-    if constexpr (!kVec) store_dq_dk<K, kMmaThreads, kMmaThreads / kChunk, L::r_off>(dq, dk, stage, p, ci, h);
+    if constexpr (!kVec) store_dq_dk<K, kMmaThreads, kMmaThreads / kChunk, 2>(dq, dk, stage, p, ci, h);
 }
 
 }  // namespace bwd

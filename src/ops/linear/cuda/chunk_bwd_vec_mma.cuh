@@ -54,6 +54,7 @@ struct VecLayout {
     static constexpr size_t sg_off = r_off + 4 * kChunk * 4 + 16;
     static constexpr size_t bytes = sg_off + std::max(size_t(8) * K * 8, 2 * size_t(kVecThreads) * 4);
     // after the group, [0, r_off) is store_dq_dk's
+    static_assert(dq_dk_stage_bytes(K, 1) <= r_off, "bwd vec: the dq/dk staging does not fit");
     static_assert(bytes <= 227 * 1024, "bwd vec: shared memory over the 227 KiB of an SM");
 };
 
@@ -391,7 +392,7 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
         __syncthreads();  // the chunk's shared memory is the next value head's
     }
 
-    store_dq_dk<K, kVecThreads, 32, L::r_off>(dq, dk, reinterpret_cast<float*>(sm), p, ci, h);
+    store_dq_dk<K, kVecThreads, 32, 1>(dq, dk, reinterpret_cast<float*>(sm), p, ci, h);
 }
 
 }  // namespace bwd

@@ -215,6 +215,26 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
     const int V = p.V;
 
     if (tid == 0) *wide = 0;
+    // ---- one decay number per token (warp 0, two tokens a lane) and β (threads 64..127): the inputs
+    // before the copies below, which they would queue behind (the block waits for warp 0's sums) ----
+    float in[2] = {0.f, 0.f};
+    if constexpr (kDelta) {
+        if (tid >= kChunk && tid - kChunk < len)
+            in[0] = load_any(p.beta, p.beta_dtype, ci.batch * p.bs[0] + (ci.start + int64_t(tid - kChunk)) * p.bs[1] + hv * p.bs[2]);
+    }
+    if constexpr (!kVec) {
+        if (warp == 0) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int i = 2 * lane + e;
+                if (i >= len) continue;
+                if constexpr (D == Decay::Scalar)
+                    in[e] = load_any(p.g, p.g_dtype, ci.batch * p.gs[0] + (ci.start + int64_t(i)) * p.gs[1] + hv * p.gs[2]);
+                else if constexpr (D == Decay::Fixed)
+                    in[e] = static_cast<const float*>(p.g)[hv];
+            }
+        }
+    }
     // ---- q, k (and v) → shared memory, asynchronously ----
     const E* qsrc = static_cast<const E*>(p.q) + ci.batch * p.qs[0] + int64_t(ci.start) * p.qs[1] + h * p.qs[2];
     const E* ksrc = static_cast<const E*>(p.k) + ci.batch * p.ks[0] + int64_t(ci.start) * p.ks[1] + h * p.ks[2];
@@ -225,14 +245,7 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
 
     // ---- gates and β (overlapping the copies) ----
     if constexpr (kDelta) {
-        if (tid >= kChunk) {
-            const int i = tid - kChunk;
-            float b = 0.f;
-            if (i < len)
-                b = beta_value(p.beta_act,
-                               load_any(p.beta, p.beta_dtype, ci.batch * p.bs[0] + (ci.start + int64_t(i)) * p.bs[1] + hv * p.bs[2]));
-            betas[i] = b;
-        }
+        if (tid >= kChunk) betas[tid - kChunk] = tid - kChunk < len ? beta_value(p.beta_act, in[0]) : 0.f;
     }
     if constexpr (kVec) {
         // raw gate rows as fp32 into Δ's rows; the activation and the sums follow once they are in
@@ -246,13 +259,13 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
             const int i = 2 * lane + e;
             if (i >= len) continue;
             if constexpr (D == Decay::Scalar) {
-                const float x = load_any(p.g, p.g_dtype, ci.batch * p.gs[0] + (ci.start + int64_t(i)) * p.gs[1] + hv * p.gs[2]);
+                const float x = in[e];
                 a[e] = p.gate_act == GateActivation::None
                            ? x
                            : gate_log_decay(p.gate_act, p.lower_bound, x + static_cast<const float*>(p.dt_bias)[hv],
                                             static_cast<const float*>(p.A_log)[hv]);
             } else if constexpr (D == Decay::Fixed) {
-                a[e] = static_cast<const float*>(p.g)[hv];
+                a[e] = in[e];
             }
         }
         const auto [b0, b1, bC] = warp_chunk_log_decay(a[0], a[1], lane);

@@ -559,10 +559,11 @@ __device__ __forceinline__ void store_pair(E* p, float a, float b) {
     else *reinterpret_cast<uint32_t*>(p) = pack2(from_f<E>(a), from_f<E>(b));
 }
 // load_pair for a bf16 pair that may not be 4-byte aligned (a row of an input tensor with free strides).
-__device__ __forceinline__ float2 load_pair_bf16(const __nv_bfloat16* p) {
-    if ((reinterpret_cast<uintptr_t>(p) & 3) == 0) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
-    return make_float2(__bfloat162float(p[0]), __bfloat162float(p[1]));
+__device__ __forceinline__ __nv_bfloat162 load_bf16x2(const __nv_bfloat16* p) {
+    if ((reinterpret_cast<uintptr_t>(p) & 3) == 0) return *reinterpret_cast<const __nv_bfloat162*>(p);
+    return __halves2bfloat162(p[0], p[1]);
 }
+__device__ __forceinline__ float2 load_pair_bf16(const __nv_bfloat16* p) { return __bfloat1622float2(load_bf16x2(p)); }
 
 
 }  // namespace hla::linear::cuda
