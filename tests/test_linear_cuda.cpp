@@ -192,7 +192,8 @@ TEST(LinearCuda, VarlenWithEmptySequences) {
 // (warp-specialised scan) and fp32 (chunk_scan_kernel), K = V = 64 at 2 pieces and 128 at 5. Then 2
 // forced pieces of 31 and 32 chunks at K = V = 128 with two value heads on one q/k head (on a 132-SM
 // card 31 runs of one chunk: the state carried from run to run), and the default: two sequences of
-// 49 chunks and two value heads (sequential: 2 pieces; parallel: 3).
+// 49 chunks and two value heads (sequential: 2 pieces; parallel: 3). Between them, the concurrent
+// forward forced.
 TEST(LinearCuda, PiecewiseForward) {
     REQUIRE_GPU();
     for (const char* pieces : {"2", "5"}) {
@@ -216,6 +217,21 @@ TEST(LinearCuda, PiecewiseForward) {
         check_forward(c);
     }
     unsetenv("HLA_CUDA_FWD_PIECES");
+    // the concurrent forward forced (it applies to the delta rule on bf16; the others run their default):
+    // varlen with empty sequences (prepare's order interleaves the sequences' chunks), and a long one
+    setenv("HLA_CUDA_FWD_CONCURRENT", "1", 1);
+    for (const Cell& cell : kCells) {
+        LinearCase c = make_case(std::string(cell.name) + "/concurrent-varlen", cell.config(), DType::BF16, 1, 400, 2,
+                                 4, 64, 64);
+        c.cu_seqlens = {0, 0, 70, 70, 333, 400};
+        c.initial_state = true;
+        check_forward(c);
+        LinearCase l = make_case(std::string(cell.name) + "/concurrent-long", cell.config(), DType::BF16, 1, 4000, 1, 2,
+                                 128, 128);
+        l.initial_state = true;
+        check_forward(l);
+    }
+    unsetenv("HLA_CUDA_FWD_CONCURRENT");
     for (const Cell& cell : kCells) {
         LinearCase c = make_case(std::string(cell.name) + "/pieces-default", cell.config(), DType::BF16, 2, 3100, 1, 2,
                                  64, 64);
@@ -443,8 +459,9 @@ TEST(LinearCuda, DecodeSkipsNegativeSlots) {
 }
 
 #if HLA_WITH_CUDA
-// The sequential piecewise forward against the single-shot one (HLA_CUDA_FWD_PIECES=1), bit for bit:
-// each chunk's prepare is the same and the state crosses pieces in fp32. Both run on a user stream
+// The sequential piecewise forward and the concurrent one (bf16 delta rule: prepare and scan at once,
+// per-chunk flags) against the single-shot one (HLA_CUDA_FWD_PIECES=1), bit for bit: each chunk's
+// prepare is the same and the state crosses pieces in fp32 (concurrent: never leaves the scan). Both run on a user stream
 // (non-blocking) and only that stream is waited for (the copies back go to it): a scan still running
 // on the second stream after the call returned, or a workspace released before it, would show as a
 // difference. (Parallel pieces, the additive update on bf16, sum the state in another order and run
@@ -459,8 +476,8 @@ TEST(LinearCuda, PiecewiseForwardEqualsSingleShotOnAUserStream) {
             c.cu_seqlens = {0, 0, 390, 390, 700};
             c.initial_state = true;
             const LinearInputs dev = make_inputs(c, 3).move_to(Device::CUDA);
-            auto run = [&](const char* pieces) {
-                setenv("HLA_CUDA_FWD_PIECES", pieces, 1);
+            auto run = [&](const char* var, const char* value) {
+                setenv(var, value, 1);
                 Tensor o = poisoned_output(c, Device::CUDA);
                 Tensor s = poisoned_state(c, dev.N, Device::CUDA);
                 cudaStream_t stream = nullptr;
@@ -472,16 +489,18 @@ TEST(LinearCuda, PiecewiseForwardEqualsSingleShotOnAUserStream) {
                     host = {o.to(Device::CPU), s.to(Device::CPU)};
                 }
                 cudaStreamDestroy(stream);
-                unsetenv("HLA_CUDA_FWD_PIECES");
+                unsetenv(var);
                 return host;
             };
-            const auto [o1, s1] = run("1");
-            for (const char* pieces : {"2", "4"}) {
-                const auto [op, sp] = run(pieces);
+            const auto [o1, s1] = run("HLA_CUDA_FWD_PIECES", "1");
+            const std::pair<const char*, const char*> ways[] = {
+                {"HLA_CUDA_FWD_PIECES", "2"}, {"HLA_CUDA_FWD_PIECES", "4"}, {"HLA_CUDA_FWD_CONCURRENT", "1"}};
+            for (const auto& [var, value] : ways) {
+                const auto [op, sp] = run(var, value);
                 EXPECT_EQ(std::memcmp(o1.data(), op.data(), o1.nbytes()), 0)
-                    << c.name << ": o with " << pieces << " pieces differs from the single-shot forward";
+                    << c.name << ": o with " << var << "=" << value << " differs from the single-shot forward";
                 EXPECT_EQ(std::memcmp(s1.data(), sp.data(), s1.nbytes()), 0)
-                    << c.name << ": final state with " << pieces << " pieces differs from the single-shot forward";
+                    << c.name << ": final state with " << var << "=" << value << " differs from the single-shot forward";
             }
         }
 }
@@ -544,7 +563,8 @@ TEST(LinearCuda, TuningSwitchesRejectBadValues) {
     const LinearInputs dev = make_inputs(c, 5).move_to(Device::CUDA);
     const std::pair<const char*, const char*> bad[] = {{"HLA_CUDA_SCAN_VT", "48"},   {"HLA_CUDA_SCAN_VT", "wide"},
                                                        {"HLA_CUDA_FWD_RAW", "2"},    {"HLA_CUDA_FWD_PIECES", "two"},
-                                                       {"HLA_CUDA_FWD_PIECES", "0"}, {"HLA_CUDA_FWD_PIECES", "3x"}};
+                                                       {"HLA_CUDA_FWD_PIECES", "0"}, {"HLA_CUDA_FWD_PIECES", "3x"},
+                                                       {"HLA_CUDA_FWD_CONCURRENT", "2"}};
     for (const auto& [name, value] : bad) {
         setenv(name, value, 1);
         Tensor o = poisoned_output(c, Device::CUDA);

@@ -881,10 +881,12 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     const int nchunks = ch.chunks();
     const bool raw = p.qk_rowf != nullptr;
 
-    // every operand of chunk cidx into stage cidx % kStages, by the output warps
+    // every operand of chunk cidx into stage cidx % kStages, by the output warps (the concurrent
+    // forward: once prepare has published them)
     auto fetch = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
         const int b = cidx % kStages;
+        if (p.ready) wait_ready(p.ready + slot);
         if (p.o) {  // the output's own operands (the backward's recompute writes no output)
             if (raw)
                 copy_rows_async<E, K, kRole>(Qt_of(b), LDK, ch.input_rows<E>(p.q, p.qs, ch.h, cidx), p.qs[1],
@@ -1135,6 +1137,12 @@ void workspace_free(void* ptr);
 // The piecewise forward (forward_chunked_impl): HLA_CUDA_FWD_PIECES = P ≥ 1 forces P pieces (1 is the
 // single-shot path), 0 when unset.
 int fwd_pieces_override();
+// The concurrent forward (forward_chunked_impl): HLA_CUDA_FWD_CONCURRENT = 0 turns it off, 1 forces it;
+// −1 when unset.
+int fwd_concurrent_override();
+// False where kernels of different streams may run one at a time: CUDA_LAUNCH_BLOCKING=1, an injected
+// tool (CUDA_INJECTION64_PATH: compute-sanitizer, ncu), or a device without concurrent kernels.
+bool kernels_run_concurrently();
 // Per device, created once (piece_streams): the stream the piecewise forward's scans run on
 // (non-blocking, the device's greatest priority, so that a scan's blocks take SMs as soon as prepare
 // blocks leave them) and three events: a piece's prepare done (its scan waits), the previous piece's
@@ -1144,6 +1152,20 @@ struct PieceStreams {
     cudaStream_t scan = nullptr;
     cudaEvent_t ready = nullptr, scanned = nullptr, done = nullptr;
     std::mutex mu;
+};
+// However the block holding it is left, the caller's stream waits for every scan queued on ps.scan: a
+// throw between two launches must not return while a scan still writes the caller's o or final state
+// (or reads the workspace, released on the caller's stream). The normal exit joins with its errors
+// checked and disarms this.
+struct JoinScans {
+    PieceStreams& ps;
+    cudaStream_t caller;
+    bool armed = true;
+    ~JoinScans() {
+        if (!armed) return;
+        cudaEventRecord(ps.done, ps.scan);
+        cudaStreamWaitEvent(caller, ps.done, 0);
+    }
 };
 inline PieceStreams& piece_streams(const char* op) {
     // inline: one set of statics for the program, whichever fwd_<dtype>.cu calls first
@@ -1389,6 +1411,23 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         if (forced >= 1) pieces = forced;
         pieces = int(std::clamp<int64_t>(pieces, 1, std::max<int64_t>(max_chunks, 1)));
     }
+    // Concurrent (bf16 operands, instead of sequential pieces): prepare over every chunk on the caller's
+    // stream and the scan on the second stream at the same time, in one piece; the scan waits for
+    // each (chunk, value head) until prepare has published it (FwdParams::ready), and prepare takes the
+    // chunks in the order the scans need them. No piece boundary (a prepare wave's tail and a scan
+    // restart each), and the first chunks' prepare is all the scan waits for before it starts.
+    // This needs the two kernels to run at the same time: prepare waits for nothing, and the scan's
+    // blocks (at most half the SMs by default) leave it the other SMs, but where kernels run one at a
+    // time the scan, launched first, would wait forever. So not with CUDA_LAUNCH_BLOCKING=1 or under a
+    // tool that serialises kernels (compute-sanitizer, ncu: CUDA_INJECTION64_PATH set), whatever the
+    // switch; a scan that still waits 10 s stops with an error (wait_ready). HLA_CUDA_FWD_CONCURRENT =
+    // 0 | 1 turns it off or forces it (any grid; the delta rule on bf16 inputs only, the additive
+    // update taking parallel pieces); a forced piece count turns it off.
+    const int concurrent_switch = fwd_concurrent_override();
+    const bool concurrent = !states && !parallel_way && sizeof(E) == 2 && fwd_pieces_override() == 0 &&
+                            (concurrent_switch == 1 || (concurrent_switch == -1 && pieces > 1)) &&
+                            kernels_run_concurrently();
+    if (concurrent) pieces = 1;
     const bool parallel = parallel_way && pieces > 1;
     if (parallel && scan_tile_override() == 0) vt = wide;
 
@@ -1434,6 +1473,12 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         }
         piece_run_first.push_back(int(runs.size()));
     }
+    // Concurrent: prepare's chunk order, every sequence's c-th chunk before any sequence's (c + 1)-th
+    std::vector<int> prep_order;
+    if (concurrent)
+        for (int64_t c = 0; c < max_chunks; ++c)
+            for (size_t n = 0; n < p.seqs.size(); ++n)
+                if (c * kChunk < seqs[n].len) prep_order.push_back(seqs[n].first_chunk + int(c));
     const size_t n_chunks = chunks.size();
     auto align = [](size_t x) { return (x + 255) & ~size_t(255); };
     const size_t slots = n_chunks * size_t(p.HV);
@@ -1442,7 +1487,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const size_t o_seqs = align(chunks.size() * sizeof(ChunkInfo));
     const size_t o_runs = o_seqs + align(seqs.size() * sizeof(SeqInfo));
     const size_t o_run_first = o_runs + align(runs.size() * sizeof(SeqInfo));
-    const size_t b_tables = o_run_first + align(piece_run_first.size() * sizeof(int));
+    const size_t o_order = o_run_first + align(piece_run_first.size() * sizeof(int));
+    const size_t b_tables = o_order + align(prep_order.size() * sizeof(int));
     const size_t b_k = align(slots * kChunk * p.K * sizeof(E));  // one of Qg, Kd, W
     const size_t b_qk = raw ? 0 : b_k;
     const size_t b_u = raw && !p.delta() ? 0 : align(slots * kChunk * p.V * sizeof(E));
@@ -1464,8 +1510,9 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const size_t b_run_l = parallel ? align(runs.size() * state_bytes) : 0;
     const size_t b_run_g = parallel ? align(runs.size() * p.HV * p.K * sizeof(float)) : 0;
     const size_t b_starts = parallel ? align(seqs.size() * state_bytes) : 0;
+    const size_t b_ready = concurrent ? align(slots * sizeof(int)) : 0;
     const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d + b_rf + 2 * b_s + b_run_l + b_run_g +
-                         b_starts;
+                         b_starts + b_ready;
     char* ws = static_cast<char*>(workspace_alloc(total, p.op));
     {
         std::vector<char> image(b_tables);
@@ -1476,6 +1523,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         put(o_seqs, seqs);
         put(o_runs, runs);
         put(o_run_first, piece_run_first);
+        put(o_order, prep_order);
         check_cuda(cudaMemcpyAsync(ws, image.data(), b_tables, cudaMemcpyHostToDevice, launch_stream()), p.op,
                    "cudaMemcpyAsync(tables)");
     }
@@ -1515,6 +1563,11 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         pp.n_seqs = int(p.N());
         pp.pieces = pieces;
     }
+    if (concurrent) {
+        fp.ready = reinterpret_cast<int*>(at);
+        at += b_ready;
+        fp.prep_order = reinterpret_cast<const int*>(ws + o_order);
+    }
 
     auto prepare = [&](const FwdParams& f, int n) {
         if (n == 0) return;
@@ -1529,7 +1582,22 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         if (p.K == 64) launch_scan_cell<E, 64>(p, f, n_seqs, vt, stream, after_kernel);
         else launch_scan_cell<E, 128>(p, f, n_seqs, vt, stream, after_kernel);
     };
-    if (pieces == 1) {
+    if (concurrent) {
+        PieceStreams& ps = piece_streams(p.op);
+        std::lock_guard<std::mutex> lock(ps.mu);
+        const cudaStream_t caller = launch_stream();
+        check_cuda(cudaMemsetAsync(fp.ready, 0, slots * sizeof(int), caller), p.op, "cudaMemsetAsync(ready flags)");
+        check_cuda(cudaEventRecord(ps.ready, caller), p.op, "cudaEventRecord(tables ready)");
+        check_cuda(cudaStreamWaitEvent(ps.scan, ps.ready, 0), p.op, "cudaStreamWaitEvent(tables ready)");
+        // the scan first (its stream has the greater priority): its blocks take their SMs before
+        // prepare's fill the rest. Joined below however this block is left (see JoinScans).
+        JoinScans join{ps, caller};
+        scan(fp, int(p.N()), ps.scan, false);
+        prepare(fp, int(n_chunks));
+        join.armed = false;
+        check_cuda(cudaEventRecord(ps.done, ps.scan), p.op, "cudaEventRecord(scan done)");
+        check_cuda(cudaStreamWaitEvent(caller, ps.done, 0), p.op, "cudaStreamWaitEvent(scan done)");
+    } else if (pieces == 1) {
         prepare(fp, int(n_chunks));
         scan(fp, int(p.N()), launch_stream(), n_chunks > 0);
     } else if (parallel) {
@@ -1555,20 +1623,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         PieceStreams& ps = piece_streams(p.op);
         std::lock_guard<std::mutex> lock(ps.mu);
         const cudaStream_t caller = launch_stream();
-        // However this block is left, the caller's stream waits for every scan queued on ps.scan: a
-        // throw between two scans must not return while an earlier scan still writes the caller's o or
-        // final state (or reads the workspace, released on the caller's stream). The normal exit joins
-        // with its errors checked and disarms this.
-        struct JoinScans {
-            PieceStreams& ps;
-            cudaStream_t caller;
-            bool armed = true;
-            ~JoinScans() {
-                if (!armed) return;
-                cudaEventRecord(ps.done, ps.scan);
-                cudaStreamWaitEvent(caller, ps.done, 0);
-            }
-        } join{ps, caller};
+        JoinScans join{ps, caller};
         // prepare of piece i: its chunks are blocks [0, n) of a launch whose tables and per-slot operands
         // start at the piece's first chunk
         auto prepare_piece = [&](int i) {

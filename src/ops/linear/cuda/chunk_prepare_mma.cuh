@@ -170,10 +170,9 @@ __device__ __forceinline__ void stage_gate_rows(float* dst, int ld, const void* 
     load_rows_any<kChunk, COLS, THREADS>(dst, ld, src, dtype, offset, row_stride, valid);
 }
 
+// One (chunk, value head) of chunk_prepare_mma_kernel (below).
 template <Decay D, Update Up, int K>
-__global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMinBlocks)
-    chunk_prepare_mma_kernel(const FwdParams p) {
-    allow_dependent_launch();  // the next kernel's blocks may take the SMs the last wave leaves
+__device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int chunk, const int hv) {
     using E = __nv_bfloat16;
     using L = PrepMmaLayout<D, Up, K>;
     constexpr bool kVec = L::kVec, kDelta = L::kDelta;
@@ -207,7 +206,7 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int chunk = blockIdx.x, hv = blockIdx.y, h = hv / p.G;
+    const int h = hv / p.G;
     const ChunkInfo ci = p.chunks[chunk];
     const int len = ci.len;
     const int r0 = 16 * warp;
@@ -725,6 +724,17 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
         for (int c0 = 0; c0 < K; c0 += 64) product64(kgs, LDG, c0, Wg, K);
         for (int c0 = 0; c0 < V; c0 += 64) product64(vs, LDV, c0, Ug, V);
     }
+}
+
+template <Decay D, Update Up, int K>
+__global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMinBlocks)
+    chunk_prepare_mma_kernel(const FwdParams p) {
+    allow_dependent_launch();  // the next kernel's blocks may take the SMs the last wave leaves
+    if (!p.ready) return prepare_chunk_mma<D, Up, K>(p, blockIdx.x, blockIdx.y);
+    // concurrent forward: chunks in the scans' order, each published when written
+    const int b = blockIdx.x + gridDim.x * blockIdx.y, chunk = p.prep_order[b / p.HV], hv = b % p.HV;
+    prepare_chunk_mma<D, Up, K>(p, chunk, hv);
+    publish_ready(p.ready + size_t(chunk) * p.HV + hv);
 }
 
 template <Decay D, Update Up, int K>

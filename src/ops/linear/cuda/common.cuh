@@ -211,6 +211,35 @@ __device__ __forceinline__ void cp_async_wait_group() {
 }
 __device__ __forceinline__ void cp_async_wait_all() { cp_async_wait_group<0>(); }
 
+// A flag one kernel's block raises once all of its threads' global writes are done, and another
+// kernel's threads wait for before reading them (concurrent kernels, not stream order). Every thread
+// fences its own writes, the barrier orders them before the store, which releases at GPU scope;
+// each waiting thread acquires the flag itself, so its own later reads (cp.async included) follow.
+__device__ __forceinline__ void publish_ready(int* flag) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(flag), "r"(1) : "memory");
+}
+// The waiting side stops the kernel (a launch failure at the caller's next synchronisation) rather than
+// hang if the flag stays down for 10 s: kernels that should run at once do not (see the concurrent
+// forward in chunk_fwd.cuh for when hla assumes they do).
+__device__ __forceinline__ void wait_ready(const int* flag) {
+    uint64_t t0 = 0;
+    for (;;) {
+        int v;
+        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(flag) : "memory");
+        if (v) return;
+        uint64_t now;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        if (t0 == 0) t0 = now;
+        else if (now - t0 > 10'000'000'000ull) {
+            printf("hla: a kernel waited 10 s for another that should run beside it; set HLA_CUDA_FWD_CONCURRENT=0\n");
+            __trap();
+        }
+        __nanosleep(200);
+    }
+}
+
 // Programmatic dependent launch (sm_90): a kernel launched with launch_kernel(after_kernel = true) may
 // start while the kernel before it on the stream still runs, once every block of that kernel has
 // called allow_dependent_launch (or exited); it must call wait_for_previous_kernel before it reads

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 
 #include "ops/linear/cuda/common.cuh"
@@ -40,6 +41,18 @@ int scan_tile_override() { return env_switch("HLA_CUDA_SCAN_VT", 0, {16, 32, 64}
 int raw_operands_override() { return env_switch("HLA_CUDA_FWD_RAW", -1, {0, 1}, "0 or 1"); }
 
 int fwd_pieces_override() { return env_switch("HLA_CUDA_FWD_PIECES", 0, {}, "a piece count from 1 to 1024"); }
+
+int fwd_concurrent_override() { return env_switch("HLA_CUDA_FWD_CONCURRENT", -1, {0, 1}, "0 or 1"); }
+
+bool kernels_run_concurrently() {
+    const char* blocking = std::getenv("CUDA_LAUNCH_BLOCKING");
+    if (blocking && std::strcmp(blocking, "0") != 0) return false;
+    if (std::getenv("CUDA_INJECTION64_PATH")) return false;
+    int dev = 0, concurrent = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&concurrent, cudaDevAttrConcurrentKernels, dev);
+    return concurrent != 0;
+}
 
 // Stream-ordered allocation from the device's default pool. The pool keeps freed memory (release
 // threshold raised once) so that steady-state calls map nothing new: a forward's workspace is

@@ -58,6 +58,12 @@ struct FwdParams : CellOptions {
     // decayed key products D_ij = ⟨k̂_i, k̂_j⟩_b (j < i, zero elsewhere; no β) of every (chunk, value
     // head), fp32 [64][64]: the tensor-core stage 3 needs them for dβ and cannot cheaply rebuild them.
     float* Dm;
+    // Concurrent forward only (forward_chunked_impl; null otherwise): prepare and the scan run at the
+    // same time, the scan waiting for each (chunk, value head) until prepare has published it:
+    // ready[slot] = 1 (publish_ready / wait_ready, common.cuh). Prepare's block b then takes chunk
+    // prep_order[b / HV] and value head b % HV: the chunks in the order the scans need them.
+    int* ready;
+    const int* prep_order;
 };
 
 // The factors a token's q and k rows are multiplied by, from the row's sums of squares: scale / ‖q‖
