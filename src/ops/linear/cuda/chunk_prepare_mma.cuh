@@ -730,11 +730,14 @@ template <Decay D, Update Up, int K>
 __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMinBlocks)
     chunk_prepare_mma_kernel(const FwdParams p) {
     allow_dependent_launch();  // the next kernel's blocks may take the SMs the last wave leaves
-    if (!p.ready) return prepare_chunk_mma<D, Up, K>(p, blockIdx.x, blockIdx.y);
-    // concurrent forward: chunks in the scans' order, each published when written
-    const int b = blockIdx.x + gridDim.x * blockIdx.y, chunk = p.prep_order[b / p.HV], hv = b % p.HV;
-    prepare_chunk_mma<D, Up, K>(p, chunk, hv);
-    publish_ready(p.ready + size_t(chunk) * p.HV + hv);
+    int chunk = blockIdx.x, hv = blockIdx.y;
+    if (p.ready) {  // concurrent forward: chunks in the scans' order, each published when written
+        const int b = blockIdx.x + gridDim.x * blockIdx.y;
+        chunk = p.prep_order[b / p.HV];
+        hv = b % p.HV;
+    }
+    prepare_chunk_mma<D, Up, K>(p, chunk, hv);  // (one call site: two inlined copies cost registers)
+    if (p.ready) publish_ready(p.ready + size_t(chunk) * p.HV + hv);
 }
 
 template <Decay D, Update Up, int K>
