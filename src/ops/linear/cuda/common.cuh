@@ -224,7 +224,7 @@ __device__ __forceinline__ void publish_ready(int* flag) {
 // hang if the flag stays down for 10 s: kernels that should run at once do not (see the concurrent
 // forward in chunk_fwd.cuh for when hla assumes they do). Out of line: the message's call inlined into
 // a scan's loop cost the scan registers.
-__device__ __noinline__ void stop_stuck_wait() {
+static __device__ __noinline__ void stop_stuck_wait() {
     printf("hla: a kernel waited 10 s for another that should run beside it; set HLA_CUDA_FWD_CONCURRENT=0\n");
     __trap();
 }
