@@ -845,7 +845,9 @@ __device__ __forceinline__ void named_bar_arrive(int id, int n) {
     asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 
-template <Update Up, int K, int VT>
+// kConcurrent: the concurrent forward's scan, which waits for prepare's flags (FwdParams::ready); its
+// own instantiation, the other's code as it was (the check alone cost the B=4 scan 4%).
+template <Update Up, int K, int VT, bool kConcurrent = false>
 __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(const FwdParams p) {
     using E = __nv_bfloat16;
     constexpr int NH = ScanWs<VT>::NH, kRole = ScanWs<VT>::kRoleThreads, kThreads = ScanWs<VT>::kThreads;
@@ -886,7 +888,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     auto fetch = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
         const int b = cidx % kStages;
-        if (p.ready) wait_ready(p.ready + slot);
+        if constexpr (kConcurrent) wait_ready(p.ready + slot);
         if (p.o) {  // the output's own operands (the backward's recompute writes no output)
             if (raw)
                 copy_rows_async<E, K, kRole>(Qt_of(b), LDK, ch.input_rows<E>(p.q, p.qs, ch.h, cidx), p.qs[1],
@@ -1234,6 +1236,11 @@ template <Update Up, int K, int VT>
 void launch_scan_ws(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t stream, bool after_kernel) {
     constexpr size_t smem = ScanWsLayout<K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan_ws: shared memory over the 227 KiB of an SM");
+    if constexpr (Up == Update::Delta) {
+        if (fp.ready)
+            return launch_scan_grid<chunk_scan_ws_kernel<Up, K, VT, true>>(fp, n_seqs, VT, ScanWs<VT>::kThreads, smem,
+                                                                            stream, after_kernel, op, "chunk_scan_ws launch");
+    }
     launch_scan_grid<chunk_scan_ws_kernel<Up, K, VT>>(fp, n_seqs, VT, ScanWs<VT>::kThreads, smem, stream, after_kernel, op,
                                                       "chunk_scan_ws launch");
 }
