@@ -1203,11 +1203,12 @@ void launch_prepare_fp32(const FwdParams& fp, int n_chunks, const char* op) {
 }
 
 template <class In, class E, Decay D, Update Up, int K>
-void launch_prepare(const FwdParams& fp, int n_chunks, const char* op) {
+void launch_prepare(const FwdParams& fp, int n_chunks, const char* op, bool load_only) {
     // bf16 inputs and intermediates: the tensor-core kernel of chunk_prepare_mma.cuh
     if constexpr (std::is_same_v<In, __nv_bfloat16> && std::is_same_v<E, In>) {
-        return launch_prepare_mma<D, Up, K>(fp, n_chunks, op);
+        return launch_prepare_mma<D, Up, K>(fp, n_chunks, op, load_only);
     } else {
+        if (load_only) return;  // (the concurrent forward is bf16 only)
         launch_prepare_fp32<In, E, D, Up, K>(fp, n_chunks, op);
     }
 }
@@ -1233,47 +1234,55 @@ void launch_scan(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t s
 }
 
 template <Update Up, int K, int VT>
-void launch_scan_ws(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t stream, bool after_kernel) {
+void launch_scan_ws(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t stream, bool after_kernel,
+                    bool load_only) {
     constexpr size_t smem = ScanWsLayout<K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan_ws: shared memory over the 227 KiB of an SM");
     if constexpr (Up == Update::Delta) {
-        if (fp.ready)
+        if (fp.ready) {
+            if (load_only) return raise_smem_limit<chunk_scan_ws_kernel<Up, K, VT, true>>(smem, op);
             return launch_scan_grid<chunk_scan_ws_kernel<Up, K, VT, true>>(fp, n_seqs, VT, ScanWs<VT>::kThreads, smem,
                                                                             stream, after_kernel, op, "chunk_scan_ws launch");
+        }
     }
+    if (load_only) return;
     launch_scan_grid<chunk_scan_ws_kernel<Up, K, VT>>(fp, n_seqs, VT, ScanWs<VT>::kThreads, smem, stream, after_kernel, op,
                                                       "chunk_scan_ws launch");
 }
 
 // Run-time cell and sizes → template parameters, in one place.
+// load_only (the concurrent forward, FwdParams::ready set): only load the kernel and raise its limits,
+// which must not happen while the other kernel already waits for it (see forward_chunked_impl).
 template <class In, class E, int K>
-void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks) {
+void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks, bool load_only = false) {
     const bool delta = p.delta();
     switch (p.cfg.decay) {
         case Decay::None:
-            return delta ? launch_prepare<In, E, Decay::None, Update::Delta, K>(fp, n_chunks, p.op)
-                         : launch_prepare<In, E, Decay::None, Update::Additive, K>(fp, n_chunks, p.op);
+            return delta ? launch_prepare<In, E, Decay::None, Update::Delta, K>(fp, n_chunks, p.op, load_only)
+                         : launch_prepare<In, E, Decay::None, Update::Additive, K>(fp, n_chunks, p.op, load_only);
         case Decay::Fixed:
-            return delta ? launch_prepare<In, E, Decay::Fixed, Update::Delta, K>(fp, n_chunks, p.op)
-                         : launch_prepare<In, E, Decay::Fixed, Update::Additive, K>(fp, n_chunks, p.op);
+            return delta ? launch_prepare<In, E, Decay::Fixed, Update::Delta, K>(fp, n_chunks, p.op, load_only)
+                         : launch_prepare<In, E, Decay::Fixed, Update::Additive, K>(fp, n_chunks, p.op, load_only);
         case Decay::Scalar:
-            return delta ? launch_prepare<In, E, Decay::Scalar, Update::Delta, K>(fp, n_chunks, p.op)
-                         : launch_prepare<In, E, Decay::Scalar, Update::Additive, K>(fp, n_chunks, p.op);
+            return delta ? launch_prepare<In, E, Decay::Scalar, Update::Delta, K>(fp, n_chunks, p.op, load_only)
+                         : launch_prepare<In, E, Decay::Scalar, Update::Additive, K>(fp, n_chunks, p.op, load_only);
         case Decay::Vector:
-            return delta ? launch_prepare<In, E, Decay::Vector, Update::Delta, K>(fp, n_chunks, p.op)
-                         : launch_prepare<In, E, Decay::Vector, Update::Additive, K>(fp, n_chunks, p.op);
+            return delta ? launch_prepare<In, E, Decay::Vector, Update::Delta, K>(fp, n_chunks, p.op, load_only)
+                         : launch_prepare<In, E, Decay::Vector, Update::Additive, K>(fp, n_chunks, p.op, load_only);
     }
 }
 
 template <class E, Update Up, int K>
-void launch_scan_vt(const Problem& p, const FwdParams& fp, int n_seqs, int vt, cudaStream_t stream, bool after_kernel) {
+void launch_scan_vt(const Problem& p, const FwdParams& fp, int n_seqs, int vt, cudaStream_t stream, bool after_kernel,
+                    bool load_only) {
     // bf16 operands: the warp-specialised scan, 16, 32 or 64 columns. fp32 operands: at most 32 columns
     // (64 would need 256 KiB of shared memory).
     if constexpr (sizeof(E) == 2) {
-        if (vt == 64) return launch_scan_ws<Up, K, 64>(fp, n_seqs, p.op, stream, after_kernel);
-        if (vt == 32) return launch_scan_ws<Up, K, 32>(fp, n_seqs, p.op, stream, after_kernel);
-        return launch_scan_ws<Up, K, 16>(fp, n_seqs, p.op, stream, after_kernel);
+        if (vt == 64) return launch_scan_ws<Up, K, 64>(fp, n_seqs, p.op, stream, after_kernel, load_only);
+        if (vt == 32) return launch_scan_ws<Up, K, 32>(fp, n_seqs, p.op, stream, after_kernel, load_only);
+        return launch_scan_ws<Up, K, 16>(fp, n_seqs, p.op, stream, after_kernel, load_only);
     } else {
+        if (load_only) return;  // (the concurrent forward is bf16 only)
         if (vt >= 32) return launch_scan<Up, K, 32>(fp, n_seqs, p.op, stream, after_kernel);
         return launch_scan<Up, K, 16>(fp, n_seqs, p.op, stream, after_kernel);
     }
@@ -1291,9 +1300,10 @@ int fwd_scan_tile_width(int64_t chains, int64_t V, bool delta) {
 // Over the first n_seqs entries of fp.seqs; after_kernel: the kernel before it on `stream` wrote its
 // operands (a programmatic dependent launch, launch_scan_grid).
 template <class E, int K>
-void launch_scan_cell(const Problem& p, const FwdParams& fp, int n_seqs, int vt, cudaStream_t stream, bool after_kernel) {
-    if (p.delta()) return launch_scan_vt<E, Update::Delta, K>(p, fp, n_seqs, vt, stream, after_kernel);
-    return launch_scan_vt<E, Update::Additive, K>(p, fp, n_seqs, vt, stream, after_kernel);
+void launch_scan_cell(const Problem& p, const FwdParams& fp, int n_seqs, int vt, cudaStream_t stream, bool after_kernel,
+                      bool load_only = false) {
+    if (p.delta()) return launch_scan_vt<E, Update::Delta, K>(p, fp, n_seqs, vt, stream, after_kernel, load_only);
+    return launch_scan_vt<E, Update::Additive, K>(p, fp, n_seqs, vt, stream, after_kernel, load_only);
 }
 
 // The parallel pieces' state pass: Γ, L of every run, then every piece's start state (bf16 operands).
@@ -1596,8 +1606,18 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         check_cuda(cudaMemsetAsync(fp.ready, 0, slots * sizeof(int), caller), p.op, "cudaMemsetAsync(ready flags)");
         check_cuda(cudaEventRecord(ps.ready, caller), p.op, "cudaEventRecord(tables ready)");
         check_cuda(cudaStreamWaitEvent(ps.scan, ps.ready, 0), p.op, "cudaStreamWaitEvent(tables ready)");
-        // the scan first (its stream has the greater priority): its blocks take their SMs before
-        // prepare's fill the rest. Joined below however this block is left (see JoinScans).
+        // Both kernels loaded first: with lazy module loading (CUDA's default) a kernel is loaded at its
+        // first launch, and loading prepare while the scan already waits for it deadlocked (H100, the
+        // scan's 10 s limit hit on the first concurrent call). Then the scan (its stream has the
+        // greater priority: its blocks take their SMs before prepare's fill the rest). Joined below
+        // however this block is left (see JoinScans).
+        if (p.K == 64) {
+            launch_prepare_cell<In, E, 64>(p, fp, 0, true);
+            launch_scan_cell<E, 64>(p, fp, 0, vt, ps.scan, false, true);
+        } else {
+            launch_prepare_cell<In, E, 128>(p, fp, 0, true);
+            launch_scan_cell<E, 128>(p, fp, 0, vt, ps.scan, false, true);
+        }
         JoinScans join{ps, caller};
         scan(fp, int(p.N()), ps.scan, false);
         prepare(fp, int(n_chunks));

@@ -742,17 +742,19 @@ __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMin
 }
 
 template <Decay D, Update Up, int K>
-void launch_prepare_mma(const FwdParams& fp, int n_chunks, const char* op) {
+void launch_prepare_mma(const FwdParams& fp, int n_chunks, const char* op, bool load_only = false) {
     constexpr size_t smem = PrepMmaLayout<D, Up, K>::bytes;
     static_assert(PrepMmaLayout<D, Up, K>::kMinBlocks * (smem + 1024) <= 228 * 1024,
                   "chunk_prepare_mma: the blocks per SM of the launch bounds must fit its shared memory");
     if constexpr (Up == Update::Delta) {  // the concurrent forward takes the delta rule only
         if (fp.ready) {
             raise_smem_limit<chunk_prepare_mma_kernel<D, Up, K, true>>(smem, op);
+            if (load_only) return;
             chunk_prepare_mma_kernel<D, Up, K, true><<<dim3(n_chunks, fp.HV), kPrepMmaThreads, smem, launch_stream()>>>(fp);
             return check_cuda(cudaGetLastError(), op, "chunk_prepare_mma launch");
         }
     }
+    if (load_only) return;
     raise_smem_limit<chunk_prepare_mma_kernel<D, Up, K>>(smem, op);
     chunk_prepare_mma_kernel<D, Up, K><<<dim3(n_chunks, fp.HV), kPrepMmaThreads, smem, launch_stream()>>>(fp);
     check_cuda(cudaGetLastError(), op, "chunk_prepare_mma launch");
