@@ -1143,7 +1143,9 @@ int fwd_pieces_override();
 // −1 when unset.
 int fwd_concurrent_override();
 // False where kernels of different streams may run one at a time: CUDA_LAUNCH_BLOCKING=1, an injected
-// tool (CUDA_INJECTION64_PATH: compute-sanitizer, ncu), or a device without concurrent kernels.
+// tool (CUDA_INJECTION64_PATH: ncu, which serialises kernels), or a device without concurrent kernels.
+// (compute-sanitizer sets no such variable and runs the two kernels at once: memcheck is clean on the
+// concurrent tests.)
 bool kernels_run_concurrently();
 // Per device, created once (piece_streams): the stream the piecewise forward's scans run on
 // (non-blocking, the device's greatest priority, so that a scan's blocks take SMs as soon as prepare
@@ -1436,7 +1438,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // This needs the two kernels to run at the same time: prepare waits for nothing, and the scan's
     // blocks (at most half the SMs by default) leave it the other SMs, but where kernels run one at a
     // time the scan, launched first, would wait forever. So not with CUDA_LAUNCH_BLOCKING=1 or under a
-    // tool that serialises kernels (compute-sanitizer, ncu: CUDA_INJECTION64_PATH set), whatever the
+    // tool that serialises kernels (ncu: CUDA_INJECTION64_PATH set), whatever the
     // switch; a scan that still waits 10 s stops with an error (wait_ready). HLA_CUDA_FWD_CONCURRENT =
     // 0 | 1 turns it off or forces it (any grid; the delta rule on bf16 inputs only, the additive
     // update taking parallel pieces); a forced piece count turns it off.
