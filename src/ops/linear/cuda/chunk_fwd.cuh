@@ -1436,15 +1436,17 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // chunks in the order the scans need them. No piece boundary (a prepare wave's tail and a scan
     // restart each), and the first chunks' prepare is all the scan waits for before it starts.
     // This needs the two kernels to run at the same time: prepare waits for nothing, and the scan's
-    // blocks (at most half the SMs by default) leave it the other SMs, but where kernels run one at a
-    // time the scan, launched first, would wait forever. So not with CUDA_LAUNCH_BLOCKING=1 or under a
-    // tool that serialises kernels (ncu: CUDA_INJECTION64_PATH set), whatever the
-    // switch; a scan that still waits 10 s stops with an error (wait_ready). HLA_CUDA_FWD_CONCURRENT =
-    // 0 | 1 turns it off or forces it (any grid; the delta rule on bf16 inputs only, the additive
-    // update taking parallel pieces); a forced piece count turns it off.
+    // blocks (at most half the SMs, a whole SM each) leave it the other SMs, but a scan grid that took
+    // every SM, or kernels run one at a time, would leave the scan, launched first, waiting forever.
+    // So only where the scan grid leaves half the SMs free, and not with CUDA_LAUNCH_BLOCKING=1 or
+    // under a tool that serialises kernels (ncu: CUDA_INJECTION64_PATH set), whatever the switch; a
+    // scan that still waits 10 s stops with an error (wait_ready). HLA_CUDA_FWD_CONCURRENT = 0 | 1
+    // turns it off or forces it (also for sequences too short for pieces; the delta rule on bf16 inputs
+    // only, the additive update taking parallel pieces); a forced piece count turns it off.
     const int concurrent_switch = fwd_concurrent_override();
+    const bool scan_leaves_room = 2 * int64_t(p.N()) * p.HV * (p.V / vt) <= sm_count();
     const bool concurrent = !states && !parallel_way && sizeof(E) == 2 && fwd_pieces_override() == 0 &&
-                            (concurrent_switch == 1 || (concurrent_switch == -1 && pieces > 1)) &&
+                            scan_leaves_room && (concurrent_switch == 1 || (concurrent_switch == -1 && pieces > 1)) &&
                             kernels_run_concurrently();
     if (concurrent) pieces = 1;
     const bool parallel = parallel_way && pieces > 1;
