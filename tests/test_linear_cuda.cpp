@@ -496,6 +496,8 @@ TEST(LinearCuda, PiecewiseForwardEqualsSingleShotOnAUserStream) {
             const std::pair<const char*, const char*> ways[] = {
                 {"HLA_CUDA_FWD_PIECES", "2"}, {"HLA_CUDA_FWD_PIECES", "4"}, {"HLA_CUDA_FWD_CONCURRENT", "1"}};
             for (const auto& [var, value] : ways) {
+                // (the concurrent forward is bf16 only: on fp32 it would compare single-shot with itself)
+                if (dt == DType::F32 && std::strcmp(var, "HLA_CUDA_FWD_CONCURRENT") == 0) continue;
                 const auto [op, sp] = run(var, value);
                 EXPECT_EQ(std::memcmp(o1.data(), op.data(), o1.nbytes()), 0)
                     << c.name << ": o with " << var << "=" << value << " differs from the single-shot forward";

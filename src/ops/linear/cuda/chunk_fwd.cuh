@@ -1439,7 +1439,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // blocks (at most half the SMs, a whole SM each) leave it the other SMs, but a scan grid that took
     // every SM, or kernels run one at a time, would leave the scan, launched first, waiting forever.
     // So only where the scan grid leaves half the SMs free, and not with CUDA_LAUNCH_BLOCKING=1 or
-    // under a tool that serialises kernels (ncu: CUDA_INJECTION64_PATH set), whatever the switch; a
+    // under an injected tool (CUDA_INJECTION64_PATH: ncu serialises kernels; nsys, which sets it too,
+    // then profiles the sequential pieces instead), whatever the switch; a
     // scan that still waits 10 s stops with an error (wait_ready). HLA_CUDA_FWD_CONCURRENT = 0 | 1
     // turns it off or forces it (also for sequences too short for pieces; the delta rule on bf16 inputs
     // only, the additive update taking parallel pieces); a forced piece count turns it off.
@@ -1624,7 +1625,14 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         }
         JoinScans join{ps, caller};
         scan(fp, int(p.N()), ps.scan, false);
-        prepare(fp, int(n_chunks));
+        try {
+            prepare(fp, int(n_chunks));
+        } catch (...) {
+            // the scan already waits: raise every flag (bytes 0x01) so that it ends, on garbage that the
+            // failed call's caller never sees, instead of stopping the context 10 s later
+            cudaMemsetAsync(fp.ready, 1, slots * sizeof(int), caller);
+            throw;
+        }
         join.armed = false;
         check_cuda(cudaEventRecord(ps.done, ps.scan), p.op, "cudaEventRecord(scan done)");
         check_cuda(cudaStreamWaitEvent(caller, ps.done, 0), p.op, "cudaStreamWaitEvent(scan done)");
