@@ -1159,12 +1159,17 @@ struct PieceStreams {
 };
 // However the block holding it is left, the caller's stream waits for every scan queued on ps.scan: a
 // throw between two launches must not return while a scan still writes the caller's o or final state
-// (or reads the workspace, released on the caller's stream). The normal exit joins with its errors
-// checked and disarms this.
+// (or reads the workspace, released on the caller's stream). The normal exit calls join, which checks
+// the calls' errors and disarms this.
 struct JoinScans {
     PieceStreams& ps;
     cudaStream_t caller;
     bool armed = true;
+    void join(const char* op) {
+        armed = false;
+        check_cuda(cudaEventRecord(ps.done, ps.scan), op, "cudaEventRecord(scans done)");
+        check_cuda(cudaStreamWaitEvent(caller, ps.done, 0), op, "cudaStreamWaitEvent(scans done)");
+    }
     ~JoinScans() {
         if (!armed) return;
         cudaEventRecord(ps.done, ps.scan);
@@ -1591,18 +1596,19 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         fp.prep_order = reinterpret_cast<const int*>(ws + o_order);
     }
 
-    auto prepare = [&](const FwdParams& f, int n) {
-        if (n == 0) return;
-        if (p.K == 64) launch_prepare_cell<In, E, 64>(p, f, n);
-        else launch_prepare_cell<In, E, 128>(p, f, n);
+    // load_only: the concurrent forward's kernel loading (launch_prepare_cell)
+    auto prepare = [&](const FwdParams& f, int n, bool load_only = false) {
+        if (n == 0 && !load_only) return;
+        if (p.K == 64) launch_prepare_cell<In, E, 64>(p, f, n, load_only);
+        else launch_prepare_cell<In, E, 128>(p, f, n, load_only);
     };
     // strides of a [sequences, HV, K, V] fp32 state in the workspace (a piece's start or end state)
     const int64_t state_strides[4] = {p.HV * p.K * p.V, p.K * p.V, p.V, 1};
     // after_kernel: the scan follows the kernel that wrote its operands on `stream` (programmatic
     // dependent launch, launch_scan_grid)
-    auto scan = [&](const FwdParams& f, int n_seqs, cudaStream_t stream, bool after_kernel) {
-        if (p.K == 64) launch_scan_cell<E, 64>(p, f, n_seqs, vt, stream, after_kernel);
-        else launch_scan_cell<E, 128>(p, f, n_seqs, vt, stream, after_kernel);
+    auto scan = [&](const FwdParams& f, int n_seqs, cudaStream_t stream, bool after_kernel, bool load_only = false) {
+        if (p.K == 64) launch_scan_cell<E, 64>(p, f, n_seqs, vt, stream, after_kernel, load_only);
+        else launch_scan_cell<E, 128>(p, f, n_seqs, vt, stream, after_kernel, load_only);
     };
     if (concurrent) {
         PieceStreams& ps = piece_streams(p.op);
@@ -1616,13 +1622,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         // scan's 10 s limit hit on the first concurrent call). Then the scan (its stream has the
         // greater priority: its blocks take their SMs before prepare's fill the rest). Joined below
         // however this block is left (see JoinScans).
-        if (p.K == 64) {
-            launch_prepare_cell<In, E, 64>(p, fp, 0, true);
-            launch_scan_cell<E, 64>(p, fp, 0, vt, ps.scan, false, true);
-        } else {
-            launch_prepare_cell<In, E, 128>(p, fp, 0, true);
-            launch_scan_cell<E, 128>(p, fp, 0, vt, ps.scan, false, true);
-        }
+        prepare(fp, 0, true);
+        scan(fp, 0, ps.scan, false, true);
         JoinScans join{ps, caller};
         scan(fp, int(p.N()), ps.scan, false);
         try {
@@ -1633,9 +1634,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
             cudaMemsetAsync(fp.ready, 1, slots * sizeof(int), caller);
             throw;
         }
-        join.armed = false;
-        check_cuda(cudaEventRecord(ps.done, ps.scan), p.op, "cudaEventRecord(scan done)");
-        check_cuda(cudaStreamWaitEvent(caller, ps.done, 0), p.op, "cudaStreamWaitEvent(scan done)");
+        join.join(p.op);
     } else if (pieces == 1) {
         prepare(fp, int(n_chunks));
         scan(fp, int(p.N()), launch_stream(), n_chunks > 0);
@@ -1710,9 +1709,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
             }
         }
         // join: the caller's stream (and the workspace's release on it) waits for the last scan
-        join.armed = false;
-        check_cuda(cudaEventRecord(ps.done, ps.scan), p.op, "cudaEventRecord(pieces done)");
-        check_cuda(cudaStreamWaitEvent(caller, ps.done, 0), p.op, "cudaStreamWaitEvent(pieces done)");
+        join.join(p.op);
     }
     if (keep) {
         *keep = fp;
