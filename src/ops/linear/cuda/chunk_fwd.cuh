@@ -43,6 +43,7 @@
 #include "ops/linear/cuda/chunk_prepare_mma.cuh"
 #include "ops/linear/cuda/common.cuh"
 #include "ops/linear/cuda/fwd_params.cuh"
+#include "ops/linear/cuda/wgmma.cuh"
 #include "ops/linear/problem.hpp"
 
 namespace hla::linear::cuda {
@@ -427,15 +428,16 @@ __global__ void __launch_bounds__(kPrepThreads, 1) chunk_prepare_kernel(const Fw
 
 // ---- chunk_scan ---------------------------------------------------------------------------------
 
-// Row r of an accumulator tile times f[r]: each of the lane's fragment rows read once.
-template <int MT, int NT>
+// Row r of an accumulator tile times f[r]: each of the lane's fragment rows read once (MS as for
+// for_each_acc_pair).
+template <int MT, int NT, int MS = 16>
 __device__ __forceinline__ void scale_acc_rows(float (&c)[MT][NT][4], const float* f) {
     const int g = (threadIdx.x & 31) >> 2;
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-            const float x = f[16 * i + g + 8 * hh];
+            const float x = f[MS * i + g + 8 * hh];
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
                 c[i][j][2 * hh] *= x;
@@ -556,23 +558,23 @@ __device__ __forceinline__ void copy_ring_refill(Fetch&& fetch, int cidx, int nc
 
 // The state fragment of a warp (keys [key0, key0 + 16·SMT), columns [col0, …) of the head's V) from
 // the initial state, or zero.
-template <int SMT, int NT>
+template <int SMT, int NT, int MS = 16>
 __device__ __forceinline__ void load_initial_state(float (&S)[SMT][NT][4], const FwdParams& p, int n, int hv, int key0,
                                                    int col0) {
     if (p.h0) {
         const float* h0 = static_cast<const float*>(p.h0) + n * p.h0s[0] + hv * p.h0s[1];
-        for_each_acc(S, [&](int r, int c, float& x) { x = h0[(key0 + r) * p.h0s[2] + col0 + c]; });
+        for_each_acc<SMT, NT, MS>(S, [&](int r, int c, float& x) { x = h0[(key0 + r) * p.h0s[2] + col0 + c]; });
     } else {
         zero_acc(S);
     }
 }
 
-template <int SMT, int NT>
+template <int SMT, int NT, int MS = 16>
 __device__ __forceinline__ void store_final_state(float (&S)[SMT][NT][4], const FwdParams& p, int n, int hv, int key0,
                                                   int col0) {
     if (!p.ht || n < p.ht_seq0) return;
     float* ht = static_cast<float*>(p.ht) + (n - p.ht_seq0) * p.hts[0] + hv * p.hts[1];
-    for_each_acc(S, [&](int r, int c, float& x) { ht[(key0 + r) * p.hts[2] + col0 + c] = x; });
+    for_each_acc<SMT, NT, MS>(S, [&](int r, int c, float& x) { ht[(key0 + r) * p.hts[2] + col0 + c] = x; });
 }
 
 // The state fragment into a [key][v] shared-memory copy in the operand dtype (the products' B
@@ -798,44 +800,80 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
 // buffer.
 template <int VT>
 struct ScanWs {
-    // Column groups. The scan's chunk time follows the bytes its warps move through shared memory (the
-    // operand copies and every warp's ldmatrix reads: ~290 KB a chunk at 32 columns with two groups),
-    // and each group re-reads the K-wide row operands (W, Qg, Kd). One group at 32 columns (an output
-    // warp takes 16 rows × 32 columns, a state warp 16·SMT key rows × 32 columns) moves ~20% less.
-    // H100, bf16, H=16, K=V=128, same call, ncu: GDN B=1 T=16384 scan (32 columns) 253 -> 232 us a
-    // piece; one group at 64 columns as well: GDN B=4 scan 192 -> 187 us but the forwards within the
-    // spread (KDA B=4 0.53 -> 0.54 ms), so not taken.
+    // Column groups of 32 columns at most, a warpgroup of each role per group (wgmma's N).
+    // One group at 32 columns moves ~20% fewer bytes through shared memory than two of 16 (each group
+    // re-reads the K-wide row operands: W, Qg, Kd, P). H100, bf16, H=16, K=V=128, same call, ncu
+    // (mma.sync scan): GDN B=1 T=16384 (32 columns) 253 -> 232 us a piece; one group at 64 columns as
+    // well: GDN B=4 scan 192 -> 187 us but the forwards within the spread, so not taken.
     static constexpr int NH = VT >= 64 ? 2 : 1;
+    static constexpr int CW = VT / NH;  // a column group's width: the products' N
     static constexpr int kRoleThreads = 128 * NH;
     static constexpr int kThreads = 2 * kRoleThreads;
 };
 
+// Shared memory of chunk_scan_ws_kernel, in bytes. Every tile is a wgmma.cuh swizzled tile: the
+// K-wide rows (Qg, W, Kd: 64 × K) and P (64 × 64) in 64-column blocks, the V-tile's (U, Ũ, diag(fk) Ũ:
+// 64 × VT; the state: K × VT) in one block per column group. Tile sizes are multiples of 1 KiB, the
+// 128-byte swizzle's period, from a 1 KiB-aligned base.
 template <int K, int VT, bool kDelta>
 struct ScanWsLayout {
-    using E = __nv_bfloat16;
-    static constexpr int LDK = K + 8;        // rows of Qg, Kd, W
-    static constexpr int LDP = kChunk + 8;   // rows of P
-    static constexpr int LDV = VT + 8;       // rows of U, Ũ, diag(fk) Ũ
-    static constexpr int LDS = VT + 8;       // rows of a state buffer [key][v]
-    static constexpr size_t stage_a = (kDelta ? 2 : 1) * kChunk * LDK;             // Qg (, W)
-    static constexpr size_t stage_b = kChunk * LDK + kChunk * LDP + kChunk * LDV;  // Kd, P, U
-    static constexpr size_t fixed = kChunk * LDV + 2 * K * LDS + kChunk * LDV;     // Ũ, 2 × state, diag(fk) Ũ
-    // with `st` operand stages: st × (Qg, W), st × (Kd, P, U), the fixed buffers; st × (γ_C, fq, fk)
+    static constexpr size_t row_tile = size_t(kChunk) * K * 2;     // Qg, W, Kd
+    static constexpr size_t p_tile = size_t(kChunk) * kChunk * 2;  // P
+    static constexpr size_t v_tile = size_t(kChunk) * VT * 2;      // U, Ũ, diag(fk) Ũ
+    static constexpr size_t s_tile = size_t(K) * VT * 2;           // a state buffer
+    static_assert(row_tile % 1024 == 0 && v_tile % 1024 == 0 && s_tile % 1024 == 0, "chunk_scan_ws: 1 KiB tiles");
+    static constexpr size_t stage_a = (kDelta ? 2 : 1) * row_tile;   // Qg (, W)
+    static constexpr size_t stage_b = row_tile + p_tile + v_tile;    // Kd, P, U
+    static constexpr size_t fixed = v_tile + 2 * s_tile + v_tile;    // Ũ, 2 × state, diag(fk) Ũ
+    static constexpr size_t kAlign = 1024;                           // room to align the dynamic base
+    // with `st` operand stages: st × (Qg, W), st × (Kd, P, U), the fixed tiles; st × (γ_C, fq, fk)
     static constexpr size_t bytes_with(int st) {
-        return (st * (stage_a + stage_b) + fixed) * sizeof(E) + st * (K + 2 * kChunk) * sizeof(float);
+        return kAlign + st * (stage_a + stage_b) + fixed + st * (K + 2 * kChunk) * sizeof(float);
     }
     // Three operand stages (each chunk's copies issued two chunks ahead) where they fit in an SM's
-    // 227 KiB and two stages already take more than half of it (one block an SM either way), else two:
-    // the additive update at 32 and 64 columns and the delta rule at 16 (at 32 it is 1 KiB over).
-    // H100, bf16, H=16, K=V=128, two runs each against two stages in the same call: simple GLA B=1
-    // T=16384 (parallel pieces, 64 columns) 0.325 / 0.318 -> 0.312 / 0.314 ms, GLA 0.482 / 0.483 ->
-    // 0.479 / 0.478; B=4 T=4096 within the run-to-run spread (simple GLA 0.246 / 0.246 -> 0.242 /
-    // 0.253).
+    // 227 KiB and two stages already take more than half of it (one block an SM either way), else two.
+    // H100, bf16, H=16, K=V=128, two runs each against two stages in the same call (mma.sync scan):
+    // simple GLA B=1 T=16384 (parallel pieces, 64 columns) 0.325 / 0.318 -> 0.312 / 0.314 ms, GLA
+    // 0.482 / 0.483 -> 0.479 / 0.478; B=4 T=4096 within the run-to-run spread.
     static constexpr size_t kSmemMax = 227 * 1024;
     static constexpr int stages = bytes_with(3) <= kSmemMax && 2 * bytes_with(2) > kSmemMax ? 3 : 2;
-    static constexpr size_t elems = stages * (stage_a + stage_b) + fixed;
+    static constexpr size_t tiles = stages * (stage_a + stage_b) + fixed;  // bytes before the fp32 arrays
     static constexpr size_t bytes = bytes_with(stages);
 };
+
+// Rows [0, valid) of a [kChunk, COLS] bf16 operand into a Swz<BC> tile (wgmma.cuh) with cp.async, the
+// rest zero-filled, by thread t of N; copy_rows_async's scheme: where N is a multiple of a row's
+// pieces, a thread's pieces share one column and lie RS rows apart, and with RS a multiple of 8 (the
+// swizzle's period) at one swizzled column, so its addresses are a base plus constant strides.
+template <int BC, int COLS, int N>
+__device__ __forceinline__ void copy_rows_swz(unsigned char* tile, const __nv_bfloat16* src, int64_t src_ld, int valid,
+                                              int t) {
+    using T = wg::Swz<BC>;
+    constexpr int PR = COLS / 8;
+    static_assert(COLS % BC == 0, "copy_rows_swz: whole blocks");
+    if constexpr (N % PR == 0 && (N / PR) % 8 == 0) {
+        constexpr int RS = N / PR;
+        const int r0 = t / PR, pc = t % PR;
+        unsigned char* d = tile + T::template piece<kChunk>(r0, pc);
+        const __nv_bfloat16* s = src + r0 * src_ld + pc * 8;
+#pragma unroll
+        for (int j = 0; j < (kChunk + RS - 1) / RS; ++j) {
+            const int r = r0 + j * RS;
+            if constexpr (kChunk % RS != 0)
+                if (r >= kChunk) break;
+            const bool in = r < valid;
+            cp_async16_zfill(d, in ? s : src, in);
+            d += RS * T::kRowBytes;
+            s += RS * src_ld;
+        }
+    } else {
+        for (int idx = t; idx < kChunk * PR; idx += N) {
+            const int r = idx / PR, pc = idx % PR;
+            const bool in = r < valid;
+            cp_async16_zfill(tile + T::template piece<kChunk>(r, pc), src + (in ? r : 0) * src_ld + pc * 8, in);
+        }
+    }
+}
 
 // Named barriers 1 and up (0 is __syncthreads): n threads, a multiple of 32.
 __device__ __forceinline__ void named_bar_sync(int id, int n) {
@@ -850,33 +888,41 @@ __device__ __forceinline__ void named_bar_arrive(int id, int n) {
 template <Update Up, int K, int VT, bool kConcurrent = false>
 __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(const FwdParams p) {
     using E = __nv_bfloat16;
-    constexpr int NH = ScanWs<VT>::NH, kRole = ScanWs<VT>::kRoleThreads, kThreads = ScanWs<VT>::kThreads;
+    constexpr int NH = ScanWs<VT>::NH, CW = ScanWs<VT>::CW, kRole = ScanWs<VT>::kRoleThreads,
+                  kThreads = ScanWs<VT>::kThreads;
     constexpr bool kDelta = Up == Update::Delta;
     using L = ScanWsLayout<K, VT, kDelta>;
-    constexpr int LDK = L::LDK, LDP = L::LDP, LDV = L::LDV, LDS = L::LDS;
-    constexpr int NT = VT / 8 / NH;  // n-tiles of a warp's columns
-    static_assert(NT % 2 == 0, "chunk_scan_ws: a warp's columns must pair up for ldmatrix.x4");
-    constexpr int SMT = K / 64;      // m-tiles of state rows per state warp
+    using RowT = wg::Swz<64>;  // Qg, W, Kd, P
+    using ColT = wg::Swz<CW>;  // U, Ũ, diag(fk) Ũ, the state: a block per column group
+    constexpr int NT = CW / 8;    // n-tiles of a warp's columns
+    constexpr int SMT = K / 64;   // a state warp's m-tiles: keys 16·(w % 4) + 64·i
+    constexpr int KS = K / 16;    // k-steps over the keys
     constexpr int kBarState = 1, kBarU = 2, kBarOutput = 3;
     constexpr int kStages = L::stages;
     extern __shared__ float4 smem_f4[];
-    E* stage_qw = reinterpret_cast<E*>(smem_f4);  // kStages × (Qg, W)
-    E* stage = stage_qw + kStages * L::stage_a;    // kStages × (Kd, P, U)
-    E* Unew = stage + kStages * L::stage_b;        // Ũ = U − W S
-    E* Sbuf = Unew + kChunk * LDV;                 // 2 × state [key][v] in the operand dtype
-    E* Uk = Sbuf + 2 * K * LDS;                    // diag(fk) Ũ (raw operands)
-    float* gcs = reinterpret_cast<float*>(smem_f4) + L::elems * sizeof(E) / sizeof(float);  // kStages × γ_C
-    float* rfs = gcs + kStages * K;                                                           // kStages × (fq, fk)
+    unsigned char* const base = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<uintptr_t>(smem_f4) + L::kAlign - 1) & ~uintptr_t(L::kAlign - 1));
+    unsigned char* const stage_qw = base;                          // kStages × (Qg, W)
+    unsigned char* const stage = stage_qw + kStages * L::stage_a;  // kStages × (Kd, P, U)
+    unsigned char* const Unew = stage + kStages * L::stage_b;      // Ũ = U − W S
+    unsigned char* const Sbuf = Unew + L::v_tile;                  // 2 × state [key][v]
+    unsigned char* const Uk = Sbuf + 2 * L::s_tile;                // diag(fk) Ũ (raw operands)
+    float* gcs = reinterpret_cast<float*>(base + L::tiles);        // kStages × γ_C
+    float* rfs = gcs + kStages * K;                                // kStages × (fq, fk)
     auto Qt_of = [&](int b) { return stage_qw + b * L::stage_a; };
-    auto Wt_of = [&](int b) { return stage_qw + b * L::stage_a + kChunk * LDK; };
+    auto Wt_of = [&](int b) { return stage_qw + b * L::stage_a + L::row_tile; };
     auto Kt_of = [&](int b) { return stage + b * L::stage_b; };
-    auto Pt_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK; };
-    auto Ut_of = [&](int b) { return stage + b * L::stage_b + kChunk * LDK + kChunk * LDP; };
+    auto Pt_of = [&](int b) { return stage + b * L::stage_b + L::row_tile; };
+    auto Ut_of = [&](int b) { return stage + b * L::stage_b + L::row_tile + L::p_tile; };
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const bool state_role = warp < 4 * NH;
     const int rw = warp % (4 * NH), rt = tid % kRole;  // warp and thread index within the role
-    const int mw = rw & 3, cw0 = (rw >> 2) * (VT / NH);
+    const int mw = rw & 3, grp = rw >> 2;              // warp within its warpgroup; the group's columns
+    const int cw0 = grp * CW;
+    // the warp's column group of a V-tile tile (rows rows)
+    auto v_block = [&](unsigned char* t) { return t + grp * (kChunk * ColT::kRowBytes); };
+    auto s_block = [&](unsigned char* t) { return t + grp * (K * ColT::kRowBytes); };
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
     wait_for_previous_kernel();  // prepare's operands, the pieces' start states (launch_scan_grid)
     const ScanChain ch(p.seqs[n], hv, p);
@@ -888,88 +934,155 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     auto fetch = [&](int cidx) {
         const size_t slot = ch.slot(cidx);
         const int b = cidx % kStages;
+        const int valid = ch.rows(cidx);
         if constexpr (kConcurrent) wait_ready(p.ready + slot);
         if (p.o) {  // the output's own operands (the backward's recompute writes no output)
             if (raw)
-                copy_rows_async<E, K, kRole>(Qt_of(b), LDK, ch.input_rows<E>(p.q, p.qs, ch.h, cidx), p.qs[1],
-                                             ch.rows(cidx), rt);
+                copy_rows_swz<64, K, kRole>(Qt_of(b), ch.input_rows<E>(p.q, p.qs, ch.h, cidx), p.qs[1], valid, rt);
             else
-                copy_rows_async<E, K, kRole>(Qt_of(b), LDK, static_cast<const E*>(p.Qg) + slot * kChunk * K, K, kChunk,
-                                             rt);
-            copy_rows_async<E, kChunk, kRole>(Pt_of(b), LDP, static_cast<const E*>(p.P) + slot * kChunk * kChunk,
-                                              kChunk, kChunk, rt);
+                copy_rows_swz<64, K, kRole>(Qt_of(b), static_cast<const E*>(p.Qg) + slot * kChunk * K, K, kChunk, rt);
+            copy_rows_swz<64, kChunk, kRole>(Pt_of(b), static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk,
+                                             kChunk, rt);
         }
-        copy_update_operands<E, K, VT, kRole>(Kt_of(b), LDK, Ut_of(b), LDV, gcs + b * K, p, ch, cidx, v0, raw,
-                                              !kDelta && raw, rt);
+        if (raw) copy_rows_swz<64, K, kRole>(Kt_of(b), ch.input_rows<E>(p.k, p.ks, ch.h, cidx), p.ks[1], valid, rt);
+        else copy_rows_swz<64, K, kRole>(Kt_of(b), static_cast<const E*>(p.Kd) + slot * kChunk * K, K, kChunk, rt);
+        if (!kDelta && raw)
+            copy_rows_swz<CW, VT, kRole>(Ut_of(b), ch.input_rows<E>(p.v, p.vs, ch.hv, cidx) + v0, p.vs[1], valid, rt);
+        else
+            copy_rows_swz<CW, VT, kRole>(Ut_of(b), static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, kChunk,
+                                         rt);
+        for (int c = rt; c < K / 4; c += kRole) cp_async16(gcs + b * K + 4 * c, p.gC + slot * K + 4 * c);
         if constexpr (kDelta)
-            copy_rows_async<E, K, kRole>(Wt_of(b), LDK, static_cast<const E*>(p.W) + slot * kChunk * K, K, kChunk, rt);
+            copy_rows_swz<64, K, kRole>(Wt_of(b), static_cast<const E*>(p.W) + slot * kChunk * K, K, kChunk, rt);
         if (raw)
             for (int c = rt; c < 2 * kChunk / 4; c += kRole)
                 cp_async16(rfs + b * 2 * kChunk + 4 * c, p.qk_rowf + slot * 2 * kChunk + 4 * c);
     };
 
-    // state warps: keys [key0, key0 + 16·SMT), columns [cw0, cw0 + VT/NH)
+    // The state fragment into its column group's block of a state buffer in the operand dtype (the
+    // products' B operand), two neighbouring columns per store.
+    auto store_state = [&](const float (&S)[SMT][NT][4], unsigned char* buf) {
+        unsigned char* blk = s_block(buf);
+        for_each_acc_pair<SMT, NT, 64>(const_cast<float(&)[SMT][NT][4]>(S), [&](int r, int c, float& x0, float& x1) {
+            *reinterpret_cast<uint32_t*>(blk + ColT::template elem<K>(16 * mw + r, c)) =
+                pack2(__float2bfloat16(x0), __float2bfloat16(x1));
+        });
+    };
+
+    // state warps: keys 16·mw + 64·i (+ the fragment's row), columns [cw0, cw0 + CW)
     float S[SMT][NT][4];
-    const int key0 = mw * 16 * SMT;
+    const int key0 = 16 * mw;
     if (state_role) {
-        load_initial_state(S, p, n, hv, key0, v0 + cw0);
-        store_state_tile(S, Sbuf + cw0, LDS, key0);
+        load_initial_state<SMT, NT, 64>(S, p, n, hv, key0, v0 + cw0);
+        store_state(S, Sbuf);
     } else {
         copy_ring_start<kStages>(fetch, nchunks);
     }
     const bool o_pairs = output_pairs<E>(p);
+    float acc[1][NT][4];  // W S (state warps) or O (output warps)
+    zero_acc(acc);
 
     for (int cidx = 0; cidx < nchunks; ++cidx) {
         const int b = cidx & 1;         // state buffer
         const int sb = cidx % kStages;  // operand stage
-        const E* Ut = Ut_of(sb);
+        unsigned char* const Ut = Ut_of(sb);
         const float* fq = rfs + sb * 2 * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
         const float* fk = fq + kChunk;            // and e^{b_C − b_i}/‖k_i‖
-        const Tile<E> Sop{Sbuf + b * K * LDS + cw0, LDS, 1};  // (key, v) of the chunk's start state
+        unsigned char* const Sop = s_block(Sbuf + b * L::s_tile);  // the chunk's start state, this group's columns
         copy_ring_wait<kStages>();
-        __syncthreads();  // chunk cidx's operands and its start state are in place
+        wg::fence_proxy_async();  // the copies and the state tile are read by the products next
+        __syncthreads();          // chunk cidx's operands and its start state are in place
         if (state_role) {
             // the backward's recompute keeps the chunk's start state (as the products see it)
             if (p.states)
-                store_acc<E>(S, static_cast<E*>(p.states) + ch.slot(cidx) * K * p.V + size_t(key0) * p.V + v0 + cw0, p.V);
-            const E* Ueff = Ut;
+                store_acc<E, SMT, NT, 64>(S, static_cast<E*>(p.states) + ch.slot(cidx) * K * p.V + size_t(key0) * p.V +
+                                                 v0 + cw0, p.V);
+            unsigned char* Ueff = Ut;
             if constexpr (kDelta) {
-                float WS[1][NT][4];
-                zero_acc(WS);
-                warp_gemm<E, 1, NT>(WS, Tile<E>{Wt_of(sb) + mw * 16 * LDK, LDK, 1}, Sop, K);
-                form_u_tilde<E, NT>(WS, Ut + cw0, Unew + cw0, raw ? Uk + cw0 : nullptr, fk, LDV, mw * 16);
+                // W S, then Ũ = U − W S (and diag(fk) Ũ) of the warp's 16 rows
+                wg::fence();
+#pragma unroll
+                for (int s = 0; s < KS; ++s)
+                    wg::mma<0, 1>(acc[0], wg::desc_k_major<kChunk>(Wt_of(sb), s), wg::desc_mn_major<CW>(Sop, s), s > 0);
+                wg::commit();
+                wg::wait<0>();
+                wg::fence_acc(acc);
+                const unsigned char* Ub = v_block(Ut);
+                unsigned char *Unb = v_block(Unew), *Ukb = v_block(Uk);
+                for_each_acc_pair(acc, [&](int r, int c, float& w0, float& w1) {
+                    const int row = 16 * mw + r;
+                    const uint32_t at = ColT::template elem<kChunk>(row, c);
+                    const float2 u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Ub + at));
+                    const float u0 = u.x - w0, u1 = u.y - w1;
+                    *reinterpret_cast<uint32_t*>(Unb + at) = pack2(__float2bfloat16(u0), __float2bfloat16(u1));
+                    if (raw)
+                        *reinterpret_cast<uint32_t*>(Ukb + at) =
+                            pack2(__float2bfloat16(u0 * fk[row]), __float2bfloat16(u1 * fk[row]));
+                });
+                wg::fence_proxy_async();
                 named_bar_arrive(kBarU, kThreads);  // the output warps may read Ũ
                 Ueff = Unew;
             } else if (raw) {
-                // diag(fk) V of the warp's rows and columns
-                scale_rows_into<E, 16, VT / NH>(Uk + mw * 16 * LDV + cw0, Ut + mw * 16 * LDV + cw0, LDV, fk + mw * 16,
-                                                lane, 32);
+                // diag(fk) V of the warp's 16 rows and its group's columns, 16 bytes at a time
+                const unsigned char* Ub = v_block(Ut);
+                unsigned char* Ukb = v_block(Uk);
+                for (int idx = lane; idx < 16 * ColT::kPieces; idx += 32) {
+                    const int row = 16 * mw + idx / ColT::kPieces;
+                    const uint32_t at = ColT::template piece<kChunk>(row, idx % ColT::kPieces);
+                    const uint4 x = *reinterpret_cast<const uint4*>(Ub + at);
+                    const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+                    float y[8];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) y[e] = unpack_elem<E>(w, e) * fk[row];
+                    store_vec<E>(reinterpret_cast<E*>(Ukb + at), y);
+                }
+                wg::fence_proxy_async();
             }
             named_bar_sync(kBarState, kRole);  // every row of Ũ (diag(fk) Ũ) is written
             // ---- S ← diag(γ_C) S + Kdᵀ Ũ, into the other state buffer ----
-            scale_acc_rows(S, gcs + sb * K + key0);
-            warp_gemm<E, SMT, NT>(S, Tile<E>{Kt_of(sb) + key0, 1, LDK}, Tile<E>{(raw ? Uk : Ueff) + cw0, LDV, 1}, kChunk);
-            store_state_tile(S, Sbuf + (b ^ 1) * K * LDS + cw0, LDS, key0);
+            scale_acc_rows<SMT, NT, 64>(S, gcs + sb * K + key0);
+            const unsigned char* Bt = v_block(raw ? Uk : Ueff);
+            wg::fence();
+#pragma unroll
+            for (int s = 0; s < kChunk / 16; ++s)
+#pragma unroll
+                for (int i = 0; i < SMT; ++i)
+                    wg::mma<1, 1>(S[i], wg::desc_mn_major<64>(Kt_of(sb) + i * (kChunk * RowT::kRowBytes), s),
+                                  wg::desc_mn_major<CW>(Bt, s), 1);
+            wg::commit();
+            wg::wait<0>();
+            wg::fence_acc(S);
+            store_state(S, Sbuf + (b ^ 1) * L::s_tile);
         } else {
             copy_ring_refill<kStages>(fetch, cidx, nchunks);
-            // ---- O = Qg S + P Ũ, rows [16·mw, +16), the warp's columns ----
-            float O[1][NT][4];
-            zero_acc(O);
+            // ---- O = Qg S + P Ũ, rows [16·mw, +16), the group's columns ----
             if (p.o) {
-                warp_gemm<E, 1, NT>(O, Tile<E>{Qt_of(sb) + mw * 16 * LDK, LDK, 1}, Sop, K);
-                if (raw) scale_acc_rows(O, fq + mw * 16);
+                wg::fence();
+#pragma unroll
+                for (int s = 0; s < KS; ++s)
+                    wg::mma<0, 1>(acc[0], wg::desc_k_major<kChunk>(Qt_of(sb), s), wg::desc_mn_major<CW>(Sop, s), s > 0);
+                wg::commit();
+                wg::wait<0>();
+                wg::fence_acc(acc);
+                if (raw) scale_acc_rows(acc, fq + mw * 16);
             }
             if constexpr (kDelta) named_bar_sync(kBarU, kThreads);  // Ũ from the state warps
             if (p.o) {
-                warp_gemm<E, 1, NT>(O, Tile<E>{Pt_of(sb) + mw * 16 * LDP, LDP, 1},
-                                    Tile<E>{(kDelta ? Unew : Ut) + cw0, LDV, 1}, kChunk);
-                store_output_tile<E, NT>(O, p, ch, cidx, mw * 16, v0 + cw0, o_pairs);
+                const unsigned char* Bt = v_block(kDelta ? Unew : Ut);
+                wg::fence();
+#pragma unroll
+                for (int s = 0; s < kChunk / 16; ++s)
+                    wg::mma<0, 1>(acc[0], wg::desc_k_major<kChunk>(Pt_of(sb), s), wg::desc_mn_major<CW>(Bt, s), 1);
+                wg::commit();
+                wg::wait<0>();
+                wg::fence_acc(acc);
+                store_output_tile<E, NT>(acc, p, ch, cidx, mw * 16, v0 + cw0, o_pairs);
             }
             // Orders nothing (see the racecheck note above the kernel); free, as the block barrier is next.
             if constexpr (!kDelta) named_bar_sync(kBarOutput, kRole);
         }
     }
-    if (state_role) store_final_state(S, p, n, hv, key0, v0 + cw0);
+    if (state_role) store_final_state<SMT, NT, 64>(S, p, n, hv, key0, v0 + cw0);
 }
 
 // ---- parallel pieces (additive update, bf16 operands) ------------------------------------------

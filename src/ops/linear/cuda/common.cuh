@@ -457,8 +457,9 @@ __device__ __forceinline__ void warp_gemm(float (&c)[MT][NT][4], Tile<S> A, Tile
 }
 
 // Visits the accumulator fragment two neighbouring columns at a time: f(row, col, x[col], x[col + 1])
-// with col even (the pairs a lane holds).
-template <int MT, int NT, class F>
+// with col even (the pairs a lane holds). MS: rows from one m-tile to the next (16: a warp's
+// consecutive m-tiles; 64: a warpgroup product's, whose warp w holds rows 16w + 64i, wgmma.cuh).
+template <int MT, int NT, int MS = 16, class F>
 __device__ __forceinline__ void for_each_acc_pair(float (&c)[MT][NT][4], F&& f) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -467,21 +468,21 @@ __device__ __forceinline__ void for_each_acc_pair(float (&c)[MT][NT][4], F&& f) 
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) f(16 * i + g + 8 * h, 8 * j + 2 * t, c[i][j][2 * h], c[i][j][2 * h + 1]);
+            for (int h = 0; h < 2; ++h) f(MS * i + g + 8 * h, 8 * j + 2 * t, c[i][j][2 * h], c[i][j][2 * h + 1]);
 }
 
 // Visits the accumulator fragment: f(row, col, value&) for every element a lane holds.
-template <int MT, int NT, class F>
+template <int MT, int NT, int MS = 16, class F>
 __device__ __forceinline__ void for_each_acc(float (&c)[MT][NT][4], F&& f) {
-    for_each_acc_pair(c, [&](int r, int col, float& x0, float& x1) {
+    for_each_acc_pair<MT, NT, MS>(c, [&](int r, int col, float& x0, float& x1) {
         f(r, col, x0);
         f(r, col + 1, x1);
     });
 }
 
 // Writes an accumulator tile to row-major memory (element (r, c) at dst[r · ld + c]) as E, two
-// neighbouring columns per store.
-template <class E, int MT, int NT>
+// neighbouring columns per store. MS as for for_each_acc_pair.
+template <class E, int MT, int NT, int MS = 16>
 __device__ __forceinline__ void store_acc(const float (&c)[MT][NT][4], E* dst, int ld) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -491,7 +492,7 @@ __device__ __forceinline__ void store_acc(const float (&c)[MT][NT][4], E* dst, i
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                E* at = dst + (16 * i + g + 8 * h) * ld + 8 * j + 2 * t;
+                E* at = dst + (MS * i + g + 8 * h) * ld + 8 * j + 2 * t;
                 if constexpr (sizeof(E) == 4) {
                     *reinterpret_cast<float2*>(at) = make_float2(c[i][j][2 * h], c[i][j][2 * h + 1]);
                 } else {
