@@ -43,6 +43,7 @@
 #include "ops/linear/cuda/chunk_prepare_mma.cuh"
 #include "ops/linear/cuda/common.cuh"
 #include "ops/linear/cuda/fwd_params.cuh"
+#include "ops/linear/cuda/tma.cuh"
 #include "ops/linear/cuda/wgmma.cuh"
 #include "ops/linear/problem.hpp"
 
@@ -772,26 +773,33 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
 //
 // The same recurrence as chunk_scan_kernel, with the block's warps split by role so that the chain
 // from one chunk's state to the next carries only what it must:
-//   state warps (4·NH)   Ũ = U − W S (delta rule), S ← diag(γ_C) S + Kdᵀ Ũ: the state stays in their
-//                        registers;
-//   output warps (4·NH)  the next chunk's copies, O = Qg S, O += P Ũ and the stores of o.
-// The state warps hand Ũ over with a named barrier they only arrive at (the output warps wait on it),
-// meet among themselves before Kdᵀ Ũ, and write the new state into the other of two state buffers,
-// so one block-wide barrier a chunk remains (operands and state in place). The operands have 2 or 3
-// stages (ScanWsLayout::stages) and are fetched 1 or 2 chunks ahead. Session 5's scan for 16-bit operands (chunk_scan_kernel's
-// design: every warp issued its share of the copies and ran all four products between three block
-// barriers) spent ~2 µs a chunk on that chain at B=1 (16 chains, 16-column tiles, 4 warps an SM).
-// H100, bf16, H=16, K=V=128, same build, that scan vs this one: Gated DeltaNet B=4 T=4096 0.497 ->
-// 0.437 ms, KDA 0.702 -> 0.661, simple GLA 0.301 -> 0.254; B=1 T=16384 0.808 -> 0.737, 1.012 -> 0.955,
-// 0.536 -> 0.510 (with the delta rule's raw operands and 32-column tiles below). A hand-off where the
-// state warps also wait at the Ũ barrier measured 3.5% slower at B=1 (GDN 0.763 ms).
+//   state warpgroup    Ũ = U − W S (delta rule), S ← diag(γ_C) S + Kdᵀ Ũ: the state stays in its
+//                      registers;
+//   output warpgroup   O = Qg S, O += P Ũ and the stores of o;
+//   producer warp      one thread issues every operand copy (tma.cuh) kStages − 1 chunks ahead.
+// The products are wgmma (wgmma.cuh) on swizzled tiles, each operand read once per warpgroup (with
+// mma.sync every warp re-read the B operand: the state and Ũ four times a chunk); the copies are the
+// copy engine's, landing on a stage's `full` mbarrier, and every consumer warp arrives on the stage's
+// `empty` one when done with it, so the producer refills it without a block barrier. The state
+// warps hand Ũ over with a named barrier they only arrive at (the output warps wait on it), meet
+// among themselves before Kdᵀ Ũ, and write the new state into the other of two state buffers, so one
+// barrier of the consumer warps a chunk remains (operands and state in place).
+// Shared memory written by the threads (Ũ, diag(fk) Ũ, the state, zeroed rows) is read by the
+// products, which are the async proxy: each writer fences (wg::fence_proxy_async) before its barrier.
+// History: session 5's scan (every warp issued its share of the copies and ran all four products
+// between three block barriers) spent ~2 µs a chunk at B=1; session 6 split the roles (H100, bf16,
+// H=16, K=V=128: Gated DeltaNet B=4 T=4096 0.497 -> 0.437 ms, B=1 T=16384 0.808 -> 0.737). A clock64
+// trace of that design on mma.sync and cp.async (GDN B=1, 32 columns, ~3900 cycles a chunk) had the
+// output warps spend ~1700 cycles a chunk issuing 16-byte copies and waiting for prepare's flags
+// before their first product, the state warps waiting for them at the block barrier.
+// A hand-off where the state warps also wait at the Ũ barrier measured 3.5% slower at B=1.
 // compute-sanitizer racecheck reported hazards between the state's stores and the output warps' reads
 // of it wherever the two roles waited at unequal numbers of barriers a chunk (the additive kernel as
 // first written; the delta rule's full hand-off above, which only adds ordering), never where they
 // waited at equal numbers; the order above excludes those races. So the additive kernel's output
 // warps meet once a chunk too (kBarOutput).
-// Warp layout: within each role, warp w owns rows [16·(w % 4), +16) of the chunk (state warps: key
-// rows [16·SMT·(w % 4), +16·SMT) of S) and the columns [(w / 4)·VT/NH, +VT/NH) of the tile.
+// Warp layout: within each role, warp w owns rows [16·(w % 4), +16) of the chunk (state warps: keys
+// 16·(w % 4) + 64·i, i < K/64, of S: wgmma's accumulator rows) and all VT columns of the tile.
 //
 // Raw operands (p.qk_rowf set: one decay number per token, forward only): the Qg and Kd (and, for
 // the additive update, U) buffers receive the input rows of q and k (and v) instead of prepare's
@@ -800,15 +808,11 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
 // buffer.
 template <int VT>
 struct ScanWs {
-    // Column groups of 32 columns at most, a warpgroup of each role per group (wgmma's N).
-    // One group at 32 columns moves ~20% fewer bytes through shared memory than two of 16 (each group
-    // re-reads the K-wide row operands: W, Qg, Kd, P). H100, bf16, H=16, K=V=128, same call, ncu
-    // (mma.sync scan): GDN B=1 T=16384 (32 columns) 253 -> 232 us a piece; one group at 64 columns as
-    // well: GDN B=4 scan 192 -> 187 us but the forwards within the spread, so not taken.
-    static constexpr int NH = VT >= 64 ? 2 : 1;
-    static constexpr int CW = VT / NH;  // a column group's width: the products' N
-    static constexpr int kRoleThreads = 128 * NH;
-    static constexpr int kThreads = 2 * kRoleThreads;
+    // One warpgroup a role over all VT columns (wgmma's N), and a producer warp that issues the copies:
+    // waiting for the copy engine or (the concurrent forward) for prepare, it holds back neither role.
+    static constexpr int kRoleThreads = 128;
+    static constexpr int kProducerWarp = 8;
+    static constexpr int kThreads = 2 * kRoleThreads + 32;
 };
 
 // Shared memory of chunk_scan_ws_kernel, in bytes. Every tile is a wgmma.cuh swizzled tile: the
@@ -826,9 +830,10 @@ struct ScanWsLayout {
     static constexpr size_t stage_b = row_tile + p_tile + v_tile;    // Kd, P, U
     static constexpr size_t fixed = v_tile + 2 * s_tile + v_tile;    // Ũ, 2 × state, diag(fk) Ũ
     static constexpr size_t kAlign = 1024;                           // room to align the dynamic base
-    // with `st` operand stages: st × (Qg, W), st × (Kd, P, U), the fixed tiles; st × (γ_C, fq, fk)
+    // with `st` operand stages: st × (Qg, W), st × (Kd, P, U), the fixed tiles; st × (γ_C, fq, fk);
+    // 2 × st mbarriers (a stage's copies landed; every consumer warp is done with it)
     static constexpr size_t bytes_with(int st) {
-        return kAlign + st * (stage_a + stage_b) + fixed + st * (K + 2 * kChunk) * sizeof(float);
+        return kAlign + st * (stage_a + stage_b) + fixed + st * (K + 2 * kChunk) * sizeof(float) + 2 * st * sizeof(uint64_t);
     }
     // Three operand stages (each chunk's copies issued two chunks ahead) where they fit in an SM's
     // 227 KiB and two stages already take more than half of it (one block an SM either way), else two.
@@ -841,39 +846,21 @@ struct ScanWsLayout {
     static constexpr size_t bytes = bytes_with(stages);
 };
 
-// Rows [0, valid) of a [kChunk, COLS] bf16 operand into a Swz<BC> tile (wgmma.cuh) with cp.async, the
-// rest zero-filled, by thread t of N; copy_rows_async's scheme: where N is a multiple of a row's
-// pieces, a thread's pieces share one column and lie RS rows apart, and with RS a multiple of 8 (the
-// swizzle's period) at one swizzled column, so its addresses are a base plus constant strides.
-template <int BC, int COLS, int N>
-__device__ __forceinline__ void copy_rows_swz(unsigned char* tile, const __nv_bfloat16* src, int64_t src_ld, int valid,
-                                              int t) {
-    using T = wg::Swz<BC>;
+// Rows [valid, kChunk) of a [kChunk, COLS] Swz<BC> tile set to zero, by thread t of n.
+template <int BC, int COLS>
+__device__ __forceinline__ void zero_rows_swz(unsigned char* tile, int valid, int t, int n) {
     constexpr int PR = COLS / 8;
-    static_assert(COLS % BC == 0, "copy_rows_swz: whole blocks");
-    if constexpr (N % PR == 0 && (N / PR) % 8 == 0) {
-        constexpr int RS = N / PR;
-        const int r0 = t / PR, pc = t % PR;
-        unsigned char* d = tile + T::template piece<kChunk>(r0, pc);
-        const __nv_bfloat16* s = src + r0 * src_ld + pc * 8;
-#pragma unroll
-        for (int j = 0; j < (kChunk + RS - 1) / RS; ++j) {
-            const int r = r0 + j * RS;
-            if constexpr (kChunk % RS != 0)
-                if (r >= kChunk) break;
-            const bool in = r < valid;
-            cp_async16_zfill(d, in ? s : src, in);
-            d += RS * T::kRowBytes;
-            s += RS * src_ld;
-        }
-    } else {
-        for (int idx = t; idx < kChunk * PR; idx += N) {
-            const int r = idx / PR, pc = idx % PR;
-            const bool in = r < valid;
-            cp_async16_zfill(tile + T::template piece<kChunk>(r, pc), src + (in ? r : 0) * src_ld + pc * 8, in);
-        }
-    }
+    for (int idx = t; idx < (kChunk - valid) * PR; idx += n)
+        *reinterpret_cast<uint4*>(tile + wg::Swz<BC>::template piece<kChunk>(valid + idx / PR, idx % PR)) =
+            make_uint4(0, 0, 0, 0);
 }
+
+// The warp-specialised scan's tensor maps (tma.cuh): prepare's per-chunk operands as [slots·64, D]
+// row blocks (Qg, Kd, W: D = K; P: 64; U: V), and with raw operands the inputs as 4-D [B, T, heads, D]
+// views. Boxes of 64 rows × one swizzle block (64 columns; U and v: the V-tile's VT).
+struct ScanMaps {
+    CUtensorMap q, k, v, Qg, Kd, W, P, U;
+};
 
 // Named barriers 1 and up (0 is __syncthreads): n threads, a multiple of 32.
 __device__ __forceinline__ void named_bar_sync(int id, int n) {
@@ -886,18 +873,18 @@ __device__ __forceinline__ void named_bar_arrive(int id, int n) {
 // kConcurrent: the concurrent forward's scan, which waits for prepare's flags (FwdParams::ready); its
 // own instantiation, the other's code as it was (the check alone cost the B=4 scan 4%).
 template <Update Up, int K, int VT, bool kConcurrent = false>
-__global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
+    chunk_scan_ws_kernel(const FwdParams p, const __grid_constant__ ScanMaps maps) {
     using E = __nv_bfloat16;
-    constexpr int NH = ScanWs<VT>::NH, CW = ScanWs<VT>::CW, kRole = ScanWs<VT>::kRoleThreads,
-                  kThreads = ScanWs<VT>::kThreads;
+    constexpr int kRole = ScanWs<VT>::kRoleThreads, kConsumers = 2 * kRole;
     constexpr bool kDelta = Up == Update::Delta;
     using L = ScanWsLayout<K, VT, kDelta>;
     using RowT = wg::Swz<64>;  // Qg, W, Kd, P
-    using ColT = wg::Swz<CW>;  // U, Ũ, diag(fk) Ũ, the state: a block per column group
-    constexpr int NT = CW / 8;    // n-tiles of a warp's columns
-    constexpr int SMT = K / 64;   // a state warp's m-tiles: keys 16·(w % 4) + 64·i
-    constexpr int KS = K / 16;    // k-steps over the keys
-    constexpr int kBarState = 1, kBarU = 2, kBarOutput = 3;
+    using ColT = wg::Swz<VT>;  // U, Ũ, diag(fk) Ũ, the state
+    constexpr int NT = VT / 8;   // n-tiles of a warp's columns
+    constexpr int SMT = K / 64;  // a state warp's m-tiles: keys 16·(w % 4) + 64·i
+    constexpr int KS = K / 16;   // k-steps over the keys
+    constexpr int kBarState = 1, kBarU = 2, kBarOutput = 3, kBarChunk = 4;
     constexpr int kStages = L::stages;
     extern __shared__ float4 smem_f4[];
     unsigned char* const base = reinterpret_cast<unsigned char*>(
@@ -909,6 +896,8 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     unsigned char* const Uk = Sbuf + 2 * L::s_tile;                // diag(fk) Ũ (raw operands)
     float* gcs = reinterpret_cast<float*>(base + L::tiles);        // kStages × γ_C
     float* rfs = gcs + kStages * K;                                // kStages × (fq, fk)
+    uint64_t* full = reinterpret_cast<uint64_t*>(rfs + kStages * 2 * kChunk);  // kStages: a stage's copies landed
+    uint64_t* empty = full + kStages;                                          // kStages: every warp is done with it
     auto Qt_of = [&](int b) { return stage_qw + b * L::stage_a; };
     auto Wt_of = [&](int b) { return stage_qw + b * L::stage_a + L::row_tile; };
     auto Kt_of = [&](int b) { return stage + b * L::stage_b; };
@@ -916,67 +905,77 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
     auto Ut_of = [&](int b) { return stage + b * L::stage_b + L::row_tile + L::p_tile; };
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const bool state_role = warp < 4 * NH;
-    const int rw = warp % (4 * NH), rt = tid % kRole;  // warp and thread index within the role
-    const int mw = rw & 3, grp = rw >> 2;              // warp within its warpgroup; the group's columns
-    const int cw0 = grp * CW;
-    // the warp's column group of a V-tile tile (rows rows)
-    auto v_block = [&](unsigned char* t) { return t + grp * (kChunk * ColT::kRowBytes); };
-    auto s_block = [&](unsigned char* t) { return t + grp * (K * ColT::kRowBytes); };
+    const bool state_role = warp < 4;
+    const int mw = warp & 3, rt = tid % kRole;  // warp and thread index within the role
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
+    if (tid == 0) {
+        for (int b = 0; b < kStages; ++b) {
+            tma::mbar_init(full + b, 1);
+            tma::mbar_init(empty + b, kConsumers / 32);
+        }
+        tma::fence_init();
+    }
+    __syncthreads();
     wait_for_previous_kernel();  // prepare's operands, the pieces' start states (launch_scan_grid)
     const ScanChain ch(p.seqs[n], hv, p);
     const int nchunks = ch.chunks();
     const bool raw = p.qk_rowf != nullptr;
 
-    // every operand of chunk cidx into stage cidx % kStages, by the output warps (the concurrent
-    // forward: once prepare has published them)
-    auto fetch = [&](int cidx) {
-        const size_t slot = ch.slot(cidx);
-        const int b = cidx % kStages;
-        const int valid = ch.rows(cidx);
-        if constexpr (kConcurrent) wait_ready(p.ready + slot);
-        if (p.o) {  // the output's own operands (the backward's recompute writes no output)
-            if (raw)
-                copy_rows_swz<64, K, kRole>(Qt_of(b), ch.input_rows<E>(p.q, p.qs, ch.h, cidx), p.qs[1], valid, rt);
-            else
-                copy_rows_swz<64, K, kRole>(Qt_of(b), static_cast<const E*>(p.Qg) + slot * kChunk * K, K, kChunk, rt);
-            copy_rows_swz<64, kChunk, kRole>(Pt_of(b), static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk,
-                                             kChunk, rt);
+    if (warp == ScanWs<VT>::kProducerWarp) {
+        // Every operand of chunk c into stage c % kStages by the copy engine, once every consumer warp
+        // is done with the stage's previous chunk (the concurrent forward: once prepare has published
+        // them), landing on the stage's `full` barrier. Raw input rows past the sequence's end are the
+        // next sequence's (or zero past the tensor): the chunk's users zero them in k and v (see below);
+        // prepare's rows there are zero.
+        if (lane != 0) return;
+        constexpr uint32_t kRowTile = uint32_t(L::row_tile), kBlock = kChunk * RowT::kRowBytes;
+        const uint32_t bytes = (p.o ? kRowTile + uint32_t(L::p_tile) : 0) + kRowTile + uint32_t(L::v_tile) + K * 4 +
+                               (kDelta ? kRowTile : 0) + (raw ? 2 * kChunk * 4 : 0);
+        for (int c = 0; c < nchunks; ++c) {
+            const size_t slot = ch.slot(c);
+            const int b = c % kStages;
+            if (c >= kStages) tma::mbar_wait(empty + b, (c / kStages - 1) & 1);
+            if constexpr (kConcurrent) {
+                wait_ready(p.ready + slot);
+                tma::fence_proxy_global();
+            }
+            uint64_t* bar = full + b;
+            tma::mbar_expect(bar, bytes);
+            const int row = int(slot * kChunk);                         // in the [slots·64, D] maps
+            const int t0 = ch.si.start + c * kChunk, batch = ch.si.batch;  // in the raw inputs
+            for (int kb = 0; kb < K / 64; ++kb) {
+                if (p.o) {  // the output's own operands (the backward's recompute writes no output)
+                    if (raw) tma::load_4d(Qt_of(b) + kb * kBlock, &maps.q, 64 * kb, ch.h, t0, batch, bar);
+                    else tma::load_2d(Qt_of(b) + kb * kBlock, &maps.Qg, 64 * kb, row, bar);
+                }
+                if (raw) tma::load_4d(Kt_of(b) + kb * kBlock, &maps.k, 64 * kb, ch.h, t0, batch, bar);
+                else tma::load_2d(Kt_of(b) + kb * kBlock, &maps.Kd, 64 * kb, row, bar);
+                if constexpr (kDelta) tma::load_2d(Wt_of(b) + kb * kBlock, &maps.W, 64 * kb, row, bar);
+            }
+            if (p.o) tma::load_2d(Pt_of(b), &maps.P, 0, row, bar);
+            if (!kDelta && raw) tma::load_4d(Ut_of(b), &maps.v, v0, ch.hv, t0, batch, bar);
+            else tma::load_2d(Ut_of(b), &maps.U, v0, row, bar);
+            tma::load_bytes(gcs + b * K, p.gC + slot * K, K * 4, bar);
+            if (raw) tma::load_bytes(rfs + b * 2 * kChunk, p.qk_rowf + slot * 2 * kChunk, 2 * kChunk * 4, bar);
         }
-        if (raw) copy_rows_swz<64, K, kRole>(Kt_of(b), ch.input_rows<E>(p.k, p.ks, ch.h, cidx), p.ks[1], valid, rt);
-        else copy_rows_swz<64, K, kRole>(Kt_of(b), static_cast<const E*>(p.Kd) + slot * kChunk * K, K, kChunk, rt);
-        if (!kDelta && raw)
-            copy_rows_swz<CW, VT, kRole>(Ut_of(b), ch.input_rows<E>(p.v, p.vs, ch.hv, cidx) + v0, p.vs[1], valid, rt);
-        else
-            copy_rows_swz<CW, VT, kRole>(Ut_of(b), static_cast<const E*>(p.U) + slot * kChunk * p.V + v0, p.V, kChunk,
-                                         rt);
-        for (int c = rt; c < K / 4; c += kRole) cp_async16(gcs + b * K + 4 * c, p.gC + slot * K + 4 * c);
-        if constexpr (kDelta)
-            copy_rows_swz<64, K, kRole>(Wt_of(b), static_cast<const E*>(p.W) + slot * kChunk * K, K, kChunk, rt);
-        if (raw)
-            for (int c = rt; c < 2 * kChunk / 4; c += kRole)
-                cp_async16(rfs + b * 2 * kChunk + 4 * c, p.qk_rowf + slot * 2 * kChunk + 4 * c);
-    };
+        return;
+    }
 
-    // The state fragment into its column group's block of a state buffer in the operand dtype (the
-    // products' B operand), two neighbouring columns per store.
-    auto store_state = [&](const float (&S)[SMT][NT][4], unsigned char* buf) {
-        unsigned char* blk = s_block(buf);
-        for_each_acc_pair<SMT, NT, 64>(const_cast<float(&)[SMT][NT][4]>(S), [&](int r, int c, float& x0, float& x1) {
-            *reinterpret_cast<uint32_t*>(blk + ColT::template elem<K>(16 * mw + r, c)) =
+    // The state fragment into a state buffer in the operand dtype (the products' B operand), two
+    // neighbouring columns per store.
+    auto store_state = [&](float (&S)[SMT][NT][4], unsigned char* buf) {
+        for_each_acc_pair<SMT, NT, 64>(S, [&](int r, int c, float& x0, float& x1) {
+            *reinterpret_cast<uint32_t*>(buf + ColT::template elem<K>(16 * mw + r, c)) =
                 pack2(__float2bfloat16(x0), __float2bfloat16(x1));
         });
     };
 
-    // state warps: keys 16·mw + 64·i (+ the fragment's row), columns [cw0, cw0 + CW)
+    // state warps: keys 16·mw + 64·i (+ the fragment's row), all VT columns
     float S[SMT][NT][4];
     const int key0 = 16 * mw;
     if (state_role) {
-        load_initial_state<SMT, NT, 64>(S, p, n, hv, key0, v0 + cw0);
+        load_initial_state<SMT, NT, 64>(S, p, n, hv, key0, v0);
         store_state(S, Sbuf);
-    } else {
-        copy_ring_start<kStages>(fetch, nchunks);
     }
     const bool o_pairs = output_pairs<E>(p);
     float acc[1][NT][4];  // W S (state warps) or O (output warps)
@@ -988,101 +987,104 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1) chunk_scan_ws_kernel(
         unsigned char* const Ut = Ut_of(sb);
         const float* fq = rfs + sb * 2 * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
         const float* fk = fq + kChunk;            // and e^{b_C − b_i}/‖k_i‖
-        unsigned char* const Sop = s_block(Sbuf + b * L::s_tile);  // the chunk's start state, this group's columns
-        copy_ring_wait<kStages>();
-        wg::fence_proxy_async();  // the copies and the state tile are read by the products next
-        __syncthreads();          // chunk cidx's operands and its start state are in place
+        unsigned char* const Sop = Sbuf + b * L::s_tile;  // the chunk's start state
+        tma::mbar_wait(full + sb, (cidx / kStages) & 1);  // chunk cidx's operands landed
+        if (raw && !state_role && ch.rows(cidx) < kChunk) {
+            zero_rows_swz<64, K>(Kt_of(sb), ch.rows(cidx), rt, kRole);
+            if constexpr (!kDelta) zero_rows_swz<VT, VT>(Ut, ch.rows(cidx), rt, kRole);
+        }
+        wg::fence_proxy_async();                // the state tile (and zeroed rows) are read by the products next
+        named_bar_sync(kBarChunk, kConsumers);  // chunk cidx's operands and its start state are in place
         if (state_role) {
             // the backward's recompute keeps the chunk's start state (as the products see it)
             if (p.states)
-                store_acc<E, SMT, NT, 64>(S, static_cast<E*>(p.states) + ch.slot(cidx) * K * p.V + size_t(key0) * p.V +
-                                                 v0 + cw0, p.V);
+                store_acc<E, SMT, NT, 64>(S, static_cast<E*>(p.states) + ch.slot(cidx) * K * p.V + size_t(key0) * p.V + v0,
+                                          p.V);
             unsigned char* Ueff = Ut;
             if constexpr (kDelta) {
                 // W S, then Ũ = U − W S (and diag(fk) Ũ) of the warp's 16 rows
                 wg::fence();
 #pragma unroll
                 for (int s = 0; s < KS; ++s)
-                    wg::mma<0, 1>(acc[0], wg::desc_k_major<kChunk>(Wt_of(sb), s), wg::desc_mn_major<CW>(Sop, s), s > 0);
+                    wg::mma<0, 1>(acc[0], wg::desc_k_major<kChunk>(Wt_of(sb), s), wg::desc_mn_major<VT>(Sop, s), s > 0);
                 wg::commit();
                 wg::wait<0>();
                 wg::fence_acc(acc);
-                const unsigned char* Ub = v_block(Ut);
-                unsigned char *Unb = v_block(Unew), *Ukb = v_block(Uk);
                 for_each_acc_pair(acc, [&](int r, int c, float& w0, float& w1) {
                     const int row = 16 * mw + r;
                     const uint32_t at = ColT::template elem<kChunk>(row, c);
-                    const float2 u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Ub + at));
+                    const float2 u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Ut + at));
                     const float u0 = u.x - w0, u1 = u.y - w1;
-                    *reinterpret_cast<uint32_t*>(Unb + at) = pack2(__float2bfloat16(u0), __float2bfloat16(u1));
+                    *reinterpret_cast<uint32_t*>(Unew + at) = pack2(__float2bfloat16(u0), __float2bfloat16(u1));
                     if (raw)
-                        *reinterpret_cast<uint32_t*>(Ukb + at) =
+                        *reinterpret_cast<uint32_t*>(Uk + at) =
                             pack2(__float2bfloat16(u0 * fk[row]), __float2bfloat16(u1 * fk[row]));
                 });
                 wg::fence_proxy_async();
-                named_bar_arrive(kBarU, kThreads);  // the output warps may read Ũ
+                named_bar_arrive(kBarU, kConsumers);  // the output warps may read Ũ
                 Ueff = Unew;
             } else if (raw) {
-                // diag(fk) V of the warp's 16 rows and its group's columns, 16 bytes at a time
-                const unsigned char* Ub = v_block(Ut);
-                unsigned char* Ukb = v_block(Uk);
+                // diag(fk) V of the warp's 16 rows, 16 bytes at a time
                 for (int idx = lane; idx < 16 * ColT::kPieces; idx += 32) {
                     const int row = 16 * mw + idx / ColT::kPieces;
                     const uint32_t at = ColT::template piece<kChunk>(row, idx % ColT::kPieces);
-                    const uint4 x = *reinterpret_cast<const uint4*>(Ub + at);
+                    const uint4 x = *reinterpret_cast<const uint4*>(Ut + at);
                     const uint32_t w[4] = {x.x, x.y, x.z, x.w};
                     float y[8];
 #pragma unroll
                     for (int e = 0; e < 8; ++e) y[e] = unpack_elem<E>(w, e) * fk[row];
-                    store_vec<E>(reinterpret_cast<E*>(Ukb + at), y);
+                    store_vec<E>(reinterpret_cast<E*>(Uk + at), y);
                 }
                 wg::fence_proxy_async();
             }
             named_bar_sync(kBarState, kRole);  // every row of Ũ (diag(fk) Ũ) is written
             // ---- S ← diag(γ_C) S + Kdᵀ Ũ, into the other state buffer ----
             scale_acc_rows<SMT, NT, 64>(S, gcs + sb * K + key0);
-            const unsigned char* Bt = v_block(raw ? Uk : Ueff);
+            const unsigned char* Bt = raw ? Uk : Ueff;
             wg::fence();
 #pragma unroll
             for (int s = 0; s < kChunk / 16; ++s)
 #pragma unroll
                 for (int i = 0; i < SMT; ++i)
                     wg::mma<1, 1>(S[i], wg::desc_mn_major<64>(Kt_of(sb) + i * (kChunk * RowT::kRowBytes), s),
-                                  wg::desc_mn_major<CW>(Bt, s), 1);
+                                  wg::desc_mn_major<VT>(Bt, s), 1);
             wg::commit();
             wg::wait<0>();
             wg::fence_acc(S);
+            __syncwarp();
+            if (lane == 0) tma::mbar_arrive(empty + sb);  // the warp is done with the stage
             store_state(S, Sbuf + (b ^ 1) * L::s_tile);
         } else {
-            copy_ring_refill<kStages>(fetch, cidx, nchunks);
-            // ---- O = Qg S + P Ũ, rows [16·mw, +16), the group's columns ----
+            // ---- O = Qg S + P Ũ, rows [16·mw, +16) ----
             if (p.o) {
                 wg::fence();
 #pragma unroll
                 for (int s = 0; s < KS; ++s)
-                    wg::mma<0, 1>(acc[0], wg::desc_k_major<kChunk>(Qt_of(sb), s), wg::desc_mn_major<CW>(Sop, s), s > 0);
+                    wg::mma<0, 1>(acc[0], wg::desc_k_major<kChunk>(Qt_of(sb), s), wg::desc_mn_major<VT>(Sop, s), s > 0);
                 wg::commit();
                 wg::wait<0>();
                 wg::fence_acc(acc);
                 if (raw) scale_acc_rows(acc, fq + mw * 16);
             }
-            if constexpr (kDelta) named_bar_sync(kBarU, kThreads);  // Ũ from the state warps
+            if constexpr (kDelta) named_bar_sync(kBarU, kConsumers);  // Ũ from the state warps
             if (p.o) {
-                const unsigned char* Bt = v_block(kDelta ? Unew : Ut);
                 wg::fence();
 #pragma unroll
                 for (int s = 0; s < kChunk / 16; ++s)
-                    wg::mma<0, 1>(acc[0], wg::desc_k_major<kChunk>(Pt_of(sb), s), wg::desc_mn_major<CW>(Bt, s), 1);
+                    wg::mma<0, 1>(acc[0], wg::desc_k_major<kChunk>(Pt_of(sb), s),
+                                  wg::desc_mn_major<VT>(kDelta ? Unew : Ut, s), 1);
                 wg::commit();
                 wg::wait<0>();
                 wg::fence_acc(acc);
-                store_output_tile<E, NT>(acc, p, ch, cidx, mw * 16, v0 + cw0, o_pairs);
             }
-            // Orders nothing (see the racecheck note above the kernel); free, as the block barrier is next.
+            __syncwarp();
+            if (lane == 0) tma::mbar_arrive(empty + sb);  // the warp is done with the stage
+            if (p.o) store_output_tile<E, NT>(acc, p, ch, cidx, mw * 16, v0, o_pairs);
+            // Orders nothing (see the racecheck note above the kernel); free, as the chunk barrier is next.
             if constexpr (!kDelta) named_bar_sync(kBarOutput, kRole);
         }
     }
-    if (state_role) store_final_state<SMT, NT, 64>(S, p, n, hv, key0, v0 + cw0);
+    if (state_role) store_final_state<SMT, NT, 64>(S, p, n, hv, key0, v0);
 }
 
 // ---- parallel pieces (additive update, bf16 operands) ------------------------------------------
@@ -1337,12 +1339,45 @@ void launch_prepare(const FwdParams& fp, int n_chunks, const char* op, bool load
 // raised first: the launch of either scan.
 // On the stream of the kernel that wrote its operands (after_kernel), as a programmatic dependent
 // launch: its blocks take the SMs that kernel's last wave leaves, then wait for it.
-template <auto Kernel>
+// The tensor maps of a warp-specialised scan on 16-column tiles or wider (ScanMaps), for the workspace's
+// `slots` (chunk, value head) slots at fp's pointers.
+inline ScanMaps make_scan_maps(const LinearForwardArgs& a, const FwdParams& fp, bool delta, int vt, size_t slots,
+                               const char* op) {
+    ScanMaps m{};
+    const uint64_t rows = uint64_t(slots) * kChunk;
+    auto rows_2d = [&](CUtensorMap* map, const void* base, int cols, int box_cols) {
+        if (!base) return;
+        const uint64_t dims[2] = {uint64_t(cols), rows}, strides[1] = {uint64_t(cols) * 2};
+        const uint32_t box[2] = {uint32_t(box_cols), uint32_t(kChunk)};
+        tma::encode_bf16(map, base, 2, dims, strides, box, op);
+    };
+    rows_2d(&m.Qg, fp.Qg, fp.K, 64);
+    rows_2d(&m.Kd, fp.Kd, fp.K, 64);
+    rows_2d(&m.W, fp.W, fp.K, 64);
+    rows_2d(&m.P, fp.P, kChunk, 64);
+    rows_2d(&m.U, fp.U, fp.V, vt);
+    if (fp.qk_rowf) {  // raw operands: [B, T, heads, D] with any 16-byte strides
+        auto input_4d = [&](CUtensorMap* map, const TensorView& x, int box_cols) {
+            const uint64_t dims[4] = {uint64_t(x.shape[3]), uint64_t(x.shape[2]), uint64_t(x.shape[1]),
+                                      uint64_t(x.shape[0])};
+            const uint64_t strides[3] = {uint64_t(x.stride[2]) * 2, uint64_t(x.stride[1]) * 2, uint64_t(x.stride[0]) * 2};
+            const uint32_t box[4] = {uint32_t(box_cols), 1, uint32_t(kChunk), 1};
+            tma::encode_bf16(map, x.data, 4, dims, strides, box, op);
+        };
+        input_4d(&m.q, a.q, 64);
+        input_4d(&m.k, a.k, 64);
+        if (!delta) input_4d(&m.v, a.v, vt);
+    }
+    return m;
+}
+
+template <auto Kernel, class... Extra>
 void launch_scan_grid(const FwdParams& fp, int n_seqs, int vt, int threads, size_t smem, cudaStream_t stream,
-                      bool after_kernel, const char* op, const char* what) {
+                      bool after_kernel, const char* op, const char* what, const Extra&... extra) {
     raise_smem_limit<Kernel>(smem, op);
-    check_cuda(launch_kernel(Kernel, dim3(n_seqs, fp.HV, fp.V / vt), dim3(threads), smem, stream, after_kernel, fp), op,
-               what);
+    check_cuda(launch_kernel(Kernel, dim3(n_seqs, fp.HV, fp.V / vt), dim3(threads), smem, stream, after_kernel, fp,
+                             extra...),
+               op, what);
 }
 
 template <Update Up, int K, int VT>
@@ -1354,20 +1389,20 @@ void launch_scan(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t s
 }
 
 template <Update Up, int K, int VT>
-void launch_scan_ws(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t stream, bool after_kernel,
-                    bool load_only) {
+void launch_scan_ws(const FwdParams& fp, const ScanMaps& maps, int n_seqs, const char* op, cudaStream_t stream,
+                    bool after_kernel, bool load_only) {
     constexpr size_t smem = ScanWsLayout<K, VT, Up == Update::Delta>::bytes;
     static_assert(smem <= 227 * 1024, "chunk_scan_ws: shared memory over the 227 KiB of an SM");
     if constexpr (Up == Update::Delta) {
         if (fp.ready) {
             if (load_only) return raise_smem_limit<chunk_scan_ws_kernel<Up, K, VT, true>>(smem, op);
-            return launch_scan_grid<chunk_scan_ws_kernel<Up, K, VT, true>>(fp, n_seqs, VT, ScanWs<VT>::kThreads, smem,
-                                                                            stream, after_kernel, op, "chunk_scan_ws launch");
+            return launch_scan_grid<chunk_scan_ws_kernel<Up, K, VT, true>>(
+                fp, n_seqs, VT, ScanWs<VT>::kThreads, smem, stream, after_kernel, op, "chunk_scan_ws launch", maps);
         }
     }
     if (load_only) return;
     launch_scan_grid<chunk_scan_ws_kernel<Up, K, VT>>(fp, n_seqs, VT, ScanWs<VT>::kThreads, smem, stream, after_kernel, op,
-                                                      "chunk_scan_ws launch");
+                                                      "chunk_scan_ws launch", maps);
 }
 
 // Run-time cell and sizes → template parameters, in one place.
@@ -1393,14 +1428,14 @@ void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks, bo
 }
 
 template <class E, Update Up, int K>
-void launch_scan_vt(const Problem& p, const FwdParams& fp, int n_seqs, int vt, cudaStream_t stream, bool after_kernel,
-                    bool load_only) {
+void launch_scan_vt(const Problem& p, const FwdParams& fp, const ScanMaps& maps, int n_seqs, int vt,
+                    cudaStream_t stream, bool after_kernel, bool load_only) {
     // bf16 operands: the warp-specialised scan, 16, 32 or 64 columns. fp32 operands: at most 32 columns
     // (64 would need 256 KiB of shared memory).
     if constexpr (sizeof(E) == 2) {
-        if (vt == 64) return launch_scan_ws<Up, K, 64>(fp, n_seqs, p.op, stream, after_kernel, load_only);
-        if (vt == 32) return launch_scan_ws<Up, K, 32>(fp, n_seqs, p.op, stream, after_kernel, load_only);
-        return launch_scan_ws<Up, K, 16>(fp, n_seqs, p.op, stream, after_kernel, load_only);
+        if (vt == 64) return launch_scan_ws<Up, K, 64>(fp, maps, n_seqs, p.op, stream, after_kernel, load_only);
+        if (vt == 32) return launch_scan_ws<Up, K, 32>(fp, maps, n_seqs, p.op, stream, after_kernel, load_only);
+        return launch_scan_ws<Up, K, 16>(fp, maps, n_seqs, p.op, stream, after_kernel, load_only);
     } else {
         if (load_only) return;  // (the concurrent forward is bf16 only)
         if (vt >= 32) return launch_scan<Up, K, 32>(fp, n_seqs, p.op, stream, after_kernel);
@@ -1420,10 +1455,10 @@ int fwd_scan_tile_width(int64_t chains, int64_t V, bool delta) {
 // Over the first n_seqs entries of fp.seqs; after_kernel: the kernel before it on `stream` wrote its
 // operands (a programmatic dependent launch, launch_scan_grid).
 template <class E, int K>
-void launch_scan_cell(const Problem& p, const FwdParams& fp, int n_seqs, int vt, cudaStream_t stream, bool after_kernel,
-                      bool load_only = false) {
-    if (p.delta()) return launch_scan_vt<E, Update::Delta, K>(p, fp, n_seqs, vt, stream, after_kernel, load_only);
-    return launch_scan_vt<E, Update::Additive, K>(p, fp, n_seqs, vt, stream, after_kernel, load_only);
+void launch_scan_cell(const Problem& p, const FwdParams& fp, const ScanMaps& maps, int n_seqs, int vt,
+                      cudaStream_t stream, bool after_kernel, bool load_only = false) {
+    if (p.delta()) return launch_scan_vt<E, Update::Delta, K>(p, fp, maps, n_seqs, vt, stream, after_kernel, load_only);
+    return launch_scan_vt<E, Update::Additive, K>(p, fp, maps, n_seqs, vt, stream, after_kernel, load_only);
 }
 
 // The parallel pieces' state pass: Γ, L of every run, then every piece's start state (bf16 operands).
@@ -1715,13 +1750,17 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         if (p.K == 64) launch_prepare_cell<In, E, 64>(p, f, n, load_only);
         else launch_prepare_cell<In, E, 128>(p, f, n, load_only);
     };
+    // the warp-specialised scan's tensor maps (bf16 operands), over the whole workspace: every scan
+    // launch below reads its chunks' slots through them
+    ScanMaps maps{};
+    if constexpr (sizeof(E) == 2) maps = make_scan_maps(a, fp, p.delta(), vt, slots, p.op);
     // strides of a [sequences, HV, K, V] fp32 state in the workspace (a piece's start or end state)
     const int64_t state_strides[4] = {p.HV * p.K * p.V, p.K * p.V, p.V, 1};
     // after_kernel: the scan follows the kernel that wrote its operands on `stream` (programmatic
     // dependent launch, launch_scan_grid)
     auto scan = [&](const FwdParams& f, int n_seqs, cudaStream_t stream, bool after_kernel, bool load_only = false) {
-        if (p.K == 64) launch_scan_cell<E, 64>(p, f, n_seqs, vt, stream, after_kernel, load_only);
-        else launch_scan_cell<E, 128>(p, f, n_seqs, vt, stream, after_kernel, load_only);
+        if (p.K == 64) launch_scan_cell<E, 64>(p, f, maps, n_seqs, vt, stream, after_kernel, load_only);
+        else launch_scan_cell<E, 128>(p, f, maps, n_seqs, vt, stream, after_kernel, load_only);
     };
     if (concurrent) {
         PieceStreams& ps = piece_streams(p.op);
