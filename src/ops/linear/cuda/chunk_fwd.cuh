@@ -1010,30 +1010,53 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
                 wg::commit();
                 wg::wait<0>();
                 wg::fence_acc(acc);
-                for_each_acc_pair(acc, [&](int r, int c, float& w0, float& w1) {
-                    const int row = 16 * mw + r;
-                    const uint32_t at = ColT::template elem<kChunk>(row, c);
-                    const float2 u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Ut + at));
-                    const float u0 = u.x - w0, u1 = u.y - w1;
-                    *reinterpret_cast<uint32_t*>(Unew + at) = pack2(__float2bfloat16(u0), __float2bfloat16(u1));
-                    if (raw)
-                        *reinterpret_cast<uint32_t*>(Uk + at) =
-                            pack2(__float2bfloat16(u0 * fk[row]), __float2bfloat16(u1 * fk[row]));
-                });
+                // every load before the first store: the compiler cannot tell the tiles apart and
+                // would otherwise wait out each load's latency in turn (~1000 cycles a chunk, trace)
+                const int g = lane >> 2, t4 = lane & 3;
+                float2 u[2][NT];
+                float f[2];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    f[hh] = raw ? fk[16 * mw + g + 8 * hh] : 1.f;
+#pragma unroll
+                    for (int j = 0; j < NT; ++j)
+                        u[hh][j] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
+                            Ut + ColT::template elem<kChunk>(16 * mw + g + 8 * hh, 8 * j + 2 * t4)));
+                }
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        const uint32_t at = ColT::template elem<kChunk>(16 * mw + g + 8 * hh, 8 * j + 2 * t4);
+                        const float u0 = u[hh][j].x - acc[0][j][2 * hh], u1 = u[hh][j].y - acc[0][j][2 * hh + 1];
+                        *reinterpret_cast<uint32_t*>(Unew + at) = pack2(__float2bfloat16(u0), __float2bfloat16(u1));
+                        if (raw)
+                            *reinterpret_cast<uint32_t*>(Uk + at) =
+                                pack2(__float2bfloat16(u0 * f[hh]), __float2bfloat16(u1 * f[hh]));
+                    }
                 wg::fence_proxy_async();
                 named_bar_arrive(kBarU, kConsumers);  // the output warps may read Ũ
                 Ueff = Unew;
             } else if (raw) {
-                // diag(fk) V of the warp's 16 rows, 16 bytes at a time
-                for (int idx = lane; idx < 16 * ColT::kPieces; idx += 32) {
-                    const int row = 16 * mw + idx / ColT::kPieces;
-                    const uint32_t at = ColT::template piece<kChunk>(row, idx % ColT::kPieces);
-                    const uint4 x = *reinterpret_cast<const uint4*>(Ut + at);
-                    const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+                // diag(fk) V of the warp's 16 rows, 16 bytes at a time, every load before the first store
+                constexpr int kIters = 16 * ColT::kPieces / 32;
+                uint4 x[kIters];
+                uint32_t at[kIters];
+                float f[kIters];
+#pragma unroll
+                for (int it = 0; it < kIters; ++it) {
+                    const int idx = lane + 32 * it, row = 16 * mw + idx / ColT::kPieces;
+                    at[it] = ColT::template piece<kChunk>(row, idx % ColT::kPieces);
+                    x[it] = *reinterpret_cast<const uint4*>(Ut + at[it]);
+                    f[it] = fk[row];
+                }
+#pragma unroll
+                for (int it = 0; it < kIters; ++it) {
+                    const uint32_t w[4] = {x[it].x, x[it].y, x[it].z, x[it].w};
                     float y[8];
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) y[e] = unpack_elem<E>(w, e) * fk[row];
-                    store_vec<E>(reinterpret_cast<E*>(Uk + at), y);
+                    for (int e = 0; e < 8; ++e) y[e] = unpack_elem<E>(w, e) * f[it];
+                    store_vec<E>(reinterpret_cast<E*>(Uk + at[it]), y);
                 }
                 wg::fence_proxy_async();
             }
