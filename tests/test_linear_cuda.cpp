@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -52,6 +53,39 @@ TensorView token_slice(const TensorView& x, int64_t t0, int64_t n) {
     s.data = static_cast<char*>(x.data) + t0 * x.stride[1] * int64_t(dtype_size(x.dtype));
     s.shape[1] = n;
     return s;
+}
+
+// The first n entries along dimension `dim` (0 or 1) of a contiguous CPU tensor, as a tensor of its own.
+Tensor leading(const Tensor& x, int dim, int64_t n) {
+    const TensorView& v = x.view();
+    std::vector<int64_t> shape(v.shape, v.shape + v.ndim);
+    shape[dim] = n;
+    Tensor out(shape, v.dtype);
+    const int64_t outer = dim == 0 ? 1 : v.shape[0];
+    const size_t inner = size_t(n) * size_t(v.stride[dim]) * dtype_size(v.dtype);
+    const size_t from = size_t(v.stride[dim]) * size_t(v.shape[dim]) * dtype_size(v.dtype);
+    for (int64_t o = 0; o < outer; ++o)
+        std::memcpy(static_cast<char*>(out.view().data) + o * inner, static_cast<const char*>(v.data) + o * from, inner);
+    return out;
+}
+
+// Tokens [t0, T) of a contiguous CPU [B, T, ...] tensor set to NaN.
+void poison_tokens(Tensor& x, int64_t t0) {
+    if (!x.defined()) return;
+    TensorView& v = const_cast<TensorView&>(x.view());
+    for (int64_t b = 0; b < v.shape[0]; ++b)
+        for (int64_t t = t0; t < v.shape[1]; ++t) {
+            char* row = static_cast<char*>(v.data) + (b * v.stride[0] + t * v.stride[1]) * int64_t(dtype_size(v.dtype));
+            const int64_t n = v.stride[1];
+            for (int64_t i = 0; i < n; ++i) {
+                switch (v.dtype) {
+                    case DType::BF16: reinterpret_cast<uint16_t*>(row)[i] = 0x7FC0; break;
+                    case DType::F16: reinterpret_cast<uint16_t*>(row)[i] = 0x7E00; break;
+                    case DType::F32: reinterpret_cast<float*>(row)[i] = std::nanf(""); break;
+                    default: reinterpret_cast<double*>(row)[i] = std::nan(""); break;
+                }
+            }
+        }
 }
 
 struct References {
@@ -180,6 +214,38 @@ TEST(LinearCuda, VarlenWithEmptySequences) {
         c.initial_state = true;
         check_forward(c);
     }
+}
+
+// A sequence's chunks are read in whole 64-token boxes (the scans' copy engine), so the last chunk of
+// a sequence also reads the next sequence's first tokens: those rows must not reach it. With NaN in
+// every q, k, v (and gate, β) of the second sequence, the first one's output and final state are
+// still the reference's (bf16: raw-operand and prepared scans; K = V = 64 and 128).
+TEST(LinearCuda, NonFiniteTokensStayInTheirSequence) {
+    REQUIRE_GPU();
+    for (const int64_t kv : {64, 128})
+        for (const Cell& cell : kCells) {
+            LinearCase c = make_case(std::string(cell.name) + "/nan-neighbour/" + std::to_string(kv), cell.config(),
+                                     DType::BF16, 1, 200, 2, 4, kv, kv);
+            c.cu_seqlens = {0, 70, 200};
+            c.initial_state = true;
+            const LinearInputs cpu = make_inputs(c, 5);
+            const References ref = run_references(c, cpu);
+            LinearInputs bad = cpu;
+            for (Tensor* x : {&bad.q, &bad.k, &bad.v, &bad.g, &bad.beta}) {
+                if (!x->defined()) continue;
+                *x = x->clone();
+                poison_tokens(*x, 70);
+            }
+            const LinearInputs dev = bad.move_to(Device::CUDA);
+            Tensor o = poisoned_output(c, Device::CUDA);
+            Tensor st = poisoned_state(c, cpu.N, Device::CUDA);
+            linear_forward(c.cfg, dev.args(o, &st));
+            cuda_synchronize();
+            expect_close(c.name + ": o of sequence 0", leading(o.to(Device::CPU), 1, 70), leading(ref.o64, 1, 70),
+                         leading(ref.o_p, 1, 70));
+            expect_close(c.name + ": final_state of sequence 0", leading(st.to(Device::CPU), 0, 1),
+                         leading(ref.s64, 0, 1), leading(ref.s_p, 0, 1));
+        }
 }
 
 // The piecewise forward is the default only for long sequences on a scan grid that leaves SMs idle
@@ -648,6 +714,54 @@ void backward_every_cell(const std::string& scenario, Setup&& setup) {
 }
 
 }  // namespace
+
+// The backward's version of NonFiniteTokensStayInTheirSequence: NaN in the second sequence's inputs
+// and dO leave the first sequence's gradients (per token, and of its initial state) the reference's
+// (a per-head gate's gradient sums over every sequence: not compared).
+TEST(LinearCuda, BackwardNonFiniteTokensStayInTheirSequence) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells) {
+        LinearCase c = make_case(std::string(cell.name) + "/nan-neighbour", cell.config(), DType::BF16, 1, 200, 2, 2,
+                                 64, 64);
+        c.cu_seqlens = {0, 70, 200};
+        c.initial_state = true;
+        SCOPED_TRACE(c.name);
+        const LinearInputs cpu = make_inputs(c, 7);
+        const Tensor d_o = random_normal({c.B, c.T, c.HV, c.V}, c.dtype, 9);
+        const Tensor d_fs = random_normal({cpu.N, c.HV, c.K, c.V}, DType::F32, 10);
+        LinearCase c64 = c;
+        c64.dtype = DType::F64;
+        const LinearGradTensors ref = poisoned_grads(c64, cpu.N);
+        LinearConfig rc = c.cfg;
+        rc.backend = Backend::Reference;
+        linear_backward(rc, cpu.args(Tensor()), d_o, d_fs, ref.views());
+
+        LinearInputs bad = cpu;
+        for (Tensor* x : {&bad.q, &bad.k, &bad.v, &bad.g, &bad.beta}) {
+            if (!x->defined()) continue;
+            *x = x->clone();
+            poison_tokens(*x, 70);
+        }
+        Tensor bad_d_o = d_o.clone();
+        poison_tokens(bad_d_o, 70);
+        const LinearInputs dev = bad.move_to(Device::CUDA);
+        const LinearGradTensors got = poisoned_grads(c, cpu.N, Device::CUDA);
+        linear_backward(c.cfg, dev.args(Tensor()), bad_d_o.to(Device::CUDA), d_fs.to(Device::CUDA), got.views());
+        cuda_synchronize();
+
+        const References fwd = run_references(c, cpu);
+        const double tol = 4 * compare(fwd.o_p, fwd.o64).rel_rms + 4e-3;
+        for (auto [name, g, r] : {std::tuple{"dq", &got.dq, &ref.dq}, std::tuple{"dk", &got.dk, &ref.dk},
+                                  std::tuple{"dv", &got.dv, &ref.dv}, std::tuple{"dg", &got.dg, &ref.dg},
+                                  std::tuple{"dbeta", &got.dbeta, &ref.dbeta}}) {
+            if (!r->defined() || r->view().ndim < 3) continue;  // per token; a per-head gate's sums every token
+            expect_close_abs(c.name + ": " + name + " of sequence 0", leading(g->to(Device::CPU), 1, 70),
+                             leading(*r, 1, 70), tol);
+        }
+        expect_close_abs(c.name + ": dinitial_state of sequence 0", leading(got.dinitial_state.to(Device::CPU), 0, 1),
+                         leading(ref.dinitial_state, 0, 1), tol);
+    }
+}
 
 TEST(LinearCuda, BackwardSingleToken) {
     REQUIRE_GPU();

@@ -1362,34 +1362,35 @@ void launch_prepare(const FwdParams& fp, int n_chunks, const char* op, bool load
 // raised first: the launch of either scan.
 // On the stream of the kernel that wrote its operands (after_kernel), as a programmatic dependent
 // launch: its blocks take the SMs that kernel's last wave leaves, then wait for it.
-// The tensor maps of a warp-specialised scan on 16-column tiles or wider (ScanMaps), for the workspace's
+// Tensor maps (tma.cuh) of the scans' bf16 operands: prepare's per-chunk tiles as a [slots·64, cols]
+// matrix, read in boxes of 64 rows × box_cols; an input [B, T, heads, D] view (any 16-byte strides)
+// in boxes of one head's 64 rows × box_cols.
+inline void encode_slot_rows(CUtensorMap* map, const void* base, size_t slots, int cols, int box_cols, const char* op) {
+    const uint64_t dims[2] = {uint64_t(cols), uint64_t(slots) * kChunk}, strides[1] = {uint64_t(cols) * 2};
+    const uint32_t box[2] = {uint32_t(box_cols), uint32_t(kChunk)};
+    tma::encode_bf16(map, base, 2, dims, strides, box, op);
+}
+inline void encode_input_rows(CUtensorMap* map, const TensorView& x, int box_cols, const char* op) {
+    const uint64_t dims[4] = {uint64_t(x.shape[3]), uint64_t(x.shape[2]), uint64_t(x.shape[1]), uint64_t(x.shape[0])};
+    const uint64_t strides[3] = {uint64_t(x.stride[2]) * 2, uint64_t(x.stride[1]) * 2, uint64_t(x.stride[0]) * 2};
+    const uint32_t box[4] = {uint32_t(box_cols), 1, uint32_t(kChunk), 1};
+    tma::encode_bf16(map, x.data, 4, dims, strides, box, op);
+}
+
+// The tensor maps of a warp-specialised scan on vt-column tiles (ScanMaps), for the workspace's
 // `slots` (chunk, value head) slots at fp's pointers.
 inline ScanMaps make_scan_maps(const LinearForwardArgs& a, const FwdParams& fp, bool delta, int vt, size_t slots,
                                const char* op) {
     ScanMaps m{};
-    const uint64_t rows = uint64_t(slots) * kChunk;
-    auto rows_2d = [&](CUtensorMap* map, const void* base, int cols, int box_cols) {
-        if (!base) return;
-        const uint64_t dims[2] = {uint64_t(cols), rows}, strides[1] = {uint64_t(cols) * 2};
-        const uint32_t box[2] = {uint32_t(box_cols), uint32_t(kChunk)};
-        tma::encode_bf16(map, base, 2, dims, strides, box, op);
-    };
-    rows_2d(&m.Qg, fp.Qg, fp.K, 64);
-    rows_2d(&m.Kd, fp.Kd, fp.K, 64);
-    rows_2d(&m.W, fp.W, fp.K, 64);
-    rows_2d(&m.P, fp.P, kChunk, 64);
-    rows_2d(&m.U, fp.U, fp.V, vt);
-    if (fp.qk_rowf) {  // raw operands: [B, T, heads, D] with any 16-byte strides
-        auto input_4d = [&](CUtensorMap* map, const TensorView& x, int box_cols) {
-            const uint64_t dims[4] = {uint64_t(x.shape[3]), uint64_t(x.shape[2]), uint64_t(x.shape[1]),
-                                      uint64_t(x.shape[0])};
-            const uint64_t strides[3] = {uint64_t(x.stride[2]) * 2, uint64_t(x.stride[1]) * 2, uint64_t(x.stride[0]) * 2};
-            const uint32_t box[4] = {uint32_t(box_cols), 1, uint32_t(kChunk), 1};
-            tma::encode_bf16(map, x.data, 4, dims, strides, box, op);
-        };
-        input_4d(&m.q, a.q, 64);
-        input_4d(&m.k, a.k, 64);
-        if (!delta) input_4d(&m.v, a.v, vt);
+    if (fp.Qg) encode_slot_rows(&m.Qg, fp.Qg, slots, fp.K, 64, op);
+    if (fp.Kd) encode_slot_rows(&m.Kd, fp.Kd, slots, fp.K, 64, op);
+    if (fp.W) encode_slot_rows(&m.W, fp.W, slots, fp.K, 64, op);
+    encode_slot_rows(&m.P, fp.P, slots, kChunk, 64, op);
+    if (fp.U) encode_slot_rows(&m.U, fp.U, slots, fp.V, vt, op);
+    if (fp.qk_rowf) {  // raw operands
+        encode_input_rows(&m.q, a.q, 64, op);
+        encode_input_rows(&m.k, a.k, 64, op);
+        if (!delta) encode_input_rows(&m.v, a.v, vt, op);
     }
     return m;
 }

@@ -222,12 +222,9 @@ __device__ __forceinline__ void publish_ready(int* flag) {
 }
 // The waiting side stops the kernel (a launch failure at the caller's next synchronisation) rather than
 // hang if the flag stays down for 10 s: kernels that should run at once do not (see the concurrent
-// forward in chunk_fwd.cuh for when hla assumes they do). Out of line: the message's call inlined into
-// a scan's loop cost the scan registers.
-static __device__ __noinline__ void stop_stuck_wait() {
-    printf("hla: a kernel waited 10 s for another that should run beside it; set HLA_CUDA_FWD_CONCURRENT=0\n");
-    __trap();
-}
+// forward in chunk_fwd.cuh for when hla assumes they do). A trap and no message: any call in a kernel
+// (printf's included) makes ptxas serialise its wgmma products (warning C7510), and the waiting scan
+// is a wgmma kernel.
 __device__ __forceinline__ void wait_ready(const int* flag) {
     uint64_t t0 = 0;
     for (;;) {
@@ -237,7 +234,7 @@ __device__ __forceinline__ void wait_ready(const int* flag) {
         uint64_t now;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
         if (t0 == 0) t0 = now;
-        else if (now - t0 > 10'000'000'000ull) stop_stuck_wait();
+        else if (now - t0 > 10'000'000'000ull) asm volatile("trap;");
         __nanosleep(200);
     }
 }
