@@ -245,14 +245,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
     const bool state_role = warp < 4;
     const int mw = warp & 3, rt = tid % kRole;
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
-    if (tid == 0) {
-        for (int b = 0; b < kStages; ++b) {
-            tma::mbar_init(full + b, 1);
-            tma::mbar_init(empty + b, kConsumers / 32);
-        }
-        tma::fence_init();
-    }
-    __syncthreads();
+    init_stage_barriers(full, empty, kStages, kConsumers / 32);
     const SeqInfo si = p.seqs[n];
     const int nchunks = (si.len + kChunk - 1) / kChunk;
     auto slot_of = [&](int c) { return size_t(si.first_chunk + c) * p.HV + hv; };
@@ -281,13 +274,6 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
         return;
     }
 
-    auto store_ds = [&](float (&S)[SMT][NT][4], unsigned char* buf) {
-        for_each_acc_pair<SMT, NT, 64>(S, [&](int r, int c, float& x0, float& x1) {
-            *reinterpret_cast<uint32_t*>(buf + ColT::template elem<K>(16 * mw + r, c)) =
-                pack2(__float2bfloat16(x0), __float2bfloat16(x1));
-        });
-    };
-
     // state warpgroup: dS, keys 16·mw + 64·i
     float S[SMT][NT][4];
     const int key0 = 16 * mw;
@@ -298,7 +284,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
         } else {
             zero_acc(S);
         }
-        store_ds(S, Sbuf);
+        store_state_swz<K, VT>(S, Sbuf, mw);
     }
     float X[1][NT][4];
     zero_acc(X);
@@ -334,7 +320,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
             wg::fence_acc(S);
             __syncwarp();
             if (lane == 0) tma::mbar_arrive(empty + sb);
-            store_ds(S, Sbuf + (b ^ 1) * L::s_tile);
+            store_state_swz<K, VT>(S, Sbuf + (b ^ 1) * L::s_tile, mw);
         } else {
             // X = Kd dS + Pᵀ dO, rows [16·mw, +16) (A: P read column-major)
             wg::fence();

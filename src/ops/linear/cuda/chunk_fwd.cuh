@@ -870,6 +870,29 @@ __device__ __forceinline__ void named_bar_arrive(int id, int n) {
     asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 
+// The warpgroup scans' shared pieces (chunk_scan_ws_kernel, chunk_dstate_ws_kernel).
+// A state warpgroup's fragment (warp mw: keys 16·mw + 64·i) into a [K][VT] Swz<VT> tile in bf16 (the
+// products' B operand), two neighbouring columns per store.
+template <int K, int VT, int SMT, int NT>
+__device__ __forceinline__ void store_state_swz(float (&S)[SMT][NT][4], unsigned char* tile, int mw) {
+    for_each_acc_pair<SMT, NT, 64>(S, [&](int r, int c, float& x0, float& x1) {
+        *reinterpret_cast<uint32_t*>(tile + wg::Swz<VT>::template elem<K>(16 * mw + r, c)) =
+            pack2(__float2bfloat16(x0), __float2bfloat16(x1));
+    });
+}
+// The operand ring's mbarriers, by thread 0, then a block barrier: `full` (one arrival, the producer's,
+// plus the copies' bytes) and `empty` (one arrival per consumer warp) of every stage.
+__device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* empty, int stages, int consumer_warps) {
+    if (threadIdx.x == 0) {
+        for (int b = 0; b < stages; ++b) {
+            tma::mbar_init(full + b, 1);
+            tma::mbar_init(empty + b, consumer_warps);
+        }
+        tma::fence_init();
+    }
+    __syncthreads();
+}
+
 // kConcurrent: the concurrent forward's scan, which waits for prepare's flags (FwdParams::ready); its
 // own instantiation, the other's code as it was (the check alone cost the B=4 scan 4%).
 template <Update Up, int K, int VT, bool kConcurrent = false>
@@ -908,14 +931,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
     const bool state_role = warp < 4;
     const int mw = warp & 3, rt = tid % kRole;  // warp and thread index within the role
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
-    if (tid == 0) {
-        for (int b = 0; b < kStages; ++b) {
-            tma::mbar_init(full + b, 1);
-            tma::mbar_init(empty + b, kConsumers / 32);
-        }
-        tma::fence_init();
-    }
-    __syncthreads();
+    init_stage_barriers(full, empty, kStages, kConsumers / 32);
     wait_for_previous_kernel();  // prepare's operands, the pieces' start states (launch_scan_grid)
     const ScanChain ch(p.seqs[n], hv, p);
     const int nchunks = ch.chunks();
@@ -961,21 +977,12 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
         return;
     }
 
-    // The state fragment into a state buffer in the operand dtype (the products' B operand), two
-    // neighbouring columns per store.
-    auto store_state = [&](float (&S)[SMT][NT][4], unsigned char* buf) {
-        for_each_acc_pair<SMT, NT, 64>(S, [&](int r, int c, float& x0, float& x1) {
-            *reinterpret_cast<uint32_t*>(buf + ColT::template elem<K>(16 * mw + r, c)) =
-                pack2(__float2bfloat16(x0), __float2bfloat16(x1));
-        });
-    };
-
     // state warps: keys 16·mw + 64·i (+ the fragment's row), all VT columns
     float S[SMT][NT][4];
     const int key0 = 16 * mw;
     if (state_role) {
         load_initial_state<SMT, NT, 64>(S, p, n, hv, key0, v0);
-        store_state(S, Sbuf);
+        store_state_swz<K, VT>(S, Sbuf, mw);
     }
     const bool o_pairs = output_pairs<E>(p);
     float acc[1][NT][4];  // W S (state warps) or O (output warps)
@@ -1076,7 +1083,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
             wg::fence_acc(S);
             __syncwarp();
             if (lane == 0) tma::mbar_arrive(empty + sb);  // the warp is done with the stage
-            store_state(S, Sbuf + (b ^ 1) * L::s_tile);
+            store_state_swz<K, VT>(S, Sbuf + (b ^ 1) * L::s_tile, mw);
         } else {
             // ---- O = Qg S + P Ũ, rows [16·mw, +16) ----
             if (p.o) {
