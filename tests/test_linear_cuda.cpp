@@ -7,9 +7,11 @@
 // (default [0, 1]); stress cases push each to its edge.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -86,6 +88,28 @@ void poison_tokens(Tensor& x, int64_t t0) {
                 }
             }
         }
+}
+
+// The values of a contiguous CPU [B, T, H, D] tensor in a head-major [B, H, T, D] buffer on the GPU,
+// and the [B, T, H, D] view of that buffer (strides H·T·D, D, T·D, 1).
+struct HeadMajor {
+    Tensor buffer;
+    TensorView view;
+};
+HeadMajor head_major(const Tensor& x) {
+    const TensorView& v = x.view();
+    const int64_t B = v.shape[0], T = v.shape[1], H = v.shape[2], D = v.shape[3];
+    const size_t row = size_t(D) * dtype_size(v.dtype);
+    Tensor hm({B, H, T, D}, v.dtype);
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t h = 0; h < H; ++h)
+                std::memcpy(static_cast<char*>(hm.view().data) + ((b * H + h) * T + t) * row,
+                            static_cast<const char*>(v.data) + ((b * T + t) * H + h) * row, row);
+    HeadMajor r;
+    r.buffer = hm.to(Device::CUDA);
+    r.view = TensorView::strided(r.buffer.view().data, v.dtype, {B, T, H, D}, {H * T * D, D, T * D, 1}, Device::CUDA);
+    return r;
 }
 
 struct References {
@@ -246,6 +270,30 @@ TEST(LinearCuda, NonFiniteTokensStayInTheirSequence) {
             expect_close(c.name + ": final_state of sequence 0", leading(st.to(Device::CPU), 0, 1),
                          leading(ref.s64, 0, 1), leading(ref.s_p, 0, 1));
         }
+}
+
+// q, k, v as head-major views ([B, H, T, D] memory): the scans' copy engine reads only nested
+// [B, T, heads, D] strides, so these take prepare's copies (rows_tma_ready), with the same result.
+TEST(LinearCuda, HeadMajorInputs) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells) {
+        LinearCase c = make_case(std::string(cell.name) + "/head-major", cell.config(), DType::BF16, 2, 150, 2, 2, 64, 64);
+        c.initial_state = true;
+        const LinearInputs cpu = make_inputs(c, 11);
+        const References ref = run_references(c, cpu);
+        const LinearInputs dev = cpu.move_to(Device::CUDA);
+        const HeadMajor q = head_major(cpu.q), k = head_major(cpu.k), v = head_major(cpu.v);
+        Tensor o = poisoned_output(c, Device::CUDA);
+        Tensor st = poisoned_state(c, cpu.N, Device::CUDA);
+        LinearForwardArgs a = dev.args(o, &st);
+        a.q = q.view;
+        a.k = k.view;
+        a.v = v.view;
+        linear_forward(c.cfg, a);
+        cuda_synchronize();
+        expect_close(c.name + ": o", o.to(Device::CPU), ref.o64, ref.o_p);
+        expect_close(c.name + ": final_state", st.to(Device::CPU), ref.s64, ref.s_p);
+    }
 }
 
 // The piecewise forward is the default only for long sequences on a scan grid that leaves SMs idle
@@ -760,6 +808,33 @@ TEST(LinearCuda, BackwardNonFiniteTokensStayInTheirSequence) {
         }
         expect_close_abs(c.name + ": dinitial_state of sequence 0", leading(got.dinitial_state.to(Device::CPU), 0, 1),
                          leading(ref.dinitial_state, 0, 1), tol);
+    }
+}
+
+// dO as a head-major view: the state-gradient scan's copy engine reads only nested strides, so it
+// takes chunk_dstate (the delta rule) with the same gradients.
+TEST(LinearCuda, BackwardHeadMajorDo) {
+    REQUIRE_GPU();
+    for (const char* name : {"delta_rule", "gated_delta_rule", "kda"}) {
+        const Cell& cell = *std::find_if(std::begin(kCells), std::end(kCells),
+                                         [&](const Cell& x) { return std::string(x.name) == name; });
+        LinearCase c = make_case(std::string(name) + "/head-major-dO", cell.config(), DType::BF16, 2, 150, 2, 2, 64, 64);
+        SCOPED_TRACE(c.name);
+        const LinearInputs cpu = make_inputs(c, 13);
+        const Tensor d_o = random_normal({c.B, c.T, c.HV, c.V}, c.dtype, 14);
+        LinearCase c64 = c;
+        c64.dtype = DType::F64;
+        const LinearGradTensors ref = poisoned_grads(c64, cpu.N);
+        LinearConfig rc = c.cfg;
+        rc.backend = Backend::Reference;
+        linear_backward(rc, cpu.args(Tensor()), d_o, Tensor(), ref.views());
+        const LinearInputs dev = cpu.move_to(Device::CUDA);
+        const LinearGradTensors got = poisoned_grads(c, cpu.N, Device::CUDA);
+        const HeadMajor d_o_hm = head_major(d_o);
+        linear_backward(c.cfg, dev.args(Tensor()), d_o_hm.view, Tensor(), got.views());
+        cuda_synchronize();
+        const References fwd = run_references(c, cpu);
+        expect_grads_close(c.name, got, ref, 4 * compare(fwd.o_p, fwd.o64).rel_rms + 4e-3);
     }
 }
 

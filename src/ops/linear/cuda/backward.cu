@@ -57,9 +57,9 @@ namespace {
 // *fp) and which the caller frees after stage 3.
 template <class In>
 void* states_and_gradients(const Problem& p, void* states, const DScanParams& d, FwdParams* fp) {
-    void* fwd_ws = forward_recompute<In>(p, states, fp);
+    ScopedWorkspace fwd_ws(forward_recompute<In>(p, states, fp));
     dstate_scan<Intermediate<In>>(p, *fp, d);
-    return fwd_ws;
+    return fwd_ws.release();
 }
 
 }  // namespace
@@ -148,7 +148,8 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     const size_t vf_k = size_t(kChunk) * p.K, vf_c = size_t(kChunk) * kChunk;
     const size_t b_vec =
         mma && vec ? align(slots * ((3 * vf_k + 2 * kChunk + p.K) * sizeof(float) + 2 * vf_c * sizeof(__nv_bfloat16))) : 0;
-    char* ws = static_cast<char*>(workspace_alloc(b_params + b_scratch + 2 * b_states + b_vec, p.op));
+    ScopedWorkspace workspace(workspace_alloc(b_params + b_scratch + 2 * b_states + b_vec, p.op));
+    char* ws = workspace.get();
     char* at = ws;
     bp.params_acc = reinterpret_cast<double*>(at);
     check_cuda(cudaMemsetAsync(at, 0, b_params, launch_stream()), p.op, "cudaMemsetAsync(parameter sums)");
@@ -184,20 +185,19 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     dp.dstates = dstates;
 
     // stages 1 and 2 (the input dtypes this build compiled the chunked forward for)
-    void* fwd_ws = nullptr;
+    ScopedWorkspace fwd_ws;  // the forward recompute's, which stage 3 reads
     FwdParams fp{};
     switch (in) {
 #if HLA_CUDA_LINEAR_BF16
-        case DType::BF16: fwd_ws = states_and_gradients<__nv_bfloat16>(p, states, dp, &fp); break;
+        case DType::BF16: fwd_ws.reset(states_and_gradients<__nv_bfloat16>(p, states, dp, &fp)); break;
 #endif
 #if HLA_CUDA_LINEAR_F16
-        case DType::F16: fwd_ws = states_and_gradients<__half>(p, states, dp, &fp); break;
+        case DType::F16: fwd_ws.reset(states_and_gradients<__half>(p, states, dp, &fp)); break;
 #endif
 #if HLA_CUDA_LINEAR_F32
-        case DType::F32: fwd_ws = states_and_gradients<float>(p, states, dp, &fp); break;
+        case DType::F32: fwd_ws.reset(states_and_gradients<float>(p, states, dp, &fp)); break;
 #endif
         default:
-            workspace_free(ws);
             detail::fail(p.op, ": q: the CUDA chunked backward for ", dtype_name(in), " inputs is not compiled into ",
                          "this build (CMake HLA_CUDA_LINEAR_DTYPES leaves it out)");
     }
@@ -233,8 +233,6 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
             ddt, ddt ? grads.ddt_bias.stride[0] : 0);
         check_cuda(cudaGetLastError(), p.op, "params_finish launch");
     }
-    workspace_free(fwd_ws);
-    workspace_free(ws);
 }
 
 }  // namespace hla::linear::cuda

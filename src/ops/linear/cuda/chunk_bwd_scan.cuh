@@ -383,8 +383,8 @@ void launch_dstate_vt(const FwdParams& fp, const DScanParams& d, int n_seqs, int
 }
 
 // Stage 2 for operand dtype E (instantiated in bwd_scan_<E>.cu), with the forward scan's V-tile:
-// the warp-specialised kernel for the delta rule on bf16 operands and a bf16 dO with 16-byte rows,
-// else chunk_dstate. H100, bf16, B=4 T=4096 H=16 K=V=128, ncu, same call: Gated DeltaNet 227.5 ->
+// the warp-specialised kernel for the delta rule on bf16 operands and a bf16 dO whose rows the copy
+// engine can read (rows_tma_ready), else chunk_dstate. H100, bf16, B=4 T=4096 H=16 K=V=128, ncu, same call: Gated DeltaNet 227.5 ->
 // 211.9 us; the additive update (no dX: one warpgroup does all of it) 140.3 -> 161.2, so it stays on
 // chunk_dstate.
 template <class E>
@@ -393,9 +393,11 @@ void dstate_scan(const Problem& p, const FwdParams& fp, const DScanParams& d) {
     const int vt = scan_tile_width<E>(int64_t(n_seqs) * p.HV, p.V);
     const bool delta = p.delta();
     if constexpr (sizeof(E) == 2) {
-        const bool do_rows = d.do_dt == DType::BF16 && reinterpret_cast<uintptr_t>(d.d_o) % 16 == 0 &&
-                             d.dos[0] % 8 == 0 && d.dos[1] % 8 == 0 && d.dos[2] % 8 == 0;
-        if (delta && do_rows) {
+        const TensorView& o = p.args.o;  // dO has o's shape
+        const TensorView dO = TensorView::strided(const_cast<void*>(d.d_o), DType::BF16,
+                                                  {o.shape[0], o.shape[1], o.shape[2], o.shape[3]},
+                                                  {d.dos[0], d.dos[1], d.dos[2], 1}, o.device, o.device_index);
+        if (delta && d.do_dt == DType::BF16 && rows_tma_ready(dO)) {
             size_t slots = 0;
             for (const Sequence& s : p.seqs) slots += size_t((s.len + kChunk - 1) / kChunk) * p.HV;
             DScanMaps maps{};
@@ -403,10 +405,6 @@ void dstate_scan(const Problem& p, const FwdParams& fp, const DScanParams& d) {
             encode_slot_rows(&maps.Kd, fp.Kd, slots, p.K, 64, p.op);
             encode_slot_rows(&maps.W, fp.W, slots, p.K, 64, p.op);
             encode_slot_rows(&maps.P, fp.P, slots, kChunk, 64, p.op);
-            const TensorView& o = p.args.o;  // dO has o's shape
-            const TensorView dO = TensorView::strided(const_cast<void*>(d.d_o), DType::BF16,
-                                                      {o.shape[0], o.shape[1], o.shape[2], o.shape[3]},
-                                                      {d.dos[0], d.dos[1], d.dos[2], 1}, o.device, o.device_index);
             encode_input_rows(&maps.dO, dO, vt, p.op);
             auto run = [&](auto k) {
                 constexpr int KK = decltype(k)::value;

@@ -1279,7 +1279,30 @@ int scan_tile_width(int64_t chains, int64_t V) {
     return std::min<int>(vt, int(V));
 }
 void* workspace_alloc(size_t bytes, const char* op);
-void workspace_free(void* ptr);
+void workspace_free(void* ptr);  // stream-ordered (the launch stream); null is a no-op
+
+// A workspace freed when it leaves scope (an exception included) unless released to the caller.
+class ScopedWorkspace {
+public:
+    ScopedWorkspace() = default;
+    explicit ScopedWorkspace(void* p) : p_(p) {}
+    ScopedWorkspace(const ScopedWorkspace&) = delete;
+    ScopedWorkspace& operator=(const ScopedWorkspace&) = delete;
+    ~ScopedWorkspace() { workspace_free(p_); }
+    void reset(void* p) {
+        workspace_free(p_);
+        p_ = p;
+    }
+    char* get() const { return static_cast<char*>(p_); }
+    void* release() {
+        void* p = p_;
+        p_ = nullptr;
+        return p;
+    }
+
+private:
+    void* p_ = nullptr;
+};
 
 // The piecewise forward (forward_chunked_impl): HLA_CUDA_FWD_PIECES = P ≥ 1 forces P pieces (1 is the
 // single-shot path), 0 when unset.
@@ -1379,7 +1402,11 @@ inline void encode_slot_rows(CUtensorMap* map, const void* base, size_t slots, i
 }
 inline void encode_input_rows(CUtensorMap* map, const TensorView& x, int box_cols, const char* op) {
     const uint64_t dims[4] = {uint64_t(x.shape[3]), uint64_t(x.shape[2]), uint64_t(x.shape[1]), uint64_t(x.shape[0])};
-    const uint64_t strides[3] = {uint64_t(x.stride[2]) * 2, uint64_t(x.stride[1]) * 2, uint64_t(x.stride[0]) * 2};
+    // a dimension of size 1 takes the nested stride whatever its own (never stepped over)
+    const int64_t s2 = x.shape[2] == 1 ? x.shape[3] : x.stride[2];
+    const int64_t s1 = x.shape[1] == 1 ? s2 * x.shape[2] : x.stride[1];
+    const int64_t s0 = x.shape[0] == 1 ? s1 * x.shape[1] : x.stride[0];
+    const uint64_t strides[3] = {uint64_t(s2) * 2, uint64_t(s1) * 2, uint64_t(s0) * 2};
     const uint32_t box[4] = {uint32_t(box_cols), 1, uint32_t(kChunk), 1};
     tma::encode_bf16(map, x.data, 4, dims, strides, box, op);
 }
@@ -1517,10 +1544,16 @@ void launch_piece_starts(const FwdParams& fp, const PieceParams& pp, int n_runs,
 template <class In>
 using Intermediate = std::conditional_t<std::is_same_v<In, __half>, float, In>;
 
-// Rows of a [B, T, heads, D] view that the scan can copy 16 bytes at a time (bf16).
-inline bool rows_16byte(const TensorView& x) {
+// Rows of a [B, T, heads, D] view that the scan's copy engine can read (bf16): 16-byte aligned rows
+// and strides, and the dimensions nested the usual way (a row of D inside a token's heads inside a
+// sequence; fused-projection views qualify), which cuTensorMapEncodeTiled requires of a map's strides.
+// Other layouts (head-major views, for one) take prepare's copies.
+inline bool rows_tma_ready(const TensorView& x) {
+    auto nested = [&](int inner, int outer) {
+        return x.shape[outer] == 1 || x.shape[inner] == 1 || x.stride[outer] >= x.stride[inner] * x.shape[inner];
+    };
     return reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.stride[0] % 8 == 0 && x.stride[1] % 8 == 0 &&
-           x.stride[2] % 8 == 0 && x.stride[3] == 1;
+           x.stride[2] % 8 == 0 && x.stride[3] == 1 && x.stride[2] >= x.shape[3] && nested(2, 1) && nested(1, 0);
 }
 
 // The chunked forward. With `states` (the backward's recompute), o and the final state are not
@@ -1569,8 +1602,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // on the state warps of the warp-specialised scan it gains too (GDN B=4 T=4096 0.460 -> 0.436 ms;
     // on session 5's scan, where that product sat in every warp's chain, it was neutral to 6% slower).
     const bool raw = raw_operands_override() != 0 && !states &&
-                     std::is_same_v<In, __nv_bfloat16> && p.cfg.decay != Decay::Vector && rows_16byte(a.q) &&
-                     rows_16byte(a.k) && (p.delta() || rows_16byte(a.v));
+                     std::is_same_v<In, __nv_bfloat16> && p.cfg.decay != Decay::Vector && rows_tma_ready(a.q) &&
+                     rows_tma_ready(a.k) && (p.delta() || rows_tma_ready(a.v));
 
     // The scan's grid decides whether the forward runs in pieces. Single-shot, prepare runs over every
     // chunk with the whole GPU, then the scan: one block per (sequence, value head, V-tile), each
@@ -1719,7 +1752,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const size_t b_ready = concurrent ? align(slots * sizeof(int)) : 0;
     const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d + b_rf + 2 * b_s + b_run_l + b_run_g +
                          b_starts + b_ready;
-    char* ws = static_cast<char*>(workspace_alloc(total, p.op));
+    ScopedWorkspace workspace(workspace_alloc(total, p.op));  // freed on every exit but `keep`'s
+    char* ws = workspace.get();
     {
         std::vector<char> image(b_tables);
         auto put = [&](size_t at, const auto& v) {
@@ -1896,9 +1930,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     }
     if (keep) {
         *keep = fp;
-        return ws;
+        return workspace.release();
     }
-    workspace_free(ws);
     return nullptr;
 }
 

@@ -74,7 +74,9 @@ void* workspace_alloc(size_t bytes, const char* op) {
     return ptr;
 }
 
-void workspace_free(void* ptr) { cudaFreeAsync(ptr, launch_stream()); }
+void workspace_free(void* ptr) {
+    if (ptr) cudaFreeAsync(ptr, launch_stream());
+}
 
 void forward(const Problem& p) {
     const LinearForwardArgs& a = p.args;
