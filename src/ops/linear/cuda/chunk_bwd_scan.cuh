@@ -397,9 +397,9 @@ void dstate_scan(const Problem& p, const FwdParams& fp, const DScanParams& d) {
         const TensorView dO = TensorView::strided(const_cast<void*>(d.d_o), DType::BF16,
                                                   {o.shape[0], o.shape[1], o.shape[2], o.shape[3]},
                                                   {d.dos[0], d.dos[1], d.dos[2], 1}, o.device, o.device_index);
-        if (delta && d.do_dt == DType::BF16 && rows_tma_ready(dO)) {
-            size_t slots = 0;
-            for (const Sequence& s : p.seqs) slots += size_t((s.len + kChunk - 1) / kChunk) * p.HV;
+        size_t slots = 0;
+        for (const Sequence& s : p.seqs) slots += size_t((s.len + kChunk - 1) / kChunk) * p.HV;
+        if (delta && d.do_dt == DType::BF16 && rows_tma_ready(dO) && slots > 0) {
             DScanMaps maps{};
             encode_slot_rows(&maps.Qg, fp.Qg, slots, p.K, 64, p.op);
             encode_slot_rows(&maps.Kd, fp.Kd, slots, p.K, 64, p.op);

@@ -817,7 +817,7 @@ struct ScanWs {
 
 // Shared memory of chunk_scan_ws_kernel, in bytes. Every tile is a wgmma.cuh swizzled tile: the
 // K-wide rows (Qg, W, Kd: 64 × K) and P (64 × 64) in 64-column blocks, the V-tile's (U, Ũ, diag(fk) Ũ:
-// 64 × VT; the state: K × VT) in one block per column group. Tile sizes are multiples of 1 KiB, the
+// 64 × VT; the state: K × VT) as one block of VT columns. Tile sizes are multiples of 1 KiB, the
 // 128-byte swizzle's period, from a 1 KiB-aligned base.
 template <int K, int VT, bool kDelta>
 struct ScanWsLayout {
@@ -833,7 +833,8 @@ struct ScanWsLayout {
     // with `st` operand stages: st × (Qg, W), st × (Kd, P, U), the fixed tiles; st × (γ_C, fq, fk);
     // 2 × st mbarriers (a stage's copies landed; every consumer warp is done with it)
     static constexpr size_t bytes_with(int st) {
-        return kAlign + st * (stage_a + stage_b) + fixed + st * (K + 2 * kChunk) * sizeof(float) + 2 * st * sizeof(uint64_t);
+        return kAlign + st * (stage_a + stage_b) + fixed + st * (K + 2 * kChunk) * sizeof(float) +
+               2 * st * sizeof(uint64_t);
     }
     // Three operand stages (each chunk's copies issued two chunks ahead) where they fit in an SM's
     // 227 KiB and two stages already take more than half of it (one block an SM either way), else two.
@@ -1416,6 +1417,7 @@ inline void encode_input_rows(CUtensorMap* map, const TensorView& x, int box_col
 inline ScanMaps make_scan_maps(const LinearForwardArgs& a, const FwdParams& fp, bool delta, int vt, size_t slots,
                                const char* op) {
     ScanMaps m{};
+    if (slots == 0) return m;  // no chunk: the scan blocks never copy (and an empty map cannot be encoded)
     if (fp.Qg) encode_slot_rows(&m.Qg, fp.Qg, slots, fp.K, 64, op);
     if (fp.Kd) encode_slot_rows(&m.Kd, fp.Kd, slots, fp.K, 64, op);
     if (fp.W) encode_slot_rows(&m.W, fp.W, slots, fp.K, 64, op);
