@@ -11,11 +11,11 @@
 // What is left after the first chunk is ∂loss/∂h0.
 //
 // Numerics are the forward scan's: every factor γ is ≤ 1 and prepare computed the operands safely
-// for any gate (g = −1000 included). Products are mma.sync on the operand dtype E (bf16 for bf16
-// inputs; fp32 as 3×tf32 otherwise) with fp32 accumulation, like the forward scan.
-//
-// Shared memory: 16-bit operands are double-buffered (chunk c − 1's copies start while chunk c
-// computes); fp32 operands single-buffered, as two buffers would not fit.
+// for any gate (g = −1000 included). Two kernels: the delta rule on bf16 operands (and a dO the copy
+// engine can read) takes chunk_dstate_ws_kernel, wgmma with operands in 2 or 3 TMA stages (below);
+// everything else chunk_dstate_kernel, mma.sync on the operand dtype E (bf16; fp32 as 3×tf32) with
+// fp32 accumulation, its 16-bit operands double-buffered (chunk c − 1's copies start while chunk c
+// computes), fp32 ones single-buffered, as two buffers would not fit.
 #pragma once
 
 #include <algorithm>

@@ -16,9 +16,10 @@
 //                  Where the decay is one number per token (bf16 forward), Qg and Kd are q and k with
 //                  per-row factors: prepare writes only those factors, and the scan reads q, k (and V
 //                  for the additive update) from the inputs and applies them (FwdParams::qk_rowf).
-//                  bf16 operands take chunk_scan_ws_kernel: the same recurrence with the warps split
-//                  into state warps (Ũ, S) and output warps (copies, O); fp32 operands (fp32 and fp16
-//                  inputs) chunk_scan_kernel, 4 warps each doing both.
+//                  bf16 operands take chunk_scan_ws_kernel: the same recurrence on wgmma with the
+//                  warps split into a state warpgroup (Ũ, S), an output warpgroup (O) and a producer
+//                  warp issuing the copy engine's copies; fp32 operands (fp32 and fp16 inputs)
+//                  chunk_scan_kernel, 4 warps each doing all of it.
 //
 // Numerics: γ_i = exp(b_i) ≤ 1 and γ_C/γ_j = exp(b_C − b_j) ≤ 1 are always safe. The scores need
 // exp(b_i − b_j) per key channel for vector decay; they are factored around the first token r of each
@@ -472,9 +473,9 @@ struct ScanChain {
 // rest zero-filled (raw input rows past the sequence's end belong to the next sequence or lie past
 // the tensor; prepare's rows there are zero already). Thread t of N copies every N-th 16 bytes. When N
 // is a multiple of a row's pieces, a thread's pieces share one column and lie a fixed number of rows
-// apart, so its addresses are a base plus constant strides: the scans issue these copies every chunk
-// on their output warps' chain, where the general index arithmetic (a division and a 64-bit multiply
-// a piece) was ~360 of an output warp's ~490 instructions a chunk (ncu, GDN B=1 T=16384, 32 columns).
+// apart, so its addresses are a base plus constant strides: the fp32 scan and the state pass issue
+// these copies every chunk, where the general index arithmetic (a division and a 64-bit multiply a
+// piece) was ~360 of an output warp's ~490 instructions a chunk (ncu, session 8's bf16 scan).
 template <class E, int COLS, int N>
 __device__ __forceinline__ void copy_rows_async(E* dst, int ld, const E* src, int64_t src_ld, int valid, int t) {
     constexpr int PER16 = 16 / sizeof(E), PR = COLS / PER16;
@@ -522,7 +523,7 @@ __device__ __forceinline__ void scale_rows_into(E* dst, const E* src, int ld, co
 
 // The state update's operands of chunk cidx into shared memory, by thread t of N: Kd (the raw k rows
 // with raw_k, else prepare's), columns [v0, v0 + COLS) of U (the raw v rows with raw_v, else
-// prepare's) and γ_C. Both scans' and the state pass's copies.
+// prepare's) and γ_C. The fp32 scan's and the state pass's copies.
 template <class E, int K, int COLS, int N>
 __device__ __forceinline__ void copy_update_operands(E* Kt, int ldk, E* Ut, int ldv, float* gc, const FwdParams& p,
                                                      const ScanChain& ch, int cidx, int v0, bool raw_k, bool raw_v,
@@ -1335,9 +1336,11 @@ struct JoinScans {
     cudaStream_t caller;
     bool armed = true;
     void join(const char* op) {
-        armed = false;
+        // disarmed only once joined: if a call throws, the destructor still tries (the workspace the
+        // scans read is freed on the caller's stream after it)
         check_cuda(cudaEventRecord(ps.done, ps.scan), op, "cudaEventRecord(scans done)");
         check_cuda(cudaStreamWaitEvent(caller, ps.done, 0), op, "cudaStreamWaitEvent(scans done)");
+        armed = false;
     }
     ~JoinScans() {
         if (!armed) return;
@@ -1550,12 +1553,20 @@ using Intermediate = std::conditional_t<std::is_same_v<In, __half>, float, In>;
 // and strides, and the dimensions nested the usual way (a row of D inside a token's heads inside a
 // sequence; fused-projection views qualify), which cuTensorMapEncodeTiled requires of a map's strides.
 // Other layouts (head-major views, for one) take prepare's copies.
+// Dimensions of size 1 are never stepped over: their strides are not checked (encode_input_rows
+// replaces them).
 inline bool rows_tma_ready(const TensorView& x) {
-    auto nested = [&](int inner, int outer) {
-        return x.shape[outer] == 1 || x.shape[inner] == 1 || x.stride[outer] >= x.stride[inner] * x.shape[inner];
-    };
-    return reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.stride[0] % 8 == 0 && x.stride[1] % 8 == 0 &&
-           x.stride[2] % 8 == 0 && x.stride[3] == 1 && x.stride[2] >= x.shape[3] && nested(2, 1) && nested(1, 0);
+    bool ok = reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.stride[3] == 1;
+    // dimension d (0: B, 1: T, 2: heads) must step by a positive multiple of 8 elements, past the
+    // extent of the dimensions inside it
+    for (int d = 2; d >= 0; --d) {
+        if (x.shape[d] == 1) continue;
+        int64_t span = x.shape[3];  // the extent of what lies inside dimension d
+        for (int e = d + 1; e < 3; ++e)
+            if (x.shape[e] > 1) span = std::max(span, x.stride[e] * x.shape[e]);
+        ok = ok && x.stride[d] > 0 && x.stride[d] % 8 == 0 && x.stride[d] >= span;
+    }
+    return ok;
 }
 
 // The chunked forward. With `states` (the backward's recompute), o and the final state are not

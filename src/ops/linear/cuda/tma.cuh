@@ -5,9 +5,9 @@
 // map's swizzle — wgmma.cuh's Swz layout when the swizzle width equals a block row) or a contiguous run
 // of bytes (bulk copy); the copies count their bytes against the mbarrier's expected transaction
 // count, and a thread that sees the barrier's phase complete sees the data. Against cp.async, the
-// copies take no issue slots and no load/store-unit queue from the threads: the scans' output warps
-// spent ~1400 of ~3400 cycles a chunk issuing 16-byte copies, and every shared-memory access of the
-// block queued behind them (clock64 trace of chunk_scan_ws_kernel, GDN B=1 T=16384, H100).
+// copies take no issue slots from the threads that compute: the scan's output warps spent ~1700 of
+// ~3900 cycles a chunk issuing 16-byte copies and waiting for prepare before their first product
+// (clock64 trace of session 9's chunk_scan_ws_kernel, GDN B=1 T=16384, H100; results file, session 10).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap and cuTensorMapEncodeTiled's types (the function comes from the runtime)
