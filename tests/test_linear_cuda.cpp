@@ -90,6 +90,17 @@ void poison_tokens(Tensor& x, int64_t t0) {
         }
 }
 
+// A copy of the inputs with every token from t0 on NaN in q, k, v, the gate and β.
+LinearInputs with_nan_tokens(const LinearInputs& x, int64_t t0) {
+    LinearInputs bad = x;
+    for (Tensor* t : {&bad.q, &bad.k, &bad.v, &bad.g, &bad.beta}) {
+        if (!t->defined()) continue;
+        *t = t->clone();
+        poison_tokens(*t, t0);
+    }
+    return bad;
+}
+
 // The values of a contiguous CPU [B, T, H, D] tensor in a head-major [B, H, T, D] buffer on the GPU,
 // and the [B, T, H, D] view of that buffer (strides H·T·D, D, T·D, 1).
 struct HeadMajor {
@@ -152,6 +163,15 @@ const Cell kCells[] = {{"linear_attn", linear_attn_config},   {"lightning_attn",
                        {"kda", kda_config}};
 
 std::string dtype_tag(DType d) { return dtype_name(d); }
+
+// The case of the NaN-neighbour tests: two sequences (70 and 130 tokens) of bf16, an initial state.
+LinearCase nan_neighbour_case(const Cell& cell, int64_t HV, int64_t kv) {
+    LinearCase c = make_case(std::string(cell.name) + "/nan-neighbour/" + std::to_string(kv), cell.config(), DType::BF16,
+                             1, 200, 2, HV, kv, kv);
+    c.cu_seqlens = {0, 70, 200};
+    c.initial_state = true;
+    return c;
+}
 
 }  // namespace
 
@@ -248,19 +268,10 @@ TEST(LinearCuda, NonFiniteTokensStayInTheirSequence) {
     REQUIRE_GPU();
     for (const int64_t kv : {64, 128})
         for (const Cell& cell : kCells) {
-            LinearCase c = make_case(std::string(cell.name) + "/nan-neighbour/" + std::to_string(kv), cell.config(),
-                                     DType::BF16, 1, 200, 2, 4, kv, kv);
-            c.cu_seqlens = {0, 70, 200};
-            c.initial_state = true;
+            const LinearCase c = nan_neighbour_case(cell, 4, kv);
             const LinearInputs cpu = make_inputs(c, 5);
             const References ref = run_references(c, cpu);
-            LinearInputs bad = cpu;
-            for (Tensor* x : {&bad.q, &bad.k, &bad.v, &bad.g, &bad.beta}) {
-                if (!x->defined()) continue;
-                *x = x->clone();
-                poison_tokens(*x, 70);
-            }
-            const LinearInputs dev = bad.move_to(Device::CUDA);
+            const LinearInputs dev = with_nan_tokens(cpu, 70).move_to(Device::CUDA);
             Tensor o = poisoned_output(c, Device::CUDA);
             Tensor st = poisoned_state(c, cpu.N, Device::CUDA);
             linear_forward(c.cfg, dev.args(o, &st));
@@ -770,10 +781,7 @@ TEST(LinearCuda, BackwardNonFiniteTokensStayInTheirSequence) {
     REQUIRE_GPU();
     for (const int64_t kv : {64, 128})
         for (const Cell& cell : kCells) {
-            LinearCase c = make_case(std::string(cell.name) + "/nan-neighbour/" + std::to_string(kv), cell.config(),
-                                     DType::BF16, 1, 200, 2, 2, kv, kv);
-            c.cu_seqlens = {0, 70, 200};
-            c.initial_state = true;
+            const LinearCase c = nan_neighbour_case(cell, 2, kv);
             SCOPED_TRACE(c.name);
             const LinearInputs cpu = make_inputs(c, 7);
             const Tensor d_o = random_normal({c.B, c.T, c.HV, c.V}, c.dtype, 9);
@@ -785,15 +793,9 @@ TEST(LinearCuda, BackwardNonFiniteTokensStayInTheirSequence) {
             rc.backend = Backend::Reference;
             linear_backward(rc, cpu.args(Tensor()), d_o, d_fs, ref.views());
 
-            LinearInputs bad = cpu;
-            for (Tensor* x : {&bad.q, &bad.k, &bad.v, &bad.g, &bad.beta}) {
-                if (!x->defined()) continue;
-                *x = x->clone();
-                poison_tokens(*x, 70);
-            }
             Tensor bad_d_o = d_o.clone();
             poison_tokens(bad_d_o, 70);
-            const LinearInputs dev = bad.move_to(Device::CUDA);
+            const LinearInputs dev = with_nan_tokens(cpu, 70).move_to(Device::CUDA);
             const LinearGradTensors got = poisoned_grads(c, cpu.N, Device::CUDA);
             linear_backward(c.cfg, dev.args(Tensor()), bad_d_o.to(Device::CUDA), d_fs.to(Device::CUDA), got.views());
             cuda_synchronize();
