@@ -301,47 +301,26 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
             scale_acc_rows<SMT, NT, 64>(S, gcs + sb * K + key0);
             // dS += Qgᵀ dO (A: Qg read key-major), then dS += Wᵀ (−dX)
             wg::fence();
-#pragma unroll
-            for (int s = 0; s < kChunk / 16; ++s)
-#pragma unroll
-                for (int i = 0; i < SMT; ++i)
-                    wg::mma<1, 1>(S[i], wg::desc_mn_major<64>(Qt_of(sb) + i * (kChunk * RowT::kRowBytes), s),
-                                  wg::desc_mn_major<VT>(Ot_of(sb), s), 1);
+            wg::cols_product(S, Qt_of(sb), Ot_of(sb));
             wg::commit();
             named_bar_sync(kBarX, kConsumers);  // −dX from the X warpgroup
-#pragma unroll
-            for (int s = 0; s < kChunk / 16; ++s)
-#pragma unroll
-                for (int i = 0; i < SMT; ++i)
-                    wg::mma<1, 1>(S[i], wg::desc_mn_major<64>(Wt_of(sb) + i * (kChunk * RowT::kRowBytes), s),
-                                  wg::desc_mn_major<VT>(ndX, s), 1);
-            wg::commit();
-            wg::wait<0>();
-            wg::fence_acc(S);
-            __syncwarp();
-            if (lane == 0) tma::mbar_arrive(empty + sb);
+            wg::cols_product(S, Wt_of(sb), ndX);
+            wg::finish(S);
+            tma::release_stage(empty + sb);
             store_state_swz<K, VT>(S, Sbuf + (b ^ 1) * L::s_tile, mw);
         } else {
             // X = Kd dS + Pᵀ dO, rows [16·mw, +16) (A: P read column-major)
             wg::fence();
-#pragma unroll
-            for (int s = 0; s < KS; ++s)
-                wg::mma<0, 1>(X[0], wg::desc_k_major<kChunk>(Kt_of(sb), s), wg::desc_mn_major<VT>(Sbuf + b * L::s_tile, s),
-                              s > 0);
-#pragma unroll
-            for (int s = 0; s < kChunk / 16; ++s)
-                wg::mma<1, 1>(X[0], wg::desc_mn_major<64>(Pt_of(sb), s), wg::desc_mn_major<VT>(Ot_of(sb), s), 1);
-            wg::commit();
-            wg::wait<0>();
-            wg::fence_acc(X);
+            wg::rows_product<KS>(X[0], Kt_of(sb), Sbuf + b * L::s_tile, false);
+            wg::cols_product(X, Pt_of(sb), Ot_of(sb));
+            wg::finish(X);
             for_each_acc_pair(X, [&](int r, int cc, float& x0, float& x1) {
                 *reinterpret_cast<uint32_t*>(ndX + ColT::template elem<kChunk>(16 * mw + r, cc)) =
                     pack2(__float2bfloat16(-x0), __float2bfloat16(-x1));
             });
             wg::fence_proxy_async();
             named_bar_arrive(kBarX, kConsumers);
-            __syncwarp();
-            if (lane == 0) tma::mbar_arrive(empty + sb);
+            tma::release_stage(empty + sb);
         }
     }
     if (state_role && d.dh0) {

@@ -1013,12 +1013,8 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
             if constexpr (kDelta) {
                 // W S, then Ũ = U − W S (and diag(fk) Ũ) of the warp's 16 rows
                 wg::fence();
-#pragma unroll
-                for (int s = 0; s < KS; ++s)
-                    wg::mma<0, 1>(acc[0], wg::desc_k_major<kChunk>(Wt_of(sb), s), wg::desc_mn_major<VT>(Sop, s), s > 0);
-                wg::commit();
-                wg::wait<0>();
-                wg::fence_acc(acc);
+                wg::rows_product<KS>(acc[0], Wt_of(sb), Sop, false);
+                wg::finish(acc);
                 // every load before the first store: the compiler cannot tell the tiles apart and
                 // would otherwise wait out each load's latency in turn (~1000 cycles a chunk, trace)
                 const int g = lane >> 2, t4 = lane & 3;
@@ -1074,43 +1070,25 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
             scale_acc_rows<SMT, NT, 64>(S, gcs + sb * K + key0);
             const unsigned char* Bt = raw ? Uk : Ueff;
             wg::fence();
-#pragma unroll
-            for (int s = 0; s < kChunk / 16; ++s)
-#pragma unroll
-                for (int i = 0; i < SMT; ++i)
-                    wg::mma<1, 1>(S[i], wg::desc_mn_major<64>(Kt_of(sb) + i * (kChunk * RowT::kRowBytes), s),
-                                  wg::desc_mn_major<VT>(Bt, s), 1);
-            wg::commit();
-            wg::wait<0>();
-            wg::fence_acc(S);
-            __syncwarp();
-            if (lane == 0) tma::mbar_arrive(empty + sb);  // the warp is done with the stage
+            wg::cols_product(S, Kt_of(sb), Bt);
+            wg::finish(S);
+            tma::release_stage(empty + sb);
             store_state_swz<K, VT>(S, Sbuf + (b ^ 1) * L::s_tile, mw);
         } else {
             // ---- O = Qg S + P Ũ, rows [16·mw, +16) ----
             if (p.o) {
                 wg::fence();
-#pragma unroll
-                for (int s = 0; s < KS; ++s)
-                    wg::mma<0, 1>(acc[0], wg::desc_k_major<kChunk>(Qt_of(sb), s), wg::desc_mn_major<VT>(Sop, s), s > 0);
-                wg::commit();
-                wg::wait<0>();
-                wg::fence_acc(acc);
+                wg::rows_product<KS>(acc[0], Qt_of(sb), Sop, false);
+                wg::finish(acc);
                 if (raw) scale_acc_rows(acc, fq + mw * 16);
             }
             if constexpr (kDelta) named_bar_sync(kBarU, kConsumers);  // Ũ from the state warps
             if (p.o) {
                 wg::fence();
-#pragma unroll
-                for (int s = 0; s < kChunk / 16; ++s)
-                    wg::mma<0, 1>(acc[0], wg::desc_k_major<kChunk>(Pt_of(sb), s),
-                                  wg::desc_mn_major<VT>(kDelta ? Unew : Ut, s), 1);
-                wg::commit();
-                wg::wait<0>();
-                wg::fence_acc(acc);
+                wg::rows_product<kChunk / 16>(acc[0], Pt_of(sb), kDelta ? Unew : Ut, true);
+                wg::finish(acc);
             }
-            __syncwarp();
-            if (lane == 0) tma::mbar_arrive(empty + sb);  // the warp is done with the stage
+            tma::release_stage(empty + sb);
             if (p.o) store_output_tile<E, NT>(acc, p, ch, cidx, mw * 16, v0, o_pairs);
             // Orders nothing (see the racecheck note above the kernel); free, as the chunk barrier is next.
             if constexpr (!kDelta) named_bar_sync(kBarOutput, kRole);

@@ -34,6 +34,11 @@ __device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(saddr(bar)) : "memory");
 }
+// A consumer warp done with a stage: its lanes' reads are over (__syncwarp), one arrival for the warp.
+__device__ __forceinline__ void release_stage(uint64_t* empty) {
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) mbar_arrive(empty);
+}
 // Waits until the phase of parity `parity` has completed.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
     asm volatile(

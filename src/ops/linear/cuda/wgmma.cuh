@@ -135,4 +135,33 @@ __device__ __forceinline__ void mma(float (&d)[8][4], uint64_t a, uint64_t b, in
         : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB));
 }
 
+// The scans' two product shapes, each a batch of k-steps issued back to back (commit / finish below).
+// A is a Swz<64> tile of 64 rows (the chunk's rows, in 64-column blocks); B a Swz<N> tile whose rows
+// are the k index (MN-major), N = the accumulator's columns.
+//   rows_product: D[64, N] (+)= A B, A's rows D's rows, `steps` k-steps of 16 of A's columns
+//                 (W S, Qg S, P Ũ, Kd dS); accumulate = false: the first step overwrites D.
+//   cols_product: D_i[64, N] += (A's column block i)ᵀ B, i < MT, over A's 64 rows (Kdᵀ Ũ, Qgᵀ dO,
+//                 Wᵀ dX, Pᵀ dO): A read M-major, block i at 64 rows × 128 bytes on.
+template <int STEPS, int NT>
+__device__ __forceinline__ void rows_product(float (&d)[NT][4], const void* a, const void* b, bool accumulate) {
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s)
+        mma<0, 1>(d, desc_k_major<64>(a, s), desc_mn_major<NT * 8>(b, s), accumulate || s > 0);
+}
+template <int MT, int NT>
+__device__ __forceinline__ void cols_product(float (&d)[MT][NT][4], const unsigned char* a, const void* b) {
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+            mma<1, 1>(d[i], desc_mn_major<64>(a + i * (64 * Swz<64>::kRowBytes), s), desc_mn_major<NT * 8>(b, s), 1);
+}
+// Closes the batch and waits for it: the accumulators are final after this.
+template <int MT, int NT>
+__device__ __forceinline__ void finish(float (&c)[MT][NT][4]) {
+    commit();
+    wait<0>();
+    fence_acc(c);
+}
+
 }  // namespace hla::linear::cuda::wg
