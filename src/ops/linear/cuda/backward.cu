@@ -45,10 +45,10 @@ extern template void launch_backward<false, false>(const bwd::Params&, int, cons
 extern template void launch_backward<false, true>(const bwd::Params&, int, const char*);
 extern template void launch_backward<true, false>(const bwd::Params&, int, const char*);
 extern template void launch_backward<true, true>(const bwd::Params&, int, const char*);
-extern template void launch_backward_mma<Update::Additive>(const bwd::Params&, const char*);
-extern template void launch_backward_mma<Update::Delta>(const bwd::Params&, const char*);
-extern template void launch_backward_mma_vector<Update::Additive>(const bwd::Params&, const char*);
-extern template void launch_backward_mma_vector<Update::Delta>(const bwd::Params&, const char*);
+extern template void launch_backward_mma<Update::Additive>(const bwd::Params&, const Stage3Views&, const char*);
+extern template void launch_backward_mma<Update::Delta>(const bwd::Params&, const Stage3Views&, const char*);
+extern template void launch_backward_mma_vector<Update::Additive>(const bwd::Params&, const Stage3Views&, const char*);
+extern template void launch_backward_mma_vector<Update::Delta>(const bwd::Params&, const Stage3Views&, const char*);
 
 namespace {
 
@@ -213,11 +213,13 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     bp.n_chunks = int(n_chunks);
     if (n_chunks > 0 && mma) {
 #if HLA_CUDA_LINEAR_BF16  // (mma means bf16 inputs, which the switch above rejects in a build without them)
+        const Stage3Views views{a.q, a.k, a.v, d_o};
         if (vec)
-            p.delta() ? launch_backward_mma_vector<Update::Delta>(bp, p.op)
-                      : launch_backward_mma_vector<Update::Additive>(bp, p.op);
+            p.delta() ? launch_backward_mma_vector<Update::Delta>(bp, views, p.op)
+                      : launch_backward_mma_vector<Update::Additive>(bp, views, p.op);
         else
-            p.delta() ? launch_backward_mma<Update::Delta>(bp, p.op) : launch_backward_mma<Update::Additive>(bp, p.op);
+            p.delta() ? launch_backward_mma<Update::Delta>(bp, views, p.op)
+                      : launch_backward_mma<Update::Additive>(bp, views, p.op);
 #endif
     } else if (n_chunks > 0) {
         if (vec) p.delta() ? launch_backward<true, true>(bp, blocks, p.op) : launch_backward<true, false>(bp, blocks, p.op);

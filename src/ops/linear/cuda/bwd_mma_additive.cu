@@ -4,6 +4,6 @@
 
 namespace hla::linear::cuda {
 #if HLA_CUDA_LINEAR_BF16
-template void launch_backward_mma<Update::Additive>(const bwd::Params&, const char*);
+template void launch_backward_mma<Update::Additive>(const bwd::Params&, const Stage3Views&, const char*);
 #endif
 }  // namespace hla::linear::cuda

@@ -46,10 +46,12 @@ constexpr int kMmaThreads = 512;
 constexpr int kVecThreads = 512;
 constexpr int col_groups(int threads) { return threads / 128; }
 
-// Shared memory of store_dq_dk (below) in one or two passes.
-constexpr size_t dq_dk_stage_bytes(int K, int passes) {
-    return 2 * size_t(kChunk) / passes * (size_t(K + 4) * 4 + size_t(K + 8) * 2);
-}
+// Shared memory of store_dq_dk (below): dq's and dk's fragments as fp32 rows.
+constexpr size_t dq_dk_stage_bytes(int K) { return 2 * size_t(kChunk) * size_t(K + 4) * 4; }
+
+// The mbarriers of chunk_bwd_mma_kernel's copy-engine loads, each completing once a value head (q and
+// k once a block).
+enum LoadBarrier { kBarQK, kBarOperands, kBarT, kLoadBarriers };
 
 template <Update Up, int K, int V>
 struct MmaLayout {
@@ -70,15 +72,23 @@ struct MmaLayout {
     static constexpr size_t x_off = uw_off + uw_bytes;  // delta: X [64][LDV]
     static constexpr size_t dx_off = x_off + (kDelta ? size_t(kChunk) * LDV * 2 : 0);  // delta: dX fp32 [64][LDVF], then Z bf16 [64][LDV]
     static constexpr size_t pb_off = dx_off + (kDelta ? size_t(kChunk) * LDVF * 4 : 0);  // P bf16 [64][LDC]
-    static constexpr size_t r_off = pb_off + size_t(kChunk) * LDC * 2;
-    // per row: b (fp64), then fp32 γ, κ, β, raw β, gate input, dP_ii, u, w, dβ; misc
-    static constexpr int kRowF = 9;
-    static constexpr size_t bytes = r_off + kChunk * 8 + kRowF * kChunk * 4 + (1 + 2 * kMmaThreads / 32) * 4;
+    // (at least store_dq_dk's stage from do_off: the additive update's operands can be smaller)
+    static constexpr size_t r_off = std::max(pb_off + size_t(kChunk) * LDC * 2, do_off + dq_dk_stage_bytes(K));
+    // per row: b (fp64); the copy engine's mbarriers (LoadBarrier); fp32 γ, κ, β, raw β, gate input, dP_ii,
+    // u, w, dβ, then q's and k's 1 / ‖x‖; misc
+    static constexpr size_t bar_off = r_off + kChunk * 8;
+    static constexpr size_t rowf_off = bar_off + kLoadBarriers * 8;
+    static constexpr int kRowF = 11;
+    static constexpr size_t bytes = rowf_off + kRowF * kChunk * 4 + (1 + 2 * kMmaThreads / 32) * 4;
     // Reused once the chunk's products are done: [s0_off, r_off) holds E1 = dP⊙Γ and E = dD⊙Γ + its
-    // transpose (bf16 [64][LDC]) and F (fp32 [64][LDF]); after the group, [0, r_off) is store_dq_dk's.
+    // transpose (bf16 [64][LDC]) and F (fp32 [64][LDF]); after the group, [do_off, r_off) is store_dq_dk's
+    // (q̂, k̂ stay for it).
     static constexpr size_t late_bytes = r_off - s0_off;
     static_assert(2 * size_t(kChunk) * LDC * 2 + size_t(kChunk) * LDF * 4 <= late_bytes, "bwd mma: E1, E, F do not fit");
-    static_assert(dq_dk_stage_bytes(K, 2) <= r_off, "bwd mma: the dq/dk staging does not fit");
+    static_assert(do_off + dq_dk_stage_bytes(K) <= r_off, "bwd mma: the dq/dk staging does not fit");
+    // the copy engine's tiles (Stage3Maps) start at 128-byte boundaries
+    static_assert((k_off | do_off | s0_off | ds_off | uw_off | (uw_off + size_t(kChunk) * LDV * 2) | pb_off) % 128 == 0,
+                  "bwd mma: a copy-engine tile off its 128-byte alignment");
     static_assert(bytes <= 227 * 1024, "bwd mma: shared memory over the 227 KiB of an SM");
 };
 
@@ -121,28 +131,32 @@ __device__ __forceinline__ void add_scaled_rows(float (&dst)[1][NT][4], float (&
     });
 }
 
-// q̂ and k̂ of a chunk (query/key head h) into shared memory as bf16 rows of stride LDK: the raw rows,
-// then scaled / L2-normalised in place, THREADS / 64 lanes a row: lane p of a row takes the row's
-// 16-byte pieces p, p + THREADS / 64, ... (the lanes of a row read different banks), and the row's sums
-// take log2(THREADS / 64) shuffles (one warp a row put a five-step shuffle chain on every row).
+// q̂ and k̂ of a chunk in place from the raw rows in shared memory (bf16, row stride LDK): scaled /
+// L2-normalised, THREADS / 64 lanes a row: lane p of a row takes the row's 16-byte pieces p,
+// p + THREADS / 64, ... (the lanes of a row read different banks), and the row's sums take
+// log2(THREADS / 64) shuffles (one warp a row put a five-step shuffle chain on every row). inv_norm
+// [2][64] gets the rows' 1 / ‖x‖ (q's, then k's; 1 without the norm) for store_dq_dk's backward of it.
+// Rows ≥ len (past the chunk's sequence, whatever they hold) become zeros.
 template <int K, int LDK, int THREADS>
-__device__ __forceinline__ void stage_qk_hat(__nv_bfloat16* Qs, __nv_bfloat16* Ks, const Params& p, const ChunkInfo& ci,
-                                             int h) {
+__device__ __forceinline__ void normalize_qk_rows(__nv_bfloat16* Qs, __nv_bfloat16* Ks, float* inv_norm, const Params& p,
+                                                  int len) {
     using E = __nv_bfloat16;
     constexpr int LPR = THREADS / kChunk, PR = K / 8;  // lanes a row, 16-byte pieces a row
-    static_assert(LPR * kChunk == THREADS && 32 % LPR == 0 && PR % LPR == 0, "stage_qk_hat: lanes a row");
-    stage_rows_bf16<K, THREADS>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1], kChunk, ci.len);
-    stage_rows_bf16<K, THREADS>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], kChunk, ci.len);
-    cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
+    static_assert(LPR * kChunk == THREADS && 32 % LPR == 0 && PR % LPR == 0, "normalize_qk_rows: lanes a row");
     const int i = threadIdx.x / LPR, part = threadIdx.x % LPR;
     uint4* qrow = reinterpret_cast<uint4*>(Qs + i * LDK);
     uint4* krow = reinterpret_cast<uint4*>(Ks + i * LDK);
     float sq = 0.f, sk = 0.f, unused = 0.f;
 #pragma unroll
     for (int j = part; j < PR; j += LPR) add_piece_squares(qrow[j], krow[j], sq, sk, unused);
-    const float2 f = qk_row_factors_of_sums(lane_group_sum<LPR>(sq), lane_group_sum<LPR>(sk), p.scale, p.qk_l2norm);
+    sq = lane_group_sum<LPR>(sq);
+    sk = lane_group_sum<LPR>(sk);
+    const bool in = i < len;
+    const float2 f = qk_row_factors_of_sums(sq, sk, p.scale, p.qk_l2norm);
+    if (part == 0) {
+        inv_norm[i] = !in ? 0.f : p.qk_l2norm ? rsqrtf(sq + float(kL2NormEps)) : 1.f;
+        inv_norm[kChunk + i] = in ? f.y : 0.f;
+    }
 #pragma unroll
     for (int j = part; j < PR; j += LPR) {
         const uint4 qa = qrow[j], ka = krow[j];
@@ -150,96 +164,119 @@ __device__ __forceinline__ void stage_qk_hat(__nv_bfloat16* Qs, __nv_bfloat16* K
         float qv[8], kv[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-            qv[e] = unpack_elem<E>(qw, e) * f.x;
-            kv[e] = unpack_elem<E>(kw, e) * f.y;
+            qv[e] = in ? unpack_elem<E>(qw, e) * f.x : 0.f;
+            kv[e] = in ? unpack_elem<E>(kw, e) * f.y : 0.f;
         }
         store_vec<E>(reinterpret_cast<E*>(qrow + j), qv);
         store_vec<E>(reinterpret_cast<E*>(krow + j), kv);
     }
 }
 
-// dq and dk of a chunk (register fragments of warp w: rows 16·(w % 4).., key columns (w / 4)·K/4..,
-// summed over the group) through the scale and the in-kernel L2 norm to the outputs. `stage`
-// (dq_dk_stage_bytes(K, PASSES), above) takes the fragments as fp32 rows [K + 4] and the raw rows as bf16
-// [K + 8] (per-row global reads would serialise on their latency), the raw rows' copies issued first so
-// that they land while the fragments are staged: dq's and dk's rows in one pass, or dq's and then dk's.
-// H100, B=4 T=4096, ncu: one pass against two, chunk_bwd_vec_kernel<KDA> 1440 -> 1320 us, but
-// chunk_bwd_mma_kernel<GDN> 1100 -> 1130, so it keeps two. LPR lanes a row (lane q of a row takes its
-// column pairs q, q + LPR, ...), the rows THREADS / LPR at a time, log2(LPR) shuffles a sum. LPR = 8
-// (every row at once) against 32 (one warp a row, four rows in turn): chunk_bwd_mma_kernel<GDN> 1160 ->
-// 1110 us, but chunk_bwd_vec_kernel<KDA>, at its 128-register cap, 1480 -> 1520, so it keeps 32.
-template <int K, int THREADS, int LPR, int PASSES, int NTK>
-__device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[1][NTK][4], float* stage, const Params& p,
-                                            const ChunkInfo& ci, int h) {
+// The same from the chunk's raw q, k rows (query/key head h), copied in by the block first.
+template <int K, int LDK, int THREADS>
+__device__ __forceinline__ void stage_qk_hat(__nv_bfloat16* Qs, __nv_bfloat16* Ks, float* inv_norm, const Params& p,
+                                             const ChunkInfo& ci, int h) {
     using E = __nv_bfloat16;
+    stage_rows_bf16<K, THREADS>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1], kChunk, ci.len);
+    stage_rows_bf16<K, THREADS>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], kChunk, ci.len);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    normalize_qk_rows<K, LDK, THREADS>(Qs, Ks, inv_norm, p, ci.len);
+}
+
+// dq and dk of a chunk (register fragments of warp w: rows 16·(w % 4).., key columns (w / 4)·K/4..,
+// summed over the group) through the scale and the in-kernel L2 norm to the outputs. The fragments go
+// to `stage` (dq_dk_stage_bytes, apart from Qs and Ks) as fp32 rows; the norm's backward takes its
+// unit rows x̂ from the chunk's q̂ = scale·x̂ (Qs) and k̂ = x̂ (Ks) and the rows' inv_norm
+// (normalize_qk_rows), so no raw row is read again: reading them back from global memory (two passes
+// through a stage over Qs and Ks) took ~15000 of the GDN kernel's ~75000 cycles a block (clock64
+// trace, H100, B=4 T=4096 H=16, session 11). x̂ carries q̂'s bf16 rounding (2^-9), as do the products
+// that made dq and dk. LPR lanes a row (lane q of a row takes its column pairs q, q + LPR, ...), the
+// rows THREADS / LPR at a time, log2(LPR) shuffles a sum. LPR = 8 (every row at once) against 32 (one
+// warp a row, four rows in turn): chunk_bwd_mma_kernel<GDN> 1160 -> 1110 us, but
+// chunk_bwd_vec_kernel<KDA>, at its 128-register cap, 1480 -> 1520, so it keeps 32.
+template <int K, int THREADS, int LPR, int NTK>
+__device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[1][NTK][4], float* stage,
+                                            const __nv_bfloat16* Qs, const __nv_bfloat16* Ks, const float* inv_norm,
+                                            const Params& p, const ChunkInfo& ci, int h) {
     constexpr int LDK = K + 8, LDS = K + 4;
-    constexpr int ROWS = 2 * kChunk / PASSES;  // rows a pass
-    constexpr int NP = K / 2 / LPR;            // column pairs a lane
-    static_assert(PASSES == 1 || PASSES == 2, "store_dq_dk: one or two passes");
+    constexpr int ROWS = 2 * kChunk;  // dq's rows, then dk's
+    constexpr int NP = K / 2 / LPR;   // column pairs a lane
     static_assert(THREADS % LPR == 0 && 32 % LPR == 0 && NP * LPR * 2 == K && ROWS % (THREADS / LPR) == 0,
                   "store_dq_dk: lanes a row");
     const int warp = threadIdx.x >> 5;
     const int row0 = 16 * (warp & 3), kc0 = (warp >> 2) * (K / col_groups(THREADS)), len = ci.len;
-    E* rawb = reinterpret_cast<E*>(stage + ROWS * LDS);
-    // pass 0 stages dq (and dk at row 64 + i when one pass holds both), pass 1 dk
-    for (int pass = 0; pass < PASSES; ++pass) {
-        const bool q_rows = pass == 0, k_rows = PASSES == 1 || pass == 1;
-        const int k_at = PASSES == 1 ? kChunk : 0;  // dk's first row in the stage
-        if (p.qk_l2norm) {
-            if (q_rows)
-                stage_rows_bf16<K, THREADS>(rawb, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1],
-                                            kChunk, len);
-            if (k_rows)
-                stage_rows_bf16<K, THREADS>(rawb + k_at * LDK, LDK,
-                                            static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], kChunk, len);
-            cp_async_commit();
+    for_each_acc(dq, [&](int r, int c, float& x) { stage[(row0 + r) * LDS + kc0 + c] = x; });
+    for_each_acc(dk, [&](int r, int c, float& x) { stage[(kChunk + row0 + r) * LDS + kc0 + c] = x; });
+    __syncthreads();
+    const int q = threadIdx.x % LPR;
+    // rows past the chunk's end compute on zero rows and store nothing (the shuffles need every lane)
+    for (int ir = threadIdx.x / LPR; ir < ROWS; ir += THREADS / LPR) {
+        const bool is_q = ir < kChunk;
+        const int i = ir % kChunk;
+        const float f = is_q ? p.scale : 1.f;
+        float2 d[NP];
+#pragma unroll
+        for (int g = 0; g < NP; ++g) {
+            const float2 s = *reinterpret_cast<const float2*>(stage + ir * LDS + 2 * (q + g * LPR));
+            d[g] = make_float2(f * s.x, f * s.y);
         }
-        if (q_rows) for_each_acc(dq, [&](int r, int c, float& x) { stage[(row0 + r) * LDS + kc0 + c] = x; });
-        if (k_rows) for_each_acc(dk, [&](int r, int c, float& x) { stage[(k_at + row0 + r) * LDS + kc0 + c] = x; });
-        cp_async_wait_all();
-        __syncthreads();
-        const int q = threadIdx.x % LPR;
-        // rows past the chunk's end compute on zero raw rows and store nothing (the shuffles need every lane)
-        for (int ir = threadIdx.x / LPR; ir < ROWS; ir += THREADS / LPR) {
-            const bool is_q = q_rows && ir < kChunk;
-            const int i = ir % kChunk;
-            float2 d[NP], x[NP];
+        if (p.qk_l2norm) {
+            // d ← (f d − x̂ ⟨x̂, f d⟩) / ‖x‖ (l2norm_scale_backward_row's math), x̂ = q̂ / f; f = 0 leaves 0
+            const __nv_bfloat16* xs = (is_q ? Qs : Ks) + i * LDK;
+            const float unit = f != 0.f ? 1.f / f : 0.f;
+            float2 x[NP];
+            float dot = 0.f;
 #pragma unroll
             for (int g = 0; g < NP; ++g) {
-                const int c = 2 * (q + g * LPR);
-                d[g] = *reinterpret_cast<const float2*>(stage + ir * LDS + c);
-                x[g] = p.qk_l2norm ? load_pair(rawb + ir * LDK + c) : make_float2(0.f, 0.f);
+                const float2 r = load_pair(xs + 2 * (q + g * LPR));
+                x[g] = make_float2(unit * r.x, unit * r.y);
+                dot += x[g].x * d[g].x + x[g].y * d[g].y;
             }
-            const float f = is_q ? p.scale : 1.f;
-            if (p.qk_l2norm) {
-                // d ← (f d − x̂ ⟨x̂, f d⟩) / ‖x‖ (l2norm_scale_backward_row's math, on a lane's pairs)
-                float ss = 0.f, dot = 0.f;
+            dot = lane_group_sum<LPR>(dot);
+            const float inv = inv_norm[ir];
 #pragma unroll
-                for (int g = 0; g < NP; ++g) ss += x[g].x * x[g].x + x[g].y * x[g].y;
-                ss = lane_group_sum<LPR>(ss);
-                const float inv = 1.f / sqrtf(ss + float(kL2NormEps));
-#pragma unroll
-                for (int g = 0; g < NP; ++g) dot += (x[g].x * inv * d[g].x + x[g].y * inv * d[g].y) * f;
-                dot = lane_group_sum<LPR>(dot);
-#pragma unroll
-                for (int g = 0; g < NP; ++g) {
-                    d[g].x = (d[g].x * f - x[g].x * inv * dot) * inv;
-                    d[g].y = (d[g].y * f - x[g].y * inv * dot) * inv;
-                }
-            } else {
-#pragma unroll
-                for (int g = 0; g < NP; ++g) d[g] = make_float2(d[g].x * f, d[g].y * f);
-            }
-            void* out = is_q ? p.dq : p.dk;
-            if (out && i < len) {
-                const DType odt = is_q ? p.dq_dt : p.dk_dt;
-                const int64_t ooff = is_q ? tok(p.dqs, ci.batch, ci.start + i, h) : tok(p.dks, ci.batch, ci.start + i, h);
-#pragma unroll
-                for (int g = 0; g < NP; ++g) store_pair_any(out, odt, ooff + 2 * (q + g * LPR), d[g].x, d[g].y);
+            for (int g = 0; g < NP; ++g) {
+                d[g].x = (d[g].x - x[g].x * dot) * inv;
+                d[g].y = (d[g].y - x[g].y * dot) * inv;
             }
         }
-        if (PASSES == 2 && pass == 0) __syncthreads();  // dq's rows are read: dk's take their place
+        void* out = is_q ? p.dq : p.dk;
+        if (out && i < len) {
+            const DType odt = is_q ? p.dq_dt : p.dk_dt;
+            const int64_t ooff = is_q ? tok(p.dqs, ci.batch, ci.start + i, h) : tok(p.dks, ci.batch, ci.start + i, h);
+#pragma unroll
+            for (int g = 0; g < NP; ++g) store_pair_any(out, odt, ooff + 2 * (q + g * LPR), d[g].x, d[g].y);
+        }
     }
+}
+
+// Tensor maps (tma.cuh) of the copy engine's loads of chunk_bwd_mma_kernel, each box one operand tile
+// in the kernel's padded row layout: a box is `pad` columns wider than its tensor (8 bf16 or 4 fp32, 16
+// bytes), the columns past the tensor's edge land as zeros, and the rows arrive at the stride ldmatrix
+// reads without bank conflicts, one copy a tile. The per-(chunk, value head) workspace blocks are 2-D
+// [slots·rows, cols] matrices (S0, dS_C: K rows; U, W, K̄, P, T: 64); the inputs 4-D [B, T, heads, D]
+// views read a head's 64 tokens a box, when rows_tma_ready (else the block copies them itself:
+// *_tma false). Rows past a chunk's sequence (a box reads on into the next) are zeroed in the kernel.
+// Against 16-byte cp.async by every thread (~7000 of them a value head at K = V = 128), the block
+// issues nothing: session 11's clock64 trace of this kernel (H100, GDN B=4 T=4096 H=16) had issuing
+// those copies hold the block ~11500 of its ~75000 cycles and the q, k copies another ~6000; a bulk
+// copy a row (~600 a value head) took three times longer to land.
+struct Stage3Maps {
+    CUtensorMap q, k, d_o, v, S0, dS, U, W, Kd, P, T;
+    bool qk_tma, do_tma, v_tma;
+};
+
+// Bytes of a padded box of `rows` rows of `cols` elements of `elem` bytes.
+constexpr uint32_t padded_box_bytes(int rows, int cols, int elem) { return uint32_t(rows) * uint32_t(cols * elem + 16); }
+
+// Rows [from, 64) of a bf16 tile of COLS columns (row stride ld) zeroed by the block (16-byte stores).
+template <int COLS, int THREADS>
+__device__ __forceinline__ void zero_rows_from(__nv_bfloat16* tile, int ld, int from) {
+    constexpr int PR = COLS / 8;
+    for (int idx = threadIdx.x; idx < (kChunk - from) * PR; idx += THREADS)
+        *reinterpret_cast<uint4*>(tile + (from + idx / PR) * ld + 8 * (idx % PR)) = make_uint4(0, 0, 0, 0);
 }
 
 // kVec: the first of the two vector-decay kernels. It computes everything of the chunk whose products
@@ -247,7 +284,7 @@ __device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[
 // dO S0ᵀ, Z S0ᵀ, X dS_Cᵀ) and hands the rest to chunk_bwd_vec_kernel through Params::v_*; q and k are
 // not read (P and K̄ come from stage 1).
 template <Update Up, bool kVec, int K, int V>
-__global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Params p) {
+__global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Params p, const __grid_constant__ Stage3Maps maps) {
     using E = __nv_bfloat16;
     using L = MmaLayout<Up, K, V>;
     constexpr bool kDelta = L::kDelta;
@@ -272,9 +309,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     E* E1b = reinterpret_cast<E*>(sm + L::s0_off);             // late: dP ⊙ Γ (strict lower)
     E* E2b = E1b + kChunk * LDC;                               // late: dD ⊙ Γ + transpose
     float* Fm = reinterpret_cast<float*>(E2b + kChunk * LDC);  // late: F
-    float* stage = reinterpret_cast<float*>(sm);               // after the group: store_dq_dk's
+    float* stage = reinterpret_cast<float*>(sm + L::do_off);   // after the group: store_dq_dk's
     double* bsm = reinterpret_cast<double*>(sm + L::r_off);
-    float* rowf = reinterpret_cast<float*>(bsm + kChunk);
+    uint64_t* bars = reinterpret_cast<uint64_t*>(sm + L::bar_off);  // LoadBarrier
+    float* rowf = reinterpret_cast<float*>(sm + L::rowf_off);
     float* gam = rowf;                  // e^{b_i}
     float* kap = rowf + kChunk;         // e^{b_C − b_i}
     float* betas = rowf + 2 * kChunk;   // β_i (activation applied)
@@ -284,6 +322,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     float* us = rowf + 6 * kChunk;
     float* ws_ = rowf + 7 * kChunk;
     float* dbs = rowf + 8 * kChunk;
+    float* inv_norm = rowf + 9 * kChunk;  // [2][64]: q's, k's 1 / ‖x‖ (normalize_qk_rows)
     float* misc = rowf + L::kRowF * kChunk;  // [0]: Σ S0 ⊙ dS_C; [1..]: per-warp sums of the chunk's dg, dA_log
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -293,8 +332,31 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     const int len = ci.len;
     const bool gated = !kVec && p.gate_act != GateActivation::None && p.decay == Decay::Scalar;
 
-    // ---- q̂, k̂ of the chunk (shared by the group); with vector decay Ks holds each value head's K̄ ----
-    if constexpr (!kVec) stage_qk_hat<K, LDK, kMmaThreads>(Qs, Ks, p, ci, h);
+    // ---- copies: the copy engine's (Stage3Maps), issued by one thread; an input the maps cannot read
+    // (or dO not in bf16) is copied by the whole block instead (cp.async, or element copies), waited for
+    // with the copy engine's ----
+    const bool loader = tid == kMmaThreads - 32;  // (warp 0 loads the gate inputs meanwhile)
+    if (tid == 0) {
+        for (int b = 0; b < kLoadBarriers; ++b) tma::mbar_init(bars + b, 1);
+        tma::fence_init();
+    }
+    __syncthreads();
+    if constexpr (!kVec) {
+        if (loader) {
+            tma::mbar_expect(bars + kBarQK, maps.qk_tma ? 2 * padded_box_bytes(kChunk, K, 2) : 0);
+            if (maps.qk_tma) {
+                tma::load_4d(Qs, &maps.q, 0, h, ci.start, ci.batch, bars + kBarQK);
+                tma::load_4d(Ks, &maps.k, 0, h, ci.start, ci.batch, bars + kBarQK);
+            }
+        }
+        if (!maps.qk_tma) {
+            stage_rows_bf16<K, kMmaThreads>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1],
+                                            kChunk, len);
+            stage_rows_bf16<K, kMmaThreads>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1],
+                                            kChunk, len);
+        }
+        cp_async_commit();
+    }
 
     float dq[1][NTK][4], dk[1][NTK][4];  // rows row0.., key columns kc0..
     zero_acc(dq);
@@ -303,6 +365,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
 
     for (int hv = h * p.G; hv < (h + 1) * p.G; ++hv) {
         const size_t slot = size_t(chunk) * p.HV + hv;
+        const uint32_t parity = uint32_t(hv - h * p.G) & 1;  // each barrier completes once a value head
         // ---- the gate and β inputs (warp 0: two tokens a lane; warps 1, 2: β), loaded before the
         // operands' copies: behind them they arrived last, and the block waited at the barrier below for
         // warp 0's decay sums after everything else had landed ----
@@ -319,8 +382,32 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             const int i = (warp - 1) * 32 + lane;
             if (i < len) in[0] = load_any(p.beta, p.beta_dt, tok(p.bs, ci.batch, ci.start + i, hv));
         }
-        // ---- operands of this value head ----
-        {
+        // ---- operands of this value head: delta: prepare's U and W; additive: V (= X); vector decay:
+        // stage 1's K̄ = k̂ ⊙ e^{b_C − b} and P (zero past the chunk's end) too ----
+        const bool v_tma = kDelta || maps.v_tma;
+        if (loader) {
+            uint32_t bytes = 2 * padded_box_bytes(K, V, 2) + (maps.do_tma ? padded_box_bytes(kChunk, V, 2) : 0) +
+                             (v_tma ? padded_box_bytes(kChunk, V, 2) : 0) +
+                             (kDelta ? padded_box_bytes(kChunk, K, 2) : 0) +
+                             (kVec ? padded_box_bytes(kChunk, K, 2) + padded_box_bytes(kChunk, kChunk, 2) : 0);
+            uint64_t* bar = bars + kBarOperands;
+            wg::fence_proxy_async();  // (the block's generic accesses of these bytes came before: loop-end barrier)
+            tma::mbar_expect(bar, bytes);
+            tma::load_2d(S0s, &maps.S0, 0, int(slot) * K, bar);
+            tma::load_2d(dSs, &maps.dS, 0, int(slot) * K, bar);
+            if (maps.do_tma) tma::load_4d(dOs, &maps.d_o, 0, hv, ci.start, ci.batch, bar);
+            if constexpr (kDelta) {
+                tma::load_2d(Us, &maps.U, 0, int(slot) * kChunk, bar);
+                tma::load_2d(Ws, &maps.W, 0, int(slot) * kChunk, bar);
+            } else if (maps.v_tma) {
+                tma::load_4d(Us, &maps.v, 0, hv, ci.start, ci.batch, bar);
+            }
+            if constexpr (kVec) {
+                tma::load_2d(Ks, &maps.Kd, 0, int(slot) * kChunk, bar);
+                tma::load_2d(Pb, &maps.P, 0, int(slot) * kChunk, bar);
+            }
+        }
+        if (!maps.do_tma) {
             const E* dsrc = static_cast<const E*>(p.d_o) + tok(p.dos, ci.batch, ci.start, hv);
             if (p.do_dt == DType::BF16) {
                 stage_rows_bf16<V, kMmaThreads>(dOs, LDV, dsrc, p.dos[1], kChunk, len);
@@ -331,22 +418,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                     dOs[r * LDV + c] = __float2bfloat16(x);
                 }
             }
-            stage_rows_bf16<V, kMmaThreads>(S0s, LDV, static_cast<const E*>(p.states) + slot * K * V, V, K, K);
-            stage_rows_bf16<V, kMmaThreads>(dSs, LDV, static_cast<const E*>(p.dstates) + slot * K * V, V, K, K);
-            if constexpr (kDelta) {
-                stage_rows_bf16<V, kMmaThreads>(Us, LDV, static_cast<const E*>(p.U) + slot * kChunk * V, V, kChunk, kChunk);
-                stage_rows_bf16<K, kMmaThreads>(Ws, LDK, static_cast<const E*>(p.Wm) + slot * kChunk * K, K, kChunk, kChunk);
-            } else {
-                stage_rows_bf16<V, kMmaThreads>(Us, LDV, static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv), p.vs[1], kChunk, len);
-            }
-            if constexpr (kVec) {
-                // stage 1's K̄ = k̂ ⊙ e^{b_C − b} and P (norms and decay inside), zero past the chunk's end
-                stage_rows_bf16<K, kMmaThreads>(Ks, LDK, static_cast<const E*>(p.Kd) + slot * kChunk * K, K, kChunk, kChunk);
-                stage_rows_bf16<kChunk, kMmaThreads>(Pb, LDC, static_cast<const E*>(p.P) + slot * kChunk * kChunk, kChunk,
-                                                     kChunk, kChunk);
-            }
-            cp_async_commit();
         }
+        if (!v_tma)
+            stage_rows_bf16<V, kMmaThreads>(Us, LDV, static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv), p.vs[1],
+                                            kChunk, len);
+        cp_async_commit();
         // gates (fp64 in-chunk sums, warp 0: two tokens per lane; vector decay: the second kernel's) and β
         if (warp == 0 && !kVec) {
             double a[2] = {0.0, 0.0};
@@ -381,8 +457,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             for (int i = lane; i < kChunk; i += 32) dpd[i] = us[i] = ws_[i] = dbs[i] = 0.f;
             if (lane < 9) misc[lane] = 0.f;
         }
-        cp_async_wait_all();
-        __syncthreads();
+        if constexpr (!kVec) {
+            if (hv == h * p.G) {  // q̂, k̂ of the chunk, shared by the group
+                tma::mbar_wait(bars + kBarQK, 0);
+                cp_async_wait_group<1>();  // the block's own copies of q and k, when they are not the copy engine's
+                __syncthreads();
+                normalize_qk_rows<K, LDK, kMmaThreads>(Qs, Ks, inv_norm, p, len);
+            }
+        }
+        __syncthreads();  // q̂, k̂, the decay and β are complete; the operands may still be landing
 
         // ---- P and D: rows row0.., columns jc0.. (NTC n-tiles); kept in registers ----
         float Pr[1][NTC][4], Dr[1][NTC][4];
@@ -414,6 +497,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 }
             });
         }
+        // ---- the operands have landed ----
+        tma::mbar_wait(bars + kBarOperands, parity);
+        cp_async_wait_all();
+        if (len < kChunk) {  // a box reads on into the next sequence's tokens
+            if (maps.do_tma) zero_rows_from<V, kMmaThreads>(dOs, LDV, len);
+            if (!kDelta && maps.v_tma) zero_rows_from<V, kMmaThreads>(Us, LDV, len);
+        }
         // Σ S0 ⊙ dS_C (the state's own decay over the chunk, for dg); per key row with vector decay
         if constexpr (kVec) {
             // kMmaThreads / K lanes a row, lane q taking the row's 16-byte pieces q, q + that, ...
@@ -441,7 +531,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             s = lane_group_sum<32>(s);
             if (lane == 0) atomicAdd(misc, s);
         }
-        __syncthreads();  // P (bf16) complete
+        __syncthreads();  // P (bf16) and the block's own operand copies are complete
 
         // ---- X (delta: U − W S0) and dX = Pᵀ dO + diag(κ) k̂ dS_C: rows row0.., columns vc0.. ----
         {
@@ -477,11 +567,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
 
         if constexpr (kDelta) {
             // ---- T = (I + A)^{-1}, A = diag(β) D: prepare's (stage 1), into U and W's bytes ----
-            for (int idx = tid; idx < kChunk * (kChunk / 4); idx += kMmaThreads) {
-                const int i = idx / (kChunk / 4), c = 4 * (idx % (kChunk / 4));
-                cp_async16(Tm + i * LDF + c, p.Tinv + slot * kChunk * kChunk + i * kChunk + c);
+            if (loader) {
+                wg::fence_proxy_async();
+                tma::mbar_expect(bars + kBarT, padded_box_bytes(kChunk, kChunk, 4));
+                tma::load_2d(Tm, &maps.T, 0, int(slot) * kChunk, bars + kBarT);
             }
-            cp_async_commit();
             // v at Z's fragment positions, two columns a 32-bit load, in flight with T's copy (loaded
             // after Z they were ~7% of the kernel's stall samples)
             const E* vrow = static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv) + vc0;
@@ -494,8 +584,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                     vv[j][hh] = i < len ? load_bf16x2(vrow + int64_t(i) * p.vs[1] + 8 * j + 2 * (lane & 3))
                                         : __floats2bfloat162_rn(0.f, 0.f);
                 }
-            cp_async_wait_all();
-            __syncthreads();
+            tma::mbar_wait(bars + kBarT, parity);
             // ---- Z = Tᵀ dX (tf32); dv = diag(β) Z; dβ_i gets ⟨Z_i, v_i⟩ ----
             float Z[1][NTV][4];
             zero_acc(Z);
@@ -597,7 +686,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 __syncthreads();  // dβ's partial sums complete
                 if (tid < kChunk) p.v_db[slot * kChunk + tid] = dbs[tid];
             }
-            __syncthreads();  // the chunk's shared memory is the next value head's
+            wg::fence_proxy_async();  // (the next value head's copies overwrite what this one wrote)
+            __syncthreads();          // the chunk's shared memory is the next value head's
             continue;
         }
         __syncthreads();  // S0, dS_C, dO, X, Z are dead: E1, E, F take their place
@@ -718,33 +808,78 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 atomicAdd(p.params_acc + p.HV + hv, sa);
             }
         }
-        __syncthreads();  // the chunk's shared memory is the next value head's
+        wg::fence_proxy_async();  // the copy engine overwrites E1, E, F and the zeroed rows next
+        __syncthreads();          // the chunk's shared memory is the next value head's
     }
 
     // ---- dq, dk through the scale and the in-kernel L2 norm ----
-    if constexpr (!kVec) store_dq_dk<K, kMmaThreads, kMmaThreads / kChunk, 2>(dq, dk, stage, p, ci, h);
+    if constexpr (!kVec) store_dq_dk<K, kMmaThreads, kMmaThreads / kChunk>(dq, dk, stage, Qs, Ks, inv_norm, p, ci, h);
 }
 
 }  // namespace bwd
 
+// The inputs' views that stage 3's tensor maps read besides Params' workspace pointers.
+struct Stage3Views {
+    TensorView q, k, v, d_o;
+};
+
+// Stage3Maps of a launch: the workspace blocks' maps always, the inputs' where rows_tma_ready.
 template <Update Up, bool kVec, int K, int V>
-void launch_backward_mma_kv(const bwd::Params& p, const char* op) {
+bwd::Stage3Maps make_stage3_maps(const bwd::Params& p, const Stage3Views& x, const char* op) {
+    constexpr bool kDelta = Up == Update::Delta;
+    bwd::Stage3Maps m{};
+    const size_t slots = size_t(p.n_chunks) * size_t(p.HV);
+    HLA_CHECK(slots * size_t(std::max(K, int(kChunk))) < (size_t(1) << 31), op, ": ", p.n_chunks, " chunks × ", p.HV,
+              " value heads exceed the CUDA backward's 2^31 rows of per-chunk states");
+    // [slots·rows, cols] workspace blocks in boxes of rows × (cols + 16 bytes of zeros)
+    auto slot_rows = [&](CUtensorMap* map, const void* base, int rows, int cols, bool fp32) {
+        const uint64_t dims[2] = {uint64_t(cols), uint64_t(slots) * rows}, strides[1] = {uint64_t(cols) * (fp32 ? 4 : 2)};
+        const uint32_t box[2] = {uint32_t(cols + (fp32 ? 4 : 8)), uint32_t(rows)};
+        tma::encode(map, fp32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, base, 2, dims, strides,
+                    box, CU_TENSOR_MAP_SWIZZLE_NONE, op);
+    };
+    slot_rows(&m.S0, p.states, K, V, false);
+    slot_rows(&m.dS, p.dstates, K, V, false);
+    if (kDelta) {
+        slot_rows(&m.U, p.U, kChunk, V, false);
+        slot_rows(&m.W, p.Wm, kChunk, K, false);
+        slot_rows(&m.T, p.Tinv, kChunk, kChunk, true);
+    }
+    if (kVec) {
+        slot_rows(&m.Kd, p.Kd, kChunk, K, false);
+        slot_rows(&m.P, p.P, kChunk, kChunk, false);
+    }
+    m.qk_tma = !kVec && rows_tma_ready(x.q) && rows_tma_ready(x.k);
+    if (m.qk_tma) {
+        encode_input_rows(&m.q, x.q, K, op, true);
+        encode_input_rows(&m.k, x.k, K, op, true);
+    }
+    m.do_tma = x.d_o.dtype == DType::BF16 && rows_tma_ready(x.d_o);
+    if (m.do_tma) encode_input_rows(&m.d_o, x.d_o, V, op, true);
+    m.v_tma = !kDelta && rows_tma_ready(x.v);
+    if (m.v_tma) encode_input_rows(&m.v, x.v, V, op, true);
+    return m;
+}
+
+template <Update Up, bool kVec, int K, int V>
+void launch_backward_mma_kv(const bwd::Params& p, const Stage3Views& x, const char* op) {
     constexpr size_t smem = bwd::MmaLayout<Up, K, V>::bytes;
+    const bwd::Stage3Maps maps = make_stage3_maps<Up, kVec, K, V>(p, x, op);
     raise_smem_limit<bwd::chunk_bwd_mma_kernel<Up, kVec, K, V>>(smem, op);
-    bwd::chunk_bwd_mma_kernel<Up, kVec, K, V><<<dim3(p.n_chunks, p.H), bwd::kMmaThreads, smem, launch_stream()>>>(p);
+    bwd::chunk_bwd_mma_kernel<Up, kVec, K, V><<<dim3(p.n_chunks, p.H), bwd::kMmaThreads, smem, launch_stream()>>>(p, maps);
     check_cuda(cudaGetLastError(), op, "chunk_bwd_mma launch");
 }
 
 // Stage 3 on tensor cores for bf16 inputs and a decay of one number per token (instantiated in
 // bwd_mma_<update>.cu).
 template <Update Up>
-void launch_backward_mma(const bwd::Params& p, const char* op) {
+void launch_backward_mma(const bwd::Params& p, const Stage3Views& x, const char* op) {
     if (p.K == 64) {
-        if (p.V == 64) return launch_backward_mma_kv<Up, false, 64, 64>(p, op);
-        return launch_backward_mma_kv<Up, false, 64, 128>(p, op);
+        if (p.V == 64) return launch_backward_mma_kv<Up, false, 64, 64>(p, x, op);
+        return launch_backward_mma_kv<Up, false, 64, 128>(p, x, op);
     }
-    if (p.V == 64) return launch_backward_mma_kv<Up, false, 128, 64>(p, op);
-    return launch_backward_mma_kv<Up, false, 128, 128>(p, op);
+    if (p.V == 64) return launch_backward_mma_kv<Up, false, 128, 64>(p, x, op);
+    return launch_backward_mma_kv<Up, false, 128, 128>(p, x, op);
 }
 
 }  // namespace hla::linear::cuda

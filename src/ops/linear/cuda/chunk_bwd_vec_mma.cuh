@@ -48,13 +48,13 @@ struct VecLayout {
     static constexpr size_t st_off = kb_off + size_t(kChunk) * LDF * 4;  // R_0, S_0 .. S_3 per channel
     static constexpr size_t ep_off = st_off + size_t(5) * K * 4;         // dP, strictly lower
     static constexpr size_t ed_off = ep_off + size_t(kChunk) * LDC * 2;  // dD, strictly lower
-    static constexpr size_t r_off = ed_off + size_t(kChunk) * LDC * 2;   // per row: dP_ii, β, raw β, dβ
+    static constexpr size_t r_off = ed_off + size_t(kChunk) * LDC * 2;   // per row: dP_ii, β, raw β, dβ, q's and k's 1 / ‖x‖
     // the gate sums' per-block first tokens and sums (fp64 [4][K] each), later dg's per row segment and
     // channel sums of ∂b' and K̄ ⊙ dK̄ (fp32 [kVecThreads / K][K] each)
-    static constexpr size_t sg_off = r_off + 4 * kChunk * 4 + 16;
+    static constexpr size_t sg_off = r_off + 6 * kChunk * 4 + 16;
     static constexpr size_t bytes = sg_off + std::max(size_t(8) * K * 8, 2 * size_t(kVecThreads) * 4);
-    // after the group, [0, r_off) is store_dq_dk's
-    static_assert(dq_dk_stage_bytes(K, 1) <= r_off, "bwd vec: the dq/dk staging does not fit");
+    // after the group, [dl_off, r_off) is store_dq_dk's (q̂, k̂ stay for it)
+    static_assert(dl_off + dq_dk_stage_bytes(K) <= r_off, "bwd vec: the dq/dk staging does not fit");
     static_assert(bytes <= 227 * 1024, "bwd vec: shared memory over the 227 KiB of an SM");
 };
 
@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
     float* betas = dpd + kChunk;
     float* braw = betas + kChunk;
     float* dbt = braw + kChunk;
-    int* wide = reinterpret_cast<int*>(dbt + kChunk);  // bit J: S_J < −kSafeSpan in some channel
+    float* inv_norm = dbt + kChunk;                          // [2][64] (normalize_qk_rows)
+    int* wide = reinterpret_cast<int*>(inv_norm + 2 * kChunk);  // bit J: S_J < −kSafeSpan in some channel
     float* segD = reinterpret_cast<float*>(sm + L::sg_off);
     float* segK = segD + kVecThreads;
 
@@ -116,7 +117,7 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
     const bool gated = p.gate_act != GateActivation::None;
     auto bf = [](E x) { return __bfloat162float(x); };
 
-    stage_qk_hat<K, LDK, kVecThreads>(Qs, Ks, p, ci, h);
+    stage_qk_hat<K, LDK, kVecThreads>(Qs, Ks, inv_norm, p, ci, h);
     float dq[1][NTK][4], dk[1][NTK][4];  // rows row0.., key columns kc0.., summed over the group
     zero_acc(dq);
     zero_acc(dk);
@@ -392,14 +393,14 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
         __syncthreads();  // the chunk's shared memory is the next value head's
     }
 
-    store_dq_dk<K, kVecThreads, 32, 1>(dq, dk, reinterpret_cast<float*>(sm), p, ci, h);
+    store_dq_dk<K, kVecThreads, 32>(dq, dk, reinterpret_cast<float*>(sm + L::dl_off), Qs, Ks, inv_norm, p, ci, h);
 }
 
 }  // namespace bwd
 
 template <Update Up, int K, int V>
-void launch_backward_mma_vector_kv(const bwd::Params& p, const char* op) {
-    launch_backward_mma_kv<Up, true, K, V>(p, op);
+void launch_backward_mma_vector_kv(const bwd::Params& p, const Stage3Views& x, const char* op) {
+    launch_backward_mma_kv<Up, true, K, V>(p, x, op);
     constexpr size_t smem = bwd::VecLayout<Up, K>::bytes;
     raise_smem_limit<bwd::chunk_bwd_vec_kernel<Up, K>>(smem, op);
     bwd::chunk_bwd_vec_kernel<Up, K><<<dim3(p.n_chunks, p.H), bwd::kVecThreads, smem, launch_stream()>>>(p);
@@ -409,13 +410,13 @@ void launch_backward_mma_vector_kv(const bwd::Params& p, const char* op) {
 // Stage 3 on tensor cores for bf16 inputs with vector decay (instantiated in bwd_mma_vec_<update>.cu).
 // Params::v_* must point at n_chunks · HV of the hand-over blocks (backward.cu lays them out).
 template <Update Up>
-void launch_backward_mma_vector(const bwd::Params& p, const char* op) {
+void launch_backward_mma_vector(const bwd::Params& p, const Stage3Views& x, const char* op) {
     if (p.K == 64) {
-        if (p.V == 64) return launch_backward_mma_vector_kv<Up, 64, 64>(p, op);
-        return launch_backward_mma_vector_kv<Up, 64, 128>(p, op);
+        if (p.V == 64) return launch_backward_mma_vector_kv<Up, 64, 64>(p, x, op);
+        return launch_backward_mma_vector_kv<Up, 64, 128>(p, x, op);
     }
-    if (p.V == 64) return launch_backward_mma_vector_kv<Up, 128, 64>(p, op);
-    return launch_backward_mma_vector_kv<Up, 128, 128>(p, op);
+    if (p.V == 64) return launch_backward_mma_vector_kv<Up, 128, 64>(p, x, op);
+    return launch_backward_mma_vector_kv<Up, 128, 128>(p, x, op);
 }
 
 }  // namespace hla::linear::cuda

@@ -85,15 +85,16 @@ inline CUtensorMapSwizzle swizzle_for(int row_bytes) {
                              : CU_TENSOR_MAP_SWIZZLE_32B;
 }
 
-// A bf16 tensor map of `rank` dimensions (innermost first: sizes in elements, the outer dimensions'
-// strides in bytes, multiples of 16) read in boxes of `box` elements, swizzled for box[0]·2-byte rows;
-// out-of-bounds elements read as zero. The driver's encoder comes through the runtime (no -lcuda).
-inline void encode_bf16(CUtensorMap* map, const void* base, int rank, const uint64_t* dims, const uint64_t* strides,
-                        const uint32_t* box, const char* op) {
+// A tensor map of `rank` dimensions of `type` (innermost first: sizes in elements, the outer
+// dimensions' strides in bytes, multiples of 16) read in boxes of `box` elements, landing in shared
+// memory in `swizzle`; out-of-bounds elements read as zero. The driver's encoder comes through the
+// runtime (no -lcuda).
+inline void encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, int rank, const uint64_t* dims,
+                   const uint64_t* strides, const uint32_t* box, CUtensorMapSwizzle swizzle, const char* op) {
     using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-    static Encode encode = [] {
+    static Encode encode_tiled = [] {
         void* fn = nullptr;
         cudaDriverEntryPointQueryResult found{};
         if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
@@ -102,7 +103,8 @@ inline void encode_bf16(CUtensorMap* map, const void* base, int rank, const uint
             fn = nullptr;
         return reinterpret_cast<Encode>(fn);
     }();
-    HLA_CHECK(encode != nullptr, op, ": the CUDA driver has no cuTensorMapEncodeTiled (TMA needs driver 12.0 or newer)");
+    HLA_CHECK(encode_tiled != nullptr, op,
+              ": the CUDA driver has no cuTensorMapEncodeTiled (TMA needs driver 12.0 or newer)");
     cuuint64_t d[5], s[4];
     cuuint32_t b[5], e[5];
     for (int i = 0; i < rank; ++i) {
@@ -111,10 +113,16 @@ inline void encode_bf16(CUtensorMap* map, const void* base, int rank, const uint
         e[i] = 1;
         if (i + 1 < rank) s[i] = strides[i];
     }
-    const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, cuuint32_t(rank), const_cast<void*>(base), d, s, b,
-                              e, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle_for(int(box[0]) * 2),
-                              CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    const CUresult r = encode_tiled(map, type, cuuint32_t(rank), const_cast<void*>(base), d, s, b, e,
+                                    CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     HLA_CHECK(r == CUDA_SUCCESS, op, ": cuTensorMapEncodeTiled failed (error ", int(r), ")");
+}
+
+// A bf16 map whose boxes land swizzled for their box[0]·2-byte rows (wgmma.cuh's Swz).
+inline void encode_bf16(CUtensorMap* map, const void* base, int rank, const uint64_t* dims, const uint64_t* strides,
+                        const uint32_t* box, const char* op) {
+    encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, base, rank, dims, strides, box, swizzle_for(int(box[0]) * 2), op);
 }
 
 }  // namespace hla::linear::cuda::tma
