@@ -691,29 +691,37 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             continue;
         }
         __syncthreads();  // S0, dS_C, dO, X, Z are dead: E1, E, F take their place
-        for (int idx = tid; idx < kChunk * LDC; idx += kMmaThreads) E2b[idx] = __float2bfloat16(0.f);
-        __syncthreads();
         {
+            // E1, F two columns a store; E = dD ⊙ Γ + its transpose element by element: every (i, j), j < i,
+            // writes (i, j) and (j, i), the diagonal writes its zero, so no position is left to clear first
             float sb[2] = {0.f, 0.f};
-            for_each_acc(dPr, [&](int r, int c, float& x) {
-                const int i = row0 + r, j = jc0 + c;
-                const float gij = j < i ? gamma_ij(i, j) : 0.f;
-                if (j == i) dpd[i] = x;
-                E1b[i * LDC + j] = __float2bfloat16(x * gij);
-                float f = j < i ? x * Pr[0][c >> 3][(r >> 3) * 2 + (c & 1)] : 0.f;
-                if constexpr (kDelta) {
-                    const float da = dAr[0][c >> 3][(r >> 3) * 2 + (c & 1)];
-                    const float d = Dr[0][c >> 3][(r >> 3) * 2 + (c & 1)];
-                    if (j < i) {
-                        const float dd = betas[i] * da;
-                        sb[r >> 3] += da * d;
-                        f += dd * d;
-                        const E e = __float2bfloat16(dd * gij);
-                        E2b[i * LDC + j] = e;
-                        E2b[j * LDC + i] = e;
+            for_each_acc_pair(dPr, [&](int r, int c, float& x0, float& x1) {
+                const int i = row0 + r, j = jc0 + c, q = (r >> 3) * 2;
+                float e1[2], f[2];
+#pragma unroll
+                for (int u = 0; u < 2; ++u) {
+                    const int jj = j + u;
+                    const float x = u ? x1 : x0;
+                    const float gij = jj < i ? gamma_ij(i, jj) : 0.f;
+                    if (jj == i) dpd[i] = x;
+                    e1[u] = x * gij;
+                    f[u] = jj < i ? x * Pr[0][c >> 3][q + u] : 0.f;
+                    if constexpr (kDelta) {
+                        const float da = dAr[0][c >> 3][q + u], d = Dr[0][c >> 3][q + u];
+                        if (jj < i) {
+                            const float dd = betas[i] * da;
+                            sb[r >> 3] += da * d;
+                            f[u] += dd * d;
+                            const E e = __float2bfloat16(dd * gij);
+                            E2b[i * LDC + jj] = e;
+                            E2b[jj * LDC + i] = e;
+                        } else if (jj == i) {
+                            E2b[i * LDC + i] = __float2bfloat16(0.f);
+                        }
                     }
                 }
-                Fm[i * LDF + j] = f;
+                *reinterpret_cast<__nv_bfloat162*>(E1b + i * LDC + j) = __floats2bfloat162_rn(e1[0], e1[1]);
+                *reinterpret_cast<float2*>(Fm + i * LDF + j) = make_float2(f[0], f[1]);
             });
             if constexpr (kDelta) add_fragment_row_sums(sb, dbs, row0);
         }
