@@ -79,6 +79,18 @@ std::vector<Scenario> scenarios() {
              c.initial_state = true;
              return true;
          }},
+        {"varlen_all_empty", [](LinearCase& c) {
+             c.B = 1;
+             c.T = 0;
+             c.cu_seqlens = {0, 0, 0};  // no token at all: the final state is the initial one
+             c.initial_state = true;
+             return true;
+         }},
+        {"t0", [](LinearCase& c) {
+             c.T = 0;  // batch rows without tokens
+             c.initial_state = true;
+             return true;
+         }},
         {"state_x100", [](LinearCase& c) {
              c.T = 100;
              c.initial_state = true;

@@ -862,6 +862,23 @@ TEST(LinearCuda, BackwardVarlenWithEmptySequences) {
     });
 }
 
+// No token at all (a varlen batch of empty sequences, and B = 2 with T = 0): no chunk, so no kernel
+// that reads a token is launched (and no tensor map is made); the final state is the initial one and
+// the backward hands d_final_state through to the initial state's gradient.
+TEST(LinearCuda, NoTokens) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells)
+        for (DType dt : {DType::F32, DType::BF16})
+            for (const bool varlen : {true, false}) {
+                LinearCase c = make_case(std::string(cell.name) + (varlen ? "/all-empty/" : "/T0/") + dtype_tag(dt),
+                                         cell.config(), dt, varlen ? 1 : 2, 0, 2, 4, 64, 64);
+                if (varlen) c.cu_seqlens = {0, 0, 0};
+                c.initial_state = true;
+                check_forward(c);
+                check_backward(c);
+            }
+}
+
 TEST(LinearCuda, BackwardQkL2Norm) {
     REQUIRE_GPU();
     backward_every_cell("l2norm", [](LinearCase& c) {
