@@ -728,9 +728,11 @@ TEST(LinearCuda, UnsupportedShapesAreClearErrors) {
 
 namespace {
 
-// d_o_dtype: the dtype of dO when it is not the inputs' (F64: the inputs').
+// d_o_dtype: the dtype of dO when it is not the inputs' (F64: the inputs'); d_o_layout: dO's layout,
+// inputs_layout: q's, k's and v's.
 void check_backward(const LinearCase& c, uint64_t seed = 1, DType d_o_dtype = DType::F64,
-                    TokenLayout d_o_layout = TokenLayout::Contiguous) {
+                    TokenLayout d_o_layout = TokenLayout::Contiguous,
+                    TokenLayout inputs_layout = TokenLayout::Contiguous) {
     SCOPED_TRACE(c.name);
     const LinearInputs cpu = make_inputs(c, seed);
     const Tensor d_o = random_normal({c.B, c.T, c.HV, c.V}, d_o_dtype == DType::F64 ? c.dtype : d_o_dtype, seed + 2);
@@ -748,8 +750,17 @@ void check_backward(const LinearCase& c, uint64_t seed = 1, DType d_o_dtype = DT
     const Tensor d_o_dev = d_o.to(Device::CUDA);
     const HeadMajor d_o_hm = d_o_layout == TokenLayout::HeadMajor ? head_major(d_o) : HeadMajor{};
     const Tensor d_fs_dev = d_fs.defined() ? d_fs.to(Device::CUDA) : Tensor();
-    linear_backward(c.cfg, dev.args(Tensor()), d_o_layout == TokenLayout::HeadMajor ? d_o_hm.view : d_o_dev.view(),
-                    d_fs_dev, got.views());
+    LinearForwardArgs a = dev.args(Tensor());
+    HeadMajor hq, hk, hv;
+    if (inputs_layout == TokenLayout::HeadMajor) {
+        hq = head_major(cpu.q);
+        hk = head_major(cpu.k);
+        hv = head_major(cpu.v);
+        a.q = hq.view;
+        a.k = hk.view;
+        a.v = hv.view;
+    }
+    linear_backward(c.cfg, a, d_o_layout == TokenLayout::HeadMajor ? d_o_hm.view : d_o_dev.view(), d_fs_dev, got.views());
     cuda_synchronize();
 
     double tol = 2e-4;
@@ -828,6 +839,33 @@ TEST(LinearCuda, BackwardHeadMajorDo) {
             make_case(std::string(cell.name) + "/head-major-dO", cell.config(), DType::BF16, 2, 150, 2, 2, 64, 64);
         check_backward(c, 13, DType::F64, TokenLayout::HeadMajor);
     }
+}
+
+// q, k, v (and dO) as head-major views: stage 3 reads them by the copy engine only with nested
+// strides, so here its block copies them itself (every cell: raw q, k for the norms, v for the additive
+// update), with the same gradients.
+TEST(LinearCuda, BackwardHeadMajorInputs) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells) {
+        LinearCase c = make_case(std::string(cell.name) + "/head-major", cell.config(), DType::BF16, 2, 150, 2, 2, 64, 64);
+        c.cfg.qk_l2norm = true;
+        c.initial_state = true;
+        check_backward(c, 17, DType::F64, TokenLayout::HeadMajor, TokenLayout::HeadMajor);
+    }
+}
+
+// Many value heads a q/k head (G = 3 and 5): stage 3's copy barriers complete once a value head, their
+// parity alternating, and dq, dk sum over the group.
+TEST(LinearCuda, BackwardManyValueHeads) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells)
+        for (const int64_t HV : {3, 5}) {
+            LinearCase c = make_case(std::string(cell.name) + "/G" + std::to_string(HV), cell.config(), DType::BF16, 1, 150,
+                                     1, HV, 64, 64);
+            c.cu_seqlens = {0, 70, 150};
+            c.initial_state = true;
+            check_backward(c, 19);
+        }
 }
 
 TEST(LinearCuda, BackwardSingleToken) {

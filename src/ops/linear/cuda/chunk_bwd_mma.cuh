@@ -2,7 +2,7 @@
 // that is one number per token (none, fixed, per-token scalar), additive or delta update.
 //
 // One block (16 warps) per (chunk, query/key head); it walks the G value heads of its group with dq and
-// dk accumulating in registers. Everything of a chunk stays in shared memory (≤ 215 KiB, one block per
+// dk accumulating in registers. Everything of a chunk stays in shared memory (≤ 216 KiB, one block per
 // SM); the products are mma.sync m16n8k16 (warp_gemm, common.cuh) with fp32 accumulation, except
 // Z = Tᵀ dX (tf32, from fp32 T and dX). T comes from stage 1 (chunk_prepare_mma keeps its inverse). Warp w owns rows [16·(w % 4), +16) of every 64-row result and
 // a quarter of its columns (w / 4), so the per-row factors below multiply fragments directly.
@@ -49,6 +49,10 @@ constexpr int col_groups(int threads) { return threads / 128; }
 // Shared memory of store_dq_dk (below): dq's and dk's fragments as fp32 rows.
 constexpr size_t dq_dk_stage_bytes(int K) { return 2 * size_t(kChunk) * size_t(K + 4) * 4; }
 
+// The padding of every shared-memory row of chunk_bwd_mma_kernel's operand tiles, which keeps ldmatrix
+// free of bank conflicts, and of the copy engine's boxes that land them (Stage3Maps): 16 bytes.
+constexpr int kBoxPadBytes = 16;
+
 // The mbarriers of chunk_bwd_mma_kernel's copy-engine loads, each completing once a value head (q and
 // k once a block).
 enum LoadBarrier { kBarQK, kBarOperands, kBarT, kLoadBarriers };
@@ -56,9 +60,11 @@ enum LoadBarrier { kBarQK, kBarOperands, kBarT, kLoadBarriers };
 template <Update Up, int K, int V>
 struct MmaLayout {
     static constexpr bool kDelta = Up == Update::Delta;
-    static constexpr int LDK = K + 8, LDV = V + 8;  // bf16 rows: 16-byte aligned, ldmatrix conflict-free
-    static constexpr int LDC = kChunk + 8;          // bf16 64-column rows
-    static constexpr int LDF = kChunk + 4;          // fp32 64-column rows
+    // rows padded by kBoxPadBytes: 16-byte aligned, ldmatrix conflict-free, and the copy engine's padded
+    // boxes land them as they are
+    static constexpr int LDK = K + kBoxPadBytes / 2, LDV = V + kBoxPadBytes / 2;  // bf16 rows
+    static constexpr int LDC = kChunk + kBoxPadBytes / 2;                         // bf16 64-column rows
+    static constexpr int LDF = kChunk + kBoxPadBytes / 4;                         // fp32 64-column rows
     static constexpr int LDVF = V + 4;              // fp32 V-column rows
     static constexpr size_t q_off = 0;                                 // q̂ [64][LDK]
     static constexpr size_t k_off = q_off + size_t(kChunk) * LDK * 2;  // k̂ [64][LDK]
@@ -149,13 +155,12 @@ __device__ __forceinline__ void normalize_qk_rows(__nv_bfloat16* Qs, __nv_bfloat
     float sq = 0.f, sk = 0.f, unused = 0.f;
 #pragma unroll
     for (int j = part; j < PR; j += LPR) add_piece_squares(qrow[j], krow[j], sq, sk, unused);
-    sq = lane_group_sum<LPR>(sq);
-    sk = lane_group_sum<LPR>(sk);
     const bool in = i < len;
-    const float2 f = qk_row_factors_of_sums(sq, sk, p.scale, p.qk_l2norm);
+    const float2 n = qk_inv_norms(lane_group_sum<LPR>(sq), lane_group_sum<LPR>(sk), p.qk_l2norm);
+    const float2 f = make_float2(p.scale * n.x, n.y);  // qk_row_factors_of_sums
     if (part == 0) {
-        inv_norm[i] = !in ? 0.f : p.qk_l2norm ? rsqrtf(sq + float(kL2NormEps)) : 1.f;
-        inv_norm[kChunk + i] = in ? f.y : 0.f;
+        inv_norm[i] = in ? n.x : 0.f;
+        inv_norm[kChunk + i] = in ? n.y : 0.f;
     }
 #pragma unroll
     for (int j = part; j < PR; j += LPR) {
@@ -269,7 +274,9 @@ struct Stage3Maps {
 };
 
 // Bytes of a padded box of `rows` rows of `cols` elements of `elem` bytes.
-constexpr uint32_t padded_box_bytes(int rows, int cols, int elem) { return uint32_t(rows) * uint32_t(cols * elem + 16); }
+constexpr uint32_t padded_box_bytes(int rows, int cols, int elem) {
+    return uint32_t(rows) * uint32_t(cols * elem + kBoxPadBytes);
+}
 
 // Rows [from, 64) of a bf16 tile of COLS columns (row stride ld) zeroed by the block (16-byte stores).
 template <int COLS, int THREADS>
@@ -292,8 +299,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
     // n-tiles of a warp's slice of K, V or the chunk's 64 columns
     constexpr int CG = col_groups(kMmaThreads);
     constexpr int NTK = K / (8 * CG), NTV = V / (8 * CG), NTC = kChunk / (8 * CG);
-    extern __shared__ float4 smem_f4[];
-    char* sm = reinterpret_cast<char*>(smem_f4);
+    extern __shared__ __align__(128) float4 bwd_mma_smem[];  // (the copy engine's tiles: 128-byte aligned)
+    char* sm = reinterpret_cast<char*>(bwd_mma_smem);
     E* Qs = reinterpret_cast<E*>(sm + L::q_off);
     E* Ks = reinterpret_cast<E*>(sm + L::k_off);
     E* dOs = reinterpret_cast<E*>(sm + L::do_off);
@@ -384,14 +391,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         }
         // ---- operands of this value head: delta: prepare's U and W; additive: V (= X); vector decay:
         // stage 1's K̄ = k̂ ⊙ e^{b_C − b} and P (zero past the chunk's end) too ----
-        const bool v_tma = kDelta || maps.v_tma;
+        const bool us_copied = kDelta || maps.v_tma;  // Us (U, or additive V) by the copy engine
         if (loader) {
             uint32_t bytes = 2 * padded_box_bytes(K, V, 2) + (maps.do_tma ? padded_box_bytes(kChunk, V, 2) : 0) +
-                             (v_tma ? padded_box_bytes(kChunk, V, 2) : 0) +
+                             (us_copied ? padded_box_bytes(kChunk, V, 2) : 0) +
                              (kDelta ? padded_box_bytes(kChunk, K, 2) : 0) +
                              (kVec ? padded_box_bytes(kChunk, K, 2) + padded_box_bytes(kChunk, kChunk, 2) : 0);
             uint64_t* bar = bars + kBarOperands;
-            wg::fence_proxy_async();  // (the block's generic accesses of these bytes came before: loop-end barrier)
             tma::mbar_expect(bar, bytes);
             tma::load_2d(S0s, &maps.S0, 0, int(slot) * K, bar);
             tma::load_2d(dSs, &maps.dS, 0, int(slot) * K, bar);
@@ -419,7 +425,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 }
             }
         }
-        if (!v_tma)
+        if (!us_copied)
             stage_rows_bf16<V, kMmaThreads>(Us, LDV, static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv), p.vs[1],
                                             kChunk, len);
         cp_async_commit();
@@ -568,7 +574,6 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         if constexpr (kDelta) {
             // ---- T = (I + A)^{-1}, A = diag(β) D: prepare's (stage 1), into U and W's bytes ----
             if (loader) {
-                wg::fence_proxy_async();
                 tma::mbar_expect(bars + kBarT, padded_box_bytes(kChunk, kChunk, 4));
                 tma::load_2d(Tm, &maps.T, 0, int(slot) * kChunk, bars + kBarT);
             }
@@ -686,8 +691,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 __syncthreads();  // dβ's partial sums complete
                 if (tid < kChunk) p.v_db[slot * kChunk + tid] = dbs[tid];
             }
-            wg::fence_proxy_async();  // (the next value head's copies overwrite what this one wrote)
-            __syncthreads();          // the chunk's shared memory is the next value head's
+            if (hv + 1 < (h + 1) * p.G) wg::fence_proxy_async();  // the next value head's copies overwrite the zeroed rows
+            __syncthreads();  // the chunk's shared memory is the next value head's
             continue;
         }
         __syncthreads();  // S0, dS_C, dO, X, Z are dead: E1, E, F take their place
@@ -816,8 +821,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                 atomicAdd(p.params_acc + p.HV + hv, sa);
             }
         }
-        wg::fence_proxy_async();  // the copy engine overwrites E1, E, F and the zeroed rows next
-        __syncthreads();          // the chunk's shared memory is the next value head's
+        // the next value head's copies overwrite E1, E, F and the zeroed rows: this thread's generic
+        // writes (bytes that were only read need no fence, the barrier orders them)
+        if (hv + 1 < (h + 1) * p.G) wg::fence_proxy_async();
+        __syncthreads();  // the chunk's shared memory is the next value head's
     }
 
     // ---- dq, dk through the scale and the in-kernel L2 norm ----
@@ -837,35 +844,44 @@ bwd::Stage3Maps make_stage3_maps(const bwd::Params& p, const Stage3Views& x, con
     constexpr bool kDelta = Up == Update::Delta;
     bwd::Stage3Maps m{};
     const size_t slots = size_t(p.n_chunks) * size_t(p.HV);
+    HLA_CHECK(p.n_chunks > 0, op, ": stage 3 launched without a chunk");
     HLA_CHECK(slots * size_t(std::max(K, int(kChunk))) < (size_t(1) << 31), op, ": ", p.n_chunks, " chunks × ", p.HV,
               " value heads exceed the CUDA backward's 2^31 rows of per-chunk states");
-    // [slots·rows, cols] workspace blocks in boxes of rows × (cols + 16 bytes of zeros)
-    auto slot_rows = [&](CUtensorMap* map, const void* base, int rows, int cols, bool fp32) {
-        const uint64_t dims[2] = {uint64_t(cols), uint64_t(slots) * rows}, strides[1] = {uint64_t(cols) * (fp32 ? 4 : 2)};
-        const uint32_t box[2] = {uint32_t(cols + (fp32 ? 4 : 8)), uint32_t(rows)};
+    // [slots·rows, cols] workspace blocks in boxes of rows × cols plus kBoxPadBytes of zeros
+    auto slot_rows = [&](CUtensorMap* map, const void* base, int rows, int cols, bool fp32, const char* what) {
+        const int elem = fp32 ? 4 : 2;
+        const uint64_t dims[2] = {uint64_t(cols), uint64_t(slots) * rows}, strides[1] = {uint64_t(cols) * elem};
+        const uint32_t box[2] = {uint32_t(cols + bwd::kBoxPadBytes / elem), uint32_t(rows)};
         tma::encode(map, fp32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, base, 2, dims, strides,
-                    box, CU_TENSOR_MAP_SWIZZLE_NONE, op);
+                    box, CU_TENSOR_MAP_SWIZZLE_NONE, op, what);
     };
-    slot_rows(&m.S0, p.states, K, V, false);
-    slot_rows(&m.dS, p.dstates, K, V, false);
+    // an input's rows (rows_tma_ready) in boxes of a head's 64 tokens × D plus kBoxPadBytes of zeros
+    auto input_rows_padded = [&](CUtensorMap* map, const TensorView& v, const char* what) {
+        const InputRows g = input_row_geometry(v);
+        const uint32_t box[4] = {uint32_t(v.shape[3] + bwd::kBoxPadBytes / 2), 1, uint32_t(kChunk), 1};
+        tma::encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, v.data, 4, g.dims, g.strides, box, CU_TENSOR_MAP_SWIZZLE_NONE,
+                    op, what);
+    };
+    slot_rows(&m.S0, p.states, K, V, false, "the chunk-start states");
+    slot_rows(&m.dS, p.dstates, K, V, false, "the chunk-end state gradients");
     if (kDelta) {
-        slot_rows(&m.U, p.U, kChunk, V, false);
-        slot_rows(&m.W, p.Wm, kChunk, K, false);
-        slot_rows(&m.T, p.Tinv, kChunk, kChunk, true);
+        slot_rows(&m.U, p.U, kChunk, V, false, "prepare's U");
+        slot_rows(&m.W, p.Wm, kChunk, K, false, "prepare's W");
+        slot_rows(&m.T, p.Tinv, kChunk, kChunk, true, "prepare's T");
     }
     if (kVec) {
-        slot_rows(&m.Kd, p.Kd, kChunk, K, false);
-        slot_rows(&m.P, p.P, kChunk, kChunk, false);
+        slot_rows(&m.Kd, p.Kd, kChunk, K, false, "prepare's decayed keys");
+        slot_rows(&m.P, p.P, kChunk, kChunk, false, "prepare's scores");
     }
     m.qk_tma = !kVec && rows_tma_ready(x.q) && rows_tma_ready(x.k);
     if (m.qk_tma) {
-        encode_input_rows(&m.q, x.q, K, op, true);
-        encode_input_rows(&m.k, x.k, K, op, true);
+        input_rows_padded(&m.q, x.q, "q");
+        input_rows_padded(&m.k, x.k, "k");
     }
     m.do_tma = x.d_o.dtype == DType::BF16 && rows_tma_ready(x.d_o);
-    if (m.do_tma) encode_input_rows(&m.d_o, x.d_o, V, op, true);
+    if (m.do_tma) input_rows_padded(&m.d_o, x.d_o, "d_o");
     m.v_tma = !kDelta && rows_tma_ready(x.v);
-    if (m.v_tma) encode_input_rows(&m.v, x.v, V, op, true);
+    if (m.v_tma) input_rows_padded(&m.v, x.v, "v");
     return m;
 }
 

@@ -1382,20 +1382,22 @@ inline void encode_slot_rows(CUtensorMap* map, const void* base, size_t slots, i
     const uint32_t box[2] = {uint32_t(box_cols), uint32_t(kChunk)};
     tma::encode_bf16(map, base, 2, dims, strides, box, op);
 }
-// With `padded`, a box is a whole row of D plus 8 zero columns past the tensor's edge, unswizzled: rows
-// of D + 8 in shared memory (chunk_bwd_mma's Stage3Maps).
-inline void encode_input_rows(CUtensorMap* map, const TensorView& x, int box_cols, const char* op, bool padded = false) {
-    const uint64_t dims[4] = {uint64_t(x.shape[3]), uint64_t(x.shape[2]), uint64_t(x.shape[1]), uint64_t(x.shape[0])};
+// The 4-D geometry of a bf16 [B, T, heads, D] view for a map (innermost first: sizes, byte strides).
+struct InputRows {
+    uint64_t dims[4], strides[3];
+};
+inline InputRows input_row_geometry(const TensorView& x) {
     // a dimension of size 1 takes the nested stride whatever its own (never stepped over)
     const int64_t s2 = x.shape[2] == 1 ? x.shape[3] : x.stride[2];
     const int64_t s1 = x.shape[1] == 1 ? s2 * x.shape[2] : x.stride[1];
     const int64_t s0 = x.shape[0] == 1 ? s1 * x.shape[1] : x.stride[0];
-    const uint64_t strides[3] = {uint64_t(s2) * 2, uint64_t(s1) * 2, uint64_t(s0) * 2};
-    const uint32_t box[4] = {uint32_t(padded ? x.shape[3] + 8 : box_cols), 1, uint32_t(kChunk), 1};
-    if (padded)
-        tma::encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, x.data, 4, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_NONE, op);
-    else
-        tma::encode_bf16(map, x.data, 4, dims, strides, box, op);
+    return {{uint64_t(x.shape[3]), uint64_t(x.shape[2]), uint64_t(x.shape[1]), uint64_t(x.shape[0])},
+            {uint64_t(s2) * 2, uint64_t(s1) * 2, uint64_t(s0) * 2}};
+}
+inline void encode_input_rows(CUtensorMap* map, const TensorView& x, int box_cols, const char* op) {
+    const InputRows g = input_row_geometry(x);
+    const uint32_t box[4] = {uint32_t(box_cols), 1, uint32_t(kChunk), 1};
+    tma::encode_bf16(map, x.data, 4, g.dims, g.strides, box, op);
 }
 
 // The tensor maps of a warp-specialised scan on vt-column tiles (ScanMaps), for the workspace's

@@ -66,11 +66,16 @@ struct FwdParams : CellOptions {
     const int* prep_order;
 };
 
-// The factors a token's q and k rows are multiplied by, from the row's sums of squares: scale / ‖q‖
-// and 1 / ‖k‖ with the in-kernel L2 norm, else scale and 1.
+// 1 / ‖q‖ and 1 / ‖k‖ of a token's rows from their sums of squares with the in-kernel L2 norm, else 1.
+__device__ __forceinline__ float2 qk_inv_norms(float sq, float sk, bool qk_l2norm) {
+    if (!qk_l2norm) return make_float2(1.f, 1.f);
+    return make_float2(rsqrtf(sq + float(kL2NormEps)), rsqrtf(sk + float(kL2NormEps)));
+}
+// The factors a token's q and k rows are multiplied by: scale / ‖q‖ and 1 / ‖k‖ with the in-kernel L2
+// norm, else scale and 1.
 __device__ __forceinline__ float2 qk_row_factors_of_sums(float sq, float sk, float scale, bool qk_l2norm) {
-    if (!qk_l2norm) return make_float2(scale, 1.f);
-    return make_float2(scale * rsqrtf(sq + float(kL2NormEps)), rsqrtf(sk + float(kL2NormEps)));
+    const float2 n = qk_inv_norms(sq, sk, qk_l2norm);
+    return make_float2(scale * n.x, n.y);
 }
 // The same from one warp's per-lane partial sums (every lane gets the factors).
 __device__ __forceinline__ float2 qk_row_factors(float sq, float sk, float scale, bool qk_l2norm) {

@@ -90,7 +90,8 @@ inline CUtensorMapSwizzle swizzle_for(int row_bytes) {
 // memory in `swizzle`; out-of-bounds elements read as zero. The driver's encoder comes through the
 // runtime (no -lcuda).
 inline void encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, int rank, const uint64_t* dims,
-                   const uint64_t* strides, const uint32_t* box, CUtensorMapSwizzle swizzle, const char* op) {
+                   const uint64_t* strides, const uint32_t* box, CUtensorMapSwizzle swizzle, const char* op,
+                   const char* what = "an operand") {
     using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -116,7 +117,7 @@ inline void encode(CUtensorMap* map, CUtensorMapDataType type, const void* base,
     const CUresult r = encode_tiled(map, type, cuuint32_t(rank), const_cast<void*>(base), d, s, b, e,
                                     CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    HLA_CHECK(r == CUDA_SUCCESS, op, ": cuTensorMapEncodeTiled failed (error ", int(r), ")");
+    HLA_CHECK(r == CUDA_SUCCESS, op, ": cuTensorMapEncodeTiled failed for ", what, " (error ", int(r), ")");
 }
 
 // A bf16 map whose boxes land swizzled for their box[0]·2-byte rows (wgmma.cuh's Swz).
