@@ -550,6 +550,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
                     const float2 u = load_pair(Us + i * LDV + e);
                     *reinterpret_cast<__nv_bfloat162*>(Xs + i * LDV + e) = __floats2bfloat162_rn(u.x - x0, u.y - x1);
                 });
+                // ---- T = (I + A)^{-1}, A = diag(β) D: prepare's (stage 1), into U and W's bytes, which
+                // every warp has read by now; it lands while dX is formed ----
+                __syncthreads();
+                if (loader) {
+                    tma::mbar_expect(bars + kBarT, padded_box_bytes(kChunk, kChunk, 4));
+                    tma::load_2d(Tm, &maps.T, 0, int(slot) * kChunk, bars + kBarT);
+                }
             }
             float A1[1][NTV][4], A2[1][NTV][4];
             zero_acc(A1);
@@ -572,11 +579,6 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         __syncthreads();  // X and dX complete; U, W are dead
 
         if constexpr (kDelta) {
-            // ---- T = (I + A)^{-1}, A = diag(β) D: prepare's (stage 1), into U and W's bytes ----
-            if (loader) {
-                tma::mbar_expect(bars + kBarT, padded_box_bytes(kChunk, kChunk, 4));
-                tma::load_2d(Tm, &maps.T, 0, int(slot) * kChunk, bars + kBarT);
-            }
             // v at Z's fragment positions, two columns a 32-bit load, in flight with T's copy (loaded
             // after Z they were ~7% of the kernel's stall samples)
             const E* vrow = static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv) + vc0;
