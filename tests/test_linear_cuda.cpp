@@ -719,6 +719,37 @@ TEST(LinearCuda, UnsupportedShapesAreClearErrors) {
     }
 }
 
+#if HLA_WITH_CUDA
+// The chunked forward and backward copy their chunk tables from the host on every call, which a CUDA
+// graph cannot replay: under capture they refuse with an error saying so, before touching the stream
+// (the capture ends cleanly), and run as usual afterwards.
+TEST(LinearCuda, ChunkedCallsRefuseGraphCapture) {
+    REQUIRE_GPU();
+    LinearCase c = make_case("gdn/capture", gated_delta_rule_config(), DType::BF16, 1, 100, 2, 2, 64, 64);
+    const LinearInputs dev = make_inputs(c, 3).move_to(Device::CUDA);
+    Tensor o = poisoned_output(c, Device::CUDA);
+    const Tensor d_o = random_normal({c.B, c.T, c.HV, c.V}, c.dtype, 4).to(Device::CUDA);
+    const LinearGradTensors grads = poisoned_grads(c, dev.N, Device::CUDA);
+    auto refused = [](const std::function<void()>& fn, const char* what) {
+        try {
+            const GraphReplay g = capture_and_replay(fn);
+            ADD_FAILURE() << what << " ran under graph capture (capture: " << cudaGetErrorString(g.capture) << ")";
+        } catch (const Error& e) {
+            EXPECT_NE(std::string(e.what()).find("cannot be captured in a CUDA graph"), std::string::npos) << e.what();
+        }
+    };
+    refused([&] { linear_forward(c.cfg, dev.args(o)); }, "the chunked forward");
+    refused([&] { linear_backward(c.cfg, dev.args(Tensor()), d_o, Tensor(), grads.views()); }, "the chunked backward");
+    EXPECT_EQ(cuda_stream(), nullptr) << "CudaStreamScope must restore the previous stream";
+    linear_forward(c.cfg, dev.args(o));
+    linear_backward(c.cfg, dev.args(Tensor()), d_o, Tensor(), grads.views());
+    cuda_synchronize();
+    const Tensor oc = o.to(Device::CPU);
+    for (int64_t i = 0; i < oc.numel(); ++i)
+        ASSERT_TRUE(std::isfinite(load_as_double(oc.data(), oc.dtype(), i))) << "o unwritten after the refusals at " << i;
+}
+#endif
+
 // ---- backward ----------------------------------------------------------------------------------
 //
 // The CUDA gradients against the fp64 reference backward (Backend::Reference) on CPU copies of the same

@@ -74,6 +74,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     HLA_CHECK(p.T < (int64_t(1) << 31) && p.B * p.T < (int64_t(1) << 31), p.op, ": q: B·T = ", p.B * p.T,
               " tokens exceeds the CUDA backend's 2^31 limit");
     check_cuda(cudaSetDevice(a.q.device_index), p.op, "cudaSetDevice");
+    refuse_graph_capture(p.op);
     const bool vec = p.cfg.decay == Decay::Vector;
     bwd::Params bp{};
     bp.q = a.q.data;

@@ -1226,6 +1226,10 @@ __global__ void chunk_piece_start_kernel(const FwdParams p, const PieceParams pp
 // ---- host side --------------------------------------------------------------------------------
 
 int sm_count();
+// The chunked forward and backward copy their chunk tables from host memory on every call, which a
+// CUDA graph cannot replay: under stream capture (of hla's stream) they stop with this error before
+// touching the stream, and the caller's capture stays intact.
+void refuse_graph_capture(const char* op);
 // The tuning switches (tests and A/B timing; any other value is an error naming the variable):
 // HLA_CUDA_SCAN_VT = 16 | 32 | 64, 0 when unset;
 int scan_tile_override();

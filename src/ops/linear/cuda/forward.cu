@@ -22,6 +22,14 @@ int sm_count() {
     return n > 0 ? n : 1;
 }
 
+void refuse_graph_capture(const char* op) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    check_cuda(cudaStreamIsCapturing(launch_stream(), &status), op, "cudaStreamIsCapturing");
+    HLA_CHECK(status == cudaStreamCaptureStatusNone, op,
+              ": the CUDA chunked forward and backward cannot be captured in a CUDA graph (their chunk tables are "
+              "copied from host memory on every call); capture the decode step (linear_decode) instead");
+}
+
 // A tuning switch from the environment: `unset` when the variable is not set; an error naming it
 // when its value is not one of `allowed` (tests and A/B timing set these; a typo must not silently
 // measure the default).
@@ -87,6 +95,7 @@ void forward(const Problem& p) {
     HLA_CHECK(p.V == 64 || p.V == 128, p.op, ": v: the CUDA chunked forward supports V in {64, 128}, got V = ", p.V);
     HLA_CHECK(p.T < (int64_t(1) << 31), p.op, ": q: T = ", p.T, " tokens exceeds the CUDA backend's 2^31 limit");
     check_cuda(cudaSetDevice(a.q.device_index), p.op, "cudaSetDevice");
+    refuse_graph_capture(p.op);
     // The input dtypes this build compiled the chunked forward for (CMake HLA_CUDA_LINEAR_DTYPES, all
     // three by default; a bf16-only build leaves out fwd_f16.cu and fwd_f32.cu).
     switch (a.q.dtype) {
