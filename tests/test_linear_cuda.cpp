@@ -121,6 +121,19 @@ HeadMajor head_major(const Tensor& x) {
     return r;
 }
 
+// q, k and v of `cpu` as head-major views on the GPU (head_major), put into `a`; the returned buffers
+// back the views.
+struct HeadMajorQKV {
+    HeadMajor q, k, v;
+};
+HeadMajorQKV head_major_inputs(const LinearInputs& cpu, LinearForwardArgs& a) {
+    HeadMajorQKV r{head_major(cpu.q), head_major(cpu.k), head_major(cpu.v)};
+    a.q = r.q.view;
+    a.k = r.k.view;
+    a.v = r.v.view;
+    return r;
+}
+
 struct References {
     Tensor o64, s64, o_p, s_p;  // fp64 reference and the reference run in the case's precision
 };
@@ -151,15 +164,8 @@ void check_forward(const LinearCase& c, uint64_t seed = 1, TokenLayout layout = 
     Tensor o = poisoned_output(c, Device::CUDA);
     Tensor s = poisoned_state(c, cpu.N, Device::CUDA);
     LinearForwardArgs a = dev.args(o, &s);
-    HeadMajor hq, hk, hv;
-    if (layout == TokenLayout::HeadMajor) {
-        hq = head_major(cpu.q);
-        hk = head_major(cpu.k);
-        hv = head_major(cpu.v);
-        a.q = hq.view;
-        a.k = hk.view;
-        a.v = hv.view;
-    }
+    HeadMajorQKV hm;
+    if (layout == TokenLayout::HeadMajor) hm = head_major_inputs(cpu, a);
     linear_forward(c.cfg, a);
     cuda_synchronize();
     expect_close(c.name + ": o", o.to(Device::CPU), ref.o64, ref.o_p);
@@ -782,15 +788,8 @@ void check_backward(const LinearCase& c, uint64_t seed = 1, DType d_o_dtype = DT
     const HeadMajor d_o_hm = d_o_layout == TokenLayout::HeadMajor ? head_major(d_o) : HeadMajor{};
     const Tensor d_fs_dev = d_fs.defined() ? d_fs.to(Device::CUDA) : Tensor();
     LinearForwardArgs a = dev.args(Tensor());
-    HeadMajor hq, hk, hv;
-    if (inputs_layout == TokenLayout::HeadMajor) {
-        hq = head_major(cpu.q);
-        hk = head_major(cpu.k);
-        hv = head_major(cpu.v);
-        a.q = hq.view;
-        a.k = hk.view;
-        a.v = hv.view;
-    }
+    HeadMajorQKV hm;
+    if (inputs_layout == TokenLayout::HeadMajor) hm = head_major_inputs(cpu, a);
     linear_backward(c.cfg, a, d_o_layout == TokenLayout::HeadMajor ? d_o_hm.view : d_o_dev.view(), d_fs_dev, got.views());
     cuda_synchronize();
 
