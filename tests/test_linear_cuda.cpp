@@ -898,6 +898,21 @@ TEST(LinearCuda, BackwardManyValueHeads) {
         }
 }
 
+// Per-token gates in fp32 with bf16 q, k, v (as flash-linear-attention's callers pass them), through
+// the bf16 kernels' gate loads.
+TEST(LinearCuda, Fp32GatesWithBf16Inputs) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells) {
+        if (!per_token_decay(cell.config())) continue;
+        LinearCase c = make_case(std::string(cell.name) + "/f32-gates", cell.config(), DType::BF16, 1, 150, 2, 4, 64, 64);
+        c.gate_dtype = DType::F32;
+        c.cu_seqlens = {0, 70, 150};
+        c.initial_state = true;
+        check_forward(c);
+        check_backward(c, 23);
+    }
+}
+
 TEST(LinearCuda, BackwardSingleToken) {
     REQUIRE_GPU();
     backward_every_cell("T1", [](LinearCase& c) {

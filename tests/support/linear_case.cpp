@@ -127,7 +127,7 @@ LinearInputs make_inputs(const LinearCase& c, uint64_t seed) {
     }
     if (!g_shape.empty()) {
         const int64_t n = numel_of(g_shape);
-        const DType g_dtype = cfg.decay == Decay::Fixed ? DType::F32 : c.dtype;
+        const DType g_dtype = cfg.decay == Decay::Fixed ? DType::F32 : c.gate_dtype != DType::F64 ? c.gate_dtype : c.dtype;
         in.g = from_doubles(g_shape, g_dtype, gated ? normal(rng, n) : uniform(rng, n, c.gate_min, c.gate_max));
     }
     if (gated) {

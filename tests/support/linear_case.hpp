@@ -15,6 +15,7 @@ struct LinearCase {
     LinearConfig cfg;
     int64_t B = 1, T = 64, H = 2, HV = 2, K = 16, V = 16;
     DType dtype = DType::F32;            // q, k, v, g, beta (and o) dtype
+    DType gate_dtype = DType::F64;       // g's dtype when it is not `dtype` (F64: `dtype`)
     std::vector<int64_t> cu_seqlens;     // non-empty: varlen packing (B must be 1, back() == T)
     bool initial_state = false;          // generate an initial state
     double initial_state_scale = 1.0;    // its magnitude (large-state stress: e.g. 100)

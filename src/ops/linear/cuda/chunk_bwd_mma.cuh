@@ -840,6 +840,25 @@ struct Stage3Views {
     TensorView q, k, v, d_o;
 };
 
+// A [slots·rows, cols] workspace matrix (bf16, or fp32) in padded boxes of rows × cols plus
+// kBoxPadBytes of zeros.
+inline void encode_padded_slot_rows(CUtensorMap* map, const void* base, size_t slots, int rows, int cols, bool fp32,
+                                    const char* op, const char* what) {
+    const int elem = fp32 ? 4 : 2;
+    const uint64_t dims[2] = {uint64_t(cols), uint64_t(slots) * rows}, strides[1] = {uint64_t(cols) * elem};
+    const uint32_t box[2] = {uint32_t(cols + bwd::kBoxPadBytes / elem), uint32_t(rows)};
+    tma::encode(map, fp32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, base, 2, dims, strides, box,
+                CU_TENSOR_MAP_SWIZZLE_NONE, op, what);
+}
+// A bf16 input's rows (rows_tma_ready) in padded boxes of a head's 64 tokens × D plus kBoxPadBytes of
+// zeros.
+inline void encode_padded_input_rows(CUtensorMap* map, const TensorView& x, const char* op, const char* what) {
+    const InputRows g = input_row_geometry(x);
+    const uint32_t box[4] = {uint32_t(x.shape[3] + bwd::kBoxPadBytes / 2), 1, uint32_t(kChunk), 1};
+    tma::encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, x.data, 4, g.dims, g.strides, box, CU_TENSOR_MAP_SWIZZLE_NONE, op,
+                what);
+}
+
 // Stage3Maps of a launch: the workspace blocks' maps always, the inputs' where rows_tma_ready.
 template <Update Up, bool kVec, int K, int V>
 bwd::Stage3Maps make_stage3_maps(const bwd::Params& p, const Stage3Views& x, const char* op) {
@@ -849,41 +868,26 @@ bwd::Stage3Maps make_stage3_maps(const bwd::Params& p, const Stage3Views& x, con
     HLA_CHECK(p.n_chunks > 0, op, ": stage 3 launched without a chunk");
     HLA_CHECK(slots * size_t(std::max(K, int(kChunk))) < (size_t(1) << 31), op, ": ", p.n_chunks, " chunks × ", p.HV,
               " value heads exceed the CUDA backward's 2^31 rows of per-chunk states");
-    // [slots·rows, cols] workspace blocks in boxes of rows × cols plus kBoxPadBytes of zeros
-    auto slot_rows = [&](CUtensorMap* map, const void* base, int rows, int cols, bool fp32, const char* what) {
-        const int elem = fp32 ? 4 : 2;
-        const uint64_t dims[2] = {uint64_t(cols), uint64_t(slots) * rows}, strides[1] = {uint64_t(cols) * elem};
-        const uint32_t box[2] = {uint32_t(cols + bwd::kBoxPadBytes / elem), uint32_t(rows)};
-        tma::encode(map, fp32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, base, 2, dims, strides,
-                    box, CU_TENSOR_MAP_SWIZZLE_NONE, op, what);
-    };
-    // an input's rows (rows_tma_ready) in boxes of a head's 64 tokens × D plus kBoxPadBytes of zeros
-    auto input_rows_padded = [&](CUtensorMap* map, const TensorView& v, const char* what) {
-        const InputRows g = input_row_geometry(v);
-        const uint32_t box[4] = {uint32_t(v.shape[3] + bwd::kBoxPadBytes / 2), 1, uint32_t(kChunk), 1};
-        tma::encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, v.data, 4, g.dims, g.strides, box, CU_TENSOR_MAP_SWIZZLE_NONE,
-                    op, what);
-    };
-    slot_rows(&m.S0, p.states, K, V, false, "the chunk-start states");
-    slot_rows(&m.dS, p.dstates, K, V, false, "the chunk-end state gradients");
+    encode_padded_slot_rows(&m.S0, p.states, slots, K, V, false, op, "the chunk-start states");
+    encode_padded_slot_rows(&m.dS, p.dstates, slots, K, V, false, op, "the chunk-end state gradients");
     if (kDelta) {
-        slot_rows(&m.U, p.U, kChunk, V, false, "prepare's U");
-        slot_rows(&m.W, p.Wm, kChunk, K, false, "prepare's W");
-        slot_rows(&m.T, p.Tinv, kChunk, kChunk, true, "prepare's T");
+        encode_padded_slot_rows(&m.U, p.U, slots, kChunk, V, false, op, "prepare's U");
+        encode_padded_slot_rows(&m.W, p.Wm, slots, kChunk, K, false, op, "prepare's W");
+        encode_padded_slot_rows(&m.T, p.Tinv, slots, kChunk, kChunk, true, op, "prepare's T");
     }
     if (kVec) {
-        slot_rows(&m.Kd, p.Kd, kChunk, K, false, "prepare's decayed keys");
-        slot_rows(&m.P, p.P, kChunk, kChunk, false, "prepare's scores");
+        encode_padded_slot_rows(&m.Kd, p.Kd, slots, kChunk, K, false, op, "prepare's decayed keys");
+        encode_padded_slot_rows(&m.P, p.P, slots, kChunk, kChunk, false, op, "prepare's scores");
     }
     m.qk_tma = !kVec && rows_tma_ready(x.q) && rows_tma_ready(x.k);
     if (m.qk_tma) {
-        input_rows_padded(&m.q, x.q, "q");
-        input_rows_padded(&m.k, x.k, "k");
+        encode_padded_input_rows(&m.q, x.q, op, "q");
+        encode_padded_input_rows(&m.k, x.k, op, "k");
     }
     m.do_tma = x.d_o.dtype == DType::BF16 && rows_tma_ready(x.d_o);
-    if (m.do_tma) input_rows_padded(&m.d_o, x.d_o, "d_o");
+    if (m.do_tma) encode_padded_input_rows(&m.d_o, x.d_o, op, "d_o");
     m.v_tma = !kDelta && rows_tma_ready(x.v);
-    if (m.v_tma) input_rows_padded(&m.v, x.v, "v");
+    if (m.v_tma) encode_padded_input_rows(&m.v, x.v, op, "v");
     return m;
 }
 
