@@ -258,8 +258,8 @@ __device__ __forceinline__ void store_dq_dk(float (&dq)[1][NTK][4], float (&dk)[
 }
 
 // Tensor maps (tma.cuh) of the copy engine's loads of chunk_bwd_mma_kernel, each box one operand tile
-// in the kernel's padded row layout: a box is `pad` columns wider than its tensor (8 bf16 or 4 fp32, 16
-// bytes), the columns past the tensor's edge land as zeros, and the rows arrive at the stride ldmatrix
+// in the kernel's padded row layout: a box is kBoxPadBytes wider than its tensor (8 bf16 or 4 fp32
+// columns), the columns past the tensor's edge land as zeros, and the rows arrive at the stride ldmatrix
 // reads without bank conflicts, one copy a tile. The per-(chunk, value head) workspace blocks are 2-D
 // [slots·rows, cols] matrices (S0, dS_C: K rows; U, W, K̄, P, T: 64); the inputs 4-D [B, T, heads, D]
 // views read a head's 64 tokens a box, when rows_tma_ready (else the block copies them itself:
