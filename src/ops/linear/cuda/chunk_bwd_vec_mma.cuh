@@ -393,7 +393,7 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
         __syncthreads();  // the chunk's shared memory is the next value head's
     }
 
-    store_dq_dk<K, kVecThreads, 32>(dq, dk, reinterpret_cast<float*>(sm + L::dl_off), Qs, Ks, inv_norm, p, ci, h);
+    store_dq_dk<K, LDK, kVecThreads, 32>(dq, dk, reinterpret_cast<float*>(sm + L::dl_off), Qs, Ks, inv_norm, p, ci, h);
 }
 
 }  // namespace bwd
