@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # hla — one run on a GPU machine: build, the CUDA tests, compute-sanitizer (memcheck, racecheck and
-# initcheck) on small forward, decode and backward tests, the linear-family benchmark, and PyTorch SDPA / flash-linear-attention where importable.
+# initcheck) on small forward, decode and backward tests, the linear-family benchmark, and PyTorch SDPA (flash-linear-attention with --fla).
 # Logs go to $OUT (or the build dir); a short summary table is printed last.
-# Usage: scripts/gpu-check.sh [--quick] [--profile]
+# Usage: scripts/gpu-check.sh [--quick] [--profile] [--fla]
 #   --quick     fewer timed iterations in the benchmark
+#   --fla       also flash-linear-attention's ops (bench/fla_peers.py; ~10 minutes of Triton autotuning),
+#               from third_party_peers/ (git-ignored: copy fla/ and einops/ there and carry the folder)
 #   --profile   also ncu --set full on the first launch of each kernel in $NCU_KERNELS (default: the
 #               forward's prepare and scan, the dS scan and both tensor-core backward kernels) in the
 #               forward + backward rows of the benchmark (B=4 T=4096 H=16 K=V=128, bf16)
@@ -11,11 +13,12 @@ set -u
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build-gpu}
 LOG=${OUT:-$BUILD}
-QUICK="" PROFILE=""
+QUICK="" PROFILE="" FLA=""
 for a in "$@"; do
     case $a in
         --quick) QUICK=--quick ;;
         --profile) PROFILE=1 ;;
+        --fla) FLA=1 ;;
         *) echo "unknown option $a"; exit 2 ;;
     esac
 done
@@ -101,19 +104,10 @@ for B, T in [(4, 4096), (1, 16384)]:
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
         ms = med(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     print(f"peer sdpa_flash B={B} T={T}: {ms:.4f} ms")
-try:
-    import fla  # noqa: F401
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-    for B, T in [(4, 4096), (1, 16384)]:
-        q, k, v = (torch.randn(B, T, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        g = -torch.rand(B, T, 16, device="cuda", dtype=torch.bfloat16) * 0.5
-        beta = torch.rand(B, T, 16, device="cuda", dtype=torch.bfloat16)
-        with torch.inference_mode():
-            ms = med(lambda: chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True))
-        print(f"peer fla chunk_gated_delta_rule B={B} T={T}: {ms:.4f} ms")
-except Exception as e:
-    print(f"peers: flash-linear-attention not usable ({type(e).__name__}: {e}): skipped")
 PY
+if [ -n "$FLA" ]; then
+    PYTHONPATH=$PWD/third_party_peers${PYTHONPATH:+:$PYTHONPATH} python3 bench/fla_peers.py $QUICK 2>&1 | tee -a "$LOG/gpu-check.peers.log"
+fi
 
 echo
 echo "== summary"
