@@ -22,9 +22,10 @@
 //
 // Vector-decay numerics (the factoring that keeps g = −1000 safe). b_i is the in-chunk cumulative
 // log decay, kept per row block I (reference row r_I = 16I) as Δ_i = b_i − b_{r_I} in fp32. The block
-// references R_I = b_{r_I} are summed in fp64 and stored as R_0 and the block sums S_I = R_{I+1} − R_I,
-// so every exponent below is a sum of one-signed terms, a difference of nearby values, or one that
-// underflows harmlessly to 0:
+// references R_I = b_{r_I} are stored as R_0 and the block sums S_I = R_{I+1} − R_I, each summed in
+// fp32 from at most 16 gates of one sign (relative error ≤ 16 · 2⁻²⁴, no cancellation), so every
+// exponent below is a sum of one-signed terms, a difference of nearby values, or one that underflows
+// harmlessly to 0:
 //   scores, row block I, column block J < I:  (q_i e^{Δ_i}) · (k_j e^{(R_I − R_J) − Δ_j})   both ≤ 1
 //   column block J = I (the diagonal):         (q_i e^{Δ_i}) · (k_j e^{−Δ_j})   the second ≤ e^{span}
 //   Qg: q e^{R_I + Δ_i},   Kd: k e^{(b_C − R_I) − Δ_i},   K⊙γ for W: k e^{R_I + Δ_i}.
@@ -82,8 +83,8 @@ struct PrepMmaLayout {
     static constexpr size_t f_off = k_off + k_bytes;
     static constexpr size_t f_bytes =
         kVec ? size_t(kChunk) * LDF * 4 : (kDelta ? 2 * size_t(kChunk) * LDA * 4 : size_t(0));
-    // vector: per channel R_0 and the block sums S_I = R_{I+1} − R_I (S_3 = b_C − R_3), fp32 from the
-    // fp64 sums; one decay number per token: b_i in fp64
+    // vector: per channel R_0 and the block sums S_I = R_{I+1} − R_I (S_3 = b_C − R_3), fp32; one
+    // decay number per token: b_i in fp64
     static constexpr size_t t_off = f_off + f_bytes;
     static constexpr size_t t_bytes = kVec ? size_t(5) * K * 4 : size_t(kChunk) * 8;
     static constexpr size_t r_off = t_off + t_bytes;  // per row: β, rq, rk, e^{b_i}, e^{b_C − b_i}, q_i·k_i
@@ -279,7 +280,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     cp_async_wait_all();
     __syncthreads();
 
-    // ---- vector decay: per channel (one thread each) the activation and the fp64 in-chunk sums ----
+    // ---- vector decay: per channel (one thread each) the activation and the in-chunk sums ----
     // Δ_i = b_i − R_I is the sum of the block's gates after its first, so the four blocks are four
     // independent sums (four chains in flight instead of one of 64); R_0 is the first gate and
     // S_I = R_{I+1} − R_I the block's sum after its first plus the next block's first.
@@ -293,12 +294,14 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                 alog = static_cast<const float*>(p.A_log)[hv];
             }
             // the log decay of token i (rows ≥ len: 0; the copy zero-filled them, which is 0 without an activation)
-            auto gate = [&](int i) -> double {
+            auto gate = [&](int i) -> float {
                 const float x = Fs[i * LDF + c];
                 if (!act) return x;
                 return i < len ? gate_log_decay(p.gate_act, p.lower_bound, x + dtb, alog) : 0.f;
             };
-            double first[4], sum[4] = {0.0, 0.0, 0.0, 0.0};
+            // fp32: each sum has at most 16 terms of one sign. fp64 here (its conversions each way on
+            // every element) took ~20% of KDA prepare's stall samples (ncu, B=4 T=4096, session 12).
+            float first[4], sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int I = 0; I < 4; ++I) {
                 first[I] = gate(16 * I);
@@ -315,22 +318,22 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
 #pragma unroll
                 for (int I = 0; I < 4; ++I) {
                     sum[I] += x[I];
-                    Fs[(16 * I + ii) * LDF + c] = float(sum[I]);
+                    Fs[(16 * I + ii) * LDF + c] = sum[I];
                 }
             }
             int flags = 0;
-            double S[4], tot = 0.0;
+            float S[4], tot = 0.f;
 #pragma unroll
             for (int I = 0; I < 4; ++I) {
-                S[I] = sum[I] + (I < 3 ? first[I + 1] : 0.0);
+                S[I] = sum[I] + (I < 3 ? first[I + 1] : 0.f);
                 tot += S[I];
-                if (float(sum[I]) < -kSafeSpan) flags |= 1 << I;
+                if (sum[I] < -kSafeSpan) flags |= 1 << I;
             }
-            if (tot < -double(kFastSpan)) flags |= kSlowChunk;
-            St[c] = float(first[0]);
+            if (tot < -kFastSpan) flags |= kSlowChunk;
+            St[c] = first[0];
 #pragma unroll
-            for (int I = 0; I < 4; ++I) St[(I + 1) * K + c] = float(S[I]);
-            p.gC[slot * K + c] = __expf(float(first[0] + tot));
+            for (int I = 0; I < 4; ++I) St[(I + 1) * K + c] = S[I];
+            p.gC[slot * K + c] = __expf(first[0] + tot);
             if (flags) atomicOr(wide, flags);
         }
     }
