@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "hla/hla.hpp"
+#include "ops/linear/cuda/forward_plan.hpp"
 #include "ops/linear/problem.hpp"
 #include "support/cuda_graph.hpp"
 #include "support/linear_case.hpp"
@@ -157,6 +158,17 @@ enum class TokenLayout { Contiguous, HeadMajor };
 
 // The CUDA forward of a case (one call over all tokens) checked against the references; q, k, v in
 // `layout`.
+using linear::cuda::ForwardPlan;
+using linear::cuda::last_forward_plan;
+
+// Whether the forward's two kernels may run at once in this process (forward.cu's
+// kernels_run_concurrently, less the device query: every card these tests run on has concurrent kernels).
+bool kernels_may_run_concurrently() {
+    const char* blocking = std::getenv("CUDA_LAUNCH_BLOCKING");
+    return !(blocking && std::strcmp(blocking, "0") != 0) && !std::getenv("CUDA_INJECTION64_PATH");
+}
+
+// The forward on the GPU against the references. Afterwards last_forward_plan() is this call's plan.
 void check_forward(const LinearCase& c, uint64_t seed = 1, TokenLayout layout = TokenLayout::Contiguous) {
     const LinearInputs cpu = make_inputs(c, seed);
     const References ref = run_references(c, cpu);
@@ -166,8 +178,10 @@ void check_forward(const LinearCase& c, uint64_t seed = 1, TokenLayout layout = 
     LinearForwardArgs a = dev.args(o, &s);
     HeadMajorQKV hm;
     if (layout == TokenLayout::HeadMajor) hm = head_major_inputs(cpu, a);
+    linear::cuda::record_forward_plan({});
     linear_forward(c.cfg, a);
     cuda_synchronize();
+    EXPECT_TRUE(last_forward_plan().ran) << c.name << ": the chunked CUDA forward did not run";
     expect_close(c.name + ": o", o.to(Device::CPU), ref.o64, ref.o_p);
     expect_close(c.name + ": final_state", s.to(Device::CPU), ref.s64, ref.s_p);
 }
@@ -229,6 +243,8 @@ TEST(LinearCuda, ScanTileWidths) {
                                          150, 2, 2, 128, 128);
                 c.initial_state = true;
                 check_forward(c);
+                EXPECT_EQ(last_forward_plan().scan_tile, dt == DType::F32 ? std::min(std::atoi(vt), 32) : std::atoi(vt))
+                    << c.name;
             }
     }
     unsetenv("HLA_CUDA_SCAN_VT");
@@ -248,6 +264,7 @@ TEST(LinearCuda, RawOperandScanBothWays) {
                                      128, 128);
             c.initial_state = true;
             check_forward(c);
+            EXPECT_EQ(last_forward_plan().raw_operands, raw[0] == '1') << c.name;
             LinearCase v = make_case(std::string(cell.name) + "/raw" + raw + "/varlen", cell.config(), DType::BF16, 1,
                                      200, 2, 2, 128, 128);
             v.cu_seqlens = {0, 70, 70, 71, 200};
@@ -255,6 +272,7 @@ TEST(LinearCuda, RawOperandScanBothWays) {
             v.gate_min = -40;
             v.gate_max = 0;
             check_forward(v);
+            EXPECT_EQ(last_forward_plan().raw_operands, raw[0] == '1') << v.name;
         }
     }
     unsetenv("HLA_CUDA_FWD_RAW");
@@ -310,6 +328,7 @@ TEST(LinearCuda, HeadMajorInputs) {
         LinearCase c = make_case(std::string(cell.name) + "/head-major", cell.config(), DType::BF16, 2, 150, 2, 2, 64, 64);
         c.initial_state = true;
         check_forward(c, 11, TokenLayout::HeadMajor);
+        EXPECT_FALSE(last_forward_plan().raw_operands) << c.name << ": head-major rows cannot be read raw";
     }
 }
 
@@ -324,7 +343,7 @@ TEST(LinearCuda, HeadMajorInputs) {
 // forced pieces of 31 and 32 chunks at K = V = 128 with two value heads on one q/k head (on a 132-SM
 // card 31 runs of one chunk: the state carried from run to run), and the default: two sequences of
 // 49 chunks and two value heads (sequential: 2 pieces; parallel: 3). Between them, the concurrent
-// forward forced.
+// forward forced. Each case also checks that the forward took the path it names (last_forward_plan).
 TEST(LinearCuda, PiecewiseForward) {
     REQUIRE_GPU();
     for (const char* pieces : {"2", "5"}) {
@@ -338,6 +357,10 @@ TEST(LinearCuda, PiecewiseForward) {
                 c.cu_seqlens = {0, 0, 70, 70, 333, 400};
                 c.initial_state = true;
                 check_forward(c);
+                const ForwardPlan plan = last_forward_plan();
+                EXPECT_EQ(plan.pieces, std::atoi(pieces)) << c.name;
+                EXPECT_EQ(plan.parallel_pieces, dt == DType::BF16 && cell.config().update == Update::Additive) << c.name;
+                EXPECT_FALSE(plan.concurrent) << c.name << ": a forced piece count turns the concurrent forward off";
             }
     }
     setenv("HLA_CUDA_FWD_PIECES", "2", 1);
@@ -346,6 +369,7 @@ TEST(LinearCuda, PiecewiseForward) {
                                  128, 128);
         c.initial_state = true;
         check_forward(c);
+        EXPECT_EQ(last_forward_plan().pieces, 2) << c.name;
     }
     unsetenv("HLA_CUDA_FWD_PIECES");
     // the concurrent forward forced (it applies to the delta rule on bf16; the others run their default):
@@ -356,11 +380,14 @@ TEST(LinearCuda, PiecewiseForward) {
                                  4, 64, 64);
         c.cu_seqlens = {0, 0, 70, 70, 333, 400};
         c.initial_state = true;
+        const bool delta = cell.config().update == Update::Delta;
         check_forward(c);
+        EXPECT_EQ(last_forward_plan().concurrent, delta && kernels_may_run_concurrently()) << c.name;
         LinearCase l = make_case(std::string(cell.name) + "/concurrent-long", cell.config(), DType::BF16, 1, 4000, 1, 2,
                                  128, 128);
         l.initial_state = true;
         check_forward(l);
+        EXPECT_EQ(last_forward_plan().concurrent, delta && kernels_may_run_concurrently()) << l.name;
     }
     unsetenv("HLA_CUDA_FWD_CONCURRENT");
     for (const Cell& cell : kCells) {
@@ -368,6 +395,16 @@ TEST(LinearCuda, PiecewiseForward) {
                                  64, 64);
         c.initial_state = true;
         check_forward(c);
+        // the delta rule: concurrent where kernels run at once, else 2 sequential pieces; the additive
+        // update: parallel pieces (3 on a 132-SM card)
+        const ForwardPlan plan = last_forward_plan();
+        if (cell.config().update == Update::Delta) {
+            EXPECT_EQ(plan.concurrent, kernels_may_run_concurrently()) << c.name;
+            EXPECT_EQ(plan.pieces, plan.concurrent ? 1 : 2) << c.name;
+        } else {
+            EXPECT_TRUE(plan.parallel_pieces) << c.name;
+            EXPECT_GE(plan.pieces, 2) << c.name;
+        }
     }
 }
 

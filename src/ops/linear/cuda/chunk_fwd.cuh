@@ -43,6 +43,7 @@
 #include "ops/linear/activations.hpp"
 #include "ops/linear/cuda/chunk_prepare_mma.cuh"
 #include "ops/linear/cuda/common.cuh"
+#include "ops/linear/cuda/forward_plan.hpp"
 #include "ops/linear/cuda/fwd_params.cuh"
 #include "ops/linear/cuda/tma.cuh"
 #include "ops/linear/cuda/wgmma.cuh"
@@ -1671,6 +1672,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     if (concurrent) pieces = 1;
     const bool parallel = parallel_way && pieces > 1;
     if (parallel && scan_tile_override() == 0) vt = wide;
+    // (the width launched: fp32 operands take at most 32 columns, launch_scan_vt)
+    if (!states) record_forward_plan({true, pieces, parallel, concurrent, raw, sizeof(E) == 2 ? vt : std::min(vt, 32)});
 
     // Chunk table (host), then one workspace allocation holding the tables and the intermediates. The
     // chunks are ordered piece by piece (within a piece, sequence by sequence), so a piece's prepare is
