@@ -163,10 +163,7 @@ using linear::cuda::last_forward_plan;
 
 // Whether the forward's two kernels may run at once in this process (forward.cu's
 // kernels_run_concurrently, less the device query: every card these tests run on has concurrent kernels).
-bool kernels_may_run_concurrently() {
-    const char* blocking = std::getenv("CUDA_LAUNCH_BLOCKING");
-    return !(blocking && std::strcmp(blocking, "0") != 0) && !std::getenv("CUDA_INJECTION64_PATH");
-}
+bool kernels_may_run_concurrently() { return !linear::cuda::kernels_serialised_by_environment(); }
 
 // The forward on the GPU against the references. Afterwards last_forward_plan() is this call's plan.
 void check_forward(const LinearCase& c, uint64_t seed = 1, TokenLayout layout = TokenLayout::Contiguous) {
@@ -381,8 +378,7 @@ TEST(LinearCuda, PiecewiseForward) {
         c.cu_seqlens = {0, 0, 70, 70, 333, 400};
         c.initial_state = true;
         const bool delta = cell.config().update == Update::Delta;
-        check_forward(c);
-        EXPECT_EQ(last_forward_plan().concurrent, delta && kernels_may_run_concurrently()) << c.name;
+        check_forward(c);  // (concurrent only where its 80-block scan grid leaves half the SMs: not asserted)
         LinearCase l = make_case(std::string(cell.name) + "/concurrent-long", cell.config(), DType::BF16, 1, 4000, 1, 2,
                                  128, 128);
         l.initial_state = true;
@@ -426,6 +422,39 @@ TEST(LinearCuda, ExtremeGates) {
             c.dtype = DType::BF16;
             c.name += "/bf16";
             check_forward(c);
+        }
+    }
+}
+
+// Vector decay: every 16-token block's second gate −3000 in every channel, the rest in [−1, 0]. Each
+// in-block sum of the prepare (and the backward's gate sums) then adds small gates to a large one:
+// the decays between the block's later tokens, e^{b_i − b_j} of order 1, come from differences of two
+// large sums (chunk_prepare_mma.cuh keeps them compensated). bf16 and fp32 inputs.
+TEST(LinearCuda, VectorGateSpikes) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells) {
+        if (cell.config().decay != Decay::Vector) continue;
+        for (DType dt : {DType::BF16, DType::F32}) {
+            LinearCase c = make_case(std::string(cell.name) + "/gate-spikes/" + dtype_tag(dt), cell.config(), dt, 2, 150,
+                                     2, 2, 128, 128);
+            c.gate_min = -1;
+            c.gate_max = 0;
+            c.initial_state = true;
+            LinearInputs cpu = make_inputs(c, 13);
+            Tensor g = cpu.g.to(DType::F32);
+            float* gp = g.ptr<float>();
+            for (int64_t row = 0; row < c.B * c.T; ++row)
+                if (row % c.T % 16 == 1)
+                    for (int64_t e = 0; e < c.HV * c.K; ++e) gp[row * c.HV * c.K + e] = -3000.f;
+            cpu.g = g.to(cpu.g.dtype());
+            const References ref = run_references(c, cpu);
+            const LinearInputs dev = cpu.move_to(Device::CUDA);
+            Tensor o = poisoned_output(c, Device::CUDA);
+            Tensor s = poisoned_state(c, cpu.N, Device::CUDA);
+            linear_forward(c.cfg, dev.args(o, &s));
+            cuda_synchronize();
+            expect_close(c.name + ": o", o.to(Device::CPU), ref.o64, ref.o_p);
+            expect_close(c.name + ": final_state", s.to(Device::CPU), ref.s64, ref.s_p);
         }
     }
 }

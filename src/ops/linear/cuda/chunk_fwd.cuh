@@ -1295,8 +1295,9 @@ int fwd_pieces_override();
 // The concurrent forward (forward_chunked_impl): HLA_CUDA_FWD_CONCURRENT = 0 turns it off, 1 forces it;
 // −1 when unset.
 int fwd_concurrent_override();
-// False where kernels of different streams may run one at a time: CUDA_LAUNCH_BLOCKING=1, an injected
-// tool (CUDA_INJECTION64_PATH: ncu, which serialises kernels), or a device without concurrent kernels.
+// False where kernels of different streams may run one at a time: the environment says so
+// (kernels_serialised_by_environment: CUDA_LAUNCH_BLOCKING=1, a profiler), or a device without
+// concurrent kernels.
 // (compute-sanitizer sets no such variable and runs the two kernels at once: memcheck is clean on the
 // concurrent tests.)
 bool kernels_run_concurrently();
@@ -1659,7 +1660,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // blocks (at most half the SMs, a whole SM each) leave it the other SMs, but a scan grid that took
     // every SM, or kernels run one at a time, would leave the scan, launched first, waiting forever.
     // So only where the scan grid leaves half the SMs free, and not with CUDA_LAUNCH_BLOCKING=1 or
-    // under an injected tool (CUDA_INJECTION64_PATH: ncu serialises kernels; nsys, which sets it too,
+    // under a profiler that serialises kernels (kernels_serialised_by_environment; nsys, which sets CUDA_INJECTION64_PATH too,
     // then profiles the sequential pieces instead), whatever the switch; a
     // scan that still waits 10 s stops with an error (wait_ready). HLA_CUDA_FWD_CONCURRENT = 0 | 1
     // turns it off or forces it (also for sequences too short for pieces; the delta rule on bf16 inputs
@@ -1672,8 +1673,6 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     if (concurrent) pieces = 1;
     const bool parallel = parallel_way && pieces > 1;
     if (parallel && scan_tile_override() == 0) vt = wide;
-    // (the width launched: fp32 operands take at most 32 columns, launch_scan_vt)
-    if (!states) record_forward_plan({true, pieces, parallel, concurrent, raw, sizeof(E) == 2 ? vt : std::min(vt, 32)});
 
     // Chunk table (host), then one workspace allocation holding the tables and the intermediates. The
     // chunks are ordered piece by piece (within a piece, sequence by sequence), so a piece's prepare is
@@ -1698,6 +1697,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     }
     piece_first.push_back(int(chunks.size()));
     if (p.seqs.empty()) return nullptr;
+    // (the width launched: fp32 operands take at most 32 columns, launch_scan_vt)
+    if (!states) record_forward_plan({true, pieces, parallel, concurrent, raw, sizeof(E) == 2 ? vt : std::min(vt, 32)});
     // Parallel pieces: the runs of the state pass, every piece's but the last's chunks cut into
     // `split` runs of whole chunks (a run is a sequence entry of its own), as many as keep the pass
     // within one wave.

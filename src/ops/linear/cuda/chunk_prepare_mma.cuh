@@ -22,10 +22,9 @@
 //
 // Vector-decay numerics (the factoring that keeps g = −1000 safe). b_i is the in-chunk cumulative
 // log decay, kept per row block I (reference row r_I = 16I) as Δ_i = b_i − b_{r_I} in fp32. The block
-// references R_I = b_{r_I} are stored as R_0 and the block sums S_I = R_{I+1} − R_I, each summed in
-// fp32 from at most 16 gates of one sign (relative error ≤ 16 · 2⁻²⁴, no cancellation), so every
-// exponent below is a sum of one-signed terms, a difference of nearby values, or one that underflows
-// harmlessly to 0:
+// references R_I = b_{r_I} are stored as R_0 and the block sums S_I = R_{I+1} − R_I (the in-block
+// sums compensated, as accurate as fp64's, then rounded once to fp32), so every exponent below is a
+// sum of one-signed terms, a difference of nearby values, or one that underflows harmlessly to 0:
 //   scores, row block I, column block J < I:  (q_i e^{Δ_i}) · (k_j e^{(R_I − R_J) − Δ_j})   both ≤ 1
 //   column block J = I (the diagonal):         (q_i e^{Δ_i}) · (k_j e^{−Δ_j})   the second ≤ e^{span}
 //   Qg: q e^{R_I + Δ_i},   Kd: k e^{(b_C − R_I) − Δ_i},   K⊙γ for W: k e^{R_I + Δ_i}.
@@ -299,9 +298,10 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                 if (!act) return x;
                 return i < len ? gate_log_decay(p.gate_act, p.lower_bound, x + dtb, alog) : 0.f;
             };
-            // fp32: each sum has at most 16 terms of one sign. fp64 here (its conversions each way on
-            // every element) took ~20% of KDA prepare's stall samples (ncu, B=4 T=4096, session 12).
-            float first[4], sum[4] = {0.f, 0.f, 0.f, 0.f};
+            // Compensated fp32 sums (hi + lo, Knuth's two-sum): a large gate followed by small ones
+            // loses nothing, so Δ_i − Δ_j stays as exact as with fp64 sums, whose conversions each way
+            // on every element took ~20% of KDA prepare's stall samples (ncu, B=4 T=4096, session 12).
+            float first[4], sum[4] = {0.f, 0.f, 0.f, 0.f}, lo[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int I = 0; I < 4; ++I) {
                 first[I] = gate(16 * I);
@@ -317,14 +317,17 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                 for (int I = 0; I < 4; ++I) x[I] = gate(16 * I + ii);
 #pragma unroll
                 for (int I = 0; I < 4; ++I) {
-                    sum[I] += x[I];
-                    Fs[(16 * I + ii) * LDF + c] = sum[I];
+                    const float t = sum[I] + x[I], z = t - sum[I];
+                    lo[I] += (sum[I] - (t - z)) + (x[I] - z);
+                    sum[I] = t;
+                    Fs[(16 * I + ii) * LDF + c] = sum[I] + lo[I];
                 }
             }
             int flags = 0;
             float S[4], tot = 0.f;
 #pragma unroll
             for (int I = 0; I < 4; ++I) {
+                sum[I] += lo[I];
                 S[I] = sum[I] + (I < 3 ? first[I + 1] : 0.f);
                 tot += S[I];
                 if (sum[I] < -kSafeSpan) flags |= 1 << I;

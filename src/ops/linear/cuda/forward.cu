@@ -8,6 +8,7 @@
 #include <initializer_list>
 
 #include "ops/linear/cuda/common.cuh"
+#include "ops/linear/cuda/forward_plan.hpp"
 #include "ops/linear/problem.hpp"
 
 namespace hla::linear::cuda {
@@ -53,9 +54,7 @@ int fwd_pieces_override() { return env_switch("HLA_CUDA_FWD_PIECES", 0, {}, "a p
 int fwd_concurrent_override() { return env_switch("HLA_CUDA_FWD_CONCURRENT", -1, {0, 1}, "0 or 1"); }
 
 bool kernels_run_concurrently() {
-    const char* blocking = std::getenv("CUDA_LAUNCH_BLOCKING");
-    if (blocking && std::strcmp(blocking, "0") != 0) return false;
-    if (std::getenv("CUDA_INJECTION64_PATH")) return false;
+    if (kernels_serialised_by_environment()) return false;
     int dev = 0, concurrent = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&concurrent, cudaDevAttrConcurrentKernels, dev);

@@ -14,6 +14,13 @@ struct ForwardPlan {
     int scan_tile = 0;             // value columns per scan block
 };
 
+// True where this process's environment makes CUDA run kernels one at a time: CUDA_LAUNCH_BLOCKING=1,
+// or Nsight Compute, which serialises kernels to profile them. Nsight Compute 2025.3 preloads its
+// injection library and sets NV_NSIGHT_INJECTION_TRANSPORT_TYPE (and NV_COMPUTE_PROFILER_PERFWORKS_DIR)
+// but not CUDA_INJECTION64_PATH, which earlier versions and other tools set. The concurrent forward is
+// off then: its scan, launched first, would wait for a prepare that cannot start until the scan ends.
+bool kernels_serialised_by_environment();
+
 // The plan of this thread's last chunked CUDA forward (not the backward's recompute); `ran` false
 // when none ran (or hla was built without CUDA).
 ForwardPlan last_forward_plan();
