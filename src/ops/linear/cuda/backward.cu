@@ -148,7 +148,7 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     const size_t slots = size_t(n_chunks) * size_t(p.HV);
     const size_t vf_k = size_t(kChunk) * p.K, vf_c = size_t(kChunk) * kChunk;
     const size_t b_vec =
-        mma && vec ? align(slots * ((3 * vf_k + 2 * kChunk + p.K) * sizeof(float) + 2 * vf_c * sizeof(__nv_bfloat16))) : 0;
+        mma && vec ? align(slots * ((2 * kChunk + p.K) * sizeof(float) + (3 * vf_k + 2 * vf_c) * sizeof(__nv_bfloat16))) : 0;
     ScopedWorkspace workspace(workspace_alloc(b_params + b_scratch + 2 * b_states + b_vec, p.op));
     char* ws = workspace.get();
     char* at = ws;
@@ -165,14 +165,15 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     bp.st_dt = st;
     if (b_vec) {
         float* v = reinterpret_cast<float*>(at + b_states);
-        bp.v_dqg = v;
-        bp.v_m = v += slots * vf_k;
-        bp.v_dkb = v += slots * vf_k;
-        bp.v_db = v += slots * vf_k;
+        bp.v_db = v;
         bp.v_dpd = v += slots * kChunk;
         bp.v_sd = v += slots * kChunk;
-        bp.v_dp = reinterpret_cast<__nv_bfloat16*>(v + slots * p.K);
-        bp.v_dd = bp.v_dp + slots * vf_c;
+        __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(v + slots * p.K);
+        bp.v_dqg = h;
+        bp.v_m = h += slots * vf_k;
+        bp.v_dkb = h += slots * vf_k;
+        bp.v_dp = h += slots * vf_k;
+        bp.v_dd = h += slots * vf_c;
     }
 
     DScanParams dp{};

@@ -624,15 +624,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             if constexpr (kVec) {
                 // raw, for the second kernel: the decay factors are per element there
                 const size_t at = slot * kChunk * K + size_t(row0) * K + kc0;
-                store_acc<float>(acc, p.v_dqg + at, K);
+                store_acc(acc, p.v_dqg + at, K);
                 if constexpr (kDelta) {
                     zero_acc(acc);
                     warp_gemm<E, 1, NTK>(acc, Tile<E>{Zs + row0 * LDV, LDV, 1}, Tile<E>{S0s + kc0 * LDV, 1, LDV}, V);
-                    store_acc<float>(acc, p.v_m + at, K);
+                    store_acc(acc, p.v_m + at, K);
                 }
                 zero_acc(acc);
                 warp_gemm<E, 1, NTK>(acc, Tile<E>{Xs + row0 * LDV, LDV, 1}, Tile<E>{dSs + kc0 * LDV, 1, LDV}, V);
-                store_acc<float>(acc, p.v_dkb + at, K);
+                store_acc(acc, p.v_dkb + at, K);
             } else {
                 // dq_i += γ_i (dO S0ᵀ)_i and u_i += γ_i ⟨q̂_i, (dO S0ᵀ)_i⟩
                 float su[2] = {0.f, 0.f};

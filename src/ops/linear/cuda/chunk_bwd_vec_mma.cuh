@@ -6,7 +6,7 @@
 //   1. chunk_bwd_mma_kernel<Up, kVec = true> (chunk_bwd_mma.cuh): every product whose dot carries no
 //      decay — X, dX = Pᵀ dO + K̄ dS_C (P and K̄ from stage 1), Z = Tᵀ dX, dv, dP = dO Xᵀ,
 //      dD = diag(β)(−Z Xᵀ), dβ's ⟨Z, v⟩ and Σ_j dA_ij D_ij, and the raw dO S0ᵀ, M = Z S0ᵀ, X dS_Cᵀ —
-//      handed over in fp32 through Params::v_* (about 130 KiB per chunk and value head at K = V = 128).
+//      handed over in bf16 through Params::v_* (about 65 KiB per chunk and value head at K = V = 128).
 //   2. chunk_bwd_vec_kernel below: the decayed products of dP and dD, the per-element decay factors of
 //      the K-wide terms, dβ's K⊙γ term, ∂b → dg, dq and dk through the norms.
 //
@@ -273,10 +273,10 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
         // ---- the K-wide terms: e^{b} ⊙ dO S0ᵀ, −β e^{b} ⊙ M, e^{b_C − b} ⊙ X dS_Cᵀ; dP's diagonal ----
         {
             const size_t at = slot * kChunk * K;
-            const float* gq = p.v_dqg + at;
-            const float* gk = p.v_dkb + at;
-            const float* gm = kDelta ? p.v_m + at : nullptr;
-            // two columns a step (8-byte loads of the hand-over; per element its loads' latency was ~10%
+            const __nv_bfloat16* gq = p.v_dqg + at;
+            const __nv_bfloat16* gk = p.v_dkb + at;
+            const __nv_bfloat16* gm = kDelta ? p.v_m + at : nullptr;
+            // two columns a step (paired loads of the hand-over; per element its loads' latency was ~10%
             // of the kernel's stall samples)
             float sb[2] = {0.f, 0.f};
             for_each_acc_pair(dq, [&](int r, int cc, float& xq0, float& xq1) {
@@ -284,10 +284,10 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
                 float* xk = &dk[0][cc >> 3][(r >> 3) * 2];
                 const float2 q2 = load_pair(Qs + i * LDK + c), k2 = load_pair(Ks + i * LDK + c);
                 const float2 d2 = *reinterpret_cast<const float2*>(Dl + i * LDF + c);
-                const float2 gq2 = *reinterpret_cast<const float2*>(gq + i * K + c);
-                const float2 gk2 = *reinterpret_cast<const float2*>(gk + i * K + c);
+                const float2 gq2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(gq + i * K + c));
+                const float2 gk2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(gk + i * K + c));
                 float2 gm2 = make_float2(0.f, 0.f);
-                if constexpr (kDelta) gm2 = *reinterpret_cast<const float2*>(gm + i * K + c);
+                if constexpr (kDelta) gm2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(gm + i * K + c));
                 float dbv[2], kbv[2];
                 auto one = [&](int e, float& xq, float& xkk, float qv, float kv, float d, float gqv, float gkv, float gmv) {
                     float Rb = St[c + e], Eb = 0.f;  // R_I and b_C − R_I, sums of one sign
