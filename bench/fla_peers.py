@@ -22,27 +22,13 @@ Usage: PYTHONPATH=third_party_peers python3 bench/fla_peers.py [--quick] [--fwd 
 import sys
 import time
 
+from cuda_events import median_ms
+
 QUICK = "--quick" in sys.argv
 FORWARD = "--fwdbwd" not in sys.argv
 FORWARD_BACKWARD = "--fwd" not in sys.argv
 ONLY = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--ops=")), None)
 H, K, V = 16, 128, 128
-
-
-def median_ms(torch, fn, iters):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        stop = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return sorted(times)[len(times) // 2]
 
 
 def inputs(torch, B, T, vector_gate, seed):
@@ -116,7 +102,7 @@ def main():
                     call(q, k, v, g, beta, True)
                     torch.cuda.synchronize()
                     first_s = time.time() - t0
-                    ms = median_ms(torch, lambda: call(q, k, v, g, beta, True), iters)
+                    ms = median_ms(lambda: call(q, k, v, g, beta, True), iters)
                 print(f"peer fla {name} fwd B={B} T={T}: {ms:.4f} ms  (first call {first_s:.1f} s)")
             except Exception as e:  # noqa: BLE001 - report and go on with the next op
                 print(f"peer fla {name} fwd B={B} T={T}: skipped ({type(e).__name__}: {str(e)[:200]})")
@@ -140,7 +126,7 @@ def main():
             torch.cuda.synchronize()
             first_s = time.time() - t0
             finite = all(bool(torch.isfinite(x).all()) for x in result)
-            ms = median_ms(torch, fwd_bwd, max(3, iters // 2))
+            ms = median_ms(fwd_bwd, max(3, iters // 2))
             print(f"peer fla {name} fwd+bwd B={B} T={T}: {ms:.4f} ms  (first call {first_s:.1f} s, "
                   f"gradients {'finite' if finite else 'NOT finite'})")
         except Exception as e:  # noqa: BLE001

@@ -84,25 +84,19 @@ echo "== benchmark"
 
 echo "== peers (same process per framework)"
 python3 - <<'PY' 2>&1 | tee "$LOG/gpu-check.peers.log" || true
-import time
+import sys
+sys.path.insert(0, "bench")
+from cuda_events import median_ms
 try:
     import torch
     import torch.nn.functional as F
 except Exception as e:
     print(f"peers: torch not importable ({type(e).__name__}): skipped")
     raise SystemExit(0)
-def med(fn, it=20):
-    for _ in range(3): fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(it):
-        a = torch.cuda.Event(enable_timing=True); b = torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
 for B, T in [(4, 4096), (1, 16384)]:
     q, k, v = (torch.randn(B, 16, T, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-        ms = med(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), 20)
     print(f"peer sdpa_flash B={B} T={T}: {ms:.4f} ms")
 PY
 if [ -n "$FLA" ]; then
