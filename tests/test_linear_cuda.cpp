@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -165,9 +166,12 @@ using linear::cuda::last_forward_plan;
 // kernels_run_concurrently, less the device query: every card these tests run on has concurrent kernels).
 bool kernels_may_run_concurrently() { return !linear::cuda::kernels_serialised_by_environment(); }
 
-// The forward on the GPU against the references. Afterwards last_forward_plan() is this call's plan.
-void check_forward(const LinearCase& c, uint64_t seed = 1, TokenLayout layout = TokenLayout::Contiguous) {
-    const LinearInputs cpu = make_inputs(c, seed);
+// The forward on the GPU against the references, on the case's random inputs as `edit_inputs` leaves
+// them (host tensors). Afterwards last_forward_plan() is this call's plan.
+void check_forward(const LinearCase& c, uint64_t seed = 1, TokenLayout layout = TokenLayout::Contiguous,
+                   const std::function<void(LinearInputs&)>& edit_inputs = {}) {
+    LinearInputs cpu = make_inputs(c, seed);
+    if (edit_inputs) edit_inputs(cpu);
     const References ref = run_references(c, cpu);
     const LinearInputs dev = cpu.move_to(Device::CUDA);
     Tensor o = poisoned_output(c, Device::CUDA);
@@ -440,21 +444,14 @@ TEST(LinearCuda, VectorGateSpikes) {
             c.gate_min = -1;
             c.gate_max = 0;
             c.initial_state = true;
-            LinearInputs cpu = make_inputs(c, 13);
-            Tensor g = cpu.g.to(DType::F32);
-            float* gp = g.ptr<float>();
-            for (int64_t row = 0; row < c.B * c.T; ++row)
-                if (row % c.T % 16 == 1)
-                    for (int64_t e = 0; e < c.HV * c.K; ++e) gp[row * c.HV * c.K + e] = -3000.f;
-            cpu.g = g.to(cpu.g.dtype());
-            const References ref = run_references(c, cpu);
-            const LinearInputs dev = cpu.move_to(Device::CUDA);
-            Tensor o = poisoned_output(c, Device::CUDA);
-            Tensor s = poisoned_state(c, cpu.N, Device::CUDA);
-            linear_forward(c.cfg, dev.args(o, &s));
-            cuda_synchronize();
-            expect_close(c.name + ": o", o.to(Device::CPU), ref.o64, ref.o_p);
-            expect_close(c.name + ": final_state", s.to(Device::CPU), ref.s64, ref.s_p);
+            check_forward(c, 13, TokenLayout::Contiguous, [&](LinearInputs& in) {
+                Tensor g = in.g.to(DType::F32);
+                float* gp = g.ptr<float>();
+                for (int64_t row = 0; row < c.B * c.T; ++row)
+                    if (row % c.T % 16 == 1)
+                        for (int64_t e = 0; e < c.HV * c.K; ++e) gp[row * c.HV * c.K + e] = -3000.f;
+                in.g = g.to(in.g.dtype());
+            });
         }
     }
 }
