@@ -142,9 +142,9 @@ void backward(const Problem& p, const TensorView& d_o, const TensorView& d_final
     const size_t b_params = align(size_t(p.HV) * (2 + bp.W) * sizeof(double));
     const size_t b_scratch = align(size_t(blocks) * size_t(bp.scratch_floats) * sizeof(float));
     const size_t b_states = align(size_t(n_chunks * p.HV * p.K * p.V) * dtype_size(st));
-    // vector decay on tensor cores: fp32 dO S0ᵀ, Z S0ᵀ, X dS_Cᵀ [64, K], dβ [64], Σ S0 ⊙ dS_C [K], dP's
-    // diagonal [64]; bf16 dP, dD [64, 64] (every block a multiple of 16 bytes: the second kernel reads
-    // dP and dD 16 bytes at a time)
+    // vector decay on tensor cores: fp32 dβ [64], dP's diagonal [64], Σ S0 ⊙ dS_C [K]; bf16 dO S0ᵀ,
+    // Z S0ᵀ, X dS_Cᵀ [64, K] and dP, dD [64, 64] (every block a multiple of 16 bytes: the second kernel
+    // reads dP and dD 16 bytes at a time)
     const size_t slots = size_t(n_chunks) * size_t(p.HV);
     const size_t vf_k = size_t(kChunk) * p.K, vf_c = size_t(kChunk) * kChunk;
     const size_t b_vec =

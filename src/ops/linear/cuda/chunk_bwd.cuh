@@ -60,9 +60,11 @@ struct Params : CellOptions {
     // Vector decay on tensor cores: what the first per-chunk kernel hands the second, per (chunk, value
     // head) (chunk_bwd_mma.cuh): fp32 the partial dβ [64] (delta), Σ_e S0 ⊙ dS_C per key row [K] and
     // dP's diagonal [64]; bf16 dO S0ᵀ, Z S0ᵀ (delta), X dS_Cᵀ [64, K] (each scaled by a decay and added
-    // to dq, dk or ∂b once: one rounding like the bf16 outputs' own, and half the bytes of fp32: H100,
-    // B=4 T=4096, KDA forward + backward 3.15-3.17 -> 3.04-3.08 ms, the vector cells' worst gradient
-    // error / bound in the backward tests 0.348 -> 0.362, dg's unchanged); and, as the bf16 operands
+    // once to dq, dk and the fp32 sums behind dg and dβ: an error of the order of the bf16 operands'
+    // own rounding in the products that formed them, for half the bytes of fp32. H100, B=4 T=4096:
+    // KDA forward + backward 3.15-3.17 -> 3.04-3.08 ms; the vector cells' worst gradient error / bound
+    // in the backward tests 0.348 -> 0.362, dg's unchanged; `hla bench` fwdbwd at T=4096 against fp64
+    // unchanged, KDA 3.11e-3, GLA 2.79e-3); and, as the bf16 operands
     // the second kernel multiplies with (so already rounded as it would round them), dP strictly lower
     // and dD (delta) [64, 64].
     float *v_db, *v_sd, *v_dpd;
