@@ -1,5 +1,6 @@
-// hla — the record of the chunked CUDA forward's last plan (cuda/forward_plan.hpp). Compiled in every
-// build, so that code asking for it links without CUDA too (it then reports that nothing ran).
+// hla — the record of the chunked CUDA forward's last plan, and which environments serialise kernels
+// (cuda/forward_plan.hpp). Compiled in every build, so that the tests link without CUDA too (the
+// record then says that nothing ran).
 #include "ops/linear/cuda/forward_plan.hpp"
 
 #include <cstdlib>

@@ -1660,8 +1660,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // blocks (at most half the SMs, a whole SM each) leave it the other SMs, but a scan grid that took
     // every SM, or kernels run one at a time, would leave the scan, launched first, waiting forever.
     // So only where the scan grid leaves half the SMs free, and not with CUDA_LAUNCH_BLOCKING=1 or
-    // under a profiler that serialises kernels (kernels_serialised_by_environment; nsys, which sets CUDA_INJECTION64_PATH too,
-    // then profiles the sequential pieces instead), whatever the switch; a
+    // under a profiler that serialises kernels (kernels_serialised_by_environment; nsys, which sets
+    // CUDA_INJECTION64_PATH too, then profiles the sequential pieces instead), whatever the switch; a
     // scan that still waits 10 s stops with an error (wait_ready). HLA_CUDA_FWD_CONCURRENT = 0 | 1
     // turns it off or forces it (also for sequences too short for pieces; the delta rule on bf16 inputs
     // only, the additive update taking parallel pieces); a forced piece count turns it off.
