@@ -49,10 +49,10 @@ struct VecLayout {
     static constexpr size_t ep_off = st_off + size_t(5) * K * 4;         // dP, strictly lower
     static constexpr size_t ed_off = ep_off + size_t(kChunk) * LDC * 2;  // dD, strictly lower
     static constexpr size_t r_off = ed_off + size_t(kChunk) * LDC * 2;   // per row: dP_ii, β, raw β, dβ, q's and k's 1 / ‖x‖
-    // the gate sums' per-block first tokens and sums (fp64 [4][K] each), later dg's per row segment and
+    // the gate sums' per-block first tokens and sums (fp32 [4][K] each), later dg's per row segment and
     // channel sums of ∂b' and K̄ ⊙ dK̄ (fp32 [kVecThreads / K][K] each)
     static constexpr size_t sg_off = r_off + 6 * kChunk * 4 + 16;
-    static constexpr size_t bytes = sg_off + std::max(size_t(8) * K * 8, 2 * size_t(kVecThreads) * 4);
+    static constexpr size_t bytes = sg_off + std::max(size_t(8) * K * 4, 2 * size_t(kVecThreads) * 4);
     // after the group, [dl_off, r_off) is store_dq_dk's (q̂, k̂ stay for it)
     static_assert(dl_off + dq_dk_stage_bytes(K) <= r_off, "bwd vec: the dq/dk staging does not fit");
     static_assert(bytes <= 227 * 1024, "bwd vec: shared memory over the 227 KiB of an SM");
@@ -150,11 +150,12 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
         }
         if (tid == 0) *wide = 0;
         __syncthreads();
-        // ---- per channel and 16-row block (one thread each): the activation, fp64 sums from the block's
-        // first token → Δ; then R_0 and S_I from the blocks' first tokens and sums (one thread per
-        // channel over 64 tokens left three quarters of the block waiting at the barrier) ----
-        double* bfirst = reinterpret_cast<double*>(segD);  // [4][K] log decay of each block's first token
-        double* bsum = bfirst + 4 * K;                     // [4][K] the sum over its other tokens
+        // ---- per channel and 16-row block (one thread each): the activation, compensated sums from the
+        // block's first token → Δ (as the forward's prepare forms them); then R_0 and S_I from the
+        // blocks' first tokens and sums (one thread per channel over 64 tokens left three quarters of
+        // the block waiting at the barrier) ----
+        float* bfirst = segD;         // [4][K] log decay of each block's first token
+        float* bsum = bfirst + 4 * K;  // [4][K] the sum over its other tokens
         if (tid < 4 * K) {
             const int c = tid % K, I = tid / K;
             float dtb = 0.f, alog = 0.f;
@@ -162,28 +163,28 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
                 dtb = static_cast<const float*>(p.dt_bias)[hv * p.dtb_s + c];
                 alog = static_cast<const float*>(p.A_log)[hv * p.alog_s];
             }
-            double run = 0.0, first = 0.0;
+            float run = 0.f, lo = 0.f, first = 0.f;
 #pragma unroll 1
             for (int ii = 0; ii < 16; ++ii) {
                 const int i = 16 * I + ii;
-                double gl = 0.0;
+                float gl = 0.f;
                 if (i < len) {
                     const float x = Dl[i * LDF + c];
                     gl = gated ? gate_log_decay(p.gate_act, p.lower_bound, x + dtb, alog) : x;
                 }
                 if (ii == 0) first = gl;
-                else run += gl;
-                Dl[i * LDF + c] = float(run);  // Δ_i = b_i − R_I
+                else compensated_add(run, lo, gl);
+                Dl[i * LDF + c] = run + lo;  // Δ_i = b_i − R_I
             }
             bfirst[I * K + c] = first;
-            bsum[I * K + c] = run;
+            bsum[I * K + c] = run + lo;
         }
         __syncthreads();
         if (tid < 4 * K) {
             const int c = tid % K, I = tid / K;
-            const float sI = float(bsum[I * K + c] + (I < 3 ? bfirst[(I + 1) * K + c] : 0.0));  // R_{I+1} − R_I
+            const float sI = bsum[I * K + c] + (I < 3 ? bfirst[(I + 1) * K + c] : 0.f);  // R_{I+1} − R_I
             St[(I + 1) * K + c] = sI;
-            if (I == 0) St[c] = float(bfirst[c]);
+            if (I == 0) St[c] = bfirst[c];
             if (sI < -kSafeSpan) atomicOr(wide, 1 << I);
         }
         __syncthreads();

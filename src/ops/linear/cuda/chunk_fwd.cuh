@@ -1484,8 +1484,8 @@ void launch_prepare_cell(const Problem& p, const FwdParams& fp, int n_chunks, bo
 template <class E, Update Up, int K>
 void launch_scan_vt(const Problem& p, const FwdParams& fp, const ScanMaps& maps, int n_seqs, int vt,
                     cudaStream_t stream, bool after_kernel, bool load_only) {
-    // bf16 operands: the warp-specialised scan, 16, 32 or 64 columns. fp32 operands: at most 32 columns
-    // (64 would need 256 KiB of shared memory).
+    // bf16 operands: the warp-specialised scan, 16, 32 or 64 columns. fp32 operands: 16 or 32 columns
+    // (fwd_scan_tile_width).
     if constexpr (sizeof(E) == 2) {
         if (vt == 64) return launch_scan_ws<Up, K, 64>(fp, maps, n_seqs, p.op, stream, after_kernel, load_only);
         if (vt == 32) return launch_scan_ws<Up, K, 32>(fp, maps, n_seqs, p.op, stream, after_kernel, load_only);
@@ -1497,13 +1497,14 @@ void launch_scan_vt(const Problem& p, const FwdParams& fp, const ScanMaps& maps,
     }
 }
 
-// The forward scan's tile: scan_tile_width's, except that the delta rule on the warp-specialised scan
-// takes 32 columns where that rule gives 16 (HLA_CUDA_SCAN_VT still forces a width).
+// The forward scan's tile, the width launched: scan_tile_width's, except that the delta rule on the
+// warp-specialised scan takes 32 columns where that rule gives 16 (HLA_CUDA_SCAN_VT still forces a
+// width), and fp32 operands at most 32 (launch_scan_vt: 64 would need 256 KiB of shared memory).
 template <class E>
 int fwd_scan_tile_width(int64_t chains, int64_t V, bool delta) {
     int vt = scan_tile_width<E>(chains, V);
     if (sizeof(E) == 2 && delta && vt == 16 && V >= 32 && scan_tile_override() == 0) vt = 32;
-    return vt;
+    return sizeof(E) == 2 ? vt : std::min(vt, 32);
 }
 
 // Over the first n_seqs entries of fp.seqs; after_kernel: the kernel before it on `stream` wrote its
@@ -1697,8 +1698,9 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     }
     piece_first.push_back(int(chunks.size()));
     if (p.seqs.empty()) return nullptr;
-    // (the width launched: fp32 operands take at most 32 columns, launch_scan_vt)
-    if (!states) record_forward_plan({true, pieces, parallel, concurrent, raw, sizeof(E) == 2 ? vt : std::min(vt, 32)});
+    if (!states)
+        record_forward_plan({.ran = true, .pieces = pieces, .parallel_pieces = parallel, .concurrent = concurrent,
+                             .raw_operands = raw, .scan_tile = vt});
     // Parallel pieces: the runs of the state pass, every piece's but the last's chunks cut into
     // `split` runs of whole chunks (a run is a sequence entry of its own), as many as keep the pass
     // within one wave.

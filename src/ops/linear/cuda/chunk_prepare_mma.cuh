@@ -298,9 +298,9 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                 if (!act) return x;
                 return i < len ? gate_log_decay(p.gate_act, p.lower_bound, x + dtb, alog) : 0.f;
             };
-            // Compensated fp32 sums (hi + lo, Knuth's two-sum): a large gate followed by small ones
-            // loses nothing, so Δ_i − Δ_j stays as exact as with fp64 sums, whose conversions each way
-            // on every element took ~20% of KDA prepare's stall samples (ncu, B=4 T=4096, session 12).
+            // Compensated fp32 sums (compensated_add): Δ_i − Δ_j as exact as with fp64 sums, whose
+            // conversions each way on every element took ~20% of KDA prepare's stall samples (ncu, B=4
+            // T=4096, session 12).
             float first[4], sum[4] = {0.f, 0.f, 0.f, 0.f}, lo[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int I = 0; I < 4; ++I) {
@@ -317,9 +317,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                 for (int I = 0; I < 4; ++I) x[I] = gate(16 * I + ii);
 #pragma unroll
                 for (int I = 0; I < 4; ++I) {
-                    const float t = sum[I] + x[I], z = t - sum[I];
-                    lo[I] += (sum[I] - (t - z)) + (x[I] - z);
-                    sum[I] = t;
+                    compensated_add(sum[I], lo[I], x[I]);
                     Fs[(16 * I + ii) * LDF + c] = sum[I] + lo[I];
                 }
             }

@@ -68,6 +68,15 @@ __device__ __forceinline__ int64_t load_index(const void* p, DType t, int64_t i)
     return t == DType::I64 ? static_cast<const int64_t*>(p)[i] : int64_t(static_cast<const int32_t*>(p)[i]);
 }
 
+// x added to the compensated sum hi + lo (Knuth's two-sum: lo collects what each rounding of hi
+// drops), so a large term followed by small ones loses nothing: fp64's accuracy for the gate sums of
+// vector decay without fp64's conversions on every element. Needs finite terms (−inf − −inf is NaN).
+__device__ __forceinline__ void compensated_add(float& hi, float& lo, float x) {
+    const float t = hi + x, z = t - hi;
+    lo += (hi - (t - z)) + (x - z);
+    hi = t;
+}
+
 // ---- the compile-time element type E of q/k/v and of the intermediates ----------------------------
 
 template <class E>
