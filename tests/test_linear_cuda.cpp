@@ -252,31 +252,39 @@ TEST(LinearCuda, ScanTileWidths) {
 }
 
 // The raw-operand scan (q, k, v read from the inputs with per-row factors) is the default for bf16
-// inputs with one decay number per token; force it off (HLA_CUDA_FWD_RAW=0) and on so both paths of
-// every scalar-decay cell are checked: grouped value heads with an initial state, and varlen (an empty
-// and a one-token sequence) with log decays down to −40.
-TEST(LinearCuda, RawOperandScanBothWays) {
+// inputs with one decay number per token, and with it the delta rule's scan forms W and U from
+// prepare's T; force the raw operands off (HLA_CUDA_FWD_RAW=0), on without the forming
+// (HLA_CUDA_FWD_FORM=0) and on with it, so every path of every scalar-decay cell is checked: grouped
+// value heads with an initial state, and varlen (an empty and a one-token sequence, chunks that end
+// mid-way) with log decays down to −40.
+TEST(LinearCuda, RawOperandScanEveryWay) {
     REQUIRE_GPU();
-    for (const char* raw : {"0", "1"}) {
+    const std::pair<const char*, const char*> ways[] = {{"0", "1"}, {"1", "0"}, {"1", "1"}};
+    for (const auto& [raw, form] : ways) {
         setenv("HLA_CUDA_FWD_RAW", raw, 1);
+        setenv("HLA_CUDA_FWD_FORM", form, 1);
+        const std::string tag = std::string("/raw") + raw + "form" + form;
         for (const Cell& cell : kCells) {
             if (cell.config().decay == Decay::Vector) continue;
-            LinearCase c = make_case(std::string(cell.name) + "/raw" + raw, cell.config(), DType::BF16, 2, 150, 2, 4,
-                                     128, 128);
+            const bool raw_on = raw[0] == '1', form_on = raw_on && form[0] == '1' && cell.config().update == Update::Delta;
+            LinearCase c = make_case(std::string(cell.name) + tag, cell.config(), DType::BF16, 2, 150, 2, 4, 128, 128);
             c.initial_state = true;
             check_forward(c);
-            EXPECT_EQ(last_forward_plan().raw_operands, raw[0] == '1') << c.name;
-            LinearCase v = make_case(std::string(cell.name) + "/raw" + raw + "/varlen", cell.config(), DType::BF16, 1,
-                                     200, 2, 2, 128, 128);
+            EXPECT_EQ(last_forward_plan().raw_operands, raw_on) << c.name;
+            EXPECT_EQ(last_forward_plan().scan_forms_wu, form_on) << c.name;
+            LinearCase v = make_case(std::string(cell.name) + tag + "/varlen", cell.config(), DType::BF16, 1, 200, 2, 2,
+                                     128, 128);
             v.cu_seqlens = {0, 70, 70, 71, 200};
             v.initial_state = true;
             v.gate_min = -40;
             v.gate_max = 0;
             check_forward(v);
-            EXPECT_EQ(last_forward_plan().raw_operands, raw[0] == '1') << v.name;
+            EXPECT_EQ(last_forward_plan().raw_operands, raw_on) << v.name;
+            EXPECT_EQ(last_forward_plan().scan_forms_wu, form_on) << v.name;
         }
     }
     unsetenv("HLA_CUDA_FWD_RAW");
+    unsetenv("HLA_CUDA_FWD_FORM");
 }
 
 TEST(LinearCuda, SingleToken) {
@@ -761,7 +769,7 @@ TEST(LinearCuda, TuningSwitchesRejectBadValues) {
     LinearCase c = make_case("sgla/switches", simple_gla_config(), DType::BF16, 1, 70, 1, 1, 64, 64);
     const LinearInputs dev = make_inputs(c, 5).move_to(Device::CUDA);
     const std::pair<const char*, const char*> bad[] = {{"HLA_CUDA_SCAN_VT", "48"},   {"HLA_CUDA_SCAN_VT", "wide"},
-                                                       {"HLA_CUDA_FWD_RAW", "2"},    {"HLA_CUDA_FWD_PIECES", "two"},
+                                                       {"HLA_CUDA_FWD_RAW", "2"},    {"HLA_CUDA_FWD_FORM", "on"},  {"HLA_CUDA_FWD_PIECES", "two"},
                                                        {"HLA_CUDA_FWD_PIECES", "0"}, {"HLA_CUDA_FWD_PIECES", "3x"},
                                                        {"HLA_CUDA_FWD_CONCURRENT", "2"}};
     for (const auto& [name, value] : bad) {

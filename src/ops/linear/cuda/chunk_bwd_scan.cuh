@@ -217,10 +217,10 @@ struct DScanMaps {
 };
 
 template <int K, int VT>
-__global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
+__global__ void __launch_bounds__(ScanWs<false>::kThreads, 1)
     chunk_dstate_ws_kernel(const FwdParams p, const DScanParams d, const __grid_constant__ DScanMaps maps) {
     using E = __nv_bfloat16;
-    constexpr int kRole = ScanWs<VT>::kRoleThreads, kConsumers = 2 * kRole;
+    constexpr int kRole = ScanWs<false>::kRoleThreads, kConsumers = 2 * kRole;
     using L = DScanWsLayout<K, VT>;
     using RowT = wg::Swz<64>;
     using ColT = wg::Swz<VT>;
@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
     const int nchunks = (si.len + kChunk - 1) / kChunk;
     auto slot_of = [&](int c) { return size_t(si.first_chunk + c) * p.HV + hv; };
 
-    if (warp == ScanWs<VT>::kProducerWarp) {
+    if (warp == ScanWs<false>::kProducerWarp) {
         // chunk c = nchunks − 1 − it into stage it % kStages (rows of dO past the sequence's end are
         // the next sequence's or zero: the X warpgroup zeroes them)
         if (lane != 0) return;
@@ -335,7 +335,7 @@ void launch_dstate_ws(const FwdParams& fp, const DScanParams& d, const DScanMaps
     static_assert(smem <= 227 * 1024, "chunk_dstate_ws: shared memory over the 227 KiB of an SM");
     raise_smem_limit<chunk_dstate_ws_kernel<K, VT>>(smem, op);
     const dim3 grid(n_seqs, fp.HV, fp.V / VT);
-    chunk_dstate_ws_kernel<K, VT><<<grid, ScanWs<VT>::kThreads, smem, launch_stream()>>>(fp, d, maps);
+    chunk_dstate_ws_kernel<K, VT><<<grid, ScanWs<false>::kThreads, smem, launch_stream()>>>(fp, d, maps);
     check_cuda(cudaGetLastError(), op, "chunk_dstate_ws launch");
 }
 

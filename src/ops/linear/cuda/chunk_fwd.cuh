@@ -19,7 +19,9 @@
 //                  bf16 operands take chunk_scan_ws_kernel: the same recurrence on wgmma with the
 //                  warps split into a state warpgroup (Ũ, S), an output warpgroup (O) and a producer
 //                  warp issuing the copy engine's copies; fp32 operands (fp32 and fp16 inputs)
-//                  chunk_scan_kernel, 4 warps each doing all of it.
+//                  chunk_scan_kernel, 4 warps each doing all of it. With raw operands the delta
+//                  rule's W and U are not prepare's: prepare writes T = L diag(β) and a third
+//                  warpgroup of the scan forms W = T (K⊙γ) and U = T V a chunk ahead (FwdParams::Tw).
 //
 // Numerics: γ_i = exp(b_i) ≤ 1 and γ_C/γ_j = exp(b_C − b_j) ≤ 1 are always safe. The scores need
 // exp(b_i − b_j) per key channel for vector decay; they are factored around the first token r of each
@@ -808,35 +810,47 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
 // copies, with the chunk's row factors fq, fk beside γ_C; Qg S is then diag(fq)(q S) on the fp32
 // product, and the update's Kdᵀ Ũ is kᵀ (diag(fk) Ũ), with diag(fk) Ũ rounded once into a second Ũ
 // buffer.
-template <int VT>
+// kForm: the scan forms W and U itself (FwdParams::Tw), on a third warpgroup.
+template <bool kForm>
 struct ScanWs {
     // One warpgroup a role over all VT columns (wgmma's N), and a producer warp that issues the copies:
     // waiting for the copy engine or (the concurrent forward) for prepare, it holds back neither role.
     static constexpr int kRoleThreads = 128;
-    static constexpr int kProducerWarp = 8;
-    static constexpr int kThreads = 2 * kRoleThreads + 32;
+    static constexpr int kRoles = kForm ? 3 : 2;  // state, output (, forming)
+    // kForm: no producer warp; the output warpgroup's first thread issues the copies. A 13th warp
+    // would cost the whole block registers: the register file goes out in 4-warp units, so 13 warps
+    // get 128 registers a thread where the state warps take ~168 at 64 columns. The first version
+    // (13 warps) spilled, and the forming warps' spills made the scan 4.4× slower (GDN B=4 T=4096,
+    // ncu); setmaxnreg to move registers between the warpgroups of a 16-warp block was dropped by
+    // ptxas ("ignored to maintain minimum register requirements").
+    static constexpr int kProducerWarp = kForm ? -1 : 4 * kRoles;
+    static constexpr int kThreads = kRoles * kRoleThreads + (kForm ? 0 : 32);
 };
 
 // Shared memory of chunk_scan_ws_kernel, in bytes. Every tile is a wgmma.cuh swizzled tile: the
 // K-wide rows (Qg, W, Kd: 64 × K) and P (64 × 64) in 64-column blocks, the V-tile's (U, Ũ, diag(fk) Ũ:
 // 64 × VT; the state: K × VT) as one block of VT columns. Tile sizes are multiples of 1 KiB, the
 // 128-byte swizzle's period, from a 1 KiB-aligned base.
-template <int K, int VT, bool kDelta>
+// kForm (the scan forms W and U): a stage also holds T (64 × 64); its W and U tiles first receive
+// K⊙γ and the raw v rows, which the forming warpgroup turns into W and U in place.
+template <int K, int VT, bool kDelta, bool kForm = false>
 struct ScanWsLayout {
     static constexpr size_t row_tile = size_t(kChunk) * K * 2;     // Qg, W, Kd
-    static constexpr size_t p_tile = size_t(kChunk) * kChunk * 2;  // P
+    static constexpr size_t p_tile = size_t(kChunk) * kChunk * 2;  // P, T
     static constexpr size_t v_tile = size_t(kChunk) * VT * 2;      // U, Ũ, diag(fk) Ũ
     static constexpr size_t s_tile = size_t(K) * VT * 2;           // a state buffer
     static_assert(row_tile % 1024 == 0 && v_tile % 1024 == 0 && s_tile % 1024 == 0, "chunk_scan_ws: 1 KiB tiles");
-    static constexpr size_t stage_a = (kDelta ? 2 : 1) * row_tile;   // Qg (, W)
-    static constexpr size_t stage_b = row_tile + p_tile + v_tile;    // Kd, P, U
+    static constexpr size_t stage_a = (kDelta ? 2 : 1) * row_tile;                   // Qg (, W)
+    static constexpr size_t stage_b = row_tile + p_tile + v_tile + (kForm ? p_tile : 0);  // Kd, P, U (, T)
     static constexpr size_t fixed = v_tile + 2 * s_tile + v_tile;    // Ũ, 2 × state, diag(fk) Ũ
     static constexpr size_t kAlign = 1024;                           // room to align the dynamic base
-    // with `st` operand stages: st × (Qg, W), st × (Kd, P, U), the fixed tiles; st × (γ_C, fq, fk);
-    // 2 × st mbarriers (a stage's copies landed; every consumer warp is done with it)
+    static constexpr int kRowf = kForm ? 3 : 2;                      // row factors a chunk: fq, fk (, φ)
+    // with `st` operand stages: st × (Qg, W), st × (Kd, P, U), the fixed tiles; st × (γ_C, row
+    // factors); 3 × st mbarriers (a stage's copies landed; every consumer warp is done with it; kForm:
+    // W and U are formed)
     static constexpr size_t bytes_with(int st) {
-        return kAlign + st * (stage_a + stage_b) + fixed + st * (K + 2 * kChunk) * sizeof(float) +
-               2 * st * sizeof(uint64_t);
+        return kAlign + st * (stage_a + stage_b) + fixed + st * (K + kRowf * kChunk) * sizeof(float) +
+               3 * st * sizeof(uint64_t);
     }
     // Three operand stages (each chunk's copies issued two chunks ahead) where they fit in an SM's
     // 227 KiB and two stages already take more than half of it (one block an SM either way), else two.
@@ -860,9 +874,9 @@ __device__ __forceinline__ void zero_rows_swz(unsigned char* tile, int valid, in
 
 // The warp-specialised scan's tensor maps (tma.cuh): prepare's per-chunk operands as [slots·64, D]
 // row blocks (Qg, Kd, W: D = K; P: 64; U: V), and with raw operands the inputs as 4-D [B, T, heads, D]
-// views. Boxes of 64 rows × one swizzle block (64 columns; U and v: the V-tile's VT).
+// views. Boxes of 64 rows × one swizzle block (64 columns; U and v: the V-tile's VT). T: FwdParams::Tw.
 struct ScanMaps {
-    CUtensorMap q, k, v, Qg, Kd, W, P, U;
+    CUtensorMap q, k, v, Qg, Kd, W, P, U, T;
 };
 
 // Named barriers 1 and up (0 is __syncthreads): n threads, a multiple of 32.
@@ -898,19 +912,26 @@ __device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* em
 
 // kConcurrent: the concurrent forward's scan, which waits for prepare's flags (FwdParams::ready); its
 // own instantiation, the other's code as it was (the check alone cost the B=4 scan 4%).
-template <Update Up, int K, int VT, bool kConcurrent = false>
-__global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
+// kForm (delta rule, raw operands, FwdParams::Tw): a third warpgroup forms each chunk's W = T (K⊙γ)
+// and U = T V from T, the raw k and v rows and φ (FwdParams::Tw), as soon as the chunk's copies land
+// and while the other two work on the chunk before: W and U never go through device memory. The
+// state and output warpgroups then wait on the stage's `formed` barrier instead of its `full` one
+// and run unchanged. W and U are rounded to bf16 as prepare rounded them, from the same bf16 T.
+template <Update Up, int K, int VT, bool kConcurrent = false, bool kForm = false>
+__global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     chunk_scan_ws_kernel(const FwdParams p, const __grid_constant__ ScanMaps maps) {
     using E = __nv_bfloat16;
-    constexpr int kRole = ScanWs<VT>::kRoleThreads, kConsumers = 2 * kRole;
+    constexpr int kRole = ScanWs<kForm>::kRoleThreads, kConsumers = 2 * kRole;
     constexpr bool kDelta = Up == Update::Delta;
-    using L = ScanWsLayout<K, VT, kDelta>;
+    static_assert(kDelta || !kForm, "chunk_scan_ws: only the delta rule forms W and U");
+    static_assert(!(kConcurrent && kForm), "chunk_scan_ws: the concurrent forward reads prepare's W and U");
+    using L = ScanWsLayout<K, VT, kDelta, kForm>;
     using RowT = wg::Swz<64>;  // Qg, W, Kd, P
     using ColT = wg::Swz<VT>;  // U, Ũ, diag(fk) Ũ, the state
     constexpr int NT = VT / 8;   // n-tiles of a warp's columns
     constexpr int SMT = K / 64;  // a state warp's m-tiles: keys 16·(w % 4) + 64·i
     constexpr int KS = K / 16;   // k-steps over the keys
-    constexpr int kBarState = 1, kBarU = 2, kBarOutput = 3, kBarChunk = 4;
+    constexpr int kBarState = 1, kBarU = 2, kBarOutput = 3, kBarChunk = 4, kBarForm = 5;
     constexpr int kStages = L::stages;
     extern __shared__ float4 smem_f4[];
     unsigned char* const base = reinterpret_cast<unsigned char*>(
@@ -920,37 +941,44 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
     unsigned char* const Unew = stage + kStages * L::stage_b;      // Ũ = U − W S
     unsigned char* const Sbuf = Unew + L::v_tile;                  // 2 × state [key][v]
     unsigned char* const Uk = Sbuf + 2 * L::s_tile;                // diag(fk) Ũ (raw operands)
+    constexpr int kRowf = L::kRowf;
     float* gcs = reinterpret_cast<float*>(base + L::tiles);        // kStages × γ_C
-    float* rfs = gcs + kStages * K;                                // kStages × (fq, fk)
-    uint64_t* full = reinterpret_cast<uint64_t*>(rfs + kStages * 2 * kChunk);  // kStages: a stage's copies landed
-    uint64_t* empty = full + kStages;                                          // kStages: every warp is done with it
+    float* rfs = gcs + kStages * K;                                // kStages × (fq, fk (, φ))
+    uint64_t* full = reinterpret_cast<uint64_t*>(rfs + kStages * kRowf * kChunk);  // kStages: a stage's copies landed
+    uint64_t* empty = full + kStages;                                              // kStages: every warp is done with it
+    uint64_t* formed = empty + kStages;                                            // kStages (kForm): W and U formed
     auto Qt_of = [&](int b) { return stage_qw + b * L::stage_a; };
     auto Wt_of = [&](int b) { return stage_qw + b * L::stage_a + L::row_tile; };
     auto Kt_of = [&](int b) { return stage + b * L::stage_b; };
     auto Pt_of = [&](int b) { return stage + b * L::stage_b + L::row_tile; };
     auto Ut_of = [&](int b) { return stage + b * L::stage_b + L::row_tile + L::p_tile; };
+    auto Tt_of = [&](int b) { return stage + b * L::stage_b + L::row_tile + L::p_tile + L::v_tile; };
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const bool state_role = warp < 4;
     const int mw = warp & 3, rt = tid % kRole;  // warp and thread index within the role
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
-    init_stage_barriers(full, empty, kStages, kConsumers / 32);
+    if constexpr (kForm) {
+        if (tid == 0)
+            for (int b = 0; b < kStages; ++b) tma::mbar_init(formed + b, kRole);  // every forming thread
+    }
+    init_stage_barriers(full, empty, kStages, kConsumers / 32);  // (its block barrier covers `formed` too)
     wait_for_previous_kernel();  // prepare's operands, the pieces' start states (launch_scan_grid)
     const ScanChain ch(p.seqs[n], hv, p);
     const int nchunks = ch.chunks();
     const bool raw = p.qk_rowf != nullptr;
 
-    if (warp == ScanWs<VT>::kProducerWarp) {
-        // Every operand of chunk c into stage c % kStages by the copy engine, once every consumer warp
-        // is done with the stage's previous chunk (the concurrent forward: once prepare has published
-        // them), landing on the stage's `full` barrier. Raw input rows past the sequence's end are the
-        // next sequence's (or zero past the tensor): the chunk's users zero them in k and v (see below);
-        // prepare's rows there are zero.
-        if (lane != 0) return;
+    // Every operand of chunk c into stage c % kStages by the copy engine, once every consumer warp is
+    // done with the stage's previous chunk (the concurrent forward: once prepare has published them),
+    // landing on the stage's `full` barrier; by one thread, chunks in order. Raw input rows past the
+    // sequence's end are the next sequence's (or zero past the tensor): the chunk's users zero them in
+    // k and v (see below); prepare's rows there are zero.
+    auto issue_chunk = [&](int c) {
         constexpr uint32_t kRowTile = uint32_t(L::row_tile), kBlock = kChunk * RowT::kRowBytes;
         const uint32_t bytes = (p.o ? kRowTile + uint32_t(L::p_tile) : 0) + kRowTile + uint32_t(L::v_tile) + K * 4 +
-                               (kDelta ? kRowTile : 0) + (raw ? 2 * kChunk * 4 : 0);
-        for (int c = 0; c < nchunks; ++c) {
+                               (kDelta && !kForm ? kRowTile : 0) + (kForm ? uint32_t(L::p_tile) : 0) +
+                               (raw ? kRowf * kChunk * 4 : 0);
+        {
             const size_t slot = ch.slot(c);
             const int b = c % kStages;
             if (c >= kStages) tma::mbar_wait(empty + b, (c / kStages - 1) & 1);
@@ -969,15 +997,88 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
                 }
                 if (raw) tma::load_4d(Kt_of(b) + kb * kBlock, &maps.k, 64 * kb, ch.h, t0, batch, bar);
                 else tma::load_2d(Kt_of(b) + kb * kBlock, &maps.Kd, 64 * kb, row, bar);
-                if constexpr (kDelta) tma::load_2d(Wt_of(b) + kb * kBlock, &maps.W, 64 * kb, row, bar);
+                if constexpr (kDelta && !kForm) tma::load_2d(Wt_of(b) + kb * kBlock, &maps.W, 64 * kb, row, bar);
             }
             if (p.o) tma::load_2d(Pt_of(b), &maps.P, 0, row, bar);
-            if (!kDelta && raw) tma::load_4d(Ut_of(b), &maps.v, v0, ch.hv, t0, batch, bar);
+            if constexpr (kForm) tma::load_2d(Tt_of(b), &maps.T, 0, row, bar);
+            if ((!kDelta || kForm) && raw) tma::load_4d(Ut_of(b), &maps.v, v0, ch.hv, t0, batch, bar);
             else tma::load_2d(Ut_of(b), &maps.U, v0, row, bar);
             tma::load_bytes(gcs + b * K, p.gC + slot * K, K * 4, bar);
-            if (raw) tma::load_bytes(rfs + b * 2 * kChunk, p.qk_rowf + slot * 2 * kChunk, 2 * kChunk * 4, bar);
+            if (raw)
+                tma::load_bytes(rfs + b * kRowf * kChunk, p.qk_rowf + slot * kRowFactorRows * kChunk,
+                                kRowf * kChunk * 4, bar);
         }
+    };
+    if (warp == ScanWs<kForm>::kProducerWarp) {
+        if (lane == 0)
+            for (int c = 0; c < nchunks; ++c) issue_chunk(c);
         return;
+    }
+
+    if constexpr (kForm) {
+        if (warp >= 8) {
+            // ---- the forming warpgroup: chunk c's W = T (K⊙γ) and U = T V, in place of K⊙γ and V;
+            // W's column blocks in one batch, then U (all at once, 96 accumulators, spilled at 128
+            // registers) ----
+            constexpr uint32_t kBlock = kChunk * RowT::kRowBytes;
+            for (int c = 0; c < nchunks; ++c) {
+                const int sb = c % kStages;
+                unsigned char *const Kt = Kt_of(sb), *const Wt = Wt_of(sb), *const Ut = Ut_of(sb);
+                const float* phi = rfs + sb * kRowf * kChunk + 2 * kChunk;  // e^{b_i}/‖k_i‖, 0 past the end
+                tma::mbar_wait(full + sb, (c / kStages) & 1);
+                // raw rows past the sequence's end are the next sequence's: zero in k (read by the
+                // state update too) and v, before anything reads them
+                if (ch.rows(c) < kChunk) {
+                    zero_rows_swz<64, K>(Kt, ch.rows(c), rt, kRole);
+                    zero_rows_swz<VT, VT>(Ut, ch.rows(c), rt, kRole);
+                }
+                // K⊙γ = diag(φ) k into W's tile, 16 bytes at a time, rounded once to bf16 (as prepare did)
+                constexpr int kPieces = kChunk * K / 8;
+                for (int idx = rt; idx < kPieces; idx += kRole) {
+                    const int row = idx / (K / 8);
+                    const uint32_t at = RowT::template piece<kChunk>(row, idx % (K / 8));
+                    const uint4 x = *reinterpret_cast<const uint4*>(Kt + at);
+                    const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+                    float y[8];
+                    const float f = phi[row];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) y[e] = unpack_elem<E>(w, e) * f;
+                    store_vec<E>(reinterpret_cast<E*>(Wt + at), y);
+                }
+                wg::fence_proxy_async();
+                named_bar_sync(kBarForm, kRole);  // K⊙γ (and the zeroed rows) in place
+                {
+                    float wacc[K / 64][1][8][4];
+                    wg::fence();
+#pragma unroll
+                    for (int kb = 0; kb < K / 64; ++kb)
+                        wg::rows_product<4>(wacc[kb][0], Tt_of(sb), Wt + kb * kBlock, false);
+                    wg::commit();
+                    wg::wait<0>();
+#pragma unroll
+                    for (int kb = 0; kb < K / 64; ++kb) wg::fence_acc(wacc[kb]);
+                    named_bar_sync(kBarForm, kRole);  // every warp's products have read K⊙γ
+#pragma unroll
+                    for (int kb = 0; kb < K / 64; ++kb)
+                        for_each_acc_pair(wacc[kb], [&](int r, int col, float& x0, float& x1) {
+                            *reinterpret_cast<uint32_t*>(Wt + RowT::template elem<kChunk>(16 * mw + r, 64 * kb + col)) =
+                                pack2(__float2bfloat16(x0), __float2bfloat16(x1));
+                        });
+                }
+                float uacc[1][NT][4];
+                wg::fence();
+                wg::rows_product<4>(uacc[0], Tt_of(sb), Ut, false);
+                wg::finish(uacc);
+                named_bar_sync(kBarForm, kRole);  // every warp's product has read V
+                for_each_acc_pair(uacc, [&](int r, int col, float& x0, float& x1) {
+                    *reinterpret_cast<uint32_t*>(Ut + ColT::template elem<kChunk>(16 * mw + r, col)) =
+                        pack2(__float2bfloat16(x0), __float2bfloat16(x1));
+                });
+                wg::fence_proxy_async();  // W and U are read by the other warpgroups' products
+                tma::mbar_arrive(formed + sb);
+            }
+            return;
+        }
     }
 
     // state warps: keys 16·mw + 64·i (+ the fragment's row), all VT columns
@@ -991,15 +1092,26 @@ __global__ void __launch_bounds__(ScanWs<VT>::kThreads, 1)
     float acc[1][NT][4];  // W S (state warps) or O (output warps)
     zero_acc(acc);
 
+    // kForm: the copies are issued by the output warpgroup's first thread: every stage's first chunk
+    // now, then chunk c + kStages − 1 at the start of chunk c, once every consumer warp is done with
+    // chunk c − 1 (its stage), which the output warps wait for anyway (they need the state chunk c − 1
+    // leaves). Issued by the forming warps instead, the copies of chunk c + 1 waited until chunk c was
+    // formed, and the scan took ~4 µs a chunk instead of ~2.9 (GDN B=4 T=4096, two stages, ncu).
+    const bool issuer = kForm && tid == kRole;
+    if (issuer)
+        for (int c = 0; c < kStages && c < nchunks; ++c) issue_chunk(c);
     for (int cidx = 0; cidx < nchunks; ++cidx) {
         const int b = cidx & 1;         // state buffer
         const int sb = cidx % kStages;  // operand stage
+        if (issuer && cidx >= 1 && cidx + kStages - 1 < nchunks) issue_chunk(cidx + kStages - 1);
+        if constexpr (kForm) __syncwarp();  // the issuing lane rejoins its warp
         unsigned char* const Ut = Ut_of(sb);
-        const float* fq = rfs + sb * 2 * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
+        const float* fq = rfs + sb * kRowf * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
         const float* fk = fq + kChunk;            // and e^{b_C − b_i}/‖k_i‖
         unsigned char* const Sop = Sbuf + b * L::s_tile;  // the chunk's start state
-        tma::mbar_wait(full + sb, (cidx / kStages) & 1);  // chunk cidx's operands landed
-        if (raw && !state_role && ch.rows(cidx) < kChunk) {
+        // chunk cidx's operands landed (kForm: and W, U are formed)
+        tma::mbar_wait((kForm ? formed : full) + sb, (cidx / kStages) & 1);
+        if (!kForm && raw && !state_role && ch.rows(cidx) < kChunk) {
             zero_rows_swz<64, K>(Kt_of(sb), ch.rows(cidx), rt, kRole);
             if constexpr (!kDelta) zero_rows_swz<VT, VT>(Ut, ch.rows(cidx), rt, kRole);
         }
@@ -1171,7 +1283,7 @@ __global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdP
                                                    tid);
         if (raw)
             for (int c = tid; c < kChunk / 4; c += kRunThreads)
-                cp_async16(fks + b * kChunk + 4 * c, p.qk_rowf + slot * 2 * kChunk + kChunk + 4 * c);
+                cp_async16(fks + b * kChunk + 4 * c, p.qk_rowf + slot * kRowFactorRows * kChunk + kChunk + 4 * c);
     };
 
     float S[1][NT][4];
@@ -1237,6 +1349,9 @@ int scan_tile_override();
 // HLA_CUDA_FWD_RAW = 0: the scan never takes raw operands (forward_chunked_impl); 1 or unset (−1): the
 // default policy.
 int raw_operands_override();
+// HLA_CUDA_FWD_FORM = 0: the delta rule's raw-operand scan reads prepare's W and U instead of forming
+// them (FwdParams::Tw); 1 or unset (−1): the default policy.
+int fwd_form_override();
 
 // The value-column tile of a scan over `chains` (sequence, value head) pairs with operand dtype E, for
 // the forward scan and the backward's reverse dS scan alike. Every block walks its whole sequence. Each
@@ -1417,10 +1532,11 @@ inline ScanMaps make_scan_maps(const LinearForwardArgs& a, const FwdParams& fp, 
     if (fp.W) encode_slot_rows(&m.W, fp.W, slots, fp.K, 64, op);
     encode_slot_rows(&m.P, fp.P, slots, kChunk, 64, op);
     if (fp.U) encode_slot_rows(&m.U, fp.U, slots, fp.V, vt, op);
+    if (fp.Tw) encode_slot_rows(&m.T, fp.Tw, slots, kChunk, 64, op);
     if (fp.qk_rowf) {  // raw operands
         encode_input_rows(&m.q, a.q, 64, op);
         encode_input_rows(&m.k, a.k, 64, op);
-        if (!delta) encode_input_rows(&m.v, a.v, vt, op);
+        if (!delta || fp.Tw) encode_input_rows(&m.v, a.v, vt, op);
     }
     return m;
 }
@@ -1442,21 +1558,30 @@ void launch_scan(const FwdParams& fp, int n_seqs, const char* op, cudaStream_t s
                                                    "chunk_scan launch");
 }
 
+// One instantiation of chunk_scan_ws_kernel: load_only (the concurrent forward) only loads it.
+template <Update Up, int K, int VT, bool kConcurrent, bool kForm>
+void launch_scan_ws_kernel(const FwdParams& fp, const ScanMaps& maps, int n_seqs, const char* op, cudaStream_t stream,
+                           bool after_kernel, bool load_only) {
+    constexpr size_t smem = ScanWsLayout<K, VT, Up == Update::Delta, kForm>::bytes;
+    static_assert(smem <= 227 * 1024, "chunk_scan_ws: shared memory over the 227 KiB of an SM");
+    constexpr auto kernel = chunk_scan_ws_kernel<Up, K, VT, kConcurrent, kForm>;
+    if (load_only) return raise_smem_limit<kernel>(smem, op);
+    launch_scan_grid<kernel>(fp, n_seqs, VT, ScanWs<kForm>::kThreads, smem, stream, after_kernel, op,
+                             "chunk_scan_ws launch", maps);
+}
+
 template <Update Up, int K, int VT>
 void launch_scan_ws(const FwdParams& fp, const ScanMaps& maps, int n_seqs, const char* op, cudaStream_t stream,
                     bool after_kernel, bool load_only) {
-    constexpr size_t smem = ScanWsLayout<K, VT, Up == Update::Delta>::bytes;
-    static_assert(smem <= 227 * 1024, "chunk_scan_ws: shared memory over the 227 KiB of an SM");
     if constexpr (Up == Update::Delta) {
-        if (fp.ready) {
-            if (load_only) return raise_smem_limit<chunk_scan_ws_kernel<Up, K, VT, true>>(smem, op);
-            return launch_scan_grid<chunk_scan_ws_kernel<Up, K, VT, true>>(
-                fp, n_seqs, VT, ScanWs<VT>::kThreads, smem, stream, after_kernel, op, "chunk_scan_ws launch", maps);
-        }
+        // the concurrent forward and the forming of W and U (never both): the delta rule only
+        if (fp.ready)
+            return launch_scan_ws_kernel<Up, K, VT, true, false>(fp, maps, n_seqs, op, stream, after_kernel, load_only);
+        if (fp.Tw)
+            return launch_scan_ws_kernel<Up, K, VT, false, true>(fp, maps, n_seqs, op, stream, after_kernel, load_only);
     }
     if (load_only) return;
-    launch_scan_grid<chunk_scan_ws_kernel<Up, K, VT>>(fp, n_seqs, VT, ScanWs<VT>::kThreads, smem, stream, after_kernel, op,
-                                                      "chunk_scan_ws launch", maps);
+    launch_scan_ws_kernel<Up, K, VT, false, false>(fp, maps, n_seqs, op, stream, after_kernel, false);
 }
 
 // Run-time cell and sizes → template parameters, in one place.
@@ -1609,6 +1734,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const bool raw = raw_operands_override() != 0 && !states &&
                      std::is_same_v<In, __nv_bfloat16> && p.cfg.decay != Decay::Vector && rows_tma_ready(a.q) &&
                      rows_tma_ready(a.k) && (p.delta() || rows_tma_ready(a.v));
+    const int form_switch = fwd_form_override();  // read whatever the cell: a bad value is an error anyway
 
     // The scan's grid decides whether the forward runs in pieces. Single-shot, prepare runs over every
     // chunk with the whole GPU, then the scan: one block per (sequence, value head, V-tile), each
@@ -1673,6 +1799,16 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
                             kernels_run_concurrently();
     if (concurrent) pieces = 1;
     const bool parallel = parallel_way && pieces > 1;
+    // With raw operands the single-shot delta rule's scan forms W and U itself from T = L diag(β)
+    // (FwdParams::Tw) where it can read v's rows too: prepare no longer reads v nor writes W and U, and
+    // the scan reads T instead of them (per token and head at K = V = 128, bf16: 128 bytes written and
+    // read instead of 512, and v read once instead of twice). H100, GDN B=4 T=4096: 0.372 -> 0.340 ms
+    // (ncu: prepare 254 -> 167 µs, the scan 184 -> 234 µs: two operand stages, each chunk's W and U
+    // formed after its copies land). Not where the scan's chain sets the time (B=1 T=16384, the
+    // concurrent forward: 0.45 -> 0.68-0.71 ms; there the scan had three stages, the forming one
+    // two, and fewer, narrower blocks wait on each chunk's copies and forming in turn).
+    // HLA_CUDA_FWD_FORM = 0 turns it off (measurement).
+    const bool form = raw && p.delta() && rows_tma_ready(a.v) && !concurrent && pieces == 1 && form_switch != 0;
     if (parallel && scan_tile_override() == 0) vt = wide;
 
     // Chunk table (host), then one workspace allocation holding the tables and the intermediates. The
@@ -1700,7 +1836,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     if (p.seqs.empty()) return nullptr;
     if (!states)
         record_forward_plan({.ran = true, .pieces = pieces, .parallel_pieces = parallel, .concurrent = concurrent,
-                             .raw_operands = raw, .scan_tile = vt});
+                             .raw_operands = raw, .scan_forms_wu = form, .scan_tile = vt});
     // Parallel pieces: the runs of the state pass, every piece's but the last's chunks cut into
     // `split` runs of whole chunks (a run is a sequence entry of its own), as many as keep the pass
     // within one wave.
@@ -1738,9 +1874,10 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const size_t b_tables = o_order + align(prep_order.size() * sizeof(int));
     const size_t b_k = align(slots * kChunk * p.K * sizeof(E));  // one of Qg, Kd, W
     const size_t b_qk = raw ? 0 : b_k;
-    const size_t b_u = raw && !p.delta() ? 0 : align(slots * kChunk * p.V * sizeof(E));
-    const size_t b_w = p.delta() ? b_k : 0;
-    const size_t b_rf = raw ? align(slots * 2 * kChunk * sizeof(float)) : 0;
+    const size_t b_u = (raw && !p.delta()) || form ? 0 : align(slots * kChunk * p.V * sizeof(E));
+    const size_t b_w = p.delta() && !form ? b_k : 0;
+    const size_t b_tw = form ? align(slots * kChunk * kChunk * sizeof(E)) : 0;
+    const size_t b_rf = raw ? align(slots * kRowFactorRows * kChunk * sizeof(float)) : 0;
     const size_t b_p = align(slots * kChunk * kChunk * sizeof(E));
     const size_t b_g = align(slots * p.K * sizeof(float));
     // the backward's per-chunk tensor-core kernel (bf16, delta rule) reuses prepare's inverse, and with
@@ -1758,8 +1895,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const size_t b_run_g = parallel ? align(runs.size() * p.HV * p.K * sizeof(float)) : 0;
     const size_t b_starts = parallel ? align(seqs.size() * state_bytes) : 0;
     const size_t b_ready = concurrent ? align(slots * sizeof(int)) : 0;
-    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_p + b_g + b_t + b_d + b_rf + 2 * b_s + b_run_l + b_run_g +
-                         b_starts + b_ready;
+    const size_t total = b_tables + 2 * b_qk + b_w + b_u + b_tw + b_p + b_g + b_t + b_d + b_rf + 2 * b_s + b_run_l +
+                         b_run_g + b_starts + b_ready;
     ScopedWorkspace workspace(workspace_alloc(total, p.op));  // freed on every exit but `keep`'s
     char* ws = workspace.get();
     {
@@ -1786,6 +1923,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     at += b_w;
     fp.U = b_u ? at : nullptr;
     at += b_u;
+    fp.Tw = b_tw ? at : nullptr;
+    at += b_tw;
     fp.P = at;
     at += b_p;
     fp.gC = reinterpret_cast<float*>(at);
@@ -1898,9 +2037,10 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
             pf.Kd = shift(static_cast<E*>(fp.Kd), size_t(kChunk) * p.K);
             pf.W = shift(static_cast<E*>(fp.W), size_t(kChunk) * p.K);
             pf.U = shift(static_cast<E*>(fp.U), size_t(kChunk) * p.V);
+            pf.Tw = shift(static_cast<E*>(fp.Tw), size_t(kChunk) * kChunk);
             pf.P = shift(static_cast<E*>(fp.P), size_t(kChunk) * kChunk);
             pf.gC = shift(fp.gC, size_t(p.K));
-            pf.qk_rowf = shift(fp.qk_rowf, size_t(2 * kChunk));
+            pf.qk_rowf = shift(fp.qk_rowf, size_t(kRowFactorRows * kChunk));
             prepare(pf, piece_first[i + 1] - piece_first[i]);
             check_cuda(cudaEventRecord(ps.ready, caller), p.op, "cudaEventRecord(piece ready)");
         };

@@ -6,6 +6,8 @@
 //
 // - With FwdParams::qk_rowf (forward, one decay number per token) Qg and Kd are not written: the
 //   scan reads q and k raw and applies the per-row factors stored instead (and V itself for U = V).
+//   With FwdParams::Tw as well (the delta rule) neither are W and U, nor is v read: T = L diag(β) is
+//   written instead, as rounded for the products here, and the scan forms W and U from it.
 // - 4 warps, warp w owns the rows [16w, 16w + 16) of the chunk: its row block of P, A, W and U, its
 //   share of Qg and Kd, and (inverse) column block w of L. Most phases need no block barrier at all.
 // - q and k stay in shared memory as the raw bf16 inputs (cp.async); the L2 norms, the scale and β
@@ -368,9 +370,10 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     if constexpr (!kVec) {
         // the scan's row factors when it reads q and k raw (eq = ek = 1 without decay)
         if (p.qk_rowf && tid < kChunk) {
-            float* rf = p.qk_rowf + slot * 2 * kChunk;
+            float* rf = p.qk_rowf + slot * kRowFactorRows * kChunk;
             rf[tid] = rq[tid] * eq[tid];
             rf[kChunk + tid] = tid < len ? rk[tid] * ek[tid] : 0.f;
+            if (p.Tw) rf[2 * kChunk + tid] = tid < len ? rk[tid] * eq[tid] : 0.f;  // φ: the scan's K⊙γ
         }
     }
 
@@ -564,8 +567,9 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     else __syncwarp();
 
     // ---- Qg = sq̂ ⊙ γ, Kd = k̂ ⊙ γ_C ⊘ γ (and K⊙γ for W) for this warp's rows, 8 channels per lane;
-    // the vector decay's single-reference path formed them with its operands ----
-    if (!(kVec && fast)) {
+    // the vector decay's single-reference path formed them with its operands; none of them with Tw
+    // (raw operands, the scan forms W) ----
+    if (!(kVec && fast) && !p.Tw) {
         constexpr int LPR = K / 8, RPI = 32 / LPR;
         E* Qg = p.Qg ? static_cast<E*>(p.Qg) + slot * kChunk * K : nullptr;
         E* Kd = p.Kd ? static_cast<E*>(p.Kd) + slot * kChunk * K : nullptr;
@@ -638,10 +642,12 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         return;
     } else {
         __syncthreads();  // Δ (or ka), raw k (or kb) and q are dead (A, L and v take their bytes); K⊙γ is complete
-        // v arrives while the inverse runs
-        if (V == 128) stage_rows_bf16<128, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], kChunk, len);
-        else stage_rows_bf16<64, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], kChunk, len);
-        cp_async_commit();
+        // v arrives while the inverse runs (with Tw the scan reads it instead)
+        if (!p.Tw) {
+            if (V == 128) stage_rows_bf16<128, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], kChunk, len);
+            else stage_rows_bf16<64, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], kChunk, len);
+            cp_async_commit();
+        }
         for_each_acc(accA, [&](int r, int c, float& x) { As[(r0 + r) * LDA + c] = x; });
         __syncthreads();
         // ---- L_II = (I + A_II)^{-1}, forward substitution, lane c < 16 → column c ----
@@ -703,6 +709,19 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                 const float2 l = *reinterpret_cast<const float2*>(Ls + i * LDL + j);
                 a[s][e] = pack_bf16(l.x * betas[j], l.y * betas[j + 1]);
             }
+        }
+        if (p.Tw) {
+            // the scan forms W and U: T = L diag(β) as rounded above, this warp's rows, zero above the
+            // diagonal blocks (their bytes in Ls held scratch)
+            E* Tg = static_cast<E*>(p.Tw) + slot * kChunk * kChunk;
+#pragma unroll
+            for (int s = 0; s < 4; ++s)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = r0 + g + 8 * (e & 1), j = 16 * s + 2 * t + 8 * (e >> 1);
+                    *reinterpret_cast<uint32_t*>(Tg + i * kChunk + j) = s <= warp ? a[s][e] : 0u;
+                }
+            return;
         }
         const int mi = lane >> 3, r8 = lane & 7;
         // 64 output columns of X·(rows of src): src row-major [token][column], ldmatrix.trans for B

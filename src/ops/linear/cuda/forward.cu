@@ -49,6 +49,8 @@ int scan_tile_override() { return env_switch("HLA_CUDA_SCAN_VT", 0, {16, 32, 64}
 
 int raw_operands_override() { return env_switch("HLA_CUDA_FWD_RAW", -1, {0, 1}, "0 or 1"); }
 
+int fwd_form_override() { return env_switch("HLA_CUDA_FWD_FORM", -1, {0, 1}, "0 or 1"); }
+
 int fwd_pieces_override() { return env_switch("HLA_CUDA_FWD_PIECES", 0, {}, "a piece count from 1 to 1024"); }
 
 int fwd_concurrent_override() { return env_switch("HLA_CUDA_FWD_CONCURRENT", -1, {0, 1}, "0 or 1"); }

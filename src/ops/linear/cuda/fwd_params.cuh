@@ -25,6 +25,9 @@ struct SeqInfo {
 };
 
 // One POD for both kernels: pointers, strides (elements) of [B, T, heads, D] views, options.
+// Rows of qk_rowf per (chunk, value head): fq, fk and (with Tw) φ.
+constexpr int kRowFactorRows = 3;
+
 struct FwdParams : CellOptions {
     const void *q, *k, *v, *g, *beta, *A_log, *dt_bias, *h0;
     void *o, *ht;
@@ -43,11 +46,18 @@ struct FwdParams : CellOptions {
     float* gC;
     // Raw operands (forward_chunked_impl says when; null otherwise, and always in the backward's
     // recompute), for one decay number per token on bf16 inputs: per (chunk, value head) the row factors fq_i = s/‖q_i‖·e^{b_i} and
-    // fk_i = e^{b_C − b_i}/‖k_i‖ (0 past the chunk's end), fp32 [2][64]. With them the scan reads q, k
+    // fk_i = e^{b_C − b_i}/‖k_i‖ (0 past the chunk's end), fp32 [kRowFactorRows][64] (the third row: see Tw). With them the scan reads q, k
     // (and v for the additive update) straight from the inputs and applies the factors to its fp32
     // products and to Ũ, and prepare writes neither Qg nor Kd (nor U = V): two (three) fewer [T, K]
     // tensors written to device memory and read back.
     float* qk_rowf;
+    // Raw operands with the delta rule whose v rows the copy engine can read too (forward_chunked_impl;
+    // null otherwise): the scan forms W and U itself (chunk_scan_ws_kernel's forming warpgroup), so
+    // prepare writes neither (nor reads v). Per (chunk, value head) T = L diag(β), bf16 [64][64], zero
+    // above the diagonal, and a third row of qk_rowf: φ_i = e^{b_i}/‖k_i‖ (0 past the chunk's end), so
+    // that W = T diag(φ) k and U = T v. Two [T, K] and [T, V] tensors fewer written and read back, for
+    // one [T, 64].
+    void* Tw;
     // Backward recompute only (null in the forward): the state at the start of every chunk, [chunk, HV,
     // K, V] in the operand dtype E, as the scan's products use it. With it, o may be null (not written).
     void* states;
