@@ -228,8 +228,7 @@ __global__ void __launch_bounds__(ScanWs<false>::kThreads, 1)
     constexpr int kBarX = 1, kBarChunk = 2;
     constexpr int kStages = L::stages;
     extern __shared__ float4 smem_f4[];
-    unsigned char* const base = reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<uintptr_t>(smem_f4) + L::kAlign - 1) & ~uintptr_t(L::kAlign - 1));
+    unsigned char* const base = wg::aligned_smem<L::kAlign>(smem_f4);
     unsigned char* const ndX = base + kStages * L::stage;  // −dX [64][VT]
     unsigned char* const Sbuf = ndX + L::v_tile;            // 2 × dS [key][v]
     float* gcs = reinterpret_cast<float*>(base + L::tiles);

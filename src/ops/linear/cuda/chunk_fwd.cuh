@@ -934,8 +934,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     constexpr int kBarState = 1, kBarU = 2, kBarOutput = 3, kBarChunk = 4, kBarForm = 5;
     constexpr int kStages = L::stages;
     extern __shared__ float4 smem_f4[];
-    unsigned char* const base = reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<uintptr_t>(smem_f4) + L::kAlign - 1) & ~uintptr_t(L::kAlign - 1));
+    unsigned char* const base = wg::aligned_smem<L::kAlign>(smem_f4);
     unsigned char* const stage_qw = base;                          // kStages × (Qg, W)
     unsigned char* const stage = stage_qw + kStages * L::stage_a;  // kStages × (Kd, P, U)
     unsigned char* const Unew = stage + kStages * L::stage_b;      // Ũ = U − W S
@@ -1028,16 +1027,18 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
                 tma::mbar_wait(full + sb, (c / kStages) & 1);
                 // raw rows past the sequence's end are the next sequence's: zero in k (read by the
                 // state update too) and v, before anything reads them
-                if (ch.rows(c) < kChunk) {
-                    zero_rows_swz<64, K>(Kt, ch.rows(c), rt, kRole);
-                    zero_rows_swz<VT, VT>(Ut, ch.rows(c), rt, kRole);
+                const int valid = ch.rows(c);
+                if (valid < kChunk) {
+                    zero_rows_swz<64, K>(Kt, valid, rt, kRole);
+                    zero_rows_swz<VT, VT>(Ut, valid, rt, kRole);
                 }
-                // K⊙γ = diag(φ) k into W's tile, 16 bytes at a time, rounded once to bf16 (as prepare did)
+                // K⊙γ = diag(φ) k into W's tile, 16 bytes at a time, rounded once to bf16 (as prepare
+                // did); zero past the end without reading k there (other threads are zeroing it)
                 constexpr int kPieces = kChunk * K / 8;
                 for (int idx = rt; idx < kPieces; idx += kRole) {
                     const int row = idx / (K / 8);
                     const uint32_t at = RowT::template piece<kChunk>(row, idx % (K / 8));
-                    const uint4 x = *reinterpret_cast<const uint4*>(Kt + at);
+                    const uint4 x = row < valid ? *reinterpret_cast<const uint4*>(Kt + at) : make_uint4(0, 0, 0, 0);
                     const uint32_t w[4] = {x.x, x.y, x.z, x.w};
                     float y[8];
                     const float f = phi[row];

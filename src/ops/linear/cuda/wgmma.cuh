@@ -45,6 +45,16 @@ struct Swz {
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 
+// The first kAlign-aligned byte of the dynamic shared memory `smem`, as a pointer derived from the
+// shared array itself: the compiler then keeps the accesses through it shared (LDS, STS). A pointer
+// rebuilt from an integer (the aligned address) is generic, and so is every access through it: the
+// forming warps' loads of k in the forward scan were LD.E (ncu source counters, session 13).
+template <uint32_t kAlign>
+__device__ __forceinline__ unsigned char* aligned_smem(void* smem) {
+    const uint32_t a = smem_addr(smem);
+    return static_cast<unsigned char*>(smem) + ((kAlign - (a & (kAlign - 1))) & (kAlign - 1));
+}
+
 // The 64-bit shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address,
 // leading and stride byte offsets (all >> 4), swizzle mode; base offset 0 (tiles start on their
 // pattern's boundary).
