@@ -252,21 +252,21 @@ TEST(LinearCuda, ScanTileWidths) {
 }
 
 // The raw-operand scan (q, k, v read from the inputs with per-row factors) is the default for bf16
-// inputs with one decay number per token, and with it the delta rule's scan forms W and U from
-// prepare's T; force the raw operands off (HLA_CUDA_FWD_RAW=0), on without the forming
-// (HLA_CUDA_FWD_FORM=0) and on with it, so every path of every scalar-decay cell is checked: grouped
-// value heads with an initial state, and varlen (an empty and a one-token sequence, chunks that end
-// mid-way) with log decays down to −40.
+// inputs with one decay number per token, and the single-shot delta rule's scan forms U (with raw
+// operands W too) from prepare's T; each of the four ways for every scalar-decay cell: grouped value
+// heads with an initial state, and varlen (an empty and a one-token sequence, chunks that end
+// mid-way) with log decays down to −40. (KDA's forming of U runs in every bf16 test of a single-shot
+// forward, and PiecewiseForwardEqualsSingleShotOnAUserStream holds it bit for bit to prepare's U.)
 TEST(LinearCuda, RawOperandScanEveryWay) {
     REQUIRE_GPU();
-    const std::pair<const char*, const char*> ways[] = {{"0", "1"}, {"1", "0"}, {"1", "1"}};
+    const std::pair<const char*, const char*> ways[] = {{"0", "0"}, {"0", "1"}, {"1", "0"}, {"1", "1"}};
     for (const auto& [raw, form] : ways) {
         setenv("HLA_CUDA_FWD_RAW", raw, 1);
         setenv("HLA_CUDA_FWD_FORM", form, 1);
         const std::string tag = std::string("/raw") + raw + "form" + form;
         for (const Cell& cell : kCells) {
             if (cell.config().decay == Decay::Vector) continue;
-            const bool raw_on = raw[0] == '1', form_on = raw_on && form[0] == '1' && cell.config().update == Update::Delta;
+            const bool raw_on = raw[0] == '1', form_on = form[0] == '1' && cell.config().update == Update::Delta;
             LinearCase c = make_case(std::string(cell.name) + tag, cell.config(), DType::BF16, 2, 150, 2, 4, 128, 128);
             c.initial_state = true;
             check_forward(c);
@@ -284,6 +284,16 @@ TEST(LinearCuda, RawOperandScanEveryWay) {
         }
     }
     unsetenv("HLA_CUDA_FWD_RAW");
+    // vector decay (KDA): prepare's W, the scan's U, or both prepare's
+    for (const char* form : {"0", "1"}) {
+        setenv("HLA_CUDA_FWD_FORM", form, 1);
+        LinearCase c = make_case(std::string("kda/form") + form, kda_config(), DType::BF16, 1, 200, 2, 2, 128, 128);
+        c.cu_seqlens = {0, 70, 70, 71, 200};
+        c.initial_state = true;
+        check_forward(c);
+        EXPECT_FALSE(last_forward_plan().raw_operands) << c.name;
+        EXPECT_EQ(last_forward_plan().scan_forms_wu, form[0] == '1') << c.name;
+    }
     unsetenv("HLA_CUDA_FWD_FORM");
 }
 

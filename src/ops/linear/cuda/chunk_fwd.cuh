@@ -810,7 +810,7 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
 // copies, with the chunk's row factors fq, fk beside γ_C; Qg S is then diag(fq)(q S) on the fp32
 // product, and the update's Kdᵀ Ũ is kᵀ (diag(fk) Ũ), with diag(fk) Ũ rounded once into a second Ũ
 // buffer.
-// kForm: the scan forms W and U itself (FwdParams::Tw), on a third warpgroup.
+// kForm: the scan forms U (and W) itself (FwdParams::Tw), on a third warpgroup.
 template <bool kForm>
 struct ScanWs {
     // One warpgroup a role over all VT columns (wgmma's N), and a producer warp that issues the copies:
@@ -831,8 +831,9 @@ struct ScanWs {
 // K-wide rows (Qg, W, Kd: 64 × K) and P (64 × 64) in 64-column blocks, the V-tile's (U, Ũ, diag(fk) Ũ:
 // 64 × VT; the state: K × VT) as one block of VT columns. Tile sizes are multiples of 1 KiB, the
 // 128-byte swizzle's period, from a 1 KiB-aligned base.
-// kForm (the scan forms W and U): a stage also holds T (64 × 64); its W and U tiles first receive
-// K⊙γ and the raw v rows, which the forming warpgroup turns into W and U in place.
+// kForm (the scan forms U, and W with raw operands): a stage also holds T (64 × 64); its U tile first
+// receives the raw v rows (and its W tile K⊙γ), which the forming warpgroup turns into U (and W) in
+// place.
 template <int K, int VT, bool kDelta, bool kForm = false>
 struct ScanWsLayout {
     static constexpr size_t row_tile = size_t(kChunk) * K * 2;     // Qg, W, Kd
@@ -912,11 +913,12 @@ __device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* em
 
 // kConcurrent: the concurrent forward's scan, which waits for prepare's flags (FwdParams::ready); its
 // own instantiation, the other's code as it was (the check alone cost the B=4 scan 4%).
-// kForm (delta rule, raw operands, FwdParams::Tw): a third warpgroup forms each chunk's W = T (K⊙γ)
-// and U = T V from T, the raw k and v rows and φ (FwdParams::Tw), as soon as the chunk's copies land
-// and while the other two work on the chunk before: W and U never go through device memory. The
-// state and output warpgroups then wait on the stage's `formed` barrier instead of its `full` one
-// and run unchanged. W and U are rounded to bf16 as prepare rounded them, from the same bf16 T.
+// kForm (delta rule, FwdParams::Tw): a third warpgroup forms each chunk's U = T V from T and the raw
+// v rows, and with raw operands W = T (K⊙γ) from the raw k rows and φ too, as soon as the chunk's
+// copies land and while the other two work on the chunk before: they never go through device memory.
+// The state and output warpgroups then wait on the stage's `formed` barrier instead of its `full` one
+// and run unchanged. W and U are rounded to bf16 as prepare rounded them, from the same bf16 T and
+// K⊙γ: the outputs are bit for bit those of prepare's W and U (PiecewiseForwardEqualsSingleShot...).
 template <Update Up, int K, int VT, bool kConcurrent = false, bool kForm = false>
 __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     chunk_scan_ws_kernel(const FwdParams p, const __grid_constant__ ScanMaps maps) {
@@ -966,6 +968,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     const ScanChain ch(p.seqs[n], hv, p);
     const int nchunks = ch.chunks();
     const bool raw = p.qk_rowf != nullptr;
+    const bool form_w = kForm && raw;  // kForm forms U, and W from raw k (else W is prepare's)
 
     // Every operand of chunk c into stage c % kStages by the copy engine, once every consumer warp is
     // done with the stage's previous chunk (the concurrent forward: once prepare has published them),
@@ -975,7 +978,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     auto issue_chunk = [&](int c) {
         constexpr uint32_t kRowTile = uint32_t(L::row_tile), kBlock = kChunk * RowT::kRowBytes;
         const uint32_t bytes = (p.o ? kRowTile + uint32_t(L::p_tile) : 0) + kRowTile + uint32_t(L::v_tile) + K * 4 +
-                               (kDelta && !kForm ? kRowTile : 0) + (kForm ? uint32_t(L::p_tile) : 0) +
+                               (kDelta && !form_w ? kRowTile : 0) + (kForm ? uint32_t(L::p_tile) : 0) +
                                (raw ? kRowf * kChunk * 4 : 0);
         {
             const size_t slot = ch.slot(c);
@@ -996,11 +999,11 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
                 }
                 if (raw) tma::load_4d(Kt_of(b) + kb * kBlock, &maps.k, 64 * kb, ch.h, t0, batch, bar);
                 else tma::load_2d(Kt_of(b) + kb * kBlock, &maps.Kd, 64 * kb, row, bar);
-                if constexpr (kDelta && !kForm) tma::load_2d(Wt_of(b) + kb * kBlock, &maps.W, 64 * kb, row, bar);
+                if (kDelta && !form_w) tma::load_2d(Wt_of(b) + kb * kBlock, &maps.W, 64 * kb, row, bar);
             }
             if (p.o) tma::load_2d(Pt_of(b), &maps.P, 0, row, bar);
             if constexpr (kForm) tma::load_2d(Tt_of(b), &maps.T, 0, row, bar);
-            if ((!kDelta || kForm) && raw) tma::load_4d(Ut_of(b), &maps.v, v0, ch.hv, t0, batch, bar);
+            if (kForm || (!kDelta && raw)) tma::load_4d(Ut_of(b), &maps.v, v0, ch.hv, t0, batch, bar);
             else tma::load_2d(Ut_of(b), &maps.U, v0, row, bar);
             tma::load_bytes(gcs + b * K, p.gC + slot * K, K * 4, bar);
             if (raw)
@@ -1029,13 +1032,13 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
                 // state update too) and v, before anything reads them
                 const int valid = ch.rows(c);
                 if (valid < kChunk) {
-                    zero_rows_swz<64, K>(Kt, valid, rt, kRole);
+                    if (form_w) zero_rows_swz<64, K>(Kt, valid, rt, kRole);  // (prepare's Kd rows there are zero)
                     zero_rows_swz<VT, VT>(Ut, valid, rt, kRole);
                 }
                 // K⊙γ = diag(φ) k into W's tile, 16 bytes at a time, rounded once to bf16 (as prepare
                 // did); zero past the end without reading k there (other threads are zeroing it)
                 constexpr int kPieces = kChunk * K / 8;
-                for (int idx = rt; idx < kPieces; idx += kRole) {
+                for (int idx = rt; form_w && idx < kPieces; idx += kRole) {
                     const int row = idx / (K / 8);
                     const uint32_t at = RowT::template piece<kChunk>(row, idx % (K / 8));
                     const uint4 x = row < valid ? *reinterpret_cast<const uint4*>(Kt + at) : make_uint4(0, 0, 0, 0);
@@ -1048,7 +1051,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
                 }
                 wg::fence_proxy_async();
                 named_bar_sync(kBarForm, kRole);  // K⊙γ (and the zeroed rows) in place
-                {
+                if (form_w) {
                     float wacc[K / 64][1][8][4];
                     wg::fence();
 #pragma unroll
@@ -1537,8 +1540,8 @@ inline ScanMaps make_scan_maps(const LinearForwardArgs& a, const FwdParams& fp, 
     if (fp.qk_rowf) {  // raw operands
         encode_input_rows(&m.q, a.q, 64, op);
         encode_input_rows(&m.k, a.k, 64, op);
-        if (!delta || fp.Tw) encode_input_rows(&m.v, a.v, vt, op);
     }
+    if ((fp.qk_rowf && !delta) || fp.Tw) encode_input_rows(&m.v, a.v, vt, op);
     return m;
 }
 
@@ -1800,16 +1803,17 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
                             kernels_run_concurrently();
     if (concurrent) pieces = 1;
     const bool parallel = parallel_way && pieces > 1;
-    // With raw operands the single-shot delta rule's scan forms W and U itself from T = L diag(β)
-    // (FwdParams::Tw) where it can read v's rows too: prepare no longer reads v nor writes W and U, and
-    // the scan reads T instead of them (per token and head at K = V = 128, bf16: 128 bytes written and
-    // read instead of 512, and v read once instead of twice). H100, GDN B=4 T=4096: 0.372 -> 0.340 ms
-    // (ncu: prepare 254 -> 167 µs, the scan 184 -> 234 µs: two operand stages, each chunk's W and U
-    // formed after its copies land). Not where the scan's chain sets the time (B=1 T=16384, the
-    // concurrent forward: 0.45 -> 0.68-0.71 ms; there the scan had three stages, the forming one
-    // two, and fewer, narrower blocks wait on each chunk's copies and forming in turn).
-    // HLA_CUDA_FWD_FORM = 0 turns it off (measurement).
-    const bool form = raw && p.delta() && rows_tma_ready(a.v) && !concurrent && pieces == 1 && form_switch != 0;
+    // The single-shot delta rule on bf16 inputs: the scan forms U = T V itself from T = L diag(β)
+    // (FwdParams::Tw) where it can read v's rows, and with raw operands W = T (K⊙γ) too: prepare no
+    // longer reads v nor writes U (nor W), and the scan reads T instead (per token and head at
+    // K = V = 128, bf16, raw operands: 128 bytes written and read instead of 512, and v read once
+    // instead of twice). H100, GDN B=4 T=4096: 0.372 -> 0.333-0.343 ms (ncu: prepare 254 -> 167 µs,
+    // the scan 184 -> 213 µs: two operand stages, each chunk's W and U formed after its copies land).
+    // Not where the scan's chain sets the time (B=1 T=16384, the concurrent forward: 0.45 -> 0.68-0.71
+    // ms; there the scan had three stages, the forming one two, and fewer, narrower blocks wait on
+    // each chunk's copies and forming in turn). HLA_CUDA_FWD_FORM = 0 turns it off (measurement).
+    const bool form = !states && std::is_same_v<E, __nv_bfloat16> && p.delta() && rows_tma_ready(a.v) &&
+                      !concurrent && pieces == 1 && form_switch != 0;
     if (parallel && scan_tile_override() == 0) vt = wide;
 
     // Chunk table (host), then one workspace allocation holding the tables and the intermediates. The
@@ -1876,7 +1880,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     const size_t b_k = align(slots * kChunk * p.K * sizeof(E));  // one of Qg, Kd, W
     const size_t b_qk = raw ? 0 : b_k;
     const size_t b_u = (raw && !p.delta()) || form ? 0 : align(slots * kChunk * p.V * sizeof(E));
-    const size_t b_w = p.delta() && !form ? b_k : 0;
+    const size_t b_w = p.delta() && !(form && raw) ? b_k : 0;
     const size_t b_tw = form ? align(slots * kChunk * kChunk * sizeof(E)) : 0;
     const size_t b_rf = raw ? align(slots * kRowFactorRows * kChunk * sizeof(float)) : 0;
     const size_t b_p = align(slots * kChunk * kChunk * sizeof(E));

@@ -6,8 +6,9 @@
 //
 // - With FwdParams::qk_rowf (forward, one decay number per token) Qg and Kd are not written: the
 //   scan reads q and k raw and applies the per-row factors stored instead (and V itself for U = V).
-//   With FwdParams::Tw as well (the delta rule) neither are W and U, nor is v read: T = L diag(β) is
-//   written instead, as rounded for the products here, and the scan forms W and U from it.
+//   With FwdParams::Tw (the delta rule) U is not written, nor is v read: T = L diag(β) is written
+//   instead, as rounded for the products here, and the scan forms U from it; with raw operands too,
+//   W as well.
 // - 4 warps, warp w owns the rows [16w, 16w + 16) of the chunk: its row block of P, A, W and U, its
 //   share of Qg and Kd, and (inverse) column block w of L. Most phases need no block barrier at all.
 // - q and k stay in shared memory as the raw bf16 inputs (cp.async); the L2 norms, the scale and β
@@ -567,9 +568,9 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     else __syncwarp();
 
     // ---- Qg = sq̂ ⊙ γ, Kd = k̂ ⊙ γ_C ⊘ γ (and K⊙γ for W) for this warp's rows, 8 channels per lane;
-    // the vector decay's single-reference path formed them with its operands; none of them with Tw
-    // (raw operands, the scan forms W) ----
-    if (!(kVec && fast) && !p.Tw) {
+    // the vector decay's single-reference path formed them with its operands; none of them with raw
+    // operands and Tw (the scan forms W) ----
+    if (!(kVec && fast) && !(p.Tw && p.qk_rowf)) {
         constexpr int LPR = K / 8, RPI = 32 / LPR;
         E* Qg = p.Qg ? static_cast<E*>(p.Qg) + slot * kChunk * K : nullptr;
         E* Kd = p.Kd ? static_cast<E*>(p.Kd) + slot * kChunk * K : nullptr;
@@ -711,8 +712,8 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             }
         }
         if (p.Tw) {
-            // the scan forms W and U: T = L diag(β) as rounded above, this warp's rows, zero above the
-            // diagonal blocks (their bytes in Ls held scratch)
+            // the scan forms U (and with raw operands W): T = L diag(β) as rounded above, this warp's
+            // rows, zero above the diagonal blocks (their bytes in Ls held scratch)
             E* Tg = static_cast<E*>(p.Tw) + slot * kChunk * kChunk;
 #pragma unroll
             for (int s = 0; s < 4; ++s)
@@ -721,7 +722,6 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                     const int i = r0 + g + 8 * (e & 1), j = 16 * s + 2 * t + 8 * (e >> 1);
                     *reinterpret_cast<uint32_t*>(Tg + i * kChunk + j) = s <= warp ? a[s][e] : 0u;
                 }
-            return;
         }
         const int mi = lane >> 3, r8 = lane & 7;
         // 64 output columns of X·(rows of src): src row-major [token][column], ldmatrix.trans for B
@@ -742,10 +742,11 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             }
             store_acc<E>(acc, dst + r0 * dst_ld + col0, dst_ld);
         };
-        E* Wg = static_cast<E*>(p.W) + slot * kChunk * K;
-        E* Ug = static_cast<E*>(p.U) + slot * size_t(kChunk) * V;
-        for (int c0 = 0; c0 < K; c0 += 64) product64(kgs, LDG, c0, Wg, K);
-        for (int c0 = 0; c0 < V; c0 += 64) product64(vs, LDV, c0, Ug, V);
+        // (null where the scan forms them: W with raw operands and Tw, U with Tw)
+        if (p.W)
+            for (int c0 = 0; c0 < K; c0 += 64) product64(kgs, LDG, c0, static_cast<E*>(p.W) + slot * kChunk * K, K);
+        if (p.U)
+            for (int c0 = 0; c0 < V; c0 += 64) product64(vs, LDV, c0, static_cast<E*>(p.U) + slot * size_t(kChunk) * V, V);
     }
 }
 

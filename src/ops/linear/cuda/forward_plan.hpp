@@ -11,7 +11,7 @@ struct ForwardPlan {
     bool parallel_pieces = false;  // pieces by the state pass (additive update on bf16), else in turn
     bool concurrent = false;       // prepare and the scan at once, the scan waiting on prepare's flags
     bool raw_operands = false;     // the scan reads q, k (and v) with row factors instead of prepare's copies
-    bool scan_forms_wu = false;    // the delta rule's scan forms W and U from prepare's T (FwdParams::Tw)
+    bool scan_forms_wu = false;    // the delta rule's scan forms U (and with raw operands W) from prepare's T
     int scan_tile = 0;             // value columns per scan block
 };
 
