@@ -3,8 +3,10 @@
 # when everything is there already.
 set -euo pipefail
 packages=(cmake make g++ libgtest-dev)
-# the Python package (python/): built and tested against Debian's torch
-packages+=(python3-torch python3-numpy python3-pytest python3-setuptools python3-dev)
+# the Python package (python/): built and tested against Debian's torch; its C++ headers
+# (torch/extension.h) and pybind11 are only recommended by python3-torch, which --no-install-recommends
+# leaves out
+packages+=(python3-torch libtorch-dev pybind11-dev python3-numpy python3-pytest python3-setuptools python3-dev)
 # Debian's torch links the generic libblas: OpenBLAS makes its CPU matmuls ~10x faster (tests, hla.mqar)
 packages+=(libopenblas0-pthread)
 missing=()

@@ -19,9 +19,10 @@
 //                  bf16 operands take chunk_scan_ws_kernel: the same recurrence on wgmma with the
 //                  warps split into a state warpgroup (Ũ, S), an output warpgroup (O) and a producer
 //                  warp issuing the copy engine's copies; fp32 operands (fp32 and fp16 inputs)
-//                  chunk_scan_kernel, 4 warps each doing all of it. With raw operands the delta
-//                  rule's W and U are not prepare's: prepare writes T = L diag(β) and a third
-//                  warpgroup of the scan forms W = T (K⊙γ) and U = T V a chunk ahead (FwdParams::Tw).
+//                  chunk_scan_kernel, 4 warps each doing all of it. For the single-shot delta rule on
+//                  bf16, U (and with raw operands W) is not prepare's: prepare writes T = L diag(β)
+//                  and a third warpgroup of the scan forms U = T V (and W = T (K⊙γ)) as each chunk's
+//                  copies land (FwdParams::Tw; no producer warp then, see ScanWs).
 //
 // Numerics: γ_i = exp(b_i) ≤ 1 and γ_C/γ_j = exp(b_C − b_j) ≤ 1 are always safe. The scores need
 // exp(b_i − b_j) per key channel for vector decay; they are factored around the first token r of each
@@ -780,7 +781,8 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
 //   state warpgroup    Ũ = U − W S (delta rule), S ← diag(γ_C) S + Kdᵀ Ũ: the state stays in its
 //                      registers;
 //   output warpgroup   O = Qg S, O += P Ũ and the stores of o;
-//   producer warp      one thread issues every operand copy (tma.cuh) kStages − 1 chunks ahead.
+//   producer warp      one thread issues every operand copy (tma.cuh) kStages − 1 chunks ahead
+//                      (kForm: the output warpgroup's first thread, see below).
 // The products are wgmma (wgmma.cuh) on swizzled tiles, each operand read once per warpgroup (with
 // mma.sync every warp re-read the B operand: the state and Ũ four times a chunk); the copies are the
 // copy engine's, landing on a stage's `full` mbarrier, and every consumer warp arrives on the stage's
@@ -916,9 +918,12 @@ __device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* em
 // kForm (delta rule, FwdParams::Tw): a third warpgroup forms each chunk's U = T V from T and the raw
 // v rows, and with raw operands W = T (K⊙γ) from the raw k rows and φ too, as soon as the chunk's
 // copies land and while the other two work on the chunk before: they never go through device memory.
-// The state and output warpgroups then wait on the stage's `formed` barrier instead of its `full` one
-// and run unchanged. W and U are rounded to bf16 as prepare rounded them, from the same bf16 T and
-// K⊙γ: the outputs are bit for bit those of prepare's W and U (PiecewiseForwardEqualsSingleShot...).
+// The state and output warpgroups then wait on the stage's `formed` barrier instead of its `full` one;
+// the output warps no longer zero k's rows past the end (the forming warps do) and one of them issues
+// the copies. W and U get prepare's roundings: the same bf16 T, K⊙γ as k · φ in fp32 rounded once,
+// fp32 accumulation, W and U rounded once; only the order in which the hardware accumulates the
+// products may differ (wgmma here, mma.sync in prepare). The outputs have been bit for bit those of
+// prepare's W and U in every test (PiecewiseForwardEqualsSingleShotOnAUserStream compares them).
 template <Update Up, int K, int VT, bool kConcurrent = false, bool kForm = false>
 __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     chunk_scan_ws_kernel(const FwdParams p, const __grid_constant__ ScanMaps maps) {
@@ -938,7 +943,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     extern __shared__ float4 smem_f4[];
     unsigned char* const base = wg::aligned_smem<L::kAlign>(smem_f4);
     unsigned char* const stage_qw = base;                          // kStages × (Qg, W)
-    unsigned char* const stage = stage_qw + kStages * L::stage_a;  // kStages × (Kd, P, U)
+    unsigned char* const stage = stage_qw + kStages * L::stage_a;  // kStages × (Kd, P, U (, T))
     unsigned char* const Unew = stage + kStages * L::stage_b;      // Ũ = U − W S
     unsigned char* const Sbuf = Unew + L::v_tile;                  // 2 × state [key][v]
     unsigned char* const Uk = Sbuf + 2 * L::s_tile;                // diag(fk) Ũ (raw operands)
@@ -1020,8 +1025,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     if constexpr (kForm) {
         if (warp >= 8) {
             // ---- the forming warpgroup: chunk c's W = T (K⊙γ) and U = T V, in place of K⊙γ and V;
-            // W's column blocks in one batch, then U (all at once, 96 accumulators, spilled at 128
-            // registers) ----
+            // W's column blocks in one batch, then U (not all three at once: fewer live accumulators) ----
             constexpr uint32_t kBlock = kChunk * RowT::kRowBytes;
             for (int c = 0; c < nchunks; ++c) {
                 const int sb = c % kStages;
@@ -1353,7 +1357,7 @@ int scan_tile_override();
 // HLA_CUDA_FWD_RAW = 0: the scan never takes raw operands (forward_chunked_impl); 1 or unset (−1): the
 // default policy.
 int raw_operands_override();
-// HLA_CUDA_FWD_FORM = 0: the delta rule's raw-operand scan reads prepare's W and U instead of forming
+// HLA_CUDA_FWD_FORM = 0: the single-shot delta rule's scan reads prepare's W and U instead of forming
 // them (FwdParams::Tw); 1 or unset (−1): the default policy.
 int fwd_form_override();
 
@@ -1807,8 +1811,9 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // (FwdParams::Tw) where it can read v's rows, and with raw operands W = T (K⊙γ) too: prepare no
     // longer reads v nor writes U (nor W), and the scan reads T instead (per token and head at
     // K = V = 128, bf16, raw operands: 128 bytes written and read instead of 512, and v read once
-    // instead of twice). H100, GDN B=4 T=4096: 0.372 -> 0.333-0.343 ms (ncu: prepare 254 -> 167 µs,
-    // the scan 184 -> 213 µs: two operand stages, each chunk's W and U formed after its copies land).
+    // instead of twice). H100, GDN B=4 T=4096: 0.372 -> 0.324-0.343 ms (ncu: prepare 254 -> 168 µs,
+    // the scan 184 -> 213 µs: two operand stages, each chunk's W and U formed after its copies land);
+    // KDA (U only) 0.462-0.470 -> 0.440-0.448 ms.
     // Not where the scan's chain sets the time (B=1 T=16384, the concurrent forward: 0.45 -> 0.68-0.71
     // ms; there the scan had three stages, the forming one two, and fewer, narrower blocks wait on
     // each chunk's copies and forming in turn). HLA_CUDA_FWD_FORM = 0 turns it off (measurement).

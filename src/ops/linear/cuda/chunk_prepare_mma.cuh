@@ -611,7 +611,10 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                 const float qe = unpack_elem<E>(qw, e), ke = unpack_elem<E>(kw, e) * rk[i];
                 qo[e] = qe * rq[i] * fq;
                 ko[e] = ke * fk;
-                kg[e] = ke * fq;
+                // one decay number per token: k · (rk · e^{b_i}), the product the forming scan makes
+                // with φ (qk_rowf), so that both round K⊙γ alike
+                if constexpr (kVec) kg[e] = ke * fq;
+                else kg[e] = unpack_elem<E>(kw, e) * (rk[i] * fq);
             }
             if (Qg) {  // null when the scan reads q and k raw (p.qk_rowf)
                 store_vec<E>(Qg + i * K + c0, qo);

@@ -51,12 +51,13 @@ struct FwdParams : CellOptions {
     // products and to Ũ, and prepare writes neither Qg nor Kd (nor U = V): two (three) fewer [T, K]
     // tensors written to device memory and read back.
     float* qk_rowf;
-    // Raw operands with the delta rule whose v rows the copy engine can read too (forward_chunked_impl;
-    // null otherwise): the scan forms W and U itself (chunk_scan_ws_kernel's forming warpgroup), so
-    // prepare writes neither (nor reads v). Per (chunk, value head) T = L diag(β), bf16 [64][64], zero
-    // above the diagonal, and a third row of qk_rowf: φ_i = e^{b_i}/‖k_i‖ (0 past the chunk's end), so
-    // that W = T diag(φ) k and U = T v. Two [T, K] and [T, V] tensors fewer written and read back, for
-    // one [T, 64].
+    // The single-shot delta rule on bf16 whose v rows the copy engine can read (forward_chunked_impl:
+    // not the concurrent forward, not pieces, not the backward's recompute; null otherwise): the scan
+    // forms U = T v itself (chunk_scan_ws_kernel's forming warpgroup), so prepare neither writes U nor
+    // reads v; with raw operands also W = T diag(φ) k, φ_i = e^{b_i}/‖k_i‖ being a third row of
+    // qk_rowf (0 past the chunk's end), and prepare writes no W (else W stays prepare's). Per (chunk,
+    // value head) T = L diag(β), bf16 [64][64], zero above the diagonal blocks: one [T, 64] tensor
+    // written and read back instead of [T, V] (and [T, K]).
     void* Tw;
     // Backward recompute only (null in the forward): the state at the start of every chunk, [chunk, HV,
     // K, V] in the operand dtype E, as the scan's products use it. With it, o may be null (not written).
