@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(ScanWs<false>::kThreads, 1)
     const bool state_role = warp < 4;
     const int mw = warp & 3, rt = tid % kRole;
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
-    init_stage_barriers(full, empty, kStages, kConsumers / 32);
+    init_stage_barriers(full, empty, kStages, kConsumers);
     const SeqInfo si = p.seqs[n];
     const int nchunks = (si.len + kChunk - 1) / kChunk;
     auto slot_of = [&](int c) { return size_t(si.first_chunk + c) * p.HV + hv; };

@@ -785,7 +785,7 @@ __global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(const FwdParam
 //                      (kForm: the output warpgroup's first thread, see below).
 // The products are wgmma (wgmma.cuh) on swizzled tiles, each operand read once per warpgroup (with
 // mma.sync every warp re-read the B operand: the state and Ũ four times a chunk); the copies are the
-// copy engine's, landing on a stage's `full` mbarrier, and every consumer warp arrives on the stage's
+// copy engine's, landing on a stage's `full` mbarrier, and every consumer thread arrives on the stage's
 // `empty` one when done with it, so the producer refills it without a block barrier. The state
 // warps hand Ũ over with a named barrier they only arrive at (the output warps wait on it), meet
 // among themselves before Kdᵀ Ũ, and write the new state into the other of two state buffers, so one
@@ -901,12 +901,13 @@ __device__ __forceinline__ void store_state_swz(float (&S)[SMT][NT][4], unsigned
     });
 }
 // The operand ring's mbarriers, by thread 0, then a block barrier: `full` (one arrival, the producer's,
-// plus the copies' bytes) and `empty` (one arrival per consumer warp) of every stage.
-__device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* empty, int stages, int consumer_warps) {
+// plus the copies' bytes) and `empty` (one arrival per consumer thread, tma::release_stage) of every
+// stage.
+__device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* empty, int stages, int consumer_threads) {
     if (threadIdx.x == 0) {
         for (int b = 0; b < stages; ++b) {
             tma::mbar_init(full + b, 1);
-            tma::mbar_init(empty + b, consumer_warps);
+            tma::mbar_init(empty + b, consumer_threads);
         }
         tma::fence_init();
     }
@@ -968,7 +969,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
         if (tid == 0)
             for (int b = 0; b < kStages; ++b) tma::mbar_init(formed + b, kRole);  // every forming thread
     }
-    init_stage_barriers(full, empty, kStages, kConsumers / 32);  // (its block barrier covers `formed` too)
+    init_stage_barriers(full, empty, kStages, kConsumers);  // (its block barrier covers `formed` too)
     wait_for_previous_kernel();  // prepare's operands, the pieces' start states (launch_scan_grid)
     const ScanChain ch(p.seqs[n], hv, p);
     const int nchunks = ch.chunks();
