@@ -952,7 +952,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     float* gcs = reinterpret_cast<float*>(base + L::tiles);        // kStages × γ_C
     float* rfs = gcs + kStages * K;                                // kStages × (fq, fk (, φ))
     uint64_t* full = reinterpret_cast<uint64_t*>(rfs + kStages * kRowf * kChunk);  // kStages: a stage's copies landed
-    uint64_t* empty = full + kStages;                                              // kStages: every warp is done with it
+    uint64_t* empty = full + kStages;                                              // kStages: the consumers are done with it
     uint64_t* formed = empty + kStages;                                            // kStages (kForm): W and U formed
     auto Qt_of = [&](int b) { return stage_qw + b * L::stage_a; };
     auto Wt_of = [&](int b) { return stage_qw + b * L::stage_a + L::row_tile; };
@@ -986,36 +986,34 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
         const uint32_t bytes = (p.o ? kRowTile + uint32_t(L::p_tile) : 0) + kRowTile + uint32_t(L::v_tile) + K * 4 +
                                (kDelta && !form_w ? kRowTile : 0) + (kForm ? uint32_t(L::p_tile) : 0) +
                                (raw ? kRowf * kChunk * 4 : 0);
-        {
-            const size_t slot = ch.slot(c);
-            const int b = c % kStages;
-            if (c >= kStages) tma::mbar_wait(empty + b, (c / kStages - 1) & 1);
-            if constexpr (kConcurrent) {
-                wait_ready(p.ready + slot);
-                tma::fence_proxy_global();
-            }
-            uint64_t* bar = full + b;
-            tma::mbar_expect(bar, bytes);
-            const int row = int(slot * kChunk);                         // in the [slots·64, D] maps
-            const int t0 = ch.si.start + c * kChunk, batch = ch.si.batch;  // in the raw inputs
-            for (int kb = 0; kb < K / 64; ++kb) {
-                if (p.o) {  // the output's own operands (the backward's recompute writes no output)
-                    if (raw) tma::load_4d(Qt_of(b) + kb * kBlock, &maps.q, 64 * kb, ch.h, t0, batch, bar);
-                    else tma::load_2d(Qt_of(b) + kb * kBlock, &maps.Qg, 64 * kb, row, bar);
-                }
-                if (raw) tma::load_4d(Kt_of(b) + kb * kBlock, &maps.k, 64 * kb, ch.h, t0, batch, bar);
-                else tma::load_2d(Kt_of(b) + kb * kBlock, &maps.Kd, 64 * kb, row, bar);
-                if (kDelta && !form_w) tma::load_2d(Wt_of(b) + kb * kBlock, &maps.W, 64 * kb, row, bar);
-            }
-            if (p.o) tma::load_2d(Pt_of(b), &maps.P, 0, row, bar);
-            if constexpr (kForm) tma::load_2d(Tt_of(b), &maps.T, 0, row, bar);
-            if (kForm || (!kDelta && raw)) tma::load_4d(Ut_of(b), &maps.v, v0, ch.hv, t0, batch, bar);
-            else tma::load_2d(Ut_of(b), &maps.U, v0, row, bar);
-            tma::load_bytes(gcs + b * K, p.gC + slot * K, K * 4, bar);
-            if (raw)
-                tma::load_bytes(rfs + b * kRowf * kChunk, p.qk_rowf + slot * kRowFactorRows * kChunk,
-                                kRowf * kChunk * 4, bar);
+        const size_t slot = ch.slot(c);
+        const int b = c % kStages;
+        if (c >= kStages) tma::mbar_wait(empty + b, (c / kStages - 1) & 1);
+        if constexpr (kConcurrent) {
+            wait_ready(p.ready + slot);
+            tma::fence_proxy_global();
         }
+        uint64_t* bar = full + b;
+        tma::mbar_expect(bar, bytes);
+        const int row = int(slot * kChunk);                         // in the [slots·64, D] maps
+        const int t0 = ch.si.start + c * kChunk, batch = ch.si.batch;  // in the raw inputs
+        for (int kb = 0; kb < K / 64; ++kb) {
+            if (p.o) {  // the output's own operands (the backward's recompute writes no output)
+                if (raw) tma::load_4d(Qt_of(b) + kb * kBlock, &maps.q, 64 * kb, ch.h, t0, batch, bar);
+                else tma::load_2d(Qt_of(b) + kb * kBlock, &maps.Qg, 64 * kb, row, bar);
+            }
+            if (raw) tma::load_4d(Kt_of(b) + kb * kBlock, &maps.k, 64 * kb, ch.h, t0, batch, bar);
+            else tma::load_2d(Kt_of(b) + kb * kBlock, &maps.Kd, 64 * kb, row, bar);
+            if (kDelta && !form_w) tma::load_2d(Wt_of(b) + kb * kBlock, &maps.W, 64 * kb, row, bar);
+        }
+        if (p.o) tma::load_2d(Pt_of(b), &maps.P, 0, row, bar);
+        if constexpr (kForm) tma::load_2d(Tt_of(b), &maps.T, 0, row, bar);
+        if (kForm || (!kDelta && raw)) tma::load_4d(Ut_of(b), &maps.v, v0, ch.hv, t0, batch, bar);
+        else tma::load_2d(Ut_of(b), &maps.U, v0, row, bar);
+        tma::load_bytes(gcs + b * K, p.gC + slot * K, K * 4, bar);
+        if (raw)
+            tma::load_bytes(rfs + b * kRowf * kChunk, p.qk_rowf + slot * kRowFactorRows * kChunk,
+                            kRowf * kChunk * 4, bar);
     };
     if (warp == ScanWs<kForm>::kProducerWarp) {
         if (lane == 0)
