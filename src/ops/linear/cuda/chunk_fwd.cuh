@@ -875,6 +875,38 @@ __device__ __forceinline__ void zero_rows_swz(unsigned char* tile, int valid, in
             make_uint4(0, 0, 0, 0);
 }
 
+// dst = diag(f) src for rows [row0, row0 + ROWS) of [kChunk, COLS] bf16 Swz<BC> tiles, each element
+// rounded once, 16 bytes at a time by thread t of N; rows ≥ valid are written zero without being read
+// (another thread may be zeroing them). Every load before the first store: the compiler cannot tell
+// the tiles apart and would otherwise wait out each load in turn. The raw additive update's diag(fk) V
+// (state warps) and the forming warps' K⊙γ = diag(φ) k.
+template <int BC, int COLS, int ROWS, int N>
+__device__ __forceinline__ void scale_rows_swz(unsigned char* dst, const unsigned char* src, const float* f, int row0,
+                                               int valid, int t) {
+    using E = __nv_bfloat16;
+    constexpr int PR = COLS / 8, kIters = ROWS * PR / N;
+    static_assert(ROWS * PR % N == 0, "scale_rows_swz: the pieces must split evenly over the threads");
+    uint4 x[kIters];
+    uint32_t at[kIters];
+    float s[kIters];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+        const int idx = t + N * it, row = row0 + idx / PR;
+        const bool in = row < valid;
+        at[it] = wg::Swz<BC>::template piece<kChunk>(row, idx % PR);
+        x[it] = in ? *reinterpret_cast<const uint4*>(src + at[it]) : make_uint4(0, 0, 0, 0);
+        s[it] = in ? f[row] : 0.f;
+    }
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+        const uint32_t w[4] = {x[it].x, x[it].y, x[it].z, x[it].w};
+        float y[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) y[e] = unpack_elem<E>(w, e) * s[it];
+        store_vec<E>(reinterpret_cast<E*>(dst + at[it]), y);
+    }
+}
+
 // The warp-specialised scan's tensor maps (tma.cuh): prepare's per-chunk operands as [slots·64, D]
 // row blocks (Qg, Kd, W: D = K; P: 64; U: V), and with raw operands the inputs as 4-D [B, T, heads, D]
 // views. Boxes of 64 rows × one swizzle block (64 columns; U and v: the V-tile's VT). T: FwdParams::Tw.
@@ -902,12 +934,14 @@ __device__ __forceinline__ void store_state_swz(float (&S)[SMT][NT][4], unsigned
 }
 // The operand ring's mbarriers, by thread 0, then a block barrier: `full` (one arrival, the producer's,
 // plus the copies' bytes) and `empty` (one arrival per consumer thread, tma::release_stage) of every
-// stage.
-__device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* empty, int stages, int consumer_threads) {
+// stage, and where given `formed` (one arrival per forming thread: chunk_scan_ws_kernel's kForm).
+__device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* empty, int stages, int consumer_threads,
+                                                    uint64_t* formed = nullptr, int forming_threads = 0) {
     if (threadIdx.x == 0) {
         for (int b = 0; b < stages; ++b) {
             tma::mbar_init(full + b, 1);
             tma::mbar_init(empty + b, consumer_threads);
+            if (formed) tma::mbar_init(formed + b, forming_threads);
         }
         tma::fence_init();
     }
@@ -965,11 +999,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     const bool state_role = warp < 4;
     const int mw = warp & 3, rt = tid % kRole;  // warp and thread index within the role
     const int n = blockIdx.x, hv = blockIdx.y, v0 = blockIdx.z * VT;
-    if constexpr (kForm) {
-        if (tid == 0)
-            for (int b = 0; b < kStages; ++b) tma::mbar_init(formed + b, kRole);  // every forming thread
-    }
-    init_stage_barriers(full, empty, kStages, kConsumers);  // (its block barrier covers `formed` too)
+    init_stage_barriers(full, empty, kStages, kConsumers, kForm ? formed : nullptr, kRole);
     wait_for_previous_kernel();  // prepare's operands, the pieces' start states (launch_scan_grid)
     const ScanChain ch(p.seqs[n], hv, p);
     const int nchunks = ch.chunks();
@@ -1038,20 +1068,8 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
                     if (form_w) zero_rows_swz<64, K>(Kt, valid, rt, kRole);  // (prepare's Kd rows there are zero)
                     zero_rows_swz<VT, VT>(Ut, valid, rt, kRole);
                 }
-                // K⊙γ = diag(φ) k into W's tile, 16 bytes at a time, rounded once to bf16 (as prepare
-                // did); zero past the end without reading k there (other threads are zeroing it)
-                constexpr int kPieces = kChunk * K / 8;
-                for (int idx = rt; form_w && idx < kPieces; idx += kRole) {
-                    const int row = idx / (K / 8);
-                    const uint32_t at = RowT::template piece<kChunk>(row, idx % (K / 8));
-                    const uint4 x = row < valid ? *reinterpret_cast<const uint4*>(Kt + at) : make_uint4(0, 0, 0, 0);
-                    const uint32_t w[4] = {x.x, x.y, x.z, x.w};
-                    float y[8];
-                    const float f = phi[row];
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) y[e] = unpack_elem<E>(w, e) * f;
-                    store_vec<E>(reinterpret_cast<E*>(Wt + at), y);
-                }
+                // K⊙γ = diag(φ) k into W's tile, rounded once to bf16 (as prepare does)
+                if (form_w) scale_rows_swz<64, K, kChunk, kRole>(Wt, Kt, phi, 0, valid, rt);
                 wg::fence_proxy_async();
                 named_bar_sync(kBarForm, kRole);  // K⊙γ (and the zeroed rows) in place
                 if (form_w) {
@@ -1163,26 +1181,8 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
                 named_bar_arrive(kBarU, kConsumers);  // the output warps may read Ũ
                 Ueff = Unew;
             } else if (raw) {
-                // diag(fk) V of the warp's 16 rows, 16 bytes at a time, every load before the first store
-                constexpr int kIters = 16 * ColT::kPieces / 32;
-                uint4 x[kIters];
-                uint32_t at[kIters];
-                float f[kIters];
-#pragma unroll
-                for (int it = 0; it < kIters; ++it) {
-                    const int idx = lane + 32 * it, row = 16 * mw + idx / ColT::kPieces;
-                    at[it] = ColT::template piece<kChunk>(row, idx % ColT::kPieces);
-                    x[it] = *reinterpret_cast<const uint4*>(Ut + at[it]);
-                    f[it] = fk[row];
-                }
-#pragma unroll
-                for (int it = 0; it < kIters; ++it) {
-                    const uint32_t w[4] = {x[it].x, x[it].y, x[it].z, x[it].w};
-                    float y[8];
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) y[e] = unpack_elem<E>(w, e) * f[it];
-                    store_vec<E>(reinterpret_cast<E*>(Uk + at[it]), y);
-                }
+                // diag(fk) V of the warp's 16 rows (rows past the end: zero, as the output warps made them)
+                scale_rows_swz<VT, VT, 16, 32>(Uk, Ut, fk, 16 * mw, ch.rows(cidx), lane);
                 wg::fence_proxy_async();
             }
             named_bar_sync(kBarState, kRole);  // every row of Ũ (diag(fk) Ũ) is written
