@@ -1118,18 +1118,18 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     zero_acc(acc);
 
     // kForm: the copies are issued by the output warpgroup's first thread: every stage's first chunk
-    // now, then chunk c + kStages − 1 at the start of chunk c, once every consumer warp is done with
-    // chunk c − 1 (its stage), which the output warps wait for anyway (they need the state chunk c − 1
-    // leaves). Issued by the forming warps instead, the copies of chunk c + 1 waited until chunk c was
-    // formed, and the scan took ~4 µs a chunk instead of ~2.9 (GDN B=4 T=4096, two stages, ncu).
+    // now, then chunk c + kStages as soon as every consumer warp is done with chunk c (its stage):
+    // right after the output warps' own release, before their stores of o. Issued by the forming
+    // warps instead, the copies of chunk c + 1 waited until chunk c was formed, and the scan took
+    // ~4 µs a chunk instead of ~2.9 (GDN B=4 T=4096, two stages, ncu); issued at the top of the next
+    // chunk, after those stores, the GDN scan took 217 µs instead of 205 (KDA's 190 instead of 177):
+    // with two stages each chunk's copies and forming lie on the scan's critical path.
     const bool issuer = kForm && tid == kRole;
     if (issuer)
         for (int c = 0; c < kStages && c < nchunks; ++c) issue_chunk(c);
     for (int cidx = 0; cidx < nchunks; ++cidx) {
         const int b = cidx & 1;         // state buffer
         const int sb = cidx % kStages;  // operand stage
-        if (issuer && cidx >= 1 && cidx + kStages - 1 < nchunks) issue_chunk(cidx + kStages - 1);
-        if constexpr (kForm) __syncwarp();  // the issuing lane rejoins its warp
         unsigned char* const Ut = Ut_of(sb);
         const float* fq = rfs + sb * kRowf * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
         const float* fk = fq + kChunk;            // and e^{b_C − b_i}/‖k_i‖
@@ -1209,6 +1209,8 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
                 wg::finish(acc);
             }
             tma::release_stage(empty + sb);
+            if (issuer && cidx + kStages < nchunks) issue_chunk(cidx + kStages);
+            if constexpr (kForm) __syncwarp();  // the issuing lane rejoins its warp
             if (p.o) store_output_tile<E, NT>(acc, p, ch, cidx, mw * 16, v0, o_pairs);
             // Orders nothing (see the racecheck note above the kernel); free, as the chunk barrier is next.
             if constexpr (!kDelta) named_bar_sync(kBarOutput, kRole);
