@@ -1053,8 +1053,10 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
 
     if constexpr (kForm) {
         if (warp >= 8) {
-            // ---- the forming warpgroup: chunk c's W = T (K⊙γ) and U = T V, in place of K⊙γ and V;
-            // W's column blocks in one batch, then U (not all three at once: fewer live accumulators) ----
+            // ---- the forming warpgroup: chunk c's U = T V and W = T (K⊙γ), in place of V and K⊙γ.
+            // U's product first, K⊙γ formed while it runs (session 14: the scaling used to come first,
+            // and with two stages each chunk's forming lies on the scan's critical path), then W's
+            // column blocks in one batch (not all three at once: fewer live accumulators) ----
             constexpr uint32_t kBlock = kChunk * RowT::kRowBytes;
             for (int c = 0; c < nchunks; ++c) {
                 const int sb = c % kStages;
@@ -1064,14 +1066,26 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
                 // raw rows past the sequence's end are the next sequence's: zero in k (read by the
                 // state update too) and v, before anything reads them
                 const int valid = ch.rows(c);
-                if (valid < kChunk) {
+                if (valid < kChunk) {  // (the same for every thread of the warpgroup)
                     if (form_w) zero_rows_swz<64, K>(Kt, valid, rt, kRole);  // (prepare's Kd rows there are zero)
                     zero_rows_swz<VT, VT>(Ut, valid, rt, kRole);
+                    wg::fence_proxy_async();
+                    named_bar_sync(kBarForm, kRole);  // the zeroed rows in place
                 }
+                float uacc[1][NT][4];
+                wg::fence();
+                wg::rows_product<4>(uacc[0], Tt_of(sb), Ut, false);
+                wg::commit();
                 // K⊙γ = diag(φ) k into W's tile, rounded once to bf16 (as prepare does)
                 if (form_w) scale_rows_swz<64, K, kChunk, kRole>(Wt, Kt, phi, 0, valid, rt);
+                wg::wait<0>();
+                wg::fence_acc(uacc);
                 wg::fence_proxy_async();
-                named_bar_sync(kBarForm, kRole);  // K⊙γ (and the zeroed rows) in place
+                named_bar_sync(kBarForm, kRole);  // K⊙γ in place; every warp's product has read V
+                for_each_acc_pair(uacc, [&](int r, int col, float& x0, float& x1) {
+                    *reinterpret_cast<uint32_t*>(Ut + ColT::template elem<kChunk>(16 * mw + r, col)) =
+                        pack2(__float2bfloat16(x0), __float2bfloat16(x1));
+                });
                 if (form_w) {
                     float wacc[K / 64][1][8][4];
                     wg::fence();
@@ -1090,15 +1104,6 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
                                 pack2(__float2bfloat16(x0), __float2bfloat16(x1));
                         });
                 }
-                float uacc[1][NT][4];
-                wg::fence();
-                wg::rows_product<4>(uacc[0], Tt_of(sb), Ut, false);
-                wg::finish(uacc);
-                named_bar_sync(kBarForm, kRole);  // every warp's product has read V
-                for_each_acc_pair(uacc, [&](int r, int col, float& x0, float& x1) {
-                    *reinterpret_cast<uint32_t*>(Ut + ColT::template elem<kChunk>(16 * mw + r, col)) =
-                        pack2(__float2bfloat16(x0), __float2bfloat16(x1));
-                });
                 wg::fence_proxy_async();  // W and U are read by the other warpgroups' products
                 tma::mbar_arrive(formed + sb);
             }
