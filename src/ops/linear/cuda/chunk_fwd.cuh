@@ -911,7 +911,7 @@ __device__ __forceinline__ void scale_rows_swz(unsigned char* dst, const unsigne
 // row blocks (Qg, Kd, W: D = K; P: 64; U: V), and with raw operands the inputs as 4-D [B, T, heads, D]
 // views. Boxes of 64 rows × one swizzle block (64 columns; U and v: the V-tile's VT). T: FwdParams::Tw.
 struct ScanMaps {
-    CUtensorMap q, k, v, Qg, Kd, W, P, U, T;
+    CUtensorMap q, k, v, Qg, Kd, W, P, U, T;  // W: prepare's W, or the K⊙γ the scan forms it from (FwdParams::Kg)
 };
 
 // Named barriers 1 and up (0 is __syncthreads): n threads, a multiple of 32.
@@ -951,7 +951,8 @@ __device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* em
 // kConcurrent: the concurrent forward's scan, which waits for prepare's flags (FwdParams::ready); its
 // own instantiation, the other's code as it was (the check alone cost the B=4 scan 4%).
 // kForm (delta rule, FwdParams::Tw): a third warpgroup forms each chunk's U = T V from T and the raw
-// v rows, and with raw operands W = T (K⊙γ) from the raw k rows and φ too, as soon as the chunk's
+// v rows, and W = T (K⊙γ) too: with raw operands from the raw k rows and φ, with vector decay from
+// prepare's K⊙γ (FwdParams::Kg, in W's place in the stage), as soon as the chunk's
 // copies land and while the other two work on the chunk before: they never go through device memory.
 // The state and output warpgroups then wait on the stage's `formed` barrier instead of its `full` one;
 // the output warps no longer zero k's rows past the end (the forming warps do) and one of them issues
@@ -1004,7 +1005,8 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     const ScanChain ch(p.seqs[n], hv, p);
     const int nchunks = ch.chunks();
     const bool raw = p.qk_rowf != nullptr;
-    const bool form_w = kForm && raw;  // kForm forms U, and W from raw k (else W is prepare's)
+    // kForm forms U, and W from raw k or from prepare's K⊙γ (FwdParams::Kg; else W is prepare's)
+    const bool form_w = kForm && (raw || p.Kg);
 
     // Every operand of chunk c into stage c % kStages by the copy engine, once every consumer warp is
     // done with the stage's previous chunk (the concurrent forward: once prepare has published them),
@@ -1014,7 +1016,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     auto issue_chunk = [&](int c) {
         constexpr uint32_t kRowTile = uint32_t(L::row_tile), kBlock = kChunk * RowT::kRowBytes;
         const uint32_t bytes = (p.o ? kRowTile + uint32_t(L::p_tile) : 0) + kRowTile + uint32_t(L::v_tile) + K * 4 +
-                               (kDelta && !form_w ? kRowTile : 0) + (kForm ? uint32_t(L::p_tile) : 0) +
+                               (kDelta && !(form_w && raw) ? kRowTile : 0) + (kForm ? uint32_t(L::p_tile) : 0) +
                                (raw ? kRowf * kChunk * 4 : 0);
         const size_t slot = ch.slot(c);
         const int b = c % kStages;
@@ -1034,7 +1036,8 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
             }
             if (raw) tma::load_4d(Kt_of(b) + kb * kBlock, &maps.k, 64 * kb, ch.h, t0, batch, bar);
             else tma::load_2d(Kt_of(b) + kb * kBlock, &maps.Kd, 64 * kb, row, bar);
-            if (kDelta && !form_w) tma::load_2d(Wt_of(b) + kb * kBlock, &maps.W, 64 * kb, row, bar);
+            if (kDelta && !(form_w && raw))  // W, or the K⊙γ it is formed from
+                tma::load_2d(Wt_of(b) + kb * kBlock, &maps.W, 64 * kb, row, bar);
         }
         if (p.o) tma::load_2d(Pt_of(b), &maps.P, 0, row, bar);
         if constexpr (kForm) tma::load_2d(Tt_of(b), &maps.T, 0, row, bar);
@@ -1067,7 +1070,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
                 // state update too) and v, before anything reads them
                 const int valid = ch.rows(c);
                 if (valid < kChunk) {  // (the same for every thread of the warpgroup)
-                    if (form_w) zero_rows_swz<64, K>(Kt, valid, rt, kRole);  // (prepare's Kd rows there are zero)
+                    if (raw) zero_rows_swz<64, K>(Kt, valid, rt, kRole);  // (prepare's Kd rows there are zero)
                     zero_rows_swz<VT, VT>(Ut, valid, rt, kRole);
                     wg::fence_proxy_async();
                     named_bar_sync(kBarForm, kRole);  // the zeroed rows in place
@@ -1077,7 +1080,8 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
                 wg::rows_product<4>(uacc[0], Tt_of(sb), Ut, false);
                 wg::commit();
                 // K⊙γ = diag(φ) k into W's tile, rounded once to bf16 (as prepare does)
-                if (form_w) scale_rows_swz<64, K, kChunk, kRole>(Wt, Kt, phi, 0, valid, rt);
+                // (prepare's K⊙γ, FwdParams::Kg, arrives in W's tile)
+                if (form_w && raw) scale_rows_swz<64, K, kChunk, kRole>(Wt, Kt, phi, 0, valid, rt);
                 wg::wait<0>();
                 wg::fence_acc(uacc);
                 wg::fence_proxy_async();
@@ -1544,6 +1548,7 @@ inline ScanMaps make_scan_maps(const LinearForwardArgs& a, const FwdParams& fp, 
     if (fp.Qg) encode_slot_rows(&m.Qg, fp.Qg, slots, fp.K, 64, op);
     if (fp.Kd) encode_slot_rows(&m.Kd, fp.Kd, slots, fp.K, 64, op);
     if (fp.W) encode_slot_rows(&m.W, fp.W, slots, fp.K, 64, op);
+    if (fp.Kg) encode_slot_rows(&m.W, fp.Kg, slots, fp.K, 64, op);  // (never both)
     encode_slot_rows(&m.P, fp.P, slots, kChunk, 64, op);
     if (fp.U) encode_slot_rows(&m.U, fp.U, slots, fp.V, vt, op);
     if (fp.Tw) encode_slot_rows(&m.T, fp.Tw, slots, kChunk, 64, op);
@@ -1819,7 +1824,9 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // K = V = 128, bf16, raw operands: 128 bytes written and read instead of 512, and v read once
     // instead of twice). H100, GDN B=4 T=4096: 0.372 -> 0.324-0.343 ms (ncu: prepare 254 -> 168 µs,
     // the scan 184 -> 213 µs: two operand stages, each chunk's W and U formed after its copies land);
-    // KDA (U only) 0.462-0.470 -> 0.440-0.448 ms.
+    // KDA (U only) 0.462-0.470 -> 0.440-0.448 ms. With vector decay prepare writes K⊙γ instead of W
+    // (FwdParams::Kg: the same bytes) and the scan forms W from it, which moves W's product out of
+    // KDA's prepare, the longer kernel (session 14, ncu: prepare 320 -> 293 µs, scan 175 -> 193 µs).
     // Not where the scan's chain sets the time (B=1 T=16384, the concurrent forward: 0.45 -> 0.68-0.71
     // ms; there the scan had three stages, the forming one two, and fewer, narrower blocks wait on
     // each chunk's copies and forming in turn). HLA_CUDA_FWD_FORM = 0 turns it off (measurement).
@@ -1935,7 +1942,10 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     at += b_qk;
     fp.Kd = b_qk ? at : nullptr;
     at += b_qk;
-    fp.W = b_w ? at : nullptr;
+    // the single-shot KDA forward forms W in the scan from prepare's K⊙γ (FwdParams::Kg), of W's size
+    const bool kg_for_w = form && !raw && p.cfg.decay == Decay::Vector;
+    fp.W = b_w && !kg_for_w ? at : nullptr;
+    fp.Kg = kg_for_w ? at : nullptr;
     at += b_w;
     fp.U = b_u ? at : nullptr;
     at += b_u;
@@ -2052,6 +2062,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
             pf.Qg = shift(static_cast<E*>(fp.Qg), size_t(kChunk) * p.K);
             pf.Kd = shift(static_cast<E*>(fp.Kd), size_t(kChunk) * p.K);
             pf.W = shift(static_cast<E*>(fp.W), size_t(kChunk) * p.K);
+            pf.Kg = shift(static_cast<E*>(fp.Kg), size_t(kChunk) * p.K);
             pf.U = shift(static_cast<E*>(fp.U), size_t(kChunk) * p.V);
             pf.Tw = shift(static_cast<E*>(fp.Tw), size_t(kChunk) * kChunk);
             pf.P = shift(static_cast<E*>(fp.P), size_t(kChunk) * kChunk);

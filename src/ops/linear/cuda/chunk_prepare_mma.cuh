@@ -8,7 +8,7 @@
 //   scan reads q and k raw and applies the per-row factors stored instead (and V itself for U = V).
 //   With FwdParams::Tw (the delta rule) U is not written, nor is v read: T = L diag(β) is written
 //   instead, as rounded for the products here, and the scan forms U from it; with raw operands too,
-//   W as well.
+//   W as well, and with vector decay W from the K⊙γ written instead (FwdParams::Kg).
 // - 4 warps, warp w owns the rows [16w, 16w + 16) of the chunk: its row block of P, A, W and U, its
 //   share of Qg and Kd, and (inverse) column block w of L. Most phases need no block barrier at all.
 // - q and k stay in shared memory as the raw bf16 inputs (cp.async); the L2 norms, the scale and β
@@ -398,6 +398,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         const int c0 = 8 * (lane % LPR);
         E* Qg = p.Qg ? static_cast<E*>(p.Qg) + slot * kChunk * K : nullptr;
         E* Kd = p.Kd ? static_cast<E*>(p.Kd) + slot * kChunk * K : nullptr;
+        E* Kg = p.Kg ? static_cast<E*>(p.Kg) + slot * kChunk * K : nullptr;  // the scan forms W from it
         E* kas = reinterpret_cast<E*>(Fs);  // ka [64][2·LDF]
         // per channel, in log2 units: ca = R_I − m, cr = R_I, ce = b_C − R_I (m = b_0 + (b_C − b_0)/2)
         float ca[8], cr[8], ce[8];
@@ -447,6 +448,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             if constexpr (kDelta) {
                 store_vec<E>(kas + i * (2 * LDF) + c0, ka);
                 store_vec<E>(kgs + i * LDG + c0, kg);
+                if (Kg) store_vec<E>(Kg + i * K + c0, kg);
             }
         }
         __syncthreads();  // kb of every row
@@ -574,6 +576,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         constexpr int LPR = K / 8, RPI = 32 / LPR;
         E* Qg = p.Qg ? static_cast<E*>(p.Qg) + slot * kChunk * K : nullptr;
         E* Kd = p.Kd ? static_cast<E*>(p.Kd) + slot * kChunk * K : nullptr;
+        E* Kg = p.Kg ? static_cast<E*>(p.Kg) + slot * kChunk * K : nullptr;  // the scan forms W from it
         // vector decay: this block's R_I and b_C − R_I for the lane's 8 channels
         float Rb[8], Eb[8];
         if constexpr (kVec) {
@@ -623,6 +626,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             if constexpr (kDelta) {
                 if constexpr (kVec) __syncwarp();  // the row's Δ is read by all its lanes before K⊙γ takes half its bytes
                 store_vec<E>(kgs + i * LDG + c0, kg);
+                if (Kg) store_vec<E>(Kg + i * K + c0, kg);
             }
         }
     }

@@ -59,6 +59,10 @@ struct FwdParams : CellOptions {
     // value head) T = L diag(β), bf16 [64][64], zero above the diagonal blocks: one [T, 64] tensor
     // written and read back instead of [T, V] (and [T, K]).
     void* Tw;
+    // With Tw and vector decay (KDA): K⊙γ = k̂ ⊙ e^{b_i}, bf16 [64][K] per (chunk, value head), which
+    // prepare writes instead of W (as rounded for its own product), and the scan forms W = T (K⊙γ)
+    // from it; null otherwise.
+    void* Kg;
     // Backward recompute only (null in the forward): the state at the start of every chunk, [chunk, HV,
     // K, V] in the operand dtype E, as the scan's products use it. With it, o may be null (not written).
     void* states;
