@@ -11,7 +11,8 @@ struct ForwardPlan {
     bool parallel_pieces = false;  // pieces by the state pass (additive update on bf16), else in turn
     bool concurrent = false;       // prepare and the scan at once, the scan waiting on prepare's flags
     bool raw_operands = false;     // the scan reads q, k (and v) with row factors instead of prepare's copies
-    bool scan_forms_wu = false;    // the delta rule's scan forms U (and with raw operands W) from prepare's T
+    bool scan_forms_wu = false;    // the delta rule's scan forms U and W from prepare's T (W from raw k, or
+                                   // with vector decay from prepare's K⊙γ; else W is prepare's)
     int scan_tile = 0;             // value columns per scan block
 };
 
