@@ -255,8 +255,9 @@ TEST(LinearCuda, ScanTileWidths) {
 // inputs with one decay number per token, and the single-shot delta rule's scan forms U (with raw
 // operands W too) from prepare's T; each of the four ways for every scalar-decay cell: grouped value
 // heads with an initial state, and varlen (an empty and a one-token sequence, chunks that end
-// mid-way) with log decays down to −40. (KDA's forming of U runs in every bf16 test of a single-shot
-// forward, and PiecewiseForwardEqualsSingleShotOnAUserStream holds it bit for bit to prepare's U.)
+// mid-way) with log decays down to −40. (KDA's forming of U, and of W from prepare's K⊙γ, runs in
+// every bf16 test of a single-shot forward, and PiecewiseForwardEqualsSingleShotOnAUserStream holds
+// it bit for bit to prepare's U and W.)
 TEST(LinearCuda, RawOperandScanEveryWay) {
     REQUIRE_GPU();
     const std::pair<const char*, const char*> ways[] = {{"0", "0"}, {"0", "1"}, {"1", "0"}, {"1", "1"}};
@@ -284,7 +285,7 @@ TEST(LinearCuda, RawOperandScanEveryWay) {
         }
     }
     unsetenv("HLA_CUDA_FWD_RAW");
-    // vector decay (KDA): prepare's W, the scan's U, or both prepare's
+    // vector decay (KDA): the scan's W (from prepare's K⊙γ) and U, or both prepare's
     for (const char* form : {"0", "1"}) {
         setenv("HLA_CUDA_FWD_FORM", form, 1);
         LinearCase c = make_case(std::string("kda/form") + form, kda_config(), DType::BF16, 1, 200, 2, 2, 128, 128);

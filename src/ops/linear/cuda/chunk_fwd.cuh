@@ -20,9 +20,10 @@
 //                  warps split into a state warpgroup (Ũ, S), an output warpgroup (O) and a producer
 //                  warp issuing the copy engine's copies; fp32 operands (fp32 and fp16 inputs)
 //                  chunk_scan_kernel, 4 warps each doing all of it. For the single-shot delta rule on
-//                  bf16, U (and with raw operands W) is not prepare's: prepare writes T = L diag(β)
-//                  and a third warpgroup of the scan forms U = T V (and W = T (K⊙γ)) as each chunk's
-//                  copies land (FwdParams::Tw; no producer warp then, see ScanWs).
+//                  bf16, U and W are not prepare's: prepare writes T = L diag(β) (and for vector
+//                  decay K⊙γ instead of W) and a third warpgroup of the scan forms U = T V and
+//                  W = T (K⊙γ) as each chunk's copies land (FwdParams::Tw, Kg; no producer warp then,
+//                  see ScanWs).
 //
 // Numerics: γ_i = exp(b_i) ≤ 1 and γ_C/γ_j = exp(b_C − b_j) ≤ 1 are always safe. The scores need
 // exp(b_i − b_j) per key channel for vector decay; they are factored around the first token r of each
@@ -833,9 +834,9 @@ struct ScanWs {
 // K-wide rows (Qg, W, Kd: 64 × K) and P (64 × 64) in 64-column blocks, the V-tile's (U, Ũ, diag(fk) Ũ:
 // 64 × VT; the state: K × VT) as one block of VT columns. Tile sizes are multiples of 1 KiB, the
 // 128-byte swizzle's period, from a 1 KiB-aligned base.
-// kForm (the scan forms U, and W with raw operands): a stage also holds T (64 × 64); its U tile first
-// receives the raw v rows (and its W tile K⊙γ), which the forming warpgroup turns into U (and W) in
-// place.
+// kForm (the scan forms U and W): a stage also holds T (64 × 64); its U tile first receives the raw v
+// rows and its W tile K⊙γ (formed from the raw k rows, or prepare's: FwdParams::Kg), which the
+// forming warpgroup turns into U and W in place.
 template <int K, int VT, bool kDelta, bool kForm = false>
 struct ScanWsLayout {
     static constexpr size_t row_tile = size_t(kChunk) * K * 2;     // Qg, W, Kd
@@ -955,7 +956,7 @@ __device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* em
 // prepare's K⊙γ (FwdParams::Kg, in W's place in the stage), as soon as the chunk's
 // copies land and while the other two work on the chunk before: they never go through device memory.
 // The state and output warpgroups then wait on the stage's `formed` barrier instead of its `full` one;
-// the output warps no longer zero k's rows past the end (the forming warps do) and one of them issues
+// the output warps no longer zero raw k rows past the end (the forming warps do) and one of them issues
 // the copies. W and U get prepare's roundings: the same bf16 T, K⊙γ as k · φ in fp32 rounded once,
 // fp32 accumulation, W and U rounded once; only the order in which the hardware accumulates the
 // products may differ (wgmma here, mma.sync in prepare). The outputs have been bit for bit those of
@@ -1819,14 +1820,14 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     if (concurrent) pieces = 1;
     const bool parallel = parallel_way && pieces > 1;
     // The single-shot delta rule on bf16 inputs: the scan forms U = T V itself from T = L diag(β)
-    // (FwdParams::Tw) where it can read v's rows, and with raw operands W = T (K⊙γ) too: prepare no
-    // longer reads v nor writes U (nor W), and the scan reads T instead (per token and head at
+    // (FwdParams::Tw) where it can read v's rows, and W = T (K⊙γ) too: prepare no longer reads v nor
+    // writes U (nor W with raw operands), and the scan reads T instead (per token and head at
     // K = V = 128, bf16, raw operands: 128 bytes written and read instead of 512, and v read once
     // instead of twice). H100, GDN B=4 T=4096: 0.372 -> 0.324-0.343 ms (ncu: prepare 254 -> 168 µs,
     // the scan 184 -> 213 µs: two operand stages, each chunk's W and U formed after its copies land);
     // KDA (U only) 0.462-0.470 -> 0.440-0.448 ms. With vector decay prepare writes K⊙γ instead of W
     // (FwdParams::Kg: the same bytes) and the scan forms W from it, which moves W's product out of
-    // KDA's prepare, the longer kernel (session 14, ncu: prepare 320 -> 293 µs, scan 175 -> 193 µs).
+    // KDA's prepare, the longer kernel (session 14, ncu: prepare 322 -> 291 µs, scan 176 -> 191 µs).
     // Not where the scan's chain sets the time (B=1 T=16384, the concurrent forward: 0.45 -> 0.68-0.71
     // ms; there the scan had three stages, the forming one two, and fewer, narrower blocks wait on
     // each chunk's copies and forming in turn). HLA_CUDA_FWD_FORM = 0 turns it off (measurement).

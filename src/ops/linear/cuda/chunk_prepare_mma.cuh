@@ -719,8 +719,9 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             }
         }
         if (p.Tw) {
-            // the scan forms U (and with raw operands W): T = L diag(β) as rounded above, this warp's
-            // rows, zero above the diagonal blocks (their bytes in Ls held scratch)
+            // the scan forms U and W (from raw k, or from the K⊙γ written above: FwdParams::Kg): T =
+            // L diag(β) as rounded above, this warp's rows, zero above the diagonal blocks (their
+            // bytes in Ls held scratch)
             E* Tg = static_cast<E*>(p.Tw) + slot * kChunk * kChunk;
 #pragma unroll
             for (int s = 0; s < 4; ++s)
@@ -749,7 +750,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             }
             store_acc<E>(acc, dst + r0 * dst_ld + col0, dst_ld);
         };
-        // (null where the scan forms them: W with raw operands and Tw, U with Tw)
+        // (null where the scan forms them: W with Tw and raw operands or Kg, U with Tw)
         if (p.W)
             for (int c0 = 0; c0 < K; c0 += 64) product64(kgs, LDG, c0, static_cast<E*>(p.W) + slot * kChunk * K, K);
         if (p.U)

@@ -55,7 +55,8 @@ struct FwdParams : CellOptions {
     // not the concurrent forward, not pieces, not the backward's recompute; null otherwise): the scan
     // forms U = T v itself (chunk_scan_ws_kernel's forming warpgroup), so prepare neither writes U nor
     // reads v; with raw operands also W = T diag(φ) k, φ_i = e^{b_i}/‖k_i‖ being a third row of
-    // qk_rowf (0 past the chunk's end), and prepare writes no W (else W stays prepare's). Per (chunk,
+    // qk_rowf (0 past the chunk's end), and prepare writes no W (with vector decay it writes K⊙γ
+    // instead and the scan forms W from that, Kg below; else W stays prepare's). Per (chunk,
     // value head) T = L diag(β), bf16 [64][64], zero above the diagonal blocks: one [T, 64] tensor
     // written and read back instead of [T, V] (and [T, K]).
     void* Tw;
