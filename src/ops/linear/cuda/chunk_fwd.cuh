@@ -848,7 +848,9 @@ struct ScanWsLayout {
     static constexpr size_t stage_b = row_tile + p_tile + v_tile + (kForm ? p_tile : 0);  // Kd, P, U (, T)
     static constexpr size_t fixed = v_tile + 2 * s_tile + v_tile;    // Ũ, 2 × state, diag(fk) Ũ
     static constexpr size_t kAlign = 1024;                           // room to align the dynamic base
-    static constexpr int kRowf = kForm ? 3 : 2;                      // row factors a chunk: fq, fk (, φ)
+    // row factors a chunk, the first rows of qk_rowf's: fq, fk (, φ)
+    static constexpr int kRowf = kForm ? kRowPhi + 1 : kRowFk + 1;
+    static_assert(kRowFq < kRowFk && kRowFk < kRowPhi && kRowPhi < kRowFactorRows, "chunk_scan_ws: row factor order");
     // with `st` operand stages: st × (Qg, W), st × (Kd, P, U), the fixed tiles; st × (γ_C, row
     // factors); 3 × st mbarriers (a stage's copies landed; every consumer warp is done with it; kForm:
     // W and U are formed)
@@ -1008,6 +1010,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     const bool raw = p.qk_rowf != nullptr;
     // kForm forms U, and W from raw k or from prepare's K⊙γ (FwdParams::Kg; else W is prepare's)
     const bool form_w = kForm && (raw || p.Kg);
+    const bool w_from_k = kForm && raw;  // W's tile gets no copy: the forming warps make K⊙γ there
 
     // Every operand of chunk c into stage c % kStages by the copy engine, once every consumer warp is
     // done with the stage's previous chunk (the concurrent forward: once prepare has published them),
@@ -1017,7 +1020,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
     auto issue_chunk = [&](int c) {
         constexpr uint32_t kRowTile = uint32_t(L::row_tile), kBlock = kChunk * RowT::kRowBytes;
         const uint32_t bytes = (p.o ? kRowTile + uint32_t(L::p_tile) : 0) + kRowTile + uint32_t(L::v_tile) + K * 4 +
-                               (kDelta && !(form_w && raw) ? kRowTile : 0) + (kForm ? uint32_t(L::p_tile) : 0) +
+                               (kDelta && !w_from_k ? kRowTile : 0) + (kForm ? uint32_t(L::p_tile) : 0) +
                                (raw ? kRowf * kChunk * 4 : 0);
         const size_t slot = ch.slot(c);
         const int b = c % kStages;
@@ -1037,7 +1040,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
             }
             if (raw) tma::load_4d(Kt_of(b) + kb * kBlock, &maps.k, 64 * kb, ch.h, t0, batch, bar);
             else tma::load_2d(Kt_of(b) + kb * kBlock, &maps.Kd, 64 * kb, row, bar);
-            if (kDelta && !(form_w && raw))  // W, or the K⊙γ it is formed from
+            if (kDelta && !w_from_k)  // W, or the K⊙γ it is formed from
                 tma::load_2d(Wt_of(b) + kb * kBlock, &maps.W, 64 * kb, row, bar);
         }
         if (p.o) tma::load_2d(Pt_of(b), &maps.P, 0, row, bar);
@@ -1065,7 +1068,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
             for (int c = 0; c < nchunks; ++c) {
                 const int sb = c % kStages;
                 unsigned char *const Kt = Kt_of(sb), *const Wt = Wt_of(sb), *const Ut = Ut_of(sb);
-                const float* phi = rfs + sb * kRowf * kChunk + 2 * kChunk;  // e^{b_i}/‖k_i‖, 0 past the end
+                const float* phi = rfs + (sb * kRowf + kRowPhi) * kChunk;  // e^{b_i}/‖k_i‖, 0 past the end
                 tma::mbar_wait(full + sb, (c / kStages) & 1);
                 // raw rows past the sequence's end are the next sequence's: zero in k (read by the
                 // state update too) and v, before anything reads them
@@ -1082,7 +1085,7 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
                 wg::commit();
                 // K⊙γ = diag(φ) k into W's tile, rounded once to bf16 (as prepare does)
                 // (prepare's K⊙γ, FwdParams::Kg, arrives in W's tile)
-                if (form_w && raw) scale_rows_swz<64, K, kChunk, kRole>(Wt, Kt, phi, 0, valid, rt);
+                if (w_from_k) scale_rows_swz<64, K, kChunk, kRole>(Wt, Kt, phi, 0, valid, rt);
                 wg::wait<0>();
                 wg::fence_acc(uacc);
                 wg::fence_proxy_async();
@@ -1141,8 +1144,8 @@ __global__ void __launch_bounds__(ScanWs<kForm>::kThreads, 1)
         const int b = cidx & 1;         // state buffer
         const int sb = cidx % kStages;  // operand stage
         unsigned char* const Ut = Ut_of(sb);
-        const float* fq = rfs + sb * kRowf * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
-        const float* fk = fq + kChunk;            // and e^{b_C − b_i}/‖k_i‖
+        const float* fq = rfs + (sb * kRowf + kRowFq) * kChunk;  // raw operands: s/‖q_i‖·e^{b_i}
+        const float* fk = rfs + (sb * kRowf + kRowFk) * kChunk;  // and e^{b_C − b_i}/‖k_i‖
         unsigned char* const Sop = Sbuf + b * L::s_tile;  // the chunk's start state
         // chunk cidx's operands landed (kForm: and W, U are formed)
         tma::mbar_wait((kForm ? formed : full) + sb, (cidx / kStages) & 1);
@@ -1302,7 +1305,7 @@ __global__ void __launch_bounds__(kRunThreads) chunk_run_state_kernel(const FwdP
                                                    tid);
         if (raw)
             for (int c = tid; c < kChunk / 4; c += kRunThreads)
-                cp_async16(fks + b * kChunk + 4 * c, p.qk_rowf + slot * kRowFactorRows * kChunk + kChunk + 4 * c);
+                cp_async16(fks + b * kChunk + 4 * c, p.qk_rowf + (slot * kRowFactorRows + kRowFk) * kChunk + 4 * c);
     };
 
     float S[1][NT][4];

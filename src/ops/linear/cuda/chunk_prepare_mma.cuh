@@ -372,9 +372,9 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         // the scan's row factors when it reads q and k raw (eq = ek = 1 without decay)
         if (p.qk_rowf && tid < kChunk) {
             float* rf = p.qk_rowf + slot * kRowFactorRows * kChunk;
-            rf[tid] = rq[tid] * eq[tid];
-            rf[kChunk + tid] = tid < len ? rk[tid] * ek[tid] : 0.f;
-            if (p.Tw) rf[2 * kChunk + tid] = tid < len ? rk[tid] * eq[tid] : 0.f;  // φ: the scan's K⊙γ
+            rf[kRowFq * kChunk + tid] = rq[tid] * eq[tid];
+            rf[kRowFk * kChunk + tid] = tid < len ? rk[tid] * ek[tid] : 0.f;
+            if (p.Tw) rf[kRowPhi * kChunk + tid] = tid < len ? rk[tid] * eq[tid] : 0.f;  // φ: the scan's K⊙γ
         }
     }
 

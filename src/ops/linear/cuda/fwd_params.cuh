@@ -25,8 +25,10 @@ struct SeqInfo {
 };
 
 // One POD for both kernels: pointers, strides (elements) of [B, T, heads, D] views, options.
-// Rows of qk_rowf per (chunk, value head): fq, fk and (with Tw) φ.
+// Rows of qk_rowf per (chunk, value head): fq, fk and (with Tw) φ, at these row indices; prepare
+// writes them and the scans and the state pass read them.
 constexpr int kRowFactorRows = 3;
+constexpr int kRowFq = 0, kRowFk = 1, kRowPhi = 2;
 
 struct FwdParams : CellOptions {
     const void *q, *k, *v, *g, *beta, *A_log, *dt_bias, *h0;
