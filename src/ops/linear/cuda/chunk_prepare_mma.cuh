@@ -115,10 +115,15 @@ __device__ __forceinline__ void stage_rows_bf16(__nv_bfloat16* dst, int ld, cons
                                                 int rows, int valid) {
     constexpr int PR = COLS / 8;
     if ((reinterpret_cast<uintptr_t>(src) % 16 == 0) && (row_stride % 8 == 0)) {
-        for (int idx = threadIdx.x; idx < rows * PR; idx += THREADS) {
-            const int r = idx / PR, c = idx % PR;
+        // each thread keeps one 16-byte column of every (THREADS / PR)-th row: one address step a copy
+        // (session 15; with a flat index, its division, remainder and whole address per copy, this
+        // loop was ~6% of KDA prepare's instructions)
+        static_assert(THREADS % PR == 0, "stage_rows_bf16: a thread keeps one column");
+        const int c = threadIdx.x % PR;
+        const __nv_bfloat16* s = src + c * 8;
+        for (int r = threadIdx.x / PR; r < rows; r += THREADS / PR) {
             const bool in = r < valid;
-            cp_async16_zfill(dst + r * ld + c * 8, src + (in ? r : 0) * row_stride + c * 8, in);
+            cp_async16_zfill(dst + r * ld + c * 8, s + (in ? r : 0) * row_stride, in);
         }
     } else {
         for (int idx = threadIdx.x; idx < rows * COLS; idx += THREADS) {
@@ -171,6 +176,62 @@ __device__ __forceinline__ void stage_gate_rows(float* dst, int ld, const void* 
         }
     }
     load_rows_any<kChunk, COLS, THREADS>(dst, ld, src, dtype, offset, row_stride, valid);
+}
+
+// One channel's in-chunk sums of vector decay (the numerics at the top): Δ_i = b_i − R_I into column c
+// of Fs (each block's first row 0), R_0 into St[c] and the block sums S_I into St[(I + 1)·K + c], γ_C =
+// e^{b_C} into *gC. gate(i) is token i's log decay (0 past the sequence's end). Returns the chunk's
+// bits for `wide`. Δ_i is the sum of the block's gates after its first, so the four blocks are four
+// independent sums (four chains in flight instead of one of 64); R_0 is the first gate and S_I =
+// R_{I+1} − R_I the block's sum after its first plus the next block's first. Compensated fp32 sums
+// (compensated_add): Δ_i − Δ_j as exact as with fp64 sums, whose conversions each way on every element
+// took ~20% of KDA prepare's stall samples (ncu, B=4 T=4096, session 12). kUnroll (gate() a plain
+// load): five rows at a time, twenty loads in flight at once (rolled, each row's loads waited out
+// their latency in turn, with a branch on the activation per element: with this and the two
+// changes below marked session 15, KDA prepare 291 → 259 µs). Rolled otherwise: fully unrolled, the
+// 64 inlined copies of the gate activation grew the KDA kernel (K = 128) from 260 to 387 KiB of
+// machine code, and KDA B=4 T=4096 ran 1.08 ms (0.74 ms rolled, H100, session 5).
+template <bool kUnroll, class Gate>
+__device__ __forceinline__ int channel_decay_sums(const Gate& gate, float* Fs, int ldf, float* St, int K, int c,
+                                                  float* gC) {
+    float first[4], sum[4] = {0.f, 0.f, 0.f, 0.f}, lo[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int I = 0; I < 4; ++I) {
+        first[I] = gate(16 * I);
+        Fs[16 * I * ldf + c] = 0.f;
+    }
+    auto row = [&](int ii) {
+        float x[4];
+#pragma unroll
+        for (int I = 0; I < 4; ++I) x[I] = gate(16 * I + ii);
+#pragma unroll
+        for (int I = 0; I < 4; ++I) {
+            compensated_add(sum[I], lo[I], x[I]);
+            Fs[(16 * I + ii) * ldf + c] = sum[I] + lo[I];
+        }
+    };
+    if constexpr (kUnroll) {
+#pragma unroll 5
+        for (int ii = 1; ii < 16; ++ii) row(ii);
+    } else {
+#pragma unroll 1
+        for (int ii = 1; ii < 16; ++ii) row(ii);
+    }
+    int flags = 0;
+    float S[4], tot = 0.f;
+#pragma unroll
+    for (int I = 0; I < 4; ++I) {
+        sum[I] += lo[I];
+        S[I] = sum[I] + (I < 3 ? first[I + 1] : 0.f);
+        tot += S[I];
+        if (sum[I] < -kSafeSpan) flags |= 1 << I;
+    }
+    if (tot < -kFastSpan) flags |= kSlowChunk;
+    St[c] = first[0];
+#pragma unroll
+    for (int I = 0; I < 4; ++I) St[(I + 1) * K + c] = S[I];
+    *gC = __expf(first[0] + tot);
+    return flags;
 }
 
 // One (chunk, value head) of chunk_prepare_mma_kernel (below).
@@ -250,7 +311,10 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         if (tid >= kChunk) betas[tid - kChunk] = tid - kChunk < len ? beta_value(p.beta_act, in[0]) : 0.f;
     }
     if constexpr (kVec) {
-        // raw gate rows as fp32 into Δ's rows; the activation and the sums follow once they are in
+        // raw gate rows as fp32 into Δ's rows, one round trip of 16-byte loads (read by each channel's
+        // thread straight from memory instead, 64 two-byte loads of which twenty were in flight at a
+        // time, KDA prepare took 334 µs instead of 290; session 15); the activation and the sums
+        // follow once they are in
         const int64_t goff = ci.batch * p.gs[0] + int64_t(ci.start) * p.gs[1] + hv * p.gs[2];
         stage_gate_rows<K, kPrepMmaThreads>(Fs, LDF, p.g, p.g_dtype, goff, p.gs[1], len);
     } else if (warp == 0) {
@@ -283,61 +347,22 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     __syncthreads();
 
     // ---- vector decay: per channel (one thread each) the activation and the in-chunk sums ----
-    // Δ_i = b_i − R_I is the sum of the block's gates after its first, so the four blocks are four
-    // independent sums (four chains in flight instead of one of 64); R_0 is the first gate and
-    // S_I = R_{I+1} − R_I the block's sum after its first plus the next block's first.
     if constexpr (kVec) {
         if (tid < K) {
             const int c = tid;
-            float dtb = 0.f, alog = 0.f;
-            const bool act = p.gate_act != GateActivation::None;
-            if (act) {
-                dtb = static_cast<const float*>(p.dt_bias)[hv * K + c];
-                alog = static_cast<const float*>(p.A_log)[hv];
+            int flags;
+            float* gC = p.gC + slot * K + c;
+            if (p.gate_act == GateActivation::None) {
+                // rows ≥ len are 0: the copy zero-filled them
+                flags = channel_decay_sums<true>([&](int i) { return Fs[i * LDF + c]; }, Fs, LDF, St, K, c, gC);
+            } else {
+                const float dtb = static_cast<const float*>(p.dt_bias)[hv * K + c];
+                const float alog = static_cast<const float*>(p.A_log)[hv];
+                auto gate = [&](int i) -> float {
+                    return i < len ? gate_log_decay(p.gate_act, p.lower_bound, Fs[i * LDF + c] + dtb, alog) : 0.f;
+                };
+                flags = channel_decay_sums<false>(gate, Fs, LDF, St, K, c, gC);
             }
-            // the log decay of token i (rows ≥ len: 0; the copy zero-filled them, which is 0 without an activation)
-            auto gate = [&](int i) -> float {
-                const float x = Fs[i * LDF + c];
-                if (!act) return x;
-                return i < len ? gate_log_decay(p.gate_act, p.lower_bound, x + dtb, alog) : 0.f;
-            };
-            // Compensated fp32 sums (compensated_add): Δ_i − Δ_j as exact as with fp64 sums, whose
-            // conversions each way on every element took ~20% of KDA prepare's stall samples (ncu, B=4
-            // T=4096, session 12).
-            float first[4], sum[4] = {0.f, 0.f, 0.f, 0.f}, lo[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-            for (int I = 0; I < 4; ++I) {
-                first[I] = gate(16 * I);
-                Fs[16 * I * LDF + c] = 0.f;
-            }
-            // Not unrolled: fully unrolled, the 64 inlined copies of the gate activation grew the KDA
-            // kernel (K = 128) from 260 to 387 KiB of machine code, and KDA B=4 T=4096 ran 1.08 ms
-            // (0.74 ms rolled, H100, session 5).
-#pragma unroll 1
-            for (int ii = 1; ii < 16; ++ii) {
-                float x[4];
-#pragma unroll
-                for (int I = 0; I < 4; ++I) x[I] = gate(16 * I + ii);
-#pragma unroll
-                for (int I = 0; I < 4; ++I) {
-                    compensated_add(sum[I], lo[I], x[I]);
-                    Fs[(16 * I + ii) * LDF + c] = sum[I] + lo[I];
-                }
-            }
-            int flags = 0;
-            float S[4], tot = 0.f;
-#pragma unroll
-            for (int I = 0; I < 4; ++I) {
-                sum[I] += lo[I];
-                S[I] = sum[I] + (I < 3 ? first[I + 1] : 0.f);
-                tot += S[I];
-                if (sum[I] < -kSafeSpan) flags |= 1 << I;
-            }
-            if (tot < -kFastSpan) flags |= kSlowChunk;
-            St[c] = first[0];
-#pragma unroll
-            for (int I = 0; I < 4; ++I) St[(I + 1) * K + c] = S[I];
-            p.gC[slot * K + c] = __expf(first[0] + tot);
             if (flags) atomicOr(wide, flags);
         }
     }
@@ -447,8 +472,8 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             }
             if constexpr (kDelta) {
                 store_vec<E>(kas + i * (2 * LDF) + c0, ka);
-                store_vec<E>(kgs + i * LDG + c0, kg);
-                if (Kg) store_vec<E>(Kg + i * K + c0, kg);
+                if (Kg) store_vec<E>(Kg + i * K + c0, kg);  // for the scan's W; else W's product below reads it here
+                else store_vec<E>(kgs + i * LDG + c0, kg);
             }
         }
         __syncthreads();  // kb of every row
@@ -548,21 +573,46 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     // and those two roundings were a large share of the bf16 forward's error: KDA's bf16 test o ran
     // at 0.93-1.00x its bound with the factored scores and 1.00-1.06x with the single-reference ones;
     // 0.80-0.89x with this (GLA 0.87-0.92x -> 0.69-0.73x)
+    // The lane's two rows (g, g + 8 of the warp's block) and each column pair's factors are read once
+    // (session 15; read per element, with the Dm test per element, this loop was ~7% of KDA prepare's
+    // instructions); the products keep their order.
+    {
+        float rq_i[2], rk_i[2], beta_i[2];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int i = r0 + g + 8 * (e >> 1), j = 8 * nt + 2 * t + (e & 1);
-            if constexpr (kVec)
-                if ((nt >> 1) == warp && j == i) accP[0][nt][e] = qkd[i];
-            float dec = 1.f;
-            if constexpr (D == Decay::Scalar || D == Decay::Fixed) dec = j <= i ? __expf(float(bsm[i] - bsm[j])) : 0.f;
-            const float rkj = rk[j];
-            accP[0][nt][e] = j <= i ? accP[0][nt][e] * rq[i] * rkj * dec : 0.f;
-            if constexpr (kVec && kDelta)
-                if (p.Dm) p.Dm[slot * kChunk * kChunk + i * kChunk + j] = j < i ? accA[0][nt][e] * rk[i] * rkj : 0.f;
-            if constexpr (kDelta) accA[0][nt][e] = j < i ? accA[0][nt][e] * betas[i] * rk[i] * rkj * dec : 0.f;
+        for (int h = 0; h < 2; ++h) {
+            const int i = r0 + g + 8 * h;
+            rq_i[h] = rq[i];
+            rk_i[h] = rk[i];
+            beta_i[h] = kDelta ? betas[i] : 0.f;
         }
+        if constexpr (kVec && kDelta) {
+            if (p.Dm) {  // the backward's decayed key products, before β and the causal mask's zeros
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = r0 + g + 8 * (e >> 1), j = 8 * nt + 2 * t + (e & 1);
+                        p.Dm[slot * kChunk * kChunk + i * kChunk + j] = j < i ? accA[0][nt][e] * rk_i[e >> 1] * rk[j] : 0.f;
+                    }
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            static_assert(L::r_off % 16 == 0, "prepare: the row factors' pairs are 8-byte loads");
+            const float2 rk_j = *reinterpret_cast<const float2*>(rk + 8 * nt + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int h = e >> 1, i = r0 + g + 8 * h, j = 8 * nt + 2 * t + (e & 1);
+                if constexpr (kVec)
+                    if ((nt >> 1) == warp && j == i) accP[0][nt][e] = qkd[i];
+                float dec = 1.f;
+                if constexpr (D == Decay::Scalar || D == Decay::Fixed) dec = j <= i ? __expf(float(bsm[i] - bsm[j])) : 0.f;
+                const float rkj = (e & 1) ? rk_j.y : rk_j.x;
+                accP[0][nt][e] = j <= i ? accP[0][nt][e] * rq_i[h] * rkj * dec : 0.f;
+                if constexpr (kDelta) accA[0][nt][e] = j < i ? accA[0][nt][e] * beta_i[h] * rk_i[h] * rkj * dec : 0.f;
+            }
+        }
+    }
     store_acc<E>(accP, static_cast<E*>(p.P) + slot * kChunk * kChunk + r0 * kChunk, kChunk);
     // other decays: every lane's reads of q rows r0.. are done before K⊙γ overwrites them; vector
     // decay (delta rule): every warp's reads of Δ are, before K⊙γ takes half of each Δ row
@@ -625,8 +675,8 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             }
             if constexpr (kDelta) {
                 if constexpr (kVec) __syncwarp();  // the row's Δ is read by all its lanes before K⊙γ takes half its bytes
-                store_vec<E>(kgs + i * LDG + c0, kg);
-                if (Kg) store_vec<E>(Kg + i * K + c0, kg);
+                if (Kg) store_vec<E>(Kg + i * K + c0, kg);  // for the scan's W; else W's product below reads it here
+                else store_vec<E>(kgs + i * LDG + c0, kg);
             }
         }
     }
