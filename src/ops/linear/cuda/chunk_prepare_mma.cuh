@@ -258,7 +258,12 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     // one sign (g ≤ 0), so it stays accurate however large the sums: R_I − R_J = S_J + … + S_{I−1},
     // b_C − R_I = S_I + … + S_3, R_I = R_0 + S_0 + … + S_{I−1}.
     float* St = reinterpret_cast<float*>(sm + L::t_off);
-    double* bsm = reinterpret_cast<double*>(sm + L::t_off);  // scalar decays: b_i
+    // scalar decays: b_i as an fp32 pair hi + lo (hi: b_i rounded to fp32; lo: what that dropped,
+    // rounded). (hi_i − hi_j) + (lo_i − lo_j) is b_i − b_j to about an ulp of the difference itself,
+    // however deep both are (the design's "decay without cancellation"), as the fp64 difference rounded
+    // to fp32 was, without fp64 arithmetic and a conversion per score (session 15: with those, the
+    // scores' decay was ~17% of GDN prepare's stall samples, branches around each exp included)
+    float2* bhl = reinterpret_cast<float2*>(sm + L::t_off);
     float* betas = reinterpret_cast<float*>(sm + L::r_off);
     float* rq = betas + kChunk;  // s / ‖q_i‖ (or s)
     float* rk = rq + kChunk;     // 1 / ‖k_i‖ (or 1)
@@ -335,8 +340,9 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             }
         }
         const auto [b0, b1, bC] = warp_chunk_log_decay(a[0], a[1], lane);
-        bsm[2 * lane] = b0;
-        bsm[2 * lane + 1] = b1;
+        const float h0 = float(b0), h1 = float(b1);
+        bhl[2 * lane] = make_float2(h0, float(b0 - double(h0)));
+        bhl[2 * lane + 1] = make_float2(h1, float(b1 - double(h1)));
         eq[2 * lane] = __expf(float(b0));
         eq[2 * lane + 1] = __expf(float(b1));
         ek[2 * lane] = __expf(float(bC - b0));
@@ -577,13 +583,16 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     // (session 15; read per element, with the Dm test per element, this loop was ~7% of KDA prepare's
     // instructions); the products keep their order.
     {
+        constexpr bool kScalarDecay = D == Decay::Scalar || D == Decay::Fixed;
         float rq_i[2], rk_i[2], beta_i[2];
+        float2 b_i[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int i = r0 + g + 8 * h;
             rq_i[h] = rq[i];
             rk_i[h] = rk[i];
             beta_i[h] = kDelta ? betas[i] : 0.f;
+            b_i[h] = kScalarDecay ? bhl[i] : make_float2(0.f, 0.f);
         }
         if constexpr (kVec && kDelta) {
             if (p.Dm) {  // the backward's decayed key products, before β and the causal mask's zeros
@@ -600,13 +609,17 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         for (int nt = 0; nt < 8; ++nt) {
             static_assert(L::r_off % 16 == 0, "prepare: the row factors' pairs are 8-byte loads");
             const float2 rk_j = *reinterpret_cast<const float2*>(rk + 8 * nt + 2 * t);
+            static_assert(L::t_off % 16 == 0, "prepare: a column pair's b is one 16-byte load");
+            const float4 b_j = kScalarDecay ? *reinterpret_cast<const float4*>(bhl + 8 * nt + 2 * t) : float4{};
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int h = e >> 1, i = r0 + g + 8 * h, j = 8 * nt + 2 * t + (e & 1);
                 if constexpr (kVec)
                     if ((nt >> 1) == warp && j == i) accP[0][nt][e] = qkd[i];
+                // e^{b_i − b_j}, for every pair: where j > i it may overflow, and the selects below drop it
                 float dec = 1.f;
-                if constexpr (D == Decay::Scalar || D == Decay::Fixed) dec = j <= i ? __expf(float(bsm[i] - bsm[j])) : 0.f;
+                if constexpr (kScalarDecay)
+                    dec = __expf((e & 1) ? (b_i[h].x - b_j.z) + (b_i[h].y - b_j.w) : (b_i[h].x - b_j.x) + (b_i[h].y - b_j.y));
                 const float rkj = (e & 1) ? rk_j.y : rk_j.x;
                 accP[0][nt][e] = j <= i ? accP[0][nt][e] * rq_i[h] * rkj * dec : 0.f;
                 if constexpr (kDelta) accA[0][nt][e] = j < i ? accA[0][nt][e] * beta_i[h] * rk_i[h] * rkj * dec : 0.f;
