@@ -736,23 +736,47 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             for (int i = 0; i < 16; ++i) Ls[(o + i) * LDL + o + c] = col[i];
         }
         __syncthreads();
-        // ---- column block J = warp: L_IJ = −L_II · (A_I,[J,I) · L_[J,I),J) for I = J+1..3 (tf32) ----
+        // ---- the blocks below the diagonal (tf32), as the 2×2 block inverse of the 32-row halves:
+        // L_10 = −L_11 A_10 L_00 and L_32 = −L_33 A_32 L_22 (one 8-column half a warp), then
+        // [L_20 L_21; L_30 L_31] = −L_b (A_ba L_a) with L_a, L_b the halves' inverses and A_ba A's
+        // lower-left quarter (one block a warp for each product). Two steps deep instead of the three
+        // of a column block per warp (warp 0 did L_10, L_20, L_30 in turn while warp 3 waited; that
+        // barrier was ~6-7% of prepare's stall samples). Products' partial results X go to the unused
+        // upper blocks of L: X_IJ in block (J, I). ----
         {
-            const int J = warp;
-            float* X = Ls + 16 * J * LDL;  // scratch: the unused upper block (J, I) of L
-            for (int I = J + 1; I < 4; ++I) {
-                float x[1][2][4];
-                zero_acc(x);
-                warp_gemm<float, 1, 2>(x, Tile<float>{As + 16 * I * LDA + 16 * J, LDA, 1},
-                                       Tile<float>{Ls + 16 * J * LDL + 16 * J, LDL, 1}, 16 * (I - J));
-                for_each_acc(x, [&](int r, int c, float& v) { X[r * LDL + 16 * I + c] = v; });
-                __syncwarp();
-                float y[1][2][4];
-                zero_acc(y);
-                warp_gemm<float, 1, 2>(y, Tile<float>{Ls + 16 * I * LDL + 16 * I, LDL, 1}, Tile<float>{X + 16 * I, LDL, 1}, 16);
-                for_each_acc(y, [&](int r, int c, float& v) { Ls[(16 * I + r) * LDL + 16 * J + c] = -v; });
-                __syncwarp();
-            }
+            // (I, J) = (1, 0) or (3, 2), columns 16J + 8h .. + 8
+            const int I = warp < 2 ? 1 : 3, J = I - 1, h = warp & 1;
+            float* X = Ls + 16 * J * LDL + 16 * I + 8 * h;
+            float x[1][1][4];
+            zero_acc(x);
+            warp_gemm<float, 1, 1>(x, Tile<float>{As + 16 * I * LDA + 16 * J, LDA, 1},
+                                   Tile<float>{Ls + 16 * J * LDL + 16 * J + 8 * h, LDL, 1}, 16);
+            for_each_acc(x, [&](int r, int c, float& v) { X[r * LDL + c] = v; });
+            __syncwarp();
+            float y[1][1][4];
+            zero_acc(y);
+            warp_gemm<float, 1, 1>(y, Tile<float>{Ls + 16 * I * LDL + 16 * I, LDL, 1}, Tile<float>{X, LDL, 1}, 16);
+            for_each_acc(y, [&](int r, int c, float& v) { Ls[(16 * I + r) * LDL + 16 * J + 8 * h + c] = -v; });
+        }
+        __syncthreads();  // L_10 and L_32
+        const int Ib = 2 + (warp >> 1), Jb = warp & 1;  // this warp's block of the lower-left quarter
+        {
+            // X_IJ = A_I,[J,2) L_[J,2),J
+            float x[1][2][4];
+            zero_acc(x);
+            warp_gemm<float, 1, 2>(x, Tile<float>{As + 16 * Ib * LDA + 16 * Jb, LDA, 1},
+                                   Tile<float>{Ls + 16 * Jb * LDL + 16 * Jb, LDL, 1}, 32 - 16 * Jb);
+            for_each_acc(x, [&](int r, int c, float& v) { Ls[(16 * Jb + r) * LDL + 16 * Ib + c] = v; });
+        }
+        __syncthreads();  // every X
+        {
+            // L_IJ = −Σ_{K = 2..I} L_IK X_KJ
+            float y[1][2][4];
+            zero_acc(y);
+            for (int K = 2; K <= Ib; ++K)
+                warp_gemm<float, 1, 2>(y, Tile<float>{Ls + 16 * Ib * LDL + 16 * K, LDL, 1},
+                                       Tile<float>{Ls + 16 * Jb * LDL + 16 * K, LDL, 1}, 16);
+            for_each_acc(y, [&](int r, int c, float& v) { Ls[(16 * Ib + r) * LDL + 16 * Jb + c] = -v; });
         }
         cp_async_wait_all();
         __syncthreads();  // L and v complete
