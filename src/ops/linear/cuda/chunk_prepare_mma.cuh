@@ -10,7 +10,7 @@
 //   instead, as rounded for the products here, and the scan forms U from it; with raw operands too,
 //   W as well, and with vector decay W from the K⊙γ written instead (FwdParams::Kg).
 // - 4 warps, warp w owns the rows [16w, 16w + 16) of the chunk: its row block of P, A, W and U, its
-//   share of Qg and Kd, and (inverse) column block w of L. Most phases need no block barrier at all.
+//   share of Qg and Kd, and (inverse) diagonal block w of L. Most phases need no block barrier at all.
 // - q and k stay in shared memory as the raw bf16 inputs (cp.async); the L2 norms, the scale and β
 //   are applied to the fp32 products instead of the operands: one rounding fewer than normalising in
 //   place, and a quarter of the shared memory of the fp32 kernel. v (delta rule) is fetched into k's
@@ -20,8 +20,9 @@
 //   operands come straight from shared memory (ldmatrix) and exp(b_i − b_j) multiplies the fp32 result.
 //   With vector decay the decay sits inside the dot product, so each operand fragment is formed in
 //   registers: raw element × exp(exponent) in fp32, rounded once to bf16.
-// - The inverse: 16×16 diagonal blocks by forward substitution (one lane per column), then each warp
-//   finishes its column block of L with tf32 mma: L_IJ = −L_II · A_I,[J,I) · L_[J,I),J.
+// - The inverse: 16×16 diagonal blocks by forward substitution (one lane per column), then the blocks
+//   below the diagonal with tf32 mma as the 2×2 block inverse of the 32-row halves, every warp busy
+//   in both of its steps (L_IJ = −L_II · A_I,[J,I) · L_[J,I),J, grouped; see the inverse below).
 //
 // Vector-decay numerics (the factoring that keeps g = −1000 safe). b_i is the in-chunk cumulative
 // log decay, kept per row block I (reference row r_I = 16I) as Δ_i = b_i − b_{r_I} in fp32. The block
