@@ -188,8 +188,8 @@ __device__ __forceinline__ void stage_gate_rows(float* dst, int ld, const void* 
 // (compensated_add): Δ_i − Δ_j as exact as with fp64 sums, whose conversions each way on every element
 // took ~20% of KDA prepare's stall samples (ncu, B=4 T=4096, session 12). kUnroll (gate() a plain
 // load): five rows at a time, twenty loads in flight at once (rolled, each row's loads waited out
-// their latency in turn, with a branch on the activation per element: with this and the two
-// changes below marked session 15, KDA prepare 291 → 259 µs). Rolled otherwise: fully unrolled, the
+// their latency in turn, with a branch on the activation per element: with this and the other
+// changes marked session 15 in this file but the inverse's, KDA prepare 291 → 259 µs). Rolled otherwise: fully unrolled, the
 // 64 inlined copies of the gate activation grew the KDA kernel (K = 128) from 260 to 387 KiB of
 // machine code, and KDA B=4 T=4096 ran 1.08 ms (0.74 ms rolled, H100, session 5).
 template <bool kUnroll, class Gate>
@@ -771,12 +771,12 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         }
         __syncthreads();  // every X
         {
-            // L_IJ = −Σ_{K = 2..I} L_IK X_KJ
+            // L_IJ = −Σ_{M = 2..I} L_IM X_MJ
             float y[1][2][4];
             zero_acc(y);
-            for (int K = 2; K <= Ib; ++K)
-                warp_gemm<float, 1, 2>(y, Tile<float>{Ls + 16 * Ib * LDL + 16 * K, LDL, 1},
-                                       Tile<float>{Ls + 16 * Jb * LDL + 16 * K, LDL, 1}, 16);
+            for (int M = 2; M <= Ib; ++M)
+                warp_gemm<float, 1, 2>(y, Tile<float>{Ls + 16 * Ib * LDL + 16 * M, LDL, 1},
+                                       Tile<float>{Ls + 16 * Jb * LDL + 16 * M, LDL, 1}, 16);
             for_each_acc(y, [&](int r, int c, float& v) { Ls[(16 * Ib + r) * LDL + 16 * Jb + c] = -v; });
         }
         cp_async_wait_all();
