@@ -42,7 +42,8 @@
 // kb = k e^{m − b_j} all lie within e^{±kFastSpan/2} of the raw values (no overflow, no underflow)
 // and each is rounded once to bf16. They are formed once per element in the same pass as Qg, Kd and
 // K⊙γ (instead of once per warp and column block inside the products), written to shared memory, and
-// the scores become plain ldmatrix + mma products as for the scalar decays: P = qa kbᵀ, A = ka kbᵀ.
+// the scores become plain ldmatrix + mma products as for the scalar decays: P = qa kbᵀ, A = ka kbᵀ,
+// the ten 16×16 blocks on and below the diagonal dealt 3/3/2/2 over the warps (not by row block).
 // Products j ≤ i are e^{b_i − b_j} ≤ 1 times q·k as before; the masked ones (j > i) may be large or
 // even overflow in fp32 and are discarded by a select.
 #pragma once
@@ -415,6 +416,21 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     zero_acc(accP);
     zero_acc(accA);
     bool fast = false;  // vector decay: the single-reference path (block-uniform)
+    // the single-reference path's blocks (its products below): block b of this warp is (I, J) =
+    // fast_block(b), b < fast_blocks(); blkP[b], blkA[b] its accumulators. Functions of warp, evaluated
+    // where used: as values kept from here to A's store they made the concurrent KDA kernel spill.
+    auto fast_block = [&](int b) {
+        const bool quarter = warp < 2;
+        const int I = quarter ? 2 * warp : warp, J = quarter ? 2 * warp : 0;
+        return b == 0 ? make_int2(I, J) : (b == 2 ? make_int2(I + 1, J + 1) : (quarter ? make_int2(I + 1, J) : make_int2(I, J + 1)));
+    };
+    auto fast_blocks = [&] { return warp < 2 ? 3 : 2; };
+    float blkP[3][1][2][4], blkA[3][1][2][4];
+#pragma unroll
+    for (int b = 0; b < 3; ++b) {
+        zero_acc(blkP[b]);
+        zero_acc(blkA[b]);
+    }
     if constexpr (!kVec) {
         const Tile<E> Bk{ks, 1, LDH};  // B(channel, token j) = k_j
         warp_gemm<E, 1, 8>(accP, Tile<E>{qs + r0 * LDH, LDH, 1}, Bk, K);
@@ -432,8 +448,10 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         E* Kd = p.Kd ? static_cast<E*>(p.Kd) + slot * kChunk * K : nullptr;
         E* Kg = p.Kg ? static_cast<E*>(p.Kg) + slot * kChunk * K : nullptr;  // the scan forms W from it
         E* kas = reinterpret_cast<E*>(Fs);  // ka [64][2·LDF]
-        // per channel, in log2 units: ca = R_I − m, cr = R_I, ce = b_C − R_I (m = b_0 + (b_C − b_0)/2)
-        float ca[8], cr[8], ce[8];
+        // per channel: ca = R_I − m, cr = R_I in log2 units (m = b_0 + (b_C − b_0)/2), and ec = e^{b_C − m}
+        // ∈ [e^{−kFastSpan/2}, 1], so that e^{b_C − b_i} = e^{m − b_i} · ec needs no exponential of its
+        // own (it was one of four an element)
+        float ca[8], cr[8], ec[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
             float pre = 0.f, post = 0.f;
@@ -445,7 +463,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             }
             ca[e] = (pre - 0.5f * (pre + post)) * kLog2e;
             cr[e] = (St[c0 + e] + pre) * kLog2e;
-            ce[e] = post * kLog2e;
+            ec[e] = exp2_approx(0.5f * (pre + post) * kLog2e);
         }
         for (int it = 0; it < 16 / RPI; ++it) {
             const int i = r0 + it * RPI + lane / LPR;
@@ -462,7 +480,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             for (int e = 0; e < 8; ++e) {
                 const float dl = d[e] * kLog2e, xa = ca[e] + dl;
                 const float ea = exp2_approx(xa), eab = exp2_approx(-xa);  // e^{b_i − m}, e^{m − b_i}
-                const float fq = exp2_approx(cr[e] + dl), fk = exp2_approx(ce[e] - dl);  // e^{b_i}, e^{b_C − b_i}
+                const float fq = exp2_approx(cr[e] + dl), fk = eab * ec[e];  // e^{b_i}, e^{b_C − b_i}
                 const float qe = unpack_elem<E>(qw, e), kr = unpack_elem<E>(kw, e), ke = kr * rki;
                 qa[e] = qe * ea;
                 ka[e] = kr * ea;
@@ -484,25 +502,40 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             }
         }
         __syncthreads();  // kb of every row
-        // ---- P = qa kbᵀ, A = ka kbᵀ: column blocks J ≤ warp (the rest is masked) ----
+        // ---- P = qa kbᵀ, A = ka kbᵀ: the ten 16×16 blocks on and below the diagonal, 3/3/2/2 a warp
+        // (as warp w's row block, warp w computed w + 1 of them and three warps waited for warp 3).
+        // Warps 0 and 1: their diagonal quarter's three, (2w, 2w), (2w + 1, 2w), (2w + 1, 2w + 1);
+        // warps 2 and 3: their row block of the lower-left quarter, (w, 0) and (w, 1). ----
         const int mi = lane >> 3, r8 = lane & 7;
+        const bool quarter = warp < 2;
+        const int fast_I = fast_block(0).x, fast_J = fast_block(0).y;
 #pragma unroll 2
         for (int k0 = 0; k0 < K; k0 += 16) {
-            uint32_t aq[4], ak[4];
-            ldmatrix_x4(aq, qs + (r0 + (mi & 1) * 8 + r8) * LDH + k0 + (mi >> 1) * 8);
-            if constexpr (kDelta) ldmatrix_x4(ak, kas + (r0 + (mi & 1) * 8 + r8) * (2 * LDF) + k0 + (mi >> 1) * 8);
+            uint32_t aq[2][4], ak[2][4], x[2][4];
 #pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                if (np > warp) continue;  // warp-uniform
-                uint32_t x[4];
-                ldmatrix_x4(x, ks + (16 * np + (mi >> 1) * 8 + r8) * LDH + k0 + (mi & 1) * 8);
-                const uint32_t b0[2] = {x[0], x[1]}, b1[2] = {x[2], x[3]};
-                mma16(accP[0][2 * np], aq, b0, E());
-                mma16(accP[0][2 * np + 1], aq, b1, E());
-                if constexpr (kDelta) {
-                    mma16(accA[0][2 * np], ak, b0, E());
-                    mma16(accA[0][2 * np + 1], ak, b1, E());
+            for (int s = 0; s < 2; ++s) {
+                const int row = 16 * (fast_I + s) + (mi & 1) * 8 + r8;
+                if (s == 0 || quarter) {
+                    ldmatrix_x4(aq[s], qs + row * LDH + k0 + (mi >> 1) * 8);
+                    if constexpr (kDelta) ldmatrix_x4(ak[s], kas + row * (2 * LDF) + k0 + (mi >> 1) * 8);
                 }
+                ldmatrix_x4(x[s], ks + (16 * (fast_J + s) + (mi >> 1) * 8 + r8) * LDH + k0 + (mi & 1) * 8);
+            }
+            auto block = [&](int b, int s, int u) {  // block b from row block fast_I + s, column block fast_J + u
+                const uint32_t b0[2] = {x[u][0], x[u][1]}, b1[2] = {x[u][2], x[u][3]};
+                mma16(blkP[b][0][0], aq[s], b0, E());
+                mma16(blkP[b][0][1], aq[s], b1, E());
+                if constexpr (kDelta) {
+                    mma16(blkA[b][0][0], ak[s], b0, E());
+                    mma16(blkA[b][0][1], ak[s], b1, E());
+                }
+            };
+            block(0, 0, 0);
+            if (quarter) {
+                block(1, 1, 0);
+                block(2, 1, 1);
+            } else {
+                block(1, 0, 1);
             }
         }
     } else if constexpr (kVec) {
@@ -580,54 +613,82 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     // and those two roundings were a large share of the bf16 forward's error: KDA's bf16 test o ran
     // at 0.93-1.00x its bound with the factored scores and 1.00-1.06x with the single-reference ones;
     // 0.80-0.89x with this (GLA 0.87-0.92x -> 0.69-0.73x)
-    // The lane's two rows (g, g + 8 of the warp's block) and each column pair's factors are read once
+    // The lane's two rows (g, g + 8 of a row block) and each column pair's factors are read once
     // (session 15; read per element, with the Dm test per element, this loop was ~7% of KDA prepare's
     // instructions); the products keep their order.
     {
         constexpr bool kScalarDecay = D == Decay::Scalar || D == Decay::Fixed;
-        float rq_i[2], rk_i[2], beta_i[2];
-        float2 b_i[2];
+        struct RowFactors {
+            float rq[2], rk[2], beta[2];
+            float2 b[2];
+        };
+        auto row_factors = [&](int I) {  // the lane's two rows of row block I
+            RowFactors f;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int i = r0 + g + 8 * h;
-            rq_i[h] = rq[i];
-            rk_i[h] = rk[i];
-            beta_i[h] = kDelta ? betas[i] : 0.f;
-            b_i[h] = kScalarDecay ? bhl[i] : make_float2(0.f, 0.f);
-        }
-        if constexpr (kVec && kDelta) {
-            if (p.Dm) {  // the backward's decayed key products, before β and the causal mask's zeros
-#pragma unroll
-                for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int i = r0 + g + 8 * (e >> 1), j = 8 * nt + 2 * t + (e & 1);
-                        p.Dm[slot * kChunk * kChunk + i * kChunk + j] = j < i ? accA[0][nt][e] * rk_i[e >> 1] * rk[j] : 0.f;
-                    }
+            for (int h = 0; h < 2; ++h) {
+                const int i = 16 * I + g + 8 * h;
+                f.rq[h] = rq[i];
+                f.rk[h] = rk[i];
+                f.beta[h] = kDelta ? betas[i] : 0.f;
+                f.b[h] = kScalarDecay ? bhl[i] : make_float2(0.f, 0.f);
             }
-        }
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
+            return f;
+        };
+        E* Pg = static_cast<E*>(p.P) + slot * kChunk * kChunk;
+        // the backward's decayed key products, before β and the causal mask's zeros
+        float* Dg = kVec && kDelta && p.Dm ? p.Dm + slot * kChunk * kChunk : nullptr;
+        // the n8 tile nt (columns 8nt ..) of row block I, from its P and A products tp, ta
+        auto finish_tile = [&](float (&tp)[4], float (&ta)[4], int I, int nt, const RowFactors& f) {
             static_assert(L::r_off % 16 == 0, "prepare: the row factors' pairs are 8-byte loads");
             const float2 rk_j = *reinterpret_cast<const float2*>(rk + 8 * nt + 2 * t);
             static_assert(L::t_off % 16 == 0, "prepare: a column pair's b is one 16-byte load");
             const float4 b_j = kScalarDecay ? *reinterpret_cast<const float4*>(bhl + 8 * nt + 2 * t) : float4{};
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int h = e >> 1, i = r0 + g + 8 * h, j = 8 * nt + 2 * t + (e & 1);
+                const int h = e >> 1, i = 16 * I + g + 8 * h, j = 8 * nt + 2 * t + (e & 1);
+                const float rkj = (e & 1) ? rk_j.y : rk_j.x;
+                if constexpr (kVec && kDelta)
+                    if (Dg) Dg[i * kChunk + j] = j < i ? ta[e] * f.rk[h] * rkj : 0.f;
                 if constexpr (kVec)
-                    if ((nt >> 1) == warp && j == i) accP[0][nt][e] = qkd[i];
+                    if ((nt >> 1) == I && j == i) tp[e] = qkd[i];
                 // e^{b_i − b_j}, for every pair: where j > i it may overflow, and the selects below drop it
                 float dec = 1.f;
                 if constexpr (kScalarDecay)
-                    dec = __expf((e & 1) ? (b_i[h].x - b_j.z) + (b_i[h].y - b_j.w) : (b_i[h].x - b_j.x) + (b_i[h].y - b_j.y));
-                const float rkj = (e & 1) ? rk_j.y : rk_j.x;
-                accP[0][nt][e] = j <= i ? accP[0][nt][e] * rq_i[h] * rkj * dec : 0.f;
-                if constexpr (kDelta) accA[0][nt][e] = j < i ? accA[0][nt][e] * beta_i[h] * rk_i[h] * rkj * dec : 0.f;
+                    dec = __expf((e & 1) ? (f.b[h].x - b_j.z) + (f.b[h].y - b_j.w) : (f.b[h].x - b_j.x) + (f.b[h].y - b_j.y));
+                tp[e] = j <= i ? tp[e] * f.rq[h] * rkj * dec : 0.f;
+                if constexpr (kDelta) ta[e] = j < i ? ta[e] * f.beta[h] * f.rk[h] * rkj * dec : 0.f;
             }
+        };
+        if (kVec && fast) {
+#pragma unroll
+            for (int b = 0; b < 3; ++b) {
+                if (b >= fast_blocks()) break;
+                const int2 IJ = fast_block(b);
+                const RowFactors f = row_factors(IJ.x);
+                finish_tile(blkP[b][0][0], blkA[b][0][0], IJ.x, 2 * IJ.y, f);
+                finish_tile(blkP[b][0][1], blkA[b][0][1], IJ.x, 2 * IJ.y + 1, f);
+                store_acc<E>(blkP[b], Pg + 16 * IJ.x * kChunk + 16 * IJ.y, kChunk);
+            }
+            // the six blocks above the diagonal are zeros, 1/1/2/2 a warp: warps 0 and 1 (2w, 2w + 1),
+            // warps 2 and 3 (w − 2, 2) and (w − 2, 3); 8 elements a lane
+#pragma unroll
+            for (int z = 0; z < 2; ++z) {
+                if (z == 1 && warp < 2) break;
+                const int I = warp < 2 ? 2 * warp : warp - 2, J = warp < 2 ? 2 * warp + 1 : 2 + z;
+                const int at = (16 * I + (lane >> 1)) * kChunk + 16 * J + 8 * (lane & 1);
+                *reinterpret_cast<uint4*>(Pg + at) = make_uint4(0, 0, 0, 0);
+                if (Dg) {
+                    *reinterpret_cast<float4*>(Dg + at) = make_float4(0.f, 0.f, 0.f, 0.f);
+                    *reinterpret_cast<float4*>(Dg + at + 4) = make_float4(0.f, 0.f, 0.f, 0.f);
+                }
+            }
+        } else {
+            const RowFactors f = row_factors(warp);
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) finish_tile(accP[0][nt], accA[0][nt], warp, nt, f);
+            store_acc<E>(accP, Pg + r0 * kChunk, kChunk);
         }
     }
-    store_acc<E>(accP, static_cast<E*>(p.P) + slot * kChunk * kChunk + r0 * kChunk, kChunk);
     // other decays: every lane's reads of q rows r0.. are done before K⊙γ overwrites them; vector
     // decay (delta rule): every warp's reads of Δ are, before K⊙γ takes half of each Δ row
     if (kVec && kDelta && !fast) __syncthreads();
@@ -720,7 +781,16 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             else stage_rows_bf16<64, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], kChunk, len);
             cp_async_commit();
         }
-        for_each_acc(accA, [&](int r, int c, float& x) { As[(r0 + r) * LDA + c] = x; });
+        if (kVec && fast) {
+#pragma unroll
+            for (int b = 0; b < 3; ++b) {
+                if (b >= fast_blocks()) break;
+                const int2 IJ = fast_block(b);
+                for_each_acc(blkA[b], [&](int r, int c, float& x) { As[(16 * IJ.x + r) * LDA + 16 * IJ.y + c] = x; });
+            }
+        } else {
+            for_each_acc(accA, [&](int r, int c, float& x) { As[(r0 + r) * LDA + c] = x; });
+        }
         __syncthreads();
         // ---- L_II = (I + A_II)^{-1}, forward substitution, lane c < 16 → column c ----
         if (lane < 16) {
