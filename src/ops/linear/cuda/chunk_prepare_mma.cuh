@@ -448,10 +448,17 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         E* Kd = p.Kd ? static_cast<E*>(p.Kd) + slot * kChunk * K : nullptr;
         E* Kg = p.Kg ? static_cast<E*>(p.Kg) + slot * kChunk * K : nullptr;  // the scan forms W from it
         E* kas = reinterpret_cast<E*>(Fs);  // ka [64][2·LDF]
-        // per channel: ca = R_I − m, cr = R_I in log2 units (m = b_0 + (b_C − b_0)/2), and ec = e^{b_C − m}
-        // ∈ [e^{−kFastSpan/2}, 1], so that e^{b_C − b_i} = e^{m − b_i} · ec needs no exponential of its
-        // own (it was one of four an element)
-        float ca[8], cr[8], ec[8];
+        // Every factor from the two exponentials e^{b_i − m} and e^{m − b_i} of each element and
+        // per-channel constants: ca = R_I − m in log2 units (m = b_0 + (b_C − b_0)/2), ec = e^{b_C − m} ∈
+        // [e^{−kFastSpan/2}, 1] and em = e^{m + kFastSpan/2} ≤ e^{kFastSpan/2}, so that
+        //   e^{b_C − b_i} = e^{m − b_i} · ec,   e^{b_i} = e^{b_i − m} · em · e^{−kFastSpan/2},
+        // the last factor on the row's norm. Every intermediate stays within e^{±kFastSpan/2} of the raw
+        // value, so nothing overflows; e^{b_i} below e^{−87} ends as zero or subnormal, as the direct
+        // exponential's did (flushed). Two exponentials an element instead of four, and ~15 other
+        // operations instead of ~20 (session 16).
+        constexpr float kUnscale = 8.7565107626965203e-27f;  // e^{−kFastSpan/2}
+        static_assert(kFastSpan == 120.f, "prepare: kUnscale is e^{-kFastSpan/2}");
+        float ca[8], ec[8], em[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
             float pre = 0.f, post = 0.f;
@@ -461,9 +468,10 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                 if (I < warp) pre += s;
                 else post += s;
             }
-            ca[e] = (pre - 0.5f * (pre + post)) * kLog2e;
-            cr[e] = (St[c0 + e] + pre) * kLog2e;
-            ec[e] = exp2_approx(0.5f * (pre + post) * kLog2e);
+            const float half_span = 0.5f * (pre + post);  // (b_C − b_0)/2 = b_C − m
+            ca[e] = (pre - half_span) * kLog2e;
+            ec[e] = exp2_approx(half_span * kLog2e);
+            em[e] = exp2_approx((St[c0 + e] + half_span + 0.5f * kFastSpan) * kLog2e);
         }
         for (int it = 0; it < 16 / RPI; ++it) {
             const int i = r0 + it * RPI + lane / LPR;
@@ -474,20 +482,19 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             __syncwarp();  // the row's Δ is read by all its lanes before ka and K⊙γ take its bytes
             const uint32_t qw[4] = {qraw.x, qraw.y, qraw.z, qraw.w}, kw[4] = {kraw.x, kraw.y, kraw.z, kraw.w};
             const float d[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
-            const float rqi = rq[i], rki = rk[i];
+            const float rki = rk[i], rqs = rq[i] * kUnscale, rks = rki * kUnscale;
             float qa[8], ka[8], kb[8], qo[8], ko[8], kg[8];
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                const float dl = d[e] * kLog2e, xa = ca[e] + dl;
+                const float xa = fmaf(d[e], kLog2e, ca[e]);
                 const float ea = exp2_approx(xa), eab = exp2_approx(-xa);  // e^{b_i − m}, e^{m − b_i}
-                const float fq = exp2_approx(cr[e] + dl), fk = eab * ec[e];  // e^{b_i}, e^{b_C − b_i}
-                const float qe = unpack_elem<E>(qw, e), kr = unpack_elem<E>(kw, e), ke = kr * rki;
+                const float qe = unpack_elem<E>(qw, e), kr = unpack_elem<E>(kw, e);
                 qa[e] = qe * ea;
                 ka[e] = kr * ea;
                 kb[e] = kr * eab;
-                qo[e] = qe * rqi * fq;
-                ko[e] = ke * fk;
-                kg[e] = ke * fq;
+                qo[e] = qa[e] * em[e] * rqs;  // s q̂ e^{b_i}
+                ko[e] = kb[e] * rki * ec[e];  // k̂ e^{b_C − b_i}
+                kg[e] = ka[e] * em[e] * rks;  // k̂ e^{b_i}
             }
             store_vec<E>(qs + i * LDH + c0, qa);
             store_vec<E>(ks + i * LDH + c0, kb);
