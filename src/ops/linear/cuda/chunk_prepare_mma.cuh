@@ -153,26 +153,29 @@ __device__ __forceinline__ void stage_gate_rows(float* dst, int ld, const void* 
     if (dtype == DType::BF16) {
         const __nv_bfloat16* s = static_cast<const __nv_bfloat16*>(src) + offset;
         if ((reinterpret_cast<uintptr_t>(s) % 16 == 0) && (row_stride % 8 == 0)) {
-            constexpr int PR = COLS / 8, NV = kChunk * PR / THREADS;
-            static_assert(kChunk * PR % THREADS == 0, "stage_gate_rows: the rows must split evenly");
+            // each thread keeps one 16-byte column piece cv of every (THREADS / PR)-th row: one address
+            // step a load (with a flat index, its division and 64-bit row product per load were ~40% of
+            // this staging's instructions in KDA's prepare, session 16)
+            constexpr int PR = COLS / 8, RS = THREADS / PR, NV = kChunk / RS;
+            static_assert(THREADS % PR == 0 && kChunk % RS == 0, "stage_gate_rows: the rows must split evenly");
+            const int cv = threadIdx.x % PR, row0 = threadIdx.x / PR;
+            const __nv_bfloat16* from = s + cv * 8 + row0 * row_stride;
             uint4 r[NV];
 #pragma unroll
-            for (int i = 0; i < NV; ++i) {
-                const int v = threadIdx.x + i * THREADS, row = v / PR, cv = v % PR;
-                r[i] = row < valid ? *reinterpret_cast<const uint4*>(s + row * row_stride + cv * 8) : make_uint4(0, 0, 0, 0);
-            }
+            for (int i = 0; i < NV; ++i)
+                r[i] = row0 + i * RS < valid ? *reinterpret_cast<const uint4*>(from + i * RS * row_stride) : make_uint4(0, 0, 0, 0);
+            const int h0 = (cv >> 2) & 1;
 #pragma unroll
             for (int i = 0; i < NV; ++i) {
-                const int v = threadIdx.x + i * THREADS, row = v / PR, cv = v % PR;
-                const uint32_t w[4] = {r[i].x, r[i].y, r[i].z, r[i].w};
-                float f[8];
-#pragma unroll
-                for (int j = 0; j < 8; ++j) f[j] = unpack_elem<__nv_bfloat16>(w, j);
-                const int h0 = (cv >> 2) & 1;
-                float* d = dst + row * ld + cv * 8;
-                const float4 lo = make_float4(f[0], f[1], f[2], f[3]), hi = make_float4(f[4], f[5], f[6], f[7]);
-                *reinterpret_cast<float4*>(d + 4 * h0) = h0 ? hi : lo;
-                *reinterpret_cast<float4*>(d + 4 - 4 * h0) = h0 ? lo : hi;
+                // the 4 gates stored at d + 4·h0 (the piece's second half where h0) are the words picked
+                // here, before the conversion: 4 selects a piece instead of 8
+                const uint32_t a0 = h0 ? r[i].z : r[i].x, a1 = h0 ? r[i].w : r[i].y;
+                const uint32_t b0 = h0 ? r[i].x : r[i].z, b1 = h0 ? r[i].y : r[i].w;
+                auto lo = [](uint32_t x) { return __uint_as_float(x << 16); };          // bf16 → fp32
+                auto hi = [](uint32_t x) { return __uint_as_float(x & 0xffff0000u); };
+                float* d = dst + (row0 + i * RS) * ld + cv * 8;
+                *reinterpret_cast<float4*>(d + 4 * h0) = make_float4(lo(a0), hi(a0), lo(a1), hi(a1));
+                *reinterpret_cast<float4*>(d + 4 - 4 * h0) = make_float4(lo(b0), hi(b0), lo(b1), hi(b1));
             }
             return;
         }
