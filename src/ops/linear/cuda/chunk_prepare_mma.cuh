@@ -511,7 +511,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                 else store_vec<E>(kgs + i * LDG + c0, kg);
             }
         }
-        __syncthreads();  // kb of every row
+        __syncthreads();  // qa, ka and kb of every row (warps 0 and 1 read two row blocks, and every warp others' kb)
         // ---- P = qa kbᵀ, A = ka kbᵀ: the ten 16×16 blocks on and below the diagonal, 3/3/2/2 a warp
         // (as warp w's row block, warp w computed w + 1 of them and three warps waited for warp 3).
         // Warps 0 and 1: their diagonal quarter's three, (2w, 2w), (2w + 1, 2w), (2w + 1, 2w + 1);
@@ -791,7 +791,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             else stage_rows_bf16<64, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], kChunk, len);
             cp_async_commit();
         }
-        if (kVec && fast) {
+        if (kVec && fast) {  // the blocks above the diagonal keep old bytes: the inverse reads A strictly below it
 #pragma unroll
             for (int b = 0; b < 3; ++b) {
                 if (b >= fast_blocks()) break;
