@@ -167,15 +167,16 @@ __device__ __forceinline__ void stage_gate_rows(float* dst, int ld, const void* 
             const int h0 = (cv >> 2) & 1;
 #pragma unroll
             for (int i = 0; i < NV; ++i) {
-                // the 4 gates stored at d + 4·h0 (the piece's second half where h0) are the words picked
-                // here, before the conversion: 4 selects a piece instead of 8
-                const uint32_t a0 = h0 ? r[i].z : r[i].x, a1 = h0 ? r[i].w : r[i].y;
-                const uint32_t b0 = h0 ? r[i].x : r[i].z, b1 = h0 ? r[i].y : r[i].w;
-                auto lo = [](uint32_t x) { return __uint_as_float(x << 16); };          // bf16 → fp32
-                auto hi = [](uint32_t x) { return __uint_as_float(x & 0xffff0000u); };
+                // the piece's words in store order: the half stored at d + 4·h0 first (the second half
+                // where h0), picked before the conversion: 4 selects a piece instead of 8
+                const uint32_t w[4] = {h0 ? r[i].z : r[i].x, h0 ? r[i].w : r[i].y, h0 ? r[i].x : r[i].z,
+                                       h0 ? r[i].y : r[i].w};
+                float f[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) f[j] = unpack_elem<__nv_bfloat16>(w, j);
                 float* d = dst + (row0 + i * RS) * ld + cv * 8;
-                *reinterpret_cast<float4*>(d + 4 * h0) = make_float4(lo(a0), hi(a0), lo(a1), hi(a1));
-                *reinterpret_cast<float4*>(d + 4 - 4 * h0) = make_float4(lo(b0), hi(b0), lo(b1), hi(b1));
+                *reinterpret_cast<float4*>(d + 4 * h0) = make_float4(f[0], f[1], f[2], f[3]);
+                *reinterpret_cast<float4*>(d + 4 - 4 * h0) = make_float4(f[4], f[5], f[6], f[7]);
             }
             return;
         }
