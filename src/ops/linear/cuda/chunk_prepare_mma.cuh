@@ -89,6 +89,11 @@ struct PrepMmaLayout {
         kVec ? size_t(kChunk) * LDF * 4 : (kDelta ? 2 * size_t(kChunk) * LDA * 4 : size_t(0));
     // vector: per channel R_0 and the block sums S_I = R_{I+1} − R_I (S_3 = b_C − R_3), fp32; one
     // decay number per token: b_i in fp64
+    // vector decay, bf16 gates without an activation: the raw gate rows [64][LDH] (bf16) land in the
+    // upper half of Δ's bytes, read by the tensor-core sums before those write Δ (decay_sums_mma)
+    static constexpr size_t g_off = f_off + size_t(kChunk / 2) * LDF * 4;
+    static_assert(!kVec || size_t(kChunk) * LDH * 2 <= size_t(kChunk / 2) * LDF * 4,
+                  "chunk_prepare_mma: the raw gate rows must fit Δ's upper half");
     static constexpr size_t t_off = f_off + f_bytes;
     static constexpr size_t t_bytes = kVec ? size_t(5) * K * 4 : size_t(kChunk) * 8;
     static constexpr size_t r_off = t_off + t_bytes;  // per row: β, rq, rk, e^{b_i}, e^{b_C − b_i}, q_i·k_i
@@ -240,6 +245,60 @@ __device__ __forceinline__ int channel_decay_sums(const Gate& gate, float* Fs, i
     return flags;
 }
 
+// The in-chunk sums of vector decay (the numerics at the top) on tensor cores, for bf16 gates without
+// an activation: warp w's row block I = w is Δ = M G_I with G_I its 16 raw gate rows (bf16, exact as
+// mma operands) and M[i][j] = 1 for 1 ≤ j ≤ i (Δ_i = g_{r_I + 1} + … + g_{r_I + i}, Δ of the block's
+// first row 0), one m16n8k16 a column tile; S_I = Δ_{r_I + 15} + g_{r_I + 16} (the next block's first,
+// 0 after the last block) and R_0 = g_0 as channel_decay_sums writes them. Every product is exact and
+// the tensor cores sum them in fp32, so Δ is within a few ulps of the exact sum instead of within half
+// of one (channel_decay_sums' compensated sums): far below the bf16 rounding of the operands it decays
+// while the chunk's span is at most kFastSpan; chunks that span more are summed again exactly by
+// channel_decay_sums (the factored path's differences need it). gr: the gate rows [64][ldg], rows past
+// the sequence's end zero; Δ goes to Fs [64][ldf], whose bytes may hold gr: every warp has read gr
+// before any writes Δ (the block barrier inside).
+template <int K>
+__device__ __forceinline__ void decay_sums_mma(const __nv_bfloat16* gr, int ldg, float* Fs, int ldf, float* St) {
+    using E = __nv_bfloat16;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3, mi = lane >> 3, r8 = lane & 7;
+    // M's A fragment: register e holds row g + 8(e & 1), columns 2t + 8(e >> 1) and the next
+    uint32_t m[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + 8 * (e & 1), col = 2 * t + 8 * (e >> 1);
+        m[e] = (col >= 1 && col <= row ? 0x3F80u : 0u) | (col + 1 <= row ? 0x3F800000u : 0u);  // bf16 1.0 in each half
+    }
+    float acc[1][K / 8][4];
+    zero_acc(acc);
+    const E* G = gr + 16 * warp * ldg;
+#pragma unroll
+    for (int np = 0; np < K / 16; ++np) {
+        uint32_t x[4];
+        ldmatrix_x4_trans(x, G + ((mi & 1) * 8 + r8) * ldg + 16 * np + (mi >> 1) * 8);
+        const uint32_t b0[2] = {x[0], x[1]}, b1[2] = {x[2], x[3]};
+        mma16(acc[0][2 * np], m, b0, E());
+        mma16(acc[0][2 * np + 1], m, b1, E());
+    }
+    // the next block's first gates, for the lanes that hold row 15 (g = 7)
+    uint32_t next[K / 8];
+#pragma unroll
+    for (int nt = 0; nt < K / 8; ++nt)
+        next[nt] = g == 7 && warp < 3 ? *reinterpret_cast<const uint32_t*>(gr + 16 * (warp + 1) * ldg + 8 * nt + 2 * t) : 0u;
+    if (tid < K) St[tid] = __bfloat162float(gr[tid]);  // R_0
+    __syncthreads();  // every warp has read the gate rows: Δ may take their bytes
+    for_each_acc_pair(acc, [&](int r, int c, float& x0, float& x1) {
+        *reinterpret_cast<float2*>(Fs + (16 * warp + r) * ldf + c) = make_float2(x0, x1);
+    });
+    if (g == 7) {
+#pragma unroll
+        for (int nt = 0; nt < K / 8; ++nt) {
+            const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&next[nt]));
+            *reinterpret_cast<float2*>(St + (warp + 1) * K + 8 * nt + 2 * t) =
+                make_float2(acc[0][nt][2] + f.x, acc[0][nt][3] + f.y);
+        }
+    }
+}
+
 // One (chunk, value head) of chunk_prepare_mma_kernel (below).
 template <Decay D, Update Up, int K>
 __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int chunk, const int hv) {
@@ -309,7 +368,15 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             }
         }
     }
-    // ---- q, k (and v) → shared memory, asynchronously ----
+    // ---- vector decay: the gate rows (bf16 without an activation: by the copy engine, for the
+    // tensor-core sums, ahead of q and k), q, k (and v) → shared memory, asynchronously ----
+    const bool gates_mma = kVec && p.g_dtype == DType::BF16 && p.gate_act == GateActivation::None;  // block-uniform
+    const int64_t goff = ci.batch * p.gs[0] + int64_t(ci.start) * p.gs[1] + hv * p.gs[2];
+    if (gates_mma) {
+        stage_rows_bf16<K, kPrepMmaThreads>(reinterpret_cast<E*>(sm + L::g_off), LDH, static_cast<const E*>(p.g) + goff,
+                                            p.gs[1], kChunk, len);
+        cp_async_commit();
+    }
     const E* qsrc = static_cast<const E*>(p.q) + ci.batch * p.qs[0] + int64_t(ci.start) * p.qs[1] + h * p.qs[2];
     const E* ksrc = static_cast<const E*>(p.k) + ci.batch * p.ks[0] + int64_t(ci.start) * p.ks[1] + h * p.ks[2];
     const E* vsrc = static_cast<const E*>(p.v) + ci.batch * p.vs[0] + int64_t(ci.start) * p.vs[1] + hv * p.vs[2];
@@ -322,12 +389,11 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         if (tid >= kChunk) betas[tid - kChunk] = tid - kChunk < len ? beta_value(p.beta_act, in[0]) : 0.f;
     }
     if constexpr (kVec) {
-        // raw gate rows as fp32 into Δ's rows, one round trip of 16-byte loads (read by each channel's
-        // thread straight from memory instead, 64 two-byte loads of which twenty were in flight at a
-        // time, KDA prepare took 334 µs instead of 290; session 15); the activation and the sums
-        // follow once they are in
-        const int64_t goff = ci.batch * p.gs[0] + int64_t(ci.start) * p.gs[1] + hv * p.gs[2];
-        stage_gate_rows<K, kPrepMmaThreads>(Fs, LDF, p.g, p.g_dtype, goff, p.gs[1], len);
+        // other gates: raw gate rows as fp32 into Δ's rows, one round trip of 16-byte loads (read by
+        // each channel's thread straight from memory instead, 64 two-byte loads of which twenty were in
+        // flight at a time, KDA prepare took 334 µs instead of 290; session 15); the activation and
+        // the sums follow once they are in
+        if (!gates_mma) stage_gate_rows<K, kPrepMmaThreads>(Fs, LDF, p.g, p.g_dtype, goff, p.gs[1], len);
     } else if (warp == 0) {
         // one decay number per token: two tokens per lane, summed in fp64 (warp_chunk_log_decay)
         double a[2] = {0.0, 0.0};
@@ -355,11 +421,21 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         ek[2 * lane + 1] = __expf(float(bC - b1));
         for (int c = lane; c < K; c += 32) p.gC[slot * K + c] = __expf(float(bC));
     }
+    // ---- vector decay, bf16 gates without an activation: the in-chunk sums on tensor cores while q
+    // and k land (session 17: the fp32 staging through registers and the per-channel sums of the other
+    // gates were ~24% of KDA prepare's stall samples) ----
+    if (gates_mma) {
+        cp_async_wait_group<1>();  // the gate rows (q and k may still be in flight)
+        __syncthreads();
+        decay_sums_mma<K>(reinterpret_cast<const E*>(sm + L::g_off), LDH, Fs, LDF, St);
+    }
     cp_async_wait_all();
     __syncthreads();
 
-    // ---- vector decay: per channel (one thread each) the activation and the in-chunk sums ----
-    if constexpr (kVec) {
+    // ---- vector decay, per channel (one thread each): the activation and the in-chunk sums, exact
+    // (compensated); after the tensor-core sums, only γ_C and whether the chunk spans more than
+    // e^kFastSpan (then the exact sums follow below) ----
+    auto exact_decay_sums = [&] {
         if (tid < K) {
             const int c = tid;
             int flags;
@@ -376,6 +452,18 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                 flags = channel_decay_sums<false>(gate, Fs, LDF, St, K, c, gC);
             }
             if (flags) atomicOr(wide, flags);
+        }
+    };
+    if constexpr (kVec) {
+        if (!gates_mma) {
+            exact_decay_sums();
+        } else if (tid < K) {
+            const int c = tid;
+            float tot = 0.f;
+#pragma unroll
+            for (int I = 0; I < 4; ++I) tot += St[(I + 1) * K + c];
+            if (tot < -kFastSpan) atomicOr(wide, kSlowChunk);
+            p.gC[slot * K + c] = __expf(St[c] + tot);
         }
     }
     // ---- L2 norms (and the scale) of the chunk's rows; vector decay: q_i·k_i. Two lanes a row, each
@@ -405,6 +493,16 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         }
     }
     __syncthreads();
+    if constexpr (kVec) {
+        if (gates_mma && (*wide & kSlowChunk)) {
+            // the factored path (chunks spanning more than e^kFastSpan, rare) takes its differences of
+            // nearby sums from the exact ones: the gate rows again, as fp32 into Δ's rows
+            stage_gate_rows<K, kPrepMmaThreads>(Fs, LDF, p.g, p.g_dtype, goff, p.gs[1], len);
+            __syncthreads();
+            exact_decay_sums();
+            __syncthreads();
+        }
+    }
     if constexpr (!kVec) {
         // the scan's row factors when it reads q and k raw (eq = ek = 1 without decay)
         if (p.qk_rowf && tid < kChunk) {
