@@ -114,26 +114,37 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, b
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
 }
 
-// rows × COLS of a bf16 [.., COLS] view (row stride row_stride elements) into shared memory (row
-// stride ld) by a block of THREADS, rows ≥ valid zero: asynchronous 16-byte copies when every row is
-// 16-byte aligned, element copies otherwise. Shared by the prepare and the tensor-core backward.
+// The chunk's kChunk rows × COLS of a bf16 [.., COLS] view (row stride row_stride elements) into
+// shared memory (row stride ld) by a block of THREADS, rows ≥ valid zero: asynchronous 16-byte copies
+// when every row is 16-byte aligned, element copies otherwise. Shared by the prepare and the
+// tensor-core backward.
 template <int COLS, int THREADS>
 __device__ __forceinline__ void stage_rows_bf16(__nv_bfloat16* dst, int ld, const __nv_bfloat16* src, int64_t row_stride,
-                                                int rows, int valid) {
+                                                int valid) {
     constexpr int PR = COLS / 8;
     if ((reinterpret_cast<uintptr_t>(src) % 16 == 0) && (row_stride % 8 == 0)) {
-        // each thread keeps one 16-byte column of every (THREADS / PR)-th row: one address step a copy
-        // (session 15; with a flat index, its division, remainder and whole address per copy, this
-        // loop was ~6% of KDA prepare's instructions)
-        static_assert(THREADS % PR == 0, "stage_rows_bf16: a thread keeps one column");
-        const int c = threadIdx.x % PR;
-        const __nv_bfloat16* s = src + c * 8;
-        for (int r = threadIdx.x / PR; r < rows; r += THREADS / PR) {
-            const bool in = r < valid;
-            cp_async16_zfill(dst + r * ld + c * 8, s + (in ? r : 0) * row_stride, in);
+        // each thread keeps one 16-byte column of every RS-th row, a fixed count of rows unrolled, one
+        // 64-bit address step a copy (session 17: a loop bounded by the thread's first row, compiled as
+        // a remainder and a 4-way unrolled body, took a 64-bit row product and ~12 instructions a copy,
+        // ~9% of KDA prepare's stall samples with the gate rows' copies)
+        static_assert(THREADS % PR == 0 && kChunk % (THREADS / PR) == 0, "stage_rows_bf16: a thread keeps one column");
+        constexpr int RS = THREADS / PR;
+        const int c = threadIdx.x % PR, r0 = threadIdx.x / PR;
+        const __nv_bfloat16* first = src + c * 8;  // row 0: a valid address for the zero-filled rows
+        const __nv_bfloat16* s = first + r0 * row_stride;
+        if (valid >= kChunk) {  // a whole chunk (block-uniform): no fill, no selects
+#pragma unroll
+            for (int n = 0; n < kChunk / RS; ++n, s += RS * row_stride) cp_async16(dst + (r0 + n * RS) * ld + c * 8, s);
+        } else {
+#pragma unroll
+            for (int n = 0; n < kChunk / RS; ++n, s += RS * row_stride) {
+                const int r = r0 + n * RS;
+                const bool in = r < valid;
+                cp_async16_zfill(dst + r * ld + c * 8, in ? s : first, in);
+            }
         }
     } else {
-        for (int idx = threadIdx.x; idx < rows * COLS; idx += THREADS) {
+        for (int idx = threadIdx.x; idx < kChunk * COLS; idx += THREADS) {
             const int r = idx / COLS, c = idx % COLS;
             dst[r * ld + c] = r < valid ? src[r * row_stride + c] : __float2bfloat16(0.f);
         }
@@ -374,14 +385,14 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     const int64_t goff = ci.batch * p.gs[0] + int64_t(ci.start) * p.gs[1] + hv * p.gs[2];
     if (gates_mma) {
         stage_rows_bf16<K, kPrepMmaThreads>(reinterpret_cast<E*>(sm + L::g_off), LDH, static_cast<const E*>(p.g) + goff,
-                                            p.gs[1], kChunk, len);
+                                            p.gs[1], len);
         cp_async_commit();
     }
     const E* qsrc = static_cast<const E*>(p.q) + ci.batch * p.qs[0] + int64_t(ci.start) * p.qs[1] + h * p.qs[2];
     const E* ksrc = static_cast<const E*>(p.k) + ci.batch * p.ks[0] + int64_t(ci.start) * p.ks[1] + h * p.ks[2];
     const E* vsrc = static_cast<const E*>(p.v) + ci.batch * p.vs[0] + int64_t(ci.start) * p.vs[1] + hv * p.vs[2];
-    stage_rows_bf16<K, kPrepMmaThreads>(qs, LDH, qsrc, p.qs[1], kChunk, len);
-    stage_rows_bf16<K, kPrepMmaThreads>(ks, LDH, ksrc, p.ks[1], kChunk, len);
+    stage_rows_bf16<K, kPrepMmaThreads>(qs, LDH, qsrc, p.qs[1], len);
+    stage_rows_bf16<K, kPrepMmaThreads>(ks, LDH, ksrc, p.ks[1], len);
     cp_async_commit();
 
     // ---- gates and β (overlapping the copies) ----
@@ -886,8 +897,8 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         __syncthreads();  // Δ (or ka), raw k (or kb) and q are dead (A, L and v take their bytes); K⊙γ is complete
         // v arrives while the inverse runs (with Tw the scan reads it instead)
         if (!p.Tw) {
-            if (V == 128) stage_rows_bf16<128, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], kChunk, len);
-            else stage_rows_bf16<64, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], kChunk, len);
+            if (V == 128) stage_rows_bf16<128, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], len);
+            else stage_rows_bf16<64, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], len);
             cp_async_commit();
         }
         if (kVec && fast) {  // the blocks above the diagonal keep old bytes: the inverse reads A strictly below it
