@@ -67,6 +67,7 @@ struct OpSpec {
     double target_b4, target_b1;  // TARGETS.md goals (2× the peer), ms
     const char* fwdbwd_peer;      // flash-linear-attention's op whose forward + backward is the target's peer
     double fwdbwd_peer_ms;        // its time, B=4 T=4096, ms
+    DType gate_dtype = DType::BF16;
 };
 
 }  // namespace
@@ -106,7 +107,10 @@ int main(int argc, char** argv) {
     const OpSpec ops[] = {{"gated_delta_rule", gdn, 0.46, 0.52, "chunk_delta_rule", 2.838},
                           {"kda", kda, 0.61, 0.73, "chunk_kda", 6.575},
                           {"simple_gla", sgla, 0.26, 0.30, "chunk_gla", 3.775},
-                          {"gla", gla_config(), 0, 0, "chunk_gla", 3.775}};
+                          {"gla", gla_config(), 0, 0, "chunk_gla", 3.775},
+                          // fp32 gates, as a separate gate kernel hands them over (Kimi Linear's
+                          // fused_kda_gate): the prepare's other staging path; forward only
+                          {"kda_fp32_gates", kda, 0, 0, "", 0, DType::F32}};
     const std::pair<int64_t, int64_t> shapes[] = {{4, 4096}, {1, 16384}};
     for (const auto& [B, T] : shapes) {
         if (fwdbwd_only) break;
@@ -115,6 +119,7 @@ int main(int argc, char** argv) {
         const Tensor v = device_tensor({B, T, H, V}, DType::BF16, 3, 0, 0, true);
         const Tensor g_scalar = device_tensor({B, T, H}, DType::BF16, 4, -0.5, -0.01);
         const Tensor g_vector = device_tensor({B, T, H, K}, DType::BF16, 5, -0.5, -0.01);
+        const Tensor g_vector_f32 = device_tensor({B, T, H, K}, DType::F32, 5, -0.5, -0.01);
         const Tensor beta = device_tensor({B, T, H}, DType::BF16, 6, 0, 1);
         Tensor o({B, T, H, V}, DType::BF16, Device::CUDA);
         Tensor fin({B, H, K, V}, DType::F32, Device::CUDA);
@@ -126,14 +131,15 @@ int main(int argc, char** argv) {
             a.o = o;
             a.final_state = fin;
             const bool delta = op.cfg.update == Update::Delta, vec = op.cfg.decay == Decay::Vector;
-            a.g = vec ? g_vector.view() : g_scalar.view();
+            a.g = !vec ? g_scalar.view() : (op.gate_dtype == DType::F32 ? g_vector_f32.view() : g_vector.view());
             if (delta) a.beta = beta;
             const double ms = median_ms([&] { linear_forward(op.cfg, a); }, iters);
             const double C = 64, chunks_heads = double(B) * (T / 64) * H;
             double flops = 2 * C * K * V * 2 + 2 * C * C * K + 2 * C * C * V;
             if (delta) flops += 2 * C * C * K * 2 + 2 * C * C * V + 2 * C * K * V;
             flops *= chunks_heads;
-            const double bytes = double(B) * T * H * (2.0 * (2 * K + 2 * V) + (vec ? 2.0 * K : 2.0) + (delta ? 2.0 : 0.0)) +
+            const double bytes = double(B) * T * H * (2.0 * (2 * K + 2 * V) + (vec ? dtype_size(op.gate_dtype) * K : 2.0) +
+                                                       (delta ? 2.0 : 0.0)) +
                                  double(B) * H * K * V * 4;
             const double floor_ms = std::max(flops / kPeakFlops, bytes / kPeakBytes) * 1e3;
             Row r{op.name, "B=" + std::to_string(B) + " T=" + std::to_string(T), ms, floor_ms,

@@ -183,8 +183,8 @@ template <int K, int LDK, int THREADS>
 __device__ __forceinline__ void copy_qk_rows(__nv_bfloat16* Qs, __nv_bfloat16* Ks, const Params& p, const ChunkInfo& ci,
                                              int h) {
     using E = __nv_bfloat16;
-    stage_rows_bf16<K, THREADS>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1], ci.len);
-    stage_rows_bf16<K, THREADS>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], ci.len);
+    stage_rows<K, THREADS>(Qs, LDK, static_cast<const E*>(p.q) + tok(p.qs, ci.batch, ci.start, h), p.qs[1], ci.len);
+    stage_rows<K, THREADS>(Ks, LDK, static_cast<const E*>(p.k) + tok(p.ks, ci.batch, ci.start, h), p.ks[1], ci.len);
 }
 
 // q̂ and k̂ from the chunk's raw rows, copied in by the block first.
@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
         if (!maps.do_tma) {
             const E* dsrc = static_cast<const E*>(p.d_o) + tok(p.dos, ci.batch, ci.start, hv);
             if (p.do_dt == DType::BF16) {
-                stage_rows_bf16<V, kMmaThreads>(dOs, LDV, dsrc, p.dos[1], len);
+                stage_rows<V, kMmaThreads>(dOs, LDV, dsrc, p.dos[1], len);
             } else {
                 for (int idx = tid; idx < kChunk * V; idx += kMmaThreads) {
                     const int r = idx / V, c = idx % V;
@@ -429,7 +429,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) chunk_bwd_mma_kernel(const Par
             }
         }
         if (!us_copied)
-            stage_rows_bf16<V, kMmaThreads>(Us, LDV, static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv), p.vs[1], len);
+            stage_rows<V, kMmaThreads>(Us, LDV, static_cast<const E*>(p.v) + tok(p.vs, ci.batch, ci.start, hv), p.vs[1], len);
         cp_async_commit();
         // gates (fp64 in-chunk sums, warp 0: two tokens per lane; vector decay: the second kernel's) and β
         if (warp == 0 && !kVec) {

@@ -114,39 +114,38 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, b
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
 }
 
-// The chunk's kChunk rows × COLS of a bf16 [.., COLS] view (row stride row_stride elements) into
-// shared memory (row stride ld) by a block of THREADS, rows ≥ valid zero: asynchronous 16-byte copies
-// when every row is 16-byte aligned, element copies otherwise. Shared by the prepare and the
-// tensor-core backward.
-template <int COLS, int THREADS>
-__device__ __forceinline__ void stage_rows_bf16(__nv_bfloat16* dst, int ld, const __nv_bfloat16* src, int64_t row_stride,
-                                                int valid) {
-    constexpr int PR = COLS / 8;
-    if ((reinterpret_cast<uintptr_t>(src) % 16 == 0) && (row_stride % 8 == 0)) {
+// The chunk's kChunk rows × COLS of a [.., COLS] view of T (bf16 or fp32; row stride row_stride
+// elements) into shared memory (row stride ld) by a block of THREADS, rows ≥ valid zero: asynchronous
+// 16-byte copies when every row is 16-byte aligned, element copies otherwise. Shared by the prepare
+// and the tensor-core backward.
+template <int COLS, int THREADS, class T>
+__device__ __forceinline__ void stage_rows(T* dst, int ld, const T* src, int64_t row_stride, int valid) {
+    constexpr int VEC = 16 / sizeof(T), PR = COLS / VEC;  // elements a copy, copies a row
+    if ((reinterpret_cast<uintptr_t>(src) % 16 == 0) && (row_stride % VEC == 0)) {
         // each thread keeps one 16-byte column of every RS-th row, a fixed count of rows unrolled, one
         // 64-bit address step a copy (session 17: a loop bounded by the thread's first row, compiled as
         // a remainder and a 4-way unrolled body, took a 64-bit row product and ~12 instructions a copy,
         // ~9% of KDA prepare's stall samples with the gate rows' copies)
-        static_assert(THREADS % PR == 0 && kChunk % (THREADS / PR) == 0, "stage_rows_bf16: a thread keeps one column");
+        static_assert(THREADS % PR == 0 && kChunk % (THREADS / PR) == 0, "stage_rows: a thread keeps one column");
         constexpr int RS = THREADS / PR;
         const int c = threadIdx.x % PR, r0 = threadIdx.x / PR;
-        const __nv_bfloat16* first = src + c * 8;  // row 0: a valid address for the zero-filled rows
-        const __nv_bfloat16* s = first + r0 * row_stride;
+        const T* first = src + c * VEC;  // row 0: a valid address for the zero-filled rows
+        const T* s = first + r0 * row_stride;
         if (valid >= kChunk) {  // a whole chunk (block-uniform): no fill, no selects
 #pragma unroll
-            for (int n = 0; n < kChunk / RS; ++n, s += RS * row_stride) cp_async16(dst + (r0 + n * RS) * ld + c * 8, s);
+            for (int n = 0; n < kChunk / RS; ++n, s += RS * row_stride) cp_async16(dst + (r0 + n * RS) * ld + c * VEC, s);
         } else {
 #pragma unroll
             for (int n = 0; n < kChunk / RS; ++n, s += RS * row_stride) {
                 const int r = r0 + n * RS;
                 const bool in = r < valid;
-                cp_async16_zfill(dst + r * ld + c * 8, in ? s : first, in);
+                cp_async16_zfill(dst + r * ld + c * VEC, in ? s : first, in);
             }
         }
     } else {
         for (int idx = threadIdx.x; idx < kChunk * COLS; idx += THREADS) {
             const int r = idx / COLS, c = idx % COLS;
-            dst[r * ld + c] = r < valid ? src[r * row_stride + c] : __float2bfloat16(0.f);
+            dst[r * ld + c] = r < valid ? src[r * row_stride + c] : static_cast<T>(0.f);
         }
     }
 }
@@ -162,10 +161,17 @@ __device__ __forceinline__ float exp2_approx(float x) {
 // that allow 16-byte loads go through registers as load_rows does, but are stored as two float4 per
 // 8 elements, the half of a 32-byte piece that comes first depending on bit 2 of the piece, so that
 // each quarter-warp's 16-byte stores hit 32 distinct banks (load_rows' element stores collide 8-way
-// at this row stride). Other dtypes and layouts: load_rows_any.
+// at this row stride). fp32 rows are copied as they are, asynchronously (stage_rows, one commit
+// group: the caller waits for it, cp_async_wait_all, before reading them; through registers, 64
+// values a thread stored one by one, session 17). Other dtypes and layouts: load_rows_any.
 template <int COLS, int THREADS>
 __device__ __forceinline__ void stage_gate_rows(float* dst, int ld, const void* src, DType dtype, int64_t offset,
                                                 int64_t row_stride, int valid) {
+    if (dtype == DType::F32) {
+        stage_rows<COLS, THREADS>(dst, ld, static_cast<const float*>(src) + offset, row_stride, valid);
+        cp_async_commit();
+        return;
+    }
     if (dtype == DType::BF16) {
         const __nv_bfloat16* s = static_cast<const __nv_bfloat16*>(src) + offset;
         if ((reinterpret_cast<uintptr_t>(s) % 16 == 0) && (row_stride % 8 == 0)) {
@@ -384,15 +390,15 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     const bool gates_mma = kVec && p.g_dtype == DType::BF16 && p.gate_act == GateActivation::None;  // block-uniform
     const int64_t goff = ci.batch * p.gs[0] + int64_t(ci.start) * p.gs[1] + hv * p.gs[2];
     if (gates_mma) {
-        stage_rows_bf16<K, kPrepMmaThreads>(reinterpret_cast<E*>(sm + L::g_off), LDH, static_cast<const E*>(p.g) + goff,
+        stage_rows<K, kPrepMmaThreads>(reinterpret_cast<E*>(sm + L::g_off), LDH, static_cast<const E*>(p.g) + goff,
                                             p.gs[1], len);
         cp_async_commit();
     }
     const E* qsrc = static_cast<const E*>(p.q) + ci.batch * p.qs[0] + int64_t(ci.start) * p.qs[1] + h * p.qs[2];
     const E* ksrc = static_cast<const E*>(p.k) + ci.batch * p.ks[0] + int64_t(ci.start) * p.ks[1] + h * p.ks[2];
     const E* vsrc = static_cast<const E*>(p.v) + ci.batch * p.vs[0] + int64_t(ci.start) * p.vs[1] + hv * p.vs[2];
-    stage_rows_bf16<K, kPrepMmaThreads>(qs, LDH, qsrc, p.qs[1], len);
-    stage_rows_bf16<K, kPrepMmaThreads>(ks, LDH, ksrc, p.ks[1], len);
+    stage_rows<K, kPrepMmaThreads>(qs, LDH, qsrc, p.qs[1], len);
+    stage_rows<K, kPrepMmaThreads>(ks, LDH, ksrc, p.ks[1], len);
     cp_async_commit();
 
     // ---- gates and β (overlapping the copies) ----
@@ -509,6 +515,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             // the factored path (chunks spanning more than e^kFastSpan, rare) takes its differences of
             // nearby sums from the exact ones: the gate rows again, as fp32 into Δ's rows
             stage_gate_rows<K, kPrepMmaThreads>(Fs, LDF, p.g, p.g_dtype, goff, p.gs[1], len);
+            cp_async_wait_all();
             __syncthreads();
             exact_decay_sums();
             __syncthreads();
@@ -897,8 +904,8 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         __syncthreads();  // Δ (or ka), raw k (or kb) and q are dead (A, L and v take their bytes); K⊙γ is complete
         // v arrives while the inverse runs (with Tw the scan reads it instead)
         if (!p.Tw) {
-            if (V == 128) stage_rows_bf16<128, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], len);
-            else stage_rows_bf16<64, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], len);
+            if (V == 128) stage_rows<128, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], len);
+            else stage_rows<64, kPrepMmaThreads>(vs, LDV, vsrc, p.vs[1], len);
             cp_async_commit();
         }
         if (kVec && fast) {  // the blocks above the diagonal keep old bytes: the inverse reads A strictly below it
