@@ -46,6 +46,9 @@
 // the ten 16×16 blocks on and below the diagonal dealt 3/3/2/2 over the warps (not by row block).
 // Products j ≤ i are e^{b_i − b_j} ≤ 1 times q·k as before; the masked ones (j > i) may be large or
 // even overflow in fp32 and are discarded by a select.
+// The in-chunk sums Δ and S_I themselves come from the tensor cores when the gates are bf16 without
+// an activation (decay_sums_mma: exact products summed in fp32, a few ulps); a chunk spanning more than
+// kFastSpan is summed again with the compensated sums above before the factored path uses them.
 #pragma once
 
 #include <algorithm>
@@ -87,13 +90,13 @@ struct PrepMmaLayout {
     static constexpr size_t f_off = k_off + k_bytes;
     static constexpr size_t f_bytes =
         kVec ? size_t(kChunk) * LDF * 4 : (kDelta ? 2 * size_t(kChunk) * LDA * 4 : size_t(0));
-    // vector: per channel R_0 and the block sums S_I = R_{I+1} − R_I (S_3 = b_C − R_3), fp32; one
-    // decay number per token: b_i in fp64
     // vector decay, bf16 gates without an activation: the raw gate rows [64][LDH] (bf16) land in the
     // upper half of Δ's bytes, read by the tensor-core sums before those write Δ (decay_sums_mma)
     static constexpr size_t g_off = f_off + size_t(kChunk / 2) * LDF * 4;
     static_assert(!kVec || size_t(kChunk) * LDH * 2 <= size_t(kChunk / 2) * LDF * 4,
                   "chunk_prepare_mma: the raw gate rows must fit Δ's upper half");
+    // vector: per channel R_0 and the block sums S_I = R_{I+1} − R_I (S_3 = b_C − R_3), fp32; one
+    // decay number per token: b_i in fp64
     static constexpr size_t t_off = f_off + f_bytes;
     static constexpr size_t t_bytes = kVec ? size_t(5) * K * 4 : size_t(kChunk) * 8;
     static constexpr size_t r_off = t_off + t_bytes;  // per row: β, rq, rk, e^{b_i}, e^{b_C − b_i}, q_i·k_i
@@ -390,8 +393,8 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     const bool gates_mma = kVec && p.g_dtype == DType::BF16 && p.gate_act == GateActivation::None;  // block-uniform
     const int64_t goff = ci.batch * p.gs[0] + int64_t(ci.start) * p.gs[1] + hv * p.gs[2];
     if (gates_mma) {
-        stage_rows<K, kPrepMmaThreads>(reinterpret_cast<E*>(sm + L::g_off), LDH, static_cast<const E*>(p.g) + goff,
-                                            p.gs[1], len);
+        stage_rows<K, kPrepMmaThreads>(reinterpret_cast<E*>(sm + L::g_off), LDH, static_cast<const E*>(p.g) + goff, p.gs[1],
+                                       len);
         cp_async_commit();
     }
     const E* qsrc = static_cast<const E*>(p.q) + ci.batch * p.qs[0] + int64_t(ci.start) * p.qs[1] + h * p.qs[2];
