@@ -68,6 +68,7 @@ struct OpSpec {
     const char* fwdbwd_peer;      // flash-linear-attention's op whose forward + backward is the target's peer
     double fwdbwd_peer_ms;        // its time, B=4 T=4096, ms
     DType gate_dtype = DType::BF16;
+    bool gate_in_kernel = false;  // raw gate inputs, log decay = −exp(A_log) softplus(g + dt_bias) in the kernel
 };
 
 }  // namespace
@@ -96,6 +97,8 @@ int main(int argc, char** argv) {
     const int64_t H = 16, K = 128, V = 128;
     LinearConfig gdn = gated_delta_rule_config(), kda = kda_config(), sgla = simple_gla_config();
     gdn.qk_l2norm = kda.qk_l2norm = true;
+    LinearConfig kda_in_kernel_gate = kda;
+    kda_in_kernel_gate.gate_activation = GateActivation::SoftplusDecay;
     // GLA (vector decay, additive) has no target of its own; it shows the additive update's path with
     // prepared (not raw) operands.
     // Forward + backward peers. TARGETS.md measured chunk_delta_rule (2.838 ms) and chunk_gla (3.775 ms):
@@ -110,7 +113,9 @@ int main(int argc, char** argv) {
                           {"gla", gla_config(), 0, 0, "chunk_gla", 3.775},
                           // fp32 gates, as a separate gate kernel hands them over (Kimi Linear's
                           // fused_kda_gate): the prepare's other staging path; forward only
-                          {"kda_fp32_gates", kda, 0, 0, "", 0, DType::F32}};
+                          {"kda_fp32_gates", kda, 0, 0, "", 0, DType::F32},
+                          // the gate activation in the kernel (hla's Kimi Linear layer): forward only
+                          {"kda_gate_in_kernel", kda_in_kernel_gate, 0, 0, "", 0, DType::BF16, true}};
     const std::pair<int64_t, int64_t> shapes[] = {{4, 4096}, {1, 16384}};
     for (const auto& [B, T] : shapes) {
         if (fwdbwd_only) break;
@@ -120,6 +125,10 @@ int main(int argc, char** argv) {
         const Tensor g_scalar = device_tensor({B, T, H}, DType::BF16, 4, -0.5, -0.01);
         const Tensor g_vector = device_tensor({B, T, H, K}, DType::BF16, 5, -0.5, -0.01);
         const Tensor g_vector_f32 = device_tensor({B, T, H, K}, DType::F32, 5, -0.5, -0.01);
+        // raw gate inputs and parameters whose log decays fall in about the same range (−0.01 to −0.3)
+        const Tensor g_raw = device_tensor({B, T, H, K}, DType::BF16, 7, 0, 0, true);
+        const Tensor A_log = device_tensor({H}, DType::F32, 8, -1, 0.5);
+        const Tensor dt_bias = device_tensor({H, K}, DType::F32, 9, -4, -2);
         const Tensor beta = device_tensor({B, T, H}, DType::BF16, 6, 0, 1);
         Tensor o({B, T, H, V}, DType::BF16, Device::CUDA);
         Tensor fin({B, H, K, V}, DType::F32, Device::CUDA);
@@ -132,6 +141,11 @@ int main(int argc, char** argv) {
             a.final_state = fin;
             const bool delta = op.cfg.update == Update::Delta, vec = op.cfg.decay == Decay::Vector;
             a.g = !vec ? g_scalar.view() : (op.gate_dtype == DType::F32 ? g_vector_f32.view() : g_vector.view());
+            if (op.gate_in_kernel) {
+                a.g = g_raw;
+                a.A_log = A_log;
+                a.dt_bias = dt_bias;
+            }
             if (delta) a.beta = beta;
             const double ms = median_ms([&] { linear_forward(op.cfg, a); }, iters);
             const double C = 64, chunks_heads = double(B) * (T / 64) * H;

@@ -532,6 +532,21 @@ TEST(LinearCuda, InKernelOptions) {
         check_forward(c);
     }
     {
+        // bf16 gates with an in-kernel activation on the tensor-core prepare (the activation inside its
+        // compensated per-channel sums): a bound shallow enough for the single-reference path, and GLA
+        // (vector decay, additive update) with softplus
+        LinearConfig cfg = kda_config();
+        cfg.gate_activation = GateActivation::BoundedSigmoid;
+        cfg.lower_bound = -1.f;
+        cfg.beta_activation = BetaActivation::Sigmoid;
+        LinearCase c = make_case("kda/bounded-sigmoid/bf16", cfg, DType::BF16, 2, 150, 2, 2, 128, 128);
+        c.initial_state = true;
+        check_forward(c);
+        LinearConfig gla = gla_config();
+        gla.gate_activation = GateActivation::SoftplusDecay;
+        check_forward(make_case("gla/softplus/bf16", gla, DType::BF16, 1, 200, 2, 2, 64, 64));
+    }
+    {
         LinearConfig cfg = gated_delta_rule_config();
         LinearCase c = make_case("gdn/large-initial-state", cfg, DType::BF16, 2, 100, 2, 2, 64, 64);
         c.initial_state = true;
