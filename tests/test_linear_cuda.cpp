@@ -521,27 +521,29 @@ TEST(LinearCuda, InKernelOptions) {
         cfg.beta_activation = BetaActivation::Sigmoid2x;
         check_forward(make_case("kda/l2norm+softplus+sigmoid2x", cfg, DType::BF16, 2, 150, 2, 2, 128, 128));
     }
-    {
+    // KDA's bounded sigmoid on fp16 inputs (the fp32 prepare) and on bf16 (the tensor-core prepare, the
+    // activation inside its compensated per-channel sums), there with a bound shallow enough for the
+    // single-reference path
+    struct BoundedCase {
+        DType dtype;
+        float lower_bound;
+        bool qk_l2norm;
+        int64_t B, KV;
+    };
+    for (const BoundedCase& b :
+         {BoundedCase{DType::F16, -5.f, true, 1, 64}, BoundedCase{DType::BF16, -1.f, false, 2, 128}}) {
         LinearConfig cfg = kda_config();
-        cfg.qk_l2norm = true;
+        cfg.qk_l2norm = b.qk_l2norm;
         cfg.gate_activation = GateActivation::BoundedSigmoid;
-        cfg.lower_bound = -5.f;
+        cfg.lower_bound = b.lower_bound;
         cfg.beta_activation = BetaActivation::Sigmoid;
-        LinearCase c = make_case("kda/bounded-sigmoid", cfg, DType::F16, 1, 150, 2, 2, 64, 64);
+        LinearCase c =
+            make_case(std::string("kda/bounded-sigmoid/") + dtype_tag(b.dtype), cfg, b.dtype, b.B, 150, 2, 2, b.KV, b.KV);
         c.initial_state = true;
         check_forward(c);
     }
     {
-        // bf16 gates with an in-kernel activation on the tensor-core prepare (the activation inside its
-        // compensated per-channel sums): a bound shallow enough for the single-reference path, and GLA
-        // (vector decay, additive update) with softplus
-        LinearConfig cfg = kda_config();
-        cfg.gate_activation = GateActivation::BoundedSigmoid;
-        cfg.lower_bound = -1.f;
-        cfg.beta_activation = BetaActivation::Sigmoid;
-        LinearCase c = make_case("kda/bounded-sigmoid/bf16", cfg, DType::BF16, 2, 150, 2, 2, 128, 128);
-        c.initial_state = true;
-        check_forward(c);
+        // GLA (vector decay, additive update) with softplus on the tensor-core prepare
         LinearConfig gla = gla_config();
         gla.gate_activation = GateActivation::SoftplusDecay;
         check_forward(make_case("gla/softplus/bf16", gla, DType::BF16, 1, 200, 2, 2, 64, 64));
