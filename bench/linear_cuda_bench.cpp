@@ -68,7 +68,6 @@ struct OpSpec {
     const char* fwdbwd_peer;      // flash-linear-attention's op whose forward + backward is the target's peer
     double fwdbwd_peer_ms;        // its time, B=4 T=4096, ms
     DType gate_dtype = DType::BF16;
-    bool gate_in_kernel = false;  // raw gate inputs, log decay = −exp(A_log) softplus(g + dt_bias) in the kernel
 };
 
 }  // namespace
@@ -115,7 +114,7 @@ int main(int argc, char** argv) {
                           // fused_kda_gate): the prepare's other staging path; forward only
                           {"kda_fp32_gates", kda, 0, 0, "", 0, DType::F32},
                           // the gate activation in the kernel (hla's Kimi Linear layer): forward only
-                          {"kda_gate_in_kernel", kda_in_kernel_gate, 0, 0, "", 0, DType::BF16, true}};
+                          {"kda_gate_in_kernel", kda_in_kernel_gate, 0, 0, "", 0}};
     const std::pair<int64_t, int64_t> shapes[] = {{4, 4096}, {1, 16384}};
     for (const auto& [B, T] : shapes) {
         if (fwdbwd_only) break;
@@ -141,7 +140,7 @@ int main(int argc, char** argv) {
             a.final_state = fin;
             const bool delta = op.cfg.update == Update::Delta, vec = op.cfg.decay == Decay::Vector;
             a.g = !vec ? g_scalar.view() : (op.gate_dtype == DType::F32 ? g_vector_f32.view() : g_vector.view());
-            if (op.gate_in_kernel) {
+            if (op.cfg.gate_activation != GateActivation::None) {  // raw gate inputs, the log decay in the kernel
                 a.g = g_raw;
                 a.A_log = A_log;
                 a.dt_bias = dt_bias;

@@ -209,6 +209,13 @@ __device__ __forceinline__ void stage_gate_rows(float* dst, int ld, const void* 
     load_rows_any<kChunk, COLS, THREADS>(dst, ld, src, dtype, offset, row_stride, valid);
 }
 
+// γ_C = e^{R_0 + tot} into *gC, tot = S_0 + … + S_3 = b_C − b_0 the chunk's log decay in one channel;
+// kSlowChunk when it spans more than e^kFastSpan (the single-reference path's bound), else 0.
+__device__ __forceinline__ int chunk_decay_total(float R0, float tot, float* gC) {
+    *gC = __expf(R0 + tot);
+    return tot < -kFastSpan ? kSlowChunk : 0;
+}
+
 // One channel's in-chunk sums of vector decay (the numerics at the top): Δ_i = b_i − R_I into column c
 // of Fs (each block's first row 0), R_0 into St[c] and the block sums S_I into St[(I + 1)·K + c], γ_C =
 // e^{b_C} into *gC. gate(i) is token i's log decay (0 past the sequence's end). Returns the chunk's
@@ -257,12 +264,10 @@ __device__ __forceinline__ int channel_decay_sums(const Gate& gate, float* Fs, i
         tot += S[I];
         if (sum[I] < -kSafeSpan) flags |= 1 << I;
     }
-    if (tot < -kFastSpan) flags |= kSlowChunk;
     St[c] = first[0];
 #pragma unroll
     for (int I = 0; I < 4; ++I) St[(I + 1) * K + c] = S[I];
-    *gC = __expf(first[0] + tot);
-    return flags;
+    return flags | chunk_decay_total(first[0], tot, gC);
 }
 
 // The in-chunk sums of vector decay (the numerics at the top) on tensor cores, for bf16 gates without
@@ -306,9 +311,7 @@ __device__ __forceinline__ void decay_sums_mma(const __nv_bfloat16* gr, int ldg,
         next[nt] = g == 7 && warp < 3 ? *reinterpret_cast<const uint32_t*>(gr + 16 * (warp + 1) * ldg + 8 * nt + 2 * t) : 0u;
     if (tid < K) St[tid] = __bfloat162float(gr[tid]);  // R_0
     __syncthreads();  // every warp has read the gate rows: Δ may take their bytes
-    for_each_acc_pair(acc, [&](int r, int c, float& x0, float& x1) {
-        *reinterpret_cast<float2*>(Fs + (16 * warp + r) * ldf + c) = make_float2(x0, x1);
-    });
+    store_acc<float>(acc, Fs + 16 * warp * ldf, ldf);
     if (g == 7) {
 #pragma unroll
         for (int nt = 0; nt < K / 8; ++nt) {
@@ -482,8 +485,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
             float tot = 0.f;
 #pragma unroll
             for (int I = 0; I < 4; ++I) tot += St[(I + 1) * K + c];
-            if (tot < -kFastSpan) atomicOr(wide, kSlowChunk);
-            p.gC[slot * K + c] = __expf(St[c] + tot);
+            if (const int slow = chunk_decay_total(St[c], tot, p.gC + slot * K + c)) atomicOr(wide, slow);
         }
     }
     // ---- L2 norms (and the scale) of the chunk's rows; vector decay: q_i·k_i. Two lanes a row, each
