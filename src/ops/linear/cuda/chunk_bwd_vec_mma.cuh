@@ -158,10 +158,10 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
         float* bsum = bfirst + 4 * K;  // [4][K] the sum over its other tokens
         if (tid < 4 * K) {
             const int c = tid % K, I = tid / K;
-            float dtb = 0.f, alog = 0.f;
+            float dtb = 0.f, ea = 0.f;
             if (gated) {
                 dtb = static_cast<const float*>(p.dt_bias)[hv * p.dtb_s + c];
-                alog = static_cast<const float*>(p.A_log)[hv * p.alog_s];
+                ea = expf(static_cast<const float*>(p.A_log)[hv * p.alog_s]);
             }
             float run = 0.f, lo = 0.f, first = 0.f;
 #pragma unroll 1
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
                 float gl = 0.f;
                 if (i < len) {
                     const float x = Dl[i * LDF + c];
-                    gl = gated ? gate_log_decay(p.gate_act, p.lower_bound, x + dtb, alog) : x;
+                    gl = gated ? fast_gate_log_decay(p.gate_act, x + dtb, ea, p.lower_bound) : x;  // as prepare's
                 }
                 if (ii == 0) first = gl;
                 else compensated_add(run, lo, gl);
@@ -358,10 +358,10 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
                 run += x;
             }
             const float c0 = __expf(bC) * p.v_sd[slot * K + c];  // the state's own decay over the chunk
-            float dtb = 0.f, alog = 0.f;
+            float dtb = 0.f, ea = 0.f;
             if (gated) {
                 dtb = static_cast<const float*>(p.dt_bias)[hv * p.dtb_s + c];
-                alog = static_cast<const float*>(p.A_log)[hv * p.alog_s];
+                ea = expf(static_cast<const float*>(p.A_log)[hv * p.alog_s]);
             }
             float s_dx = 0.f, s_alog = 0.f;
             for (int i = i0 + RS - 1; i >= i0; --i) {
@@ -370,8 +370,8 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
                 float dgi = c0 + s + Kb[i * LDF + c];
                 if (gated) {
                     float d_dx = 1.f, d_dalog = 0.f;
-                    gate_derivatives(p.gate_act, p.lower_bound, load_any(p.g, p.g_dt, tok(p.gs, ci.batch, ci.start + i, hv) + c) + dtb,
-                                     alog, &d_dx, &d_dalog);
+                    fast_gate_derivatives(p.gate_act, load_any(p.g, p.g_dt, tok(p.gs, ci.batch, ci.start + i, hv) + c) + dtb, ea,
+                                          p.lower_bound, &d_dx, &d_dalog);
                     s_alog += dgi * d_dalog;
                     dgi *= d_dx;
                 }

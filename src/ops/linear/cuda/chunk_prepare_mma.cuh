@@ -90,11 +90,11 @@ struct PrepMmaLayout {
     static constexpr size_t f_off = k_off + k_bytes;
     static constexpr size_t f_bytes =
         kVec ? size_t(kChunk) * LDF * 4 : (kDelta ? 2 * size_t(kChunk) * LDA * 4 : size_t(0));
-    // vector decay, bf16 gates without an activation: the raw gate rows [64][LDH] (bf16) land in the
-    // upper half of Δ's bytes, read by the tensor-core sums before those write Δ (decay_sums_mma)
-    static constexpr size_t g_off = f_off + size_t(kChunk / 2) * LDF * 4;
-    static_assert(!kVec || size_t(kChunk) * LDH * 2 <= size_t(kChunk / 2) * LDF * 4,
-                  "chunk_prepare_mma: the raw gate rows must fit Δ's upper half");
+    // vector decay, bf16 gates without an activation: row block w's raw gate rows [16][LDH] (bf16) land
+    // in the upper half of Δ's row block w, where warp w copies them and reads them on tensor cores
+    // before it writes that block of Δ (decay_sums_mma): no other warp touches those bytes in between
+    static constexpr size_t g_off(int w) { return f_off + size_t(16 * w + 8) * LDF * 4; }
+    static_assert(!kVec || 16 * LDH * 2 <= 8 * LDF * 4, "chunk_prepare_mma: a row block's gate rows must fit half its Δ rows");
     // vector: per channel R_0 and the block sums S_I = R_{I+1} − R_I (S_3 = b_C − R_3), fp32; one
     // decay number per token: b_i in fp64
     static constexpr size_t t_off = f_off + f_bytes;
@@ -117,38 +117,39 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, b
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
 }
 
-// The chunk's kChunk rows × COLS of a [.., COLS] view of T (bf16 or fp32; row stride row_stride
-// elements) into shared memory (row stride ld) by a block of THREADS, rows ≥ valid zero: asynchronous
-// 16-byte copies when every row is 16-byte aligned, element copies otherwise. Shared by the prepare
-// and the tensor-core backward.
-template <int COLS, int THREADS, class T>
-__device__ __forceinline__ void stage_rows(T* dst, int ld, const T* src, int64_t row_stride, int valid) {
+// The chunk's rows [first_row, first_row + ROWS) × COLS of a [.., COLS] view of T (bf16 or fp32; src
+// its row 0, row stride row_stride elements) into shared memory (row stride ld) by THREADS threads
+// (thread: this one's index among them), rows ≥ valid zero: asynchronous 16-byte copies when every row
+// is 16-byte aligned, element copies otherwise. Shared by the prepare and the tensor-core backward.
+template <int COLS, int THREADS, class T, int ROWS = kChunk>
+__device__ __forceinline__ void stage_rows(T* dst, int ld, const T* src, int64_t row_stride, int valid, int first_row = 0,
+                                           int thread = threadIdx.x) {
     constexpr int VEC = 16 / sizeof(T), PR = COLS / VEC;  // elements a copy, copies a row
     if ((reinterpret_cast<uintptr_t>(src) % 16 == 0) && (row_stride % VEC == 0)) {
         // each thread keeps one 16-byte column of every RS-th row, a fixed count of rows unrolled, one
         // 64-bit address step a copy (session 17: a loop bounded by the thread's first row, compiled as
         // a remainder and a 4-way unrolled body, took a 64-bit row product and ~12 instructions a copy,
         // ~9% of KDA prepare's stall samples with the gate rows' copies)
-        static_assert(THREADS % PR == 0 && kChunk % (THREADS / PR) == 0, "stage_rows: a thread keeps one column");
+        static_assert(THREADS % PR == 0 && ROWS % (THREADS / PR) == 0, "stage_rows: a thread keeps one column");
         constexpr int RS = THREADS / PR;
-        const int c = threadIdx.x % PR, r0 = threadIdx.x / PR;
+        const int c = thread % PR, r0 = thread / PR;
         const T* first = src + c * VEC;  // row 0: a valid address for the zero-filled rows
-        const T* s = first + r0 * row_stride;
-        if (valid >= kChunk) {  // a whole chunk (block-uniform): no fill, no selects
+        const T* s = first + (first_row + r0) * row_stride;
+        if (valid >= first_row + ROWS) {  // whole (uniform among the threads): no fill, no selects
 #pragma unroll
-            for (int n = 0; n < kChunk / RS; ++n, s += RS * row_stride) cp_async16(dst + (r0 + n * RS) * ld + c * VEC, s);
+            for (int n = 0; n < ROWS / RS; ++n, s += RS * row_stride) cp_async16(dst + (r0 + n * RS) * ld + c * VEC, s);
         } else {
 #pragma unroll
-            for (int n = 0; n < kChunk / RS; ++n, s += RS * row_stride) {
+            for (int n = 0; n < ROWS / RS; ++n, s += RS * row_stride) {
                 const int r = r0 + n * RS;
-                const bool in = r < valid;
+                const bool in = first_row + r < valid;
                 cp_async16_zfill(dst + r * ld + c * VEC, in ? s : first, in);
             }
         }
     } else {
-        for (int idx = threadIdx.x; idx < kChunk * COLS; idx += THREADS) {
+        for (int idx = thread; idx < ROWS * COLS; idx += THREADS) {
             const int r = idx / COLS, c = idx % COLS;
-            dst[r * ld + c] = r < valid ? src[r * row_stride + c] : static_cast<T>(0.f);
+            dst[r * ld + c] = first_row + r < valid ? src[(first_row + r) * row_stride + c] : static_cast<T>(0.f);
         }
     }
 }
@@ -271,20 +272,22 @@ __device__ __forceinline__ int channel_decay_sums(const Gate& gate, float* Fs, i
 }
 
 // The in-chunk sums of vector decay (the numerics at the top) on tensor cores, for bf16 gates without
-// an activation: warp w's row block I = w is Δ = M G_I with G_I its 16 raw gate rows (bf16, exact as
-// mma operands) and M[i][j] = 1 for 1 ≤ j ≤ i (Δ_i = g_{r_I + 1} + … + g_{r_I + i}, Δ of the block's
-// first row 0), one m16n8k16 a column tile; S_I = Δ_{r_I + 15} + g_{r_I + 16} (the next block's first,
-// 0 after the last block) and R_0 = g_0 as channel_decay_sums writes them. Every product is exact and
-// the tensor cores sum them in fp32, so Δ is within a few ulps of the exact sum instead of within half
-// of one (channel_decay_sums' compensated sums): far below the bf16 rounding of the operands it decays
-// while the chunk's span is at most kFastSpan; chunks that span more are summed again exactly by
-// channel_decay_sums (the factored path's differences need it). gr: the gate rows [64][ldg], rows past
-// the sequence's end zero; Δ goes to Fs [64][ldf], whose bytes may hold gr: every warp has read gr
-// before any writes Δ (the block barrier inside).
+// an activation, one row block a warp: block I = warp is Δ = M G_I with G_I its 16 raw gate rows (bf16,
+// exact as mma operands) and M[i][j] = 1 for 1 ≤ j ≤ i (Δ_i = g_{r_I + 1} + … + g_{r_I + i}, Δ of the
+// block's first row 0), one m16n8k16 a column tile. Every product is exact and the tensor cores sum
+// them in fp32, so Δ is within a few ulps of the exact sum instead of within half of one
+// (channel_decay_sums' compensated sums): far below the bf16 rounding of the operands it decays while
+// the chunk's span is at most kFastSpan; chunks that span more are summed again exactly by
+// channel_decay_sums (the factored path's differences need it). gr: the warp's gate rows [16][ldg] (rows
+// past the sequence's end zero), in the upper half of its Δ rows in Fs [64][ldf], which it overwrites
+// once it has read them. The block's first gates g_{r_I} go to St[I·K + c]; decay_sums_finish turns
+// them and Δ's last rows into R_0 and the S_I once every warp is done. No block barrier: a warp needs
+// only its own rows (one across the block here, waiting for the slowest warp's rows, had been ~3% of
+// KDA prepare's stall samples).
 template <int K>
 __device__ __forceinline__ void decay_sums_mma(const __nv_bfloat16* gr, int ldg, float* Fs, int ldf, float* St) {
     using E = __nv_bfloat16;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3, mi = lane >> 3, r8 = lane & 7;
     // M's A fragment: register e holds row g + 8(e & 1), columns 2t + 8(e >> 1) and the next
     uint32_t m[4];
@@ -295,31 +298,33 @@ __device__ __forceinline__ void decay_sums_mma(const __nv_bfloat16* gr, int ldg,
     }
     float acc[1][K / 8][4];
     zero_acc(acc);
-    const E* G = gr + 16 * warp * ldg;
 #pragma unroll
     for (int np = 0; np < K / 16; ++np) {
         uint32_t x[4];
-        ldmatrix_x4_trans(x, G + ((mi & 1) * 8 + r8) * ldg + 16 * np + (mi >> 1) * 8);
+        ldmatrix_x4_trans(x, gr + ((mi & 1) * 8 + r8) * ldg + 16 * np + (mi >> 1) * 8);
         const uint32_t b0[2] = {x[0], x[1]}, b1[2] = {x[2], x[3]};
         mma16(acc[0][2 * np], m, b0, E());
         mma16(acc[0][2 * np + 1], m, b1, E());
     }
-    // the next block's first gates, for the lanes that hold row 15 (g = 7)
-    uint32_t next[K / 8];
 #pragma unroll
-    for (int nt = 0; nt < K / 8; ++nt)
-        next[nt] = g == 7 && warp < 3 ? *reinterpret_cast<const uint32_t*>(gr + 16 * (warp + 1) * ldg + 8 * nt + 2 * t) : 0u;
-    if (tid < K) St[tid] = __bfloat162float(gr[tid]);  // R_0
-    __syncthreads();  // every warp has read the gate rows: Δ may take their bytes
+    for (int c = lane; c < K; c += 32) St[warp * K + c] = __bfloat162float(gr[c]);
+    __syncwarp();  // the warp has read its gate rows: Δ may take their bytes
     store_acc<float>(acc, Fs + 16 * warp * ldf, ldf);
-    if (g == 7) {
+}
+
+// After decay_sums_mma in every warp and a block barrier, channel c's R_0 = g_0 stays in St[c] and the
+// block sums S_I = Δ_{r_I + 15} + g_{r_{I+1}} (0 after the last block) take St[(I + 1)·K + c] (where
+// g_{r_{I+1}} was); γ_C and the slow flag as chunk_decay_total.
+template <int K>
+__device__ __forceinline__ int decay_sums_finish(const float* Fs, int ldf, float* St, int c, float* gC) {
+    float tot = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < K / 8; ++nt) {
-            const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&next[nt]));
-            *reinterpret_cast<float2*>(St + (warp + 1) * K + 8 * nt + 2 * t) =
-                make_float2(acc[0][nt][2] + f.x, acc[0][nt][3] + f.y);
-        }
+    for (int I = 0; I < 4; ++I) {
+        const float sI = Fs[(16 * I + 15) * ldf + c] + (I < 3 ? St[(I + 1) * K + c] : 0.f);
+        St[(I + 1) * K + c] = sI;
+        tot += sI;
     }
+    return chunk_decay_total(St[c], tot, gC);
 }
 
 // One (chunk, value head) of chunk_prepare_mma_kernel (below).
@@ -395,9 +400,9 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     // tensor-core sums, ahead of q and k), q, k (and v) → shared memory, asynchronously ----
     const bool gates_mma = kVec && p.g_dtype == DType::BF16 && p.gate_act == GateActivation::None;  // block-uniform
     const int64_t goff = ci.batch * p.gs[0] + int64_t(ci.start) * p.gs[1] + hv * p.gs[2];
+    E* const gate_rows = reinterpret_cast<E*>(sm + L::g_off(warp));  // this warp's row block's (gates_mma)
     if (gates_mma) {
-        stage_rows<K, kPrepMmaThreads>(reinterpret_cast<E*>(sm + L::g_off), LDH, static_cast<const E*>(p.g) + goff, p.gs[1],
-                                       len);
+        stage_rows<K, 32, E, 16>(gate_rows, LDH, static_cast<const E*>(p.g) + goff, p.gs[1], len, 16 * warp, lane);
         cp_async_commit();
     }
     const E* qsrc = static_cast<const E*>(p.q) + ci.batch * p.qs[0] + int64_t(ci.start) * p.qs[1] + h * p.qs[2];
@@ -448,9 +453,9 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
     // and k land (session 17: the fp32 staging through registers and the per-channel sums of the other
     // gates were ~24% of KDA prepare's stall samples) ----
     if (gates_mma) {
-        cp_async_wait_group<1>();  // the gate rows (q and k may still be in flight)
-        __syncthreads();
-        decay_sums_mma<K>(reinterpret_cast<const E*>(sm + L::g_off), LDH, Fs, LDF, St);
+        cp_async_wait_group<1>();  // the warp's gate rows (q and k may still be in flight)
+        __syncwarp();
+        decay_sums_mma<K>(gate_rows, LDH, Fs, LDF, St);
     }
     cp_async_wait_all();
     __syncthreads();
@@ -467,12 +472,18 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                 // rows ≥ len are 0: the copy zero-filled them
                 flags = channel_decay_sums<true>([&](int i) { return Fs[i * LDF + c]; }, Fs, LDF, St, K, c, gC);
             } else {
+                // the fast activation (common.cuh), chosen once, in the rolled sums (session 18: the
+                // full-precision activation took KDA's forward at B=1 T=16384 from 0.50 to 0.89 ms; with
+                // the fast one unrolled five rows deep, 0.73, and plain bf16 KDA there 0.50 → 0.63, the
+                // machine code presumably: its concurrent prepare shares the SMs with the scan)
                 const float dtb = static_cast<const float*>(p.dt_bias)[hv * K + c];
-                const float alog = static_cast<const float*>(p.A_log)[hv];
-                auto gate = [&](int i) -> float {
-                    return i < len ? gate_log_decay(p.gate_act, p.lower_bound, Fs[i * LDF + c] + dtb, alog) : 0.f;
-                };
-                flags = channel_decay_sums<false>(gate, Fs, LDF, St, K, c, gC);
+                flags = with_fast_gate(p.gate_act, static_cast<const float*>(p.A_log)[hv], p.lower_bound, [&](const auto& act) {
+                    auto gate = [&](int i) -> float {
+                        const float a = act(Fs[i * LDF + c] + dtb);
+                        return i < len ? a : 0.f;
+                    };
+                    return channel_decay_sums<false>(gate, Fs, LDF, St, K, c, gC);
+                });
             }
             if (flags) atomicOr(wide, flags);
         }
@@ -481,11 +492,7 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
         if (!gates_mma) {
             exact_decay_sums();
         } else if (tid < K) {
-            const int c = tid;
-            float tot = 0.f;
-#pragma unroll
-            for (int I = 0; I < 4; ++I) tot += St[(I + 1) * K + c];
-            if (const int slow = chunk_decay_total(St[c], tot, p.gC + slot * K + c)) atomicOr(wide, slow);
+            if (const int slow = decay_sums_finish<K>(Fs, LDF, St, tid, p.gC + slot * K + tid)) atomicOr(wide, slow);
         }
     }
     // ---- L2 norms (and the scale) of the chunk's rows; vector decay: q_i·k_i. Two lanes a row, each
