@@ -1015,6 +1015,37 @@ TEST(LinearCuda, Fp32GatesWithBf16Inputs) {
     }
 }
 
+// Gate rows that are not 16-byte aligned (a token stride of HV·K + 1 elements): the vector decay's
+// bf16 gate rows are then copied element by element instead of by cp.async (stage_rows' other path;
+// on the tensor-core prepare each warp copies its own row block).
+TEST(LinearCuda, UnalignedGateRows) {
+    REQUIRE_GPU();
+    for (const Cell& cell : kCells) {
+        if (cell.config().decay != Decay::Vector) continue;
+        LinearCase c = make_case(std::string(cell.name) + "/unaligned-gates", cell.config(), DType::BF16, 2, 150, 2, 2, 64, 64);
+        c.initial_state = true;
+        const LinearInputs cpu = make_inputs(c, 5);
+        const References ref = run_references(c, cpu);
+        const LinearInputs dev = cpu.move_to(Device::CUDA);
+        const TensorView& g = cpu.g.view();
+        ASSERT_EQ(g.dtype, DType::BF16);
+        const int64_t B = g.shape[0], T = g.shape[1], HV = g.shape[2], K = g.shape[3], ts = HV * K + 1;
+        Tensor padded({B, T, ts}, g.dtype);
+        for (int64_t bt = 0; bt < B * T; ++bt)
+            std::memcpy(static_cast<char*>(padded.view().data) + bt * ts * 2, static_cast<const char*>(g.data) + bt * HV * K * 2,
+                        size_t(HV * K) * 2);
+        const Tensor padded_dev = padded.to(Device::CUDA);
+        Tensor o = poisoned_output(c, Device::CUDA);
+        Tensor s = poisoned_state(c, cpu.N, Device::CUDA);
+        LinearForwardArgs a = dev.args(o, &s);
+        a.g = TensorView::strided(padded_dev.view().data, g.dtype, {B, T, HV, K}, {T * ts, ts, K, 1}, Device::CUDA);
+        linear_forward(c.cfg, a);
+        cuda_synchronize();
+        expect_close(c.name + ": o", o.to(Device::CPU), ref.o64, ref.o_p);
+        expect_close(c.name + ": final_state", s.to(Device::CPU), ref.s64, ref.s_p);
+    }
+}
+
 TEST(LinearCuda, BackwardSingleToken) {
     REQUIRE_GPU();
     backward_every_cell("T1", [](LinearCase& c) {
