@@ -536,9 +536,9 @@ inline CellOptions cell_options(const LinearConfig& cfg, double scale) {
 // The vector-decay gate activations (activations.hpp) in fast fp32, for the bf16 tensor-core kernels,
 // where a full-precision expf and log1pf an element (~80 instructions for K = 128 channels of every
 // token) were most of the in-kernel-gate forward's extra time over precomputed log decays (session
-// 17: 0.50 against 0.38 ms, KDA B=4 T=4096). Two MUFU operations and a short series each; relative
-// error a few 10⁻⁶ (__expf's), far below the bf16 rounding of the operands the decays scale. The fp32
-// and fp16 kernels and the scalar decays (one number a token) keep activations.hpp's.
+// 17: 0.50 against 0.38 ms, KDA B=4 T=4096; 0.41 with these). Two MUFU operations and a short series
+// each; relative error a few 10⁻⁶ (__expf's), far below the bf16 rounding of the operands the decays
+// scale. The fp32 and fp16 kernels and the scalar decays (one number a token) keep activations.hpp's.
 //   softplus(x) = max(x, 0) + log1p(e), e = e^{−|x|} ∈ (0, 1], log1p(e) = 2 atanh(s) with
 //   s = e / (2 + e) ∈ (0, 1/3]: the series to s¹³ is within 2·10⁻⁸ relative (exact to fp32 near 0,
 //   where log1p(e) ≈ e, unlike log2(1 + e)).
@@ -565,12 +565,13 @@ __device__ __forceinline__ float fast_gate_log_decay(float x, float ea, float lo
     else return lower_bound * fast_sigmoid(ea * x);
 }
 
+// The same with the activation chosen at run time (a ≠ None).
 __device__ __forceinline__ float fast_gate_log_decay(GateActivation a, float x, float ea, float lower_bound) {
     return a == GateActivation::SoftplusDecay ? fast_gate_log_decay<GateActivation::SoftplusDecay>(x, ea, lower_bound)
                                               : fast_gate_log_decay<GateActivation::BoundedSigmoid>(x, ea, lower_bound);
 }
 
-// gate_derivatives of activations.hpp (d log decay / dx, / dA_log) in the same fast math.
+// gate_derivatives of activations.hpp (d log decay / dx, / dA_log) in the same fast math (a ≠ None).
 __device__ __forceinline__ void fast_gate_derivatives(GateActivation a, float x, float ea, float lower_bound, float* d_dx,
                                                       float* d_dalog) {
     if (a == GateActivation::SoftplusDecay) {
@@ -584,7 +585,7 @@ __device__ __forceinline__ void fast_gate_derivatives(GateActivation a, float x,
 }
 
 // f(gate) with gate(x) the activation a's log decay of gate input x as a compile-time choice, so that
-// an unrolled loop over elements holds no branch on it (a ≠ None; e^{A_log} once here).
+// the loop over elements holds no branch on it (a ≠ None; e^{A_log} once here).
 template <class F>
 __device__ __forceinline__ auto with_fast_gate(GateActivation a, float a_log, float lower_bound, const F& f) {
     const float ea = expf(a_log);
