@@ -70,6 +70,23 @@ struct OpSpec {
     DType gate_dtype = DType::BF16;
 };
 
+// Raw gate inputs and the parameters of the in-kernel gate activation, with log decays in about the
+// range of the bench's precomputed ones (−0.01 to −0.3): given to a call whose config applies an
+// activation.
+struct RawGates {
+    Tensor g, A_log, dt_bias;
+    RawGates(int64_t B, int64_t T, int64_t H, int64_t K, uint64_t seed)
+        : g(device_tensor({B, T, H, K}, DType::BF16, seed, 0, 0, true)),
+          A_log(device_tensor({H}, DType::F32, seed + 1, -1, 0.5)),
+          dt_bias(device_tensor({H, K}, DType::F32, seed + 2, -4, -2)) {}
+    void use_if_activated(const LinearConfig& cfg, LinearForwardArgs& a) const {
+        if (cfg.gate_activation == GateActivation::None) return;
+        a.g = g;
+        a.A_log = A_log;
+        a.dt_bias = dt_bias;
+    }
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -124,10 +141,7 @@ int main(int argc, char** argv) {
         const Tensor g_scalar = device_tensor({B, T, H}, DType::BF16, 4, -0.5, -0.01);
         const Tensor g_vector = device_tensor({B, T, H, K}, DType::BF16, 5, -0.5, -0.01);
         const Tensor g_vector_f32 = device_tensor({B, T, H, K}, DType::F32, 5, -0.5, -0.01);
-        // raw gate inputs and parameters whose log decays fall in about the same range (−0.01 to −0.3)
-        const Tensor g_raw = device_tensor({B, T, H, K}, DType::BF16, 7, 0, 0, true);
-        const Tensor A_log = device_tensor({H}, DType::F32, 8, -1, 0.5);
-        const Tensor dt_bias = device_tensor({H, K}, DType::F32, 9, -4, -2);
+        const RawGates raw_gates(B, T, H, K, 7);
         const Tensor beta = device_tensor({B, T, H}, DType::BF16, 6, 0, 1);
         Tensor o({B, T, H, V}, DType::BF16, Device::CUDA);
         Tensor fin({B, H, K, V}, DType::F32, Device::CUDA);
@@ -140,11 +154,7 @@ int main(int argc, char** argv) {
             a.final_state = fin;
             const bool delta = op.cfg.update == Update::Delta, vec = op.cfg.decay == Decay::Vector;
             a.g = !vec ? g_scalar.view() : (op.gate_dtype == DType::F32 ? g_vector_f32.view() : g_vector.view());
-            if (op.cfg.gate_activation != GateActivation::None) {  // raw gate inputs, the log decay in the kernel
-                a.g = g_raw;
-                a.A_log = A_log;
-                a.dt_bias = dt_bias;
-            }
+            raw_gates.use_if_activated(op.cfg, a);
             if (delta) a.beta = beta;
             const double ms = median_ms([&] { linear_forward(op.cfg, a); }, iters);
             const double C = 64, chunks_heads = double(B) * (T / 64) * H;
@@ -176,9 +186,7 @@ int main(int argc, char** argv) {
         const Tensor g_vector = device_tensor({B, T, H, K}, DType::BF16, 25, -0.5, -0.01);
         const Tensor beta = device_tensor({B, T, H}, DType::BF16, 26, 0, 1);
         const Tensor d_o = device_tensor({B, T, H, V}, DType::BF16, 27, 0, 0, true);
-        const Tensor g_raw = device_tensor({B, T, H, K}, DType::BF16, 28, 0, 0, true);
-        const Tensor A_log = device_tensor({H}, DType::F32, 29, -1, 0.5);
-        const Tensor dt_bias = device_tensor({H, K}, DType::F32, 30, -4, -2);
+        const RawGates raw_gates(B, T, H, K, 28);
         Tensor o({B, T, H, V}, DType::BF16, Device::CUDA);
         Tensor dq({B, T, H, K}, DType::BF16, Device::CUDA), dk({B, T, H, K}, DType::BF16, Device::CUDA);
         Tensor dv({B, T, H, V}, DType::BF16, Device::CUDA), dbeta({B, T, H}, DType::F32, Device::CUDA);
@@ -196,19 +204,14 @@ int main(int argc, char** argv) {
             a.o = o;
             a.g = vec ? g_vector.view() : g_scalar.view();
             if (delta) a.beta = beta;
-            const bool gate_in_kernel = op.cfg.gate_activation != GateActivation::None;
-            if (gate_in_kernel) {
-                a.g = g_raw;
-                a.A_log = A_log;
-                a.dt_bias = dt_bias;
-            }
+            raw_gates.use_if_activated(op.cfg, a);
             LinearGrads gr;
             gr.dq = dq;
             gr.dk = dk;
             gr.dv = dv;
             gr.dg = vec ? dg_vector.view() : dg_scalar.view();
             if (delta) gr.dbeta = dbeta;
-            if (gate_in_kernel) {
+            if (op.cfg.gate_activation != GateActivation::None) {
                 gr.dA_log = dA_log;
                 gr.ddt_bias = ddt_bias;
             }

@@ -167,9 +167,11 @@ using linear::cuda::last_forward_plan;
 bool kernels_may_run_concurrently() { return !linear::cuda::kernels_serialised_by_environment(); }
 
 // The forward on the GPU against the references, on the case's random inputs as `edit_inputs` leaves
-// them (host tensors). Afterwards last_forward_plan() is this call's plan.
+// them (host tensors); `edit_args` may then replace the GPU views the call gets (given the host inputs),
+// as long as they hold the same values. Afterwards last_forward_plan() is this call's plan.
 void check_forward(const LinearCase& c, uint64_t seed = 1, TokenLayout layout = TokenLayout::Contiguous,
-                   const std::function<void(LinearInputs&)>& edit_inputs = {}) {
+                   const std::function<void(LinearInputs&)>& edit_inputs = {},
+                   const std::function<void(const LinearInputs&, LinearForwardArgs&)>& edit_args = {}) {
     LinearInputs cpu = make_inputs(c, seed);
     if (edit_inputs) edit_inputs(cpu);
     const References ref = run_references(c, cpu);
@@ -179,6 +181,7 @@ void check_forward(const LinearCase& c, uint64_t seed = 1, TokenLayout layout = 
     LinearForwardArgs a = dev.args(o, &s);
     HeadMajorQKV hm;
     if (layout == TokenLayout::HeadMajor) hm = head_major_inputs(cpu, a);
+    if (edit_args) edit_args(cpu, a);
     linear::cuda::record_forward_plan({});
     linear_forward(c.cfg, a);
     cuda_synchronize();
@@ -1024,25 +1027,18 @@ TEST(LinearCuda, UnalignedGateRows) {
         if (cell.config().decay != Decay::Vector) continue;
         LinearCase c = make_case(std::string(cell.name) + "/unaligned-gates", cell.config(), DType::BF16, 2, 150, 2, 2, 64, 64);
         c.initial_state = true;
-        const LinearInputs cpu = make_inputs(c, 5);
-        const References ref = run_references(c, cpu);
-        const LinearInputs dev = cpu.move_to(Device::CUDA);
-        const TensorView& g = cpu.g.view();
-        ASSERT_EQ(g.dtype, DType::BF16);
-        const int64_t B = g.shape[0], T = g.shape[1], HV = g.shape[2], K = g.shape[3], ts = HV * K + 1;
-        Tensor padded({B, T, ts}, g.dtype);
-        for (int64_t bt = 0; bt < B * T; ++bt)
-            std::memcpy(static_cast<char*>(padded.view().data) + bt * ts * 2, static_cast<const char*>(g.data) + bt * HV * K * 2,
-                        size_t(HV * K) * 2);
-        const Tensor padded_dev = padded.to(Device::CUDA);
-        Tensor o = poisoned_output(c, Device::CUDA);
-        Tensor s = poisoned_state(c, cpu.N, Device::CUDA);
-        LinearForwardArgs a = dev.args(o, &s);
-        a.g = TensorView::strided(padded_dev.view().data, g.dtype, {B, T, HV, K}, {T * ts, ts, K, 1}, Device::CUDA);
-        linear_forward(c.cfg, a);
-        cuda_synchronize();
-        expect_close(c.name + ": o", o.to(Device::CPU), ref.o64, ref.o_p);
-        expect_close(c.name + ": final_state", s.to(Device::CPU), ref.s64, ref.s_p);
+        Tensor padded;  // the gates in a [B, T, HV·K + 1] buffer on the GPU, behind the call's view
+        check_forward(c, 5, TokenLayout::Contiguous, {}, [&](const LinearInputs& cpu, LinearForwardArgs& a) {
+            const TensorView& g = cpu.g.view();
+            ASSERT_EQ(g.dtype, DType::BF16);
+            const int64_t B = g.shape[0], T = g.shape[1], HV = g.shape[2], K = g.shape[3], ts = HV * K + 1;
+            Tensor host({B, T, ts}, g.dtype);
+            for (int64_t bt = 0; bt < B * T; ++bt)
+                std::memcpy(static_cast<char*>(host.view().data) + bt * ts * 2,
+                            static_cast<const char*>(g.data) + bt * HV * K * 2, size_t(HV * K) * 2);
+            padded = host.to(Device::CUDA);
+            a.g = TensorView::strided(padded.view().data, g.dtype, {B, T, HV, K}, {T * ts, ts, K, 1}, Device::CUDA);
+        });
     }
 }
 
