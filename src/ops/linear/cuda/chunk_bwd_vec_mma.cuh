@@ -53,9 +53,15 @@ struct VecLayout {
     // channel sums of ∂b' and K̄ ⊙ dK̄ (fp32 [kVecThreads / K][K] each)
     static constexpr size_t sg_off = r_off + 6 * kChunk * 4 + 16;
     static constexpr size_t bytes = sg_off + std::max(size_t(8) * K * 4, 2 * size_t(kVecThreads) * 4);
+    // With the gate activation in the kernel, one more fp32 [kChunk][LDF] tile past `bytes`: each gate
+    // input plus dt_bias, kept from the gate sums for dg's derivatives (bytes_gated is then launched).
+    // Read again from memory, row after row behind dg's stores, those inputs had cost the kernel ~20%
+    // (session 18, ncu); staged into registers they spilled (the kernel is at its register cap).
+    static constexpr size_t xg_off = bytes;
+    static constexpr size_t bytes_gated = xg_off + size_t(kChunk) * LDF * 4;
     // after the group, [dl_off, r_off) is store_dq_dk's (q̂, k̂ stay for it)
     static_assert(dl_off + dq_dk_stage_bytes(K) <= r_off, "bwd vec: the dq/dk staging does not fit");
-    static_assert(bytes <= 227 * 1024, "bwd vec: shared memory over the 227 KiB of an SM");
+    static_assert(bytes_gated <= 227 * 1024, "bwd vec: shared memory over the 227 KiB of an SM");
 };
 
 // A B fragment (k rows 2t, 2t+1 | 2t+8, 2t+9 of one column) as two bf16 fragments, hi + lo, so that
@@ -107,6 +113,7 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
     int* wide = reinterpret_cast<int*>(inv_norm + 2 * kChunk);  // bit J: S_J < −kSafeSpan in some channel
     float* segD = reinterpret_cast<float*>(sm + L::sg_off);
     float* segK = segD + kVecThreads;
+    float* Zg = reinterpret_cast<float*>(sm + L::xg_off);  // gated only: gate input + dt_bias
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3, mi = lane >> 3, r8 = lane & 7;
@@ -170,7 +177,12 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
                 float gl = 0.f;
                 if (i < len) {
                     const float x = Dl[i * LDF + c];
-                    gl = gated ? fast_gate_log_decay(p.gate_act, x + dtb, ea, p.lower_bound) : x;  // as prepare's
+                    if (gated) {
+                        Zg[i * LDF + c] = x + dtb;
+                        gl = fast_gate_log_decay(p.gate_act, x + dtb, ea, p.lower_bound);  // as prepare's
+                    } else {
+                        gl = x;
+                    }
                 }
                 if (ii == 0) first = gl;
                 else compensated_add(run, lo, gl);
@@ -358,11 +370,7 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
                 run += x;
             }
             const float c0 = __expf(bC) * p.v_sd[slot * K + c];  // the state's own decay over the chunk
-            float dtb = 0.f, ea = 0.f;
-            if (gated) {
-                dtb = static_cast<const float*>(p.dt_bias)[hv * p.dtb_s + c];
-                ea = expf(static_cast<const float*>(p.A_log)[hv * p.alog_s]);
-            }
+            const float ea = gated ? expf(static_cast<const float*>(p.A_log)[hv * p.alog_s]) : 0.f;
             float s_dx = 0.f, s_alog = 0.f;
             for (int i = i0 + RS - 1; i >= i0; --i) {
                 s += Db[i * LDF + c];
@@ -370,8 +378,7 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
                 float dgi = c0 + s + Kb[i * LDF + c];
                 if (gated) {
                     float d_dx = 1.f, d_dalog = 0.f;
-                    fast_gate_derivatives(p.gate_act, load_any(p.g, p.g_dt, tok(p.gs, ci.batch, ci.start + i, hv) + c) + dtb, ea,
-                                          p.lower_bound, &d_dx, &d_dalog);
+                    fast_gate_derivatives(p.gate_act, Zg[i * LDF + c], ea, p.lower_bound, &d_dx, &d_dalog);
                     s_alog += dgi * d_dalog;
                     dgi *= d_dx;
                 }
@@ -402,8 +409,9 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
 template <Update Up, int K, int V>
 void launch_backward_mma_vector_kv(const bwd::Params& p, const Stage3Views& x, const char* op) {
     launch_backward_mma_kv<Up, true, K, V>(p, x, op);
-    constexpr size_t smem = bwd::VecLayout<Up, K>::bytes;
-    raise_smem_limit<bwd::chunk_bwd_vec_kernel<Up, K>>(smem, op);
+    using L = bwd::VecLayout<Up, K>;
+    const size_t smem = p.gate_act != GateActivation::None ? L::bytes_gated : L::bytes;
+    raise_smem_limit<bwd::chunk_bwd_vec_kernel<Up, K>>(L::bytes_gated, op);  // the limit, once for both
     bwd::chunk_bwd_vec_kernel<Up, K><<<dim3(p.n_chunks, p.H), bwd::kVecThreads, smem, launch_stream()>>>(p);
     check_cuda(cudaGetLastError(), op, "chunk_bwd_vec launch");
 }
