@@ -57,8 +57,8 @@ struct VecLayout {
     // input plus dt_bias, kept from the gate sums for dg's derivatives (bytes_gated is then launched).
     // Read again from memory, row after row behind dg's stores, those inputs had cost the kernel ~20%
     // (session 18, ncu); staged into registers they spilled (the kernel is at its register cap).
-    static constexpr size_t xg_off = bytes;
-    static constexpr size_t bytes_gated = xg_off + size_t(kChunk) * LDF * 4;
+    static constexpr size_t zg_off = bytes;
+    static constexpr size_t bytes_gated = zg_off + size_t(kChunk) * LDF * 4;
     // after the group, [dl_off, r_off) is store_dq_dk's (q̂, k̂ stay for it)
     static_assert(dl_off + dq_dk_stage_bytes(K) <= r_off, "bwd vec: the dq/dk staging does not fit");
     static_assert(bytes_gated <= 227 * 1024, "bwd vec: shared memory over the 227 KiB of an SM");
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kVecThreads, 1) chunk_bwd_vec_kernel(const Par
     int* wide = reinterpret_cast<int*>(inv_norm + 2 * kChunk);  // bit J: S_J < −kSafeSpan in some channel
     float* segD = reinterpret_cast<float*>(sm + L::sg_off);
     float* segK = segD + kVecThreads;
-    float* Zg = reinterpret_cast<float*>(sm + L::xg_off);  // gated only: gate input + dt_bias
+    float* Zg = reinterpret_cast<float*>(sm + L::zg_off);  // gated only: gate input + dt_bias
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3, mi = lane >> 3, r8 = lane & 7;
