@@ -1883,12 +1883,18 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
         }
         piece_run_first.push_back(int(runs.size()));
     }
-    // Concurrent: prepare's chunk order, every sequence's c-th chunk before any sequence's (c + 1)-th
+    // Prepare's chunk order (FwdParams::prep_order). Concurrent: every sequence's c-th chunk before any
+    // sequence's (c + 1)-th, as the scans need them. Single-shot on bf16 (the tensor-core prepare): the
+    // reverse, so that the scan, which starts at every sequence's first chunk, finds the chunks prepare
+    // wrote last still in L2.
     std::vector<int> prep_order;
-    if (concurrent)
-        for (int64_t c = 0; c < max_chunks; ++c)
+    const bool reverse_order = !concurrent && pieces == 1 && std::is_same_v<In, __nv_bfloat16> && std::is_same_v<E, In>;
+    if (concurrent || reverse_order)
+        for (int64_t i = 0; i < max_chunks; ++i) {
+            const int64_t c = reverse_order ? max_chunks - 1 - i : i;
             for (size_t n = 0; n < p.seqs.size(); ++n)
                 if (c * kChunk < seqs[n].len) prep_order.push_back(seqs[n].first_chunk + int(c));
+        }
     const size_t n_chunks = chunks.size();
     auto align = [](size_t x) { return (x + 255) & ~size_t(255); };
     const size_t slots = n_chunks * size_t(p.HV);
@@ -1983,8 +1989,8 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     if (concurrent) {
         fp.ready = reinterpret_cast<int*>(at);
         at += b_ready;
-        fp.prep_order = reinterpret_cast<const int*>(ws + o_order);
     }
+    if (!prep_order.empty()) fp.prep_order = reinterpret_cast<const int*>(ws + o_order);
 
     // load_only: the concurrent forward's kernel loading (launch_prepare_cell)
     auto prepare = [&](const FwdParams& f, int n, bool load_only = false) {

@@ -1061,13 +1061,16 @@ template <Decay D, Update Up, int K, bool kConcurrent = false>
 __global__ void __launch_bounds__(kPrepMmaThreads, PrepMmaLayout<D, Up, K>::kMinBlocks)
     chunk_prepare_mma_kernel(const FwdParams p) {
     allow_dependent_launch();  // the next kernel's blocks may take the SMs the last wave leaves
-    if constexpr (!kConcurrent) {
-        prepare_chunk_mma<D, Up, K>(p, blockIdx.x, blockIdx.y);
-    } else {  // chunks in the scans' order, each published when written
-        const int b = blockIdx.x + gridDim.x * blockIdx.y, chunk = p.prep_order[b / p.HV], hv = b % p.HV;
-        prepare_chunk_mma<D, Up, K>(p, chunk, hv);
-        publish_ready(p.ready + size_t(chunk) * p.HV + hv);
+    // With FwdParams::prep_order block b takes chunk prep_order[b / HV] and value head b % HV (the
+    // blocks start in order), else chunk blockIdx.x of value head blockIdx.y.
+    int chunk = blockIdx.x, hv = blockIdx.y;
+    if (p.prep_order) {
+        const int b = blockIdx.x + gridDim.x * blockIdx.y;
+        chunk = p.prep_order[b / p.HV];
+        hv = b % p.HV;
     }
+    prepare_chunk_mma<D, Up, K>(p, chunk, hv);
+    if constexpr (kConcurrent) publish_ready(p.ready + size_t(chunk) * p.HV + hv);  // chunks in the scans' order
 }
 
 template <Decay D, Update Up, int K>

@@ -78,9 +78,11 @@ struct FwdParams : CellOptions {
     float* Dm;
     // Concurrent forward only (forward_chunked_impl; null otherwise): prepare and the scan run at the
     // same time, the scan waiting for each (chunk, value head) until prepare has published it:
-    // ready[slot] = 1 (publish_ready / wait_ready, common.cuh). Prepare's block b then takes chunk
-    // prep_order[b / HV] and value head b % HV: the chunks in the order the scans need them.
+    // ready[slot] = 1 (publish_ready / wait_ready, common.cuh).
     int* ready;
+    // Where set (the tensor-core prepare: the concurrent forward and the single-shot one), prepare's
+    // block b takes chunk prep_order[b / HV] and value head b % HV: concurrent, the chunks in the order
+    // the scans need them; single-shot, the reverse, so that the scan's first chunks are still in L2.
     const int* prep_order;
 };
 
