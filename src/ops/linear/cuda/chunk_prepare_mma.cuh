@@ -479,6 +479,8 @@ __device__ __forceinline__ void prepare_chunk_mma(const FwdParams& p, const int 
                 const float dtb = static_cast<const float*>(p.dt_bias)[hv * K + c];
                 flags = with_fast_gate(p.gate_act, static_cast<const float*>(p.A_log)[hv], p.lower_bound, [&](const auto& act) {
                     auto gate = [&](int i) -> float {
+                        // every row's activation, then a select: no branch in the loop (rows ≥ len hold
+                        // the staging's zeros, so their activation is finite and discarded)
                         const float a = act(Fs[i * LDF + c] + dtb);
                         return i < len ? a : 0.f;
                     };
