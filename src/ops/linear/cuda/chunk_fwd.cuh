@@ -1502,10 +1502,14 @@ void launch_prepare_fp32(const FwdParams& fp, int n_chunks, const char* op) {
     check_cuda(cudaGetLastError(), op, "chunk_prepare launch");
 }
 
+// bf16 inputs and intermediates take the tensor-core prepare of chunk_prepare_mma.cuh, the only one
+// that reads FwdParams::prep_order; other dtypes the fp32 kernel.
+template <class In, class E>
+constexpr bool kTensorCorePrepare = std::is_same_v<In, __nv_bfloat16> && std::is_same_v<E, In>;
+
 template <class In, class E, Decay D, Update Up, int K>
 void launch_prepare(const FwdParams& fp, int n_chunks, const char* op, bool load_only) {
-    // bf16 inputs and intermediates: the tensor-core kernel of chunk_prepare_mma.cuh
-    if constexpr (std::is_same_v<In, __nv_bfloat16> && std::is_same_v<E, In>) {
+    if constexpr (kTensorCorePrepare<In, E>) {
         return launch_prepare_mma<D, Up, K>(fp, n_chunks, op, load_only);
     } else {
         if (load_only) return;  // (the concurrent forward is bf16 only)
@@ -1888,7 +1892,7 @@ void* forward_chunked_impl(const Problem& p, void* states, FwdParams* keep) {
     // reverse, so that the scan, which starts at every sequence's first chunk, finds the chunks prepare
     // wrote last still in L2.
     std::vector<int> prep_order;
-    const bool reverse_order = !concurrent && pieces == 1 && std::is_same_v<In, __nv_bfloat16> && std::is_same_v<E, In>;
+    const bool reverse_order = !concurrent && pieces == 1 && kTensorCorePrepare<In, E>;
     if (concurrent || reverse_order)
         for (int64_t i = 0; i < max_chunks; ++i) {
             const int64_t c = reverse_order ? max_chunks - 1 - i : i;
